@@ -1,0 +1,164 @@
+"""What the machine has right now: GPU, VRAM use by owner (this app, other processes), RAM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from .memory import DEFAULT_CUDA_CONTEXT, GiB
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """The CUDA device the app uses (always device 0)."""
+
+    name: str
+    total_bytes: int
+    free_bytes: int
+    compute_capability: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """Memory by owner at one instant, for the VRAM panel. All figures in bytes."""
+
+    device: str  # "cuda" | "cpu"
+    device_name: str
+    total: int
+    free: int
+    weights: int  # this app's model weights on the device
+    kv_cache: int  # this app's KV cache on the device
+    other_allocator: int  # rest of torch's reserved pool: activations, cached blocks
+    runtime: int  # CUDA context and kernels of this process (outside torch's allocator); on CPU the rest of this process
+    other_processes: int
+    peak: int  # peak of this app on the device since the last reset (torch allocator + runtime)
+    ram_total: int
+    ram_available: int
+
+    @property
+    def app_total(self) -> int:
+        """Everything this app holds on the device."""
+        return self.weights + self.kv_cache + self.other_allocator + self.runtime
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device."""
+    return torch.cuda.is_available()
+
+
+def gpu_info() -> GpuInfo | None:
+    """Name, memory and compute capability of GPU 0, or None without CUDA."""
+    if not cuda_available():
+        return None
+    free, total = torch.cuda.mem_get_info(0)
+    return GpuInfo(
+        name=torch.cuda.get_device_name(0),
+        total_bytes=total,
+        free_bytes=free,
+        compute_capability=torch.cuda.get_device_capability(0),
+    )
+
+
+def ram_available() -> int:
+    """RAM the OS could give us now."""
+    return psutil.virtual_memory().available
+
+
+def disk_free(folder: Path) -> int:
+    """Free bytes on the filesystem of `folder` (created if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(folder).free
+
+
+def _nvml_process_bytes() -> tuple[int, int] | None:
+    """(this process, all processes) GPU bytes from NVML, or None if NVML can't see processes."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+    if not procs:
+        return None  # containers often hide the process list: fall back to our own accounting
+    mine = sum(p.usedGpuMemory or 0 for p in procs if p.pid == os.getpid())
+    return mine, sum(p.usedGpuMemory or 0 for p in procs)
+
+
+def nvml_used_bytes() -> int | None:
+    """Device-wide used GPU bytes from NVML, readable before this process creates a CUDA context."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library, no driver, no GPU: the caller falls back
+        return None
+
+
+def measure_cuda_runtime_bytes() -> int:
+    """Bytes this process holds on GPU 0 outside torch's allocator (CUDA context, kernels)."""
+    if not cuda_available() or not torch.cuda.is_initialized():
+        return DEFAULT_CUDA_CONTEXT
+    nvml = _nvml_process_bytes()
+    if nvml and nvml[0]:
+        return max(0, nvml[0] - torch.cuda.memory_reserved(0))
+    return DEFAULT_CUDA_CONTEXT
+
+
+def snapshot(weights: int = 0, kv_cache: int = 0, baseline_used: int | None = None) -> MemorySnapshot:
+    """Memory by owner now; weights and kv_cache are what the engine knows it holds.
+
+    `baseline_used` is the device's used bytes measured before this process touched the
+    GPU: without NVML process info, everything above it is counted as ours.
+    """
+    vm = psutil.virtual_memory()
+    if not cuda_available():
+        rss = psutil.Process().memory_info().rss
+        return MemorySnapshot(
+            device="cpu", device_name="CPU (no CUDA GPU found)", total=vm.total, free=vm.available,
+            weights=weights, kv_cache=kv_cache, other_allocator=0,
+            runtime=max(0, rss - weights - kv_cache), other_processes=max(0, vm.total - vm.available - rss),
+            peak=rss, ram_total=vm.total, ram_available=vm.available,
+        )
+    free, total = torch.cuda.mem_get_info(0)
+    reserved = torch.cuda.memory_reserved(0)
+    used = total - free
+    nvml = _nvml_process_bytes()
+    if nvml and nvml[0]:
+        runtime = max(0, nvml[0] - reserved)
+        others = max(0, used - nvml[0])
+    elif baseline_used is not None:
+        others = min(used, baseline_used)
+        runtime = max(0, used - others - reserved)
+    else:
+        runtime = DEFAULT_CUDA_CONTEXT if torch.cuda.is_initialized() else 0
+        others = max(0, used - reserved - runtime)
+    return MemorySnapshot(
+        device="cuda", device_name=torch.cuda.get_device_name(0), total=total, free=free,
+        weights=weights, kv_cache=kv_cache, other_allocator=max(0, reserved - weights - kv_cache),
+        runtime=runtime, other_processes=others, peak=torch.cuda.max_memory_reserved(0) + runtime,
+        ram_total=vm.total, ram_available=vm.available,
+    )
+
+
+def default_gpu_budget_bytes(margin_bytes: int = GiB // 2) -> int | None:
+    """Default VRAM budget: free VRAM minus a safety margin (None without a GPU)."""
+    info = gpu_info()
+    if info is None:
+        return None
+    return max(0, info.free_bytes - margin_bytes)

@@ -1,0 +1,289 @@
+"""Load a model at a quantization under a memory budget: the one place that touches bitsandbytes/accelerate.
+
+The device map is computed by our planner (models/memory.py) and handed to
+from_pretrained explicitly, so the split the user was shown before loading is the
+split they get. Decoder layers that do not fit on the GPU go to CPU RAM, then disk;
+accelerate streams them onto the GPU as each layer runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import hardware
+from .catalog import ModelRef, ModelShape
+from .memory import GiB, Budget, FitPlan, plan_fit
+from .quant import Quant, dtype_bytes, quant_options, storage_dtype
+from .sources import LocalModel, ModelSourceError, default_cache_dir, resolve_local
+
+ProgressFn = Callable[[float, str], None]
+
+
+class ModelLoadError(RuntimeError):
+    """Loading failed for a reason the user can act on; the message says which."""
+
+
+class NoChatTemplateError(ModelLoadError):
+    """The tokenizer has no chat template, so there is no correct way to format a chat."""
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How to load: quantization, memory budget, context to plan for."""
+
+    quant: Quant = Quant.NONE
+    double_quant: bool = False
+    gpu_budget_bytes: int | None = None  # None: free VRAM minus a margin; ignored without a GPU
+    context_tokens: int = 4096
+    trust_remote_code: bool = False
+    cache_dir: Path | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, with what was planned and what was measured."""
+
+    ref: ModelRef
+    model: torch.nn.Module
+    tokenizer: object
+    shape: ModelShape
+    settings: LoadSettings
+    dtype: str
+    device: str  # where computation runs: "cuda" | "cpu"
+    plan: FitPlan
+    load_seconds: float
+    weights_bytes: int  # measured: bytes of weights resident on the compute device
+    split: dict[str, int] = field(default_factory=dict)  # decoder layers per place: gpu/cpu/disk
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids must go (the embedding's device)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def _progress(progress: ProgressFn | None, fraction: float, message: str) -> None:
+    if progress:
+        progress(fraction, message)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def make_budget(settings: LoadSettings, cuda_runtime_bytes: int, cache_dir: Path) -> Budget:
+    """The memory this load may use: the GPU budget (or None on CPU), free RAM and disk."""
+    ram = int(hardware.ram_available() * 0.9)  # leave the OS and the UI some room
+    disk = hardware.disk_free(cache_dir)
+    if not hardware.cuda_available():
+        return Budget(gpu_bytes=None, ram_bytes=ram, disk_bytes=disk)
+    gpu = settings.gpu_budget_bytes
+    if gpu is None:
+        gpu = hardware.default_gpu_budget_bytes() or 0
+        gpu += torch.cuda.memory_reserved(0) + cuda_runtime_bytes  # what we already hold is ours to reuse
+    return Budget(gpu_bytes=int(gpu), ram_bytes=ram, disk_bytes=disk, cuda_context_bytes=cuda_runtime_bytes)
+
+
+def plan_for(shape: ModelShape, settings: LoadSettings, budget: Budget) -> FitPlan:
+    """The fit plan for a shape under a budget (pure; no loading)."""
+    device = "cuda" if budget.gpu_bytes is not None else "cpu"
+    size = dtype_bytes(storage_dtype(settings.quant, device))
+    return plan_fit(shape, settings.quant, size, settings.context_tokens, budget, settings.double_quant)
+
+
+def _layers_name(meta_model: torch.nn.Module, num_layers: int) -> str:
+    for name, module in meta_model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return name
+    raise ModelLoadError("Could not find the decoder layers of this model to split it across devices.")
+
+
+def build_device_map(meta_model: torch.nn.Module, plan: FitPlan, num_layers: int) -> dict[str, int | str]:
+    """An explicit accelerate device map that realizes `plan` (GPU 0, then "cpu", then "disk")."""
+    compute = 0 if plan.device == "cuda" else "cpu"
+    layers = _layers_name(meta_model, num_layers)
+    device_map: dict[str, int | str] = {}
+    for i in range(num_layers):
+        if i < plan.gpu_layers or (plan.device == "cpu" and i < plan.cpu_layers):
+            where = compute
+        elif plan.device == "cuda" and i < plan.gpu_layers + plan.cpu_layers:
+            where = "cpu"
+        else:
+            where = "disk"
+        device_map[f"{layers}.{i}"] = where
+    head = meta_model.get_output_embeddings()
+    tied = head is not None and head.weight is meta_model.get_input_embeddings().weight
+    # Every module that is not a decoder layer goes to the compute device, except an
+    # untied lm_head the plan could not fit there.
+    parts = layers.split(".")
+    for depth in range(len(parts)):
+        prefix = ".".join(parts[:depth])
+        parent = meta_model.get_submodule(prefix) if prefix else meta_model
+        for name, child in parent.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if full == ".".join(parts[: depth + 1]):
+                continue
+            off_device = child is head and not tied and not plan.lm_head_on_gpu
+            device_map[full] = "cpu" if off_device else compute
+    return device_map
+
+
+def _meta_model(config, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _bnb_config(quant: Quant, compute_dtype: torch.dtype, double_quant: bool, offloaded: bool):
+    from transformers import BitsAndBytesConfig
+
+    if quant is Quant.INT8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offloaded)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+        llm_int8_enable_fp32_cpu_offload=offloaded,
+    )
+
+
+def _load_config(local: LocalModel, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(local.location, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if local.hub:
+            raise ModelSourceError(
+                f"Could not get {local.location} from the hub ({_first_line(e)}). If you are offline, "
+                "download the model once and point at its local folder."
+            ) from None
+        raise ModelSourceError(f"Could not read the model config in {local.location}: {_first_line(e)}") from None
+    except ValueError as e:
+        # transformers says "model type X is not recognized" for architectures it lacks.
+        hint = "" if trust_remote_code else " If you trust this model's code, rerun with --trust-remote-code."
+        raise ModelLoadError(f"transformers cannot build this model: {_first_line(e)}{hint}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_chat_template(tokenizer, location: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplateError(
+            f"The tokenizer of {location} has no chat template, so it cannot format a chat. "
+            "It is probably a base (non-chat) model: pick an instruct/chat model instead."
+        )
+
+
+def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
+    """Bytes of parameters, buffers and bitsandbytes quantization state held on `device`."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: torch.Tensor | None) -> None:
+        nonlocal total
+        if t is None or t.device.type != device or id(t) in seen:
+            return
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        add(tensor)
+        state = getattr(tensor, "quant_state", None)  # bnb 4-bit: absmax and code books
+        if state is not None:
+            add(state.absmax)
+            add(state.code)
+            if getattr(state, "state2", None) is not None:
+                add(state.state2.absmax)
+                add(state.state2.code)
+        add(getattr(tensor, "SCB", None))  # bnb 8-bit: per-row scales
+    return total
+
+
+def load_model(
+    ref: ModelRef,
+    settings: LoadSettings,
+    cuda_runtime_bytes: int,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Resolve, plan, and load `ref` with `settings`; raise ModelLoadError/ModelSourceError on failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    cache_dir = settings.cache_dir or default_cache_dir()
+    _progress(progress, 0.0, f"Preparing {ref.label}")
+    local = resolve_local(ref, cache_dir, progress=lambda f, m: _progress(progress, 0.3 * f, m))
+    config = _load_config(local, settings.trust_remote_code)
+    shape = ModelShape.from_config(config)
+    budget = make_budget(settings, cuda_runtime_bytes, cache_dir)
+    device = "cuda" if budget.gpu_bytes is not None else "cpu"
+    offered = {o.quant: o for o in quant_options(device, torch.cuda.get_device_capability(0) if device == "cuda" else None)}
+    if not offered[settings.quant].available:
+        raise ModelLoadError(offered[settings.quant].reason)
+    plan = plan_for(shape, settings, budget)
+    if plan.verdict == "no_fit":
+        raise ModelLoadError(plan.message)
+
+    dtype = storage_dtype(settings.quant, device)
+    kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": settings.trust_remote_code}
+    offloaded = plan.offloaded_layers > 0 or (device == "cuda" and not plan.lm_head_on_gpu)
+    if device == "cuda" or offloaded:
+        kwargs["device_map"] = build_device_map(_meta_model(config, settings.trust_remote_code), plan, shape.num_layers)
+    if plan.disk_layers:
+        kwargs["offload_folder"] = str(cache_dir / "offload")
+    if settings.quant in (Quant.INT8, Quant.NF4):
+        kwargs["quantization_config"] = _bnb_config(settings.quant, _torch_dtype(dtype), settings.double_quant, offloaded)
+
+    _progress(progress, 0.35, f"Loading weights ({settings.quant.value}, {plan.message})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local.location, trust_remote_code=settings.trust_remote_code)
+        _check_chat_template(tokenizer, local.location)
+        model = AutoModelForCausalLM.from_pretrained(local.location, **kwargs)
+    except torch.OutOfMemoryError:
+        free_cuda_memory()
+        raise ModelLoadError(
+            f"Out of GPU memory while loading {ref.label} ({settings.quant.value}). "
+            "Lower the context length or the GPU budget's other users, or pick a smaller quantization."
+        ) from None
+    except OSError as e:
+        raise ModelSourceError(f"Could not load {local.location}: {_first_line(e)}") from None
+    model.eval()
+    if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.eos_token_id
+    _progress(progress, 1.0, "Loaded")
+    split = {"gpu": plan.gpu_layers, "cpu": plan.cpu_layers, "disk": plan.disk_layers}
+    return LoadedModel(
+        ref=ref, model=model, tokenizer=tokenizer, shape=shape, settings=settings, dtype=dtype,
+        device=device, plan=plan, load_seconds=time.perf_counter() - started,
+        weights_bytes=weights_on_device_bytes(model, device), split=split,
+    )
+
+
+def free_cuda_memory() -> None:
+    """Return freed tensors to the driver so the VRAM panel (and other apps) see it free."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def describe_split(split: dict[str, int]) -> str:
+    """'32 layers on GPU' or '20 on GPU, 12 in CPU RAM' for the UI."""
+    parts = [f"{split['gpu']} on GPU"] if split.get("gpu") else []
+    if split.get("cpu"):
+        parts.append(f"{split['cpu']} in CPU RAM")
+    if split.get("disk"):
+        parts.append(f"{split['disk']} on disk")
+    return "layers: " + ", ".join(parts) if parts else ""
+
+
+__all__ = ["GiB", "LoadSettings", "LoadedModel", "ModelLoadError", "NoChatTemplateError", "load_model", "plan_for"]

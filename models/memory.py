@@ -1,0 +1,297 @@
+"""Memory planning as pure math over a model shape: weights, KV cache, workspace, fit verdict.
+
+Nothing here touches torch or a GPU, so every number can be checked by hand. The
+constants that describe the CUDA allocator and kernels were measured on the GPU
+machine (bench/gpu_memory.py; BENCHMARKS.md) and are named where they are used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .catalog import ModelShape
+from .quant import Quant
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+
+NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quant: one fp32 absmax per 256 uint8 absmaxes
+# CUDA context + kernel images loaded by torch/cuBLAS/bitsandbytes, outside torch's
+# allocator. Used only when the engine could not measure it on the running GPU.
+DEFAULT_CUDA_CONTEXT = 512 * MiB
+# Tokens per prefill step: generate() runs long prompts in chunks of this size so
+# the activation workspace stays bounded whatever the context length.
+PREFILL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """Parameter counts of one decoder layer, split by how quantization treats them."""
+
+    linear_shapes: tuple[tuple[int, int], ...]  # (out_features, in_features) of q,k,v,o,gate,up,down
+    biases: int
+    norms: int
+
+    @property
+    def linear(self) -> int:
+        """Weights that bitsandbytes quantizes."""
+        return sum(o * i for o, i in self.linear_shapes)
+
+    @property
+    def total(self) -> int:
+        """All parameters of the layer."""
+        return self.linear + self.biases + self.norms
+
+
+def layer_params(shape: ModelShape) -> LayerParams:
+    """Parameter counts of one Llama-style decoder layer."""
+    h, hd = shape.hidden_size, shape.head_dim
+    q_out, kv_out = shape.num_heads * hd, shape.num_kv_heads * hd
+    linears = (
+        (q_out, h),  # q_proj
+        (kv_out, h),  # k_proj
+        (kv_out, h),  # v_proj
+        (h, q_out),  # o_proj
+        (shape.intermediate_size, h),  # gate_proj
+        (shape.intermediate_size, h),  # up_proj
+        (h, shape.intermediate_size),  # down_proj
+    )
+    biases = (q_out + 2 * kv_out) if shape.attention_bias else 0
+    return LayerParams(linear_shapes=linears, biases=biases, norms=2 * h)
+
+
+def total_params(shape: ModelShape) -> int:
+    """All parameters of the model (tied embeddings counted once)."""
+    embed = shape.vocab_size * shape.hidden_size
+    lm_head = 0 if shape.tie_word_embeddings else embed
+    return embed + lm_head + shape.num_layers * layer_params(shape).total + shape.hidden_size
+
+
+def linear_bytes(out_features: int, in_features: int, quant: Quant, dtype_size: int, double_quant: bool = False) -> int:
+    """Bytes one nn.Linear weight takes in memory at a quantization."""
+    n = out_features * in_features
+    if quant is Quant.INT8:
+        return n + out_features * 4  # int8 weights + one fp32 scale per output row (SCB)
+    if quant is Quant.NF4:
+        packed = math.ceil(n / 2)  # two 4-bit codes per byte
+        blocks = math.ceil(n / NF4_BLOCK)
+        if double_quant:
+            # absmax stored as uint8, plus fp32 absmax per 256 of those and a 256-entry code book
+            stats = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256
+        else:
+            stats = 4 * blocks  # fp32 absmax per block
+        return packed + stats + 4 * 16  # + the 16-entry NF4 code book
+    return n * dtype_size
+
+
+def layer_bytes(shape: ModelShape, quant: Quant, dtype_size: int, double_quant: bool = False) -> int:
+    """Bytes one decoder layer takes at a quantization (norms/biases stay in dtype_size)."""
+    p = layer_params(shape)
+    lin = sum(linear_bytes(o, i, quant, dtype_size, double_quant) for o, i in p.linear_shapes)
+    return lin + (p.biases + p.norms) * dtype_size
+
+
+def embedding_bytes(shape: ModelShape, dtype_size: int) -> int:
+    """Input embedding table; bitsandbytes never quantizes it."""
+    return shape.vocab_size * shape.hidden_size * dtype_size
+
+
+def lm_head_bytes(shape: ModelShape, dtype_size: int) -> int:
+    """Output projection (0 when tied to the embedding); bitsandbytes keeps it unquantized."""
+    return 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size * dtype_size
+
+
+def weight_bytes(shape: ModelShape, quant: Quant, dtype_size: int, double_quant: bool = False) -> int:
+    """All weights of the model at a quantization."""
+    return (
+        embedding_bytes(shape, dtype_size)
+        + lm_head_bytes(shape, dtype_size)
+        + shape.num_layers * layer_bytes(shape, quant, dtype_size, double_quant)
+        + shape.hidden_size * dtype_size  # final norm
+    )
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype_size: int = 2) -> int:
+    """KV cache per token: keys and values for every layer: 2 x layers x kv_heads x head_dim x bytes."""
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_size
+
+
+def kv_cache_bytes(shape: ModelShape, tokens: int, dtype_size: int = 2) -> int:
+    """KV cache for `tokens` tokens of context (batch 1)."""
+    return tokens * kv_bytes_per_token(shape, dtype_size)
+
+
+def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_tokens: int = PREFILL_CHUNK) -> int:
+    """Transient memory of one forward pass over `prefill_tokens` tokens (the prefill peak).
+
+    Per token a Llama layer holds at once: the residual stream and its normed copy, q/k/v
+    and their RoPE'd copies, the attention output, and in the MLP gate, up and act(gate)*up
+    ([T, intermediate] each). Attention itself runs in SDPA's flash/memory-efficient kernels,
+    so nothing is quadratic in T. Logits are computed for the last position only (fp32).
+    """
+    t = prefill_tokens
+    hd = shape.head_dim
+    qkv = (shape.num_heads + 2 * shape.num_kv_heads) * hd
+    per_token = 4 * shape.hidden_size + 2 * qkv + 3 * shape.intermediate_size
+    activations = t * per_token * dtype_size
+    logits = shape.vocab_size * 4 * 2  # fp32 logits of the last token, plus softmax for sampling
+    widest = max(o * i for o, i in layer_params(shape).linear_shapes)
+    largest_out = max(o for o, _ in layer_params(shape).linear_shapes)
+    if quant is Quant.NF4:
+        # For more than one token bitsandbytes dequantizes the whole weight to fp16 first.
+        scratch = widest * 2
+    elif quant is Quant.INT8:
+        # LLM.int8: int8 copy of the input, int32 output, fp16 output ([T, out] each).
+        scratch = t * (shape.intermediate_size + largest_out * 4 + largest_out * 2)
+    else:
+        scratch = 0
+    return activations + logits + scratch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the machine offers: GPU budget (None on CPU-only), free RAM, free disk."""
+
+    gpu_bytes: int | None  # the user's VRAM budget for this app, CUDA context included
+    ram_bytes: int  # RAM the app may use for weights
+    disk_bytes: int = 0  # free space in the offload folder
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Where each part of a model goes under a budget, and the predicted peak memory."""
+
+    verdict: str  # "gpu" | "offload" | "cpu" | "disk" | "no_fit"
+    device: str  # "cuda" | "cpu"
+    quant: Quant
+    context_tokens: int
+    weights_bytes: int  # the whole model at this quantization
+    gpu_weights_bytes: int  # the part resident on the GPU
+    kv_bytes: int
+    workspace_bytes: int
+    cuda_context_bytes: int
+    predicted_peak_bytes: int  # on the device that computes: GPU if any, else RAM
+    gpu_layers: int
+    cpu_layers: int
+    disk_layers: int
+    lm_head_on_gpu: bool
+    message: str
+
+    @property
+    def offloaded_layers(self) -> int:
+        """Decoder layers kept off the compute device (on a CPU-only machine: those on disk)."""
+        return self.disk_layers + (self.cpu_layers if self.device == "cuda" else 0)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def plan_fit(
+    shape: ModelShape,
+    quant: Quant,
+    dtype_size: int,
+    context_tokens: int,
+    budget: Budget,
+    double_quant: bool = False,
+) -> FitPlan:
+    """Decide where the weights go and whether the model fits, before loading anything.
+
+    On a GPU: embeddings, KV cache for `context_tokens`, workspace and the CUDA context must
+    fit the budget; decoder layers then go on the GPU while they fit, the rest to RAM, then
+    disk. Offloaded layers are streamed onto the GPU one at a time, so one layer's worth of
+    room is kept for that. bitsandbytes keeps CPU-offloaded layers unquantized in fp32.
+    """
+    n_layers = shape.num_layers
+    per_layer = layer_bytes(shape, quant, dtype_size, double_quant)
+    embed = embedding_bytes(shape, dtype_size) + shape.hidden_size * dtype_size
+    head = lm_head_bytes(shape, dtype_size)
+    total = weight_bytes(shape, quant, dtype_size, double_quant)
+    kv = kv_cache_bytes(shape, context_tokens, dtype_size)
+    work = workspace_bytes(shape, quant, dtype_size, min(context_tokens, PREFILL_CHUNK))
+
+    if budget.gpu_bytes is None:
+        return _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer, kv, work)
+
+    # Offloaded layers live in RAM at full size: bnb keeps them unquantized in fp32.
+    offload_layer = layer_bytes(shape, Quant.NONE, 4) if quant in (Quant.INT8, Quant.NF4) else per_layer
+    fixed = budget.cuda_context_bytes + kv + work + embed
+    room = budget.gpu_bytes - fixed
+    if room >= n_layers * per_layer + head:
+        gpu_layers, head_on_gpu, stream = n_layers, True, 0
+    else:
+        # Keep room to stream one offloaded layer in; put the lm_head on the GPU only if
+        # it fits after the layers (it is read once per token, like a layer).
+        stream = offload_layer
+        gpu_layers = max(0, min(n_layers, (room - stream) // per_layer)) if room > stream else 0
+        head_on_gpu = room - stream - gpu_layers * per_layer >= head
+    gpu_weights = embed + gpu_layers * per_layer + (head if head_on_gpu else 0)
+    peak = budget.cuda_context_bytes + gpu_weights + kv + work + stream
+    rest = n_layers - gpu_layers
+    ram_room = budget.ram_bytes - (0 if head_on_gpu else head)
+    cpu_layers = min(rest, max(0, ram_room // offload_layer)) if rest else 0
+    disk_layers = rest - cpu_layers
+    if room < stream or (disk_layers and disk_layers * offload_layer > budget.disk_bytes):
+        verdict = "no_fit"
+        message = (
+            f"Won't fit: the GPU budget is {_gib(budget.gpu_bytes)} but the embeddings, KV cache for "
+            f"{context_tokens} tokens, workspace and CUDA context alone need {_gib(fixed + stream)}; "
+            f"RAM {_gib(budget.ram_bytes)}, disk {_gib(budget.disk_bytes)} for the {_gib(total)} of weights."
+        )
+    elif rest == 0 and head_on_gpu:
+        verdict = "gpu"
+        message = f"Fits on GPU: predicted peak {_gib(peak)} of a {_gib(budget.gpu_bytes)} budget."
+    else:
+        verdict = "offload"
+        where = f"{cpu_layers} to CPU RAM" + (f", {disk_layers} to disk" if disk_layers else "")
+        message = (
+            f"Fits with {rest} of {n_layers} layers offloaded ({where}); expect slower answers. "
+            f"GPU peak {_gib(peak)} of a {_gib(budget.gpu_bytes)} budget."
+        )
+    return FitPlan(
+        verdict=verdict, device="cuda", quant=quant, context_tokens=context_tokens,
+        weights_bytes=total, gpu_weights_bytes=gpu_weights, kv_bytes=kv, workspace_bytes=work,
+        cuda_context_bytes=budget.cuda_context_bytes, predicted_peak_bytes=peak,
+        gpu_layers=gpu_layers, cpu_layers=cpu_layers, disk_layers=disk_layers,
+        lm_head_on_gpu=head_on_gpu, message=message,
+    )
+
+
+def _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer, kv, work) -> FitPlan:
+    n_layers = shape.num_layers
+    fixed = total - n_layers * per_layer + kv + work
+    room = budget.ram_bytes - fixed
+    cpu_layers = n_layers if room >= n_layers * per_layer else max(0, room // per_layer)
+    disk_layers = n_layers - cpu_layers
+    peak = fixed + cpu_layers * per_layer
+    if room < 0 or disk_layers * per_layer > budget.disk_bytes:
+        verdict = "no_fit"
+        message = (
+            f"Won't fit: needs {_gib(total + kv + work)} but {_gib(budget.ram_bytes)} RAM and "
+            f"{_gib(budget.disk_bytes)} disk are free."
+        )
+    elif disk_layers:
+        verdict = "disk"
+        message = f"Fits with {disk_layers} of {n_layers} layers on disk; expect slow answers. RAM peak {_gib(peak)}."
+    else:
+        verdict = "cpu"
+        message = f"Fits in RAM (no GPU): predicted peak {_gib(peak)} of {_gib(budget.ram_bytes)} free."
+    return FitPlan(
+        verdict=verdict, device="cpu", quant=quant, context_tokens=context_tokens,
+        weights_bytes=total, gpu_weights_bytes=0, kv_bytes=kv, workspace_bytes=work,
+        cuda_context_bytes=0, predicted_peak_bytes=peak, gpu_layers=0, cpu_layers=cpu_layers,
+        disk_layers=disk_layers, lm_head_on_gpu=False, message=message,
+    )
+
+
+def max_context_tokens(
+    shape: ModelShape, quant: Quant, dtype_size: int, budget_bytes: int, resident_bytes: int, kv_dtype_size: int = 2
+) -> int:
+    """Most tokens of KV cache that fit once weights, workspace and context are resident."""
+    work = workspace_bytes(shape, quant, dtype_size, PREFILL_CHUNK)
+    room = budget_bytes - resident_bytes - work
+    return max(0, min(shape.max_context, room // kv_bytes_per_token(shape, kv_dtype_size)))

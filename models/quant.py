@@ -1,0 +1,67 @@
+"""Quantization choices as data: what each option stores, and where it can run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Quant(str, Enum):
+    """How the weights are held in memory. Chosen explicitly, never inferred from a name."""
+
+    NONE = "none"  # full precision: fp16 on a GPU, fp32 on a CPU
+    BF16 = "bf16"
+    INT8 = "8bit"  # bitsandbytes LLM.int8
+    NF4 = "4bit"  # bitsandbytes NF4, fp16 compute
+
+
+@dataclass(frozen=True)
+class QuantOption:
+    """A quantization choice on this device: whether it can run, and why not if it can't."""
+
+    quant: Quant
+    available: bool
+    reason: str = ""
+
+
+def storage_dtype(quant: Quant, device: str) -> str:
+    """Dtype of everything bitsandbytes does not quantize (embeddings, norms, lm_head)."""
+    if quant is Quant.BF16:
+        return "bfloat16"
+    if device == "cuda":
+        return "float16"
+    # On a CPU, full precision means fp32 (fp16 matmuls are slow or missing there); the
+    # bnb paths compute in bf16 on CPU, the fastest 16-bit type it has.
+    return "float32" if quant is Quant.NONE else "bfloat16"
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a dtype name."""
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+def quant_options(device: str, compute_capability: tuple[int, int] | None = None) -> list[QuantOption]:
+    """Every quantization with whether it runs here; unavailable ones carry the reason."""
+    if device != "cuda":
+        return [
+            QuantOption(Quant.NONE, True),
+            QuantOption(Quant.BF16, True),
+            QuantOption(Quant.INT8, True),
+            QuantOption(Quant.NF4, True),
+        ]
+    major, minor = compute_capability or (0, 0)
+    sm = major * 10 + minor
+    return [
+        QuantOption(Quant.NONE, True),
+        QuantOption(Quant.BF16, sm >= 80, "" if sm >= 80 else f"bf16 needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}"),
+        QuantOption(Quant.INT8, sm >= 75, "" if sm >= 75 else f"LLM.int8 needs a Turing or newer GPU (sm75+); this GPU is sm{sm}"),
+        QuantOption(Quant.NF4, sm >= 60, "" if sm >= 60 else f"NF4 needs a Pascal or newer GPU (sm60+); this GPU is sm{sm}"),
+    ]
+
+
+def parse_quant(text: str) -> Quant:
+    """Parse a CLI/UI quantization name, with a message listing the valid ones."""
+    try:
+        return Quant(text.strip().lower())
+    except ValueError:
+        raise ValueError(f"Unknown quantization {text!r}; choose one of: {', '.join(q.value for q in Quant)}") from None

