@@ -1,9 +1,9 @@
 """Streaming chat generation with a Stop that halts the computation itself, and per-answer metrics.
 
-transformers' generate() runs in a worker thread; a streamer (a TextStreamer with one
-hook overridden, as TextIteratorStreamer does) hands decoded text to the caller and
-timestamps tokens; a stopping criterion polls a threading.Event, so pressing Stop ends
-the GPU/CPU work at the next token rather than just hiding the rest of the answer.
+transformers' generate() runs in a worker thread; a streamer (put() + end(), as in
+transformers' own streamers) decodes tokens as they arrive and timestamps them; a
+stopping criterion polls a threading.Event, so pressing Stop ends the GPU/CPU work at
+the next token rather than just hiding the rest of the answer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 _DONE = object()
 
@@ -86,28 +87,62 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-class _TimedQueueStreamer(TextStreamer):
-    """TextStreamer that queues finalized text and records when each token arrived."""
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, token by token.
+
+    Decodes a short window (from a few tokens back) instead of the whole answer each
+    step, and holds text back while it ends in an incomplete UTF-8 sequence ("\ufffd"),
+    so multi-byte characters (Chinese, emoji) never stream as garbage. The same
+    prefix/read offsets scheme as text-generation-inference's detokenizer.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, new_ids: list[int]) -> str:
+        """Add tokens; return the text they complete (may be empty)."""
+        self.ids.extend(new_ids)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+
+class _TimedQueueStreamer(BaseStreamer):
+    """A generate() streamer: queues text deltas and records when tokens arrived."""
 
     def __init__(self, tokenizer, out: queue.Queue):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.decoder = IncrementalDecoder(tokenizer)
         self.out = out
+        self.prompt_seen = False
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.new_ids: list[int] = []
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.next_tokens_are_prompt:
-            now = time.perf_counter()
-            if self.first_token_at is None:
-                self.first_token_at = now
-            self.last_token_at = now
-            self.new_ids.extend(value.reshape(-1).tolist())
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        ids = value.reshape(-1).tolist()
+        self.new_ids.extend(ids)
+        text = self.decoder.push(ids)
         if text:
             self.out.put(text)
+
+    def end(self) -> None:
+        pass
 
 
 def chat_input_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -1,0 +1,135 @@
+"""Small LLM Lab: chat with small open LLMs on an 8 GB GPU (or no GPU at all).
+
+    python app.py                         # the web app, with the embedded offline model
+    python app.py --ask "Hi" [--model ID|PATH] [--quant none|bf16|8bit|4bit] ...   # one answer, headless
+
+UI and CLI wiring only: the engine (models/engine.py) does the work for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from models.catalog import UnknownModelError, load_catalog
+from models.engine import Engine
+from models.generation import SamplingSettings
+from models.loading import LoadSettings, ModelLoadError
+from models.memory import GiB
+from models.quant import parse_quant
+from models.sources import ModelSourceError
+
+TRUST_WARNING = (
+    "WARNING: --trust-remote-code runs Python code downloaded with the model. "
+    "Use it only for models whose code you have read or trust."
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options for both the server and the headless --ask mode."""
+    p = argparse.ArgumentParser(description="Chat with small open LLMs on a consumer GPU.")
+    p.add_argument("--ask", metavar="QUESTION", help="answer one question headless, print it with metrics, and exit")
+    p.add_argument("--model", default="", help="catalog id, local folder, .gguf file or hub id (default: the embedded model)")
+    p.add_argument("--quant", default="none", type=parse_quant, help="none | bf16 | 8bit | 4bit (default: none)")
+    p.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the quantization constants")
+    p.add_argument("--gpu-budget", type=float, metavar="GiB", help="VRAM this app may use (default: free VRAM minus 0.5 GiB)")
+    p.add_argument("--context", type=int, default=4096, metavar="TOKENS", help="context length to plan memory for")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--system", default="", metavar="TEXT", help="system prompt")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the download to run (off by default: it is arbitrary code)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    args = p.parse_args(argv)
+    if args.gpu_budget is not None and args.gpu_budget <= 0:
+        p.error("--gpu-budget must be a positive number of GiB")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    if args.temperature < 0:
+        p.error("--temperature must be 0 (greedy) or more")
+    return args
+
+
+def load_settings(args: argparse.Namespace) -> LoadSettings:
+    """LoadSettings from the command line."""
+    budget = int(args.gpu_budget * GiB) if args.gpu_budget else None
+    return LoadSettings(
+        quant=args.quant, double_quant=args.double_quant, gpu_budget_bytes=budget,
+        context_tokens=args.context, trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _progress(fraction: float, message: str) -> None:
+    print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+
+def run_ask(args: argparse.Namespace, engine: Engine) -> int:
+    """Answer one question: the answer on stdout, load and answer metrics on stderr."""
+    if not args.ask.strip():
+        print("error: --ask needs a non-empty question", file=sys.stderr)
+        return 2
+    report = engine.load(args.model, load_settings(args), progress=_progress)
+    loaded = report.loaded
+    print(f"model: {loaded.ref.label} ({args.quant.value}, {loaded.dtype}) on {loaded.device}, "
+          f"loaded in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.ask}
+    ]
+    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    printed = ""
+    update = None
+    for update in engine.chat(messages, sampling, threading.Event()):
+        sys.stdout.write(update.text[len(printed):])
+        sys.stdout.flush()
+        printed = update.text
+    print()
+    memory = engine.memory()
+    stats = update.stats
+    print(
+        f"metrics: {stats.summary()}; prompt {stats.prompt_tokens} tokens; total {stats.total_s:.2f} s; "
+        f"weights {loaded.weights_bytes / GiB:.2f} GiB; peak {stats.peak_bytes / GiB:.2f} GiB "
+        f"({memory.device_name})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def serve(args: argparse.Namespace, engine: Engine) -> int:
+    """Start the web app with the chosen model preloaded."""
+    from ui.layout import UiDefaults, build_demo, launch_kwargs
+
+    try:
+        engine.load(args.model, load_settings(args), progress=_progress)
+    except (UnknownModelError, ModelLoadError, ModelSourceError) as e:
+        # The app still starts: the user can pick another model in the UI.
+        print(f"error: {e}", file=sys.stderr)
+    defaults = UiDefaults(
+        model=args.model, quant=args.quant.value, gpu_budget_gib=args.gpu_budget, context_tokens=args.context,
+        system_prompt=args.system, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+    )
+    demo = build_demo(engine, defaults, settings_extra={"trust_remote_code": args.trust_remote_code})
+    demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: headless answer with --ask, else the web app."""
+    args = parse_args(argv)
+    if args.trust_remote_code:
+        print(TRUST_WARNING, file=sys.stderr)
+    engine = Engine(load_catalog())
+    try:
+        return run_ask(args, engine) if args.ask is not None else serve(args, engine)
+    except (UnknownModelError, ModelLoadError, ModelSourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

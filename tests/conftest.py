@@ -1,0 +1,44 @@
+"""Shared fixtures: offline hub, a per-run model cache, tiny checkpoints, the embedded model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The unpacked embedded model is cached under the repo (git-ignored) so local reruns are fast.
+os.environ.setdefault("SMALLCHAT_CACHE", str(ROOT / ".cache" / "smallchat"))
+
+from tiny import write_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama with a chat-template tokenizer, on disk."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def catalog():
+    """The real catalog."""
+    from models.catalog import load_catalog
+
+    return load_catalog()
+
+
+@pytest.fixture(scope="session")
+def embedded_engine(catalog):
+    """An engine with the real embedded SmolLM2 loaded (unpacked once per cache)."""
+    from models.engine import Engine
+    from models.loading import LoadSettings
+
+    engine = Engine(catalog)
+    engine.load("", LoadSettings())
+    return engine

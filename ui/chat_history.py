@@ -1,0 +1,79 @@
+"""Chat history as the Chatbot holds it (Gradio messages), and what the model gets to see.
+
+The Chatbot history also carries UI-only messages: per-answer metrics and notices are
+assistant messages with `metadata` (shown as a small titled line). They are never sent
+to the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def content_text(content: Any) -> str:
+    """Plain text of a message's content (Gradio 6 may send a list of typed parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(content_text(part) for part in content)
+    return str(content)
+
+
+def is_ui_only(message: dict) -> bool:
+    """Metrics and notices shown in the chat but not part of the conversation."""
+    return bool(message.get("metadata"))
+
+
+def model_messages(history: list[dict], system_prompt: str = "") -> list[dict]:
+    """The conversation for the chat template: system prompt (if any) + user/assistant turns."""
+    messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt.strip() else []
+    for message in history:
+        if is_ui_only(message) or message.get("role") not in ("user", "assistant"):
+            continue
+        messages.append({"role": message["role"], "content": content_text(message.get("content"))})
+    return messages
+
+
+def ui_note(title: str, log: str = "") -> dict:
+    """A UI-only line in the chat (metrics of an answer, a notice, an error)."""
+    metadata = {"title": title, "status": "done"}
+    if log:
+        metadata["log"] = log
+    return {"role": "assistant", "content": "", "metadata": metadata}
+
+
+def last_user_index(history: list[dict]) -> int | None:
+    """Index of the last user message, or None."""
+    for i in range(len(history) - 1, -1, -1):
+        if history[i].get("role") == "user" and not is_ui_only(history[i]):
+            return i
+    return None
+
+
+def drop_last_answer(history: list[dict]) -> list[dict]:
+    """History up to and including the last user message (for Regenerate)."""
+    i = last_user_index(history)
+    return list(history) if i is None else list(history[: i + 1])
+
+
+def drop_last_turn(history: list[dict]) -> tuple[list[dict], str]:
+    """History before the last user message, and that message's text (for Undo)."""
+    i = last_user_index(history)
+    if i is None:
+        return list(history), ""
+    return list(history[:i]), content_text(history[i].get("content"))
+
+
+def normalize(history: list[dict] | None) -> list[dict]:
+    """A clean copy of the Chatbot value: dicts with text content (metadata kept)."""
+    out = []
+    for message in history or []:
+        item = {"role": message.get("role", "assistant"), "content": content_text(message.get("content"))}
+        if message.get("metadata"):
+            item["metadata"] = dict(message["metadata"])
+        out.append(item)
+    return out

@@ -1,0 +1,166 @@
+"""Event handlers of the chat UI: plain methods over the engine, testable without a browser.
+
+Per-user data comes in as arguments (chat history from the Chatbot, a ChatSession in
+gr.State); the only shared object is the engine, which serializes GPU work itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import gradio as gr
+
+from models.catalog import UnknownModelError
+from models.engine import Engine
+from models.generation import SamplingSettings
+from models.loading import LoadSettings, ModelLoadError
+from models.memory import GiB
+from models.quant import Quant
+from models.sources import ModelSourceError
+
+from . import chat_history as ch
+from .i18n import t
+from .panels import load_report_text, memory_panel_html, metrics_text, plan_text
+
+USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, ValueError, OSError)
+
+
+class ChatSession:
+    """One browser tab's private state: its Stop switch. Fresh per tab (see __deepcopy__)."""
+
+    def __init__(self) -> None:
+        self.stop_event = threading.Event()
+
+    def __deepcopy__(self, memo) -> "ChatSession":
+        # gr.State deep-copies its initial value for every new tab: give each its own Event.
+        return ChatSession()
+
+    def new_answer(self) -> threading.Event:
+        """A fresh Stop switch for the next answer."""
+        self.stop_event = threading.Event()
+        return self.stop_event
+
+
+@dataclass
+class ModelChoice:
+    """The model controls' values, as the UI holds them."""
+
+    model: str
+    quant: str
+    double_quant: bool = False
+    gpu_budget_gib: float | None = None
+    context_tokens: int = 4096
+    settings_extra: dict = field(default_factory=dict)
+
+    def load_settings(self, engine: Engine) -> LoadSettings:
+        """LoadSettings for the engine (the budget only matters on a GPU)."""
+        budget = None
+        if engine.device == "cuda" and self.gpu_budget_gib:
+            budget = int(float(self.gpu_budget_gib) * GiB)
+        return LoadSettings(
+            quant=Quant(self.quant), double_quant=bool(self.double_quant), gpu_budget_bytes=budget,
+            context_tokens=int(self.context_tokens), **self.settings_extra,
+        )
+
+
+class ChatHandlers:
+    """Everything the chat tab's events do."""
+
+    def __init__(self, engine: Engine, settings_extra: dict | None = None):
+        self.engine = engine
+        self.settings_extra = settings_extra or {}
+
+    def _choice(self, model, quant, double_quant, budget, context) -> ModelChoice:
+        return ModelChoice(model, quant, double_quant, budget, context, self.settings_extra)
+
+    # ----- model controls ------------------------------------------------------------
+    def memory_html(self, lang: str, budget_gib: float | None = None) -> str:
+        """The memory panel now."""
+        budget = int(float(budget_gib) * GiB) if budget_gib and self.engine.device == "cuda" else None
+        return memory_panel_html(self.engine.memory(), lang, self.engine.loaded, budget)
+
+    def fit_check(self, model, quant, double_quant, budget, context, lang) -> str:
+        """The verdict for the chosen model/settings, before loading."""
+        choice = self._choice(model, quant, double_quant, budget, context)
+        try:
+            settings = choice.load_settings(self.engine)
+            _, plan = self.engine.plan(choice.model, settings)
+        except USER_ERRORS as e:
+            return t("load_failed", lang, error=str(e))
+        budget_bytes = settings.gpu_budget_bytes
+        if self.engine.device == "cuda" and budget_bytes is None:
+            budget_bytes = plan.predicted_peak_bytes if plan.verdict == "gpu" else None
+        from models.hardware import ram_available
+
+        return plan_text(plan, lang, budget_bytes, ram_available())
+
+    def load(self, model, quant, double_quant, budget, context, lang, progress=gr.Progress()) -> tuple[str, str]:
+        """Unload the current model, load the chosen one; return (status, memory panel)."""
+        choice = self._choice(model, quant, double_quant, budget, context)
+        try:
+            settings = choice.load_settings(self.engine)
+            progress(0, desc=t("loading", lang, model=model, quant=quant))
+            report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=m))
+        except USER_ERRORS as e:
+            current = self.current_model_text(lang)
+            return f"{t('load_failed', lang, error=str(e))}\n\n{current}", self.memory_html(lang, budget)
+        return load_report_text(report, lang), self.memory_html(lang, budget)
+
+    def current_model_text(self, lang: str) -> str:
+        """Which model is loaded now."""
+        loaded = self.engine.loaded
+        if loaded is None:
+            return t("no_model", lang)
+        return t("current_model", lang, model=loaded.ref.label, quant=loaded.settings.quant.value)
+
+    # ----- chat ----------------------------------------------------------------------
+    def submit(self, message: str, history: list, session: ChatSession, lang: str):
+        """Put the user's message into the chat at once; empty input gets a message, nothing is lost."""
+        history = ch.normalize(history)
+        if not (message or "").strip():
+            gr.Warning(t("empty_message", lang))
+            return message, history, False
+        session.new_answer()
+        history.append({"role": "user", "content": message})
+        return "", history, True
+
+    def answer(self, history: list, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
+               session: ChatSession, lang: str, go: bool = True) -> Iterator[list]:
+        """Stream the assistant's answer into the chat, then a metrics line under it."""
+        history = ch.normalize(history)
+        if not go or ch.last_user_index(history) is None or history[-1].get("role") != "user":
+            yield history
+            return
+        sampling = SamplingSettings(
+            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
+        )
+        messages = ch.model_messages(history, system_prompt or "")
+        history.append({"role": "assistant", "content": ""})
+        try:
+            for update in self.engine.chat(messages, sampling, session.stop_event):
+                history[-1]["content"] = update.text
+                if update.done:
+                    history.append(ch.ui_note(metrics_text(update.stats, lang)))
+                yield history
+        except USER_ERRORS + (RuntimeError,) as e:
+            if not history[-1]["content"]:
+                history.pop()
+            history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=str(e))))
+            yield history
+
+    def stop(self, session: ChatSession) -> None:
+        """Stop the answer being generated for this tab (the computation itself stops)."""
+        session.stop_event.set()
+
+    def regenerate(self, history: list, session: ChatSession) -> tuple[list, bool]:
+        """Drop the last answer so it can be generated again."""
+        history = ch.drop_last_answer(ch.normalize(history))
+        session.new_answer()
+        return history, ch.last_user_index(history) is not None
+
+    def undo(self, history: list, message: str) -> tuple[list, str]:
+        """Remove the last turn and put its question back in the textbox (nothing typed is lost)."""
+        history, last = ch.drop_last_turn(ch.normalize(history))
+        return history, (message or last)

@@ -1,0 +1,154 @@
+"""The Gradio app: layout and event wiring only; what the events do lives in ui/handlers.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from models.engine import Engine
+from models.hardware import default_gpu_budget_bytes
+from models.memory import GiB
+
+from .handlers import ChatHandlers, ChatSession
+from .i18n import LANGUAGES, gradio_i18n, language_from_header, t
+from .panels import PANEL_CSS
+
+MEMORY_REFRESH_S = 1.0
+
+
+@dataclass(frozen=True)
+class UiDefaults:
+    """Initial values of the model controls (from the CLI)."""
+
+    model: str = ""
+    quant: str = "none"
+    gpu_budget_gib: float | None = None
+    context_tokens: int = 4096
+    system_prompt: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 512
+
+
+def _quant_controls(engine: Engine, lang: str) -> tuple[list[str], str]:
+    options = engine.quant_options()
+    choices = [o.quant.value for o in options if o.available]
+    missing = [f"{o.quant.value} ({o.reason})" for o in options if not o.available]
+    note = t("unavailable_quant", lang, items="; ".join(missing)) if missing else ""
+    return choices, note
+
+
+def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extra: dict | None = None) -> gr.Blocks:
+    """Build the whole app around one engine (shared by all users)."""
+    defaults = defaults or UiDefaults()
+    handlers = ChatHandlers(engine, settings_extra)
+    i18n = gradio_i18n()
+    catalog = engine.catalog
+    quant_choices, quant_note = _quant_controls(engine, "en")
+    loaded = engine.loaded
+    model_value = loaded.ref.label if loaded else (defaults.model or catalog.default_id)
+    quant_value = loaded.settings.quant.value if loaded else defaults.quant
+    gpu_budget = defaults.gpu_budget_gib
+    if engine.device == "cuda" and gpu_budget is None:
+        gpu_budget = round((default_gpu_budget_bytes() or 0) / GiB + engine.memory().app_total / GiB, 1)
+    gpu_total_gib = round(engine.memory().total / GiB, 1) if engine.device == "cuda" else 8.0
+
+    with gr.Blocks(title="Small LLM Lab") as demo:
+        session = gr.State(ChatSession())
+        go = gr.State(False)
+        with gr.Row():
+            gr.Markdown(i18n("title"))
+            lang = gr.Radio(
+                choices=[(name, code) for code, name in LANGUAGES.items()], value="en",
+                label=i18n("language"), scale=0, min_width=200, elem_id="language",
+            )
+        with gr.Tabs():
+            with gr.Tab(i18n("tab_chat"), id="chat"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        chatbot = gr.Chatbot(label=i18n("chatbot"), height=480, elem_id="chatbot",
+                                             buttons=["copy"], feedback_options=None)
+                        with gr.Row():
+                            msg = gr.Textbox(label=i18n("message"), placeholder=i18n("message_placeholder"),
+                                             scale=5, elem_id="message", autofocus=True)
+                            send = gr.Button(i18n("send"), variant="primary", scale=1, elem_id="send")
+                            stop = gr.Button(i18n("stop"), variant="stop", scale=1, elem_id="stop")
+                        with gr.Row():
+                            regenerate = gr.Button(i18n("regenerate"), size="sm", elem_id="regenerate")
+                            undo = gr.Button(i18n("undo"), size="sm", elem_id="undo")
+                            clear = gr.Button(i18n("clear"), size="sm", elem_id="clear")
+                        with gr.Accordion(i18n("settings"), open=False):
+                            system_prompt = gr.Textbox(label=i18n("system_prompt"), value=defaults.system_prompt, lines=2)
+                            temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label=i18n("temperature"))
+                            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label=i18n("top_p"))
+                            max_new = gr.Slider(1, 4096, value=defaults.max_new_tokens, step=1, label=i18n("max_new_tokens"))
+                    with gr.Column(scale=2):
+                        model = gr.Dropdown(
+                            choices=[(f"{e.id} · {e.name}", e.id) for e in catalog.entries.values()],
+                            value=model_value, allow_custom_value=True, label=i18n("model"), elem_id="model",
+                        )
+                        quant = gr.Dropdown(choices=quant_choices, value=quant_value, label=i18n("quant"), elem_id="quant")
+                        quant_info = gr.Markdown(quant_note)
+                        double_quant = gr.Checkbox(False, label=i18n("double_quant"))
+                        budget = gr.Slider(0.5, gpu_total_gib, value=gpu_budget or 8.0, step=0.1, label=i18n("gpu_budget"),
+                                           visible=engine.device == "cuda", elem_id="budget")
+                        context = gr.Slider(256, 32768, value=defaults.context_tokens, step=256, label=i18n("context"))
+                        fit = gr.Markdown(elem_id="fit")
+                        load = gr.Button(i18n("load"), elem_id="load")
+                        status = gr.Markdown(handlers.current_model_text("en"), elem_id="status")
+                        memory = gr.HTML(handlers.memory_html("en", gpu_budget), elem_id="memory")
+        timer = gr.Timer(MEMORY_REFRESH_S)
+
+        model_inputs = [model, quant, double_quant, budget, context, lang]
+
+        # ----- language ---------------------------------------------------------------
+        def pick_language(request: gr.Request):
+            header = request.headers.get("accept-language") if request is not None else None
+            return language_from_header(header)
+
+        def relabel(code: str):
+            return [gr.update(label=t(key, code)) for key in LABELLED_KEYS] + [
+                gr.update(placeholder=t("message_placeholder", code)),
+                handlers.current_model_text(code),
+                _quant_controls(engine, code)[1],
+            ]
+
+        labelled = [chatbot, msg, system_prompt, temperature, top_p, max_new, model, quant, double_quant, budget, context]
+        LABELLED_KEYS = ["chatbot", "message", "system_prompt", "temperature", "top_p", "max_new_tokens",
+                         "model", "quant", "double_quant", "gpu_budget", "context"]
+        demo.load(pick_language, None, lang, queue=False)
+        lang.change(relabel, lang, labelled + [msg, status, quant_info], queue=False).then(
+            handlers.fit_check, model_inputs, fit
+        )
+
+        # ----- model controls --------------------------------------------------------
+        demo.load(handlers.fit_check, model_inputs, fit)
+        for control in (double_quant, budget, context):
+            control.change(handlers.fit_check, model_inputs, fit)
+        for dropdown in (model, quant):
+            # Switching from a dropdown loads at once (after the fit check says why/how).
+            dropdown.input(handlers.fit_check, model_inputs, fit).then(
+                handlers.load, model_inputs, [status, memory], concurrency_id="gpu"
+            )
+        load.click(handlers.load, model_inputs, [status, memory], concurrency_id="gpu")
+        timer.tick(handlers.memory_html, [lang, budget], memory, show_progress="hidden", queue=False)
+
+        # ----- chat ------------------------------------------------------------------
+        answer_inputs = [chatbot, system_prompt, temperature, top_p, max_new, session, lang, go]
+        for trigger in (msg.submit, send.click):
+            trigger(handlers.submit, [msg, chatbot, session, lang], [msg, chatbot, go], queue=False).then(
+                handlers.answer, answer_inputs, chatbot, concurrency_limit=None
+            )
+        stop.click(handlers.stop, session, None, queue=False)
+        regenerate.click(handlers.regenerate, [chatbot, session], [chatbot, go], queue=False).then(
+            handlers.answer, answer_inputs, chatbot, concurrency_limit=None
+        )
+        undo.click(handlers.undo, [chatbot, msg], [chatbot, msg], queue=False)
+        clear.click(lambda: [], None, chatbot, queue=False)
+    return demo
+
+
+def launch_kwargs(demo: gr.Blocks) -> dict:
+    """Arguments launch() needs for this app's CSS and translations."""
+    return {"css": PANEL_CSS, "i18n": gradio_i18n(), "ssr_mode": False}

@@ -1,0 +1,145 @@
+"""HTML/Markdown renderings of engine state: the memory bar, the fit verdict, load reports."""
+
+from __future__ import annotations
+
+import html
+
+from models.engine import LoadReport
+from models.generation import GenerationStats
+from models.hardware import MemorySnapshot
+from models.loading import LoadedModel, describe_split
+from models.memory import GiB, MiB, FitPlan
+
+from .i18n import t
+
+# Segment colours of the stacked bar, in drawing order.
+_COLOURS = {
+    "seg_weights": "#4f7cff",
+    "seg_kv": "#ff9f1c",
+    "seg_workspace": "#9b5de5",
+    "seg_runtime": "#8d99ae",
+    "seg_process": "#8d99ae",
+    "seg_others": "#e63946",
+    "seg_free": "#d8f3dc",
+}
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    """1.23 GiB / 456 MiB."""
+    if n is None:
+        return "–"
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
+
+
+def plan_text(plan: FitPlan, lang: str, budget_bytes: int | None = None, ram_bytes: int | None = None) -> str:
+    """The fit verdict with its numbers, in the user's language."""
+    peak, budget = fmt_bytes(plan.predicted_peak_bytes), fmt_bytes(budget_bytes)
+    breakdown = t(
+        "fit_breakdown", lang, weights=fmt_bytes(plan.weights_bytes), gpu_weights=fmt_bytes(plan.gpu_weights_bytes),
+        kv=fmt_bytes(plan.kv_bytes), tokens=plan.context_tokens, work=fmt_bytes(plan.workspace_bytes),
+        ctx=fmt_bytes(plan.cuda_context_bytes),
+    )
+    if plan.verdict == "gpu":
+        head = t("fit_gpu", lang, peak=peak, budget=budget)
+    elif plan.verdict == "offload":
+        where = [t("where_cpu", lang, n=plan.cpu_layers)] if plan.cpu_layers else []
+        if plan.disk_layers:
+            where.append(t("where_disk", lang, n=plan.disk_layers))
+        head = t("fit_offload", lang, offloaded=plan.offloaded_layers, layers=plan.gpu_layers + plan.offloaded_layers,
+                 where=", ".join(where), peak=peak, budget=budget)
+    elif plan.verdict == "cpu":
+        head = t("fit_cpu", lang, peak=peak, ram=fmt_bytes(ram_bytes))
+    elif plan.verdict == "disk":
+        head = t("fit_disk", lang, disk=plan.disk_layers, layers=plan.cpu_layers + plan.disk_layers)
+    else:
+        head = t("fit_none", lang, detail=plan.message)
+    return f"{head}\n\n<small>{breakdown}</small>"
+
+
+def load_report_text(report: LoadReport, lang: str) -> str:
+    """What the load did: time, split, predicted vs measured weights, and the unload before it."""
+    loaded = report.loaded
+    lines = [
+        t("loaded", lang, model=loaded.ref.label, quant=loaded.settings.quant.value, dtype=loaded.dtype,
+          seconds=loaded.load_seconds, split=describe_split(loaded.split)),
+        t("predicted_vs_measured", lang, predicted=fmt_bytes(loaded.plan.gpu_weights_bytes or loaded.plan.weights_bytes),
+          measured=fmt_bytes(loaded.weights_bytes)),
+    ]
+    if report.unloaded is not None:
+        u = report.unloaded
+        lines.append(t("switched", lang, old=u.model_label, seconds=u.seconds, freed=fmt_bytes(u.freed_bytes),
+                       residual=fmt_bytes(u.residual_bytes), switch=report.switch_seconds))
+    return "\n\n".join(lines)
+
+
+def metrics_text(stats: GenerationStats, lang: str) -> str:
+    """Per-answer metrics line."""
+    extra = t("hit_length", lang) if stats.finish_reason == "length" else ""
+    if stats.finish_reason == "stopped":
+        extra = t("was_stopped", lang)
+    ttft = f"{stats.ttft_s:.2f} s" if stats.ttft_s is not None else "–"
+    tps = f"{stats.decode_tokens_per_s:.1f}" if stats.decode_tokens_per_s is not None else "–"
+    return t("metrics", lang, ttft=ttft, tps=tps, tokens=stats.new_tokens, extra=extra)
+
+
+def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | None = None,
+                      budget_bytes: int | None = None) -> str:
+    """A stacked bar of memory by owner with numbers, and predicted vs measured peak."""
+    if snap.device == "cuda":
+        segments = [
+            ("seg_weights", snap.weights), ("seg_kv", snap.kv_cache), ("seg_workspace", snap.other_allocator),
+            ("seg_runtime", snap.runtime), ("seg_others", snap.other_processes), ("seg_free", snap.free),
+        ]
+        note = ""
+    else:
+        segments = [
+            ("seg_weights", snap.weights), ("seg_kv", snap.kv_cache), ("seg_process", snap.runtime),
+            ("seg_others", snap.other_processes), ("seg_free", snap.free),
+        ]
+        note = f"<div class='mem-note'>{html.escape(t('panel_no_cuda', lang))}</div>"
+    total = max(1, snap.total)
+    bar = "".join(
+        f"<div class='mem-seg' data-seg='{key}' title='{html.escape(t(key, lang))}: {fmt_bytes(value)}' "
+        f"style='width:{100 * value / total:.3f}%;background:{_COLOURS[key]}'></div>"
+        for key, value in segments if value > 0
+    )
+    budget_marker = ""
+    if budget_bytes and snap.device == "cuda":
+        left = min(100.0, 100 * budget_bytes / total)
+        budget_marker = (f"<div class='mem-budget' style='left:{left:.2f}%' "
+                         f"title='{html.escape(t('panel_budget', lang))}: {fmt_bytes(budget_bytes)}'></div>")
+    legend = "".join(
+        f"<tr data-seg='{key}'><td><span class='mem-dot' style='background:{_COLOURS[key]}'></span>"
+        f"{html.escape(t(key, lang))}</td><td class='mem-num'>{fmt_bytes(value)}</td></tr>"
+        for key, value in segments
+    )
+    legend += (f"<tr><td><b>{html.escape(t('panel_total', lang))}</b></td>"
+               f"<td class='mem-num'><b>{fmt_bytes(snap.total)}</b></td></tr>")
+    if budget_bytes and snap.device == "cuda":
+        legend += (f"<tr><td>{html.escape(t('panel_budget', lang))}</td>"
+                   f"<td class='mem-num'>{fmt_bytes(budget_bytes)}</td></tr>")
+    peak = ""
+    if loaded is not None and snap.device == "cuda":
+        predicted = loaded.plan.predicted_peak_bytes
+        peak = (f"<div class='mem-peak'>{html.escape(t('panel_peak', lang, predicted=fmt_bytes(predicted), measured=fmt_bytes(snap.peak)))}"
+                "</div>")
+    return (
+        "<div class='mem-panel' id='memory-panel'>"
+        f"<div class='mem-title'><b>{html.escape(t('panel_title', lang))}</b> · {html.escape(snap.device_name)}</div>{note}"
+        f"<div class='mem-bar'>{bar}{budget_marker}</div>"
+        f"<table class='mem-legend'>{legend}</table>{peak}</div>"
+    )
+
+
+PANEL_CSS = """
+.mem-panel { font-size: 0.9em; }
+.mem-bar { position: relative; display: flex; height: 22px; border-radius: 4px; overflow: hidden;
+           border: 1px solid #bbb; margin: 6px 0; }
+.mem-seg { height: 100%; }
+.mem-budget { position: absolute; top: -2px; bottom: -2px; width: 2px; background: #111; }
+.mem-legend { width: 100%; border-collapse: collapse; }
+.mem-legend td { padding: 1px 4px; border: none; }
+.mem-num { text-align: right; font-variant-numeric: tabular-nums; }
+.mem-dot { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
+.mem-note, .mem-peak { color: #666; margin: 4px 0; }
+"""
