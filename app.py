@@ -17,7 +17,7 @@ from models.engine import Engine
 from models.generation import SamplingSettings
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
-from models.quant import parse_quant
+from models.quant import Quant
 from models.sources import ModelSourceError
 
 TRUST_WARNING = (
@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Chat with small open LLMs on a consumer GPU.")
     p.add_argument("--ask", metavar="QUESTION", help="answer one question headless, print it with metrics, and exit")
     p.add_argument("--model", default="", help="catalog id, local folder, .gguf file or hub id (default: the embedded model)")
-    p.add_argument("--quant", default="none", type=parse_quant, help="none | bf16 | 8bit | 4bit (default: none)")
+    p.add_argument("--quant", default="none", choices=[q.value for q in Quant],
+                   help="weights precision: none (fp16 on GPU, fp32 on CPU) | bf16 | 8bit | 4bit (default: none)")
     p.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the quantization constants")
     p.add_argument("--gpu-budget", type=float, metavar="GiB", help="VRAM this app may use (default: free VRAM minus 0.5 GiB)")
     p.add_argument("--context", type=int, default=4096, metavar="TOKENS", help="context length to plan memory for")
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args(argv)
+    args.quant = Quant(args.quant)
     if args.gpu_budget is not None and args.gpu_budget <= 0:
         p.error("--gpu-budget must be a positive number of GiB")
     if args.max_new_tokens < 1:

@@ -42,3 +42,25 @@ def embedded_engine(catalog):
     engine = Engine(catalog)
     engine.load("", LoadSettings())
     return engine
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(embedded_engine):
+    """The real app (embedded model, greedy by default) served on localhost for client and browser tests."""
+    from ui.layout import UiDefaults, build_demo, launch_kwargs
+
+    demo = build_demo(embedded_engine, UiDefaults(temperature=0.0, max_new_tokens=200))
+    port = _free_port()
+    demo.queue(default_concurrency_limit=None).launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs(demo)
+    )
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()

@@ -121,17 +121,17 @@ class ChatHandlers:
         history = ch.normalize(history)
         if not (message or "").strip():
             gr.Warning(t("empty_message", lang))
-            return message, history, False
+            return message, history
         session.new_answer()
         history.append({"role": "user", "content": message})
-        return "", history, True
+        return "", history
 
     def answer(self, history: list, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
-               session: ChatSession, lang: str, go: bool = True) -> Iterator[list]:
-        """Stream the assistant's answer into the chat, then a metrics line under it."""
+               session: ChatSession, lang: str) -> Iterator[list]:
+        """Stream the answer to the chat's last (unanswered) user message, then a metrics line."""
         history = ch.normalize(history)
-        if not go or ch.last_user_index(history) is None or history[-1].get("role") != "user":
-            yield history
+        if not history or history[-1].get("role") != "user":
+            yield history  # nothing to answer (e.g. the message was empty)
             return
         sampling = SamplingSettings(
             max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
@@ -154,11 +154,10 @@ class ChatHandlers:
         """Stop the answer being generated for this tab (the computation itself stops)."""
         session.stop_event.set()
 
-    def regenerate(self, history: list, session: ChatSession) -> tuple[list, bool]:
+    def regenerate(self, history: list, session: ChatSession) -> list:
         """Drop the last answer so it can be generated again."""
-        history = ch.drop_last_answer(ch.normalize(history))
         session.new_answer()
-        return history, ch.last_user_index(history) is not None
+        return ch.drop_last_answer(ch.normalize(history))
 
     def undo(self, history: list, message: str) -> tuple[list, str]:
         """Remove the last turn and put its question back in the textbox (nothing typed is lost)."""

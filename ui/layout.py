@@ -56,7 +56,6 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
 
     with gr.Blocks(title="Small LLM Lab") as demo:
         session = gr.State(ChatSession())
-        go = gr.State(False)
         with gr.Row():
             gr.Markdown(i18n("title"))
             lang = gr.Radio(
@@ -117,35 +116,44 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         labelled = [chatbot, msg, system_prompt, temperature, top_p, max_new, model, quant, double_quant, budget, context]
         LABELLED_KEYS = ["chatbot", "message", "system_prompt", "temperature", "top_p", "max_new_tokens",
                          "model", "quant", "double_quant", "gpu_budget", "context"]
-        demo.load(pick_language, None, lang, queue=False)
-        lang.change(relabel, lang, labelled + [msg, status, quant_info], queue=False).then(
-            handlers.fit_check, model_inputs, fit
+        demo.load(pick_language, None, lang, queue=False, api_visibility="private")
+        lang.change(relabel, lang, labelled + [msg, status, quant_info], queue=False, api_visibility="private").then(
+            handlers.fit_check, model_inputs, fit, api_visibility="private"
         )
 
         # ----- model controls --------------------------------------------------------
-        demo.load(handlers.fit_check, model_inputs, fit)
+        demo.load(handlers.fit_check, model_inputs, fit, api_name="fit_check")
         for control in (double_quant, budget, context):
-            control.change(handlers.fit_check, model_inputs, fit)
+            control.change(handlers.fit_check, model_inputs, fit, api_visibility="private")
         for dropdown in (model, quant):
             # Switching from a dropdown loads at once (after the fit check says why/how).
-            dropdown.input(handlers.fit_check, model_inputs, fit).then(
-                handlers.load, model_inputs, [status, memory], concurrency_id="gpu"
+            dropdown.input(handlers.fit_check, model_inputs, fit, api_visibility="private").then(
+                handlers.load, model_inputs, [status, memory], api_visibility="private"
             )
-        load.click(handlers.load, model_inputs, [status, memory], concurrency_id="gpu")
-        timer.tick(handlers.memory_html, [lang, budget], memory, show_progress="hidden", queue=False)
+        load.click(handlers.load, model_inputs, [status, memory], api_name="load")
+        timer.tick(handlers.memory_html, [lang, budget], memory, show_progress="hidden", queue=False,
+                   api_name="memory")
 
         # ----- chat ------------------------------------------------------------------
-        answer_inputs = [chatbot, system_prompt, temperature, top_p, max_new, session, lang, go]
-        for trigger in (msg.submit, send.click):
-            trigger(handlers.submit, [msg, chatbot, session, lang], [msg, chatbot, go], queue=False).then(
-                handlers.answer, answer_inputs, chatbot, concurrency_limit=None
-            )
-        stop.click(handlers.stop, session, None, queue=False)
-        regenerate.click(handlers.regenerate, [chatbot, session], [chatbot, go], queue=False).then(
-            handlers.answer, answer_inputs, chatbot, concurrency_limit=None
+        answer_inputs = [chatbot, system_prompt, temperature, top_p, max_new, session, lang]
+        # The engine serializes GPU work itself, so answers need no Gradio concurrency limit;
+        # "answer" is the public chat API: a history ending in a user message -> the history answered.
+        # submit is queued (not queue=False) so its "type a message first" toast reaches the browser.
+        msg.submit(handlers.submit, [msg, chatbot, session, lang], [msg, chatbot], concurrency_limit=None,
+                   api_visibility="private").then(
+            handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_name="answer"
         )
-        undo.click(handlers.undo, [chatbot, msg], [chatbot, msg], queue=False)
-        clear.click(lambda: [], None, chatbot, queue=False)
+        send.click(handlers.submit, [msg, chatbot, session, lang], [msg, chatbot], concurrency_limit=None,
+                   api_visibility="private").then(
+            handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
+        )
+        stop.click(handlers.stop, session, None, queue=False, api_visibility="private")
+        regenerate.click(handlers.regenerate, [chatbot, session], chatbot, queue=False,
+                         api_visibility="private").then(
+            handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
+        )
+        undo.click(handlers.undo, [chatbot, msg], [chatbot, msg], queue=False, api_visibility="private")
+        clear.click(lambda: [], None, chatbot, queue=False, api_visibility="private")
     return demo
 
 

@@ -1,0 +1,125 @@
+"""The app in real Chromium (Debian's, driven by Playwright): chat streams, Stop, quantization
+switch with a memory panel update, language switch, bad input."""
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("SMALLCHAT_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is required here (CI) but /usr/bin/chromium is missing")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, app_url):
+    context = browser.new_context(locale="en-US", viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(app_url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.wait_for_function("document.querySelector('#fit') && document.querySelector('#fit').innerText.length > 0",
+                           timeout=30_000)
+    yield page
+    context.close()
+
+
+def chat_text(page) -> str:
+    return page.inner_text("#chatbot")
+
+
+def send(page, text: str) -> None:
+    page.fill("#message textarea", text)
+    page.press("#message textarea", "Enter")
+
+
+def panel_weights_mib(page) -> float:
+    text = page.inner_text("#memory tr[data-seg='seg_weights'] .mem-num")
+    value, unit = re.match(r"([\d.]+) (MiB|GiB)", text).groups()
+    return float(value) * (1024 if unit == "GiB" else 1)
+
+
+def test_message_streams_a_reply_with_metrics(page):
+    send(page, "What is the capital of France?")
+    seen = set()
+    deadline = time.time() + 60
+    while time.time() < deadline and "TTFT" not in chat_text(page):
+        seen.add(chat_text(page))
+        time.sleep(0.05)
+    final = chat_text(page)
+    assert "Paris" in final and "TTFT" in final and "tok/s" in final
+    partial = {s for s in seen if "What is the capital" in s and s != final}
+    assert len(partial) >= 2, "the reply should appear in several streamed steps"
+    page.screenshot(path=os.environ.get("SMALLCHAT_SCREENSHOT", "/tmp/smallchat-chat.png"))
+
+
+def test_stop_mid_answer_stops_generation(page):
+    send(page, "Write a very long story about a dragon who learns to cook. Make it at least ten paragraphs.")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.split(/\\s+/).length > 25", timeout=60_000)
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('stopped')", timeout=30_000)
+    metrics = re.search(r"(\d+) tokens", chat_text(page))
+    assert metrics and int(metrics.group(1)) < 200  # max new tokens in the test app is 200
+
+
+def test_switching_quantization_reloads_and_updates_the_memory_panel(page):
+    before = panel_weights_mib(page)
+    page.click("#quant input")
+    page.click("ul[role='listbox'] li:has-text('4bit')")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Loaded smollm2-135m-instruct** (4bit')"
+                           " || document.querySelector('#status').innerText.includes('Loaded smollm2-135m-instruct (4bit')", timeout=120_000)
+    status = page.inner_text("#status")
+    assert "Loaded smollm2-135m-instruct" in status and "Unloaded" in status and "residual" in status
+    page.wait_for_function(
+        f"(() => {{ const t = document.querySelector(\"#memory tr[data-seg='seg_weights'] .mem-num\").innerText;"
+        f" return parseFloat(t) < {before * 0.6}; }})()", timeout=30_000)
+    assert panel_weights_mib(page) < before * 0.6  # fp32 -> nf4 weights
+    send(page, "What is the capital of France?")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=60_000)
+    # Back to full precision for the other tests.
+    page.click("#quant input")
+    page.click("ul[role='listbox'] li:has-text('none')")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('instruct (none')", timeout=120_000)
+
+
+def test_language_switch_to_chinese_and_back(page):
+    page.click("#language label:has-text('中文')")
+    page.wait_for_function("document.querySelector('#message').innerText.includes('消息')", timeout=15_000)
+    page.wait_for_function("document.querySelector('#memory').innerText.includes('内存占用')", timeout=15_000)
+    page.wait_for_function("document.querySelector('#fit').innerText.match(/内存|显卡|放不下/)", timeout=15_000)
+    page.click("#language label:has-text('English')")
+    page.wait_for_function("document.querySelector('#message').innerText.includes('Message')", timeout=15_000)
+
+
+def test_chinese_browser_gets_chinese_labels(browser, app_url):
+    context = browser.new_context(locale="zh-CN", extra_http_headers={"Accept-Language": "zh-CN,zh;q=0.9"})
+    page = context.new_page()
+    page.goto(app_url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    page.wait_for_function("document.querySelector('#send').innerText.includes('发送')", timeout=15_000)
+    context.close()
+
+
+def test_empty_message_is_refused_and_nothing_is_lost(page):
+    send(page, "What is the capital of France?")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=60_000)
+    before = chat_text(page)
+    send(page, "   ")
+    page.wait_for_selector("text=Type a message first.", timeout=10_000)
+    assert chat_text(page) == before

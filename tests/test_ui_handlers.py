@@ -1,0 +1,109 @@
+"""The UI's event handlers, driven directly: history handling, bad input, errors, language."""
+
+import copy
+
+import pytest
+import torch
+
+from models.engine import Engine
+from models.loading import LoadSettings
+from ui import chat_history as ch
+from ui.handlers import ChatHandlers, ChatSession
+from ui.i18n import STRINGS, language_from_header, t
+
+
+@pytest.fixture()
+def handlers(catalog, tiny_llama):
+    engine = Engine(catalog)
+    engine.load(str(tiny_llama), LoadSettings(context_tokens=512))
+    return ChatHandlers(engine)
+
+
+def run_answer(handlers, history, session, **kw):
+    args = dict(system_prompt="", temperature=0, top_p=0.9, max_new_tokens=8, lang="en")
+    args.update(kw)
+    return list(handlers.answer(history, args["system_prompt"], args["temperature"], args["top_p"],
+                                args["max_new_tokens"], session, args["lang"]))[-1]
+
+
+def test_submit_then_answer_adds_the_reply_and_a_metrics_line(handlers):
+    session = ChatSession()
+    msg, history = handlers.submit("Hello world", [], session, "en")
+    assert msg == "" and history == [{"role": "user", "content": "Hello world"}]
+    history = run_answer(handlers, history, session)
+    assert history[1]["role"] == "assistant" and history[1]["content"]
+    assert "TTFT" in history[2]["metadata"]["title"] and history[2]["content"] == ""
+
+
+def test_empty_message_keeps_everything(handlers):
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    msg, new_history = handlers.submit("   ", history, ChatSession(), "en")
+    assert msg == "   " and new_history == history
+    assert run_answer(handlers, new_history, ChatSession()) == history
+
+
+def test_metrics_lines_are_not_sent_to_the_model():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},  # Gradio 6 content parts
+        {"role": "assistant", "content": "Hello!"},
+        ch.ui_note("TTFT 0.1 s"),
+        {"role": "user", "content": "Again"},
+    ]
+    assert ch.model_messages(ch.normalize(history), "Be brief.") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Again"},
+    ]
+
+
+def test_regenerate_and_undo(handlers):
+    session = ChatSession()
+    history = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}, ch.ui_note("m"),
+               {"role": "user", "content": "two"}, {"role": "assistant", "content": "2"}, ch.ui_note("m")]
+    assert handlers.regenerate(history, session) == history[:4]
+    undone, text = handlers.undo(history, "")
+    assert undone == history[:3] and text == "two"
+    # Something already typed in the box is not overwritten by Undo.
+    assert handlers.undo(history, "draft")[1] == "draft"
+    assert handlers.regenerate([], session) == []
+
+
+def test_stop_sets_only_this_tabs_switch():
+    a, b = copy.deepcopy(ChatSession()), copy.deepcopy(ChatSession())
+    ChatHandlers.stop(None, a)
+    assert a.stop_event.is_set() and not b.stop_event.is_set()
+    assert not a.new_answer().is_set()
+
+
+def test_answer_error_keeps_history_and_explains(handlers, monkeypatch):
+    def explode(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(handlers.engine.loaded.model, "generate", explode)
+    history = [{"role": "user", "content": "Hello"}]
+    out = run_answer(handlers, history, ChatSession())
+    assert out[0] == history[0]
+    assert "Out of GPU memory" in out[-1]["metadata"]["title"]
+
+
+def test_load_errors_are_shown_and_the_old_model_stays(handlers, tmp_path):
+    status, panel = handlers.load(str(tmp_path / "missing"), "none", False, None, 512, "en", progress=lambda *a, **k: None)
+    assert "Could not load" in status and "No such folder" in status
+    assert "Current model" in status and "mem-bar" in panel
+    assert handlers.engine.loaded is not None
+
+
+def test_fit_check_and_panel_in_chinese(handlers):
+    verdict = handlers.fit_check("qwen2.5-7b-instruct", "4bit", False, None, 4096, "zh")
+    assert "预测峰值" in verdict or "放不下" in verdict or "显卡" in verdict
+    assert "KV 缓存" in handlers.memory_html("zh")
+    assert "Could not load" in handlers.fit_check("no-such-model", "none", False, None, 4096, "en")
+
+
+def test_every_string_has_both_languages_and_the_header_picks_one():
+    assert all(set(v) == {"en", "zh"} for v in STRINGS.values())
+    assert language_from_header("zh-CN,zh;q=0.9,en;q=0.8") == "zh"
+    assert language_from_header("en-US,en;q=0.9,zh;q=0.5") == "en"
+    assert language_from_header(None) == "en"
+    assert t("loading", "zh", model="m", quant="4bit") == "正在加载 m（4bit）…"
