@@ -18,6 +18,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .memory import PREFILL_CHUNK
+
 _DONE = object()
 
 
@@ -197,6 +199,9 @@ def stream_generate(
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
                     past_key_values=past_key_values,
+                    # Long prompts are prefilled in chunks, so the activation workspace stays
+                    # bounded (and predictable by models/memory.py) at any context length.
+                    prefill_chunk_size=PREFILL_CHUNK if past_key_values is not None else None,
                     **sampling.generate_kwargs(),
                 )
         except BaseException as e:  # surfaced to the caller below, in its own thread

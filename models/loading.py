@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,15 @@ from .quant import Quant, dtype_bytes, quant_options, storage_dtype
 from .sources import LocalModel, ModelSourceError, default_cache_dir, resolve_local
 
 ProgressFn = Callable[[float, str], None]
+
+
+def _not_cast_notice(record: logging.LogRecord) -> bool:
+    return "inputs will be cast" not in record.getMessage()
+
+
+# bitsandbytes logs on every 8-bit matmul that it casts bf16 inputs to fp16 (its CPU path);
+# the cast is expected, and the line would flood the log once per layer per token.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
 
 
 class ModelLoadError(RuntimeError):

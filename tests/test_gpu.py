@@ -1,0 +1,88 @@
+"""GPU-only behaviour (skipped cleanly without CUDA): every quantization on the GPU, the
+budget cap, GPU/CPU offload split, and memory really freed on a switch."""
+
+import threading
+
+import pytest
+import torch
+
+from models.engine import Engine
+from models.generation import SamplingSettings, chat_input_ids
+from models.loading import LoadSettings
+from models.memory import GiB, MiB, layer_bytes
+from models.quant import Quant
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+GREEDY = SamplingSettings(max_new_tokens=20, temperature=0)
+PROMPT = [{"role": "user", "content": "Hello world"}]
+
+
+def answer(engine):
+    return list(engine.chat(PROMPT, GREEDY, threading.Event()))[-1]
+
+
+def plain_greedy(loaded):
+    ids = chat_input_ids(loaded.tokenizer, PROMPT)
+    with torch.inference_mode():
+        out = loaded.model.generate(torch.tensor([ids], device=loaded.input_device), max_new_tokens=20, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture()
+def engine(catalog):
+    engine = Engine(catalog)
+    yield engine
+    engine.unload()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.parametrize("quant", [Quant.NONE, Quant.BF16, Quant.INT8, Quant.NF4])
+def test_each_quantization_runs_on_the_gpu_and_streams_like_generate(engine, tiny_llama, quant):
+    loaded = engine.load(str(tiny_llama), LoadSettings(quant=quant, context_tokens=256)).loaded
+    assert loaded.device == "cuda" and loaded.split["gpu"] == 4
+    assert loaded.model.model.layers[0].mlp.gate_proj.weight.device.type == "cuda"
+    assert abs(loaded.weights_bytes - loaded.plan.gpu_weights_bytes) <= 64 * 28
+    final = answer(engine)
+    assert final.token_ids == plain_greedy(loaded)
+    assert final.stats.peak_bytes > 0
+
+
+def test_switching_returns_memory_to_the_level_before_the_load(engine, tiny_llama):
+    torch.cuda.empty_cache()
+    idle = torch.cuda.memory_allocated()
+    engine.load(str(tiny_llama), LoadSettings(quant=Quant.NONE))
+    answer(engine)
+    report = engine.load(str(tiny_llama), LoadSettings(quant=Quant.NF4))
+    assert report.unloaded.residual_bytes == 0 and report.unloaded.freed_bytes > 0
+    engine.unload()
+    assert torch.cuda.memory_allocated() == idle
+
+
+def test_budget_caps_torch_allocator(engine, tiny_llama):
+    runtime = engine.cuda_runtime_bytes()
+    engine.load(str(tiny_llama), LoadSettings(gpu_budget_bytes=runtime + 256 * MiB))
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(512 * MiB, dtype=torch.uint8, device="cuda")
+
+
+def test_offload_split_under_a_small_budget_gives_the_same_answer(engine, tmp_path):
+    from tiny import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "wide", hidden_size=512, intermediate_size=2048, num_hidden_layers=6)
+    full = engine.load(str(folder), LoadSettings(context_tokens=256)).loaded
+    expected = answer(engine).token_ids
+    per_layer = layer_bytes(full.shape, Quant.NONE, 2)
+    budget = full.plan.predicted_peak_bytes - 3 * per_layer
+    loaded = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget)).loaded
+    assert 0 < loaded.split["gpu"] < 6 and loaded.split["cpu"] == 6 - loaded.split["gpu"]
+    assert answer(engine).token_ids == expected
+
+
+def test_memory_snapshot_accounts_for_the_whole_process(engine, tiny_llama):
+    engine.load(str(tiny_llama), LoadSettings())
+    snap = engine.memory()
+    free, total = torch.cuda.mem_get_info()
+    assert snap.total == total
+    assert abs(snap.app_total + snap.other_processes + snap.free - total) < 64 * MiB
+    assert snap.weights == engine.loaded.weights_bytes and snap.runtime > 100 * MiB
+    assert snap.total > GiB
