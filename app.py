@@ -15,6 +15,7 @@ import threading
 from models.catalog import UnknownModelError, load_catalog
 from models.engine import Engine
 from models.generation import SamplingSettings
+from models.kv_cache import ContextOverflowError, KVPrecision
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
 from models.quant import Quant
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--kv", choices=[k.value for k in KVPrecision], default=KVPrecision.FULL.value,
+                   help="KV cache precision: full, fp8 (half the memory) or offload (CPU RAM; CUDA only)")
     p.add_argument("--system", default="", metavar="TEXT", help="system prompt")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the download to run (off by default: it is arbitrary code)")
@@ -86,7 +89,7 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
     sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     printed = ""
     update = None
-    for update in engine.chat(messages, sampling, threading.Event()):
+    for update in engine.chat(messages, sampling, threading.Event(), kv=args.kv):
         sys.stdout.write(update.text[len(printed):])
         sys.stdout.flush()
         printed = update.text
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(load_catalog())
     try:
         return run_ask(args, engine) if args.ask is not None else serve(args, engine)
-    except (UnknownModelError, ModelLoadError, ModelSourceError) as e:
+    except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

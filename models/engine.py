@@ -1,31 +1,45 @@
-"""The engine: one object that owns the loaded model and the GPU, shared by the UI and the CLI.
+"""The engine: one object that owns the loaded models, the chat sessions' KV caches and the GPU.
 
-All GPU work (load, unload, generate) runs under one lock, so two users can never run
-forward passes in parallel threads that would OOM each other; per-user chat history
-lives with the caller (gr.State in the UI), never here.
+It is shared by the UI (every browser tab) and the CLI. All GPU work (load, unload,
+generate, quality checks) runs under one lock, so two users can never run forward
+passes in parallel threads that would OOM each other. Per-user chat history lives with
+the caller (gr.State in the UI); the engine only keeps each session's KV cache, keyed by
+an opaque session id, so a session's next turn prefills only what changed.
+
+Several models may be resident at once (the Compare tab keeps A and B loaded when both
+fit); least recently used ones are evicted when a new one would not fit the budget.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
 from . import hardware
 from .catalog import Catalog, ModelRef, ModelShape, UnknownModelError
 from .generation import SamplingSettings, StreamUpdate, chat_input_ids, stream_generate
+from .kv_cache import (
+    ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, SessionCacheStore, cache_bytes,
+    fit_messages, new_cache,
+)
 from .loading import (
     LoadedModel, LoadSettings, ModelLoadError, free_cuda_memory, load_model, make_budget, plan_for,
 )
-from .memory import FitPlan
+from .memory import FitPlan, kv_bytes_per_token, kv_room_bytes
 from .quant import QuantOption, quant_options
 from .sources import ModelSourceError, default_cache_dir
 
 ProgressFn = Callable[[float, str], None]
+T = TypeVar("T")
+
+# Tokens kept free for the answer when the context is full and max_new_tokens is larger.
+MIN_ANSWER_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -35,7 +49,7 @@ class UnloadReport:
     model_label: str
     seconds: float
     freed_bytes: int
-    residual_bytes: int  # device memory still held above the level before the load
+    residual_bytes: int  # device memory still held above the level before any model was loaded
 
 
 @dataclass(frozen=True)
@@ -43,34 +57,29 @@ class LoadReport:
     """The outcome of a load or switch."""
 
     loaded: LoadedModel
-    unloaded: UnloadReport | None
-    switch_seconds: float  # unload + load
+    unloaded: list[UnloadReport] = field(default_factory=list)
+    switch_seconds: float = 0.0  # unload + load
+    reused: bool = False  # already resident: nothing was loaded
 
 
-def _cache_bytes(cache) -> int:
-    """Bytes held by a transformers Cache object's key/value tensors."""
-    if cache is None:
-        return 0
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+def _shared_kv_precision(precision: KVPrecision | str) -> KVPrecision:
+    return precision if isinstance(precision, KVPrecision) else KVPrecision(precision)
 
 
 class Engine:
-    """Owns the model and serializes GPU work; the UI and the CLI both drive it."""
+    """Owns the models, the session caches and the GPU lock; the UI and the CLI both drive it."""
 
-    def __init__(self, catalog: Catalog, cache_dir: Path | None = None):
+    def __init__(self, catalog: Catalog, cache_dir: Path | None = None, kv_budget_bytes: int | None = None):
         self.catalog = catalog
         self.cache_dir = cache_dir or default_cache_dir()
-        # A plain Lock, not an RLock: a streaming answer takes it in the UI's thread and its
-        # worker thread gives it back when the computation ends.
+        # A plain Lock, not an RLock: a streaming answer takes it in the caller's thread and
+        # its worker thread gives it back when the computation ends.
         self._lock = threading.Lock()
-        self._loaded: LoadedModel | None = None
-        self._live_cache = None  # the KV cache of the answer being generated, for the VRAM panel
+        self._residents: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._chat_key: str | None = None  # the model the Chat tab talks to
+        self._sessions = SessionCacheStore()
+        self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget
+        self._live_cache = None  # cache of an answer in progress that no session owns yet
         # Device-wide GPU use before we create a CUDA context: what other processes hold.
         self._baseline_used = hardware.nvml_used_bytes() if hardware.cuda_available() else None
         self._runtime_bytes: int | None = None
@@ -84,8 +93,12 @@ class Engine:
 
     @property
     def loaded(self) -> LoadedModel | None:
-        """The loaded model, if any."""
-        return self._loaded
+        """The Chat tab's model, if loaded."""
+        return self._residents.get(self._chat_key) if self._chat_key else None
+
+    def residents(self) -> list[LoadedModel]:
+        """Every model in memory, least recently used first."""
+        return list(self._residents.values())
 
     def quant_options(self) -> list[QuantOption]:
         """Quantizations with whether each runs on this machine (and why not)."""
@@ -99,26 +112,32 @@ class Engine:
         if self._runtime_bytes is None:
             torch.cuda.init()
             torch.empty(1, device="cuda")  # creates the context so it can be measured
-            self._runtime_bytes = self._measure_runtime()
+            self._runtime_bytes = hardware.snapshot(baseline_used=self._baseline_used).runtime
         return self._runtime_bytes
 
-    def _measure_runtime(self) -> int:
-        snap = hardware.snapshot(baseline_used=self._baseline_used)
-        return snap.runtime
+    def kv_cache_bytes(self) -> int:
+        """KV bytes held now: every session's cache plus an answer in progress."""
+        return self._sessions.total_bytes() + cache_bytes(self._live_cache)
 
     def memory(self) -> hardware.MemorySnapshot:
         """Memory by owner now, for the VRAM panel."""
-        loaded = self._loaded
-        weights = loaded.weights_bytes if loaded else 0
-        kv = _cache_bytes(self._live_cache)
-        if self.device == "cuda" and not torch.cuda.is_initialized():
-            return hardware.snapshot(weights, kv, baseline_used=self._baseline_used)
-        return hardware.snapshot(weights, kv, baseline_used=self._baseline_used)
+        weights = sum(m.weights_bytes for m in list(self._residents.values()))
+        return hardware.snapshot(weights, self.kv_cache_bytes(), baseline_used=self._baseline_used)
+
+    def session_count(self) -> int:
+        """How many chat sessions hold a KV cache."""
+        return len(self._sessions)
 
     # ----- planning ------------------------------------------------------------------
     def resolve(self, choice: str) -> ModelRef:
         """Resolve a catalog id, path or hub id (raises UnknownModelError)."""
         return self.catalog.resolve(choice)
+
+    def model_key(self, choice: str, settings: LoadSettings) -> str:
+        """The identity of a loaded model: what it is and how it was quantized."""
+        ref = self.resolve(choice)
+        dq = "+dq" if settings.double_quant and settings.quant.value == "4bit" else ""
+        return f"{ref.location}|{settings.quant.value}{dq}|ctx{settings.context_tokens}"
 
     def shape_of(self, ref: ModelRef) -> ModelShape:
         """The architecture shape of a model without loading it (catalog data or config.json)."""
@@ -126,6 +145,13 @@ class Engine:
             return ref.entry.shape
         from transformers import AutoConfig
 
+        if ref.kind == "folder":
+            from .internlm2 import internlm2_shape, is_internlm2_folder
+
+            if is_internlm2_folder(Path(ref.location)):  # transformers has no config class for it
+                import json
+
+                return internlm2_shape(json.loads((Path(ref.location) / "config.json").read_text()))
         try:
             if ref.kind == "gguf":
                 path = Path(ref.location)
@@ -135,68 +161,114 @@ class Engine:
         except (OSError, ValueError) as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise ModelSourceError(f"Cannot read the config of {ref.location}: {first}") from None
-        if getattr(config, "model_type", "") == "internlm2":
-            from .internlm2 import internlm2_shape
-
-            return internlm2_shape(config.to_dict())
         return ModelShape.from_config(config)
 
-    def plan(self, choice: str, settings: LoadSettings) -> tuple[ModelRef, FitPlan]:
-        """Will it fit? The plan for a model and settings, before anything is loaded."""
-        ref = self.resolve(choice)
-        shape = self.shape_of(ref)
+    def _budget(self, settings: LoadSettings, keep: set[str]):
+        """The budget for a new model, with what the kept residents hold taken out."""
         budget = make_budget(settings, self.cuda_runtime_bytes(), self.cache_dir)
-        # Memory the current model holds would be given back before loading another.
-        loaded = self._loaded
-        if loaded is not None and budget.gpu_bytes is None:
-            budget = replace(budget, ram_bytes=budget.ram_bytes + loaded.weights_bytes)
-        return ref, plan_for(shape, settings, budget)
+        others = [m for k, m in self._residents.items() if k not in keep]
+        if budget.gpu_bytes is None:
+            # RAM freed by evicting the others is ours to use.
+            return replace(budget, ram_bytes=budget.ram_bytes + sum(m.weights_bytes for m in others))
+        held = sum(m.weights_bytes for k, m in self._residents.items() if k in keep)
+        return replace(budget, gpu_bytes=max(0, budget.gpu_bytes - held))
+
+    def plan(self, choice: str, settings: LoadSettings, keep: tuple[str, ...] = ()) -> tuple[ModelRef, FitPlan]:
+        """Will it fit? The plan for a model and settings, before anything is loaded.
+
+        Memory of resident models is counted as given back, except for those in `keep`.
+        """
+        ref = self.resolve(choice)
+        return ref, plan_for(self.shape_of(ref), settings, self._budget(settings, set(keep)))
 
     # ----- loading -------------------------------------------------------------------
-    def unload(self) -> UnloadReport | None:
-        """Drop the model and give its memory back; report anything left behind."""
+    def unload(self) -> list[UnloadReport]:
+        """Drop every model and give its memory back; report anything left behind."""
         with self._lock:
-            return self._unload_locked()
+            return self._unload_all_locked()
 
-    def _unload_locked(self) -> UnloadReport | None:
-        if self._loaded is None:
-            return None
+    def _unload_locked(self, key: str) -> UnloadReport:
         started = time.perf_counter()
-        label = self._loaded.ref.label
         before = self._allocated()
-        self._loaded = None
-        self._live_cache = None
+        loaded = self._residents.pop(key)
+        self._sessions.drop_model(key)
+        if self._chat_key == key:
+            self._chat_key = None
+        label = f"{loaded.ref.label} ({loaded.settings.quant.value})"
+        del loaded
         free_cuda_memory()
         after = self._allocated()
+        still_held = sum(m.weights_bytes for m in self._residents.values()) + self._sessions.total_bytes()
         return UnloadReport(
-            model_label=label, seconds=time.perf_counter() - started,
-            freed_bytes=max(0, before - after), residual_bytes=max(0, after - self._idle_level),
+            model_label=label, seconds=time.perf_counter() - started, freed_bytes=max(0, before - after),
+            residual_bytes=max(0, after - self._idle_level - still_held),
         )
 
+    def _unload_all_locked(self) -> list[UnloadReport]:
+        reports = [self._unload_locked(key) for key in list(self._residents)]
+        self._sessions = SessionCacheStore()
+        return reports
+
     def load(self, choice: str, settings: LoadSettings, progress: ProgressFn | None = None) -> LoadReport:
-        """Switch to a model: unload the current one first, then load and report."""
+        """Switch the Chat tab's model: unload every model first (VRAM really freed), then load."""
         ref = self.resolve(choice)
+        key = self.model_key(choice, settings)
         with self._lock:
             started = time.perf_counter()
-            unloaded = self._unload_locked()
-            self._idle_level = self._allocated()
-            runtime = self.cuda_runtime_bytes()
-            if self.device == "cuda":
-                self._apply_budget(settings, runtime)
-            try:
-                loaded = load_model(ref, settings, runtime, progress)
-            except torch.OutOfMemoryError:
-                free_cuda_memory()
-                raise ModelLoadError(f"Out of GPU memory while loading {ref.label}.") from None
-            self._loaded = loaded
+            unloaded = self._unload_all_locked()
+            loaded = self._load_locked(ref, settings, key, progress)
+            self._chat_key = key
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
-    def _apply_budget(self, settings: LoadSettings, runtime: int) -> None:
+    def ensure(self, choice: str, settings: LoadSettings, progress: ProgressFn | None = None,
+               keep: tuple[str, ...] = ()) -> LoadReport:
+        """Make a model resident, keeping others loaded while everything fits.
+
+        Residents other than `keep` are unloaded, least recently used first, until the new
+        model fits (on the GPU without offload, or in RAM); the report lists them.
+        """
+        ref = self.resolve(choice)
+        key = self.model_key(choice, settings)
+        with self._lock:
+            if key in self._residents:
+                self._residents.move_to_end(key)
+                return LoadReport(loaded=self._residents[key], reused=True)
+            started = time.perf_counter()
+            unloaded = []
+            shape = self.shape_of(ref)
+            for other in list(self._residents):
+                kept = set(keep) | {k for k in self._residents if k != other}
+                if plan_for(shape, settings, self._budget(settings, kept)).verdict in ("gpu", "cpu"):
+                    break
+                if other not in keep:
+                    unloaded.append(self._unload_locked(other))
+            loaded = self._load_locked(ref, settings, key, progress)
+            return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
+
+    def _load_locked(self, ref: ModelRef, settings: LoadSettings, key: str, progress: ProgressFn | None) -> LoadedModel:
+        if not self._residents:
+            free_cuda_memory()
+            self._idle_level = self._allocated()
+        budget = self._budget(settings, set(self._residents))
+        if self.device == "cuda":
+            self._apply_budget(settings)
+        try:
+            loaded = load_model(ref, settings, budget, progress)
+        except torch.OutOfMemoryError as e:
+            e.__traceback__ = None  # its frames hold the half-loaded tensors
+            free_cuda_memory()
+            raise ModelLoadError(f"Out of GPU memory while loading {ref.label}.") from None
+        self._residents[key] = loaded
+        return loaded
+
+    def _apply_budget(self, settings: LoadSettings) -> None:
         # Cap torch's allocator at the budget (minus the CUDA context it does not manage),
         # so the app can never use more VRAM than the user allowed, even on a bigger card.
         total = torch.cuda.get_device_properties(0).total_memory
         if settings.gpu_budget_bytes:
-            fraction = max(0.01, min(1.0, (settings.gpu_budget_bytes - runtime) / total))
+            # A tiny floor only: set_per_process_memory_fraction rejects 0, and a budget
+            # below the context must still make loads fail rather than be ignored.
+            fraction = max(1e-6, min(1.0, (settings.gpu_budget_bytes - self.cuda_runtime_bytes()) / total))
         else:
             fraction = 1.0
         torch.cuda.set_per_process_memory_fraction(fraction, 0)
@@ -206,13 +278,63 @@ class Engine:
             return torch.cuda.memory_allocated(0)
         return 0
 
-    # ----- chatting ------------------------------------------------------------------
-    def chat(
-        self, messages: list[dict], sampling: SamplingSettings, stop_event: threading.Event
-    ) -> Iterator[StreamUpdate]:
-        """Stream an answer to a chat (list of {role, content}) with the loaded model."""
-        from transformers import DynamicCache
+    def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run `fn` holding the GPU lock (for work other than chat, e.g. a perplexity check)."""
+        with self._lock:
+            return fn()
 
+    # ----- context budget ------------------------------------------------------------
+    def kv_budget_bytes(self, loaded: LoadedModel | None = None) -> int:
+        """Bytes all sessions' KV caches may hold together."""
+        if self._kv_budget_override is not None:
+            return self._kv_budget_override
+        loaded = loaded or self.loaded
+        if loaded is None:
+            return 0
+        if loaded.device != "cuda":
+            return kv_room_bytes(loaded.plan)
+        # The budget minus what the residents' weights, the workspace and the CUDA context need.
+        others = sum(m.weights_bytes for m in self._residents.values() if m is not loaded)
+        return max(0, kv_room_bytes(loaded.plan) - others)
+
+    def context_limit(self, loaded: LoadedModel | None = None, kv: KVPrecision | str = KVPrecision.FULL) -> int:
+        """Most tokens one chat may hold: the user's context, the model's maximum, and what memory allows."""
+        loaded = loaded or self.loaded
+        if loaded is None:
+            return 0
+        limit = min(loaded.settings.context_tokens, loaded.shape.max_context)
+        if loaded.device == "cuda" or self._kv_budget_override is not None:
+            per_token = kv_bytes_per_token(loaded.shape, 2)
+            if _shared_kv_precision(kv) is KVPrecision.FP8:
+                per_token //= 2
+            if _shared_kv_precision(kv) is not KVPrecision.OFFLOAD:
+                limit = min(limit, self.kv_budget_bytes(loaded) // per_token)
+        return max(0, limit)
+
+    # ----- chatting ------------------------------------------------------------------
+    def drop_session(self, session_id: str) -> bool:
+        """Forget a session's KV cache (its tab was closed)."""
+        with self._lock:
+            return self._sessions.drop(session_id)
+
+    def chat(
+        self,
+        messages: list[dict],
+        sampling: SamplingSettings,
+        stop_event: threading.Event,
+        model: str | None = None,
+        session: str | None = None,
+        kv: KVPrecision | str = KVPrecision.FULL,
+        policy: OverflowPolicy | str = OverflowPolicy.DROP_OLDEST,
+    ) -> Iterator[StreamUpdate]:
+        """Stream an answer to a chat (list of {role, content}).
+
+        `model` is a model key (default: the Chat tab's model); `session` names whose KV
+        cache to reuse and keep. The chat is fitted into the context first (`policy`);
+        stats.dropped_messages and stats.reused_tokens say what happened.
+        """
+        kv = _shared_kv_precision(kv)
+        policy = policy if isinstance(policy, OverflowPolicy) else OverflowPolicy(policy)
         self._lock.acquire()
         released = threading.Event()
         release_guard = threading.Lock()
@@ -225,30 +347,84 @@ class Engine:
                     self._lock.release()
 
         out_of_memory = False
+        entry: SessionCache | None = None
+        key = model or self._chat_key
         try:
-            loaded = self._loaded
+            loaded = self._residents.get(key) if key else None
             if loaded is None:
                 raise ModelLoadError("No model is loaded yet: pick one and press Load.")
-            ids = chat_input_ids(loaded.tokenizer, messages)
-            cache = DynamicCache(config=loaded.model.config)
-            self._live_cache = cache
+            self._residents.move_to_end(key)
+            if kv is KVPrecision.OFFLOAD and loaded.device != "cuda":
+                kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
+            ids, dropped = self._fit(loaded, messages, sampling, kv, policy)
+            if session is not None:
+                entry = self._sessions.get(session, key, kv)
+            reused = entry.reuse_for(ids) if entry is not None else 0
+            if reused == 0:
+                entry = SessionCache(model_key=key, precision=kv, cache=new_cache(loaded.model.config, kv))
+            if session is not None:
+                self._sessions.put(session, entry)
+                # Room for this session's full context: older sessions' caches go first.
+                need = kv_bytes_per_token(loaded.shape, 2) * len(ids)
+                self._sessions.evict_until(max(0, self.kv_budget_bytes(loaded) - need), keep=session)
+            else:
+                self._live_cache = entry.cache
+            # Until the answer is done the cache is only known to hold the reused prefix.
+            entry.token_ids = ids[:reused]
+            room = self.context_limit(loaded, kv) - len(ids)
+            sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
             updates = stream_generate(
-                loaded.model, loaded.tokenizer, ids, sampling, stop_event, cache, on_worker_done=release
+                loaded.model, loaded.tokenizer, ids, sampling, stop_event, entry.cache, on_worker_done=release,
             )
-            del cache
-            yield from updates
+            for update in updates:
+                update.stats.reused_tokens = reused
+                update.stats.dropped_messages = len(dropped)
+                if update.done:
+                    entry.token_ids = ids + update.token_ids
+                yield update
         except torch.OutOfMemoryError as e:
             # Drop the traceback: its frames hold the activations and cache we must free.
             e.__traceback__ = None
             out_of_memory = True
+        except GeneratorExit:  # the caller went away; the cache is consistent with token_ids
+            raise
+        except BaseException:
+            if session is not None:  # a cache in an unknown state is never reused
+                self._sessions.drop(session)
+            raise
         finally:
             release()  # no-op if the worker already released; else it never started
         if out_of_memory:
-            free_cuda_memory()
+            with self._lock:
+                if session is not None:
+                    self._sessions.drop(session)
+                entry = None
+                free_cuda_memory()
             raise ModelLoadError(
-                "Out of GPU memory during the answer. The chat is kept; lower max new tokens, "
-                "shorten the chat, or pick a smaller quantization."
+                "Out of GPU memory during the answer. Its cache was dropped and the chat is kept; "
+                "lower max new tokens, shorten the chat, or pick a smaller quantization."
             )
 
+    def _fit(self, loaded: LoadedModel, messages: list[dict], sampling: SamplingSettings, kv: KVPrecision,
+             policy: OverflowPolicy) -> tuple[list[int], list[dict]]:
+        """Token ids of the chat after the overflow policy, and the messages it dropped."""
+        limit = self.context_limit(loaded, kv)
+        answer_room = min(sampling.max_new_tokens, max(MIN_ANSWER_TOKENS, limit // 4))
+        max_prompt = limit - answer_room
+        if max_prompt <= 0:
+            raise ContextOverflowError(
+                f"Memory leaves room for only {limit} tokens of context: free VRAM, lower the context "
+                "length, or pick a smaller quantization."
+            )
 
-__all__ = ["Engine", "LoadReport", "UnloadReport", "UnknownModelError", "ModelLoadError", "ModelSourceError"]
+        def count(msgs: list[dict]) -> int:
+            return len(chat_input_ids(loaded.tokenizer, msgs))
+
+        kept, dropped = fit_messages(messages, count, max_prompt, policy)
+        return chat_input_ids(loaded.tokenizer, kept), dropped
+
+
+__all__ = [
+    "Engine", "LoadReport", "UnloadReport", "UnknownModelError", "ModelLoadError", "ModelSourceError",
+    "ContextOverflowError", "KVPrecision", "OverflowPolicy",
+]

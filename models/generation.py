@@ -53,6 +53,8 @@ class GenerationStats:
     total_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stopped" | "error"
     peak_bytes: int = 0  # device peak during this answer (GPU allocator peak, or process RSS on CPU)
+    reused_tokens: int = 0  # prompt tokens whose KV came from the session's cache (not prefilled)
+    dropped_messages: int = 0  # oldest messages left out to fit the context
 
     def summary(self) -> str:
         """'TTFT 0.12 s · 24.1 tok/s · 57 tokens' for the UI and CLI."""
@@ -62,6 +64,8 @@ class GenerationStats:
         if self.decode_tokens_per_s is not None:
             parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
         parts.append(f"{self.new_tokens} tokens")
+        if self.reused_tokens:
+            parts.append(f"{self.reused_tokens}/{self.prompt_tokens} prompt tokens reused")
         if self.finish_reason == "stopped":
             parts.append("stopped")
         elif self.finish_reason == "length":

@@ -32,14 +32,9 @@ ProgressFn = Callable[[float, str], None]
 FORMAT_VERSION = 1  # bump when the converted layout changes, so old caches are redone
 MARKER = "internlm2-conversion.json"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-# InternLM2's own chat format (ChatML with a leading BOS), for folders that ship no template.
-CHATML_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# InternLM2's own chat format (ChatML with a leading BOS), for folders that ship no template;
+# the catalog's InternLM2 entries name the same file.
+CHATML_TEMPLATE = (Path(__file__).parent / "chat_templates" / "internlm2.jinja").read_text(encoding="utf-8")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _FINGERPRINT_SUFFIXES = (".json", ".model", ".jinja") + _WEIGHT_SUFFIXES
 _ROPE_TYPES = ("linear", "dynamic")  # the only scalings InternLM2's modeling code implements
@@ -53,7 +48,7 @@ def is_internlm2_folder(folder: str | Path) -> bool:
     """True when `folder/config.json` declares `model_type: internlm2`."""
     try:
         return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "internlm2"
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -110,6 +105,16 @@ def _shape(cfg: dict) -> _Shape:
     return shape
 
 
+def internlm2_shape(cfg: dict):
+    """The memory-planning ModelShape of an InternLM2 config.json (before any conversion)."""
+    from .catalog import ModelShape
+
+    s = _shape(cfg)
+    return ModelShape(hidden_size=s.hidden, num_layers=s.layers, num_heads=s.heads, num_kv_heads=s.kv_heads,
+                      vocab_size=s.vocab, intermediate_size=s.intermediate,
+                      max_context=int(cfg.get("max_position_embeddings") or 32768), tie_word_embeddings=s.tied)
+
+
 def _rope_parameters(cfg: dict) -> dict:
     """InternLM2's `rope_theta` + `rope_scaling` in transformers 5's single `rope_parameters` dict."""
     params = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
@@ -119,7 +124,7 @@ def _rope_parameters(cfg: dict) -> dict:
         if kind not in _ROPE_TYPES:
             raise CheckpointError(f"config.json has rope_scaling type {kind!r}; supported: {', '.join(_ROPE_TYPES)}. "
                                   "Remove rope_scaling (losing long context) or use a supported type.")
-        params.update(rope_type=kind, factor=1.0)
+        params.update(rope_type=kind, factor=float(scaling["factor"]))
     return params
 
 
@@ -142,7 +147,7 @@ def _expected_shapes(s: _Shape) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-_RENAMES = [  # (InternLM2 name part, Llama name part)
+_RENAMES = (  # (InternLM2 name part, Llama name part)
     ("model.tok_embeddings.", "model.embed_tokens."),
     (".attention.wo.", ".self_attn.o_proj."),
     (".feed_forward.w1.", ".mlp.gate_proj."),
@@ -150,7 +155,7 @@ _RENAMES = [  # (InternLM2 name part, Llama name part)
     (".feed_forward.w2.", ".mlp.down_proj."),
     (".attention_norm.", ".input_layernorm."),
     (".ffn_norm.", ".post_attention_layernorm."),
-]
+)
 
 
 def _llama_name(name: str) -> str:
@@ -331,6 +336,7 @@ def _build_tokenizer(src: Path, chat_template: str | None):
             pieces[int(token_id)] = _token_text(token)
             special_ids.add(int(token_id))
     vocab = {piece: i for i, piece in enumerate(pieces)}
+    unk = next((pieces[i] for i, (_, _, kind) in enumerate(sp.pieces) if kind == 2), "<unk>")
     if IM_END not in vocab or IM_START not in vocab:
         raise CheckpointError(f"{model_path} has no {IM_START}/{IM_END} tokens, so it cannot be an InternLM2 "
                               "chat tokenizer; use the tokenizer.model that came with the weights.")
@@ -343,7 +349,7 @@ def _build_tokenizer(src: Path, chat_template: str | None):
                       if piece[:i] in vocab and piece[i:] in vocab]
             merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges.sort(key=lambda m: (-m[2], -len(m[0]), -len(m[1])))
-    backend = Tokenizer(BPE(vocab, [(a, b) for a, b, _ in merges], unk_token=pieces[0], fuse_unk=True,
+    backend = Tokenizer(BPE(vocab, [(a, b) for a, b, _ in merges], unk_token=unk, fuse_unk=True,
                             byte_fallback=True))
     # sentencepiece marks spaces (and the start of text) with "▁"; undo it when decoding.
     prefix = [normalizers.Prepend("▁")] if sp.add_dummy_prefix else []
@@ -358,7 +364,7 @@ def _build_tokenizer(src: Path, chat_template: str | None):
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=IM_END,
-        unk_token=_token_text(tok_cfg.get("unk_token")) or pieces[0],
+        unk_token=_token_text(tok_cfg.get("unk_token")) or unk,
         pad_token=_token_text(tok_cfg.get("pad_token")) or "</s>",
         chat_template=_source_chat_template(src, tok_cfg) or chat_template or CHATML_TEMPLATE,
         clean_up_tokenization_spaces=False,
@@ -370,6 +376,8 @@ def _build_tokenizer(src: Path, chat_template: str | None):
 
 def _fingerprint(src: Path, chat_template: str | None) -> str:
     """A hash of the source files' names, sizes and mtimes (and the fallback template)."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder; point at the folder that holds the InternLM2 checkpoint.")
     h = hashlib.sha256(f"v{FORMAT_VERSION}\n{chat_template or ''}\n".encode())
     for path in sorted(src.iterdir()):
         if path.suffix in _FINGERPRINT_SUFFIXES and path.is_file():
@@ -444,7 +452,6 @@ def convert_internlm2(src: str | Path, dst: str | Path, progress: ProgressFn | N
             if out:
                 shard = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
                 save_file(out, tmp / shard, metadata={"format": "pt"})
-                _fsync(tmp / shard)
                 weight_map.update(dict.fromkeys(out, shard))
                 total += sum(t.numel() * t.element_size() for t in out.values())
             del out
@@ -471,7 +478,10 @@ def convert_internlm2(src: str | Path, dst: str | Path, progress: ProgressFn | N
         _write_generation_config(src, tmp, config)
         tokenizer.save_pretrained(tmp)
 
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        files_written = sorted(p for p in tmp.iterdir() if p.is_file())
+        for path in files_written:  # on disk before the marker claims they are, even after a power cut
+            _fsync(path)
+        sizes = {p.name: p.stat().st_size for p in files_written}
         marker = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "source": str(src), "files": sizes}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))  # written last: its presence means complete
         _fsync(tmp / MARKER)
@@ -493,7 +503,12 @@ def _move_into_place(tmp: Path, dst: Path, fingerprint: str) -> None:
         old = dst.parent / f".{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         dst.rename(old)
         shutil.rmtree(old, ignore_errors=True)
-    tmp.rename(dst)
+    try:
+        tmp.rename(dst)
+    except OSError:
+        if not _is_complete(dst, fingerprint):
+            raise
+        shutil.rmtree(tmp)  # lost a race with another process converting the same source
 
 
 def _pid_alive(pid: int) -> bool:

@@ -222,19 +222,19 @@ def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
 def load_model(
     ref: ModelRef,
     settings: LoadSettings,
-    cuda_runtime_bytes: int,
+    budget: Budget,
     progress: ProgressFn | None = None,
 ) -> LoadedModel:
-    """Resolve, plan, and load `ref` with `settings`; raise ModelLoadError/ModelSourceError on failure."""
+    """Resolve, plan under `budget`, and load `ref`; raise ModelLoadError/ModelSourceError on failure."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     cache_dir = settings.cache_dir or default_cache_dir()
     _progress(progress, 0.0, f"Preparing {ref.label}")
-    local = resolve_local(ref, cache_dir, progress=lambda f, m: _progress(progress, 0.3 * f, m))
+    local = resolve_local(ref, cache_dir, progress=lambda f, m: _progress(progress, 0.3 * f, m),
+                          chat_template=ref.entry.chat_template if ref.entry else None)
     config = _load_config(local, settings.trust_remote_code)
     shape = ModelShape.from_config(config)
-    budget = make_budget(settings, cuda_runtime_bytes, cache_dir)
     device = "cuda" if budget.gpu_bytes is not None else "cpu"
     offered = {o.quant: o for o in quant_options(device, torch.cuda.get_device_capability(0) if device == "cuda" else None)}
     if not offered[settings.quant].available:
@@ -281,8 +281,11 @@ def load_model(
 def free_cuda_memory() -> None:
     """Return freed tensors to the driver so the VRAM panel (and other apps) see it free."""
     gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+        # cuBLAS keeps a workspace per handle in torch's pool; without this it would show as
+        # memory left behind after a model is unloaded.
+        torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
 
 

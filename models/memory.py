@@ -19,9 +19,16 @@ GiB = 1024**3
 
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quant: one fp32 absmax per 256 uint8 absmaxes
-# CUDA context + kernel images loaded by torch/cuBLAS/bitsandbytes, outside torch's
-# allocator. Used only when the engine could not measure it on the running GPU.
+# CUDA context right after CUDA init, outside torch's allocator. Used only when the
+# engine could not measure it on the running GPU (H100 + CUDA 13 measured 518 MiB).
 DEFAULT_CUDA_CONTEXT = 512 * MiB
+# Kernel images (cuBLAS, SDPA, bitsandbytes) loaded lazily during the first forward pass,
+# on top of the context measured at start. Measured on an H100, torch 2.11 + CUDA 13:
+# +168 MiB for fp16 and NF4, +232 MiB for LLM.int8 (bench/results/gpu_memory_run1.jsonl).
+KERNEL_IMAGES = {Quant.NONE: 168 * MiB, Quant.BF16: 168 * MiB, Quant.NF4: 168 * MiB, Quant.INT8: 232 * MiB}
+# torch's caching allocator holds more than is allocated at the peak (partly used 2 MiB
+# pages, freed blocks waiting for reuse): 65-162 MiB measured across 1.8B and 7B shapes.
+ALLOCATOR_SLACK = 112 * MiB
 # Tokens per prefill step: generate() runs long prompts in chunks of this size so
 # the activation workspace stays bounded whatever the context length.
 PREFILL_CHUNK = 512
@@ -124,13 +131,16 @@ def kv_cache_bytes(shape: ModelShape, tokens: int, dtype_size: int = 2) -> int:
     return tokens * kv_bytes_per_token(shape, dtype_size)
 
 
-def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_tokens: int = PREFILL_CHUNK) -> int:
+def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_tokens: int = PREFILL_CHUNK,
+                    context_tokens: int = 0) -> int:
     """Transient memory of one forward pass over `prefill_tokens` tokens (the prefill peak).
 
     Per token a Llama layer holds at once: the residual stream and its normed copy, q/k/v
     and their RoPE'd copies, the attention output, and in the MLP gate, up and act(gate)*up
     ([T, intermediate] each). Attention itself runs in SDPA's flash/memory-efficient kernels,
     so nothing is quadratic in T. Logits are computed for the last position only (fp32).
+    A growing KV cache is appended with torch.cat, so for a moment one layer's old and new
+    keys and values both exist: two layers' worth of KV at `context_tokens`.
     """
     t = prefill_tokens
     hd = shape.head_dim
@@ -148,7 +158,8 @@ def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_to
         scratch = t * (shape.intermediate_size + largest_out * 4 + largest_out * 2)
     else:
         scratch = 0
-    return activations + logits + scratch
+    cat_transient = 2 * kv_cache_bytes(shape, context_tokens, dtype_size) // shape.num_layers
+    return activations + logits + scratch + cat_transient
 
 
 @dataclass(frozen=True)
@@ -173,13 +184,14 @@ class FitPlan:
     gpu_weights_bytes: int  # the part resident on the GPU
     kv_bytes: int
     workspace_bytes: int
-    cuda_context_bytes: int
+    cuda_context_bytes: int  # CUDA context + kernel images (0 on CPU)
     predicted_peak_bytes: int  # on the device that computes: GPU if any, else RAM
     gpu_layers: int
     cpu_layers: int
     disk_layers: int
     lm_head_on_gpu: bool
     message: str
+    budget_bytes: int = 0  # the GPU budget (or RAM on a CPU-only machine) planned against
 
     @property
     def offloaded_layers(self) -> int:
@@ -212,25 +224,29 @@ def plan_fit(
     head = lm_head_bytes(shape, dtype_size)
     total = weight_bytes(shape, quant, dtype_size, double_quant)
     kv = kv_cache_bytes(shape, context_tokens, dtype_size)
-    work = workspace_bytes(shape, quant, dtype_size, min(context_tokens, PREFILL_CHUNK))
+    work = workspace_bytes(shape, quant, dtype_size, min(context_tokens, PREFILL_CHUNK), context_tokens)
 
     if budget.gpu_bytes is None:
         return _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer, kv, work)
 
-    # Offloaded layers live in RAM at full size: bnb keeps them unquantized in fp32.
+    # Offloaded layers live in RAM at full size (bnb keeps them unquantized in fp32), and are
+    # copied to the GPU as they run: the GPU needs room for one of them at a time.
     offload_layer = layer_bytes(shape, Quant.NONE, 4) if quant in (Quant.INT8, Quant.NF4) else per_layer
-    fixed = budget.cuda_context_bytes + kv + work + embed
+    runtime = budget.cuda_context_bytes + KERNEL_IMAGES[quant]
+    fixed = runtime + kv + work + embed + ALLOCATOR_SLACK
     room = budget.gpu_bytes - fixed
     if room >= n_layers * per_layer + head:
         gpu_layers, head_on_gpu, stream = n_layers, True, 0
+    elif room - offload_layer >= head:
+        # The lm_head is read for every token, like a layer, and is bigger than one: keep it
+        # on the GPU before any decoder layer, and stream the layers that don't fit.
+        stream, head_on_gpu = offload_layer, True
+        gpu_layers = min(n_layers, (room - stream - head) // per_layer)
     else:
-        # Keep room to stream one offloaded layer in; put the lm_head on the GPU only if
-        # it fits after the layers (it is read once per token, like a layer).
-        stream = offload_layer
-        gpu_layers = max(0, min(n_layers, (room - stream) // per_layer)) if room > stream else 0
-        head_on_gpu = room - stream - gpu_layers * per_layer >= head
+        stream, head_on_gpu = max(offload_layer, head), False
+        gpu_layers = max(0, min(n_layers, (room - stream) // per_layer))
     gpu_weights = embed + gpu_layers * per_layer + (head if head_on_gpu else 0)
-    peak = budget.cuda_context_bytes + gpu_weights + kv + work + stream
+    peak = fixed - embed + gpu_weights + stream
     rest = n_layers - gpu_layers
     ram_room = budget.ram_bytes - (0 if head_on_gpu else head)
     cpu_layers = min(rest, max(0, ram_room // offload_layer)) if rest else 0
@@ -254,10 +270,10 @@ def plan_fit(
         )
     return FitPlan(
         verdict=verdict, device="cuda", quant=quant, context_tokens=context_tokens,
-        weights_bytes=total, gpu_weights_bytes=gpu_weights, kv_bytes=kv, workspace_bytes=work,
-        cuda_context_bytes=budget.cuda_context_bytes, predicted_peak_bytes=peak,
+        weights_bytes=total, gpu_weights_bytes=gpu_weights, kv_bytes=kv, workspace_bytes=work + ALLOCATOR_SLACK,
+        cuda_context_bytes=runtime, predicted_peak_bytes=peak,
         gpu_layers=gpu_layers, cpu_layers=cpu_layers, disk_layers=disk_layers,
-        lm_head_on_gpu=head_on_gpu, message=message,
+        lm_head_on_gpu=head_on_gpu, message=message, budget_bytes=budget.gpu_bytes,
     )
 
 
@@ -284,14 +300,15 @@ def _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer
         verdict=verdict, device="cpu", quant=quant, context_tokens=context_tokens,
         weights_bytes=total, gpu_weights_bytes=0, kv_bytes=kv, workspace_bytes=work,
         cuda_context_bytes=0, predicted_peak_bytes=peak, gpu_layers=0, cpu_layers=cpu_layers,
-        disk_layers=disk_layers, lm_head_on_gpu=False, message=message,
+        disk_layers=disk_layers, lm_head_on_gpu=False, message=message, budget_bytes=budget.ram_bytes,
     )
 
 
-def max_context_tokens(
-    shape: ModelShape, quant: Quant, dtype_size: int, budget_bytes: int, resident_bytes: int, kv_dtype_size: int = 2
-) -> int:
-    """Most tokens of KV cache that fit once weights, workspace and context are resident."""
-    work = workspace_bytes(shape, quant, dtype_size, PREFILL_CHUNK)
-    room = budget_bytes - resident_bytes - work
-    return max(0, min(shape.max_context, room // kv_bytes_per_token(shape, kv_dtype_size)))
+def kv_room_bytes(plan: FitPlan) -> int:
+    """GPU bytes a loaded model leaves for KV caches under its budget (its plan minus its own KV)."""
+    return max(0, plan.budget_bytes - (plan.predicted_peak_bytes - plan.kv_bytes))
+
+
+def max_context_tokens(shape: ModelShape, room_bytes: int, kv_dtype_size: int = 2) -> int:
+    """Most tokens of KV cache that fit in `room_bytes` (capped at the model's own maximum)."""
+    return max(0, min(shape.max_context, room_bytes // kv_bytes_per_token(shape, kv_dtype_size)))

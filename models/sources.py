@@ -147,10 +147,10 @@ def check_folder(folder: Path) -> str:
     return str(config.get("model_type", ""))
 
 
-def _internlm2_folder(folder: Path, cache_root: Path, progress: ProgressFn | None) -> Path:
+def _internlm2_folder(folder: Path, cache_root: Path, progress: ProgressFn | None, chat_template: str | None) -> Path:
     from .internlm2 import ensure_converted
 
-    return ensure_converted(folder, cache_root / "converted", progress=progress)
+    return ensure_converted(folder, cache_root / "converted", progress=progress, chat_template=chat_template)
 
 
 def _hub_snapshot(repo: str) -> Path:
@@ -167,8 +167,9 @@ def _hub_snapshot(repo: str) -> Path:
         ) from None
 
 
-def resolve_local(ref: ModelRef, cache_root: Path | None = None, progress: ProgressFn | None = None) -> LocalModel:
-    """Make `ref` loadable: unpack GGUF, convert InternLM2, check folders."""
+def resolve_local(ref: ModelRef, cache_root: Path | None = None, progress: ProgressFn | None = None,
+                  chat_template: str | None = None) -> LocalModel:
+    """Make `ref` loadable: unpack GGUF, convert InternLM2 (with `chat_template` if its tokenizer has none), check folders."""
     cache_root = cache_root or default_cache_dir()
     entry = ref.entry
     if entry is not None and entry.source == "embedded":
@@ -179,10 +180,10 @@ def resolve_local(ref: ModelRef, cache_root: Path | None = None, progress: Progr
         folder = Path(ref.location)
         model_type = check_folder(folder)
         if model_type == "internlm2":
-            return LocalModel(str(_internlm2_folder(folder, cache_root, progress)), "internlm2")
+            return LocalModel(str(_internlm2_folder(folder, cache_root, progress, chat_template)), "internlm2")
         return LocalModel(str(folder), model_type)
     repo = entry.repo if entry is not None else ref.location
     architecture = entry.architecture if entry is not None else ""
     if architecture == "internlm2":
-        return LocalModel(str(_internlm2_folder(_hub_snapshot(repo), cache_root, progress)), architecture)
+        return LocalModel(str(_internlm2_folder(_hub_snapshot(repo), cache_root, progress, chat_template)), architecture)
     return LocalModel(repo, architecture, hub=True)

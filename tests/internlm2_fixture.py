@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 TINY_INTERNLM2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=512)
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # The real hub tokenizer_config's chat template (ChatML with a leading BOS).
 HUB_CHAT_TEMPLATE = (
@@ -28,7 +28,7 @@ CORPUS = [
 SPECIAL_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", IM_END, IM_START]
 
 
-def train_tiny_sentencepiece(folder: Path, vocab_size: int = 320, chat_template: str | None = HUB_CHAT_TEMPLATE) -> Path:
+def train_tiny_sentencepiece(folder: Path, vocab_size: int = 512, chat_template: str | None = HUB_CHAT_TEMPLATE) -> Path:
     """Train a BPE sentencepiece `tokenizer.model` (byte fallback, ChatML tokens as single pieces)
     and write a hub-like `tokenizer_config.json` next to it; returns the model file."""
     import sentencepiece as spm

@@ -191,5 +191,5 @@ def test_unload_reports_no_residual_on_cpu(catalog, tiny_llama):
     engine = Engine(catalog)
     engine.load(str(tiny_llama), LoadSettings())
     report = engine.load(str(tiny_llama), LoadSettings(quant=Quant.NF4))
-    assert report.unloaded is not None and report.unloaded.residual_bytes == 0
+    assert len(report.unloaded) == 1 and report.unloaded[0].residual_bytes == 0
     assert report.switch_seconds >= report.loaded.load_seconds

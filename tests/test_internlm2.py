@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from internlm2_fixture import (IM_END, IM_START, TINY_INTERNLM2, load_internlm2_state_dict,
+from internlm2_fixture import (CORPUS, IM_END, IM_START, TINY_INTERNLM2, load_internlm2_state_dict,
                                random_internlm2_state_dict, write_internlm2_checkpoint)
 from models.internlm2 import (CHATML_TEMPLATE, MARKER, CheckpointError, convert_internlm2, ensure_converted,
                               is_internlm2_folder)
@@ -192,8 +193,12 @@ def test_tokenizer_matches_sentencepiece(src, tokenizer):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
-    for text in ["Hello world, how are you today?", "  two  spaces and unseen words: zebra Quux 42 €",
-                 "你好，世界！", "line one\nline two"]:
+    rng = random.Random(0)
+    words = " ".join(CORPUS).split()
+    # Shuffled corpus words exercise the BPE merge order (a wrong order changes most of these).
+    texts = CORPUS + [" ".join(rng.sample(words, 6)) for _ in range(50)] + [
+        "  two  spaces and unseen words: zebra Quux 42 €", "line one\nline two"]
+    for text in texts:
         ids = tokenizer.encode(text)
         assert ids == [sp.bos_id()] + sp.encode(text), text
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
@@ -273,16 +278,27 @@ def _visible_dirs(root):
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
-def test_interrupted_conversion_leaves_nothing_and_is_redone(src, tmp_path):
-    cache = tmp_path / "cache"
+@pytest.mark.parametrize("failure", ["interrupted", "disk full"])
+def test_failed_conversion_leaves_nothing_and_is_redone(src, tmp_path, monkeypatch, failure):
+    import safetensors.torch
+
+    cache, real_save = tmp_path / "cache", safetensors.torch.save_file
 
     def crash(fraction, message):
         if fraction > 0:  # after the first shard was written
-            raise KeyboardInterrupt("simulated kill")
+            raise KeyboardInterrupt("simulated Ctrl-C")
 
-    with pytest.raises(KeyboardInterrupt):
+    def full_disk(tensors, path, metadata=None):
+        if "00002" in str(path):
+            raise OSError(28, "No space left on device")
+        real_save(tensors, path, metadata=metadata)
+
+    if failure == "disk full":
+        monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(KeyboardInterrupt if failure == "interrupted" else OSError):
         ensure_converted(src, cache, progress=crash)
     assert _visible_dirs(cache) == []  # neither a half-written folder nor its temporary sibling
+    monkeypatch.undo()
     calls = []
     dst = ensure_converted(src, cache, progress=lambda f, m: calls.append(f))
     assert calls[-1] == 1.0 and (dst / MARKER).is_file()
@@ -290,20 +306,19 @@ def test_interrupted_conversion_leaves_nothing_and_is_redone(src, tmp_path):
     assert ("again", 0.0) not in calls  # complete cache: no second conversion
 
 
-def test_killed_conversion_leftovers_are_removed(src, tmp_path):
+def test_killed_conversion_is_cleaned_up_and_redone(src, tmp_path):
     cache = tmp_path / "cache"
+    # A real SIGKILL half-way: no cleanup code runs, the temporary folder stays behind.
+    script = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); from models.internlm2 import ensure_converted; "
+              "ensure_converted(sys.argv[2], sys.argv[3], progress=lambda f, m: f > 0 and "
+              "os.kill(os.getpid(), signal.SIGKILL))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    killed = subprocess.run([sys.executable, "-c", script, root, str(src), str(cache)])
+    assert killed.returncode == -9
+    (leftover,) = [p for p in cache.iterdir() if ".tmp-" in p.name]
+    assert not (leftover / MARKER).exists() and any(leftover.glob("*.safetensors"))
     dst = ensure_converted(src, cache)
-    base = dst.name.rsplit("-", 1)[0]
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    leftover = cache / f".{dst.name}.tmp-{dead.pid}-deadbeef"
-    leftover.mkdir()
-    (leftover / "model-00001-of-00002.safetensors").write_bytes(b"partial")
-    stale = cache / f"{base}-0123456789ab"  # an earlier conversion of a since-changed source
-    stale.mkdir()
-    (dst / MARKER).unlink()  # force a reconversion, which tidies up
-    assert ensure_converted(src, cache) == dst
-    assert _visible_dirs(cache) == [dst.name]
+    assert _visible_dirs(cache) == [dst.name]  # the dead process's leftover was removed
 
 
 @pytest.mark.parametrize("damage", ["delete shard", "truncate shard", "fingerprint", "no marker"])

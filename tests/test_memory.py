@@ -8,7 +8,7 @@ from models.catalog import ModelShape
 from models.memory import (
     layer_params,
     GiB, KiB, MiB, Budget, kv_bytes_per_token, kv_cache_bytes, layer_bytes, linear_bytes, plan_fit,
-    total_params, weight_bytes, max_context_tokens,
+    total_params, weight_bytes, max_context_tokens, kv_room_bytes,
 )
 from models.quant import Quant
 
@@ -130,7 +130,18 @@ def test_cpu_only_plan_uses_ram_then_disk(catalog):
 def test_max_context_from_budget(catalog):
     shape = catalog.get("internlm2.5-7b-chat").shape
     resident = 500 * MiB + weight_bytes(shape, Quant.NF4, 2)
-    tokens = max_context_tokens(shape, Quant.NF4, 2, 8 * GiB, resident)
+    tokens = max_context_tokens(shape, 8 * GiB - resident, 2)
     assert 16_000 < tokens < shape.max_context
-    assert max_context_tokens(shape, Quant.NF4, 2, resident, resident) == 0
-    assert math.isclose(tokens * 128 * KiB, 8 * GiB - resident, rel_tol=0.1)
+    assert tokens == (8 * GiB - resident) // (128 * KiB)  # 128 KiB per fp16 token for InternLM2.5-7B
+    assert max_context_tokens(shape, 0, 2) == 0
+    assert max_context_tokens(shape, 64 * GiB, 2) == shape.max_context  # never beyond the model's own
+    assert max_context_tokens(shape, 8 * GiB - resident, 1) == min(2 * tokens, shape.max_context)  # fp8: twice
+
+
+def test_kv_room_is_the_budget_left_by_the_plan(catalog):
+    shape = catalog.get("internlm2.5-7b-chat").shape
+    plan = plan_fit(shape, Quant.NF4, 2, 4096, _budget(8))
+    room = kv_room_bytes(plan)
+    # The plan reserved KV for 4096 tokens, so at least that much room is left for caches.
+    assert room >= kv_cache_bytes(shape, 4096, 2)
+    assert room == plan.budget_bytes - (plan.predicted_peak_bytes - plan.kv_bytes)

@@ -7,6 +7,7 @@ gr.State); the only shared object is the engine, which serializes GPU work itsel
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -15,6 +16,7 @@ import gradio as gr
 from models.catalog import UnknownModelError
 from models.engine import Engine
 from models.generation import SamplingSettings
+from models.kv_cache import KVPrecision, OverflowPolicy
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
 from models.quant import Quant
@@ -28,10 +30,11 @@ USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, ValueError, 
 
 
 class ChatSession:
-    """One browser tab's private state: its Stop switch. Fresh per tab (see __deepcopy__)."""
+    """One browser tab's private state: its Stop switch and the id of its KV cache. Fresh per tab."""
 
     def __init__(self) -> None:
         self.stop_event = threading.Event()
+        self.id = uuid.uuid4().hex  # names this tab's KV cache in the engine
 
     def __deepcopy__(self, memo) -> "ChatSession":
         # gr.State deep-copies its initial value for every new tab: give each its own Event.
@@ -76,10 +79,17 @@ class ChatHandlers:
         return ModelChoice(model, quant, double_quant, budget, context, self.settings_extra)
 
     # ----- model controls ------------------------------------------------------------
-    def memory_html(self, lang: str, budget_gib: float | None = None) -> str:
-        """The memory panel now."""
+    def memory_html(self, lang: str, budget_gib: float | None = None, kv: str = KVPrecision.FULL.value) -> str:
+        """The memory panel now, with the context the memory left allows."""
         budget = int(float(budget_gib) * GiB) if budget_gib and self.engine.device == "cuda" else None
-        return memory_panel_html(self.engine.memory(), lang, self.engine.loaded, budget)
+        engine = self.engine
+        room = engine.context_limit(kv=kv or KVPrecision.FULL.value) if engine.loaded else None
+        return memory_panel_html(engine.memory(), lang, engine.loaded, budget, room, engine.session_count())
+
+    def close_session(self, session: "ChatSession") -> None:
+        """A tab was closed: free its KV cache."""
+        if isinstance(session, ChatSession):
+            self.engine.drop_session(session.id)
 
     def fit_check(self, model, quant, double_quant, budget, context, lang) -> str:
         """The verdict for the chosen model/settings, before loading."""
@@ -127,7 +137,8 @@ class ChatHandlers:
         return "", history
 
     def answer(self, history: list, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
-               session: ChatSession, lang: str) -> Iterator[list]:
+               session: ChatSession, lang: str, kv: str = KVPrecision.FULL.value,
+               policy: str = OverflowPolicy.DROP_OLDEST.value) -> Iterator[list]:
         """Stream the answer to the chat's last (unanswered) user message, then a metrics line."""
         history = ch.normalize(history)
         if not history or history[-1].get("role") != "user":
@@ -138,8 +149,15 @@ class ChatHandlers:
         )
         messages = ch.model_messages(history, system_prompt or "")
         history.append({"role": "assistant", "content": ""})
+        noticed = False
         try:
-            for update in self.engine.chat(messages, sampling, session.stop_event):
+            updates = self.engine.chat(messages, sampling, session.stop_event, session=session.id,
+                                       kv=kv or KVPrecision.FULL.value, policy=policy or OverflowPolicy.DROP_OLDEST.value)
+            for update in updates:
+                if update.stats.dropped_messages and not noticed:
+                    # Say exactly what the model no longer sees, above the answer it affects.
+                    noticed = True
+                    history.insert(len(history) - 1, self._dropped_note(messages, update.stats.dropped_messages, lang, kv))
                 history[-1]["content"] = update.text
                 if update.done:
                     history.append(ch.ui_note(metrics_text(update.stats, lang)))
@@ -149,6 +167,13 @@ class ChatHandlers:
                 history.pop()
             history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=str(e))))
             yield history
+
+    def _dropped_note(self, messages: list[dict], n: int, lang: str, kv: str) -> dict:
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        dropped = messages[head:head + n]
+        items = " | ".join(f"{m['role']}: {_clip(m['content'])}" for m in dropped)
+        limit = self.engine.context_limit(kv=kv or KVPrecision.FULL.value)
+        return ch.ui_note("✂️ " + t("dropped_notice", lang, n=n, tokens=limit, items=items))
 
     def stop(self, session: ChatSession) -> None:
         """Stop the answer being generated for this tab (the computation itself stops)."""
@@ -163,3 +188,8 @@ class ChatHandlers:
         """Remove the last turn and put its question back in the textbox (nothing typed is lost)."""
         history, last = ch.drop_last_turn(ch.normalize(history))
         return history, (message or last)
+
+
+def _clip(text: str, width: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -33,6 +33,16 @@ STRINGS: dict[str, dict[str, str]] = {
     "gpu_budget": {"en": "GPU budget (GiB)", "zh": "显存预算（GiB）"},
     "context": {"en": "Context length to plan for (tokens)", "zh": "规划的上下文长度（token）"},
     "load": {"en": "Load / reload", "zh": "加载 / 重新加载"},
+    "kv_precision": {"en": "KV cache precision", "zh": "KV 缓存精度"},
+    "kv_full": {"en": "full (model dtype)", "zh": "完整精度（模型精度）"},
+    "kv_fp8": {"en": "fp8 (half the memory of fp16)", "zh": "fp8（显存为 fp16 的一半）"},
+    "kv_offload": {"en": "offloaded to CPU RAM (GPU only)", "zh": "卸载到内存（仅 GPU）"},
+    "overflow_policy": {"en": "When the chat outgrows the context", "zh": "对话超出上下文时"},
+    "policy_drop_oldest": {"en": "drop the oldest turns (keep the system prompt)", "zh": "丢弃最早的轮次（保留系统提示词）"},
+    "policy_refuse": {"en": "refuse and tell me", "zh": "拒绝并提示我"},
+    "trust_remote_code_warning": {
+        "en": "⚠️ trust_remote_code is ON: model folders may run their own Python code in this app.",
+        "zh": "⚠️ 已开启 trust_remote_code：模型文件夹中的 Python 代码可能会在本程序中运行。"},
     "model_info": {"en": "Model details", "zh": "模型详情"},
     # run-time messages
     "empty_message": {"en": "Type a message first.", "zh": "请先输入消息。"},
@@ -51,6 +61,9 @@ STRINGS: dict[str, dict[str, str]] = {
     "stopped": {"en": "stopped", "zh": "已停止"},
     "metrics": {"en": "TTFT {ttft} · {tps} tok/s · {tokens} tokens{extra}",
                 "zh": "首字延迟 {ttft} · {tps} token/秒 · {tokens} 个 token{extra}"},
+    "reused": {"en": " · {reused}/{prompt} prompt tokens reused from cache", "zh": " · 复用缓存 {reused}/{prompt} 个提示 token"},
+    "dropped_notice": {"en": "Context full: left out the {n} oldest messages ({tokens} tokens allowed): {items}",
+                       "zh": "上下文已满：已略去最早的 {n} 条消息（上限 {tokens} 个 token）：{items}"},
     "hit_length": {"en": " · hit max new tokens", "zh": " · 达到最大长度"},
     "was_stopped": {"en": " · stopped", "zh": " · 已停止"},
     # fit verdicts
@@ -79,6 +92,8 @@ STRINGS: dict[str, dict[str, str]] = {
     "seg_free": {"en": "Free", "zh": "空闲"},
     "panel_total": {"en": "Total", "zh": "总计"},
     "panel_budget": {"en": "Budget", "zh": "预算"},
+    "panel_room": {"en": "Room for {tokens} tokens of context · {sessions} chats cached ({kv})",
+                   "zh": "可容纳 {tokens} 个 token 的上下文 · 已缓存 {sessions} 个对话（{kv}）"},
     "panel_peak": {"en": "Peak: predicted {predicted}, measured {measured}", "zh": "峰值：预测 {predicted}，实测 {measured}"},
 }
 

@@ -10,6 +10,8 @@ from models.engine import Engine
 from models.hardware import default_gpu_budget_bytes
 from models.memory import GiB
 
+from models.kv_cache import KVPrecision, OverflowPolicy, kv_precision_options
+
 from .handlers import ChatHandlers, ChatSession
 from .i18n import LANGUAGES, gradio_i18n, language_from_header, t
 from .panels import PANEL_CSS
@@ -55,7 +57,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
     gpu_total_gib = round(engine.memory().total / GiB, 1) if engine.device == "cuda" else 8.0
 
     with gr.Blocks(title="Small LLM Lab") as demo:
-        session = gr.State(ChatSession())
+        session = gr.State(ChatSession(), delete_callback=handlers.close_session)
         with gr.Row():
             gr.Markdown(i18n("title"))
             lang = gr.Radio(
@@ -82,6 +84,14 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                             temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label=i18n("temperature"))
                             top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label=i18n("top_p"))
                             max_new = gr.Slider(1, 4096, value=defaults.max_new_tokens, step=1, label=i18n("max_new_tokens"))
+                            kv_precision = gr.Dropdown(
+                                choices=[(t(f"kv_{p.value}", "en"), p.value) for p in kv_precision_options(engine.device)],
+                                value=KVPrecision.FULL.value, label=i18n("kv_precision"), elem_id="kv-precision",
+                            )
+                            overflow = gr.Dropdown(
+                                choices=[(t(f"policy_{p.value}", "en"), p.value) for p in OverflowPolicy],
+                                value=OverflowPolicy.DROP_OLDEST.value, label=i18n("overflow_policy"), elem_id="overflow",
+                            )
                     with gr.Column(scale=2):
                         model = gr.Dropdown(
                             choices=[(f"{e.id} · {e.name}", e.id) for e in catalog.entries.values()],
@@ -89,6 +99,8 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                         )
                         quant = gr.Dropdown(choices=quant_choices, value=quant_value, label=i18n("quant"), elem_id="quant")
                         quant_info = gr.Markdown(quant_note)
+                        if (settings_extra or {}).get("trust_remote_code"):
+                            gr.Markdown(i18n("trust_remote_code_warning"), elem_id="remote-code-warning")
                         double_quant = gr.Checkbox(False, label=i18n("double_quant"))
                         budget = gr.Slider(0.5, gpu_total_gib, value=gpu_budget or 8.0, step=0.1, label=i18n("gpu_budget"),
                                            visible=engine.device == "cuda", elem_id="budget")
@@ -113,9 +125,10 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                 _quant_controls(engine, code)[1],
             ]
 
-        labelled = [chatbot, msg, system_prompt, temperature, top_p, max_new, model, quant, double_quant, budget, context]
+        labelled = [chatbot, msg, system_prompt, temperature, top_p, max_new, model, quant, double_quant, budget, context,
+                    kv_precision, overflow]
         LABELLED_KEYS = ["chatbot", "message", "system_prompt", "temperature", "top_p", "max_new_tokens",
-                         "model", "quant", "double_quant", "gpu_budget", "context"]
+                         "model", "quant", "double_quant", "gpu_budget", "context", "kv_precision", "overflow_policy"]
         demo.load(pick_language, None, lang, queue=False, api_visibility="private")
         lang.change(relabel, lang, labelled + [msg, status, quant_info], queue=False, api_visibility="private").then(
             handlers.fit_check, model_inputs, fit, api_visibility="private"
@@ -131,11 +144,11 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                 handlers.load, model_inputs, [status, memory], api_visibility="private"
             )
         load.click(handlers.load, model_inputs, [status, memory], api_name="load")
-        timer.tick(handlers.memory_html, [lang, budget], memory, show_progress="hidden", queue=False,
+        timer.tick(handlers.memory_html, [lang, budget, kv_precision], memory, show_progress="hidden", queue=False,
                    api_name="memory")
 
         # ----- chat ------------------------------------------------------------------
-        answer_inputs = [chatbot, system_prompt, temperature, top_p, max_new, session, lang]
+        answer_inputs = [chatbot, system_prompt, temperature, top_p, max_new, session, lang, kv_precision, overflow]
         # The engine serializes GPU work itself, so answers need no Gradio concurrency limit;
         # "answer" is the public chat API: a history ending in a user message -> the history answered.
         # submit is queued (not queue=False) so its "type a message first" toast reaches the browser.

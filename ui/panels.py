@@ -65,8 +65,7 @@ def load_report_text(report: LoadReport, lang: str) -> str:
         t("predicted_vs_measured", lang, predicted=fmt_bytes(loaded.plan.gpu_weights_bytes or loaded.plan.weights_bytes),
           measured=fmt_bytes(loaded.weights_bytes)),
     ]
-    if report.unloaded is not None:
-        u = report.unloaded
+    for u in report.unloaded:
         lines.append(t("switched", lang, old=u.model_label, seconds=u.seconds, freed=fmt_bytes(u.freed_bytes),
                        residual=fmt_bytes(u.residual_bytes), switch=report.switch_seconds))
     return "\n\n".join(lines)
@@ -79,11 +78,13 @@ def metrics_text(stats: GenerationStats, lang: str) -> str:
         extra = t("was_stopped", lang)
     ttft = f"{stats.ttft_s:.2f} s" if stats.ttft_s is not None else "–"
     tps = f"{stats.decode_tokens_per_s:.1f}" if stats.decode_tokens_per_s is not None else "–"
+    if stats.reused_tokens:
+        extra += t("reused", lang, reused=stats.reused_tokens, prompt=stats.prompt_tokens)
     return t("metrics", lang, ttft=ttft, tps=tps, tokens=stats.new_tokens, extra=extra)
 
 
 def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | None = None,
-                      budget_bytes: int | None = None) -> str:
+                      budget_bytes: int | None = None, context_room: int | None = None, sessions: int = 0) -> str:
     """A stacked bar of memory by owner with numbers, and predicted vs measured peak."""
     if snap.device == "cuda":
         segments = [
@@ -123,6 +124,9 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
         predicted = loaded.plan.predicted_peak_bytes
         peak = (f"<div class='mem-peak'>{html.escape(t('panel_peak', lang, predicted=fmt_bytes(predicted), measured=fmt_bytes(snap.peak)))}"
                 "</div>")
+    if loaded is not None and context_room is not None:
+        room = t("panel_room", lang, tokens=f"{context_room:,}", sessions=sessions, kv=fmt_bytes(snap.kv_cache))
+        peak += f"<div class='mem-room' id='context-room'>{html.escape(room)}</div>"
     return (
         "<div class='mem-panel' id='memory-panel'>"
         f"<div class='mem-title'><b>{html.escape(t('panel_title', lang))}</b> · {html.escape(snap.device_name)}</div>{note}"
@@ -141,5 +145,5 @@ PANEL_CSS = """
 .mem-legend td { padding: 1px 4px; border: none; }
 .mem-num { text-align: right; font-variant-numeric: tabular-nums; }
 .mem-dot { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
-.mem-note, .mem-peak { color: #666; margin: 4px 0; }
+.mem-note, .mem-peak, .mem-room { color: #666; margin: 4px 0; }
 """
