@@ -69,7 +69,8 @@ def _shared_kv_precision(precision: KVPrecision | str) -> KVPrecision:
 class Engine:
     """Owns the models, the session caches and the GPU lock; the UI and the CLI both drive it."""
 
-    def __init__(self, catalog: Catalog, cache_dir: Path | None = None, kv_budget_bytes: int | None = None):
+    def __init__(self, catalog: Catalog, cache_dir: Path | None = None, kv_budget_bytes: int | None = None,
+                 ram_budget_bytes: int | None = None):
         self.catalog = catalog
         self.cache_dir = cache_dir or default_cache_dir()
         # A plain Lock, not an RLock: a streaming answer takes it in the caller's thread and
@@ -79,6 +80,7 @@ class Engine:
         self._chat_key: str | None = None  # the model the Chat tab talks to
         self._sessions = SessionCacheStore()
         self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget
+        self._ram_budget = ram_budget_bytes  # cap on RAM for weights on a CPU-only machine (tests)
         self._live_cache = None  # cache of an answer in progress that no session owns yet
         # Device-wide GPU use before we create a CUDA context: what other processes hold.
         self._baseline_used = hardware.nvml_used_bytes() if hardware.cuda_available() else None
@@ -168,6 +170,9 @@ class Engine:
         budget = make_budget(settings, self.cuda_runtime_bytes(), self.cache_dir)
         others = [m for k, m in self._residents.items() if k not in keep]
         if budget.gpu_bytes is None:
+            if self._ram_budget is not None:
+                held = sum(m.weights_bytes for k, m in self._residents.items() if k in keep)
+                return replace(budget, ram_bytes=max(0, self._ram_budget - held))
             # RAM freed by evicting the others is ours to use.
             return replace(budget, ram_bytes=budget.ram_bytes + sum(m.weights_bytes for m in others))
         held = sum(m.weights_bytes for k, m in self._residents.items() if k in keep)
