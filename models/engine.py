@@ -62,6 +62,13 @@ class LoadReport:
     reused: bool = False  # already resident: nothing was loaded
 
 
+def _kv_token_bytes(loaded: LoadedModel, kv: KVPrecision) -> int:
+    """KV bytes per token of context for a loaded model at a cache precision."""
+    if kv is KVPrecision.FP8:
+        return kv_bytes_per_token(loaded.shape, 1)
+    return kv_bytes_per_token(loaded.shape, torch.empty(0, dtype=loaded.model.dtype).element_size())
+
+
 def _shared_kv_precision(precision: KVPrecision | str) -> KVPrecision:
     return precision if isinstance(precision, KVPrecision) else KVPrecision(precision)
 
@@ -308,12 +315,9 @@ class Engine:
         if loaded is None:
             return 0
         limit = min(loaded.settings.context_tokens, loaded.shape.max_context)
-        if loaded.device == "cuda" or self._kv_budget_override is not None:
-            per_token = kv_bytes_per_token(loaded.shape, 2)
-            if _shared_kv_precision(kv) is KVPrecision.FP8:
-                per_token //= 2
-            if _shared_kv_precision(kv) is not KVPrecision.OFFLOAD:
-                limit = min(limit, self.kv_budget_bytes(loaded) // per_token)
+        kv = _shared_kv_precision(kv)
+        if (loaded.device == "cuda" or self._kv_budget_override is not None) and kv is not KVPrecision.OFFLOAD:
+            limit = min(limit, self.kv_budget_bytes(loaded) // _kv_token_bytes(loaded, kv))
         return max(0, limit)
 
     # ----- chatting ------------------------------------------------------------------
@@ -367,17 +371,17 @@ class Engine:
             reused = entry.reuse_for(ids) if entry is not None else 0
             if reused == 0:
                 entry = SessionCache(model_key=key, precision=kv, cache=new_cache(loaded.model.config, kv))
+            room = self.context_limit(loaded, kv) - len(ids)
+            sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
             if session is not None:
                 self._sessions.put(session, entry)
-                # Room for this session's full context: older sessions' caches go first.
-                need = kv_bytes_per_token(loaded.shape, 2) * len(ids)
+                # Room for this answer's whole context: older sessions' caches go first.
+                need = _kv_token_bytes(loaded, kv) * (len(ids) + sampling.max_new_tokens) - entry.nbytes
                 self._sessions.evict_until(max(0, self.kv_budget_bytes(loaded) - need), keep=session)
             else:
                 self._live_cache = entry.cache
             # Until the answer is done the cache is only known to hold the reused prefix.
             entry.token_ids = ids[:reused]
-            room = self.context_limit(loaded, kv) - len(ids)
-            sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
             updates = stream_generate(
                 loaded.model, loaded.tokenizer, ids, sampling, stop_event, entry.cache, on_worker_done=release,
             )

@@ -109,7 +109,7 @@ class SessionCache:
         try:
             if held > keep:
                 self.cache.crop(keep - held)  # a negative count: remove that many tokens from the end
-        except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        except (ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError):
             return 0  # e.g. a quantized cache that can't be cut back: rebuild
         if cache_length(self.cache) != keep:
             return 0
