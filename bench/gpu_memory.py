@@ -27,7 +27,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {"1.8b": "internlm2-chat-1.8b", "7b": "internlm2.5-7b-chat"}
+SHAPES = {"1.8b": "internlm2-chat-1.8b", "7b": "internlm2.5-7b-chat", "qwen7b": "qwen2.5-7b-instruct"}
 MiB = 1024**2
 GiB = 1024**3
 
@@ -67,13 +67,13 @@ def measure(folder: str, quant: str, contexts: list[int], budget_gib: float | No
                                      threading.Event(), cache))[-1]
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
-        reserved = torch.cuda.memory_reserved()
-        process_now = (total - free) - (baseline or 0)
-        runtime = process_now - reserved  # outside torch's pool: context + kernel images
+        snap = engine.memory()
+        # Outside torch's pool (CUDA context, kernel images, cuBLAS): NVML's figure for this
+        # process minus torch's reserved bytes, as the VRAM panel shows it.
+        runtime = snap.runtime
         kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
         peak = torch.cuda.max_memory_reserved() + runtime
         plan = plans[context]
-        snap = engine.memory()
         rows.append({
             "shape": loaded.shape.num_layers, "quant": quant, "budget_gib": budget_gib, "context": context,
             "verdict": plan.verdict, "gpu_layers": loaded.split["gpu"], "cpu_layers": loaded.split["cpu"],
@@ -136,7 +136,7 @@ def print_table(path: str) -> None:
     print(f"\n{'model':>6} {'quant':>5} {'budget':>6} {'ctx':>5} {'layers gpu/cpu':>14} {'pred GiB':>9} "
           f"{'meas GiB':>9} {'err %':>6} {'weights p/m MiB':>17} {'ctx p/m MiB':>12} {'tok/s':>6}")
     for r in rows:
-        name = {24: "1.8B", 32: "7B"}.get(r["shape"], str(r["shape"]))
+        name = {24: "1.8B", 32: "7B", 28: "Qwen7B"}.get(r["shape"], str(r["shape"]))
         budget = f"{r['budget_gib']:.0f}" if r["budget_gib"] else "-"
         print(f"{name:>6} {r['quant']:>5} {budget:>6} {r['context']:>5} {r['gpu_layers']:>7}/{r['cpu_layers']:<6} "
               f"{r['predicted_peak'] / GiB:9.3f} {r['measured_peak'] / GiB:9.3f} {r['error_pct']:6.1f} "

@@ -31,6 +31,7 @@ ProgressFn = Callable[[float, str], None]
 
 FORMAT_VERSION = 1  # bump when the converted layout changes, so old caches are redone
 MARKER = "internlm2-conversion.json"
+FLUSH_BYTES = 512 * 1024**2  # converted tensors held in RAM before they are written out
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # InternLM2's own chat format (ChatML with a leading BOS), for folders that ship no template;
 # the catalog's InternLM2 entries name the same file.
@@ -443,18 +444,30 @@ def convert_internlm2(src: str | Path, dst: str | Path, progress: ProgressFn | N
         for i, path in enumerate(files):
             if progress:
                 progress(i / len(files), f"Converting InternLM2 weights: shard {i + 1}/{len(files)}")
-            out = {}
+            out, out_bytes, part = {}, 0, 0
+
+            def flush() -> None:
+                nonlocal out, out_bytes, part, total
+                if not out:
+                    return
+                suffix = f".part{part}" if part else ""
+                shard = f"model-{i + 1:05d}-of-{len(files):05d}{suffix}.safetensors"
+                save_file(out, tmp / shard, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(out, shard))
+                total += out_bytes
+                out, out_bytes, part = {}, 0, part + 1
+
             for name, tensor in _iter_tensors(path):
                 for new, converted in _convert_tensor(name, tensor, shapes, shape, path.name):
                     out[new] = converted
+                    out_bytes += converted.numel() * converted.element_size()
                 seen.add(name)
                 del tensor  # drop the source tensor as soon as it is converted
-            if out:
-                shard = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-                save_file(out, tmp / shard, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(out, shard))
-                total += sum(t.numel() * t.element_size() for t in out.values())
-            del out
+                # save_file copies what it writes, so a big source shard is written in parts:
+                # the extra RAM stays near 2 x FLUSH_BYTES whatever the shard size.
+                if out_bytes >= FLUSH_BYTES:
+                    flush()
+            flush()
         missing = sorted(required - seen)
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
