@@ -261,6 +261,8 @@ class Engine:
         if not self._residents:
             free_cuda_memory()
             self._idle_level = self._allocated()
+        if settings.cache_dir is None:
+            settings = replace(settings, cache_dir=self.cache_dir)
         budget = self._budget(settings, set(self._residents))
         if self.device == "cuda":
             self._apply_budget(settings)

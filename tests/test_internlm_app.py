@@ -1,0 +1,137 @@
+"""InternLM2 and InternLM3 through the app's own path (engine, catalog, UI, CLI), with no remote code:
+a folder in InternLM2 format loads in every quantization, is converted once, and chats;
+InternLM3 loads natively; trust_remote_code is only ever an explicit, visible opt-in."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from internlm2_fixture import IM_END, write_internlm2_checkpoint
+from models.engine import Engine
+from models.generation import SamplingSettings
+from models.loading import LoadSettings
+from models.quant import Quant
+
+GREEDY = SamplingSettings(max_new_tokens=8, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def internlm2_folder(tmp_path_factory):
+    return write_internlm2_checkpoint(tmp_path_factory.mktemp("internlm2-src"), num_shards=2,
+                                      rope_scaling={"type": "dynamic", "factor": 2.0})
+
+
+@pytest.mark.parametrize("quant", [Quant.NONE, Quant.INT8, Quant.NF4])
+def test_internlm2_folder_loads_and_chats_in_every_quantization(catalog, internlm2_folder, tmp_path, quant):
+    engine = Engine(catalog, cache_dir=tmp_path)
+    _, plan = engine.plan(str(internlm2_folder), LoadSettings(quant=quant))  # planned from config.json alone
+    assert plan.verdict == "cpu"
+    loaded = engine.load(str(internlm2_folder), LoadSettings(quant=quant, context_tokens=256)).loaded
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert not loaded.settings.trust_remote_code
+    # Converted once into the cache, with <|im_end|> as a stop token.
+    assert len(list((tmp_path / "converted").iterdir())) == 1
+    im_end = loaded.tokenizer.convert_tokens_to_ids(IM_END)
+    eos = loaded.model.generation_config.eos_token_id
+    assert im_end in (eos if isinstance(eos, list) else [eos])
+    prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
+                                                  add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    final = list(engine.chat([{"role": "user", "content": "Hello"}], GREEDY, threading.Event()))[-1]
+    assert final.done and final.stats.new_tokens > 0
+    if quant is Quant.NONE:  # the plan's weight figure is the loaded model's
+        assert plan.weights_bytes == pytest.approx(loaded.weights_bytes, rel=0.01)
+
+
+def test_second_load_goes_straight_to_the_converted_cache(catalog, internlm2_folder, tmp_path, monkeypatch):
+    engine = Engine(catalog, cache_dir=tmp_path)
+    engine.load(str(internlm2_folder), LoadSettings())
+    import models.internlm2 as internlm2
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(internlm2, "convert_internlm2", no_conversion)
+    report = Engine(catalog, cache_dir=tmp_path).load(str(internlm2_folder), LoadSettings())
+    assert report.loaded.model is not None
+
+
+def test_catalog_internlm2_entries_supply_the_chatml_template(catalog):
+    for model_id in ("internlm2-chat-1.8b", "internlm2.5-7b-chat"):
+        entry = catalog.get(model_id)
+        assert entry.architecture == "internlm2"
+        assert "<|im_start|>" in entry.chat_template and "<|im_end|>" in entry.chat_template
+
+
+def test_catalog_internlm2_offline_says_so(catalog, tmp_path):
+    from models.sources import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="(?i)offline|hub|download"):
+        Engine(catalog, cache_dir=tmp_path).load("internlm2-chat-1.8b", LoadSettings())
+
+
+def write_tiny_internlm3(folder):
+    """A tiny InternLM3 checkpoint as the hub has them: model_type internlm3, Llama weights."""
+    from transformers import AutoModelForCausalLM, InternLM3Config
+
+    from tiny import write_tokenizer
+
+    tokenizer = write_tokenizer(folder)
+    config = InternLM3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                             pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_internlm3_folder_loads_natively(catalog, tmp_path):
+    folder = write_tiny_internlm3(tmp_path / "internlm3")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "internlm3"
+    engine = Engine(catalog, cache_dir=tmp_path / "cache")
+    _, plan = engine.plan(str(folder), LoadSettings(quant=Quant.NF4))
+    assert plan.verdict == "cpu"
+    loaded = engine.load(str(folder), LoadSettings(quant=Quant.NF4, context_tokens=256)).loaded
+    assert loaded.model.config.model_type == "internlm3"
+    assert not (tmp_path / "cache" / "converted").exists()  # no conversion for a native model
+    final = list(engine.chat([{"role": "user", "content": "Hello"}], GREEDY, threading.Event()))[-1]
+    assert final.stats.new_tokens > 0
+
+
+def test_catalog_internlm3_shape_matches_its_config(catalog):
+    from transformers import InternLM3Config
+
+    from models.catalog import ModelShape
+
+    # The published config.json of internlm/internlm3-8b-instruct (its shape fields).
+    config = InternLM3Config(hidden_size=4096, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=2,
+                             vocab_size=128512, intermediate_size=10240, max_position_embeddings=32768, head_dim=128)
+    shape = catalog.get("internlm3-8b-instruct").shape
+    from_config = ModelShape.from_config(config)
+    assert (from_config.num_layers, from_config.num_kv_heads, from_config.head_dim) == (
+        shape.num_layers, shape.num_kv_heads, shape.head_dim)
+
+
+def test_trust_remote_code_is_off_by_default_and_visible_when_on(catalog):
+    from models.loading import LoadSettings as Settings
+    from ui.layout import build_demo
+
+    assert Settings().trust_remote_code is False
+    engine = Engine(catalog)
+    plain = build_demo(engine)
+    assert not any(getattr(b, "elem_id", None) == "remote-code-warning" for b in plain.blocks.values())
+    opted_in = build_demo(engine, settings_extra={"trust_remote_code": True})
+    warning = [b for b in opted_in.blocks.values() if getattr(b, "elem_id", None) == "remote-code-warning"]
+    assert len(warning) == 1
+
+
+def test_cli_trust_remote_code_prints_a_warning(capsys):
+    import app
+
+    assert app.main(["--trust-remote-code", "--ask", "hi", "--model", "/nonexistent/folder"]) == 1
+    assert "trust-remote-code runs Python code" in capsys.readouterr().err
