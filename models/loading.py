@@ -13,7 +13,7 @@ import time
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -22,6 +22,9 @@ from .catalog import ModelRef, ModelShape
 from .memory import GiB, Budget, FitPlan, plan_fit
 from .quant import Quant, dtype_bytes, quant_options, storage_dtype
 from .sources import LocalModel, ModelSourceError, default_cache_dir, resolve_local
+
+if TYPE_CHECKING:
+    from .fast_decode import FastDecoder
 
 ProgressFn = Callable[[float, str], None]
 
@@ -70,6 +73,8 @@ class LoadedModel:
     load_seconds: float
     weights_bytes: int  # measured: bytes of weights resident on the compute device
     split: dict[str, int] = field(default_factory=dict)  # decoder layers per place: gpu/cpu/disk
+    fast: "FastDecoder | None" = None  # static-cache CUDA-graph decoder (Quant.INT4); None: plain generate()
+    compile_seconds: float = 0.0  # the fast decoder's one-off compile + graph capture, inside load_seconds
 
     @property
     def input_device(self) -> torch.device:
@@ -164,6 +169,74 @@ def _bnb_config(quant: Quant, compute_dtype: torch.dtype, double_quant: bool, of
     )
 
 
+def _int4_config():
+    """torchao int4 weight-only, group 128, in the tile-packed layout of torch's built-in tinygemm kernel.
+
+    (torchao's default int4 packing needs an extra kernel package; this one does not.)
+    """
+    from torchao.quantization import Int4WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+
+
+class SplitLinear(torch.nn.Module):
+    """A bias-free Linear held as blocks of output rows: y = cat([block(x) ...], -1)."""
+
+    def __init__(self, blocks: list[torch.nn.Linear]):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.in_features = blocks[0].in_features
+        self.out_features = sum(b.out_features for b in blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([block(x) for block in self.blocks], dim=-1)
+
+
+LM_HEAD_BLOCKS = 8  # quantizing a 92544 x 4096 head at once takes ~4 GB of fp32 temporaries
+
+
+def _quantize_lm_head_int4(model: torch.nn.Module) -> None:
+    """Quantize an untied lm_head too: it is read for every token (vocab x hidden, the largest matrix).
+
+    It is quantized in blocks of rows, so torchao's fp32 temporaries stay small (an 8 GiB card
+    cannot hold them for the whole 7B head next to the model).
+    """
+    from torchao.quantization import quantize_
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return
+    if head.weight is model.get_input_embeddings().weight:
+        return  # tied to the embedding table, which must stay a plain lookup
+    if type(head.weight) is not torch.nn.Parameter:
+        return  # already quantized
+    config = _int4_config().quant_type
+    rows = -(-head.out_features // LM_HEAD_BLOCKS // 8) * 8  # a multiple of 8 (the kernel's tile)
+    blocks = []
+    for start in range(0, head.out_features, rows):
+        weight = head.weight[start:start + rows]
+        block = torch.nn.Linear(head.in_features, weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            block.weight.copy_(weight)
+        quantize_(block, config)
+        blocks.append(block)
+    model.set_output_embeddings(SplitLinear(blocks))
+    del head
+
+
+def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: ModelShape,
+                         progress: ProgressFn | None):
+    """A FastDecoder with its cache sized to the context, compiled and captured now (once per load)."""
+    from .fast_decode import FastDecoder
+
+    _progress(progress, 0.8, "Compiling the fast decode step (once per load)")
+    fast = FastDecoder(model, max_context=min(context_tokens, shape.max_context))
+    seconds = fast.warm_up()
+    _progress(progress, 0.95, f"Decode step compiled and captured in {seconds:.1f} s")
+    return fast
+
+
 def _load_config(local: LocalModel, trust_remote_code: bool):
     from transformers import AutoConfig
 
@@ -204,6 +277,10 @@ def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
         if t is None or t.device.type != device or id(t) in seen:
             return
         seen.add(id(t))
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:  # torchao int4: packed data + scales and zeros
+                add(getattr(t, name))
+            return
         total += t.numel() * t.element_size()
 
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -242,6 +319,11 @@ def load_model(
     plan = plan_for(shape, settings, budget)
     if plan.verdict == "no_fit":
         raise ModelLoadError(plan.message)
+    if settings.quant is Quant.INT4 and plan.verdict != "gpu":
+        raise ModelLoadError(
+            f"4bit-fast (torchao int4) needs the whole model on the GPU, but: {plan.message} "
+            "Pick 4bit (bitsandbytes), which can offload layers, or lower the context length."
+        )
 
     dtype = storage_dtype(settings.quant, device)
     kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": settings.trust_remote_code}
@@ -252,6 +334,9 @@ def load_model(
         kwargs["offload_folder"] = str(cache_dir / "offload")
     if settings.quant in (Quant.INT8, Quant.NF4):
         kwargs["quantization_config"] = _bnb_config(settings.quant, _torch_dtype(dtype), settings.double_quant, offloaded)
+    elif settings.quant is Quant.INT4:
+        # Each weight is quantized as it is loaded onto the GPU: the bf16 model never exists there whole.
+        kwargs["quantization_config"] = _int4_config()
 
     _progress(progress, 0.35, f"Loading weights ({settings.quant.value}, {plan.message})")
     try:
@@ -269,12 +354,25 @@ def load_model(
     model.eval()
     if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.eos_token_id
+    fast = None
+    if settings.quant is Quant.INT4:
+        try:
+            _quantize_lm_head_int4(model)
+            fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress)
+        except torch.OutOfMemoryError:
+            del model
+            free_cuda_memory()
+            raise ModelLoadError(
+                f"Out of GPU memory while preparing the fast decoder of {ref.label}. "
+                "Lower the context length, or pick 4bit (bitsandbytes)."
+            ) from None
     _progress(progress, 1.0, "Loaded")
     split = {"gpu": plan.gpu_layers, "cpu": plan.cpu_layers, "disk": plan.disk_layers}
     return LoadedModel(
         ref=ref, model=model, tokenizer=tokenizer, shape=shape, settings=settings, dtype=dtype,
         device=device, plan=plan, load_seconds=time.perf_counter() - started,
         weights_bytes=weights_on_device_bytes(model, device), split=split,
+        fast=fast, compile_seconds=fast.compile_seconds if fast else 0.0,
     )
 
 

@@ -13,6 +13,22 @@ class Quant(str, Enum):
     BF16 = "bf16"
     INT8 = "8bit"  # bitsandbytes LLM.int8
     NF4 = "4bit"  # bitsandbytes NF4, fp16 compute
+    INT4 = "int4"  # torchao int4 weight-only (tinygemm tile-packed), bf16 compute, CUDA sm80+; fast decode path
+
+    @property
+    def label(self) -> str:
+        """What the UI calls this choice."""
+        return _LABELS[self]
+
+
+_LABELS = {
+    Quant.NONE: "none (fp16 on GPU, fp32 on CPU)",
+    Quant.BF16: "bf16",
+    Quant.INT8: "8bit (bitsandbytes LLM.int8)",
+    Quant.NF4: "4bit (bitsandbytes NF4)",
+    Quant.INT4: "4bit-fast (torchao int4)",
+}
+INT4_MIN_SM = 80  # torch's tinygemm int4 kernel (_weight_int4pack_mm) uses Ampere tensor-core instructions
 
 
 @dataclass(frozen=True)
@@ -26,7 +42,7 @@ class QuantOption:
 
 def storage_dtype(quant: Quant, device: str) -> str:
     """Dtype of everything bitsandbytes does not quantize (embeddings, norms, lm_head)."""
-    if quant is Quant.BF16:
+    if quant in (Quant.BF16, Quant.INT4):  # the tinygemm int4 kernel takes bf16 activations
         return "bfloat16"
     if device == "cuda":
         return "float16"
@@ -48,6 +64,7 @@ def quant_options(device: str, compute_capability: tuple[int, int] | None = None
             QuantOption(Quant.BF16, True),
             QuantOption(Quant.INT8, True),
             QuantOption(Quant.NF4, True),
+            QuantOption(Quant.INT4, False, "4bit-fast (torchao int4) needs a CUDA GPU (Ampere or newer, sm80+)"),
         ]
     major, minor = compute_capability or (0, 0)
     sm = major * 10 + minor
@@ -56,7 +73,36 @@ def quant_options(device: str, compute_capability: tuple[int, int] | None = None
         QuantOption(Quant.BF16, sm >= 80, "" if sm >= 80 else f"bf16 needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}"),
         QuantOption(Quant.INT8, sm >= 75, "" if sm >= 75 else f"LLM.int8 needs a Turing or newer GPU (sm75+); this GPU is sm{sm}"),
         QuantOption(Quant.NF4, sm >= 60, "" if sm >= 60 else f"NF4 needs a Pascal or newer GPU (sm60+); this GPU is sm{sm}"),
+        _int4_option(sm),
     ]
+
+
+def _int4_option(sm: int) -> QuantOption:
+    if sm < INT4_MIN_SM:
+        return QuantOption(Quant.INT4, False, f"4bit-fast (torchao int4) needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}")
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return QuantOption(Quant.INT4, False, "4bit-fast needs the torchao package (pip install torchao==0.18.0)")
+    return QuantOption(Quant.INT4, True)
+
+
+def default_quant(device: str, compute_capability: tuple[int, int] | None = None) -> QuantOption:
+    """The quantization the app picks by default here, with the reason in words.
+
+    The fastest that works: torchao int4 with the compiled static-cache decoder on sm80+
+    GPUs; bitsandbytes NF4 on older GPUs; full precision on a CPU (bitsandbytes' CPU
+    kernels are no faster, and fp32 is exact).
+    """
+    if device != "cuda":
+        return QuantOption(Quant.NONE, True, "no CUDA GPU: full precision runs best on a CPU")
+    options = {o.quant: o for o in quant_options(device, compute_capability)}
+    if options[Quant.INT4].available:
+        return QuantOption(Quant.INT4, True, "fastest here: torchao int4 + static KV cache + CUDA-graph decode "
+                                             "(~4x less memory traffic per token than fp16)")
+    if options[Quant.NF4].available:
+        return QuantOption(Quant.NF4, True, f"bitsandbytes NF4: {options[Quant.INT4].reason}")
+    return QuantOption(Quant.NONE, True, f"full precision: {options[Quant.NF4].reason}")
 
 
 def parse_quant(text: str) -> Quant:

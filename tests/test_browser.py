@@ -123,3 +123,14 @@ def test_empty_message_is_refused_and_nothing_is_lost(page):
     send(page, "   ")
     page.wait_for_selector("text=Type a message first.", timeout=10_000)
     assert chat_text(page) == before
+
+
+def test_second_turn_reuses_the_cache_and_the_panel_shows_room(page):
+    send(page, "What is the capital of France?")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=60_000)
+    send(page, "And of Italy?")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('reused from cache')",
+                           timeout=60_000)
+    page.wait_for_selector("#context-room", timeout=10_000)
+    room = page.inner_text("#context-room")
+    assert re.search(r"Room for [\d,]+ tokens of context · \d+ chats cached", room), room

@@ -1,0 +1,255 @@
+"""Decode speed under an 8 GiB cap: the fast int4 path against naive generate() in the same run.
+
+For InternLM2-1.8B- and InternLM2.5-7B-shaped random-weight checkpoints, batch 1, a 512-token
+prompt and 128 new tokens, each config in a fresh process (as a user starting the app), loaded
+through the engine with an 8 GiB GPU budget (torch's allocator capped there):
+  naive-fp16 / naive-nf4  the app's plain path: generate() + streamer, DynamicCache
+  fast-int4               torchao int4 + FastDecoder (static cache, compiled step, CUDA graphs)
+Each reports TTFT, decode tok/s, peak VRAM (torch peak reserved + CUDA context), load (+compile)
+time, and the bandwidth roofline measured in that process: a device-to-device copy (bytes read
++ written / time), and bytes read per token = weights (less the embedding table: one row is read)
++ the KV cache read (the whole static cache for the fast path, the context for the naive one).
+The fast path also reports one captured step's time (the device bound, without the host loop)
+and the top kernels of a profiled decode.
+
+    python bench/decode_speed.py --out results.jsonl --md table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {"1.8b": "internlm2-chat-1.8b", "7b": "internlm2.5-7b-chat"}
+PATHS = {"naive-fp16": "none", "naive-nf4": "4bit", "fast-int4": "int4"}
+MiB, GiB = 1024**2, 1024**3
+
+
+def copy_bandwidth(nbytes: int = 512 * MiB, reps: int = 20) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read + bytes written."""
+    import torch
+
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    rate = 2 * nbytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return rate
+
+
+def step_ms(fast, reps: int = 100) -> float:
+    """Median-free simple mean of one captured decode step, timed with events over `reps` replays."""
+    import torch
+
+    graph = fast.graphs[True]
+    with torch.inference_mode():
+        fast._set_length(600)
+        fast.step.zero_()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        fast._set_length(0)
+        fast.token_ids = []
+    return start.elapsed_time(end) / reps
+
+
+def top_kernels(fast, tokenizer, ids, n: int = 12) -> list[dict]:
+    """CUDA kernels of 32 decode steps, most time first (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.generation import SamplingSettings
+
+    fast.token_ids = []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        list(fast.stream(tokenizer, ids, SamplingSettings(max_new_tokens=33, temperature=0), threading.Event()))
+        torch.cuda.synchronize()
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:n]:
+        rows.append({"kernel": e.key[:90], "calls": e.count, "total_ms": e.device_time_total / 1e3})
+    return rows
+
+
+def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: int, context: int) -> dict:
+    import torch
+
+    from models.catalog import load_catalog
+    from models.engine import Engine
+    from models.generation import SamplingSettings, stream_generate
+    from models.loading import LoadSettings
+    from models.memory import embedding_bytes, kv_bytes_per_token
+    from models.quant import Quant
+
+    engine = Engine(load_catalog())
+    baseline = engine._baseline_used or 0
+    runtime = engine.cuda_runtime_bytes()
+    bandwidth = copy_bandwidth()
+    settings = LoadSettings(quant=Quant(PATHS[path]), context_tokens=context, gpu_budget_bytes=int(budget_gib * GiB))
+    started = time.perf_counter()
+    loaded = engine.load(folder, settings).loaded
+    load_s = time.perf_counter() - started
+    ids = torch.randint(0, loaded.shape.vocab_size - 2, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    greedy = SamplingSettings(max_new_tokens=new_tokens, temperature=0)
+    load_peak = torch.cuda.max_memory_reserved()
+    runs = []
+    # A short first run pays one-off kernel loading; the second (full) run is reported.
+    for sampling in (SamplingSettings(max_new_tokens=4, temperature=0), greedy):
+        torch.cuda.synchronize()
+        if loaded.fast is not None:
+            loaded.fast.token_ids = []  # no prefix reuse: prefill all 512 tokens
+            final = list(loaded.fast.stream(loaded.tokenizer, ids, sampling, threading.Event()))[-1]
+        else:
+            final = list(stream_generate(loaded.model, loaded.tokenizer, ids, sampling, threading.Event()))[-1]
+        runs.append(final)
+    final = runs[-1]
+    free, total = torch.cuda.mem_get_info()
+    runtime_now = (total - free) - baseline - torch.cuda.memory_reserved()
+    peak = max(load_peak, torch.cuda.max_memory_reserved()) + max(runtime, runtime_now)
+    kv_per_token = kv_bytes_per_token(loaded.shape, 2)
+    kv_read = kv_per_token * (loaded.fast.max_context if loaded.fast else prompt + new_tokens // 2)
+    # Weights read per token: all but the embedding table (one row of it). For an offloaded model
+    # this counts only the GPU-resident part; its streamed layers cross PCIe (far slower) instead.
+    bytes_per_token = loaded.weights_bytes - embedding_bytes(loaded.shape, 2) + kv_read
+    roofline = bandwidth * 1e9 / bytes_per_token
+    row = {
+        "gpu": torch.cuda.get_device_name(), "shape": SHAPES[Path(folder).name.split("-", 1)[1]], "path": path,
+        "quant": PATHS[path], "budget_gib": budget_gib, "prompt": prompt, "new_tokens": final.stats.new_tokens,
+        "ttft_ms": 1e3 * final.stats.ttft_s, "decode_tok_s": final.stats.decode_tokens_per_s,
+        "first_run_ttft_ms": 1e3 * runs[0].stats.ttft_s, "load_peak_gib": load_peak / GiB,
+        "peak_gib": peak / GiB, "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+        "runtime_mib": max(runtime, runtime_now) / MiB, "weights_gib": loaded.weights_bytes / GiB,
+        "predicted_peak_gib": loaded.plan.predicted_peak_bytes / GiB, "split": loaded.split,
+        "load_s": load_s, "compile_s": loaded.compile_seconds, "copy_gbps": bandwidth,
+        "bytes_per_token_gb": bytes_per_token / 1e9, "kv_read_gb": kv_read / 1e9, "roofline_tok_s": roofline,
+        "fraction_of_roofline": (final.stats.decode_tokens_per_s or 0) / roofline, "context": context,
+        "torch": torch.__version__,
+    }
+    if loaded.fast is not None:
+        row["step_ms"] = step_ms(loaded.fast)
+        row["graph_tok_s"] = 1e3 / row["step_ms"]
+        plain = list(stream_generate(loaded.model, loaded.tokenizer, ids, SamplingSettings(max_new_tokens=16, temperature=0),
+                                     threading.Event()))[-1]
+        row["agree_with_plain_16"] = sum(1 for _ in zip_prefix(plain.token_ids, final.token_ids))
+        row["top_kernels"] = top_kernels(loaded.fast, loaded.tokenizer, ids)
+    return row
+
+
+def zip_prefix(a, b):
+    for x, y in zip(a, b):
+        if x != y:
+            return
+        yield x
+
+
+def parent(args) -> None:
+    from bench.synth import write_random_llama
+    from models.catalog import load_catalog
+
+    catalog = load_catalog()
+    work = Path(args.workdir)
+    for spec in args.configs:
+        key, path, *rest = spec.split(":")
+        folder = work / f"random-{key}"
+        if not (folder / "config.json").exists():
+            t0 = time.perf_counter()
+            write_random_llama(folder, catalog.get(SHAPES[key]).shape)
+            print(f"wrote {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
+        new_tokens = int(rest[0]) if rest else args.new_tokens
+        cmd = [sys.executable, __file__, "--child", "--folder", str(folder), "--path", path, "--out", args.out,
+               "--new-tokens", str(new_tokens), "--prompt", str(args.prompt), "--budget", str(args.budget),
+               "--context", str(args.context)]
+        t0 = time.perf_counter()
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+            rc, err = result.returncode, result.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        print(f"{spec}: rc={rc} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc:
+            print(err[-2500:], flush=True)
+    table = markdown(args.out)
+    print(table)
+    if args.md:
+        Path(args.md).write_text(table)
+
+
+def markdown(path: str) -> str:
+    rows = [json.loads(line) for line in open(path)]
+    if not rows:
+        return "no results\n"
+    lines = [f"GPU: {rows[0]['gpu']} (torch {rows[0]['torch']}); budget {rows[0]['budget_gib']:.0f} GiB (allocator capped); "
+             f"prompt {rows[0]['prompt']} tokens, greedy; copy bandwidth measured in each process.", "",
+             "| model | path | new tok | TTFT ms | decode tok/s | × naive nf4 | peak GiB | load s (compile s) | "
+             "GB read/token | roofline tok/s | of roofline | graph step tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    nf4 = {r["shape"]: r["decode_tok_s"] for r in rows if r["path"] == "naive-nf4"}
+    for r in rows:
+        model = "1.8B" if "1.8" in r["shape"] else "7B"
+        speedup = f"{r['decode_tok_s'] / nf4[r['shape']]:.1f}×" if nf4.get(r["shape"]) else "–"
+        split = r["split"]
+        where = f" ({split['gpu']}/{split['gpu'] + split['cpu'] + split['disk']} layers on GPU)" if split.get("cpu") else ""
+        compile_s = f" ({r['compile_s']:.1f})" if r["compile_s"] else ""
+        graph = f"{r['graph_tok_s']:.0f}" if "graph_tok_s" in r else "–"
+        lines.append(
+            f"| {model} | {r['path']}{where} | {r['new_tokens']} | {r['ttft_ms']:.0f} | {r['decode_tok_s'] or 0:.1f} | {speedup} | "
+            f"{r['peak_gib']:.2f} | {r['load_s']:.1f}{compile_s} | {r['bytes_per_token_gb']:.2f} | {r['roofline_tok_s']:.0f} | "
+            f"{100 * r['fraction_of_roofline']:.0f}% | {graph} |")
+    for r in rows:
+        if r.get("top_kernels"):
+            model = "1.8B" if "1.8" in r["shape"] else "7B"
+            lines += ["", f"Top kernels, {model} {r['path']}, 32 decode steps (+ one 512-token prefill):", "",
+                      "| kernel | calls | total ms |", "|---|---|---|"]
+            lines += [f"| `{k['kernel']}` | {k['calls']} | {k['total_ms']:.2f} |" for k in r["top_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+def child(args) -> None:
+    row = measure(args.folder, args.path, args.budget, args.prompt, args.new_tokens, args.context)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--folder")
+    p.add_argument("--path", default="fast-int4", choices=list(PATHS))
+    p.add_argument("--configs", nargs="+", default=[
+        "1.8b:fast-int4", "7b:fast-int4", "1.8b:naive-nf4", "1.8b:naive-fp16", "7b:naive-nf4", "7b:naive-fp16:16"],
+        help="shape:path[:new_tokens]")
+    p.add_argument("--budget", type=float, default=8.0)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--child-timeout", type=float, default=300)
+    p.add_argument("--workdir", default="/tmp/smallchat-bench")
+    p.add_argument("--out", default="decode_speed.jsonl")
+    p.add_argument("--md")
+    args = p.parse_args()
+    child(args) if args.child else parent(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The fast decoder (static cache, chunked on-device decoding): same tokens as generate(), prefix
+reuse across turns, Stop, seeded sampling; int4 memory math and the default quantization; and,
+on a CUDA GPU, the torchao int4 path end to end (compiled once per load, memory freed on switch)."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from models.fast_decode import FastDecoder, decoder_for
+from models.generation import SamplingSettings, chat_input_ids, stream_generate
+from models.memory import linear_bytes, lm_head_bytes
+from models.quant import Quant, default_quant, quant_options
+
+GREEDY = SamplingSettings(max_new_tokens=24, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    return model, tokenizer
+
+
+def generate_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def answer(fast: FastDecoder, tokenizer, ids: list[int], sampling=GREEDY, stop=None):
+    return list(fast.stream(tokenizer, ids, sampling, stop or threading.Event()))[-1]
+
+
+def chat(tokenizer, *turns: str) -> list[dict]:
+    roles = ["user", "assistant"]
+    return [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+# ----- CPU: the decode loop --------------------------------------------------------------
+def test_greedy_equals_generate_across_turns_with_prefix_reuse_and_undo(tiny):
+    model, tokenizer = tiny
+    fast = FastDecoder(model, max_context=256)
+    fast.warm_up()
+    first = chat_input_ids(tokenizer, chat(tokenizer, "Hello world"))
+    a1 = answer(fast, tokenizer, first)
+    assert a1.token_ids == generate_greedy(model, first, GREEDY.max_new_tokens)
+    assert a1.stats.reused_tokens == 0 and a1.stats.finish_reason == "length"
+
+    # Second turn: the history is a prefix of the new prompt, so only the rest is prefilled.
+    second = chat_input_ids(tokenizer, chat(tokenizer, "Hello world", tokenizer.decode(a1.token_ids), "Paris?"))
+    a2 = answer(fast, tokenizer, second)
+    assert a2.token_ids == generate_greedy(model, second, GREEDY.max_new_tokens)
+    assert a2.stats.reused_tokens > len(first) // 2
+
+    # Undo: a shorter prompt that shares only the start; stale cache entries past it must not leak in.
+    undo = chat_input_ids(tokenizer, chat(tokenizer, "Hello you"))
+    a3 = answer(fast, tokenizer, undo)
+    assert a3.token_ids == generate_greedy(model, undo, GREEDY.max_new_tokens)
+    assert 0 < a3.stats.reused_tokens < len(undo)
+
+
+def test_streamed_text_is_the_decoded_answer_and_stats_are_filled(tiny):
+    model, tokenizer = tiny
+    fast = FastDecoder(model, max_context=128)
+    ids = chat_input_ids(tokenizer, chat(tokenizer, "你好，世界"))
+    updates = list(fast.stream(tokenizer, ids, GREEDY, threading.Event()))
+    final = updates[-1]
+    assert final.done and not any(u.done for u in updates[:-1])
+    plain = list(stream_generate(model, tokenizer, ids, GREEDY, threading.Event()))[-1]
+    assert final.text == plain.text and final.token_ids == plain.token_ids  # same text as the plain path
+    assert final.stats.ttft_s > 0 and final.stats.decode_tokens_per_s > 0 and final.stats.new_tokens == 24
+
+
+def test_stop_halts_within_a_few_tokens(tiny):
+    model, tokenizer = tiny
+    fast = FastDecoder(model, max_context=512)
+    stop = threading.Event()
+    ids = chat_input_ids(tokenizer, chat(tokenizer, "Hello world"))
+    updates = fast.stream(tokenizer, ids, SamplingSettings(max_new_tokens=400, temperature=0), stop)
+    next(updates)
+    stop.set()
+    final = list(updates)[-1]
+    assert final.stats.finish_reason == "stopped"
+    assert final.stats.new_tokens < 1 + 2 * fast.chunk + 5
+    # The cache stays consistent after a Stop: the next answer still equals generate().
+    assert answer(fast, tokenizer, ids).token_ids == generate_greedy(model, ids, GREEDY.max_new_tokens)
+
+
+def test_sampling_with_a_seed_is_reproducible(tiny):
+    model, tokenizer = tiny
+    fast = FastDecoder(model, max_context=128)
+    ids = chat_input_ids(tokenizer, chat(tokenizer, "Hello world"))
+    seeded = SamplingSettings(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=7)
+    a = answer(fast, tokenizer, ids, seeded).token_ids
+    b = answer(fast, tokenizer, ids, seeded).token_ids
+    c = answer(fast, tokenizer, ids, SamplingSettings(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=8)).token_ids
+    assert a == b and a != c
+    # top_p close to 0 keeps only the most likely token: sampling becomes greedy.
+    narrow = answer(fast, tokenizer, ids, SamplingSettings(max_new_tokens=24, temperature=1.0, top_p=1e-6, seed=1))
+    assert narrow.token_ids == generate_greedy(model, ids, 24)
+
+
+def test_decoder_for_picks_the_fast_path_only_when_the_model_has_one(tiny):
+    model, _ = tiny
+
+    class Loaded:
+        fast = None
+
+    assert decoder_for(Loaded()) is stream_generate
+    Loaded.fast = FastDecoder(model, max_context=64)
+    assert decoder_for(Loaded()) == Loaded.fast.stream_generate
+
+
+# ----- int4 memory math and the default quantization ------------------------------------
+def test_int4_weight_bytes_match_hand_computed_figures():
+    # 4096 x 4096: 0.5 byte per weight + a bf16 scale and a bf16 zero per group of 128.
+    assert linear_bytes(4096, 4096, Quant.INT4, 2) == 4096 * 4096 // 2 + 4096 * 32 * 4 == 8_912_896
+    # InternLM2.5-7B down_proj (4096 x 14336): 29,360,128 + 1,835,008 bytes.
+    assert linear_bytes(4096, 14336, Quant.INT4, 2) == 31_195_136
+    # in_features are padded to a multiple of 1024 (Qwen2.5-1.5B: 1536 -> 2048) before packing.
+    assert linear_bytes(8960, 1536, Quant.INT4, 2) == 8960 * 2048 // 2 + 8960 * 16 * 4 == 9_748_480
+
+
+def test_int4_quantizes_an_untied_lm_head(catalog):
+    shape = catalog.get("internlm2.5-7b-chat").shape  # vocab 92544 x hidden 4096, untied
+    assert lm_head_bytes(shape, 2, Quant.INT4) == 92544 * 4096 // 2 + 92544 * 32 * 4 == 201_375_744
+    assert lm_head_bytes(shape, 2, Quant.NF4) == 92544 * 4096 * 2
+
+
+def test_fast_int4_is_offered_and_chosen_only_on_ampere_or_newer():
+    assert not {o.quant: o for o in quant_options("cpu")}[Quant.INT4].available
+    old = {o.quant: o for o in quant_options("cuda", (7, 5))}[Quant.INT4]
+    assert not old.available and "sm80" in old.reason
+    assert {o.quant: o for o in quant_options("cuda", (9, 0))}[Quant.INT4].available
+    assert default_quant("cuda", (9, 0)).quant is Quant.INT4
+    assert default_quant("cuda", (8, 6)).quant is Quant.INT4
+    picked = default_quant("cuda", (7, 5))
+    assert picked.quant is Quant.NF4 and "sm80" in picked.reason
+    assert default_quant("cpu").quant is Quant.NONE and default_quant("cpu").reason
+    assert Quant.INT4.label == "4bit-fast (torchao int4)"
+
+
+# ----- GPU: torchao int4 end to end ------------------------------------------------------
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture()
+def engine(catalog):
+    from models.engine import Engine
+
+    engine = Engine(catalog)
+    yield engine
+    engine.unload()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def _load_int4(engine, folder):
+    from models.loading import LoadSettings
+
+    return engine.load(str(folder), LoadSettings(quant=Quant.INT4, context_tokens=256)).loaded
+
+
+@pytest.mark.parametrize("_", [0], ids=["gpu"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int4_fast_path_equals_plain_path_on_the_gpu(engine, tiny_llama, _):
+    loaded = _load_int4(engine, tiny_llama)
+    assert loaded.fast is not None and loaded.fast.graphs and loaded.compile_seconds > 0
+    assert abs(loaded.weights_bytes - loaded.plan.weights_bytes) <= 4096
+    ids = chat_input_ids(loaded.tokenizer, chat(loaded.tokenizer, "Hello world"))
+    fast = answer(loaded.fast, loaded.tokenizer, ids)
+    plain = list(stream_generate(loaded.model, loaded.tokenizer, ids, GREEDY, threading.Event()))[-1]
+    # bf16: the compiled step's fused kernels round differently from eager ones, so a near-tie can
+    # flip a late token; the start of the answer must agree.
+    assert fast.token_ids[:12] == plain.token_ids[:12], (fast.token_ids, plain.token_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_switching_to_and_from_the_fast_path_frees_memory(engine, tiny_llama):
+    from models.loading import LoadSettings
+
+    torch.cuda.empty_cache()
+    idle = torch.cuda.memory_allocated()
+    engine.load(str(tiny_llama), LoadSettings(quant=Quant.NONE, context_tokens=256))
+    loaded = _load_int4(engine, tiny_llama)
+    answer(loaded.fast, loaded.tokenizer, chat_input_ids(loaded.tokenizer, chat(loaded.tokenizer, "Hi")))
+    del loaded
+    report = engine.load(str(tiny_llama), LoadSettings(quant=Quant.NF4, context_tokens=256))
+    assert report.unloaded[0].freed_bytes > 0 and report.unloaded[0].residual_bytes == 0
+    engine.unload()
+    assert torch.cuda.memory_allocated() == idle
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_and_capture_happen_at_load_not_per_request(engine, tiny_llama):
+    from torch._dynamo.utils import counters
+
+    loaded = _load_int4(engine, tiny_llama)
+    graphs_before, captures = counters["stats"]["unique_graphs"], loaded.fast.captures
+    ids = chat_input_ids(loaded.tokenizer, chat(loaded.tokenizer, "Hello world"))
+    timings = []
+    for _ in range(2):
+        started = time.perf_counter()
+        answer(loaded.fast, loaded.tokenizer, ids, SamplingSettings(max_new_tokens=24, temperature=0.7, seed=1))
+        timings.append(time.perf_counter() - started)
+    assert counters["stats"]["unique_graphs"] == graphs_before and loaded.fast.captures == captures
+    assert max(timings) < min(1.0, loaded.compile_seconds / 5)
