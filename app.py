@@ -2,6 +2,7 @@
 
     python app.py                         # the web app, with the embedded offline model
     python app.py --ask "Hi" [--model ID|PATH] [--quant none|bf16|8bit|4bit] ...   # one answer, headless
+    python app.py --compare MODEL:QUANT MODEL:QUANT --prompts prompts/quick_en --out results.csv   # batch, headless
 
 UI and CLI wiring only: the engine (models/engine.py) does the work for both.
 """
@@ -9,9 +10,11 @@ UI and CLI wiring only: the engine (models/engine.py) does the work for both.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import threading
 
+from compare.prompt_sets import PromptSetError
 from models.catalog import UnknownModelError, load_catalog
 from models.engine import Engine
 from models.generation import SamplingSettings
@@ -46,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--system", default="", metavar="TEXT", help="system prompt")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the download to run (off by default: it is arbitrary code)")
+    p.add_argument("--compare", nargs="+", metavar="MODEL[:QUANT]",
+                   help="run a prompt set through these configurations headless (e.g. smollm2-135m-instruct:none "
+                        "smollm2-135m-instruct:4bit), print the table and exit; needs --prompts")
+    p.add_argument("--prompts", metavar="PATH", help="prompt set for --compare: a .toml file or a set name in prompts/")
+    p.add_argument("--out", metavar="PATH", help="--compare: write the results as CSV here (and a .jsonl beside it)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args(argv)
@@ -58,6 +66,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--top-p must be in (0, 1]")
     if args.temperature < 0:
         p.error("--temperature must be 0 (greedy) or more")
+    if args.compare is not None:
+        from compare.runner import parse_spec
+
+        if args.ask is not None:
+            p.error("--ask and --compare are separate modes: give one of them")
+        if not args.prompts:
+            p.error("--compare needs --prompts PATH (a .toml prompt set, e.g. prompts/quick_en.toml)")
+        try:
+            args.compare = [parse_spec(text) for text in args.compare]
+        except ValueError as e:
+            p.error(f"--compare: {e}")
+    elif args.prompts or args.out:
+        p.error("--prompts and --out go with --compare MODEL[:QUANT] ...")
     return args
 
 
@@ -105,6 +126,51 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace, engine: Engine) -> int:
+    """Run a prompt set through each configuration: progress on stderr, the table on stdout, CSV + JSONL to --out."""
+    from compare.export import format_table, write_both
+    from compare.prompt_sets import load_prompt_set
+    from compare.runner import run_batch, summarize
+
+    prompt_set = load_prompt_set(args.prompts)
+    if args.system:
+        prompt_set = dataclasses.replace(prompt_set, system=args.system)
+    available = {o.quant for o in engine.quant_options() if o.available}
+    for spec in args.compare:
+        engine.resolve(spec.model)  # an unknown model fails here, before any loading
+        if spec.quant not in available:
+            raise ModelLoadError(f"{spec.label}: {spec.quant.value} is not available on this machine")
+    base = dataclasses.replace(load_settings(args), quant=Quant.NONE)
+    # One seed for every configuration, so sampled answers differ only by the model and quantization.
+    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, 0 if args.seed is None else args.seed)
+    print(f"{prompt_set.name}: {len(prompt_set.questions)} questions × {len(args.compare)} configurations",
+          file=sys.stderr)
+    rows = []
+    for event in run_batch(engine, prompt_set, args.compare, sampling, base=base):
+        if event.row is None:
+            print(event.message, file=sys.stderr, flush=True)
+            continue
+        rows.append(event.row)
+        r = event.row
+        state = f"error: {r.error}" if r.error else f"{r.new_tokens} tokens, TTFT {r.ttft_s} s, {r.tokens_per_s} tok/s"
+        swap = f" (unloaded {r.swapped_out} to load it)" if r.swapped_out else ""
+        print(f"[{event.done}/{event.total}] {r.config} question {r.question_no}: {state}{swap}", file=sys.stderr, flush=True)
+    print(format_table(rows))
+    print()
+    for s in summarize(rows):
+        print(f"{s['config']}: score {s['score']}, TTFT {s['ttft_s']} s, {s['tokens_per_s']} tok/s, "
+              f"weights {s['weights_mib']} MiB, {s['errors']} errors")
+    if args.out:
+        csv_path, jsonl_path = write_both(rows, args.out)
+        print(f"wrote {csv_path} and {jsonl_path}", file=sys.stderr)
+    failed = [r for r in rows if r.error]
+    if failed:
+        print(f"error: {len(failed)} of {len(rows)} answers failed; first: {failed[0].config}: {failed[0].error}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def serve(args: argparse.Namespace, engine: Engine) -> int:
     """Start the web app with the chosen model preloaded."""
     from ui.layout import UiDefaults, build_demo, launch_kwargs
@@ -124,14 +190,16 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: headless answer with --ask, else the web app."""
+    """Entry point: headless answer with --ask, headless batch with --compare, else the web app."""
     args = parse_args(argv)
     if args.trust_remote_code:
         print(TRUST_WARNING, file=sys.stderr)
     engine = Engine(load_catalog())
     try:
+        if args.compare is not None:
+            return run_compare(args, engine)
         return run_ask(args, engine) if args.ask is not None else serve(args, engine)
-    except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError) as e:
+    except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, PromptSetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

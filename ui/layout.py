@@ -12,6 +12,7 @@ from models.memory import GiB
 
 from models.kv_cache import KVPrecision, OverflowPolicy, kv_precision_options
 
+from .compare_tab import build_compare_tab
 from .handlers import ChatHandlers, ChatSession
 from .i18n import LANGUAGES, gradio_i18n, language_from_header, t
 from .panels import PANEL_CSS
@@ -109,6 +110,8 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                         load = gr.Button(i18n("load"), elem_id="load")
                         status = gr.Markdown(handlers.current_model_text("en"), elem_id="status")
                         memory = gr.HTML(handlers.memory_html("en", gpu_budget), elem_id="memory")
+            with gr.Tab(i18n("tab_compare"), id="compare"):
+                build_compare_tab(engine, i18n, lang, budget, context, settings_extra)
         timer = gr.Timer(MEMORY_REFRESH_S)
 
         model_inputs = [model, quant, double_quant, budget, context, lang]
