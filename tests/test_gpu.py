@@ -53,7 +53,8 @@ def test_switching_returns_memory_to_the_level_before_the_load(engine, tiny_llam
     engine.load(str(tiny_llama), LoadSettings(quant=Quant.NONE))
     answer(engine)
     report = engine.load(str(tiny_llama), LoadSettings(quant=Quant.NF4))
-    assert report.unloaded.residual_bytes == 0 and report.unloaded.freed_bytes > 0
+    [unloaded] = report.unloaded
+    assert unloaded.residual_bytes == 0 and unloaded.freed_bytes > 0
     engine.unload()
     assert torch.cuda.memory_allocated() == idle
 
