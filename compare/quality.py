@@ -19,7 +19,7 @@ import torch
 
 from models.engine import Engine
 from models.generation import SamplingSettings
-from models.loading import LoadedModel, LoadSettings, ModelLoadError
+from models.loading import LoadedModel, LoadSettings
 from models.quant import Quant
 
 from .prompt_sets import QUALITY_TEXT
@@ -44,6 +44,7 @@ class TextScore:
     weights_bytes: int
     load_s: float
     decode_tokens_per_s: float | None = None
+    placement: str = "gpu"  # the load's plan verdict: gpu | cpu | offload | disk
 
     @property
     def perplexity(self) -> float:
@@ -140,8 +141,11 @@ def score_loaded(engine: Engine, key: str, loaded: LoadedModel, ids: list[int], 
         for update in engine.chat(DECODE_PROMPT, SamplingSettings(decode_tokens, 0.0), threading.Event(), model=key):
             stats = update.stats
         decode = stats.decode_tokens_per_s if stats else None
+    # An offloaded load holds only part of its weights on the compute device; its whole size is the plan's.
+    offloaded = loaded.plan.verdict in ("offload", "disk")
+    weights = max(loaded.weights_bytes, loaded.plan.weights_bytes) if offloaded else loaded.weights_bytes
     return TextScore(label=label, dtype=loaded.dtype, tokens=len(top1), mean_nll=nll, top1=top1, forward_s=seconds,
-                     weights_bytes=loaded.weights_bytes, load_s=load_s, decode_tokens_per_s=decode)
+                     weights_bytes=weights, load_s=load_s, decode_tokens_per_s=decode, placement=loaded.plan.verdict)
 
 
 def quality_check(engine: Engine, model: str, quant: Quant, base: LoadSettings | None = None, text: str | None = None,
@@ -193,5 +197,4 @@ def format_report(report: QualityReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TextScore", "QualityReport", "quality_check", "top1_agreement", "next_token_scores", "format_report",
-           "ModelLoadError"]
+__all__ = ["TextScore", "QualityReport", "quality_check", "top1_agreement", "next_token_scores", "format_report"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from models.engine import Engine, LoadReport
@@ -154,7 +154,9 @@ def make_resident(engine: Engine, spec: ConfigSpec, base: LoadSettings, progress
 
 def fits_together(engine: Engine, specs: list[ConfigSpec], base: LoadSettings) -> bool:
     """Whether all configurations fit the budget at once, by the engine's plans (before loading anything)."""
-    plans = [engine.plan(s.model, s.settings(base))[1] for s in specs]
+    # One plan per distinct model: A and B may be the same configuration, loaded once.
+    plans = list({engine.model_key(s.model, s.settings(base)): engine.plan(s.model, s.settings(base))[1]
+                  for s in specs}.values())
     if any(p.verdict not in ("gpu", "cpu") for p in plans):
         return False
     # Each plan's budget counts every resident as given back: the whole budget. The others'
@@ -331,6 +333,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 __all__ = [
-    "StopSwitch", "ConfigSpec", "parse_spec", "Side", "Comparison", "compare", "make_resident", "fits_together",
+    "StopSwitch", "ConfigSpec", "parse_spec", "Side", "Comparison", "compare", "make_resident", "resident_keys",
+    "fits_together",
     "ResultRow", "BatchEvent", "run_batch", "summarize",
 ]

@@ -6,7 +6,6 @@ Fast tests use tiny random Llamas; the ones marked slow use the real embedded Sm
 import csv
 import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -174,6 +173,7 @@ def test_compare_swaps_when_only_one_model_fits(catalog, wide_tiny):
     assert plan_a.predicted_peak_bytes <= budget < plan_a.weights_bytes + plan_b.predicted_peak_bytes
     engine = Engine(catalog, ram_budget_bytes=budget)
     assert fits_together(engine, [a, b], SMALL) is False
+    assert fits_together(engine, [a, a], SMALL) is True  # the same configuration twice is loaded once
     assert fits_together(Engine(catalog), [a, b], SMALL) is True
 
     messages = [{"role": "user", "content": "Hello world"}]
@@ -288,8 +288,13 @@ def test_quality_check_4bit_differs_and_saves_memory(catalog, tiny_llama):
     assert report.memory_saved_bytes > 0.5 * report.full.weights_bytes
     assert report.full.decode_tokens_per_s > 0 and report.quantized.decode_tokens_per_s > 0
     text = CompareHandlers.quality_text(report, "en")
-    assert "Top-1 agreement" in text and "memory saved" in text and "Perplexity" in text
+    assert "Top-1 agreement" in text and "memory saved" in text and "Perplexity" in text and "| cpu | cpu |" in text
     assert "困惑度" in CompareHandlers.quality_text(report, "zh")
+    # The button's handler, on a fresh engine: the same checkpoint gives the same numbers, as Markdown.
+    handlers = CompareHandlers(Engine(catalog))
+    shown = handlers.quality(str(tiny_llama), "4bit", None, 256, "en", progress=lambda *a, **k: None)
+    assert f"{report.agreement:.1%}" in shown and f"{report.full.perplexity:.3f}" in shown
+    assert "Unknown model" in handlers.quality("no-such-model", "4bit", None, 256, "en", progress=lambda *a, **k: None)
 
 
 def test_quality_check_says_so_when_full_precision_does_not_fit(catalog, tiny_llama):

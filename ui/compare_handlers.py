@@ -251,6 +251,7 @@ class CompareHandlers:
             (t("quality_weights", lang), fmt_bytes(f.weights_bytes), fmt_bytes(q.weights_bytes)),
             (t("quality_decode", lang), tps(f.decode_tokens_per_s), tps(q.decode_tokens_per_s)),
             (t("quality_forward", lang), tps(f.forward_tokens_per_s), tps(q.forward_tokens_per_s)),
+            (t("quality_placement", lang), f.placement, q.placement),
         ]
         lines = [t("quality_head", lang, model=report.model or "default", tokens=f.tokens), "",
                  f"| | {f.label} ({f.dtype}) | {q.label} |", "|---|---|---|"]

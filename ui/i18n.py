@@ -159,6 +159,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "quality_forward": {"en": "Prefill speed (tok/s)", "zh": "预填充速度（token/秒）"},
     "quality_summary": {"en": "Top-1 agreement **{agreement}** · perplexity {ppl_change} · memory saved **{saved}** · decode speed {speed}",
                         "zh": "top-1 一致率 **{agreement}** · 困惑度变化 {ppl_change} · 节省内存 **{saved}** · 解码速度 {speed}"},
+    "quality_placement": {"en": "Runs on (offload/disk: speed not comparable)", "zh": "运行位置（卸载/磁盘时速度不可比）"},
     "quality_no_fit": {"en": "Not measured: {note}", "zh": "无法测量：{note}"},
 }
 
