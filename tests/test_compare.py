@@ -206,6 +206,19 @@ def test_compare_keeps_both_loaded_when_they_fit(catalog, tiny_llama):
     assert all(side.load.reused for side in again.sides)
 
 
+def test_stop_ends_a_mid_answer_and_skips_b(catalog, tiny_llama):
+    engine = Engine(catalog)
+    stop = StopSwitch()
+    specs = [ConfigSpec(str(tiny_llama)), ConfigSpec(str(tiny_llama), Quant.BF16)]
+    for state in compare(engine, specs, [{"role": "user", "content": "Hello world"}],
+                         SamplingSettings(200, temperature=1.0, seed=0), stop, SMALL):
+        if state.sides[0].text:
+            stop.stop()  # the Stop button, while A is streaming
+    a, b = state.sides
+    assert a.status == "done" and a.stats.finish_reason == "stopped" and a.stats.new_tokens < 200
+    assert b.status == "error" and b.error == "stopped" and b.load is None  # B was not even loaded
+
+
 def test_compare_reports_a_bad_side_and_still_runs_the_other(catalog, tiny_llama):
     engine = Engine(catalog)
     final = list(compare(engine, [ConfigSpec("/no/such/model"), ConfigSpec(str(tiny_llama))],
