@@ -71,7 +71,8 @@ def run(args) -> list[dict]:
     import torch
 
     from models.catalog import load_catalog
-    from models.engine import Engine
+    from models.engine import Engine, _kv_token_bytes
+    from models.kv_cache import KVPrecision
     from models.generation import SamplingSettings
     from models.loading import LoadSettings
     from models.memory import GiB
@@ -109,7 +110,10 @@ def run(args) -> list[dict]:
             "history_tokens": prompt_tokens, "reused_tokens": reused_tokens,
             "ttft_reuse_s": statistics.median(reuse), "ttft_prefill_s": statistics.median(full),
             "speedup": statistics.median(full) / statistics.median(reuse),
-            "max_context": engine.context_limit(kv=kv), "decode_tok_s": decoded.stats.decode_tokens_per_s,
+            "max_context": engine.context_limit(kv=kv),
+            # What memory alone allows (the user's context setting aside): KV room / bytes per token.
+            "memory_context": engine.kv_budget_bytes() // _kv_token_bytes(loaded, KVPrecision(kv)),
+            "decode_tok_s": decoded.stats.decode_tokens_per_s,
             "budget_gib": args.gpu_budget if budget else None, "repeats": args.repeats,
         })
     return rows
@@ -118,12 +122,12 @@ def run(args) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     """Markdown table of the rows."""
     print("| device | model | quant | KV | history tokens | reused | TTFT reuse | TTFT re-prefill | speed-up "
-          "| max context | decode tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| context limit | memory allows | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['device']} | {r['model']} | {r['quant']} | {r['kv']} | {r['history_tokens']} | {r['reused_tokens']} "
               f"| {1000 * r['ttft_reuse_s']:.0f} ms | {1000 * r['ttft_prefill_s']:.0f} ms | {r['speedup']:.1f}x "
-              f"| {r['max_context']} | {r['decode_tok_s'] or 0:.1f} |")
+              f"| {r['max_context']} | {r.get('memory_context', '–')} | {r['decode_tok_s'] or 0:.1f} |")
 
 
 def main() -> None:

@@ -125,8 +125,9 @@ class Engine:
         return self._runtime_bytes
 
     def kv_cache_bytes(self) -> int:
-        """KV bytes held now: every session's cache plus an answer in progress."""
-        return self._sessions.total_bytes() + cache_bytes(self._live_cache)
+        """KV bytes held now: every session's cache, an answer in progress, and fast decoders' static caches."""
+        static = sum(m.fast.cache_bytes for m in list(self._residents.values()) if m.fast is not None)
+        return self._sessions.total_bytes() + cache_bytes(self._live_cache) + static
 
     def memory(self) -> hardware.MemorySnapshot:
         """Memory by owner now, for the VRAM panel."""
@@ -317,6 +318,8 @@ class Engine:
         if loaded is None:
             return 0
         limit = min(loaded.settings.context_tokens, loaded.shape.max_context)
+        if loaded.fast is not None:  # its static cache was sized (and allocated) at load
+            return min(limit, loaded.fast.max_context)
         kv = _shared_kv_precision(kv)
         if (loaded.device == "cuda" or self._kv_budget_override is not None) and kv is not KVPrecision.OFFLOAD:
             limit = min(limit, self.kv_budget_bytes(loaded) // _kv_token_bytes(loaded, kv))
@@ -368,6 +371,9 @@ class Engine:
             if kv is KVPrecision.OFFLOAD and loaded.device != "cuda":
                 kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
             ids, dropped = self._fit(loaded, messages, sampling, kv, policy)
+            if loaded.fast is not None:
+                yield from self._chat_fast(loaded, ids, dropped, sampling, stop_event, release)
+                return
             if session is not None:
                 entry = self._sessions.get(session, key, kv)
             reused = entry.reuse_for(ids) if entry is not None else 0
@@ -415,6 +421,20 @@ class Engine:
                 "Out of GPU memory during the answer. Its cache was dropped and the chat is kept; "
                 "lower max new tokens, shorten the chat, or pick a smaller quantization."
             )
+
+    def _chat_fast(self, loaded: LoadedModel, ids: list[int], dropped: list[dict], sampling: SamplingSettings,
+                   stop_event: threading.Event, release: Callable[[], None]) -> Iterator[StreamUpdate]:
+        """Answer through the model's FastDecoder (Quant.INT4).
+
+        It owns one static cache per model, sized to the context at load, and reuses the longest
+        common prefix with whatever it answered last: a session's next turn reuses its history
+        unless another session answered in between (then it is prefilled again, never mixed).
+        """
+        room = min(loaded.fast.max_context, self.context_limit(loaded)) - len(ids)
+        sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
+        for update in loaded.fast.stream(loaded.tokenizer, ids, sampling, stop_event, on_worker_done=release):
+            update.stats.dropped_messages = len(dropped)
+            yield update
 
     def _fit(self, loaded: LoadedModel, messages: list[dict], sampling: SamplingSettings, kv: KVPrecision,
              policy: OverflowPolicy) -> tuple[list[int], list[dict]]:

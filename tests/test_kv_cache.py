@@ -267,3 +267,18 @@ def test_injected_oom_is_recovered(engine, monkeypatch, when):
     monkeypatch.setattr(model, "forward", real_forward)
     # The app is alive: the lock is free and the next answer is the same as ever.
     assert answer(engine, longer, session="s").text == fresh(engine, longer)
+
+
+def test_engine_answers_through_a_fast_decoder_with_prefix_reuse(engine):
+    from models.fast_decode import FastDecoder
+
+    first = [{"role": "user", "content": "Hello world"}]
+    plain = fresh(engine, first)
+    second = turn([], "Hello world", plain) + [{"role": "user", "content": "how are you today?"}]
+    plain_second = fresh(engine, second)
+    engine.loaded.fast = FastDecoder(engine.loaded.model, max_context=256)  # what a 4bit-fast load attaches
+    assert engine.context_limit() == 256
+    assert engine.kv_cache_bytes() >= engine.loaded.fast.cache_bytes > 0  # the static cache is on the panel
+    assert answer(engine, first, session="f").text == plain
+    update = answer(engine, second, session="f")
+    assert update.text == plain_second and update.stats.reused_tokens > 0
