@@ -69,7 +69,8 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
             with gr.Tab(i18n("tab_chat"), id="chat"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        chatbot = gr.Chatbot(label=i18n("chatbot"), height=480, elem_id="chatbot",
+                        # A plain label: an I18n one renders as "[object Object]" on the Chatbot; relabel() translates it.
+                        chatbot = gr.Chatbot(label=t("chatbot", "en"), height=480, elem_id="chatbot",
                                              buttons=["copy"], feedback_options=None)
                         with gr.Row():
                             msg = gr.Textbox(label=i18n("message"), placeholder=i18n("message_placeholder"),
