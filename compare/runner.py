@@ -135,20 +135,8 @@ def make_resident(engine: Engine, spec: ConfigSpec, base: LoadSettings, progress
     _, alone = engine.plan(spec.model, settings)  # residents count as given back: could it fit at all?
     if alone.verdict == "no_fit":
         raise ModelLoadError(f"{spec.label} does not fit on this machine: {alone.message}")
-    key, loaded = engine.model_key(spec.model, settings), resident_keys(engine)
-    evicted = []
-    started = time.perf_counter()
-    if key not in loaded and loaded and alone.verdict in ("gpu", "cpu"):
-        _, together = engine.plan(spec.model, settings, keep=loaded)
-        if together.verdict not in ("gpu", "cpu"):
-            # It fits alone but not next to what is loaded. engine.ensure() should evict here,
-            # but (as of b1e467f) it tests the fit as if the LRU model were already gone and
-            # then keeps it, loading the new one offloaded instead. Evict explicitly until fixed.
-            evicted = engine.unload()
+    # ensure() keeps what fits next to the new model and unloads the least recently used otherwise.
     report = engine.ensure(spec.model, settings, progress=progress)
-    if evicted:
-        report = LoadReport(loaded=report.loaded, unloaded=evicted + report.unloaded,
-                            switch_seconds=time.perf_counter() - started, reused=report.reused)
     return report
 
 

@@ -85,6 +85,7 @@ class Engine:
         self._lock = threading.Lock()
         self._residents: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._chat_key: str | None = None  # the model the Chat tab talks to
+        self._chat_spec: tuple[str, LoadSettings] | None = None  # how to load it again if it was evicted
         self._sessions = SessionCacheStore()
         self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget
         self._ram_budget = ram_budget_bytes  # cap on RAM for weights on a CPU-only machine (tests)
@@ -198,6 +199,7 @@ class Engine:
     def unload(self) -> list[UnloadReport]:
         """Drop every model and give its memory back; report anything left behind."""
         with self._lock:
+            self._chat_key = self._chat_spec = None
             return self._unload_all_locked()
 
     def _unload_locked(self, key: str) -> UnloadReport:
@@ -205,8 +207,6 @@ class Engine:
         before = self._allocated()
         loaded = self._residents.pop(key)
         self._sessions.drop_model(key)
-        if self._chat_key == key:
-            self._chat_key = None
         label = f"{loaded.ref.label} ({loaded.settings.quant.value})"
         del loaded
         free_cuda_memory()
@@ -229,8 +229,9 @@ class Engine:
         with self._lock:
             started = time.perf_counter()
             unloaded = self._unload_all_locked()
+            self._chat_key = self._chat_spec = None
             loaded = self._load_locked(ref, settings, key, progress)
-            self._chat_key = key
+            self._chat_key, self._chat_spec = key, (choice, settings)
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
     def ensure(self, choice: str, settings: LoadSettings, progress: ProgressFn | None = None,
@@ -249,10 +250,9 @@ class Engine:
             started = time.perf_counter()
             unloaded = []
             shape = self.shape_of(ref)
-            for other in list(self._residents):
-                kept = set(keep) | {k for k in self._residents if k != other}
-                if plan_for(shape, settings, self._budget(settings, kept)).verdict in ("gpu", "cpu"):
-                    break
+            for other in list(self._residents):  # least recently used first
+                if plan_for(shape, settings, self._budget(settings, set(self._residents))).verdict in ("gpu", "cpu"):
+                    break  # fits next to everything still loaded
                 if other not in keep:
                     unloaded.append(self._unload_locked(other))
             loaded = self._load_locked(ref, settings, key, progress)
@@ -349,6 +349,9 @@ class Engine:
         """
         kv = _shared_kv_precision(kv)
         policy = policy if isinstance(policy, OverflowPolicy) else OverflowPolicy(policy)
+        spec = self._chat_spec
+        if model is None and spec is not None and self._chat_key not in self._residents:
+            self.ensure(*spec)  # the Chat tab's model was evicted (e.g. by a comparison): bring it back
         self._lock.acquire()
         released = threading.Event()
         release_guard = threading.Lock()

@@ -122,6 +122,9 @@ def test_empty_message_is_refused_and_nothing_is_lost(page):
     before = chat_text(page)
     send(page, "   ")
     page.wait_for_selector("text=Type a message first.", timeout=10_000)
+    # The (empty) follow-up answer event may still show its queue/progress overlay in the chat.
+    page.wait_for_function("!/queue:|Loading content/.test(document.querySelector('#chatbot').innerText)",
+                           timeout=10_000)
     assert chat_text(page) == before
 
 
