@@ -43,10 +43,20 @@ def test_unpacked_cache_reloads_in_well_under_a_second(embedded_engine, catalog)
 
 
 def test_streaming_chinese_never_shows_broken_characters(embedded_engine):
+    # A multi-byte character split over two tokens must never be shown half-decoded: every
+    # streamed text is a prefix of the final answer, and the final answer is what the
+    # tokenizer decodes from all tokens at once. (A "\ufffd" can only appear where the
+    # model itself produced bytes that are not valid UTF-8; then it is in the final text too.)
     stop = threading.Event()
-    for update in embedded_engine.chat([{"role": "user", "content": "请用中文介绍一下北京。"}],
-                                       SamplingSettings(temperature=0, max_new_tokens=40), stop):
-        assert "\ufffd" not in update.text
+    updates = list(embedded_engine.chat([{"role": "user", "content": "请用中文介绍一下北京。"}],
+                                        SamplingSettings(temperature=0, max_new_tokens=40), stop))
+    final = updates[-1]
+    tokenizer = embedded_engine.loaded.tokenizer
+    assert final.text == tokenizer.decode(final.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in final.text)  # it did answer in Chinese
+    for update in updates:
+        assert final.text.startswith(update.text)
+        assert not update.text.endswith("\ufffd")
 
 
 def run_cli(*args, timeout=300):
