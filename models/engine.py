@@ -451,6 +451,10 @@ class Engine:
                 "length, or pick a smaller quantization."
             )
 
+        ids = chat_input_ids(loaded.tokenizer, messages)
+        if len(ids) <= max_prompt:  # the usual case: template the chat once
+            return ids, []
+
         def count(msgs: list[dict]) -> int:
             return len(chat_input_ids(loaded.tokenizer, msgs))
 
