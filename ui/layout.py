@@ -123,7 +123,12 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
             return language_from_header(header)
 
         def relabel(code: str):
-            return [gr.update(label=t(key, code)) for key in LABELLED_KEYS] + [
+            choices = {  # dropdowns whose option names are translated too
+                "kv_precision": [(t(f"kv_{p.value}", code), p.value) for p in kv_precision_options(engine.device)],
+                "overflow_policy": [(t(f"policy_{p.value}", code), p.value) for p in OverflowPolicy],
+            }
+            return [gr.update(label=t(key, code), **({"choices": choices[key]} if key in choices else {}))
+                    for key in LABELLED_KEYS] + [
                 gr.update(placeholder=t("message_placeholder", code)),
                 handlers.current_model_text(code),
                 _quant_controls(engine, code)[1],
