@@ -147,11 +147,12 @@ def fits_together(engine: Engine, specs: list[ConfigSpec], base: LoadSettings) -
                   for s in specs}.values())
     if any(p.verdict not in ("gpu", "cpu") for p in plans):
         return False
-    # Each plan's budget counts every resident as given back: the whole budget. The others'
-    # weights stay, and the largest peak (weights + KV + workspace) must fit next to them.
-    weights = sum(p.weights_bytes for p in plans)
-    extra = max(p.predicted_peak_bytes - p.weights_bytes for p in plans)
-    return weights + extra <= min(p.budget_bytes for p in plans)
+    # Each plan's budget counts every resident as given back: the whole budget. What each model
+    # holds while idle stays (its weights; for 4bit-fast also its static KV cache, allocated at
+    # load), and the largest peak on top of that must fit next to them.
+    held = [p.weights_bytes + (p.kv_bytes if p.quant is Quant.INT4 else 0) for p in plans]
+    extra = max(p.predicted_peak_bytes - h for p, h in zip(plans, held))
+    return sum(held) + extra <= min(p.budget_bytes for p in plans)
 
 
 def compare(engine: Engine, specs: list[ConfigSpec], messages: list[dict], sampling: SamplingSettings,

@@ -29,7 +29,8 @@ from .kv_cache import (
     fit_messages, new_cache,
 )
 from .loading import (
-    LoadedModel, LoadSettings, ModelLoadError, free_cuda_memory, load_model, make_budget, plan_for,
+    LoadedModel, LoadSettings, ModelLoadError, PreparedLoad, free_cuda_memory, load_prepared, make_budget, plan_for,
+    prepare_load,
 )
 from .memory import FitPlan, kv_bytes_per_token, kv_room_bytes
 from .quant import QuantOption, quant_options
@@ -90,6 +91,8 @@ class Engine:
         self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget
         self._ram_budget = ram_budget_bytes  # cap on RAM for weights on a CPU-only machine (tests)
         self._live_cache = None  # cache of an answer in progress that no session owns yet
+        self._pending_drops: set[str] = set()  # sessions closed while the GPU lock was busy
+        self._pending_lock = threading.Lock()  # guards _pending_drops only; never held for long
         # Device-wide GPU use before we create a CUDA context: what other processes hold.
         self._baseline_used = hardware.nvml_used_bytes() if hardware.cuda_available() else None
         self._runtime_bytes: int | None = None
@@ -174,17 +177,22 @@ class Engine:
             raise ModelSourceError(f"Cannot read the config of {ref.location}: {first}") from None
         return ModelShape.from_config(config)
 
+    def _held_bytes(self, key: str, loaded: LoadedModel) -> int:
+        """What a resident model holds while idle: weights, its fast decoder's static cache, its sessions' KV."""
+        static = loaded.fast.cache_bytes if loaded.fast is not None else 0
+        return loaded.weights_bytes + static + self._sessions.model_bytes(key)
+
     def _budget(self, settings: LoadSettings, keep: set[str]):
         """The budget for a new model, with what the kept residents hold taken out."""
         budget = make_budget(settings, self.cuda_runtime_bytes(), self.cache_dir)
-        others = [m for k, m in self._residents.items() if k not in keep]
+        residents = list(self._residents.items())  # a copy: the panel's timer reads from another thread
+        held = sum(self._held_bytes(k, m) for k, m in residents if k in keep)
         if budget.gpu_bytes is None:
             if self._ram_budget is not None:
-                held = sum(m.weights_bytes for k, m in self._residents.items() if k in keep)
                 return replace(budget, ram_bytes=max(0, self._ram_budget - held))
             # RAM freed by evicting the others is ours to use.
-            return replace(budget, ram_bytes=budget.ram_bytes + sum(m.weights_bytes for m in others))
-        held = sum(m.weights_bytes for k, m in self._residents.items() if k in keep)
+            others = sum(self._held_bytes(k, m) for k, m in residents if k not in keep)
+            return replace(budget, ram_bytes=budget.ram_bytes + others)
         return replace(budget, gpu_bytes=max(0, budget.gpu_bytes - held))
 
     def plan(self, choice: str, settings: LoadSettings, keep: tuple[str, ...] = ()) -> tuple[ModelRef, FitPlan]:
@@ -211,7 +219,7 @@ class Engine:
         del loaded
         free_cuda_memory()
         after = self._allocated()
-        still_held = sum(m.weights_bytes for m in self._residents.values()) + self._sessions.total_bytes()
+        still_held = sum(self._held_bytes(k, m) for k, m in self._residents.items())
         return UnloadReport(
             model_label=label, seconds=time.perf_counter() - started, freed_bytes=max(0, before - after),
             residual_bytes=max(0, after - self._idle_level - still_held),
@@ -223,14 +231,22 @@ class Engine:
         return reports
 
     def load(self, choice: str, settings: LoadSettings, progress: ProgressFn | None = None) -> LoadReport:
-        """Switch the Chat tab's model: unload every model first (VRAM really freed), then load."""
+        """Switch the Chat tab's model: unload every model first (VRAM really freed), then load.
+
+        Everything that can fail without loading weights (unknown or offline source, missing
+        tokenizer or chat template, won't fit) is checked first, so such a failure leaves
+        the current model loaded.
+        """
         ref = self.resolve(choice)
         key = self.model_key(choice, settings)
+        settings = self._with_cache_dir(settings)
         with self._lock:
             started = time.perf_counter()
+            # Planned as if every resident were unloaded, which is what happens next.
+            prepared = prepare_load(ref, settings, self._budget(settings, set()), progress)
             unloaded = self._unload_all_locked()
             self._chat_key = self._chat_spec = None
-            loaded = self._load_locked(ref, settings, key, progress)
+            loaded = self._load_locked(prepared, key, progress)
             self._chat_key, self._chat_spec = key, (choice, settings)
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
@@ -239,40 +255,39 @@ class Engine:
         """Make a model resident, keeping others loaded while everything fits.
 
         Residents other than `keep` are unloaded, least recently used first, until the new
-        model fits (on the GPU without offload, or in RAM); the report lists them.
+        model fits (on the GPU without offload, or in RAM); the report lists them. A model
+        that cannot load even with those unloaded fails before anything is unloaded.
         """
         ref = self.resolve(choice)
         key = self.model_key(choice, settings)
+        settings = self._with_cache_dir(settings)
         with self._lock:
             if key in self._residents:
                 self._residents.move_to_end(key)
                 return LoadReport(loaded=self._residents[key], reused=True)
             started = time.perf_counter()
+            prepared = prepare_load(ref, settings, self._budget(settings, set(keep)), progress)
             unloaded = []
-            shape = self.shape_of(ref)
             for other in list(self._residents):  # least recently used first
-                if plan_for(shape, settings, self._budget(settings, set(self._residents))).verdict in ("gpu", "cpu"):
+                if plan_for(prepared.shape, settings, self._budget(settings, set(self._residents))).verdict in ("gpu", "cpu"):
                     break  # fits next to everything still loaded
                 if other not in keep:
                     unloaded.append(self._unload_locked(other))
-            loaded = self._load_locked(ref, settings, key, progress)
+            loaded = self._load_locked(prepared, key, progress)
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
-    def _load_locked(self, ref: ModelRef, settings: LoadSettings, key: str, progress: ProgressFn | None) -> LoadedModel:
+    def _with_cache_dir(self, settings: LoadSettings) -> LoadSettings:
+        return settings if settings.cache_dir is not None else replace(settings, cache_dir=self.cache_dir)
+
+    def _load_locked(self, prepared: PreparedLoad, key: str, progress: ProgressFn | None) -> LoadedModel:
         if not self._residents:
             free_cuda_memory()
             self._idle_level = self._allocated()
-        if settings.cache_dir is None:
-            settings = replace(settings, cache_dir=self.cache_dir)
-        budget = self._budget(settings, set(self._residents))
+        # Replanned under what is free now, after any unloads.
+        prepared = prepared.replanned(self._budget(prepared.settings, set(self._residents)))
         if self.device == "cuda":
-            self._apply_budget(settings)
-        try:
-            loaded = load_model(ref, settings, budget, progress)
-        except torch.OutOfMemoryError as e:
-            e.__traceback__ = None  # its frames hold the half-loaded tensors
-            free_cuda_memory()
-            raise ModelLoadError(f"Out of GPU memory while loading {ref.label}.") from None
+            self._apply_budget(prepared.settings)
+        loaded = load_prepared(prepared, progress)
         self._residents[key] = loaded
         return loaded
 
@@ -309,7 +324,8 @@ class Engine:
         if loaded.device != "cuda":
             return kv_room_bytes(loaded.plan)
         # The budget minus what the residents' weights, the workspace and the CUDA context need.
-        others = sum(m.weights_bytes for m in self._residents.values() if m is not loaded)
+        others = sum(self._held_bytes(k, m) - self._sessions.model_bytes(k)
+                     for k, m in list(self._residents.items()) if m is not loaded)
         return max(0, kv_room_bytes(loaded.plan) - others)
 
     def context_limit(self, loaded: LoadedModel | None = None, kv: KVPrecision | str = KVPrecision.FULL) -> int:
@@ -326,10 +342,25 @@ class Engine:
         return max(0, limit)
 
     # ----- chatting ------------------------------------------------------------------
-    def drop_session(self, session_id: str) -> bool:
-        """Forget a session's KV cache (its tab was closed)."""
-        with self._lock:
-            return self._sessions.drop(session_id)
+    def drop_session(self, session_id: str) -> None:
+        """Forget a session's KV cache (its tab was closed); never waits for a running answer.
+
+        Called from the web server's threads: if the GPU lock is busy, the drop is queued and
+        done by whoever holds the lock when it next releases it.
+        """
+        with self._pending_lock:
+            self._pending_drops.add(session_id)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_pending_locked()
+            finally:
+                self._lock.release()
+
+    def _drop_pending_locked(self) -> None:
+        with self._pending_lock:
+            pending, self._pending_drops = self._pending_drops, set()
+        for session_id in pending:
+            self._sessions.drop(session_id)
 
     def chat(
         self,
@@ -353,6 +384,7 @@ class Engine:
         if model is None and spec is not None and self._chat_key not in self._residents:
             self.ensure(*spec)  # the Chat tab's model was evicted (e.g. by a comparison): bring it back
         self._lock.acquire()
+        self._drop_pending_locked()
         released = threading.Event()
         release_guard = threading.Lock()
 
@@ -361,6 +393,7 @@ class Engine:
                 if not released.is_set():
                     released.set()
                     self._live_cache = None
+                    self._drop_pending_locked()  # tabs closed while this answer ran
                     self._lock.release()
 
         out_of_memory = False

@@ -341,6 +341,7 @@ class FastDecoder:
             worker.join()
         if errors:
             raise errors[0]
+        text += decoder.flush()
         stats.total_s = time.perf_counter() - started
         stats.new_tokens = len(new_ids)
         stats.reused_tokens = self.reused_tokens

@@ -121,6 +121,17 @@ class IncrementalDecoder:
             return text[len(prefix):]
         return ""
 
+    def flush(self) -> str:
+        """Text still held back at the end of an answer, less a dangling incomplete character.
+
+        An answer cut off by max_new_tokens or Stop can end inside a multi-byte character;
+        the complete characters before it are shown, the broken tail is not.
+        """
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:]).rstrip("\ufffd")
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):] if len(text) > len(prefix) and text.startswith(prefix) else ""
+
 
 class _TimedQueueStreamer(BaseStreamer):
     """A generate() streamer: queues text deltas and records when tokens arrived."""
@@ -241,6 +252,7 @@ def stream_generate(
         worker.join()
     if errors:
         raise errors[0]
+    text += streamer.decoder.flush()
     stats.total_s = time.perf_counter() - started
     stats.new_tokens = len(streamer.new_ids)
     if streamer.first_token_at is not None:

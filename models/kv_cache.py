@@ -107,8 +107,11 @@ class SessionCache:
         if keep <= 0:
             return 0
         try:
-            if held > keep:
-                self.cache.crop(keep - held)  # a negative count: remove that many tokens from the end
+            length = cache_length(self.cache)
+            if length > keep:
+                # A negative count removes that many tokens from the end. Counted from the cache's
+                # own length: after a stopped answer it may hold tokens token_ids does not list.
+                self.cache.crop(keep - length)
         except (ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError):
             return 0  # e.g. a quantized cache that can't be cut back: rebuild
         if cache_length(self.cache) != keep:
@@ -150,14 +153,19 @@ class SessionCacheStore:
 
     def drop_model(self, model_key: str) -> int:
         """Forget every cache built by a model that is being unloaded."""
-        ids = [s for s, e in self._entries.items() if e.model_key == model_key]
+        ids = [s for s, e in list(self._entries.items()) if e.model_key == model_key]
         for session_id in ids:
             del self._entries[session_id]
         return len(ids)
 
     def total_bytes(self, exclude: str | None = None) -> int:
         """KV bytes held by all sessions (optionally not counting one)."""
-        return sum(e.nbytes for s, e in self._entries.items() if s != exclude)
+        # A copy: the VRAM panel's timer reads this from another thread while answers run.
+        return sum(e.nbytes for s, e in list(self._entries.items()) if s != exclude)
+
+    def model_bytes(self, model_key: str) -> int:
+        """KV bytes held by the sessions of one model."""
+        return sum(e.nbytes for e in list(self._entries.values()) if e.model_key == model_key)
 
     def evict_until(self, budget_bytes: int, keep: str | None = None) -> list[str]:
         """Drop least recently used caches (never `keep`) until the rest fit `budget_bytes`."""

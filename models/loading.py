@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import time
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -296,27 +296,28 @@ def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
     return total
 
 
-def load_model(
-    ref: ModelRef,
-    settings: LoadSettings,
-    budget: Budget,
-    progress: ProgressFn | None = None,
-) -> LoadedModel:
-    """Resolve, plan under `budget`, and load `ref`; raise ModelLoadError/ModelSourceError on failure."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class PreparedLoad:
+    """Everything checked before a load touches device memory: source, config, tokenizer, plan."""
 
-    started = time.perf_counter()
-    cache_dir = settings.cache_dir or default_cache_dir()
-    _progress(progress, 0.0, f"Preparing {ref.label}")
-    local = resolve_local(ref, cache_dir, progress=lambda f, m: _progress(progress, 0.3 * f, m),
-                          chat_template=ref.entry.chat_template if ref.entry else None)
-    config = _load_config(local, settings.trust_remote_code)
-    shape = ModelShape.from_config(config)
-    device = "cuda" if budget.gpu_bytes is not None else "cpu"
-    offered = {o.quant: o for o in quant_options(device, torch.cuda.get_device_capability(0) if device == "cuda" else None)}
-    if not offered[settings.quant].available:
-        raise ModelLoadError(offered[settings.quant].reason)
-    plan = plan_for(shape, settings, budget)
+    ref: ModelRef
+    settings: LoadSettings
+    local: LocalModel
+    config: object
+    shape: ModelShape
+    tokenizer: object
+    device: str  # "cuda" | "cpu"
+    plan: FitPlan
+    started: float  # perf_counter when preparation began (load time counts from here)
+
+    def replanned(self, budget: Budget) -> "PreparedLoad":
+        """The same load planned under another budget (e.g. after other models were unloaded)."""
+        plan = plan_for(self.shape, self.settings, budget)
+        _check_plan(plan, self.settings)
+        return replace(self, plan=plan)
+
+
+def _check_plan(plan: FitPlan, settings: LoadSettings) -> None:
     if plan.verdict == "no_fit":
         raise ModelLoadError(plan.message)
     if settings.quant is Quant.INT4 and plan.verdict != "gpu":
@@ -325,11 +326,53 @@ def load_model(
             "Pick 4bit (bitsandbytes), which can offload layers, or lower the context length."
         )
 
+
+def prepare_load(ref: ModelRef, settings: LoadSettings, budget: Budget,
+                 progress: ProgressFn | None = None) -> PreparedLoad:
+    """Fetch/convert the files, read config and tokenizer, and plan; raise before any weights load.
+
+    The engine calls this before it unloads the current model, so a load that cannot
+    work (offline hub id, missing files, no chat template, won't fit) leaves the old
+    model in place.
+    """
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    cache_dir = settings.cache_dir or default_cache_dir()
+    device = "cuda" if budget.gpu_bytes is not None else "cpu"
+    offered = {o.quant: o for o in quant_options(device, torch.cuda.get_device_capability(0) if device == "cuda" else None)}
+    if not offered[settings.quant].available:
+        raise ModelLoadError(offered[settings.quant].reason)
+    if ref.entry is not None:  # a catalog model: know it won't fit before downloading gigabytes
+        _check_plan(plan_for(ref.entry.shape, settings, budget), settings)
+    _progress(progress, 0.0, f"Preparing {ref.label}")
+    local = resolve_local(ref, cache_dir, progress=lambda f, m: _progress(progress, 0.3 * f, m),
+                          chat_template=ref.entry.chat_template if ref.entry else None)
+    config = _load_config(local, settings.trust_remote_code)
+    shape = ModelShape.from_config(config)
+    plan = plan_for(shape, settings, budget)
+    _check_plan(plan, settings)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local.location, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"Could not load the tokenizer of {local.location}: {_first_line(e)}") from None
+    _check_chat_template(tokenizer, local.location)
+    return PreparedLoad(ref=ref, settings=settings, local=local, config=config, shape=shape,
+                        tokenizer=tokenizer, device=device, plan=plan, started=started)
+
+
+def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) -> LoadedModel:
+    """Load the weights of a prepared load onto its planned devices."""
+    from transformers import AutoModelForCausalLM
+
+    ref, settings, plan, shape, device = prepared.ref, prepared.settings, prepared.plan, prepared.shape, prepared.device
+    cache_dir = settings.cache_dir or default_cache_dir()
     dtype = storage_dtype(settings.quant, device)
     kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": settings.trust_remote_code}
     offloaded = plan.offloaded_layers > 0 or (device == "cuda" and not plan.lm_head_on_gpu)
     if device == "cuda" or offloaded:
-        kwargs["device_map"] = build_device_map(_meta_model(config, settings.trust_remote_code), plan, shape.num_layers)
+        kwargs["device_map"] = build_device_map(_meta_model(prepared.config, settings.trust_remote_code), plan,
+                                                shape.num_layers)
     if plan.disk_layers:
         kwargs["offload_folder"] = str(cache_dir / "offload")
     if settings.quant in (Quant.INT8, Quant.NF4):
@@ -339,41 +382,57 @@ def load_model(
         kwargs["quantization_config"] = _int4_config()
 
     _progress(progress, 0.35, f"Loading weights ({settings.quant.value}, {plan.message})")
+    # Out-of-memory cleanup happens after the except block: inside it, the exception's
+    # traceback still holds the frames (and the half-loaded tensors) we want to free.
+    out_of_memory = False
     try:
-        tokenizer = AutoTokenizer.from_pretrained(local.location, trust_remote_code=settings.trust_remote_code)
-        _check_chat_template(tokenizer, local.location)
-        model = AutoModelForCausalLM.from_pretrained(local.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(prepared.local.location, **kwargs)
     except torch.OutOfMemoryError:
+        out_of_memory = True
+    except OSError as e:
+        raise ModelSourceError(f"Could not load {prepared.local.location}: {_first_line(e)}") from None
+    if out_of_memory:
         free_cuda_memory()
         raise ModelLoadError(
             f"Out of GPU memory while loading {ref.label} ({settings.quant.value}). "
             "Lower the context length or the GPU budget's other users, or pick a smaller quantization."
-        ) from None
-    except OSError as e:
-        raise ModelSourceError(f"Could not load {local.location}: {_first_line(e)}") from None
+        )
     model.eval()
+    tokenizer = prepared.tokenizer
     if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.eos_token_id
     fast = None
     if settings.quant is Quant.INT4:
+        failure = None
         try:
             _quantize_lm_head_int4(model)
             fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress)
         except torch.OutOfMemoryError:
+            failure = "Out of GPU memory while preparing the fast decoder"
+        except RuntimeError as e:  # torch.compile / graph capture failed on this GPU or driver
+            failure = f"The fast decoder could not be compiled ({_first_line(e)})"
+        if failure:
             del model
             free_cuda_memory()
-            raise ModelLoadError(
-                f"Out of GPU memory while preparing the fast decoder of {ref.label}. "
-                "Lower the context length, or pick 4bit (bitsandbytes)."
-            ) from None
+            raise ModelLoadError(f"{failure} of {ref.label}. Lower the context length, or pick 4bit (bitsandbytes).")
     _progress(progress, 1.0, "Loaded")
     split = {"gpu": plan.gpu_layers, "cpu": plan.cpu_layers, "disk": plan.disk_layers}
     return LoadedModel(
         ref=ref, model=model, tokenizer=tokenizer, shape=shape, settings=settings, dtype=dtype,
-        device=device, plan=plan, load_seconds=time.perf_counter() - started,
+        device=device, plan=plan, load_seconds=time.perf_counter() - prepared.started,
         weights_bytes=weights_on_device_bytes(model, device), split=split,
         fast=fast, compile_seconds=fast.compile_seconds if fast else 0.0,
     )
+
+
+def load_model(
+    ref: ModelRef,
+    settings: LoadSettings,
+    budget: Budget,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Resolve, plan under `budget`, and load `ref`; raise ModelLoadError/ModelSourceError on failure."""
+    return load_prepared(prepare_load(ref, settings, budget, progress), progress)
 
 
 def free_cuda_memory() -> None:
@@ -397,4 +456,5 @@ def describe_split(split: dict[str, int]) -> str:
     return "layers: " + ", ".join(parts) if parts else ""
 
 
-__all__ = ["GiB", "LoadSettings", "LoadedModel", "ModelLoadError", "NoChatTemplateError", "load_model", "plan_for"]
+__all__ = ["GiB", "LoadSettings", "LoadedModel", "ModelLoadError", "NoChatTemplateError", "PreparedLoad", "load_model",
+           "load_prepared", "plan_for", "prepare_load"]

@@ -187,6 +187,20 @@ def test_failed_load_keeps_the_previous_model_usable(catalog, tiny_llama, tmp_pa
     assert engine.loaded is not None and greedy_text(engine)
 
 
+def test_a_load_that_cannot_work_never_unloads_the_current_model(catalog, tiny_llama, tmp_path, monkeypatch):
+    engine = Engine(catalog, cache_dir=tmp_path)
+    engine.load(str(tiny_llama), LoadSettings())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(ModelSourceError, match="offline"):  # a hub id with no network
+        engine.load("someone/some-model", LoadSettings())
+    assert engine.loaded is not None and greedy_text(engine)
+    tight = Engine(catalog, cache_dir=tmp_path, ram_budget_bytes=10 * 2**20)
+    tight.load(str(tiny_llama), LoadSettings())
+    with pytest.raises(ModelLoadError, match="Won't fit"):  # the 7B in 10 MiB of RAM
+        tight.load("qwen2.5-7b-instruct", LoadSettings())
+    assert tight.loaded is not None and greedy_text(tight)
+
+
 def test_unload_reports_no_residual_on_cpu(catalog, tiny_llama):
     engine = Engine(catalog)
     engine.load(str(tiny_llama), LoadSettings())

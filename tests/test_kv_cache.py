@@ -66,6 +66,20 @@ def test_session_cache_crops_to_the_common_prefix(tiny_llama):
     assert entry.reuse_for([7, 7, 7]) == 0  # nothing shared
 
 
+def test_reuse_crops_a_cache_that_holds_more_than_its_token_list(tiny_llama):
+    # A stopped answer can leave the cache a token or more ahead of the ids it lists.
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    cache = new_cache(config, KVPrecision.FULL)
+    k = torch.zeros(1, config.num_key_value_heads, 12, config.hidden_size // config.num_attention_heads)
+    for layer in range(config.num_hidden_layers):
+        cache.update(k, k, layer)
+    entry = SessionCache("m", KVPrecision.FULL, cache, token_ids=list(range(10)))
+    assert entry.reuse_for(list(range(8)) + [99]) == 8
+    assert cache.get_seq_length() == 8
+
+
 def test_store_evicts_least_recently_used_first():
     store = SessionCacheStore()
     for name in "abc":
@@ -235,13 +249,30 @@ def test_concurrent_sessions_do_not_share_or_corrupt_caches(engine):
 
 
 def test_closing_a_tab_frees_its_cache(engine):
+    from types import SimpleNamespace
+
     from ui.handlers import ChatHandlers, ChatSession
 
     tab = ChatSession()
+    request = SimpleNamespace(session_hash="tab-1")  # what Gradio hands the unload event
+    tab.bind(request)
     answer(engine, [{"role": "user", "content": "Hello world"}], session=tab.id)
     assert engine.session_count() == 1 and engine.kv_cache_bytes() > 0
-    ChatHandlers(engine).close_session(tab)
+    ChatHandlers(engine).tab_closed(request)
     assert engine.session_count() == 0 and engine.kv_cache_bytes() == 0
+
+
+def test_a_tab_closed_during_another_answer_is_freed_when_that_answer_ends(engine):
+    answer(engine, [{"role": "user", "content": "Hello world"}], session="closed-tab")
+    stream = engine.chat([{"role": "user", "content": "Tell me more"}], SamplingSettings(max_new_tokens=200, temperature=0),
+                         threading.Event(), session="busy-tab")
+    next(stream)  # an answer is running: the GPU lock is held
+    returned = threading.Event()
+    threading.Thread(target=lambda: (engine.drop_session("closed-tab"), returned.set()), daemon=True).start()
+    assert returned.wait(5), "drop_session waited for the running answer"
+    assert "closed-tab" in engine._sessions.sessions()  # queued, not done under a running answer
+    stream.close()
+    assert engine._sessions.sessions() == ["busy-tab"]
 
 
 # ----- out of memory ------------------------------------------------------------------

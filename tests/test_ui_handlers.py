@@ -2,6 +2,7 @@
 
 import copy
 
+import gradio as gr
 import pytest
 import torch
 
@@ -67,6 +68,33 @@ def test_regenerate_and_undo(handlers):
     # Something already typed in the box is not overwritten by Undo.
     assert handlers.undo(history, "draft")[1] == "draft"
     assert handlers.regenerate([], session) == []
+
+
+def test_the_chat_cannot_be_edited_while_an_answer_streams(handlers):
+    session = ChatSession()
+    _, history = handlers.submit("Hello world", [], session, "en")
+    stream = handlers.answer(history, "", 0, 0.9, 200, session, "en")
+    streaming = next(stream)
+    assert session.answering
+    skip = gr.skip()
+    # Send, regenerate, undo and clear are refused with a message; the typed text stays in the box.
+    assert handlers.submit("second question", streaming, session, "en") == ("second question", skip)
+    assert handlers.regenerate(streaming, session, "en") == skip
+    assert handlers.undo(streaming, "draft", session, "en") == (skip, "draft")
+    assert handlers.clear(session, "en") == skip
+    assert list(handlers.answer(streaming, "", 0, 0.9, 8, session, "en")) == [skip]  # the chained answer
+    handlers.stop(session)  # Stop frees the tab at once, even before the answer has wound down
+    assert not session.answering
+    final = list(stream)[-1]
+    assert final[1]["role"] == "assistant" and final[1]["content"].startswith(streaming[1]["content"])
+    assert handlers.clear(session, "en") == []
+
+
+def test_an_api_answer_never_starts_with_a_stale_stop(handlers):
+    session = ChatSession()
+    handlers.stop(session)  # e.g. Stop pressed after the previous answer had ended
+    history = run_answer(handlers, [{"role": "user", "content": "Hello world"}], session)
+    assert history[1]["content"] and "TTFT" in history[2]["metadata"]["title"]
 
 
 def test_stop_sets_only_this_tabs_switch():

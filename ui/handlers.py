@@ -30,11 +30,25 @@ USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, ValueError, 
 
 
 class ChatSession:
-    """One browser tab's private state: its Stop switch and the id of its KV cache. Fresh per tab."""
+    """One browser tab's private state: its Stop switch, whether it is answering, its KV cache's id."""
 
     def __init__(self) -> None:
         self.stop_event = threading.Event()
         self.id = uuid.uuid4().hex  # names this tab's KV cache in the engine
+        self.active: threading.Event | None = None  # the Stop switch of the answer streaming now
+
+    @property
+    def answering(self) -> bool:
+        """An answer is streaming into this tab's chat, so the chat must not be edited under it.
+
+        Pressing Stop ends this at once, so a tab can never be stuck refusing input.
+        """
+        return self.active is not None and not self.active.is_set()
+
+    def bind(self, request: gr.Request | None) -> None:
+        """Name the KV cache after the browser session, so closing the tab can free it."""
+        if request is not None and getattr(request, "session_hash", None):
+            self.id = request.session_hash
 
     def __deepcopy__(self, memo) -> "ChatSession":
         # gr.State deep-copies its initial value for every new tab: give each its own Event.
@@ -86,10 +100,10 @@ class ChatHandlers:
         room = engine.context_limit(kv=kv or KVPrecision.FULL.value) if engine.loaded else None
         return memory_panel_html(engine.memory(), lang, engine.loaded, budget, room, engine.session_count())
 
-    def close_session(self, session: "ChatSession") -> None:
-        """A tab was closed: free its KV cache."""
-        if isinstance(session, ChatSession):
-            self.engine.drop_session(session.id)
+    def tab_closed(self, request: gr.Request | None = None) -> None:
+        """A browser tab was closed or reloaded: free its KV cache (never waits for the GPU)."""
+        if request is not None and getattr(request, "session_hash", None):
+            self.engine.drop_session(request.session_hash)
 
     def fit_check(self, model, quant, double_quant, budget, context, lang) -> str:
         """The verdict for the chosen model/settings, before loading."""
@@ -126,24 +140,46 @@ class ChatHandlers:
         return t("current_model", lang, model=loaded.ref.label, quant=loaded.settings.quant.value)
 
     # ----- chat ----------------------------------------------------------------------
+    def _busy(self, session: ChatSession, lang: str) -> bool:
+        if session.answering:
+            gr.Warning(t("answer_running", lang))
+        return session.answering
+
     def submit(self, message: str, history: list, session: ChatSession, lang: str):
         """Put the user's message into the chat at once; empty input gets a message, nothing is lost."""
+        if self._busy(session, lang):
+            return message, gr.skip()  # the text stays in the box; the streaming chat is untouched
         history = ch.normalize(history)
         if not (message or "").strip():
             gr.Warning(t("empty_message", lang))
             return message, history
-        session.new_answer()
         history.append({"role": "user", "content": message})
         return "", history
 
     def answer(self, history: list, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
                session: ChatSession, lang: str, kv: str = KVPrecision.FULL.value,
-               policy: str = OverflowPolicy.DROP_OLDEST.value) -> Iterator[list]:
+               policy: str = OverflowPolicy.DROP_OLDEST.value, request: gr.Request | None = None) -> Iterator[list]:
         """Stream the answer to the chat's last (unanswered) user message, then a metrics line."""
+        if session.answering:
+            yield gr.skip()  # this tab's answer is still streaming (a refused send): leave it alone
+            return
         history = ch.normalize(history)
         if not history or history[-1].get("role") != "user":
             yield history  # nothing to answer (e.g. the message was empty)
             return
+        session.bind(request)
+        stop_event = session.new_answer()  # fresh for every answer: an API caller never finds it set
+        session.active = stop_event
+        try:
+            yield from self._stream_answer(history, system_prompt, temperature, top_p, max_new_tokens,
+                                           session.id, stop_event, lang, kv, policy)
+        finally:
+            if session.active is stop_event:
+                session.active = None
+
+    def _stream_answer(self, history: list, system_prompt: str, temperature: float, top_p: float,
+                       max_new_tokens: int, session_id: str, stop_event: threading.Event, lang: str, kv: str,
+                       policy: str) -> Iterator[list]:
         sampling = SamplingSettings(
             max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
         )
@@ -151,7 +187,7 @@ class ChatHandlers:
         history.append({"role": "assistant", "content": ""})
         noticed = False
         try:
-            updates = self.engine.chat(messages, sampling, session.stop_event, session=session.id,
+            updates = self.engine.chat(messages, sampling, stop_event, session=session_id,
                                        kv=kv or KVPrecision.FULL.value, policy=policy or OverflowPolicy.DROP_OLDEST.value)
             for update in updates:
                 if update.stats.dropped_messages and not noticed:
@@ -179,15 +215,24 @@ class ChatHandlers:
         """Stop the answer being generated for this tab (the computation itself stops)."""
         session.stop_event.set()
 
-    def regenerate(self, history: list, session: ChatSession) -> list:
+    def regenerate(self, history: list, session: ChatSession, lang: str = "en"):
         """Drop the last answer so it can be generated again."""
-        session.new_answer()
+        if self._busy(session, lang):
+            return gr.skip()
         return ch.drop_last_answer(ch.normalize(history))
 
-    def undo(self, history: list, message: str) -> tuple[list, str]:
+    def undo(self, history: list, message: str, session: ChatSession | None = None, lang: str = "en"):
         """Remove the last turn and put its question back in the textbox (nothing typed is lost)."""
+        if session is not None and self._busy(session, lang):
+            return gr.skip(), message
         history, last = ch.drop_last_turn(ch.normalize(history))
         return history, (message or last)
+
+    def clear(self, session: ChatSession, lang: str = "en"):
+        """Empty the chat (not while an answer is being written into it)."""
+        if self._busy(session, lang):
+            return gr.skip()
+        return []
 
 
 def _clip(text: str, width: int = 40) -> str:

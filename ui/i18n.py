@@ -46,6 +46,8 @@ STRINGS: dict[str, dict[str, str]] = {
     "model_info": {"en": "Model details", "zh": "模型详情"},
     # run-time messages
     "empty_message": {"en": "Type a message first.", "zh": "请先输入消息。"},
+    "answer_running": {"en": "An answer is still being written: wait for it, or press Stop first. Your text is kept.",
+                       "zh": "回答仍在生成中：请等待，或先点击停止。您输入的内容已保留。"},
     "no_model": {"en": "No model is loaded yet: pick one and press Load.", "zh": "还没有加载模型：请选择模型并点击加载。"},
     "loading": {"en": "Loading {model} ({quant})…", "zh": "正在加载 {model}（{quant}）…"},
     "loaded": {"en": "**Loaded {model}** ({quant}, {dtype}) in {seconds:.1f} s · {split}",

@@ -58,7 +58,9 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
     gpu_total_gib = round(engine.memory().total / GiB, 1) if engine.device == "cuda" else 8.0
 
     with gr.Blocks(title="Small LLM Lab") as demo:
-        session = gr.State(ChatSession(), delete_callback=handlers.close_session)
+        session = gr.State(ChatSession())
+        # Fires when the tab is closed or reloaded (an input-only State's delete_callback never does).
+        demo.unload(handlers.tab_closed)
         with gr.Row():
             gr.Markdown(i18n("title"))
             lang = gr.Radio(
@@ -170,12 +172,14 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
         )
         stop.click(handlers.stop, session, None, queue=False, api_visibility="private")
-        regenerate.click(handlers.regenerate, [chatbot, session], chatbot, queue=False,
+        # Queued (not queue=False) so the "answer still running" toast reaches the browser.
+        regenerate.click(handlers.regenerate, [chatbot, session, lang], chatbot, concurrency_limit=None,
                          api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
         )
-        undo.click(handlers.undo, [chatbot, msg], [chatbot, msg], queue=False, api_visibility="private")
-        clear.click(lambda: [], None, chatbot, queue=False, api_visibility="private")
+        undo.click(handlers.undo, [chatbot, msg, session, lang], [chatbot, msg], concurrency_limit=None,
+                   api_visibility="private")
+        clear.click(handlers.clear, [session, lang], chatbot, concurrency_limit=None, api_visibility="private")
     return demo
 
 
