@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import threading
+from pathlib import Path
 
 from compare.prompt_sets import PromptSetError
 from models.catalog import UnknownModelError, load_catalog
@@ -23,6 +25,8 @@ from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
 from models.quant import Quant
 from models.sources import ModelSourceError
+
+MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
 
 TRUST_WARNING = (
     "WARNING: --trust-remote-code runs Python code downloaded with the model. "
@@ -36,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ask", metavar="QUESTION", help="answer one question headless, print it with metrics, and exit")
     p.add_argument("--model", default="", help="catalog id, local folder, .gguf file or hub id (default: the embedded model)")
     p.add_argument("--quant", default="none", choices=[q.value for q in Quant],
-                   help="weights precision: none (fp16 on GPU, fp32 on CPU) | bf16 | 8bit | 4bit (default: none)")
+                   help="weights precision: none (fp16 on GPU, fp32 on CPU) | bf16 | 8bit | 4bit (bitsandbytes nf4) | "
+                        "int4 (torchao int4 with a compiled decoder, the fast path; recent NVIDIA GPUs) (default: none)")
     p.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the quantization constants")
     p.add_argument("--gpu-budget", type=float, metavar="GiB", help="VRAM this app may use (default: free VRAM minus 0.5 GiB)")
     p.add_argument("--context", type=int, default=4096, metavar="TOKENS", help="context length to plan memory for")
@@ -60,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.quant = Quant(args.quant)
     if args.gpu_budget is not None and args.gpu_budget <= 0:
         p.error("--gpu-budget must be a positive number of GiB")
+    if not MIN_CONTEXT <= args.context <= MAX_CONTEXT:
+        p.error(f"--context must be between {MIN_CONTEXT} and {MAX_CONTEXT} tokens")
+    if args.double_quant and args.quant is not Quant.NF4:
+        p.error("--double-quant goes with --quant 4bit (it shrinks nf4's quantization constants)")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if not 0 < args.top_p <= 1:
@@ -77,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.compare = [parse_spec(text) for text in args.compare]
         except ValueError as e:
             p.error(f"--compare: {e}")
+        if args.kv != KVPrecision.FULL.value:
+            p.error("--kv applies to --ask and the app; --compare runs with a full-precision KV cache")
     elif args.prompts or args.out:
         p.error("--prompts and --out go with --compare MODEL[:QUANT] ...")
     return args
@@ -132,6 +143,14 @@ def run_compare(args: argparse.Namespace, engine: Engine) -> int:
     from compare.prompt_sets import load_prompt_set
     from compare.runner import run_batch, summarize
 
+    if args.out:  # fail now, not after a long batch
+        folder = Path(args.out).resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"--out: cannot create {folder} ({e.strerror or e})") from None
+        if not os.access(folder, os.W_OK):
+            raise OSError(f"--out: cannot write into {folder} (read-only)")
     prompt_set = load_prompt_set(args.prompts)
     if args.system:
         prompt_set = dataclasses.replace(prompt_set, system=args.system)
@@ -177,12 +196,13 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
 
     try:
         engine.load(args.model, load_settings(args), progress=_progress)
-    except (UnknownModelError, ModelLoadError, ModelSourceError) as e:
+    except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, OSError, ValueError) as e:
         # The app still starts: the user can pick another model in the UI.
         print(f"error: {e}", file=sys.stderr)
     defaults = UiDefaults(
         model=args.model, quant=args.quant.value, gpu_budget_gib=args.gpu_budget, context_tokens=args.context,
         system_prompt=args.system, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        kv=args.kv,
     )
     demo = build_demo(engine, defaults, settings_extra={"trust_remote_code": args.trust_remote_code})
     demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))
@@ -200,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_compare(args, engine)
         return run_ask(args, engine) if args.ask is not None else serve(args, engine)
     except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, PromptSetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. --out in a folder that does not exist or is read-only
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -163,8 +163,14 @@ class _TimedQueueStreamer(BaseStreamer):
 
 
 def chat_input_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat, formatted by the tokenizer's own chat template."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    """Token ids of a chat, formatted by the tokenizer's own chat template (ValueError if the template fails)."""
+    from jinja2 import TemplateError
+
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except TemplateError as e:
+        # Templates raise for chats they do not accept, e.g. "System role not supported".
+        raise ValueError(f"The model's chat template rejected this chat: {e}") from None
     return list(encoded["input_ids"])
 
 

@@ -206,8 +206,12 @@ class CompareHandlers:
             if event.row is not None:
                 rows.append(event.row)
                 yield self.table(rows), self.summary_text(rows, total, lang), None, None
-        folder = Path(tempfile.mkdtemp(prefix="smallchat-batch-"))
-        csv_path, jsonl_path = write_both(rows, folder / "results.csv")
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="smallchat-batch-"))
+            csv_path, jsonl_path = write_both(rows, folder / "results.csv")
+        except OSError as e:  # e.g. a full temp disk: the table stays, the export is explained
+            yield self.table(rows), t("compare_error", lang, error=str(e)), None, None
+            return
         yield self.table(rows), self.summary_text(rows, total, lang, finished=True), str(csv_path), str(jsonl_path)
 
     @staticmethod
@@ -232,7 +236,7 @@ class CompareHandlers:
             report = quality_check(self.engine, (model or "").strip(), Quant(quant),
                                    self.base_settings(budget_gib, context),
                                    progress=lambda f, m: progress(f, desc=m))
-        except USER_ERRORS as e:
+        except USER_ERRORS + (RuntimeError,) as e:  # RuntimeError: e.g. out of memory during the check
             return t("compare_error", lang, error=str(e))
         return self.quality_text(report, lang)
 

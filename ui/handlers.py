@@ -127,7 +127,7 @@ class ChatHandlers:
             settings = choice.load_settings(self.engine)
             progress(0, desc=t("loading", lang, model=model, quant=quant))
             report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=m))
-        except USER_ERRORS as e:
+        except USER_ERRORS + (RuntimeError,) as e:  # RuntimeError: e.g. a CUDA error inside from_pretrained
             current = self.current_model_text(lang)
             return f"{t('load_failed', lang, error=str(e))}\n\n{current}", self.memory_html(lang, budget)
         return load_report_text(report, lang), self.memory_html(lang, budget)

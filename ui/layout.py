@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 
@@ -18,6 +18,12 @@ from .i18n import LANGUAGES, gradio_i18n, language_from_header, t
 from .panels import PANEL_CSS
 
 MEMORY_REFRESH_S = 1.0
+# Ranges of the sliders. A CLI value beyond a maximum of the token sliders widens it instead.
+TEMPERATURE_MAX = 2.0
+TOP_P_MIN = 0.05
+BUDGET_MIN_GIB = 0.5
+CONTEXT_MIN, CONTEXT_MAX = 256, 32768
+MAX_NEW_TOKENS_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,21 @@ class UiDefaults:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 512
+    kv: str = KVPrecision.FULL.value
+
+    def within_controls(self, quant_choices: list[str], kv_choices: list[str], gpu_total_gib: float) -> "UiDefaults":
+        """These values brought inside what the controls can show (CLI values may lie outside)."""
+        budget = self.gpu_budget_gib
+        return replace(
+            self,
+            quant=self.quant if self.quant in quant_choices else (quant_choices[0] if quant_choices else self.quant),
+            kv=self.kv if self.kv in kv_choices else KVPrecision.FULL.value,
+            gpu_budget_gib=None if budget is None else min(max(budget, BUDGET_MIN_GIB), gpu_total_gib),
+            context_tokens=max(CONTEXT_MIN, int(self.context_tokens)),
+            temperature=min(max(float(self.temperature), 0.0), TEMPERATURE_MAX),
+            top_p=min(max(float(self.top_p), TOP_P_MIN), 1.0),
+            max_new_tokens=max(1, int(self.max_new_tokens)),
+        )
 
 
 def _quant_controls(engine: Engine, lang: str) -> tuple[list[str], str]:
@@ -50,12 +71,14 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
     catalog = engine.catalog
     quant_choices, quant_note = _quant_controls(engine, "en")
     loaded = engine.loaded
+    kv_choices = [p.value for p in kv_precision_options(engine.device)]
+    gpu_total_gib = round(engine.memory().total / GiB, 1) if engine.device == "cuda" else 8.0
+    defaults = defaults.within_controls(quant_choices, kv_choices, gpu_total_gib)
     model_value = loaded.ref.label if loaded else (defaults.model or catalog.default_id)
     quant_value = loaded.settings.quant.value if loaded else defaults.quant
     gpu_budget = defaults.gpu_budget_gib
     if engine.device == "cuda" and gpu_budget is None:
         gpu_budget = round((default_gpu_budget_bytes() or 0) / GiB + engine.memory().app_total / GiB, 1)
-    gpu_total_gib = round(engine.memory().total / GiB, 1) if engine.device == "cuda" else 8.0
 
     with gr.Blocks(title="Small LLM Lab") as demo:
         session = gr.State(ChatSession())
@@ -85,12 +108,12 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                             clear = gr.Button(i18n("clear"), size="sm", elem_id="clear")
                         with gr.Accordion(i18n("settings"), open=False):
                             system_prompt = gr.Textbox(label=i18n("system_prompt"), value=defaults.system_prompt, lines=2)
-                            temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label=i18n("temperature"))
-                            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label=i18n("top_p"))
-                            max_new = gr.Slider(1, 4096, value=defaults.max_new_tokens, step=1, label=i18n("max_new_tokens"))
+                            temperature = gr.Slider(0, TEMPERATURE_MAX, value=defaults.temperature, step=0.05, label=i18n("temperature"))
+                            top_p = gr.Slider(TOP_P_MIN, 1, value=defaults.top_p, step=0.05, label=i18n("top_p"))
+                            max_new = gr.Slider(1, max(MAX_NEW_TOKENS_MAX, defaults.max_new_tokens), value=defaults.max_new_tokens, step=1, label=i18n("max_new_tokens"))
                             kv_precision = gr.Dropdown(
                                 choices=[(t(f"kv_{p.value}", "en"), p.value) for p in kv_precision_options(engine.device)],
-                                value=KVPrecision.FULL.value, label=i18n("kv_precision"), elem_id="kv-precision",
+                                value=defaults.kv, label=i18n("kv_precision"), elem_id="kv-precision",
                             )
                             overflow = gr.Dropdown(
                                 choices=[(t(f"policy_{p.value}", "en"), p.value) for p in OverflowPolicy],
@@ -106,9 +129,9 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                         if (settings_extra or {}).get("trust_remote_code"):
                             gr.Markdown(i18n("trust_remote_code_warning"), elem_id="remote-code-warning")
                         double_quant = gr.Checkbox(False, label=i18n("double_quant"))
-                        budget = gr.Slider(0.5, gpu_total_gib, value=gpu_budget or 8.0, step=0.1, label=i18n("gpu_budget"),
+                        budget = gr.Slider(BUDGET_MIN_GIB, gpu_total_gib, value=gpu_budget or 8.0, step=0.1, label=i18n("gpu_budget"),
                                            visible=engine.device == "cuda", elem_id="budget")
-                        context = gr.Slider(256, 32768, value=defaults.context_tokens, step=256, label=i18n("context"))
+                        context = gr.Slider(CONTEXT_MIN, max(CONTEXT_MAX, defaults.context_tokens), value=defaults.context_tokens, step=256, label=i18n("context"))
                         fit = gr.Markdown(elem_id="fit")
                         load = gr.Button(i18n("load"), elem_id="load")
                         status = gr.Markdown(handlers.current_model_text("en"), elem_id="status")
