@@ -93,6 +93,7 @@ def top_kernels(fast, tokenizer, ids, n: int = 12) -> list[dict]:
 
 
 def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: int, context: int) -> dict:
+    """Load one path for one checkpoint and time TTFT, decode tok/s and peak VRAM."""
     import torch
 
     from models.catalog import load_catalog
@@ -157,6 +158,7 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
 
 
 def zip_prefix(a, b):
+    """Length of the common prefix of two token lists."""
     for x, y in zip(a, b):
         if x != y:
             return
@@ -164,6 +166,7 @@ def zip_prefix(a, b):
 
 
 def parent(args) -> None:
+    """Run every (model, path) in its own child process and collect the rows."""
     from bench.synth import write_random_llama
     from models.catalog import load_catalog
 
@@ -196,6 +199,7 @@ def parent(args) -> None:
 
 
 def markdown(path: str) -> str:
+    """The results file as a Markdown table."""
     rows = [json.loads(line) for line in open(path)]
     if not rows:
         return "no results\n"
@@ -226,12 +230,14 @@ def markdown(path: str) -> str:
 
 
 def child(args) -> None:
+    """One measurement in this (child) process; prints its row as JSON."""
     row = measure(args.folder, args.path, args.budget, args.prompt, args.new_tokens, args.context)
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
+    """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true")
     p.add_argument("--folder")

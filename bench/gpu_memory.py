@@ -61,7 +61,6 @@ def measure(folder: str, quant: str, contexts: list[int], budget_gib: float | No
         torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(0, loaded.shape.vocab_size - 2, (context - new_tokens,)).tolist()
         cache = DynamicCache(config=loaded.model.config)
-        t0 = time.perf_counter()
         final = list(stream_generate(loaded.model, loaded.tokenizer, ids,
                                      SamplingSettings(max_new_tokens=new_tokens, temperature=0),
                                      threading.Event(), cache))[-1]
@@ -95,6 +94,7 @@ def measure(folder: str, quant: str, contexts: list[int], budget_gib: float | No
 
 
 def child(args) -> None:
+    """One configuration in this (child) process; prints its row as JSON."""
     rows = measure(args.folder, args.quant, args.contexts, args.budget, args.new_tokens)
     with open(args.out, "a") as f:
         for row in rows:
@@ -102,6 +102,7 @@ def child(args) -> None:
 
 
 def parent(args) -> None:
+    """Run every configuration in its own child process and collect the rows."""
     from bench.synth import write_random_llama
     from models.catalog import load_catalog
 
@@ -132,6 +133,7 @@ def parent(args) -> None:
 
 
 def print_table(path: str) -> None:
+    """Print the results file as a table."""
     rows = [json.loads(line) for line in open(path)]
     print(f"\n{'model':>6} {'quant':>5} {'budget':>6} {'ctx':>5} {'layers gpu/cpu':>14} {'pred GiB':>9} "
           f"{'meas GiB':>9} {'err %':>6} {'weights p/m MiB':>17} {'ctx p/m MiB':>12} {'tok/s':>6}")
@@ -154,6 +156,7 @@ def print_table(path: str) -> None:
 
 
 def main() -> None:
+    """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true")
     p.add_argument("--folder")

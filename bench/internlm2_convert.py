@@ -149,6 +149,7 @@ def load_4bit(src: str, cache_dir: Path, budget_gib: float) -> dict:
 
 
 def main() -> None:
+    """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/smallchat-internlm2")
     p.add_argument("--budget", type=float, default=8.0)

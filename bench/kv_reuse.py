@@ -68,6 +68,7 @@ def first_token(engine, messages, sampling, session, kv) -> tuple[float, object]
 
 
 def run(args) -> list[dict]:
+    """Measure TTFT of the next turn with and without reuse for each KV precision."""
     import torch
 
     from models.catalog import load_catalog
@@ -134,6 +135,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="catalog id or folder (default: the embedded model)")
     p.add_argument("--quant", default="none")

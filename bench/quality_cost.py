@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+    """Command-line entry point."""
     from compare.quality import quality_check
     from models.catalog import load_catalog
     from models.engine import Engine

@@ -65,6 +65,7 @@ class _Lines:
 
     @classmethod
     def scan(cls, text: str) -> "_Lines":
+        """Index the file's lines: where each [[questions]] table starts."""
         found = cls()
         in_table = False
         for number, line in enumerate(text.splitlines(), start=1):
@@ -81,6 +82,7 @@ class _Lines:
         return found
 
     def question(self, index: int) -> int | None:
+        """The 1-based question number a line belongs to (None: before the first question)."""
         return self.question_lines[index] if index < len(self.question_lines) else None
 
 

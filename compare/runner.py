@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
-from models.engine import Engine, LoadReport
+from models.engine import Engine, LoadReport, ModelEvictedError
 from models.generation import GenerationStats, SamplingSettings
 from models.loading import LoadSettings, ModelLoadError
 from models.quant import Quant, parse_quant
@@ -124,11 +124,6 @@ class Comparison:
         return sum(side.load.switch_seconds for side in self.sides if side.load and side.swapped_out)
 
 
-def resident_keys(engine: Engine) -> tuple[str, ...]:
-    """The engine keys of every resident model."""
-    return tuple(engine.model_key(m.ref.location, m.settings) for m in engine.residents())
-
-
 def make_resident(engine: Engine, spec: ConfigSpec, base: LoadSettings, progress: ProgressFn | None = None) -> LoadReport:
     """Load (or reuse) a configuration, evicting others only when the budget needs it; refuse what won't fit."""
     settings = spec.settings(base)
@@ -173,13 +168,21 @@ def compare(engine: Engine, specs: list[ConfigSpec], messages: list[dict], sampl
         side.status = "loading"
         yield state
         try:
-            side.load = make_resident(engine, side.spec, base)
-            side.status = "streaming"
-            yield state
-            key = engine.model_key(side.spec.model, side.spec.settings(base))
-            for update in engine.chat(messages, sampling, stop.answer_event(), model=key):
-                side.text, side.stats = update.text, update.stats
+            for attempt in range(2):
+                side.load = make_resident(engine, side.spec, base)
+                side.status = "streaming"
                 yield state
+                key = engine.model_key(side.spec.model, side.spec.settings(base))
+                try:
+                    for update in engine.chat(messages, sampling, stop.answer_event(), model=key):
+                        side.text, side.stats = update.text, update.stats
+                        yield state
+                    break
+                except ModelEvictedError:
+                    # Another user's load took its memory between our load and our answer: load it
+                    # again, once; a second eviction is reported (the GPU is too contended).
+                    if attempt:
+                        raise
             side.status = "done"
         except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
             side.status, side.error = "error", str(e)
@@ -285,8 +288,16 @@ def run_batch(engine: Engine, prompt_set: PromptSet, specs: list[ConfigSpec], sa
                 return
             stats, text, error = None, "", ""
             try:
-                for update in engine.chat(prompt_set.messages(question), sampling, stop.answer_event(), model=key):
-                    stats, text = update.stats, update.text
+                for attempt in range(2):
+                    try:
+                        for update in engine.chat(prompt_set.messages(question), sampling, stop.answer_event(),
+                                                  model=key):
+                            stats, text = update.stats, update.text
+                        break
+                    except ModelEvictedError:  # another user's load took its memory: load it again, once
+                        if attempt:
+                            raise
+                        report = make_resident(engine, spec, base)
             except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
                 error = str(e)
             done += 1
@@ -322,7 +333,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 __all__ = [
-    "StopSwitch", "ConfigSpec", "parse_spec", "Side", "Comparison", "compare", "make_resident", "resident_keys",
+    "StopSwitch", "ConfigSpec", "parse_spec", "Side", "Comparison", "compare", "make_resident",
     "fits_together",
     "ResultRow", "BatchEvent", "run_batch", "summarize",
 ]

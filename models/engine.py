@@ -74,6 +74,10 @@ def _shared_kv_precision(precision: KVPrecision | str) -> KVPrecision:
     return precision if isinstance(precision, KVPrecision) else KVPrecision(precision)
 
 
+class ModelEvictedError(ModelLoadError):
+    """The model an answer was asked of is no longer resident (evicted to make room for another)."""
+
+
 class Engine:
     """Owns the models, the session caches and the GPU lock; the UI and the CLI both drive it."""
 
@@ -141,6 +145,10 @@ class Engine:
     def session_count(self) -> int:
         """How many chat sessions hold a KV cache."""
         return len(self._sessions)
+
+    def session_ids(self) -> list[str]:
+        """Ids of the chat sessions holding a KV cache, least recently used first."""
+        return self._sessions.sessions()
 
     # ----- planning ------------------------------------------------------------------
     def resolve(self, choice: str) -> ModelRef:
@@ -401,6 +409,11 @@ class Engine:
         key = model or self._chat_key
         try:
             loaded = self._residents.get(key) if key else None
+            if loaded is None and model is not None:
+                raise ModelEvictedError(
+                    f"{model.split('|')[0]} was unloaded to make room for another model before this answer "
+                    "could start (another load or comparison ran meanwhile); run it again."
+                )
             if loaded is None:
                 raise ModelLoadError("No model is loaded yet: pick one and press Load.")
             self._residents.move_to_end(key)
@@ -496,6 +509,6 @@ class Engine:
 
 
 __all__ = [
-    "Engine", "LoadReport", "UnloadReport", "UnknownModelError", "ModelLoadError", "ModelSourceError",
+    "Engine", "LoadReport", "ModelEvictedError", "UnloadReport", "UnknownModelError", "ModelLoadError", "ModelSourceError",
     "ContextOverflowError", "KVPrecision", "OverflowPolicy",
 ]

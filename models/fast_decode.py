@@ -291,6 +291,7 @@ class FastDecoder:
         stats = GenerationStats(prompt_tokens=len(input_ids))
         errors: list[BaseException] = []
         result: list[int] = []
+        finals: dict[str, int] = {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -299,6 +300,9 @@ class FastDecoder:
                 with self._busy, torch.inference_mode():
                     result.extend(self._generate(input_ids, sampling, stop_event,
                                                  lambda ids: out.put((time.perf_counter(), ids))))
+                    # Read while this answer still owns the decoder (and the GPU): once the lock
+                    # is released, another session's answer may change both.
+                    finals.update(reused=self.reused_tokens, peak=_device_peak(self.device))
             except BaseException as e:  # surfaced to the caller below, in its own thread
                 self.token_ids = []  # the cache is in an unknown state
                 errors.append(e)
@@ -344,7 +348,7 @@ class FastDecoder:
         text += decoder.flush()
         stats.total_s = time.perf_counter() - started
         stats.new_tokens = len(new_ids)
-        stats.reused_tokens = self.reused_tokens
+        stats.reused_tokens = finals.get("reused", 0)
         if first_at is not None:
             stats.ttft_s = first_at - started
             if stats.new_tokens > 1 and last_at > first_at:
@@ -355,7 +359,7 @@ class FastDecoder:
             stats.finish_reason = "length"
         else:
             stats.finish_reason = "stopped"
-        stats.peak_bytes = _device_peak(self.device)
+        stats.peak_bytes = finals.get("peak", 0)
         yield StreamUpdate(text=text, stats=stats, done=True, token_ids=list(new_ids))
 
     def stream_generate(self, model, tokenizer, input_ids: list[int], sampling: SamplingSettings,

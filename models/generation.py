@@ -203,6 +203,7 @@ def stream_generate(
     streamer = _TimedQueueStreamer(tokenizer, out)
     stats = GenerationStats(prompt_tokens=len(input_ids))
     errors: list[BaseException] = []
+    peak: list[int] = []
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
@@ -228,6 +229,8 @@ def stream_generate(
         except BaseException as e:  # surfaced to the caller below, in its own thread
             errors.append(e)
         finally:
+            # Measured before the engine's lock is released: afterwards it may be another answer's.
+            peak.append(_device_peak(device))
             out.put(_DONE)
             if on_worker_done is not None:
                 on_worker_done()
@@ -271,5 +274,5 @@ def stream_generate(
         stats.finish_reason = "length"
     else:
         stats.finish_reason = "stopped"
-    stats.peak_bytes = _device_peak(device)
+    stats.peak_bytes = peak[0] if peak else _device_peak(device)
     yield StreamUpdate(text=text, stats=stats, done=True, token_ids=list(streamer.new_ids))

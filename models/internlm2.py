@@ -68,10 +68,12 @@ class _Shape:
 
     @property
     def head_dim(self) -> int:
+        """Size of one attention head."""
         return self.hidden // self.heads
 
     @property
     def q_per_kv(self) -> int:
+        """Query heads per key/value head (the GQA group size)."""
         return self.heads // self.kv_heads
 
 

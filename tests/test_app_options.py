@@ -7,7 +7,6 @@ import pytest
 
 import app
 from compare.runner import ConfigSpec, fits_together
-from models.catalog import ModelShape
 from models.engine import Engine
 from models.generation import chat_input_ids
 from models.loading import LoadSettings

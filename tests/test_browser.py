@@ -137,3 +137,36 @@ def test_second_turn_reuses_the_cache_and_the_panel_shows_room(page):
     page.wait_for_selector("#context-room", timeout=10_000)
     room = page.inner_text("#context-room")
     assert re.search(r"Room for [\d,]+ tokens of context · \d+ chats cached", room), room
+
+
+def test_sending_while_an_answer_streams_is_refused_and_keeps_the_text(page):
+    send(page, "Write a very long story about a dragon who learns to cook. Make it at least ten paragraphs.")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.split(/\\s+/).length > 25", timeout=60_000)
+    send(page, "A second question typed too early")
+    page.wait_for_selector("text=An answer is still being written", timeout=10_000)
+    assert page.input_value("#message textarea") == "A second question typed too early"
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('stopped')", timeout=30_000)
+    assert "A second question typed too early" not in chat_text(page)
+    page.click("#send")  # after Stop the kept text can be sent as usual
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('A second question typed')",
+                           timeout=30_000)
+    page.wait_for_function("(document.querySelector('#chatbot').innerText.match(/TTFT/g) || []).length >= 2",
+                           timeout=60_000)
+
+
+def test_closing_the_tab_frees_its_kv_cache(browser, app_url, embedded_engine):
+    before = set(embedded_engine.session_ids())
+    context = browser.new_context(locale="en-US")
+    page = context.new_page()
+    page.goto(app_url)
+    page.wait_for_selector("#message textarea", timeout=30_000)
+    send(page, "What is the capital of France?")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=60_000)
+    mine = set(embedded_engine.session_ids()) - before
+    assert len(mine) == 1, "the tab's answer should have left one cached session"
+    context.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and mine & set(embedded_engine.session_ids()):
+        time.sleep(0.2)
+    assert not mine & set(embedded_engine.session_ids()), "closing the tab did not free its cache"

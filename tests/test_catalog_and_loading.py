@@ -1,7 +1,6 @@
 """Catalog resolution and the loader on a tiny random Llama: every quantization on CPU,
 explicit device maps, disk offload, and a clear error for each bad input."""
 
-import json
 import shutil
 import threading
 
@@ -12,8 +11,8 @@ from models import hardware
 from models.catalog import UnknownModelError, load_catalog
 from models.engine import Engine
 from models.generation import SamplingSettings
-from models.loading import LoadSettings, ModelLoadError, NoChatTemplateError, build_device_map, load_model
-from models.memory import GiB, MiB, FitPlan
+from models.loading import LoadSettings, ModelLoadError, NoChatTemplateError, build_device_map
+from models.memory import FitPlan
 from models.quant import Quant, quant_options
 from models.sources import ModelSourceError
 from tiny import write_tiny_llama

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from compare.prompt_sets import (
 from compare.quality import next_token_scores, quality_check, text_ids, top1_agreement
 from compare.runner import ConfigSpec, ResultRow, StopSwitch, compare, fits_together, parse_spec, run_batch, summarize
 from compare.scoring import keyword_found, score_answer
-from models.engine import Engine
+from models.engine import Engine, ModelEvictedError
 from models.generation import SamplingSettings
 from models.loading import LoadSettings
 from models.quant import Quant
@@ -378,3 +379,23 @@ def test_cli_compare_writes_csv_and_jsonl(tmp_path):
     france = [r for r in records if r["question_no"] == 1]
     assert all(r["keywords"] == "1/1" and r["score"] == 1.0 for r in france)
     assert all(0 < r["new_tokens"] <= 12 for r in records)
+
+
+def test_a_side_evicted_by_another_user_is_loaded_again(catalog, tiny_llama):
+    # Between a side's load and its answer another user's load may take the memory: the side
+    # loads again (once) instead of failing with "no model is loaded".
+    engine = Engine(catalog)
+    spec = ConfigSpec(str(tiny_llama), Quant.NONE)
+    real_chat = engine.chat
+    evictions = []
+
+    def chat_after_an_eviction(*args, **kwargs):
+        if not evictions:
+            evictions.append(engine.unload())  # what another tab's switch would do
+        return real_chat(*args, **kwargs)
+
+    engine.chat = chat_after_an_eviction
+    final = list(compare(engine, [spec], [{"role": "user", "content": "Hello world"}], GREEDY, base=SMALL))[-1]
+    assert evictions and final.sides[0].status == "done" and final.sides[0].text
+    with pytest.raises(ModelEvictedError, match="was unloaded to make room"):
+        list(real_chat([{"role": "user", "content": "hi"}], GREEDY, threading.Event(), model="gone|none|ctx256"))

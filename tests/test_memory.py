@@ -1,6 +1,5 @@
 """Memory math against hand-computed figures, and the fit planner's verdicts."""
 
-import math
 
 import pytest
 

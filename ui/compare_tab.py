@@ -124,6 +124,7 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
                 results: "compare_results", quality_model: "quality_model", quality_quant: "quality_quant"}
 
     def relabel(code: str):
+        """The Compare tab's labels in language `code`."""
         updates = [gr.update(label=t(key, code)) for key in labelled.values()]
         updates[0] = gr.update(label=t("compare_prompt", code), placeholder=t("compare_prompt_placeholder", code))
         return updates

@@ -144,10 +144,12 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
 
         # ----- language ---------------------------------------------------------------
         def pick_language(request: gr.Request):
+            """The UI language from the browser's Accept-Language header."""
             header = request.headers.get("accept-language") if request is not None else None
             return language_from_header(header)
 
         def relabel(code: str):
+            """Every label, placeholder and translated option in language `code`."""
             choices = {  # dropdowns whose option names are translated too
                 "kv_precision": [(t(f"kv_{p.value}", code), p.value) for p in kv_precision_options(engine.device)],
                 "overflow_policy": [(t(f"policy_{p.value}", code), p.value) for p in OverflowPolicy],
