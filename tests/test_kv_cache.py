@@ -50,14 +50,20 @@ def test_common_prefix_length():
     assert common_prefix_length([1, 2], [1, 2, 3]) == 2
 
 
-def test_session_cache_crops_to_the_common_prefix(tiny_llama):
+def filled_cache(model_folder, tokens: int):
+    """A full-precision cache of the tiny model holding `tokens` positions (zeros)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(tiny_llama)
+    config = AutoConfig.from_pretrained(model_folder)
     cache = new_cache(config, KVPrecision.FULL)
-    k = torch.zeros(1, config.num_key_value_heads, 10, config.hidden_size // config.num_attention_heads)
+    k = torch.zeros(1, config.num_key_value_heads, tokens, config.hidden_size // config.num_attention_heads)
     for layer in range(config.num_hidden_layers):
         cache.update(k, k, layer)
+    return cache
+
+
+def test_session_cache_crops_to_the_common_prefix(tiny_llama):
+    cache = filled_cache(tiny_llama, 10)
     entry = SessionCache("m", KVPrecision.FULL, cache, token_ids=list(range(10)))
     assert entry.reuse_for(list(range(6)) + [99, 98]) == 6
     assert cache.get_seq_length() == 6 and entry.token_ids == list(range(6))
@@ -68,13 +74,7 @@ def test_session_cache_crops_to_the_common_prefix(tiny_llama):
 
 def test_reuse_crops_a_cache_that_holds_more_than_its_token_list(tiny_llama):
     # A stopped answer can leave the cache a token or more ahead of the ids it lists.
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(tiny_llama)
-    cache = new_cache(config, KVPrecision.FULL)
-    k = torch.zeros(1, config.num_key_value_heads, 12, config.hidden_size // config.num_attention_heads)
-    for layer in range(config.num_hidden_layers):
-        cache.update(k, k, layer)
+    cache = filled_cache(tiny_llama, 12)
     entry = SessionCache("m", KVPrecision.FULL, cache, token_ids=list(range(10)))
     assert entry.reuse_for(list(range(8)) + [99]) == 8
     assert cache.get_seq_length() == 8
