@@ -94,7 +94,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "seg_free": {"en": "Free", "zh": "空闲"},
     "panel_total": {"en": "Total", "zh": "总计"},
     "panel_budget": {"en": "Budget", "zh": "预算"},
-    "panel_room": {"en": "Room for {tokens} tokens of context · {sessions} chats cached ({kv})",
+    "panel_room": {"en": "Room for {tokens} tokens of context · chats cached: {sessions} ({kv})",
                    "zh": "可容纳 {tokens} 个 token 的上下文 · 已缓存 {sessions} 个对话（{kv}）"},
     "panel_peak": {"en": "Peak: predicted {predicted}, measured {measured}", "zh": "峰值：预测 {predicted}，实测 {measured}"},
     # compare tab
