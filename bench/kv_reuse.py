@@ -97,7 +97,10 @@ def run(args) -> list[dict]:
         for _ in range(args.repeats):
             session = uuid.uuid4().hex
             _, prior = first_token(engine, history[:-1], sampling, session, kv)  # the cache now holds the history
-            messages = history[:-1] + [{"role": "assistant", "content": prior.text}, question]
+            if args.scenario == "regenerate":  # the same chat again: the cache must be cropped back
+                messages = history[:-1]
+            else:  # the next turn: the answer and a new question on top of the cache
+                messages = history[:-1] + [{"role": "assistant", "content": prior.text}, question]
             t_reuse, update = first_token(engine, messages, sampling, session, kv)
             reuse.append(t_reuse)
             reused_tokens, prompt_tokens = update.stats.reused_tokens, update.stats.prompt_tokens
@@ -110,7 +113,7 @@ def run(args) -> list[dict]:
         decode_sampling = SamplingSettings(max_new_tokens=64, temperature=0.0)
         _, decoded = first_token(engine, history + [question], decode_sampling, None, kv)
         rows.append({
-            "device": device, "model": loaded.ref.label, "quant": args.quant, "kv": kv,
+            "device": device, "model": loaded.ref.label, "quant": args.quant, "kv": kv, "scenario": args.scenario,
             "history_tokens": prompt_tokens, "reused_tokens": reused_tokens,
             "ttft_reuse_s": statistics.median(reuse), "ttft_prefill_s": statistics.median(full),
             "speedup": statistics.median(full) / statistics.median(reuse),
@@ -125,11 +128,11 @@ def run(args) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     """Markdown table of the rows."""
-    print("| device | model | quant | KV | history tokens | reused | TTFT reuse | TTFT re-prefill | speed-up "
+    print("| device | model | quant | KV | turn | history tokens | reused | TTFT reuse | TTFT re-prefill | speed-up "
           "| context limit | memory allows | decode tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['device']} | {r['model']} | {r['quant']} | {r['kv']} | {r['history_tokens']} | {r['reused_tokens']} "
+        print(f"| {r['device']} | {r['model']} | {r['quant']} | {r['kv']} | {r.get('scenario', 'next')} | {r['history_tokens']} | {r['reused_tokens']} "
               f"| {1000 * r['ttft_reuse_s']:.0f} ms | {1000 * r['ttft_prefill_s']:.0f} ms | {r['speedup']:.1f}x "
               f"| {r['max_context']} | {r.get('memory_context', '–')} | {r['decode_tok_s'] or 0:.1f} |")
 
@@ -143,6 +146,8 @@ def main() -> None:
     p.add_argument("--history", type=int, default=1536, help="tokens of chat history before the timed turn")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scenario", choices=["next", "regenerate"], default="next",
+                   help="time the next turn (default) or regenerating the last answer (needs a cache crop)")
     p.add_argument("--kv", nargs="+", default=["full"], help="KV precisions to measure: full fp8 offload")
     p.add_argument("--random-vocab", action="store_true", help="the model is a bench/synth.py random checkpoint")
     p.add_argument("--out", help="append rows as JSON lines")

@@ -3,15 +3,21 @@
 Real weights can't be fetched on the GPU machine; speed and memory depend on shape only.
 Weights are drawn on the GPU when there is one (fast), written one layer-shard at a time
 so a 7B never sits in host RAM whole.
+
+    python bench/synth.py /tmp/toy --dtype float32            # a 2-layer toy for CPU benches
+    python bench/synth.py /tmp/7b --like internlm2.5-7b-chat   # a catalog model's shape
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages
 
 from models.catalog import ModelShape
 from models.memory import layer_params
@@ -92,3 +98,24 @@ def write_random_llama(folder: Path, shape: ModelShape, dtype: torch.dtype = tor
         {"eos_token_id": shape.vocab_size - 1, "pad_token_id": shape.vocab_size - 1, "bos_token_id": shape.vocab_size - 2}))
     write_word_tokenizer(folder, shape.vocab_size)
     return folder
+
+
+def main() -> None:
+    """Command-line entry point: write a random checkpoint of a catalog model's shape, or a small one."""
+    import argparse
+
+    from models.catalog import load_catalog
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--like", help="catalog id whose shape to copy (default: a 2-layer toy for CPU benches)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    args = p.parse_args()
+    shape = (load_catalog().entries[args.like].shape if args.like else
+             ModelShape(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=2000,
+                        intermediate_size=256, max_context=32768))
+    print(write_random_llama(Path(args.out), shape, getattr(torch, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()

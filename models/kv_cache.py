@@ -72,6 +72,41 @@ def cache_length(cache) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
+def _fp8_layers(cache) -> list:
+    """The cache's layers if they are all transformers' fp8 layers, else []."""
+    try:
+        from transformers.cache_utils import Fp8QuantizedLayer
+    except ImportError:  # an older transformers: its quantized caches are not cropped here
+        return []
+    layers = list(getattr(cache, "layers", []))
+    return layers if layers and all(isinstance(layer, Fp8QuantizedLayer) for layer in layers) else []
+
+
+def crop_cache(cache, keep: int) -> None:
+    """Cut a cache back to its first `keep` tokens (a no-op if it holds no more)."""
+    length = cache_length(cache)
+    if length <= keep:
+        return
+    fp8 = _fp8_layers(cache)
+    if not fp8:
+        # A negative count removes that many tokens from the end. Counted from the cache's own
+        # length: after a stopped answer it may hold tokens the session's token list does not.
+        cache.crop(keep - length)
+        return
+    # transformers' fp8 layer cannot crop (DynamicLayer.crop cuts the unused full-precision
+    # tensors and leaves the length). Its states are append-only with a per-tensor scale fixed
+    # at the first update, so cutting the stored fp8 tensors along the sequence leaves exactly
+    # the state a run that stopped at `keep` tokens would have (when `keep` covers that first
+    # update; else only the scale differs, calibrated on a few more tokens).
+    for layer in fp8:
+        if not layer.is_initialized:
+            continue
+        for name in ("_quantized_keys", "_quantized_values"):
+            states, scale = getattr(layer, name)
+            setattr(layer, name, (states[..., :keep, :].contiguous(), scale))
+        layer.cumulative_length = keep
+
+
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
@@ -107,11 +142,7 @@ class SessionCache:
         if keep <= 0:
             return 0
         try:
-            length = cache_length(self.cache)
-            if length > keep:
-                # A negative count removes that many tokens from the end. Counted from the cache's
-                # own length: after a stopped answer it may hold tokens token_ids does not list.
-                self.cache.crop(keep - length)
+            crop_cache(self.cache, keep)
         except (ValueError, RuntimeError, NotImplementedError, AttributeError, IndexError):
             return 0  # e.g. a quantized cache that can't be cut back: rebuild
         if cache_length(self.cache) != keep:

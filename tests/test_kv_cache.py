@@ -11,7 +11,7 @@ import torch
 from models.engine import Engine
 from models.generation import SamplingSettings
 from models.kv_cache import (
-    ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, SessionCacheStore, common_prefix_length,
+    ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, SessionCacheStore, cache_length, common_prefix_length,
     fit_messages, new_cache,
 )
 from models.loading import LoadSettings, ModelLoadError
@@ -70,6 +70,32 @@ def test_session_cache_crops_to_the_common_prefix(tiny_llama):
     # The same prompt again (regenerate): everything but the last token is reused.
     assert entry.reuse_for(list(range(6))) == 5
     assert entry.reuse_for([7, 7, 7]) == 0  # nothing shared
+
+
+def test_cropping_an_fp8_cache_leaves_the_state_of_a_shorter_run(tiny_llama):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    shape = (1, config.num_key_value_heads, 16, config.hidden_size // config.num_attention_heads)
+    states = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+    def fp8_cache(chunks):
+        cache = new_cache(config, KVPrecision.FP8)
+        for a, b in chunks:
+            for layer in range(config.num_hidden_layers):
+                cache.update(states[..., a:b, :], states[..., a:b, :], layer)
+        return cache
+
+    cropped = fp8_cache([(0, 10), (10, 14)])
+    SessionCache("m", KVPrecision.FP8, cropped, token_ids=list(range(14))).reuse_for(list(range(10)) + [99])
+    shorter = fp8_cache([(0, 10)])
+    assert cache_length(cropped) == 10
+    for a, b in zip(cropped.layers, shorter.layers):
+        assert torch.equal(a._quantized_keys[0].float(), b._quantized_keys[0].float())
+        assert torch.equal(a._quantized_keys[1], b._quantized_keys[1])  # the scale
+    # Both go on identically from there.
+    new_token = states[..., 14:15, :]
+    assert torch.equal(cropped.update(new_token, new_token, 0)[0], shorter.update(new_token, new_token, 0)[0])
 
 
 def test_reuse_crops_a_cache_that_holds_more_than_its_token_list(tiny_llama):
@@ -162,6 +188,20 @@ def test_fp8_cache_answers_and_holds_less(engine):
     assert 0 < engine.kv_cache_bytes() - full_bytes < full_bytes
     # A session that switches precision starts a new cache instead of mixing them.
     assert answer(engine, messages, session="fp8").stats.reused_tokens == 0
+
+
+def test_fp8_cache_is_cropped_on_regenerate_and_undo_not_rebuilt(engine):
+    messages = [{"role": "user", "content": "Hello world, how are you today?"}]
+    first = answer(engine, messages, session="s", kv=KVPrecision.FP8)
+    bytes_after_first = engine.kv_cache_bytes()
+    # Regenerate: the same prompt again reuses all but its last token. (Its answer may differ from
+    # the first: the first prefill attends to unquantized keys, later tokens to fp8 ones.)
+    again = answer(engine, messages, session="s", kv=KVPrecision.FP8)
+    assert again.stats.reused_tokens == again.stats.prompt_tokens - 1 and again.text
+    assert engine.kv_cache_bytes() == bytes_after_first  # same length of cache: cropped, then grown again
+    # Undo + a different question: the shared template prefix is kept, the rest is prefilled.
+    other = answer(engine, [{"role": "user", "content": "Hello there"}], session="s", kv=KVPrecision.FP8)
+    assert 0 < other.stats.reused_tokens < other.stats.prompt_tokens
 
 
 # ----- overflow -----------------------------------------------------------------------
