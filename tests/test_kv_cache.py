@@ -192,7 +192,7 @@ def test_fp8_cache_answers_and_holds_less(engine):
 
 def test_fp8_cache_is_cropped_on_regenerate_and_undo_not_rebuilt(engine):
     messages = [{"role": "user", "content": "Hello world, how are you today?"}]
-    first = answer(engine, messages, session="s", kv=KVPrecision.FP8)
+    answer(engine, messages, session="s", kv=KVPrecision.FP8)
     bytes_after_first = engine.kv_cache_bytes()
     # Regenerate: the same prompt again reuses all but its last token. (Its answer may differ from
     # the first: the first prefill attends to unquantized keys, later tokens to fp8 ones.)
