@@ -37,6 +37,10 @@ from .memory import PREFILL_CHUNK
 
 ATTENTION_NAME = "fast_decode"
 CHUNK_TOKENS = 8  # tokens decoded between two host reads (EOS / Stop checks) on a GPU
+# A new turn after prefix reuse leaves a few prompt tokens to prefill. Up to this many go through
+# the captured one-token step (a few ms each at 7B) instead of an eager multi-token forward,
+# whose per-layer Python and launch overhead made most of the reused-turn TTFT (BENCHMARKS.md).
+REPLAY_PREFILL_MAX = 32
 STREAM_INTERVAL_S = 0.05  # text updates to the UI at most this often
 _DONE = object()
 
@@ -94,9 +98,12 @@ class FastDecoder:
         max_context: tokens the static cache holds (prompt + answer).
         compile: torch.compile the step and capture CUDA graphs (default: on a CUDA device).
         chunk: tokens decoded between host reads (default CHUNK_TOKENS on a GPU, 1 on a CPU).
+        replay_prefill_max: prompt remainders up to this long are fed through the one-token step
+            (default REPLAY_PREFILL_MAX with CUDA graphs; 0 otherwise, where one forward is faster).
     """
 
-    def __init__(self, model, max_context: int, compile: bool | None = None, chunk: int | None = None):
+    def __init__(self, model, max_context: int, compile: bool | None = None, chunk: int | None = None,
+                 replay_prefill_max: int | None = None):
         from transformers import StaticCache
 
         self.model = model
@@ -104,6 +111,9 @@ class FastDecoder:
         on_gpu = self.device.type == "cuda"
         self.use_graphs = on_gpu if compile is None else (compile and on_gpu)
         self.chunk = chunk or (CHUNK_TOKENS if on_gpu else 1)
+        if replay_prefill_max is None:
+            replay_prefill_max = REPLAY_PREFILL_MAX if self.use_graphs else 0
+        self.replay_prefill_max = replay_prefill_max
         use_fast_attention(model)
         self.max_context = _fix_dynamic_rope(model, max_context)
         config = model.config
@@ -186,6 +196,20 @@ class FastDecoder:
         self.pos.fill_(len(ids))
         return logits
 
+    def _prefill_by_steps(self, ids: list[int], start: int, step: Callable[[], None]) -> torch.Tensor:
+        """Feed ids[start:] one token at a time through the decode step; the token sampled after the last.
+
+        Each step writes its token's keys/values, samples, and advances `pos`; the sampled token is
+        then overwritten with the next prompt token (a device copy: no sync, graph-safe).
+        """
+        rest = torch.tensor(ids[start:], dtype=torch.long, device=self.device)
+        self._set_length(start)
+        self.step.zero_()
+        for i in range(len(rest)):
+            self.token.copy_(rest[i].view(1, 1))
+            step()
+        return self.out[len(rest) - 1].view(1)
+
     def warm_up(self) -> float:
         """Compile the step and capture its CUDA graphs (greedy and sampling); seconds taken.
 
@@ -236,13 +260,16 @@ class FastDecoder:
         if not greedy:
             self.temperature.fill_(sampling.temperature)
             self.top_p.fill_(sampling.top_p)
-        first = self._sample(self._prefill(input_ids, self.reused_tokens), greedy)
+        step = self.graphs[greedy].replay if self.graphs else (lambda: self._decode_step(greedy))
+        if 0 < len(input_ids) - self.reused_tokens <= self.replay_prefill_max:
+            first = self._prefill_by_steps(input_ids, self.reused_tokens, step)
+        else:
+            first = self._sample(self._prefill(input_ids, self.reused_tokens), greedy)
         self.token.copy_(first.view(1, 1))
         new = [int(first.item())]  # the one sync before the first token is shown (TTFT)
         emit(new[:])
         finished = new[0] in self.eos_ids or max_new == 1 or stop_event.is_set()
         self.step.zero_()
-        step = self.graphs[greedy].replay if self.graphs else (lambda: self._decode_step(greedy))
         launched, pending = 0, deque()
         while not finished:
             # Keep two chunks in flight: the GPU never waits for the host reading the previous one.

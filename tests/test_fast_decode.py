@@ -64,6 +64,23 @@ def test_greedy_equals_generate_across_turns_with_prefix_reuse_and_undo(tiny):
     assert 0 < a3.stats.reused_tokens < len(undo)
 
 
+def test_a_short_remainder_fed_through_the_decode_step_gives_the_same_answers(tiny):
+    # What the GPU does after prefix reuse (the remainder through the captured step), exercised
+    # here with the eager step: greedy tokens equal generate()'s, for a new turn and for regenerate.
+    model, tokenizer = tiny
+    fast = FastDecoder(model, max_context=256, replay_prefill_max=64)
+    fast.warm_up()
+    first = chat_input_ids(tokenizer, chat(tokenizer, "Hello world"))
+    a1 = answer(fast, tokenizer, first)
+    second = chat_input_ids(tokenizer, chat(tokenizer, "Hello world", tokenizer.decode(a1.token_ids), "Paris?"))
+    assert 0 < len(second) - len(first) - len(a1.token_ids) <= 64  # short enough to go step by step
+    a2 = answer(fast, tokenizer, second)
+    assert a2.stats.reused_tokens > len(first) // 2
+    assert a2.token_ids == generate_greedy(model, second, GREEDY.max_new_tokens)
+    again = answer(fast, tokenizer, second)  # regenerate: one token left to feed
+    assert again.stats.reused_tokens == len(second) - 1 and again.token_ids == a2.token_ids
+
+
 def test_streamed_text_is_the_decoded_answer_and_stats_are_filled(tiny):
     model, tokenizer = tiny
     fast = FastDecoder(model, max_context=128)
