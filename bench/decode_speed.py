@@ -3,8 +3,13 @@
 For InternLM2-1.8B- and InternLM2.5-7B-shaped random-weight checkpoints, batch 1, a 512-token
 prompt and 128 new tokens, each config in a fresh process (as a user starting the app), loaded
 through the engine with an 8 GiB GPU budget (torch's allocator capped there):
-  naive-fp16 / naive-nf4  the app's plain path: generate() + streamer, DynamicCache
+  naive-fp16 / naive-nf4  the app's plain path: generate() + streamer, DynamicCache; an fp16 7B
+                          offloads under 8 GiB with accelerate's copy-on-call hooks
+  stream-fp16             the same, with offloaded layers page-locked and prefetched one layer
+                          ahead on a copy stream (models/offload.py)
   fast-int4               torchao int4 + FastDecoder (static cache, compiled step, CUDA graphs)
+An offloaded model's roofline is the bus: bytes of its CPU layers per token over the page-locked
+host-to-device copy rate measured in the same process.
 Each reports TTFT, decode tok/s, peak VRAM (torch peak reserved + CUDA context), load (+compile)
 time, and the bandwidth roofline measured in that process: a device-to-device copy (bytes read
 + written / time), and bytes read per token = weights (less the embedding table: one row is read)
@@ -31,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {"1.8b": "internlm2-chat-1.8b", "7b": "internlm2.5-7b-chat"}
-PATHS = {"naive-fp16": "none", "naive-nf4": "4bit", "fast-int4": "int4"}
+# path -> (quantization, stream offloaded layers with models/offload.py)
+PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf4": ("4bit", False),
+         "fast-int4": ("int4", False)}
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -50,6 +57,25 @@ def copy_bandwidth(nbytes: int = 512 * MiB, reps: int = 20) -> float:
     end.record()
     end.synchronize()
     rate = 2 * nbytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return rate
+
+
+def host_to_device_bandwidth(nbytes: int = 256 * MiB, reps: int = 10) -> float:
+    """Page-locked host-to-device copy rate in GB/s (the bus an offloaded model streams over)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()
+    rate = nbytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
     del src, dst
     torch.cuda.empty_cache()
     return rate
@@ -107,7 +133,10 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
     baseline = engine._baseline_used or 0
     runtime = engine.cuda_runtime_bytes()
     bandwidth = copy_bandwidth()
-    settings = LoadSettings(quant=Quant(PATHS[path]), context_tokens=context, gpu_budget_bytes=int(budget_gib * GiB))
+    quant, stream = PATHS[path]
+    h2d = host_to_device_bandwidth()
+    settings = LoadSettings(quant=Quant(quant), context_tokens=context, gpu_budget_bytes=int(budget_gib * GiB),
+                            stream_offload=stream)
     started = time.perf_counter()
     loaded = engine.load(folder, settings).loaded
     load_s = time.perf_counter() - started
@@ -136,7 +165,7 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
     roofline = bandwidth * 1e9 / bytes_per_token
     row = {
         "gpu": torch.cuda.get_device_name(), "shape": SHAPES[Path(folder).name.split("-", 1)[1]], "path": path,
-        "quant": PATHS[path], "budget_gib": budget_gib, "prompt": prompt, "new_tokens": final.stats.new_tokens,
+        "quant": quant, "stream_offload": stream, "budget_gib": budget_gib, "prompt": prompt, "new_tokens": final.stats.new_tokens,
         "ttft_ms": 1e3 * final.stats.ttft_s, "decode_tok_s": final.stats.decode_tokens_per_s,
         "first_run_ttft_ms": 1e3 * runs[0].stats.ttft_s, "load_peak_gib": load_peak / GiB,
         "peak_gib": peak / GiB, "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
@@ -147,6 +176,15 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         "fraction_of_roofline": (final.stats.decode_tokens_per_s or 0) / roofline, "context": context,
         "torch": torch.__version__,
     }
+    row["h2d_gbps"] = h2d
+    if loaded.split.get("cpu"):
+        # An offloaded model reads its CPU layers over the bus every token: that is its roofline.
+        offloaded = (loaded.streamer.host_bytes if loaded.streamer
+                     else loaded.plan.weights_bytes - loaded.plan.gpu_weights_bytes)
+        row["bus_gb_per_token"] = offloaded / 1e9
+        row["bus_roofline_tok_s"] = h2d * 1e9 / offloaded
+        row["fraction_of_bus_roofline"] = (final.stats.decode_tokens_per_s or 0) / row["bus_roofline_tok_s"]
+        row["page_locked"] = bool(loaded.streamer and loaded.streamer.page_locked)
     if loaded.fast is not None:
         row["step_ms"] = step_ms(loaded.fast)
         row["graph_tok_s"] = 1e3 / row["step_ms"]
@@ -209,17 +247,23 @@ def markdown(path: str) -> str:
              "GB read/token | roofline tok/s | of roofline | graph step tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nf4 = {r["shape"]: r["decode_tok_s"] for r in rows if r["path"] == "naive-nf4"}
+    fp16 = {r["shape"]: r["decode_tok_s"] for r in rows if r["path"] == "naive-fp16"}
     for r in rows:
         model = "1.8B" if "1.8" in r["shape"] else "7B"
-        speedup = f"{r['decode_tok_s'] / nf4[r['shape']]:.1f}×" if nf4.get(r["shape"]) else "–"
+        # Each path against its naive counterpart: streamed fp16 offload against accelerate's.
+        base = fp16 if r["path"] == "stream-fp16" else nf4
+        speedup = f"{r['decode_tok_s'] / base[r['shape']]:.1f}×" if base.get(r["shape"]) else "–"
+        if r["path"] == "stream-fp16":
+            speedup += " fp16"
+        roofline, bound = r.get("bus_roofline_tok_s", r["roofline_tok_s"]), " (bus)" if "bus_roofline_tok_s" in r else ""
         split = r["split"]
         where = f" ({split['gpu']}/{split['gpu'] + split['cpu'] + split['disk']} layers on GPU)" if split.get("cpu") else ""
         compile_s = f" ({r['compile_s']:.1f})" if r["compile_s"] else ""
         graph = f"{r['graph_tok_s']:.0f}" if "graph_tok_s" in r else "–"
         lines.append(
             f"| {model} | {r['path']}{where} | {r['new_tokens']} | {r['ttft_ms']:.0f} | {r['decode_tok_s'] or 0:.1f} | {speedup} | "
-            f"{r['peak_gib']:.2f} | {r['load_s']:.1f}{compile_s} | {r['bytes_per_token_gb']:.2f} | {r['roofline_tok_s']:.0f} | "
-            f"{100 * r['fraction_of_roofline']:.0f}% | {graph} |")
+            f"{r['peak_gib']:.2f} | {r['load_s']:.1f}{compile_s} | {r.get('bus_gb_per_token', r['bytes_per_token_gb']):.2f}{bound} | "
+            f"{roofline:.1f}{bound} | {100 * (r['decode_tok_s'] or 0) / roofline:.0f}% | {graph} |")
     for r in rows:
         if r.get("top_kernels"):
             model = "1.8B" if "1.8" in r["shape"] else "7B"
@@ -243,7 +287,8 @@ def main() -> None:
     p.add_argument("--folder")
     p.add_argument("--path", default="fast-int4", choices=list(PATHS))
     p.add_argument("--configs", nargs="+", default=[
-        "1.8b:fast-int4", "7b:fast-int4", "1.8b:naive-nf4", "1.8b:naive-fp16", "7b:naive-nf4", "7b:naive-fp16:16"],
+        "1.8b:fast-int4", "7b:fast-int4", "1.8b:naive-nf4", "1.8b:naive-fp16", "7b:naive-nf4", "7b:naive-fp16:16",
+        "7b:stream-fp16:32"],
         help="shape:path[:new_tokens]")
     p.add_argument("--budget", type=float, default=8.0)
     p.add_argument("--prompt", type=int, default=512)

@@ -2,8 +2,10 @@
 
 The device map is computed by our planner (models/memory.py) and handed to
 from_pretrained explicitly, so the split the user was shown before loading is the
-split they get. Decoder layers that do not fit on the GPU go to CPU RAM, then disk;
-accelerate streams them onto the GPU as each layer runs.
+split they get. Decoder layers that do not fit on the GPU go to CPU RAM, then disk.
+fp16/bf16 layers in CPU RAM are then streamed onto the GPU one layer ahead of use
+(models/offload.py); bitsandbytes and disk-offloaded layers keep accelerate's
+copy-on-call hooks.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 from . import hardware
 from .catalog import ModelRef, ModelShape
 from .memory import GiB, Budget, FitPlan, plan_fit
-from .quant import Quant, dtype_bytes, quant_options, storage_dtype
+from .offload import SLOTS as STREAM_SLOTS
+from .offload import LayerStreamer, stream_offloaded_layers
+from .quant import Quant, dtype_bytes, quant_options, storage_dtype, streams_offload
 from .sources import LocalModel, ModelSourceError, default_cache_dir, resolve_local
 
 if TYPE_CHECKING:
@@ -56,6 +60,9 @@ class LoadSettings:
     context_tokens: int = 4096
     trust_remote_code: bool = False
     cache_dir: Path | None = None
+    # fp16/bf16 layers offloaded to CPU RAM are prefetched by models/offload.py; False keeps
+    # accelerate's copy-on-call hooks (the naive baseline the bench compares against).
+    stream_offload: bool = True
 
 
 @dataclass
@@ -74,6 +81,7 @@ class LoadedModel:
     weights_bytes: int  # measured: bytes of weights resident on the compute device
     split: dict[str, int] = field(default_factory=dict)  # decoder layers per place: gpu/cpu/disk
     fast: "FastDecoder | None" = None  # static-cache CUDA-graph decoder (Quant.INT4); None: plain generate()
+    streamer: LayerStreamer | None = None  # prefetches CPU-offloaded fp16/bf16 layers; None: none or accelerate's
     compile_seconds: float = 0.0  # the fast decoder's one-off compile + graph capture, inside load_seconds
 
     @property
@@ -108,7 +116,8 @@ def plan_for(shape: ModelShape, settings: LoadSettings, budget: Budget) -> FitPl
     """The fit plan for a shape under a budget (pure; no loading)."""
     device = "cuda" if budget.gpu_bytes is not None else "cpu"
     size = dtype_bytes(storage_dtype(settings.quant, device))
-    return plan_fit(shape, settings.quant, size, settings.context_tokens, budget, settings.double_quant)
+    slots = STREAM_SLOTS if settings.stream_offload and streams_offload(settings.quant) else 1
+    return plan_fit(shape, settings.quant, size, settings.context_tokens, budget, settings.double_quant, slots)
 
 
 def _layers_name(meta_model: torch.nn.Module, num_layers: int) -> str:
@@ -122,6 +131,11 @@ def build_device_map(meta_model: torch.nn.Module, plan: FitPlan, num_layers: int
     """An explicit accelerate device map that realizes `plan` (GPU 0, then "cpu", then "disk")."""
     compute = 0 if plan.device == "cuda" else "cpu"
     layers = _layers_name(meta_model, num_layers)
+    return _device_map(meta_model, plan, num_layers, layers, compute)
+
+
+def _device_map(meta_model: torch.nn.Module, plan: FitPlan, num_layers: int, layers: str,
+                compute: int | str) -> dict[str, int | str]:
     device_map: dict[str, int | str] = {}
     for i in range(num_layers):
         if i < plan.gpu_layers or (plan.device == "cpu" and i < plan.cpu_layers):
@@ -268,15 +282,24 @@ def _check_chat_template(tokenizer, location: str) -> None:
 
 
 def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
-    """Bytes of parameters, buffers and bitsandbytes quantization state held on `device`."""
-    seen: set[int] = set()
+    """Bytes of parameters, buffers and bitsandbytes quantization state held on `device`.
+
+    A tensor is counted once by where its data is, so tied weights and streamed layers (whose
+    parameters are views into shared staging slots, models/offload.py) are not counted twice.
+    """
+    seen: set[tuple] = set()
     total = 0
 
     def add(t: torch.Tensor | None) -> None:
         nonlocal total
-        if t is None or t.device.type != device or id(t) in seen:
+        if t is None or t.device.type != device:
             return
-        seen.add(id(t))
+        key = (id(t),) if t.device.type == "meta" else (t.data_ptr(), t.numel(), t.dtype)
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            key = (id(t),)  # a wrapper subclass (torchao int4): its inner tensors are keyed below
+        if key in seen:
+            return
+        seen.add(key)
         if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
             for name in t.__tensor_flatten__()[0]:  # torchao int4: packed data + scales and zeros
                 add(getattr(t, name))
@@ -370,9 +393,13 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
     dtype = storage_dtype(settings.quant, device)
     kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": settings.trust_remote_code}
     offloaded = plan.offloaded_layers > 0 or (device == "cuda" and not plan.lm_head_on_gpu)
+    streamed: list[str] = []  # decoder layers in CPU RAM that models/offload.py will stream
     if device == "cuda" or offloaded:
-        kwargs["device_map"] = build_device_map(_meta_model(prepared.config, settings.trust_remote_code), plan,
-                                                shape.num_layers)
+        meta = _meta_model(prepared.config, settings.trust_remote_code)
+        layers = _layers_name(meta, shape.num_layers)
+        kwargs["device_map"] = _device_map(meta, plan, shape.num_layers, layers, 0 if device == "cuda" else "cpu")
+        if plan.streamed_layers:
+            streamed = [f"{layers}.{i}" for i in range(shape.num_layers) if kwargs["device_map"][f"{layers}.{i}"] == "cpu"]
     if plan.disk_layers:
         kwargs["offload_folder"] = str(cache_dir / "offload")
     if settings.quant in (Quant.INT8, Quant.NF4):
@@ -398,6 +425,10 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
             "Lower the context length or the GPU budget's other users, or pick a smaller quantization."
         )
     model.eval()
+    streamer = None
+    if streamed:
+        _progress(progress, 0.75, f"Page-locking {len(streamed)} offloaded layers for streaming")
+        streamer = stream_offloaded_layers(model, streamed, torch.device("cuda", 0))
     tokenizer = prepared.tokenizer
     if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.eos_token_id
@@ -421,7 +452,7 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         ref=ref, model=model, tokenizer=tokenizer, shape=shape, settings=settings, dtype=dtype,
         device=device, plan=plan, load_seconds=time.perf_counter() - prepared.started,
         weights_bytes=weights_on_device_bytes(model, device), split=split,
-        fast=fast, compile_seconds=fast.compile_seconds if fast else 0.0,
+        fast=fast, compile_seconds=fast.compile_seconds if fast else 0.0, streamer=streamer,
     )
 
 
@@ -446,11 +477,11 @@ def free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def describe_split(split: dict[str, int]) -> str:
-    """'32 layers on GPU' or '20 on GPU, 12 in CPU RAM' for the UI."""
+def describe_split(split: dict[str, int], streamed: bool = False) -> str:
+    """'32 layers on GPU' or '20 on GPU, 12 in CPU RAM (streamed ahead)' for the UI."""
     parts = [f"{split['gpu']} on GPU"] if split.get("gpu") else []
     if split.get("cpu"):
-        parts.append(f"{split['cpu']} in CPU RAM")
+        parts.append(f"{split['cpu']} in CPU RAM" + (" (streamed ahead)" if streamed else ""))
     if split.get("disk"):
         parts.append(f"{split['disk']} on disk")
     return "layers: " + ", ".join(parts) if parts else ""

@@ -218,6 +218,7 @@ class FitPlan:
     lm_head_on_gpu: bool
     message: str
     budget_bytes: int = 0  # the GPU budget (or RAM on a CPU-only machine) planned against
+    streamed_layers: int = 0  # CPU-RAM layers prefetched by models/offload.py (its slots are in gpu_weights_bytes)
 
     @property
     def offloaded_layers(self) -> int:
@@ -236,13 +237,16 @@ def plan_fit(
     context_tokens: int,
     budget: Budget,
     double_quant: bool = False,
+    stream_slots: int = 1,
 ) -> FitPlan:
     """Decide where the weights go and whether the model fits, before loading anything.
 
     On a GPU: embeddings, KV cache for `context_tokens`, workspace and the CUDA context must
     fit the budget; decoder layers then go on the GPU while they fit, the rest to RAM, then
-    disk. Offloaded layers are streamed onto the GPU one at a time, so one layer's worth of
-    room is kept for that. bitsandbytes keeps CPU-offloaded layers unquantized in fp32.
+    disk. Offloaded layers are streamed onto the GPU as they run, so `stream_slots` layers'
+    worth of room is kept for them (1 for accelerate's copy-on-call; 2 for models/offload.py,
+    which fills one slot while the other computes). bitsandbytes keeps CPU-offloaded layers
+    unquantized in fp32.
     """
     n_layers = shape.num_layers
     per_layer = layer_bytes(shape, quant, dtype_size, double_quant)
@@ -263,20 +267,22 @@ def plan_fit(
     room = budget.gpu_bytes - fixed
     if room >= n_layers * per_layer + head:
         gpu_layers, head_on_gpu, stream = n_layers, True, 0
-    elif room - offload_layer >= head:
+    elif room - stream_slots * offload_layer >= head:
         # The lm_head is read for every token, like a layer, and is bigger than one: keep it
         # on the GPU before any decoder layer, and stream the layers that don't fit.
-        stream, head_on_gpu = offload_layer, True
+        stream, head_on_gpu = stream_slots * offload_layer, True
         gpu_layers = min(n_layers, (room - stream - head) // per_layer)
     else:
-        stream, head_on_gpu = max(offload_layer, head), False
+        stream, head_on_gpu = max(stream_slots * offload_layer, head), False
         gpu_layers = max(0, min(n_layers, (room - stream) // per_layer))
-    gpu_weights = embed + gpu_layers * per_layer + (head if head_on_gpu else 0)
-    peak = fixed - embed + gpu_weights + stream
     rest = n_layers - gpu_layers
     ram_room = budget.ram_bytes - (0 if head_on_gpu else head)
     cpu_layers = min(rest, max(0, ram_room // offload_layer)) if rest else 0
     disk_layers = rest - cpu_layers
+    # Streamed layers (models/offload.py) keep their slots for good: those slots hold weights.
+    streamed = cpu_layers if stream_slots > 1 and cpu_layers and not disk_layers else 0
+    gpu_weights = embed + gpu_layers * per_layer + (head if head_on_gpu else 0) + (stream if streamed else 0)
+    peak = fixed - embed + gpu_weights + (0 if streamed else stream)
     if room < stream or (disk_layers and disk_layers * offload_layer > budget.disk_bytes):
         verdict = "no_fit"
         message = (
@@ -289,7 +295,8 @@ def plan_fit(
         message = f"Fits on GPU: predicted peak {_gib(peak)} of a {_gib(budget.gpu_bytes)} budget."
     else:
         verdict = "offload"
-        where = f"{cpu_layers} to CPU RAM" + (f", {disk_layers} to disk" if disk_layers else "")
+        where = f"{cpu_layers} to CPU RAM" + (", streamed ahead" if streamed else "") + (
+            f", {disk_layers} to disk" if disk_layers else "")
         message = (
             f"Fits with {rest} of {n_layers} layers offloaded ({where}); expect slower answers. "
             f"GPU peak {_gib(peak)} of a {_gib(budget.gpu_bytes)} budget."
@@ -299,7 +306,7 @@ def plan_fit(
         weights_bytes=total, gpu_weights_bytes=gpu_weights, kv_bytes=kv, workspace_bytes=work + ALLOCATOR_SLACK,
         cuda_context_bytes=runtime, predicted_peak_bytes=peak,
         gpu_layers=gpu_layers, cpu_layers=cpu_layers, disk_layers=disk_layers,
-        lm_head_on_gpu=head_on_gpu, message=message, budget_bytes=budget.gpu_bytes,
+        lm_head_on_gpu=head_on_gpu, message=message, budget_bytes=budget.gpu_bytes, streamed_layers=streamed,
     )
 
 

@@ -51,6 +51,16 @@ def storage_dtype(quant: Quant, device: str) -> str:
     return "float32" if quant is Quant.NONE else "bfloat16"
 
 
+def streams_offload(quant: Quant) -> bool:
+    """Whether CPU-offloaded layers of this quantization go through models/offload.py.
+
+    Plain fp16/bf16 tensors can be packed, page-locked and copied ahead of use. bitsandbytes
+    layers carry quantization state objects and keep accelerate's copy-on-call offload (its
+    fp32 CPU path); the int4 fast path never offloads.
+    """
+    return quant in (Quant.NONE, Quant.BF16)
+
+
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a dtype name."""
     return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]

@@ -79,6 +79,37 @@ def test_offload_split_under_a_small_budget_gives_the_same_answer(engine, tmp_pa
     loaded = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget)).loaded
     assert 0 < loaded.split["gpu"] < 6 and loaded.split["cpu"] == 6 - loaded.split["gpu"]
     assert answer(engine).token_ids == expected
+    # fp16 layers in CPU RAM go through models/offload.py: page-locked, prefetched on a copy stream.
+    streamer = loaded.streamer
+    assert streamer is not None and streamer.page_locked and streamer.copy_stream is not None
+    assert loaded.plan.streamed_layers == loaded.split["cpu"] == len(streamer.layers)
+    assert streamer.copies >= loaded.split["cpu"]
+    assert abs(loaded.weights_bytes - loaded.plan.gpu_weights_bytes) <= 64 * 28 + 2 * 256 * 9
+    # accelerate's copy-on-call hooks (the naive path) give the same answer.
+    naive = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget, stream_offload=False))
+    assert naive.loaded.streamer is None and naive.loaded.split["cpu"] > 0
+    assert answer(engine).token_ids == expected
+
+
+def test_unloading_a_streamed_model_gives_back_device_and_page_locked_memory(engine, tmp_path):
+    import gc
+
+    from tiny import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "wide", hidden_size=512, intermediate_size=2048, num_hidden_layers=6)
+    full = engine.load(str(folder), LoadSettings(context_tokens=256)).loaded
+    budget = full.plan.predicted_peak_bytes - 3 * layer_bytes(full.shape, Quant.NONE, 2)
+    engine.unload()
+    torch.cuda.empty_cache()
+    idle = torch.cuda.memory_allocated()
+    loaded = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget)).loaded
+    finalizer = loaded.streamer._finalizer
+    answer(engine)
+    del loaded
+    engine.unload()
+    gc.collect()
+    assert not finalizer.alive  # host buffers unregistered and freed
+    assert torch.cuda.memory_allocated() - idle <= 8 * MiB
 
 
 def test_memory_snapshot_accounts_for_the_whole_process(engine, tiny_llama):

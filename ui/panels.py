@@ -61,7 +61,7 @@ def load_report_text(report: LoadReport, lang: str) -> str:
     loaded = report.loaded
     lines = [
         t("loaded", lang, model=loaded.ref.label, quant=loaded.settings.quant.value, dtype=loaded.dtype,
-          seconds=loaded.load_seconds, split=describe_split(loaded.split)),
+          seconds=loaded.load_seconds, split=describe_split(loaded.split, loaded.streamer is not None)),
         t("predicted_vs_measured", lang, predicted=fmt_bytes(loaded.plan.gpu_weights_bytes or loaded.plan.weights_bytes),
           measured=fmt_bytes(loaded.weights_bytes)),
     ]
