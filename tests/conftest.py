@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,3 +65,28 @@ def app_url(embedded_engine):
     )
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright; CI (SMALLCHAT_REQUIRE_BROWSER) fails instead of skipping."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("SMALLCHAT_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is required here (CI) but /usr/bin/chromium is missing")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("SMALLCHAT_REQUIRE_BROWSER"):
+            pytest.fail("playwright is required here (CI) but is not installed")
+        pytest.skip("playwright not installed (pip install playwright)")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()

@@ -3,31 +3,11 @@ switch with a memory panel update, language switch, bad input."""
 
 import os
 import re
-import shutil
 import time
 
 import pytest
 
 pytestmark = pytest.mark.slow
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("SMALLCHAT_REQUIRE_BROWSER"):
-            pytest.fail("Chromium is required here (CI) but /usr/bin/chromium is missing")
-        pytest.skip("Chromium not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture()
 def page(browser, app_url):
     context = browser.new_context(locale="en-US", viewport={"width": 1400, "height": 1000})
