@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 from compare.prompt_sets import PromptSetError
 from models.catalog import UnknownModelError, load_catalog
 from models.engine import Engine
@@ -221,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_ask(args, engine) if args.ask is not None else serve(args, engine)
     except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, PromptSetError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # a chat template that rejects the chat, an InternLM2 checkpoint we cannot map
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory: {str(e).splitlines()[0] if str(e) else e}. Lower --context or --gpu-budget's "
+              "other users, or pick a smaller --quant.", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. --out in a folder that does not exist or is read-only
         print(f"error: {e}", file=sys.stderr)

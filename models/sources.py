@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,10 @@ def _is_complete(folder: Path, fingerprint: dict) -> bool:
     return True
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None) -> Path:
     """Unpack a GGUF file once into a safetensors folder with its tokenizer; reuse it later."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,10 +104,15 @@ def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
     tmp.mkdir(parents=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if progress:
-            progress(0.3, "Dequantizing GGUF tensors")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            if progress:
+                progress(0.3, "Dequantizing GGUF tensors")
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, KeyError, IndexError, EOFError, struct.error) as e:
+            # A truncated or foreign file fails deep inside the GGUF reader (bad magic, a
+            # tensor shorter than its shape, an architecture transformers cannot map).
+            raise ModelSourceError(f"{gguf} could not be read as a GGUF model: {_first_line(e)}") from None
         # transformers refuses to save a model that still says it is GGUF-quantized;
         # after dequantization it is plain fp32, so drop that label.
         model.hf_quantizer = None

@@ -85,3 +85,41 @@ def test_fits_together_counts_the_static_cache_a_fast_model_holds(catalog, monke
         assert fixed.verdict == "gpu"
         monkeypatch.setattr(engine, "plan", lambda model, settings, keep=(), p=fixed: (None, p))
         assert fits_together(engine, pair, LoadSettings()) is expected
+
+
+REJECTS_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+
+
+def test_cli_reports_a_template_that_rejects_the_system_prompt(tmp_path, capsys):
+    from tiny import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "no-system", chat_template=REJECTS_SYSTEM)
+    code = app.main(["--ask", "hi", "--model", str(folder), "--system", "be brief", "--max-new-tokens", "4"])
+    assert code == 1 and "error: The model's chat template rejected this chat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a gguf file at all" * 100, "does not start with the GGUF magic bytes"),
+    ("truncated", "could not be read as a GGUF model"),
+])
+def test_cli_reports_a_broken_gguf_file(content, message, tmp_path, capsys):
+    from models.catalog import load_catalog
+    from models.sources import embedded_gguf_path
+
+    if content == "truncated":  # the real embedded GGUF, cut short inside its tensors
+        content = embedded_gguf_path(load_catalog().get("smollm2-135m-instruct")).read_bytes()[:3_000_000]
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    code = app.main(["--ask", "hi", "--model", str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "error:" in err and message in err and "Traceback" not in err
+
+
+def test_cli_reports_an_internlm2_folder_it_cannot_convert(tmp_path, capsys):
+    from internlm2_fixture import write_internlm2_checkpoint
+
+    folder = write_internlm2_checkpoint(tmp_path / "il2")
+    (folder / "tokenizer.model").unlink()
+    code = app.main(["--ask", "hi", "--model", str(folder)])
+    assert code == 1 and "tokenizer.model" in capsys.readouterr().err
