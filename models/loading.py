@@ -477,15 +477,5 @@ def free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def describe_split(split: dict[str, int], streamed: bool = False) -> str:
-    """'32 layers on GPU' or '20 on GPU, 12 in CPU RAM (streamed ahead)' for the UI."""
-    parts = [f"{split['gpu']} on GPU"] if split.get("gpu") else []
-    if split.get("cpu"):
-        parts.append(f"{split['cpu']} in CPU RAM" + (" (streamed ahead)" if streamed else ""))
-    if split.get("disk"):
-        parts.append(f"{split['disk']} on disk")
-    return "layers: " + ", ".join(parts) if parts else ""
-
-
 __all__ = ["GiB", "LoadSettings", "LoadedModel", "ModelLoadError", "NoChatTemplateError", "PreparedLoad", "load_model",
            "load_prepared", "plan_for", "prepare_load"]

@@ -295,7 +295,7 @@ def plan_fit(
         message = f"Fits on GPU: predicted peak {_gib(peak)} of a {_gib(budget.gpu_bytes)} budget."
     else:
         verdict = "offload"
-        where = f"{cpu_layers} to CPU RAM" + (", streamed ahead" if streamed else "") + (
+        where = f"{cpu_layers} to CPU RAM" + (", prefetched a layer ahead" if streamed else "") + (
             f", {disk_layers} to disk" if disk_layers else "")
         message = (
             f"Fits with {rest} of {n_layers} layers offloaded ({where}); expect slower answers. "

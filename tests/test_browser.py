@@ -83,8 +83,16 @@ def test_language_switch_to_chinese_and_back(page):
     page.wait_for_function("document.querySelector('#message').innerText.includes('消息')", timeout=15_000)
     page.wait_for_function("document.querySelector('#memory').innerText.includes('内存占用')", timeout=15_000)
     page.wait_for_function("document.querySelector('#fit').innerText.match(/内存|显卡|放不下/)", timeout=15_000)
+    # Buttons, tabs and the settings accordion follow too, not only the labelled inputs.
+    for selector, text in [("#send", "发送"), ("#stop", "停止"), ("#regenerate", "重新生成"), ("#undo", "撤销上一轮"),
+                           ("#clear", "清空"), ("#load", "加载"), ("#settings", "生成设置")]:
+        page.wait_for_function(f"document.querySelector('{selector}').innerText.includes('{text}')", timeout=15_000)
+    page.wait_for_selector("button[role='tab']:has-text('对话')", timeout=15_000)
+    page.wait_for_selector("button[role='tab']:has-text('对比')", timeout=15_000)
     page.click("#language label:has-text('English')")
     page.wait_for_function("document.querySelector('#message').innerText.includes('Message')", timeout=15_000)
+    page.wait_for_function("document.querySelector('#send').innerText.includes('Send')", timeout=15_000)
+    page.wait_for_selector("button[role='tab']:has-text('Compare')", timeout=15_000)
 
 
 def test_chinese_browser_gets_chinese_labels(browser, app_url):

@@ -93,3 +93,12 @@ def test_batch_fills_the_table_and_exports_csv_and_jsonl(page):
         assert all(r["answer"] and not r["error"] for r in got)
     assert all(float(r["tokens_per_s"]) > 0 and int(r["new_tokens"]) <= 24 for r in rows)
     assert all(r["ttft_s"] > 0 and r["peak_mib"] > 0 for r in records)
+
+
+def test_compare_tab_follows_the_language_switch(page):
+    page.click("#language label:has-text('中文')")
+    for selector, text in [("#compare-run", "开始对比"), ("#compare-stop", "停止"), ("#compare-batch", "批量运行"),
+                           ("#compare-quality-box", "量化的质量代价"), ("#compare-prompt", "提示")]:
+        page.wait_for_function(f"document.querySelector('{selector}').innerText.includes('{text}')", timeout=15_000)
+    page.click("#language label:has-text('English')")
+    page.wait_for_function("document.querySelector('#compare-run').innerText.includes('Compare')", timeout=15_000)

@@ -113,7 +113,7 @@ def test_streamed_offload_keeps_two_slots_and_counts_them_as_weights(catalog):
     assert two.gpu_layers == one.gpu_layers - 1 and two.streamed_layers == two.cpu_layers == 32 - two.gpu_layers
     assert two.gpu_weights_bytes == one.gpu_weights_bytes - per_layer + 2 * per_layer
     assert two.predicted_peak_bytes <= 8 * GiB < two.predicted_peak_bytes + per_layer
-    assert one.streamed_layers == 0 and "streamed ahead" in two.message
+    assert one.streamed_layers == 0 and "prefetched a layer ahead" in two.message
     # Layers on disk keep accelerate's hooks: nothing is streamed, the slots are not weights.
     short = plan_fit(shape, Quant.NONE, 2, 4096, _budget(4, ram_gib=4), stream_slots=2)
     assert short.disk_layers and short.streamed_layers == 0

@@ -135,3 +135,18 @@ def test_every_string_has_both_languages_and_the_header_picks_one():
     assert language_from_header("en-US,en;q=0.9,zh;q=0.5") == "en"
     assert language_from_header(None) == "en"
     assert t("loading", "zh", model="m", quant="4bit") == "正在加载 m（4bit）…"
+
+
+def test_layer_split_and_offload_verdict_speak_the_users_language(catalog):
+    from models.memory import Budget, GiB, MiB, plan_fit
+    from models.quant import Quant
+    from ui.panels import plan_text, split_text
+
+    split = {"gpu": 10, "cpu": 22, "disk": 0}
+    assert split_text(split, True, "en") == "layers: 10 on GPU, 22 in CPU RAM (prefetched a layer ahead)"
+    assert split_text(split, False, "zh") == "层分布：GPU 上 10 层，内存中 22 层"
+    assert split_text({"gpu": 0, "cpu": 4, "disk": 2}, False, "en") == "layers: 4 in CPU RAM, 2 on disk"
+    budget = Budget(gpu_bytes=8 * GiB, ram_bytes=64 * GiB, disk_bytes=100 * GiB, cuda_context_bytes=500 * MiB)
+    plan = plan_fit(catalog.get("internlm2.5-7b-chat").shape, Quant.NONE, 2, 4096, budget, stream_slots=2)
+    assert "提前一层预取" in plan_text(plan, "zh", budget.gpu_bytes)
+    assert "prefetched a layer ahead" in plan_text(plan, "en", budget.gpu_bytes)

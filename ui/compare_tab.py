@@ -27,7 +27,7 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
     context = context if context is not None else gr.State(4096)
 
     session = gr.State(CompareSession())
-    gr.Markdown(i18n("compare_intro"))
+    intro = gr.Markdown(i18n("compare_intro"))
     with gr.Row():
         with gr.Column():
             model_a = gr.Dropdown(model_choices, value=catalog.default_id, allow_custom_value=True,
@@ -44,7 +44,7 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
                             scale=5, elem_id="compare-prompt")
         run = gr.Button(i18n("compare_run"), variant="primary", scale=1, elem_id="compare-run")
         stop = gr.Button(i18n("stop"), variant="stop", scale=1, elem_id="compare-stop")
-    with gr.Accordion(i18n("settings"), open=False, elem_id="compare-settings"):
+    with gr.Accordion(i18n("settings"), open=False, elem_id="compare-settings") as settings:
         system = gr.Textbox(label=i18n("system_prompt"), lines=2, elem_id="compare-system")
         with gr.Row():
             temperature = gr.Slider(0, 2, value=0.0, step=0.05, label=i18n("temperature"), elem_id="compare-temperature")
@@ -62,7 +62,7 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
             metrics_b = gr.Markdown(elem_id="compare-metrics-b")
     status = gr.Markdown(elem_id="compare-status")
 
-    with gr.Accordion(i18n("compare_batch"), open=False, elem_id="compare-batch"):
+    with gr.Accordion(i18n("compare_batch"), open=False, elem_id="compare-batch") as batch:
         with gr.Row():
             choices = prompt_set_choices()
             prompt_set = gr.Dropdown(choices, value=choices[0][1] if choices else None, label=i18n("compare_set"),
@@ -83,8 +83,8 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
             csv_file = gr.File(label=i18n("compare_csv"), interactive=False, elem_id="compare-csv")
             jsonl_file = gr.File(label=i18n("compare_jsonl"), interactive=False, elem_id="compare-jsonl")
 
-    with gr.Accordion(i18n("quality_title"), open=False, elem_id="compare-quality-box"):
-        gr.Markdown(i18n("quality_intro"))
+    with gr.Accordion(i18n("quality_title"), open=False, elem_id="compare-quality-box") as quality_box:
+        quality_intro = gr.Markdown(i18n("quality_intro"))
         with gr.Row():
             quality_model = gr.Dropdown(model_choices, value=catalog.default_id, allow_custom_value=True,
                                         label=i18n("quality_model"), elem_id="compare-quality-model")
@@ -123,12 +123,18 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
                 upload: "compare_upload", pasted: "compare_paste", use: "compare_use", extra: "compare_extra",
                 results: "compare_results", quality_model: "quality_model", quality_quant: "quality_quant"}
 
+    # Components whose own text (a button's value, an accordion's label) is translated too.
+    texts = [(intro, "value", "compare_intro"), (run, "value", "compare_run"), (stop, "value", "stop"),
+             (settings, "label", "settings"), (batch, "label", "compare_batch"), (batch_run, "value", "compare_batch_run"),
+             (batch_stop, "value", "stop"), (quality_box, "label", "quality_title"),
+             (quality_intro, "value", "quality_intro"), (quality_run, "value", "quality_run")]
+
     def relabel(code: str):
-        """The Compare tab's labels in language `code`."""
+        """The Compare tab's labels and texts in language `code`."""
         updates = [gr.update(label=t(key, code)) for key in labelled.values()]
         updates[0] = gr.update(label=t("compare_prompt", code), placeholder=t("compare_prompt_placeholder", code))
-        return updates
+        return updates + [gr.update(**{attr: t(key, code)}) for _, attr, key in texts]
 
-    lang.change(relabel, lang, list(labelled), queue=False, api_visibility="private").then(
+    lang.change(relabel, lang, list(labelled) + [c for c, _, _ in texts], queue=False, api_visibility="private").then(
         handlers.fit_note, fit_inputs, fit, api_visibility="private")
     return handlers

@@ -85,13 +85,13 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         # Fires when the tab is closed or reloaded (an input-only State's delete_callback never does).
         demo.unload(handlers.tab_closed)
         with gr.Row():
-            gr.Markdown(i18n("title"))
+            title = gr.Markdown(i18n("title"))
             lang = gr.Radio(
                 choices=[(name, code) for code, name in LANGUAGES.items()], value="en",
                 label=i18n("language"), scale=0, min_width=200, elem_id="language",
             )
         with gr.Tabs():
-            with gr.Tab(i18n("tab_chat"), id="chat"):
+            with gr.Tab(i18n("tab_chat"), id="chat", elem_id="tab-chat") as chat_tab:
                 with gr.Row():
                     with gr.Column(scale=3):
                         # A plain label: an I18n one renders as "[object Object]" on the Chatbot; relabel() translates it.
@@ -106,7 +106,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                             regenerate = gr.Button(i18n("regenerate"), size="sm", elem_id="regenerate")
                             undo = gr.Button(i18n("undo"), size="sm", elem_id="undo")
                             clear = gr.Button(i18n("clear"), size="sm", elem_id="clear")
-                        with gr.Accordion(i18n("settings"), open=False):
+                        with gr.Accordion(i18n("settings"), open=False, elem_id="settings") as settings:
                             system_prompt = gr.Textbox(label=i18n("system_prompt"), value=defaults.system_prompt, lines=2)
                             temperature = gr.Slider(0, TEMPERATURE_MAX, value=defaults.temperature, step=0.05, label=i18n("temperature"))
                             top_p = gr.Slider(TOP_P_MIN, 1, value=defaults.top_p, step=0.05, label=i18n("top_p"))
@@ -136,7 +136,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                         load = gr.Button(i18n("load"), elem_id="load")
                         status = gr.Markdown(handlers.current_model_text("en"), elem_id="status")
                         memory = gr.HTML(handlers.memory_html("en", gpu_budget), elem_id="memory")
-            with gr.Tab(i18n("tab_compare"), id="compare"):
+            with gr.Tab(i18n("tab_compare"), id="compare", elem_id="tab-compare") as compare_tab:
                 build_compare_tab(engine, i18n, lang, budget, context, settings_extra)
         timer = gr.Timer(MEMORY_REFRESH_S)
 
@@ -159,14 +159,20 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                 gr.update(placeholder=t("message_placeholder", code)),
                 handlers.current_model_text(code),
                 _quant_controls(engine, code)[1],
-            ]
+            ] + [gr.update(**{attr: t(key, code)}) for _, attr, key in TEXTS]
 
         labelled = [chatbot, msg, system_prompt, temperature, top_p, max_new, model, quant, double_quant, budget, context,
                     kv_precision, overflow]
         LABELLED_KEYS = ["chatbot", "message", "system_prompt", "temperature", "top_p", "max_new_tokens",
                          "model", "quant", "double_quant", "gpu_budget", "context", "kv_precision", "overflow_policy"]
+        # Components whose own text (a button's value, a tab's label) is translated on a switch.
+        TEXTS = [(title, "value", "title"), (chat_tab, "label", "tab_chat"), (compare_tab, "label", "tab_compare"),
+                 (send, "value", "send"), (stop, "value", "stop"), (regenerate, "value", "regenerate"),
+                 (undo, "value", "undo"), (clear, "value", "clear"), (load, "value", "load"),
+                 (settings, "label", "settings")]
         demo.load(pick_language, None, lang, queue=False, api_visibility="private")
-        lang.change(relabel, lang, labelled + [msg, status, quant_info], queue=False, api_visibility="private").then(
+        lang.change(relabel, lang, labelled + [msg, status, quant_info] + [c for c, _, _ in TEXTS], queue=False,
+                    api_visibility="private").then(
             handlers.fit_check, model_inputs, fit, api_visibility="private"
         )
 

@@ -7,7 +7,7 @@ import html
 from models.engine import LoadReport
 from models.generation import GenerationStats
 from models.hardware import MemorySnapshot
-from models.loading import LoadedModel, describe_split
+from models.loading import LoadedModel
 from models.memory import GiB, MiB, FitPlan
 
 from .i18n import t
@@ -42,7 +42,8 @@ def plan_text(plan: FitPlan, lang: str, budget_bytes: int | None = None, ram_byt
     if plan.verdict == "gpu":
         head = t("fit_gpu", lang, peak=peak, budget=budget)
     elif plan.verdict == "offload":
-        where = [t("where_cpu", lang, n=plan.cpu_layers)] if plan.cpu_layers else []
+        where = [t("where_cpu", lang, n=plan.cpu_layers) + (t("where_streamed", lang) if plan.streamed_layers else "")
+                 ] if plan.cpu_layers else []
         if plan.disk_layers:
             where.append(t("where_disk", lang, n=plan.disk_layers))
         head = t("fit_offload", lang, offloaded=plan.offloaded_layers, layers=plan.gpu_layers + plan.offloaded_layers,
@@ -56,12 +57,22 @@ def plan_text(plan: FitPlan, lang: str, budget_bytes: int | None = None, ram_byt
     return f"{head}\n\n<small>{breakdown}</small>"
 
 
+def split_text(split: dict[str, int], streamed: bool, lang: str) -> str:
+    """'layers: 20 on GPU, 12 in CPU RAM (prefetched a layer ahead)' in the user's language."""
+    parts = [t("split_gpu", lang, n=split["gpu"])] if split.get("gpu") else []
+    if split.get("cpu"):
+        parts.append(t("split_cpu", lang, n=split["cpu"]) + (t("split_streamed", lang) if streamed else ""))
+    if split.get("disk"):
+        parts.append(t("split_disk", lang, n=split["disk"]))
+    return t("split_layers", lang, parts=t("list_sep", lang).join(parts)) if parts else ""
+
+
 def load_report_text(report: LoadReport, lang: str) -> str:
     """What the load did: time, split, predicted vs measured weights, and the unload before it."""
     loaded = report.loaded
     lines = [
         t("loaded", lang, model=loaded.ref.label, quant=loaded.settings.quant.value, dtype=loaded.dtype,
-          seconds=loaded.load_seconds, split=describe_split(loaded.split, loaded.streamer is not None)),
+          seconds=loaded.load_seconds, split=split_text(loaded.split, loaded.streamer is not None, lang)),
         t("predicted_vs_measured", lang, predicted=fmt_bytes(loaded.plan.gpu_weights_bytes or loaded.plan.weights_bytes),
           measured=fmt_bytes(loaded.weights_bytes)),
     ]
