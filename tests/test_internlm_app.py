@@ -103,6 +103,63 @@ def test_internlm3_folder_loads_natively(catalog, tmp_path):
     assert final.stats.new_tokens > 0
 
 
+def write_hub_style_internlm3(folder):
+    """InternLM3 as its hub repository ships it: a sentencepiece tokenizer.model and a tokenizer_config
+    naming the remote-code InternLM3Tokenizer (no tokenizer.json), a ChatML template, Llama weights."""
+    import sentencepiece as spm
+    from transformers import AutoModelForCausalLM, InternLM3Config
+
+    from internlm2_fixture import train_tiny_sentencepiece
+
+    model_file = train_tiny_sentencepiece(folder)
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_cfg["tokenizer_class"] = "InternLM3Tokenizer"
+    tok_cfg["auto_map"] = {"AutoTokenizer": ["tokenization_internlm3.InternLM3Tokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    config = InternLM3Config(vocab_size=sp.get_piece_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                             bos_token_id=1, eos_token_id=sp.piece_to_id(IM_END), pad_token_id=2,
+                             tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder, sp
+
+
+def sentencepiece_chat_ids(model_file, text: str, specials: list[str]) -> list[int]:
+    """Reference ids: each special token as its own id, the text between them as sentencepiece encodes
+    it with no dummy prefix (text after a special token does not start a new word)."""
+    import re
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    ids = []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        ids += [sp.piece_to_id(part)] if part in specials else sp.encode(part) if part else []
+    return ids
+
+
+def test_hub_style_internlm3_tokenizes_like_its_sentencepiece_model_without_remote_code(catalog, tmp_path):
+    # transformers builds InternLM3's tokenizer from tokenizer.model itself (it ignores the remote
+    # InternLM3Tokenizer class); reading the sentencepiece file needs the protobuf package.
+    folder, sp = write_hub_style_internlm3(tmp_path / "internlm3-hub")
+    engine = Engine(catalog, cache_dir=tmp_path / "cache")
+    loaded = engine.load(str(folder), LoadSettings(context_tokens=256)).loaded
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hello world, 你好！"}]
+    text = loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = loaded.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]
+    assert text.startswith("<s><|im_start|>system\nYou are helpful.<|im_end|>")
+    assert list(ids) == sentencepiece_chat_ids(folder / "tokenizer.model", text, ["<s>", "<|im_start|>", IM_END])
+    final = list(engine.chat(messages, GREEDY, threading.Event()))[-1]
+    assert final.stats.new_tokens > 0 and loaded.settings.trust_remote_code is False
+
+
 def test_catalog_internlm3_shape_matches_its_config(catalog):
     from transformers import InternLM3Config
 
