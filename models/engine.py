@@ -344,10 +344,23 @@ class Engine:
         limit = min(loaded.settings.context_tokens, loaded.shape.max_context)
         if loaded.fast is not None:  # its static cache was sized (and allocated) at load
             return min(limit, loaded.fast.max_context)
+        memory = self.memory_context_tokens(loaded, kv)
+        return max(0, limit if memory is None else min(limit, memory))
+
+    def memory_context_tokens(self, loaded: LoadedModel | None = None,
+                              kv: KVPrecision | str = KVPrecision.FULL) -> int | None:
+        """Tokens of context the memory left for KV caches holds (capped at the model's maximum).
+
+        None where memory sets no such bound: a CPU-only machine (RAM is planned at load), a
+        cache offloaded to CPU RAM, or a fast decoder whose static cache was allocated at load.
+        """
+        loaded = loaded or self.loaded
+        if loaded is None or loaded.fast is not None:
+            return None
         kv = _shared_kv_precision(kv)
-        if (loaded.device == "cuda" or self._kv_budget_override is not None) and kv is not KVPrecision.OFFLOAD:
-            limit = min(limit, self.kv_budget_bytes(loaded) // _kv_token_bytes(loaded, kv))
-        return max(0, limit)
+        if kv is KVPrecision.OFFLOAD or (loaded.device != "cuda" and self._kv_budget_override is None):
+            return None
+        return min(loaded.shape.max_context, self.kv_budget_bytes(loaded) // _kv_token_bytes(loaded, kv))
 
     # ----- chatting ------------------------------------------------------------------
     def drop_session(self, session_id: str) -> None:

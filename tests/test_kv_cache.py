@@ -353,3 +353,23 @@ def test_engine_answers_through_a_fast_decoder_with_prefix_reuse(engine):
     assert answer(engine, first, session="f").text == plain
     update = answer(engine, second, session="f")
     assert update.text == plain_second and update.stats.reused_tokens > 0
+
+
+def test_the_context_room_comes_from_the_kv_budget_and_the_panel_says_what_memory_holds(catalog, tiny_llama):
+    from models.memory import kv_bytes_per_token
+    from ui.handlers import ChatHandlers
+
+    probe = Engine(catalog)
+    probe.load(str(tiny_llama), LoadSettings(context_tokens=512))
+    per_token = kv_bytes_per_token(probe.loaded.shape, 4)  # fp32 cache on a CPU
+    for tokens, context, limit in [(300, 512, 300), (2000, 256, 256)]:
+        engine = Engine(catalog, kv_budget_bytes=tokens * per_token)
+        engine.load(str(tiny_llama), LoadSettings(context_tokens=context))
+        assert engine.memory_context_tokens() == min(tokens, engine.loaded.shape.max_context)
+        assert engine.context_limit() == limit
+        panel = ChatHandlers(engine).memory_html("en")
+        assert f"Room for {limit:,} tokens" in panel
+        # Memory, not the setting, is the bound in the first case; in the second the setting is, and
+        # the panel says what memory would hold (the model's maximum, 512).
+        assert ("the memory left would hold 512" in panel) == (tokens > context)
+    assert probe.memory_context_tokens() is None  # a CPU machine plans RAM at load; no KV budget

@@ -97,8 +97,10 @@ class ChatHandlers:
         """The memory panel now, with the context the memory left allows."""
         budget = int(float(budget_gib) * GiB) if budget_gib and self.engine.device == "cuda" else None
         engine = self.engine
-        room = engine.context_limit(kv=kv or KVPrecision.FULL.value) if engine.loaded else None
-        return memory_panel_html(engine.memory(), lang, engine.loaded, budget, room, engine.session_count())
+        kv = kv or KVPrecision.FULL.value
+        room = engine.context_limit(kv=kv) if engine.loaded else None
+        return memory_panel_html(engine.memory(), lang, engine.loaded, budget, room, engine.session_count(),
+                                 engine.memory_context_tokens(kv=kv) if engine.loaded else None)
 
     def tab_closed(self, request: gr.Request | None = None) -> None:
         """A browser tab was closed or reloaded: free its KV cache (never waits for the GPU)."""

@@ -95,8 +95,12 @@ def metrics_text(stats: GenerationStats, lang: str) -> str:
 
 
 def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | None = None,
-                      budget_bytes: int | None = None, context_room: int | None = None, sessions: int = 0) -> str:
-    """A stacked bar of memory by owner with numbers, and predicted vs measured peak."""
+                      budget_bytes: int | None = None, context_room: int | None = None, sessions: int = 0,
+                      memory_room: int | None = None) -> str:
+    """A stacked bar of memory by owner with numbers, and predicted vs measured peak.
+
+    `context_room` is the context one chat may use now; `memory_room` what the memory left would
+    hold (shown when the context setting, not memory, is the limit)."""
     if snap.device == "cuda":
         segments = [
             ("seg_weights", snap.weights), ("seg_kv", snap.kv_cache), ("seg_workspace", snap.other_allocator),
@@ -137,6 +141,8 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
                 "</div>")
     if loaded is not None and context_room is not None:
         room = t("panel_room", lang, tokens=f"{context_room:,}", sessions=sessions, kv=fmt_bytes(snap.kv_cache))
+        if memory_room is not None and memory_room > context_room:
+            room += t("panel_room_memory", lang, tokens=f"{memory_room:,}")
         peak += f"<div class='mem-room' id='context-room'>{html.escape(room)}</div>"
     return (
         "<div class='mem-panel' id='memory-panel'>"
