@@ -196,6 +196,13 @@ def test_compare_swaps_when_only_one_model_fits(catalog, wide_tiny):
     status = last[4]
     assert "do not fit the budget together" in status and "Swap: loading" in status and "took" in status
 
+    # A batch over both swaps too, and its summary says which load unloaded which, and how long it took.
+    batch = list(handlers.run_batch(None, None, "Hello world\nHow are you?", ["A", "B"], a.model, "none", b.model,
+                                    "bf16", "", "", 0, 0.9, 4, 0, None, 256, CompareSession(), "en",
+                                    progress=lambda *args, **kwargs: None))
+    summary = batch[-1][1]
+    assert f"Swap: loading {b.label} unloaded {wide_tiny} (none)" in summary and "took" in summary
+
 
 def test_compare_keeps_both_loaded_when_they_fit(catalog, tiny_llama):
     engine = Engine(catalog)

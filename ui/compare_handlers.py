@@ -227,7 +227,10 @@ class CompareHandlers:
         for s in summarize(rows):
             cells = [s["config"], s["answers"], s["score"], s["ttft_s"], s["tokens_per_s"], s["weights_mib"], s["errors"]]
             lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
-        return "\n".join(lines)
+        # Configurations that did not fit beside the one before were swapped in: say so, with the time.
+        swaps = [t("compare_swapped", lang, config=r.config, old=r.swapped_out, seconds=r.load_s or 0.0)
+                 for r in rows if r.swapped_out]
+        return "\n".join(lines + ([""] + swaps if swaps else []))
 
     # ----- quality cost --------------------------------------------------------------
     def quality(self, model, quant, budget_gib, context, lang, progress=gr.Progress()) -> str:
