@@ -173,10 +173,14 @@ def test_rope_scaling_maps_to_the_same_math(tmp_path, scaling):
     torch.testing.assert_close(logits.double(), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_pytorch_bin_single_file_converts(src, model, tmp_path):
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_pytorch_bin_checkpoints_convert(src, model, tmp_path, num_shards):
     state = load_internlm2_state_dict(src)
-    bin_src = write_internlm2_checkpoint(tmp_path / "bin", num_shards=1, weights_format="bin", state=state)
-    assert [p.name for p in bin_src.glob("*.bin")] == ["pytorch_model.bin"]
+    bin_src = write_internlm2_checkpoint(tmp_path / "bin", num_shards=num_shards, weights_format="bin", state=state)
+    if num_shards == 1:
+        assert [p.name for p in bin_src.glob("*.bin")] == ["pytorch_model.bin"]
+    else:  # sharded, with pytorch_model.bin.index.json naming the shard of every tensor
+        assert len(list(bin_src.glob("pytorch_model-*.bin"))) == 3 and (bin_src / "pytorch_model.bin.index.json").is_file()
     from transformers import AutoModelForCausalLM
 
     bin_model = AutoModelForCausalLM.from_pretrained(ensure_converted(bin_src, tmp_path / "cache"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,43 @@ def test_cli_trust_remote_code_prints_a_warning(capsys):
 
     assert app.main(["--trust-remote-code", "--ask", "hi", "--model", "/nonexistent/folder"]) == 1
     assert "trust-remote-code runs Python code" in capsys.readouterr().err
+
+
+def plant_in_hub_cache(cache, repo: str, files_from) -> None:
+    """Put a folder's files into a Hugging Face hub cache as the snapshot of `repo` (what a download leaves)."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files_from, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", ["internlm2-chat-1.8b", "qwen2.5-1.5b-instruct"])
+def test_catalog_ids_load_from_the_hub_cache_offline(catalog, tmp_path, model_id):
+    # A catalog id is a hub repo: once downloaded it loads from the hub cache with no network, through
+    # the InternLM2 conversion for InternLM2 and straight from the snapshot for a native model.
+    import os
+    import subprocess
+    import sys
+
+    from tiny import write_tiny_llama
+
+    source = tmp_path / "source"
+    if catalog.get(model_id).architecture == "internlm2":
+        write_internlm2_checkpoint(source, num_shards=2)
+    else:
+        write_tiny_llama(source)
+    plant_in_hub_cache(tmp_path / "hub", catalog.get(model_id).repo, source)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "SMALLCHAT_CACHE": str(tmp_path / "cache")}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "app.py"), "--ask", "Hello", "--model", model_id,
+                             "--temperature", "0", "--max-new-tokens", "4"],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TTFT" in result.stderr and "tok/s" in result.stderr
+    converted = tmp_path / "cache" / "converted"
+    assert converted.is_dir() == (model_id == "internlm2-chat-1.8b")
