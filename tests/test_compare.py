@@ -406,3 +406,15 @@ def test_a_side_evicted_by_another_user_is_loaded_again(catalog, tiny_llama):
     assert evictions and final.sides[0].status == "done" and final.sides[0].text
     with pytest.raises(ModelEvictedError, match="was unloaded to make room"):
         list(real_chat([{"role": "user", "content": "hi"}], GREEDY, threading.Event(), model="gone|none|ctx256"))
+
+
+def test_a_prompt_set_added_while_the_app_runs_shows_up_on_refresh(tmp_path, monkeypatch):
+    from compare import prompt_sets
+    from ui import compare_handlers
+
+    (tmp_path / "mine.toml").write_text('name = "My set"\nlanguage = "en"\n[[questions]]\ntext = "Hi?"\n')
+    shipped = prompt_sets.list_prompt_sets()
+    monkeypatch.setattr(compare_handlers, "list_prompt_sets", lambda: shipped + [tmp_path / "mine.toml"])
+    update = compare_handlers.refresh_prompt_sets("quick_en")
+    assert ("My set · 1 (mine)", "mine") in update["choices"] and update["value"] == "quick_en"
+    assert compare_handlers.refresh_prompt_sets("gone")["value"] == update["choices"][0][1]

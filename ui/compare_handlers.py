@@ -66,6 +66,13 @@ def prompt_set_choices() -> list[tuple[str, str]]:
     return choices
 
 
+def refresh_prompt_sets(current: str | None):
+    """The prompt-set dropdown re-read from prompts/ (a file added while the app runs shows up)."""
+    choices = prompt_set_choices()
+    stems = [stem for _, stem in choices]
+    return gr.update(choices=choices, value=current if current in stems else (stems[0] if stems else None))
+
+
 class CompareHandlers:
     """Everything the Compare tab's events do."""
 

@@ -10,7 +10,7 @@ import gradio as gr
 
 from models.engine import Engine
 
-from .compare_handlers import TABLE_HEADERS, CompareHandlers, CompareSession, prompt_set_choices
+from .compare_handlers import TABLE_HEADERS, CompareHandlers, CompareSession, prompt_set_choices, refresh_prompt_sets
 from .i18n import t
 
 
@@ -66,7 +66,8 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
         with gr.Row():
             choices = prompt_set_choices()
             prompt_set = gr.Dropdown(choices, value=choices[0][1] if choices else None, label=i18n("compare_set"),
-                                     elem_id="compare-set")
+                                     elem_id="compare-set", scale=4)
+            refresh_sets = gr.Button("↻", size="sm", scale=0, min_width=48, elem_id="compare-set-refresh")
             upload = gr.File(file_types=[".toml"], label=i18n("compare_upload"), elem_id="compare-upload")
         pasted = gr.Textbox(label=i18n("compare_paste"), lines=3, elem_id="compare-paste")
         with gr.Row():
@@ -112,6 +113,7 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
     batch_run.click(handlers.run_batch, batch_inputs, [results, summary, csv_file, jsonl_file], show_progress_on=summary,
                     concurrency_limit=None, api_name="compare_batch")
     batch_stop.click(handlers.stop, session, None, queue=False, api_visibility="private")
+    refresh_sets.click(refresh_prompt_sets, prompt_set, prompt_set, queue=False, api_visibility="private")
 
     quality_run.click(handlers.quality, [quality_model, quality_quant, budget, context, lang], quality,
                       concurrency_limit=None, api_name="quality_check")
