@@ -418,3 +418,13 @@ def test_a_prompt_set_added_while_the_app_runs_shows_up_on_refresh(tmp_path, mon
     update = compare_handlers.refresh_prompt_sets("quick_en")
     assert ("My set · 1 (mine)", "mine") in update["choices"] and update["value"] == "quick_en"
     assert compare_handlers.refresh_prompt_sets("gone")["value"] == update["choices"][0][1]
+
+
+def test_compare_panes_show_live_metrics_while_a_side_streams(catalog, tiny_llama):
+    handlers = CompareHandlers(Engine(catalog))
+    steps = list(handlers.run(str(tiny_llama), "none", str(tiny_llama), "bf16", "Hello world", "", 0, 0.9, 8, 0,
+                              None, 256, CompareSession(), "en"))
+    live_a = [metrics_a for _, metrics_a, *_ in steps if "tokens so far" in metrics_a]
+    assert live_a and all("TTFT" in m for m in live_a)
+    final_a, final_b = steps[-1][1], steps[-1][3]
+    assert "tok/s" in final_a and "tok/s" in final_b and "so far" not in final_a + final_b

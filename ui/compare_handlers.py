@@ -150,6 +150,10 @@ class CompareHandlers:
                            ttft=f"{s.ttft_s:.2f} s" if s.ttft_s is not None else "–",
                            tps=f"{s.decode_tokens_per_s:.1f}" if s.decode_tokens_per_s is not None else "–",
                            tokens=s.new_tokens, peak=fmt_bytes(s.peak_bytes)))
+        elif side.stats is not None and side.status == "streaming":  # live: TTFT is known, speed is not final
+            s = side.stats
+            parts.append(t("compare_metrics_live", lang, ttft=f"{s.ttft_s:.2f} s" if s.ttft_s is not None else "–",
+                           tokens=s.new_tokens))
         if side.load is not None:
             loaded = side.load.loaded
             if side.load.reused:

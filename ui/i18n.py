@@ -129,6 +129,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "compare_loading": {"en": "_Loading {config}…_", "zh": "_正在加载 {config}…_"},
     "compare_error": {"en": "Error: {error}", "zh": "出错：{error}"},
     "compare_empty_prompt": {"en": "Type a prompt first.", "zh": "请先输入提示。"},
+    "compare_metrics_live": {"en": "TTFT {ttft} · {tokens} tokens so far…", "zh": "首字延迟 {ttft} · 已生成 {tokens} 个 token…"},
     "compare_metrics": {"en": "TTFT {ttft} · {tps} tok/s · {tokens} tokens · peak {peak}",
                         "zh": "首字延迟 {ttft} · {tps} token/秒 · {tokens} 个 token · 峰值 {peak}"},
     "compare_load": {"en": "loaded in {seconds:.1f} s · weights {weights}", "zh": "加载用时 {seconds:.1f} 秒 · 权重 {weights}"},
