@@ -31,7 +31,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .generation import GenerationStats, IncrementalDecoder, SamplingSettings, StreamUpdate, _device_peak, stream_generate
+from .generation import (GenerationStats, IncrementalDecoder, SamplingSettings, StreamUpdate, _device_peak, start_worker,
+                         stream_generate)
 from .kv_cache import common_prefix_length
 from .memory import PREFILL_CHUNK
 
@@ -339,13 +340,7 @@ class FastDecoder:
                     on_worker_done()
 
         started = time.perf_counter()
-        worker = threading.Thread(target=run, name="fast-decode", daemon=True)
-        try:
-            worker.start()
-        except BaseException:
-            if on_worker_done is not None:
-                on_worker_done()
-            raise
+        worker = start_worker(run, "fast-decode", on_worker_done)
         decoder = IncrementalDecoder(tokenizer)
         text, shown, last_yield = "", 0, 0.0
         first_at = last_at = None

@@ -174,6 +174,19 @@ def chat_input_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(encoded["input_ids"])
 
 
+def start_worker(run: Callable[[], None], name: str, on_worker_done: Callable[[], None] | None) -> threading.Thread:
+    """Start the thread that computes an answer; if it cannot start, still run `on_worker_done`
+    (the engine's lock is released there, so a failed start must not keep it)."""
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    try:
+        worker.start()
+    except BaseException:
+        if on_worker_done is not None:
+            on_worker_done()
+        raise
+    return worker
+
+
 def _device_peak(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device)
@@ -236,13 +249,7 @@ def stream_generate(
                 on_worker_done()
 
     started = time.perf_counter()
-    worker = threading.Thread(target=run, name="generate", daemon=True)
-    try:
-        worker.start()
-    except BaseException:
-        if on_worker_done is not None:
-            on_worker_done()
-        raise
+    worker = start_worker(run, "generate", on_worker_done)
     text = ""
     try:
         while True:
