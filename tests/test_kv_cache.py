@@ -373,3 +373,19 @@ def test_the_context_room_comes_from_the_kv_budget_and_the_panel_says_what_memor
         # the panel says what memory would hold (the model's maximum, 512).
         assert ("the memory left would hold 512" in panel) == (tokens > context)
     assert probe.memory_context_tokens() is None  # a CPU machine plans RAM at load; no KV budget
+
+
+def test_the_panel_counts_the_cache_of_an_answer_while_it_streams(engine):
+    from ui.handlers import ChatHandlers
+
+    handlers = ChatHandlers(engine)
+    idle = engine.kv_cache_bytes()
+    stream = engine.chat([{"role": "user", "content": "Hello world"}], SamplingSettings(max_new_tokens=40, temperature=0),
+                         threading.Event(), session="live")
+    seen = []
+    for update in stream:
+        if not update.done and update.stats.new_tokens >= 2:
+            seen.append(engine.kv_cache_bytes())  # read from another thread than the one computing
+            panel = handlers.memory_html("en")  # what the UI's 1-second timer shows meanwhile
+            assert "class='mem-seg' data-seg='seg_kv'" in panel  # a KV slice in the bar, not only a legend row
+    assert seen and max(seen) > idle  # the growing cache of the answer in progress is on the panel
