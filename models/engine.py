@@ -22,6 +22,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from . import hardware
+from .errors import coded
 from .catalog import Catalog, ModelRef, ModelShape, UnknownModelError
 from .generation import SamplingSettings, StreamUpdate, chat_input_ids, stream_generate
 from .kv_cache import (
@@ -423,12 +424,12 @@ class Engine:
         try:
             loaded = self._residents.get(key) if key else None
             if loaded is None and model is not None:
-                raise ModelEvictedError(
+                raise coded(ModelEvictedError(
                     f"{model.split('|')[0]} was unloaded to make room for another model before this answer "
                     "could start (another load or comparison ran meanwhile); run it again."
-                )
+                ), "evicted", model=model.split("|")[0])
             if loaded is None:
-                raise ModelLoadError("No model is loaded yet: pick one and press Load.")
+                raise coded(ModelLoadError("No model is loaded yet: pick one and press Load."), "no_model")
             self._residents.move_to_end(key)
             if kv is KVPrecision.OFFLOAD and loaded.device != "cuda":
                 kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
@@ -479,10 +480,10 @@ class Engine:
                     self._sessions.drop(session)
                 entry = None
                 free_cuda_memory()
-            raise ModelLoadError(
+            raise coded(ModelLoadError(
                 "Out of GPU memory during the answer. Its cache was dropped and the chat is kept; "
                 "lower max new tokens, shorten the chat, or pick a smaller quantization."
-            )
+            ), "oom_answer")
 
     def _chat_fast(self, loaded: LoadedModel, ids: list[int], dropped: list[dict], sampling: SamplingSettings,
                    stop_event: threading.Event, release: Callable[[], None]) -> Iterator[StreamUpdate]:
@@ -505,10 +506,10 @@ class Engine:
         answer_room = min(sampling.max_new_tokens, max(MIN_ANSWER_TOKENS, limit // 4))
         max_prompt = limit - answer_room
         if max_prompt <= 0:
-            raise ContextOverflowError(
+            raise coded(ContextOverflowError(
                 f"Memory leaves room for only {limit} tokens of context: free VRAM, lower the context "
                 "length, or pick a smaller quantization."
-            )
+            ), "no_context_room", limit=limit)
 
         ids = chat_input_ids(loaded.tokenizer, messages)
         if len(ids) <= max_prompt:  # the usual case: template the chat once

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from .errors import coded
+
 
 class KVPrecision(str, Enum):
     """How the KV cache is held."""
@@ -228,10 +230,11 @@ def fit_messages(
     if count_tokens(messages) <= max_prompt_tokens:
         return messages, []
     if policy is OverflowPolicy.REFUSE:
-        raise ContextOverflowError(
-            f"The chat needs {count_tokens(messages)} tokens but the context allows {max_prompt_tokens}. "
+        needed = count_tokens(messages)
+        raise coded(ContextOverflowError(
+            f"The chat needs {needed} tokens but the context allows {max_prompt_tokens}. "
             "Clear the chat, undo some turns, or choose 'drop oldest turns'."
-        )
+        ), "overflow_refused", needed=needed, allowed=max_prompt_tokens)
     head = [m for m in messages[:1] if m["role"] == "system"]
     body = messages[len(head):]
     dropped: list[dict] = []
@@ -244,8 +247,9 @@ def fit_messages(
         body = body[cut:]
     kept = head + body
     if count_tokens(kept) > max_prompt_tokens:
-        raise ContextOverflowError(
-            f"Your message alone needs {count_tokens(kept)} tokens but the context allows {max_prompt_tokens}. "
+        needed = count_tokens(kept)
+        raise coded(ContextOverflowError(
+            f"Your message alone needs {needed} tokens but the context allows {max_prompt_tokens}. "
             "Shorten it, raise the context length, or lower max new tokens."
-        )
+        ), "message_too_long", needed=needed, allowed=max_prompt_tokens)
     return kept, dropped

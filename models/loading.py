@@ -21,6 +21,7 @@ import torch
 
 from . import hardware
 from .catalog import ModelRef, ModelShape
+from .errors import coded
 from .memory import GiB, Budget, FitPlan, plan_fit
 from .offload import SLOTS as STREAM_SLOTS
 from .offload import LayerStreamer, stream_offloaded_layers
@@ -258,10 +259,10 @@ def _load_config(local: LocalModel, trust_remote_code: bool):
         return AutoConfig.from_pretrained(local.location, trust_remote_code=trust_remote_code)
     except OSError as e:
         if local.hub:
-            raise ModelSourceError(
+            raise coded(ModelSourceError(
                 f"Could not get {local.location} from the hub ({_first_line(e)}). If you are offline, "
                 "download the model once and point at its local folder."
-            ) from None
+            ), "hub_unreachable", repo=local.location, detail=_first_line(e)) from None
         raise ModelSourceError(f"Could not read the model config in {local.location}: {_first_line(e)}") from None
     except ValueError as e:
         # transformers says "model type X is not recognized" for architectures it lacks.
@@ -275,10 +276,10 @@ def _first_line(e: Exception) -> str:
 
 def _check_chat_template(tokenizer, location: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise NoChatTemplateError(
+        raise coded(NoChatTemplateError(
             f"The tokenizer of {location} has no chat template, so it cannot format a chat. "
             "It is probably a base (non-chat) model: pick an instruct/chat model instead."
-        )
+        ), "no_chat_template", location=location)
 
 
 def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
@@ -420,10 +421,10 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         raise ModelSourceError(f"Could not load {prepared.local.location}: {_first_line(e)}") from None
     if out_of_memory:
         free_cuda_memory()
-        raise ModelLoadError(
+        raise coded(ModelLoadError(
             f"Out of GPU memory while loading {ref.label} ({settings.quant.value}). "
             "Lower the context length or the GPU budget's other users, or pick a smaller quantization."
-        )
+        ), "oom_load", model=ref.label, quant=settings.quant.value)
     model.eval()
     streamer = None
     if streamed:

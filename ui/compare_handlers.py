@@ -26,7 +26,7 @@ from models.memory import GiB
 from models.quant import Quant
 from models.sources import ModelSourceError
 
-from .i18n import t
+from .i18n import explain, t
 from .panels import fmt_bytes
 
 USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, PromptSetError, ValueError, OSError)
@@ -104,7 +104,7 @@ class CompareHandlers:
             together = fits_together(self.engine, self.specs(model_a, quant_a, model_b, quant_b),
                                      self.base_settings(budget_gib, context))
         except USER_ERRORS as e:
-            return t("compare_error", lang, error=str(e))
+            return t("compare_error", lang, error=explain(e, lang))
         return t("compare_fit_together" if together else "compare_fit_swap", lang)
 
     # ----- A vs B --------------------------------------------------------------------
@@ -121,7 +121,7 @@ class CompareHandlers:
             specs = self.specs(model_a, quant_a, model_b, quant_b)
             sampling = self.sampling(temperature, top_p, max_new_tokens, seed)
         except ValueError as e:
-            yield "", "", "", "", t("compare_error", lang, error=str(e))
+            yield "", "", "", "", t("compare_error", lang, error=explain(e, lang))
             return
         stop = session.new_run()
         for state in compare(self.engine, specs, messages, sampling, stop, self.base_settings(budget_gib, context)):
@@ -205,8 +205,8 @@ class CompareHandlers:
             specs = self.batch_specs(use, model_a, quant_a, model_b, quant_b, extra)
             sampling = self.sampling(temperature, top_p, max_new_tokens, seed)
         except USER_ERRORS as e:
-            gr.Warning(str(e))
-            yield gr.skip(), t("compare_error", lang, error=str(e)), None, None
+            gr.Warning(explain(e, lang))
+            yield gr.skip(), t("compare_error", lang, error=explain(e, lang)), None, None
             return
         stop = session.new_run()
         rows: list[ResultRow] = []
@@ -221,7 +221,7 @@ class CompareHandlers:
             folder = Path(tempfile.mkdtemp(prefix="smallchat-batch-"))
             csv_path, jsonl_path = write_both(rows, folder / "results.csv")
         except OSError as e:  # e.g. a full temp disk: the table stays, the export is explained
-            yield self.table(rows), t("compare_error", lang, error=str(e)), None, None
+            yield self.table(rows), t("compare_error", lang, error=explain(e, lang)), None, None
             return
         yield self.table(rows), self.summary_text(rows, total, lang, finished=True), str(csv_path), str(jsonl_path)
 
@@ -251,7 +251,7 @@ class CompareHandlers:
                                    self.base_settings(budget_gib, context),
                                    progress=lambda f, m: progress(f, desc=m))
         except USER_ERRORS + (RuntimeError,) as e:  # RuntimeError: e.g. out of memory during the check
-            return t("compare_error", lang, error=str(e))
+            return t("compare_error", lang, error=explain(e, lang))
         return self.quality_text(report, lang)
 
     @staticmethod

@@ -23,7 +23,7 @@ from models.quant import Quant
 from models.sources import ModelSourceError
 
 from . import chat_history as ch
-from .i18n import t
+from .i18n import explain, t
 from .panels import load_report_text, memory_panel_html, metrics_text, plan_text
 
 USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, ValueError, OSError)
@@ -114,7 +114,7 @@ class ChatHandlers:
             settings = choice.load_settings(self.engine)
             _, plan = self.engine.plan(choice.model, settings)
         except USER_ERRORS as e:
-            return t("load_failed", lang, error=str(e))
+            return t("load_failed", lang, error=explain(e, lang))
         budget_bytes = settings.gpu_budget_bytes
         if self.engine.device == "cuda" and budget_bytes is None:
             budget_bytes = plan.predicted_peak_bytes if plan.verdict == "gpu" else None
@@ -131,7 +131,7 @@ class ChatHandlers:
             report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=m))
         except USER_ERRORS + (RuntimeError,) as e:  # RuntimeError: e.g. a CUDA error inside from_pretrained
             current = self.current_model_text(lang)
-            return f"{t('load_failed', lang, error=str(e))}\n\n{current}", self.memory_html(lang, budget)
+            return f"{t('load_failed', lang, error=explain(e, lang))}\n\n{current}", self.memory_html(lang, budget)
         return load_report_text(report, lang), self.memory_html(lang, budget)
 
     def current_model_text(self, lang: str) -> str:
@@ -203,7 +203,7 @@ class ChatHandlers:
         except USER_ERRORS + (RuntimeError,) as e:
             if not history[-1]["content"]:
                 history.pop()
-            history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=str(e))))
+            history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=explain(e, lang))))
             yield history
 
     def _dropped_note(self, messages: list[dict], n: int, lang: str, kv: str) -> dict:

