@@ -139,8 +139,9 @@ def test_sending_while_an_answer_streams_is_refused_and_keeps_the_text(page):
     page.click("#send")  # after Stop the kept text can be sent as usual
     page.wait_for_function("document.querySelector('#chatbot').innerText.includes('A second question typed')",
                            timeout=30_000)
+    # Up to 200 new tokens on a 2-core CPU (slower when the machine is busy): allow for the whole answer.
     page.wait_for_function("(document.querySelector('#chatbot').innerText.match(/TTFT/g) || []).length >= 2",
-                           timeout=60_000)
+                           timeout=180_000)
 
 
 def test_closing_the_tab_frees_its_kv_cache(browser, app_url, embedded_engine):
