@@ -295,13 +295,13 @@ def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
         nonlocal total
         if t is None or t.device.type != device:
             return
-        key = (id(t),) if t.device.type == "meta" else (t.data_ptr(), t.numel(), t.dtype)
-        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
-            key = (id(t),)  # a wrapper subclass (torchao int4): its inner tensors are keyed below
+        wrapper = type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__")
+        # A wrapper subclass (torchao int4) has no data of its own: its inner tensors are keyed below.
+        key = (id(t),) if wrapper else (t.data_ptr(), t.numel(), t.dtype)
         if key in seen:
             return
         seen.add(key)
-        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        if wrapper:
             for name in t.__tensor_flatten__()[0]:  # torchao int4: packed data + scales and zeros
                 add(getattr(t, name))
             return
