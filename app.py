@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--kv", choices=[k.value for k in KVPrecision], default=KVPrecision.FULL.value,
                    help="KV cache precision: full, fp8 (half the memory) or offload (CPU RAM; CUDA only)")
+    p.add_argument("--stream-offload", action="store_true",
+                   help="fp16/bf16 layers offloaded to CPU RAM are page-locked and prefetched a layer ahead "
+                        "(models/offload.py; not yet measured on a GPU) instead of copied when called")
     p.add_argument("--system", default="", metavar="TEXT", help="system prompt")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the download to run (off by default: it is arbitrary code)")
@@ -100,7 +103,7 @@ def load_settings(args: argparse.Namespace) -> LoadSettings:
     budget = int(args.gpu_budget * GiB) if args.gpu_budget else None
     return LoadSettings(
         quant=args.quant, double_quant=args.double_quant, gpu_budget_bytes=budget,
-        context_tokens=args.context, trust_remote_code=args.trust_remote_code,
+        context_tokens=args.context, trust_remote_code=args.trust_remote_code, stream_offload=args.stream_offload,
     )
 
 
@@ -206,7 +209,8 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         system_prompt=args.system, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         kv=args.kv,
     )
-    demo = build_demo(engine, defaults, settings_extra={"trust_remote_code": args.trust_remote_code})
+    demo = build_demo(engine, defaults, settings_extra={"trust_remote_code": args.trust_remote_code,
+                                                          "stream_offload": args.stream_offload})
     demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))
     return 0
 

@@ -61,9 +61,10 @@ class LoadSettings:
     context_tokens: int = 4096
     trust_remote_code: bool = False
     cache_dir: Path | None = None
-    # fp16/bf16 layers offloaded to CPU RAM are prefetched by models/offload.py; False keeps
-    # accelerate's copy-on-call hooks (the naive baseline the bench compares against).
-    stream_offload: bool = True
+    # fp16/bf16 layers offloaded to CPU RAM are prefetched by models/offload.py (--stream-offload).
+    # Off by default until bench/decode_speed.py has measured it on a GPU: accelerate's
+    # copy-on-call hooks are the measured path (and the baseline the bench compares against).
+    stream_offload: bool = False
 
 
 @dataclass

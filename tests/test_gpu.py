@@ -79,16 +79,17 @@ def test_offload_split_under_a_small_budget_gives_the_same_answer(engine, tmp_pa
     loaded = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget)).loaded
     assert 0 < loaded.split["gpu"] < 6 and loaded.split["cpu"] == 6 - loaded.split["gpu"]
     assert answer(engine).token_ids == expected
-    # fp16 layers in CPU RAM go through models/offload.py: page-locked, prefetched on a copy stream.
-    streamer = loaded.streamer
+    assert loaded.streamer is None  # the default: accelerate's copy-on-call hooks
+    # Opted in, fp16 layers in CPU RAM go through models/offload.py: page-locked, prefetched on a copy
+    # stream, with one resident layer fewer for the second staging slot.
+    streamed = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget,
+                                                     stream_offload=True)).loaded
+    streamer = streamed.streamer
     assert streamer is not None and streamer.page_locked and streamer.copy_stream is not None
-    assert loaded.plan.streamed_layers == loaded.split["cpu"] == len(streamer.layers)
-    assert streamer.copies >= loaded.split["cpu"]
-    assert abs(loaded.weights_bytes - loaded.plan.gpu_weights_bytes) <= 64 * 28 + 2 * 256 * 9
-    # accelerate's copy-on-call hooks (the naive path) give the same answer.
-    naive = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget, stream_offload=False))
-    assert naive.loaded.streamer is None and naive.loaded.split["cpu"] > 0
+    assert streamed.plan.streamed_layers == streamed.split["cpu"] == len(streamer.layers) > loaded.split["cpu"]
     assert answer(engine).token_ids == expected
+    assert streamer.copies >= streamed.split["cpu"]
+    assert abs(streamed.weights_bytes - streamed.plan.gpu_weights_bytes) <= 64 * 28 + 2 * 256 * 9
 
 
 def test_unloading_a_streamed_model_gives_back_device_and_page_locked_memory(engine, tmp_path):
@@ -102,7 +103,8 @@ def test_unloading_a_streamed_model_gives_back_device_and_page_locked_memory(eng
     engine.unload()
     torch.cuda.empty_cache()
     idle = torch.cuda.memory_allocated()
-    loaded = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget)).loaded
+    loaded = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget,
+                                                   stream_offload=True)).loaded
     finalizer = loaded.streamer._finalizer
     answer(engine)
     del loaded
