@@ -29,9 +29,15 @@ def pick(page, elem_id: str, option: str) -> None:
 
 
 def set_number(page, elem_id: str, value: int) -> None:
+    """Type a number into a slider's box and make sure it stuck (a late re-render can put the old one back)."""
     box = page.locator(f"#{elem_id} input[type='number']")
-    box.fill(str(value))
-    box.press("Tab")
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Tab")
+        page.wait_for_timeout(500)
+        if box.input_value() == str(value):
+            return
+    raise AssertionError(f"#{elem_id} kept {box.input_value()!r} instead of {value}")
 
 
 def test_a_and_b_stream_side_by_side_with_metrics(page):
@@ -91,7 +97,7 @@ def test_batch_fills_the_table_and_exports_csv_and_jsonl(page):
         assert sorted((r["config"], r["question"]) for r in got) == sorted(
             (c, q) for c in ("smollm2-135m-instruct:none", "smollm2-135m-instruct:4bit") for q in questions)
         assert all(r["answer"] and not r["error"] for r in got)
-    assert all(float(r["tokens_per_s"]) > 0 and int(r["new_tokens"]) <= 24 for r in rows)
+    assert all(float(r["tokens_per_s"]) > 0 and int(r["new_tokens"]) <= 24 for r in rows), rows
     assert all(r["ttft_s"] > 0 and r["peak_mib"] > 0 for r in records)
 
 
