@@ -77,3 +77,39 @@ def normalize(history: list[dict] | None) -> list[dict]:
             item["metadata"] = dict(message["metadata"])
         out.append(item)
     return out
+
+
+# ASCII punctuation: CommonMark lets a backslash make any of these literal, so a text with every
+# one of them escaped renders as exactly the characters typed (no HTML, links, code or emphasis).
+_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def to_literal_markdown(text: str) -> str:
+    """`text` as Markdown that renders as the literal characters (typed HTML stays text)."""
+    return "".join("\\" + c if c in _PUNCT else c for c in text)
+
+
+def is_literal_markdown(text: str) -> bool:
+    """Whether `text` is to_literal_markdown's output (every punctuation mark backslash-escaped)."""
+    i = 0
+    while i < len(text):
+        if text[i] in _PUNCT:
+            if text[i] != "\\" or i + 1 >= len(text) or text[i + 1] not in _PUNCT:
+                return False
+            i += 2
+        else:
+            i += 1
+    return True
+
+
+def from_literal_markdown(text: str) -> str:
+    """The typed text back from to_literal_markdown's output; other text is returned as is."""
+    if not is_literal_markdown(text):
+        return text  # e.g. an API client's raw message
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 1
+        out.append(text[i])
+        i += 1
+    return "".join(out)

@@ -12,6 +12,7 @@ from models.memory import GiB
 
 from models.kv_cache import KVPrecision, OverflowPolicy, kv_precision_options
 
+from .chatbot import LiteralChatbot
 from .compare_tab import build_compare_tab
 from .handlers import ChatHandlers, ChatSession
 from .i18n import LANGUAGES, gradio_i18n, language_from_header, t
@@ -95,8 +96,9 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                 with gr.Row():
                     with gr.Column(scale=3):
                         # A plain label: an I18n one renders as "[object Object]" on the Chatbot; relabel() translates it.
-                        chatbot = gr.Chatbot(label=t("chatbot", "en"), height=480, elem_id="chatbot",
-                                             buttons=["copy"], feedback_options=None)
+                        # User messages show as typed (ui/chatbot.py); answers are sanitized Markdown.
+                        chatbot = LiteralChatbot(label=t("chatbot", "en"), height=480, elem_id="chatbot",
+                                                 buttons=["copy"], feedback_options=None, sanitize_html=True)
                         with gr.Row():
                             msg = gr.Textbox(label=i18n("message"), placeholder=i18n("message_placeholder"),
                                              scale=5, elem_id="message", autofocus=True)

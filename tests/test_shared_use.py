@@ -1,0 +1,48 @@
+"""Issue 12 (shared use): typed HTML shown as text, private endpoints, input checks, failed loads."""
+
+import gradio as gr
+import pytest
+
+from ui import chat_history as ch
+from ui.chatbot import ChatHistoryData, LiteralChatbot
+
+PAYLOADS = [
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    "<svg onload=alert(1)>",
+    "```\n<div>code</div>\n```\n  indented **bold** &lt; \\\\ \\< $$x$$",
+]
+
+
+@pytest.mark.parametrize("text", PAYLOADS + ["plain words", ""])
+def test_literal_markdown_round_trips_and_hides_every_tag(text):
+    shown = ch.to_literal_markdown(text)
+    assert ch.is_literal_markdown(shown)
+    assert ch.from_literal_markdown(shown) == text
+    # No unescaped "<", backtick or "$$" is left for Markdown, HTML or LaTeX to act on.
+    assert "<" not in shown.replace("\\<", "") and "`" not in shown.replace("\\`", "") and "$$" not in shown
+
+
+def test_raw_text_from_an_api_client_is_kept_as_is():
+    assert ch.from_literal_markdown("What is 2+2? <b>") == "What is 2+2? <b>"
+
+
+def test_the_chatbot_escapes_user_messages_for_the_browser_and_unescapes_them_for_handlers():
+    bot = LiteralChatbot()
+    history = [{"role": "user", "content": PAYLOADS[1]}, {"role": "assistant", "content": "**Hi** <b>x</b>"},
+               {"role": "user", "content": "  indented\n  twice"}]
+    wire = bot.postprocess(history)
+    texts = [m.content[0].text for m in wire.root]
+    assert texts[0] == ch.to_literal_markdown(PAYLOADS[1])
+    assert texts[1] == "**Hi** <b>x</b>"  # answers stay Markdown (Gradio sanitizes them)
+    back = bot.preprocess(ChatHistoryData.model_validate(wire.model_dump()))
+    assert [ch.content_text(m["content"]) for m in back] == [PAYLOADS[1], "**Hi** <b>x</b>", "  indented\n  twice"]
+
+
+def test_the_history_format_accepts_plain_strings_and_refuses_garbage_clearly():
+    data = ChatHistoryData.model_validate([{"role": "user", "content": "Hi"}])
+    assert data.root[0].content[0].text == "Hi"
+    for bad in ["Hi", [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}], ["x"]]:
+        with pytest.raises(gr.Error) as e:
+            ChatHistoryData.model_validate(bad)
+        assert "message" in str(e.value).lower() or "content" in str(e.value)
