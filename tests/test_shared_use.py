@@ -46,3 +46,28 @@ def test_the_history_format_accepts_plain_strings_and_refuses_garbage_clearly():
         with pytest.raises(gr.Error) as e:
             ChatHistoryData.model_validate(bad)
         assert "message" in str(e.value).lower() or "content" in str(e.value)
+
+
+@pytest.mark.slow
+def test_only_the_chat_is_public_api_and_it_explains_bad_input(app_url, embedded_engine):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/answer"}
+    before = embedded_engine.loaded
+    for name in ("/load", "/fit_check", "/memory", "/compare", "/compare_batch", "/quality_check", "/load_2"):
+        with pytest.raises(Exception):
+            client.predict("smollm2-135m-instruct", "4bit", False, None, 512, "en", api_name=name)
+    # Not over plain HTTP either.
+    import httpx
+
+    reply = httpx.post(f"{app_url}gradio_api/call/load", json={"data": ["smollm2-135m-instruct", "4bit", False, None, 512, "en"]})
+    assert reply.status_code == 404 and "not part of this app's API" in reply.text, reply.text
+    assert embedded_engine.loaded is before  # nothing was switched by an API caller
+    # Plain-string content (OpenAI style) is accepted ...
+    history = client.predict([{"role": "user", "content": "What is the capital of France?"}], api_name="/answer")
+    assert any("Paris" in str(m["content"]) for m in history if m["role"] == "assistant")
+    # ... and a malformed history gets a sentence, not "upstream Gradio app has raised an exception".
+    with pytest.raises(Exception) as e:
+        client.predict([{"role": "user", "content": 42}], api_name="/answer")
+    assert "content must be a string or a list of parts" in str(e.value)

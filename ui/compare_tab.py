@@ -103,7 +103,7 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
     run_inputs = pair + [prompt, system, temperature, top_p, max_new, seed, budget, context, session, lang]
     run_outputs = [pane_a, metrics_a, pane_b, metrics_b, status]
     run.click(handlers.fit_note, fit_inputs, fit, api_visibility="private").then(
-        handlers.run, run_inputs, run_outputs, concurrency_limit=None, api_name="compare")
+        handlers.run, run_inputs, run_outputs, concurrency_limit=None, api_visibility="private")
     prompt.submit(handlers.run, run_inputs, run_outputs, concurrency_limit=None, api_visibility="private")
     stop.click(handlers.stop, session, None, queue=False, api_visibility="private")
 
@@ -111,12 +111,12 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
                                                               budget, context, session, lang]
     # The progress bar sits on the summary only, so the table stays visible while its rows arrive.
     batch_run.click(handlers.run_batch, batch_inputs, [results, summary, csv_file, jsonl_file], show_progress_on=summary,
-                    concurrency_limit=None, api_name="compare_batch")
+                    concurrency_limit=None, api_visibility="private")
     batch_stop.click(handlers.stop, session, None, queue=False, api_visibility="private")
     refresh_sets.click(refresh_prompt_sets, prompt_set, prompt_set, queue=False, api_visibility="private")
 
     quality_run.click(handlers.quality, [quality_model, quality_quant, budget, context, lang], quality,
-                      concurrency_limit=None, api_name="quality_check")
+                      concurrency_limit=None, api_visibility="private")
 
     # ----- language ----------------------------------------------------------------
     labelled = {prompt: "compare_prompt", system: "system_prompt", temperature: "temperature", top_p: "top_p",

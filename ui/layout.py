@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, replace
 
 import gradio as gr
@@ -179,7 +181,9 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         )
 
         # ----- model controls --------------------------------------------------------
-        demo.load(handlers.fit_check, model_inputs, fit, api_name="fit_check")
+        # Only the chat ("answer") is public API; every other event is the page's own: a load switches the
+        # model for every user, so API clients must not reach it (when exposed, --auth guards the page too).
+        demo.load(handlers.fit_check, model_inputs, fit, api_visibility="private")
         for control in (double_quant, budget, context):
             control.change(handlers.fit_check, model_inputs, fit, api_visibility="private")
         for dropdown in (model, quant):
@@ -187,9 +191,9 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
             dropdown.input(handlers.fit_check, model_inputs, fit, api_visibility="private").then(
                 handlers.load, model_inputs, [status, memory], api_visibility="private"
             )
-        load.click(handlers.load, model_inputs, [status, memory], api_name="load")
+        load.click(handlers.load, model_inputs, [status, memory], api_visibility="private")
         timer.tick(handlers.memory_html, [lang, budget, kv_precision], memory, show_progress="hidden", queue=False,
-                   api_name="memory")
+                   api_visibility="private")
 
         # ----- chat ------------------------------------------------------------------
         answer_inputs = [chatbot, system_prompt, temperature, top_p, max_new, session, lang, kv_precision, overflow]
@@ -216,6 +220,37 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
     return demo
 
 
+PUBLIC_API = frozenset({"answer"})
+_CALL_BY_NAME = re.compile(r"/call/(?:v2/)?([^/]+)/?$")
+
+
+class PublicApiOnly:
+    """ASGI middleware: Gradio's by-name HTTP route (/call/NAME) serves only the public endpoints.
+
+    Gradio 6 hides api_visibility="private" events from its docs and gradio_client, but still runs
+    them when POSTed to /gradio_api/call/NAME. The page itself never uses that route (it joins the
+    queue by event number), so refusing it costs the browser nothing.
+    """
+
+    def __init__(self, app, public: frozenset[str] = PUBLIC_API):
+        self.app, self.public = app, public
+
+    async def __call__(self, scope, receive, send):
+        """Refuse a by-name call of a private endpoint with 404 and a sentence; pass the rest through."""
+        match = _CALL_BY_NAME.search(scope.get("path", "")) if scope["type"] == "http" else None
+        if match and scope.get("method") == "POST" and match.group(1) not in self.public:
+            body = json.dumps({"detail": f"/{match.group(1)} is not part of this app's API; "
+                                         f"public endpoints: {', '.join('/' + n for n in sorted(self.public))}"}).encode()
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def launch_kwargs(demo: gr.Blocks) -> dict:
-    """Arguments launch() needs for this app's CSS and translations."""
-    return {"css": PANEL_CSS, "i18n": gradio_i18n(), "ssr_mode": False}
+    """Arguments launch() needs for this app's CSS, translations and API surface."""
+    from starlette.middleware import Middleware
+
+    return {"css": PANEL_CSS, "i18n": gradio_i18n(), "ssr_mode": False,
+            "app_kwargs": {"middleware": [Middleware(PublicApiOnly)]}}
