@@ -30,3 +30,18 @@ def test_typed_html_shows_as_the_literal_text_and_fetches_nothing(page):
     assert page.locator("#chatbot img, #chatbot svg[onload], #chatbot script").count() == 0
     assert page.evaluate("typeof window.__xss") == "undefined"
     assert not [u for u in requests if u.rstrip("/").endswith("/x")], requests
+
+
+def test_max_new_tokens_zero_is_refused_and_the_message_stays(page):
+    page.click("#settings")  # the accordion holding the generation settings
+    box = page.locator("#max-new-tokens input[type='number']")
+    box.wait_for(timeout=15_000)
+    page.fill("#message textarea", "What is the capital of France?")
+    box.fill("0")
+    box.press("Enter")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('Max new tokens must be')",
+                           timeout=60_000)
+    assert page.input_value("#message textarea") == "What is the capital of France?"
+    page.wait_for_timeout(2_000)
+    assert "TTFT" not in page.inner_text("#chatbot")  # nothing was generated

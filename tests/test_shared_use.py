@@ -71,3 +71,57 @@ def test_only_the_chat_is_public_api_and_it_explains_bad_input(app_url, embedded
     with pytest.raises(Exception) as e:
         client.predict([{"role": "user", "content": 42}], api_name="/answer")
     assert "content must be a string or a list of parts" in str(e.value)
+
+
+@pytest.fixture()
+def handlers(catalog, tiny_llama):
+    from models.engine import Engine
+    from models.loading import LoadSettings
+    from ui.handlers import ChatHandlers
+
+    engine = Engine(catalog)
+    engine.load(str(tiny_llama), LoadSettings(context_tokens=512))
+    return ChatHandlers(engine)
+
+
+@pytest.mark.parametrize("temperature, top_p, max_new, says", [
+    (0.2, 0.9, 0, "Max new tokens must be a whole number from 1 to 4096 (got 0)"),
+    (0.2, 0.9, -5, "Max new tokens must be a whole number from 1 to 4096 (got -5)"),
+    (0.2, 0.9, "abc", "(got abc)"),
+    (0.2, 0.9, 2.5, "whole number"),
+    (0.2, 0.9, 10 ** 9, "from 1 to 4096"),
+    (-1, 0.9, 8, "Temperature (0 = greedy) must be a number from 0 to 2"),
+    (float("nan"), 0.9, 8, "Temperature"),
+    (0.2, 0, 8, "Top-p must be a number from 0.05 to 1"),
+    (0.2, None, 8, "Top-p"),
+])
+def test_a_bad_number_is_refused_in_the_chat_and_the_message_stays(handlers, temperature, top_p, max_new, says):
+    from ui.handlers import ChatSession
+
+    session = ChatSession()
+    before = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    msg, history = handlers.submit("Next question", before, session, "en", temperature, top_p, max_new)
+    assert msg == "Next question"  # still in the box
+    assert history[:2] == before and len(history) == 3 and says in history[2]["metadata"]["title"]
+    # The chained answer finds no new question: nothing is generated.
+    assert list(handlers.answer(history, "", temperature, top_p, max_new, session, "en")) == [history]
+    # An API caller sending the same numbers to /answer gets the same sentence and no answer.
+    asked = before + [{"role": "user", "content": "Next question"}]
+    out = list(handlers.answer(asked, "", temperature, top_p, max_new, session, "en"))
+    assert len(out) == 1 and out[0][:3] == asked and says in out[0][3]["metadata"]["title"]
+
+
+def test_bad_numbers_are_refused_in_chinese_too(handlers):
+    from ui.handlers import ChatSession
+
+    _, history = handlers.submit("你好", [], ChatSession(), "zh", 0.2, 0.9, 0)
+    assert "最多生成 token 数必须是 1 到 4096 之间的整数" in history[-1]["metadata"]["title"]
+
+
+def test_load_and_fit_check_refuse_a_bad_context_length_clearly(handlers):
+    before = handlers.engine.loaded
+    for bad in (0, -5, "abc", None):
+        status, _ = handlers.load("smollm2-135m-instruct", "none", False, None, bad, "en", progress=lambda *a, **k: None)
+        assert "Context length to plan for (tokens) must be a whole number from 256 to 32768" in status
+        assert "Context length" in handlers.fit_check("smollm2-135m-instruct", "none", False, None, bad, "en")
+    assert handlers.engine.loaded is before

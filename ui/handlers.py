@@ -6,6 +6,7 @@ gr.State); the only shared object is the engine, which serializes GPU work itsel
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,35 @@ from .i18n import explain, t
 from .panels import load_report_text, memory_panel_html, metrics_text, plan_text
 
 USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, ValueError, OSError)
+
+# Ranges of the numeric controls (the sliders use them too). A CLI value beyond a maximum widens it.
+TEMPERATURE_MAX = 2.0
+TOP_P_MIN = 0.05
+BUDGET_MIN_GIB = 0.5
+CONTEXT_MIN, CONTEXT_MAX = 256, 32768
+MAX_NEW_TOKENS_MAX = 4096
+
+
+class BadNumber(ValueError):
+    """A numeric control's value is not a number or out of its range (the message says which and why)."""
+
+
+def read_number(value, label_key: str, low: float, high: float, lang: str, whole: bool = False) -> float:
+    """`value` as a number in [low, high], or BadNumber naming the control and its range.
+
+    A slider's number box sends what was typed until it loses focus (0, -5, "abc"), and API callers
+    send anything, so every handler that uses a number reads it through here."""
+    try:
+        number = float(value)
+        ok = math.isfinite(number) and low <= number <= high and (not whole or number == int(number))
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        kind = t("whole_number", lang) if whole else t("number", lang)
+        low_s, high_s = (f"{int(low)}", f"{int(high)}") if whole else (f"{low:g}", f"{high:g}")
+        raise BadNumber(t("bad_number", lang, name=t(label_key, lang), kind=kind, low=low_s, high=high_s,
+                          value=str(value)[:40]))
+    return int(number) if whole else number
 
 
 class ChatSession:
@@ -71,23 +101,36 @@ class ModelChoice:
     context_tokens: int = 4096
     settings_extra: dict = field(default_factory=dict)
 
-    def load_settings(self, engine: Engine) -> LoadSettings:
-        """LoadSettings for the engine (the budget only matters on a GPU)."""
+    def load_settings(self, engine: Engine, lang: str = "en", context_max: int = CONTEXT_MAX) -> LoadSettings:
+        """LoadSettings for the engine (the budget only matters on a GPU); BadNumber for a bad number."""
         budget = None
-        if engine.device == "cuda" and self.gpu_budget_gib:
-            budget = int(float(self.gpu_budget_gib) * GiB)
+        if engine.device == "cuda" and self.gpu_budget_gib not in (None, ""):
+            total = engine.memory().total / GiB
+            budget = int(read_number(self.gpu_budget_gib, "gpu_budget", BUDGET_MIN_GIB, total, lang) * GiB)
+        context = read_number(self.context_tokens, "context", CONTEXT_MIN, context_max, lang, whole=True)
         return LoadSettings(
             quant=Quant(self.quant), double_quant=bool(self.double_quant), gpu_budget_bytes=budget,
-            context_tokens=int(self.context_tokens), **self.settings_extra,
+            context_tokens=context, **self.settings_extra,
         )
 
 
 class ChatHandlers:
     """Everything the chat tab's events do."""
 
-    def __init__(self, engine: Engine, settings_extra: dict | None = None):
+    def __init__(self, engine: Engine, settings_extra: dict | None = None, max_new_tokens_max: int = MAX_NEW_TOKENS_MAX,
+                 context_max: int = CONTEXT_MAX):
         self.engine = engine
         self.settings_extra = settings_extra or {}
+        self.max_new_tokens_max = max_new_tokens_max  # the slider's maximum (a CLI default may widen it)
+        self.context_max = context_max
+
+    def sampling(self, temperature, top_p, max_new_tokens, lang: str = "en") -> SamplingSettings:
+        """The generation settings, each checked against its control's range (BadNumber if not)."""
+        return SamplingSettings(
+            max_new_tokens=read_number(max_new_tokens, "max_new_tokens", 1, self.max_new_tokens_max, lang, whole=True),
+            temperature=read_number(temperature, "temperature", 0.0, TEMPERATURE_MAX, lang),
+            top_p=read_number(top_p, "top_p", TOP_P_MIN, 1.0, lang),
+        )
 
     def _choice(self, model, quant, double_quant, budget, context) -> ModelChoice:
         return ModelChoice(model, quant, double_quant, budget, context, self.settings_extra)
@@ -111,7 +154,7 @@ class ChatHandlers:
         """The verdict for the chosen model/settings, before loading."""
         choice = self._choice(model, quant, double_quant, budget, context)
         try:
-            settings = choice.load_settings(self.engine)
+            settings = choice.load_settings(self.engine, lang, self.context_max)
             _, plan = self.engine.plan(choice.model, settings)
         except USER_ERRORS as e:
             return t("load_failed", lang, error=explain(e, lang))
@@ -126,7 +169,7 @@ class ChatHandlers:
         """Unload the current model, load the chosen one; return (status, memory panel)."""
         choice = self._choice(model, quant, double_quant, budget, context)
         try:
-            settings = choice.load_settings(self.engine)
+            settings = choice.load_settings(self.engine, lang, self.context_max)
             progress(0, desc=t("loading", lang, model=model, quant=quant))
             report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=m))
         except USER_ERRORS + (RuntimeError,) as e:  # RuntimeError: e.g. a CUDA error inside from_pretrained
@@ -147,14 +190,23 @@ class ChatHandlers:
             gr.Warning(t("answer_running", lang))
         return session.answering
 
-    def submit(self, message: str, history: list, session: ChatSession, lang: str):
-        """Put the user's message into the chat at once; empty input gets a message, nothing is lost."""
+    def submit(self, message: str, history: list, session: ChatSession, lang: str, temperature=None, top_p=None,
+               max_new_tokens=None):
+        """Put the user's message into the chat at once; empty input or a bad setting gets a message, nothing is lost."""
         if self._busy(session, lang):
             return message, gr.skip()  # the text stays in the box; the streaming chat is untouched
         history = ch.normalize(history)
         if not (message or "").strip():
             gr.Warning(t("empty_message", lang))
             return message, history
+        if max_new_tokens is not None:
+            try:
+                self.sampling(temperature, top_p, max_new_tokens, lang)
+            except BadNumber as e:
+                # Said in the chat (a UI-only line, never sent to the model); the message stays in the box
+                # and the chained answer finds no new user message, so nothing is generated.
+                history.append(ch.ui_note("⚠️ " + str(e)))
+                return message, history
         history.append({"role": "user", "content": message})
         return "", history
 
@@ -169,22 +221,22 @@ class ChatHandlers:
         if not history or history[-1].get("role") != "user":
             yield history  # nothing to answer (e.g. the message was empty)
             return
+        try:
+            sampling = self.sampling(temperature, top_p, max_new_tokens, lang)
+        except BadNumber as e:  # an API caller's value (the page checks in submit, before the message moves)
+            yield history + [ch.ui_note("⚠️ " + str(e))]
+            return
         session.bind(request)
         stop_event = session.new_answer()  # fresh for every answer: an API caller never finds it set
         session.active = stop_event
         try:
-            yield from self._stream_answer(history, system_prompt, temperature, top_p, max_new_tokens,
-                                           session.id, stop_event, lang, kv, policy)
+            yield from self._stream_answer(history, system_prompt, sampling, session.id, stop_event, lang, kv, policy)
         finally:
             if session.active is stop_event:
                 session.active = None
 
-    def _stream_answer(self, history: list, system_prompt: str, temperature: float, top_p: float,
-                       max_new_tokens: int, session_id: str, stop_event: threading.Event, lang: str, kv: str,
-                       policy: str) -> Iterator[list]:
-        sampling = SamplingSettings(
-            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
-        )
+    def _stream_answer(self, history: list, system_prompt: str, sampling: SamplingSettings, session_id: str,
+                       stop_event: threading.Event, lang: str, kv: str, policy: str) -> Iterator[list]:
         messages = ch.model_messages(history, system_prompt or "")
         history.append({"role": "assistant", "content": ""})
         noticed = False

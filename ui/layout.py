@@ -16,17 +16,12 @@ from models.kv_cache import KVPrecision, OverflowPolicy, kv_precision_options
 
 from .chatbot import LiteralChatbot
 from .compare_tab import build_compare_tab
-from .handlers import ChatHandlers, ChatSession
+from .handlers import (BUDGET_MIN_GIB, CONTEXT_MAX, CONTEXT_MIN, MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX, TOP_P_MIN,
+                       ChatHandlers, ChatSession)
 from .i18n import LANGUAGES, gradio_i18n, language_from_header, t
 from .panels import PANEL_CSS
 
 MEMORY_REFRESH_S = 1.0
-# Ranges of the sliders. A CLI value beyond a maximum of the token sliders widens it instead.
-TEMPERATURE_MAX = 2.0
-TOP_P_MIN = 0.05
-BUDGET_MIN_GIB = 0.5
-CONTEXT_MIN, CONTEXT_MAX = 256, 32768
-MAX_NEW_TOKENS_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,8 @@ def _quant_controls(engine: Engine, lang: str) -> tuple[list[str], str]:
 def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extra: dict | None = None) -> gr.Blocks:
     """Build the whole app around one engine (shared by all users)."""
     defaults = defaults or UiDefaults()
-    handlers = ChatHandlers(engine, settings_extra)
+    handlers = ChatHandlers(engine, settings_extra, max_new_tokens_max=max(MAX_NEW_TOKENS_MAX, defaults.max_new_tokens),
+                            context_max=max(CONTEXT_MAX, defaults.context_tokens))
     i18n = gradio_i18n()
     catalog = engine.catalog
     quant_choices, quant_note = _quant_controls(engine, "en")
@@ -113,8 +109,12 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                         with gr.Accordion(i18n("settings"), open=False, elem_id="settings") as settings:
                             system_prompt = gr.Textbox(label=i18n("system_prompt"), value=defaults.system_prompt, lines=2)
                             temperature = gr.Slider(0, TEMPERATURE_MAX, value=defaults.temperature, step=0.05, label=i18n("temperature"))
-                            top_p = gr.Slider(TOP_P_MIN, 1, value=defaults.top_p, step=0.05, label=i18n("top_p"))
-                            max_new = gr.Slider(1, max(MAX_NEW_TOKENS_MAX, defaults.max_new_tokens), value=defaults.max_new_tokens, step=1, label=i18n("max_new_tokens"))
+                            # These two sliders start at 0, below their valid range: the browser clamps a typed
+                            # value to the slider's minimum and sends it, so a typed 0 or -5 would silently become
+                            # the minimum. Starting at 0 lets it arrive and be refused with a message (handlers.sampling).
+                            top_p = gr.Slider(0, 1, value=defaults.top_p, step=0.05, label=i18n("top_p"), elem_id="top-p")
+                            max_new = gr.Slider(0, handlers.max_new_tokens_max, value=defaults.max_new_tokens, step=1,
+                                                label=i18n("max_new_tokens"), elem_id="max-new-tokens")
                             kv_precision = gr.Dropdown(
                                 choices=[(t(f"kv_{p.value}", "en"), p.value) for p in kv_precision_options(engine.device)],
                                 value=defaults.kv, label=i18n("kv_precision"), elem_id="kv-precision",
@@ -135,7 +135,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                         double_quant = gr.Checkbox(False, label=i18n("double_quant"))
                         budget = gr.Slider(BUDGET_MIN_GIB, gpu_total_gib, value=gpu_budget or 8.0, step=0.1, label=i18n("gpu_budget"),
                                            visible=engine.device == "cuda", elem_id="budget")
-                        context = gr.Slider(CONTEXT_MIN, max(CONTEXT_MAX, defaults.context_tokens), value=defaults.context_tokens, step=256, label=i18n("context"))
+                        context = gr.Slider(CONTEXT_MIN, handlers.context_max, value=defaults.context_tokens, step=256, label=i18n("context"))
                         fit = gr.Markdown(elem_id="fit")
                         load = gr.Button(i18n("load"), elem_id="load")
                         status = gr.Markdown(handlers.current_model_text("en"), elem_id="status")
@@ -200,11 +200,12 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         # The engine serializes GPU work itself, so answers need no Gradio concurrency limit;
         # "answer" is the public chat API: a history ending in a user message -> the history answered.
         # submit is queued (not queue=False) so its "type a message first" toast reaches the browser.
-        msg.submit(handlers.submit, [msg, chatbot, session, lang], [msg, chatbot], concurrency_limit=None,
+        submit_inputs = [msg, chatbot, session, lang, temperature, top_p, max_new]
+        msg.submit(handlers.submit, submit_inputs, [msg, chatbot], concurrency_limit=None,
                    api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_name="answer"
         )
-        send.click(handlers.submit, [msg, chatbot, session, lang], [msg, chatbot], concurrency_limit=None,
+        send.click(handlers.submit, submit_inputs, [msg, chatbot], concurrency_limit=None,
                    api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
         )
