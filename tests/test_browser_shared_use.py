@@ -45,3 +45,18 @@ def test_max_new_tokens_zero_is_refused_and_the_message_stays(page):
     assert page.input_value("#message textarea") == "What is the capital of France?"
     page.wait_for_timeout(2_000)
     assert "TTFT" not in page.inner_text("#chatbot")  # nothing was generated
+
+
+def test_the_chats_own_trash_icon_is_hidden_and_clear_refuses_while_streaming(page):
+    page.fill("#message textarea", "Write a very long story about a dragon who learns to cook.")
+    page.press("#message textarea", "Enter")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.split(/\\s+/).length > 25", timeout=60_000)
+    trash = page.locator("#chatbot button[aria-label='Clear']")
+    assert trash.count() == 0 or not trash.first.is_visible()
+    page.click("#clear")
+    page.wait_for_selector("text=An answer is still being written", timeout=15_000)
+    assert "dragon" in page.inner_text("#chatbot")
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('stopped')", timeout=60_000)
+    page.click("#clear")
+    page.wait_for_function("!document.querySelector('#chatbot').innerText.includes('dragon')", timeout=30_000)

@@ -153,6 +153,9 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
 
 
 PANEL_CSS = """
+/* The Chatbot's own trash icon empties the chat in the browser even while an answer streams (the
+   stream then refills it). The app's Clear button refuses while answering, so the icon is hidden. */
+#chatbot .icon-button-wrapper.top-panel { display: none !important; }
 .mem-panel { font-size: 0.9em; }
 .mem-bar { position: relative; display: flex; height: 22px; border-radius: 4px; overflow: hidden;
            border: 1px solid #bbb; margin: 6px 0; }
