@@ -433,9 +433,9 @@ class Engine:
             self._residents.move_to_end(key)
             if kv is KVPrecision.OFFLOAD and loaded.device != "cuda":
                 kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
-            ids, dropped = self._fit(loaded, messages, sampling, kv, policy)
+            ids, dropped, prompt_limit = self._fit(loaded, messages, sampling, kv, policy)
             if loaded.fast is not None:
-                yield from self._chat_fast(loaded, ids, dropped, sampling, stop_event, release)
+                yield from self._chat_fast(loaded, ids, dropped, prompt_limit, sampling, stop_event, release)
                 return
             if session is not None:
                 entry = self._sessions.get(session, key, kv)
@@ -459,6 +459,7 @@ class Engine:
             for update in updates:
                 update.stats.reused_tokens = reused
                 update.stats.dropped_messages = len(dropped)
+                update.stats.prompt_limit = prompt_limit
                 if update.done:
                     entry.token_ids = ids + update.token_ids
                 yield update
@@ -485,8 +486,9 @@ class Engine:
                 "lower max new tokens, shorten the chat, or pick a smaller quantization."
             ), "oom_answer")
 
-    def _chat_fast(self, loaded: LoadedModel, ids: list[int], dropped: list[dict], sampling: SamplingSettings,
-                   stop_event: threading.Event, release: Callable[[], None]) -> Iterator[StreamUpdate]:
+    def _chat_fast(self, loaded: LoadedModel, ids: list[int], dropped: list[dict], prompt_limit: int,
+                   sampling: SamplingSettings, stop_event: threading.Event,
+                   release: Callable[[], None]) -> Iterator[StreamUpdate]:
         """Answer through the model's FastDecoder (Quant.INT4).
 
         It owns one static cache per model, sized to the context at load, and reuses the longest
@@ -497,11 +499,14 @@ class Engine:
         sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
         for update in loaded.fast.stream(loaded.tokenizer, ids, sampling, stop_event, on_worker_done=release):
             update.stats.dropped_messages = len(dropped)
+            update.stats.prompt_limit = prompt_limit
             yield update
 
     def _fit(self, loaded: LoadedModel, messages: list[dict], sampling: SamplingSettings, kv: KVPrecision,
-             policy: OverflowPolicy) -> tuple[list[int], list[dict]]:
-        """Token ids of the chat after the overflow policy, and the messages it dropped."""
+             policy: OverflowPolicy) -> tuple[list[int], list[dict], int]:
+        """Token ids of the chat after the overflow policy, the messages it dropped, and the prompt's limit.
+
+        The limit is the one an overflow error names, so a later "context full" notice can say the same number."""
         limit = self.context_limit(loaded, kv)
         answer_room = min(sampling.max_new_tokens, max(MIN_ANSWER_TOKENS, limit // 4))
         max_prompt = limit - answer_room
@@ -513,13 +518,13 @@ class Engine:
 
         ids = chat_input_ids(loaded.tokenizer, messages)
         if len(ids) <= max_prompt:  # the usual case: template the chat once
-            return ids, []
+            return ids, [], max_prompt
 
         def count(msgs: list[dict]) -> int:
             return len(chat_input_ids(loaded.tokenizer, msgs))
 
         kept, dropped = fit_messages(messages, count, max_prompt, policy)
-        return chat_input_ids(loaded.tokenizer, kept), dropped
+        return chat_input_ids(loaded.tokenizer, kept), dropped, max_prompt
 
 
 __all__ = [

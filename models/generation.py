@@ -55,6 +55,7 @@ class GenerationStats:
     peak_bytes: int = 0  # device peak during this answer (GPU allocator peak, or process RSS on CPU)
     reused_tokens: int = 0  # prompt tokens whose KV came from the session's cache (not prefilled)
     dropped_messages: int = 0  # oldest messages left out to fit the context
+    prompt_limit: int = 0  # tokens the prompt may use: the context minus the room kept for the answer
 
     def summary(self) -> str:
         """'TTFT 0.12 s · 24.1 tok/s · 57 tokens' for the UI and CLI."""

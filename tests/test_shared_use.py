@@ -125,3 +125,40 @@ def test_load_and_fit_check_refuse_a_bad_context_length_clearly(handlers):
         assert "Context length to plan for (tokens) must be a whole number from 256 to 32768" in status
         assert "Context length" in handlers.fit_check("smollm2-135m-instruct", "none", False, None, bad, "en")
     assert handlers.engine.loaded is before
+
+
+def test_a_too_long_message_fails_clearly_is_not_sent_again_and_goes_back_to_the_box(handlers):
+    from ui.handlers import ChatSession
+
+    session = ChatSession()
+    history = run(handlers, [{"role": "user", "content": "Hello"}], session)
+    huge = "word " * 20_000  # 100,000 characters
+    msg, history = handlers.submit(huge, history, session, "en", 0, 0.9, 8)
+    history = run(handlers, history, session)
+    error = history[-1]["metadata"]["title"]
+    assert "Your message alone needs" in error
+    allowed = int(error.split("the context allows ")[1].split(".")[0])
+    unsent = [m for m in history if m["role"] == "user" and m.get("metadata")]
+    assert len(unsent) == 1 and unsent[0]["content"] == huge  # kept, marked, not lost
+    assert huge not in [m["content"] for m in ch.model_messages(history)]
+    # The page moves it back into the (empty) box; with text in the box the marked copy stays.
+    assert handlers.restore_unsent(history, "draft") == (gr.skip(), gr.skip())
+    restored, box = handlers.restore_unsent(history, "")
+    assert box == huge and huge not in [m["content"] for m in restored]
+    # Later turns work as usual: no "context full" notice, an answer and metrics.
+    _, later = handlers.submit("And now?", history, session, "en", 0, 0.9, 8)
+    later = run(handlers, later, session)
+    assert "TTFT" in later[-1]["metadata"]["title"]
+    assert not any("Context full" in (m.get("metadata") or {}).get("title", "") for m in later)
+    # When a long chat really does overflow, the notice gives the same limit the error gave.
+    long_turns = []
+    for i in range(6):
+        long_turns += [{"role": "user", "content": f"question {i} " + "word " * 60},
+                       {"role": "assistant", "content": "answer " * 60}]
+    out = run(handlers, long_turns + [{"role": "user", "content": "last"}], session)
+    notice = [m["metadata"]["title"] for m in out if "Context full" in (m.get("metadata") or {}).get("title", "")]
+    assert notice and f"({allowed} tokens allowed)" in notice[0], (notice, allowed)
+
+
+def run(handlers, history, session):
+    return list(handlers.answer(history, "", 0, 0.9, 8, session, "en"))[-1]

@@ -46,6 +46,24 @@ def ui_note(title: str, log: str = "") -> dict:
     return {"role": "assistant", "content": "", "metadata": metadata}
 
 
+UNSENT = "unsent"  # metadata id of a user message the model refused (too long): kept, never sent again
+
+
+def mark_unsent(history: list[dict], title: str) -> None:
+    """Mark the last user message as not sent (UI-only from now on), with a title saying why."""
+    i = last_user_index(history)
+    if i is not None:
+        history[i]["metadata"] = {"title": title, "id": UNSENT, "status": "done"}
+
+
+def take_unsent(history: list[dict]) -> str | None:
+    """Remove the last message marked unsent from `history` and return its text (None if there is none)."""
+    for i in range(len(history) - 1, -1, -1):
+        if history[i].get("role") == "user" and (history[i].get("metadata") or {}).get("id") == UNSENT:
+            return content_text(history.pop(i).get("content"))
+    return None
+
+
 def last_user_index(history: list[dict]) -> int | None:
     """Index of the last user message, or None."""
     for i in range(len(history) - 1, -1, -1):

@@ -70,7 +70,7 @@ class LiteralChatbot(gr.Chatbot):
             return super().postprocess(value)
         shown = []
         for message in value:
-            if isinstance(message, dict) and message.get("role") == "user" and not message.get("metadata"):
+            if isinstance(message, dict) and message.get("role") == "user":
                 # A text part, not a str: Gradio's str path runs inspect.cleandoc, which eats indentation.
                 message = {**message, "content": [{"type": "text",
                                                    "text": to_literal_markdown(content_text(message.get("content")))}]}

@@ -247,7 +247,7 @@ class ChatHandlers:
                 if update.stats.dropped_messages and not noticed:
                     # Say exactly what the model no longer sees, above the answer it affects.
                     noticed = True
-                    history.insert(len(history) - 1, self._dropped_note(messages, update.stats.dropped_messages, lang, kv))
+                    history.insert(len(history) - 1, self._dropped_note(messages, update.stats, lang, kv))
                 history[-1]["content"] = update.text
                 if update.done:
                     history.append(ch.ui_note(metrics_text(update.stats, lang)))
@@ -255,15 +255,29 @@ class ChatHandlers:
         except USER_ERRORS + (RuntimeError,) as e:
             if not history[-1]["content"]:
                 history.pop()
+            if getattr(e, "code", None) == "message_too_long":
+                # Kept in the chat (nothing typed is lost) but marked, so later turns never send it
+                # again; the page then moves it back into the empty textbox (restore_unsent).
+                ch.mark_unsent(history, t("unsent_title", lang))
             history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=explain(e, lang))))
             yield history
 
-    def _dropped_note(self, messages: list[dict], n: int, lang: str, kv: str) -> dict:
+    def _dropped_note(self, messages: list[dict], stats, lang: str, kv: str) -> dict:
+        n = stats.dropped_messages
         head = 1 if messages and messages[0]["role"] == "system" else 0
         dropped = messages[head:head + n]
         items = " | ".join(f"{m['role']}: {_clip(m['content'])}" for m in dropped)
-        limit = self.engine.context_limit(kv=kv or KVPrecision.FULL.value)
+        # The prompt's own limit (context minus the room kept for the answer): the number an overflow error gives.
+        limit = stats.prompt_limit or self.engine.context_limit(kv=kv or KVPrecision.FULL.value)
         return ch.ui_note("✂️ " + t("dropped_notice", lang, n=n, tokens=limit, items=items))
+
+    def restore_unsent(self, history: list, message: str):
+        """Move a message refused as too long from the chat back into the textbox (if the box is empty)."""
+        if (message or "").strip():
+            return gr.skip(), gr.skip()  # never overwrite what is typed; the marked copy stays in the chat
+        history = ch.normalize(history)
+        text = ch.take_unsent(history)
+        return (history, text) if text is not None else (gr.skip(), gr.skip())
 
     def stop(self, session: ChatSession) -> None:
         """Stop the answer being generated for this tab (the computation itself stops)."""

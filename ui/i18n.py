@@ -51,6 +51,8 @@ STRINGS: dict[str, dict[str, str]] = {
                    "zh": "{name}必须是 {low} 到 {high} 之间的{kind}（收到 {value}）。未发送，您的消息已保留。"},
     "number": {"en": "a number", "zh": "数字"},
     "whole_number": {"en": "a whole number", "zh": "整数"},
+    "unsent_title": {"en": "Not sent (too long for the context): moved back to the message box",
+                     "zh": "未发送（超出上下文长度）：已移回消息框"},
     "empty_message": {"en": "Type a message first.", "zh": "请先输入消息。"},
     "answer_running": {"en": "An answer is still being written: wait for it, or press Stop first. Your text is kept.",
                        "zh": "回答仍在生成中：请等待，或先点击停止。您输入的内容已保留。"},

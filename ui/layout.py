@@ -204,17 +204,17 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         msg.submit(handlers.submit, submit_inputs, [msg, chatbot], concurrency_limit=None,
                    api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_name="answer"
-        )
+        ).then(handlers.restore_unsent, [chatbot, msg], [chatbot, msg], queue=False, api_visibility="private")
         send.click(handlers.submit, submit_inputs, [msg, chatbot], concurrency_limit=None,
                    api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
-        )
+        ).then(handlers.restore_unsent, [chatbot, msg], [chatbot, msg], queue=False, api_visibility="private")
         stop.click(handlers.stop, session, None, queue=False, api_visibility="private")
         # Queued (not queue=False) so the "answer still running" toast reaches the browser.
         regenerate.click(handlers.regenerate, [chatbot, session, lang], chatbot, concurrency_limit=None,
                          api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
-        )
+        ).then(handlers.restore_unsent, [chatbot, msg], [chatbot, msg], queue=False, api_visibility="private")
         undo.click(handlers.undo, [chatbot, msg, session, lang], [chatbot, msg], concurrency_limit=None,
                    api_visibility="private")
         clear.click(handlers.clear, [session, lang], chatbot, concurrency_limit=None, api_visibility="private")
