@@ -121,7 +121,9 @@ def test_bad_numbers_are_refused_in_chinese_too(handlers):
 def test_load_and_fit_check_refuse_a_bad_context_length_clearly(handlers):
     before = handlers.engine.loaded
     for bad in (0, -5, "abc", None):
-        status, _ = handlers.load("smollm2-135m-instruct", "none", False, None, bad, "en", progress=lambda *a, **k: None)
+        status, _, model_box, _ = handlers.load("smollm2-135m-instruct", "none", False, None, bad, "en",
+                                                progress=lambda *a, **k: None)
+        assert model_box == handlers.engine.loaded.ref.label
         assert "Context length to plan for (tokens) must be a whole number from 256 to 32768" in status
         assert "Context length" in handlers.fit_check("smollm2-135m-instruct", "none", False, None, bad, "en")
     assert handlers.engine.loaded is before

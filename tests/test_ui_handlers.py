@@ -116,10 +116,14 @@ def test_answer_error_keeps_history_and_explains(handlers, monkeypatch):
 
 
 def test_load_errors_are_shown_and_the_old_model_stays(handlers, tmp_path):
-    status, panel = handlers.load(str(tmp_path / "missing"), "none", False, None, 512, "en", progress=lambda *a, **k: None)
+    before = handlers.engine.loaded
+    status, panel, model_box, quant_box = handlers.load(str(tmp_path / "missing"), "4bit", False, None, 512, "en",
+                                                        progress=lambda *a, **k: None)
     assert "Could not load" in status and "No such folder" in status
-    assert "Current model" in status and "mem-bar" in panel
-    assert handlers.engine.loaded is not None
+    assert "Still using" in status and "the model box is set back to it" in status and "mem-bar" in panel
+    assert handlers.engine.loaded is before
+    # The model and quantization boxes go back to the model still answering.
+    assert (model_box, quant_box) == (before.ref.label, "none")
 
 
 def test_fit_check_and_panel_in_chinese(handlers):
@@ -193,6 +197,7 @@ def test_engine_errors_are_said_in_the_users_language(catalog, tiny_llama, tmp_p
         assert t(f"err_{code}", "en", **error.params) == str(error) == explain(error, "en")
         assert explain(error, "zh") != str(error) and explain(error, "zh") == t(f"err_{code}", "zh", **error.params)
     # In the UI: a failed load in Chinese says why in Chinese.
-    status, _ = ChatHandlers(Engine(catalog)).load(str(tmp_path / "missing"), "none", False, None, 512, "zh",
-                                                  progress=lambda *a, **k: None)
+    status, _, model_box, _ = ChatHandlers(Engine(catalog)).load(str(tmp_path / "missing"), "none", False, None, 512,
+                                                                 "zh", progress=lambda *a, **k: None)
+    assert model_box == gr.skip()  # no model in use: the box keeps what was typed
     assert "加载失败" in status and "没有这个文件夹或文件" in status

@@ -165,17 +165,25 @@ class ChatHandlers:
 
         return plan_text(plan, lang, budget_bytes, ram_available())
 
-    def load(self, model, quant, double_quant, budget, context, lang, progress=gr.Progress()) -> tuple[str, str]:
-        """Unload the current model, load the chosen one; return (status, memory panel)."""
+    def load(self, model, quant, double_quant, budget, context, lang, progress=gr.Progress()):
+        """Unload the current model, load the chosen one; return (status, memory panel, model box, quant box).
+
+        After a failed load the model and quantization boxes go back to the model still in use, so
+        they never show a choice that is not the one answering."""
         choice = self._choice(model, quant, double_quant, budget, context)
         try:
             settings = choice.load_settings(self.engine, lang, self.context_max)
             progress(0, desc=t("loading", lang, model=model, quant=quant))
             report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=m))
         except USER_ERRORS + (RuntimeError,) as e:  # RuntimeError: e.g. a CUDA error inside from_pretrained
-            current = self.current_model_text(lang)
-            return f"{t('load_failed', lang, error=explain(e, lang))}\n\n{current}", self.memory_html(lang, budget)
-        return load_report_text(report, lang), self.memory_html(lang, budget)
+            failed = t("load_failed", lang, error=explain(e, lang))
+            loaded = self.engine.loaded
+            if loaded is None:
+                return f"{failed}\n\n{t('no_model', lang)}", self.memory_html(lang, budget), gr.skip(), gr.skip()
+            kept = t("kept_model", lang, model=loaded.ref.label, quant=loaded.settings.quant.value)
+            return (f"{failed}\n\n{kept}", self.memory_html(lang, budget), loaded.ref.label,
+                    loaded.settings.quant.value)
+        return load_report_text(report, lang), self.memory_html(lang, budget), gr.skip(), gr.skip()
 
     def current_model_text(self, lang: str) -> str:
         """Which model is loaded now."""

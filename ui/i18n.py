@@ -64,6 +64,8 @@ STRINGS: dict[str, dict[str, str]] = {
                  "zh": "已卸载 {old}（{seconds:.2f} 秒）：释放 {freed}，残留 {residual}。切换共用 {switch:.1f} 秒。"},
     "load_failed": {"en": "**Could not load.** {error}", "zh": "**加载失败。** {error}"},
     "answer_failed": {"en": "The answer failed: {error}", "zh": "回答失败：{error}"},
+    "kept_model": {"en": "Still using **{model}** ({quant}): the model box is set back to it.",
+                   "zh": "仍在使用 **{model}**（{quant}）：模型选择框已恢复为该模型。"},
     "current_model": {"en": "Current model: **{model}** ({quant})", "zh": "当前模型：**{model}**（{quant}）"},
     "predicted_vs_measured": {"en": "Weights: predicted {predicted}, measured {measured}.",
                               "zh": "权重：预测 {predicted}，实测 {measured}。"},

@@ -145,6 +145,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         timer = gr.Timer(MEMORY_REFRESH_S)
 
         model_inputs = [model, quant, double_quant, budget, context, lang]
+        load_outputs = [status, memory, model, quant]  # a failed load sets the boxes back to the model in use
 
         # ----- language ---------------------------------------------------------------
         def pick_language(request: gr.Request):
@@ -189,9 +190,9 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         for dropdown in (model, quant):
             # Switching from a dropdown loads at once (after the fit check says why/how).
             dropdown.input(handlers.fit_check, model_inputs, fit, api_visibility="private").then(
-                handlers.load, model_inputs, [status, memory], api_visibility="private"
+                handlers.load, model_inputs, load_outputs, api_visibility="private"
             )
-        load.click(handlers.load, model_inputs, [status, memory], api_visibility="private")
+        load.click(handlers.load, model_inputs, load_outputs, api_visibility="private")
         timer.tick(handlers.memory_html, [lang, budget, kv_precision], memory, show_progress="hidden", queue=False,
                    api_visibility="private")
 
