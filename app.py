@@ -21,7 +21,7 @@ import torch
 from compare.prompt_sets import PromptSetError
 from models.catalog import UnknownModelError, load_catalog
 from models.engine import Engine
-from models.generation import SamplingSettings
+from models.generation import APP_TEMPERATURE, APP_TOP_P, SamplingSettings, sampling_defaults
 from models.kv_cache import ContextOverflowError, KVPrecision
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-budget", type=float, metavar="GiB", help="VRAM this app may use (default: free VRAM minus 0.5 GiB)")
     p.add_argument("--context", type=int, default=4096, metavar="TOKENS", help="context length to plan memory for")
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's recommended value: its "
+                   "generation_config.json, else models/catalog.toml, else 0.7)")
+    p.add_argument("--top-p", type=float, help="(default: the model's recommended value, else 0.9)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--kv", choices=[k.value for k in KVPrecision], default=KVPrecision.FULL.value,
                    help="KV cache precision: full, fp8 (half the memory) or offload (CPU RAM; CUDA only)")
@@ -76,9 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--double-quant goes with --quant 4bit (it shrinks nf4's quantization constants)")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         p.error("--temperature must be 0 (greedy) or more")
     if args.compare is not None:
         from compare.runner import parse_spec
@@ -123,7 +124,15 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.ask}
     ]
-    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    recommended = sampling_defaults(getattr(loaded.model, "generation_config", None), loaded.ref.entry)
+    temperature = recommended.temperature if args.temperature is None else args.temperature
+    top_p = recommended.top_p if args.top_p is None else args.top_p
+    source = {"generation_config": "the model's generation_config.json", "catalog": "models/catalog.toml",
+              "app": "the app's defaults"}[recommended.source]
+    given = [name for name, value in (("temperature", args.temperature), ("top-p", args.top_p)) if value is not None]
+    print(f"sampling: temperature {temperature:g}, top-p {top_p:g} "
+          f"({'command line: ' + ', '.join(given) + '; rest from ' if given else 'from '}{source})", file=sys.stderr)
+    sampling = SamplingSettings(args.max_new_tokens, temperature, top_p, args.seed)
     printed = ""
     update = None
     for update in engine.chat(messages, sampling, threading.Event(), kv=args.kv):
@@ -166,7 +175,11 @@ def run_compare(args: argparse.Namespace, engine: Engine) -> int:
             raise ModelLoadError(f"{spec.label}: {spec.quant.value} is not available on this machine")
     base = dataclasses.replace(load_settings(args), quant=Quant.NONE)
     # One seed for every configuration, so sampled answers differ only by the model and quantization.
-    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, 0 if args.seed is None else args.seed)
+    # One sampling for every configuration (not each model's own recommendation), so answers differ only by
+    # the model and quantization.
+    temperature = APP_TEMPERATURE if args.temperature is None else args.temperature
+    top_p = APP_TOP_P if args.top_p is None else args.top_p
+    sampling = SamplingSettings(args.max_new_tokens, temperature, top_p, 0 if args.seed is None else args.seed)
     print(f"{prompt_set.name}: {len(prompt_set.questions)} questions × {len(args.compare)} configurations",
           file=sys.stderr)
     rows = []

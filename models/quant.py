@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -38,6 +38,8 @@ class QuantOption:
     quant: Quant
     available: bool
     reason: str = ""
+    code: str = ""  # names the reason for translations (ui/i18n: "quant_<code>"); values in params
+    params: dict = field(default_factory=dict)
 
 
 def storage_dtype(quant: Quant, device: str) -> str:
@@ -74,26 +76,31 @@ def quant_options(device: str, compute_capability: tuple[int, int] | None = None
             QuantOption(Quant.BF16, True),
             QuantOption(Quant.INT8, True),
             QuantOption(Quant.NF4, True),
-            QuantOption(Quant.INT4, False, "4bit-fast (torchao int4) needs a CUDA GPU (Ampere or newer, sm80+)"),
+            QuantOption(Quant.INT4, False, "4bit-fast (torchao int4) needs a CUDA GPU (Ampere or newer, sm80+)", "int4_no_cuda"),
         ]
     major, minor = compute_capability or (0, 0)
     sm = major * 10 + minor
     return [
         QuantOption(Quant.NONE, True),
-        QuantOption(Quant.BF16, sm >= 80, "" if sm >= 80 else f"bf16 needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}"),
-        QuantOption(Quant.INT8, sm >= 75, "" if sm >= 75 else f"LLM.int8 needs a Turing or newer GPU (sm75+); this GPU is sm{sm}"),
-        QuantOption(Quant.NF4, sm >= 60, "" if sm >= 60 else f"NF4 needs a Pascal or newer GPU (sm60+); this GPU is sm{sm}"),
+        QuantOption(Quant.BF16, sm >= 80, "" if sm >= 80 else f"bf16 needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
+                    "bf16_old_gpu", {"sm": sm}),
+        QuantOption(Quant.INT8, sm >= 75, "" if sm >= 75 else f"LLM.int8 needs a Turing or newer GPU (sm75+); this GPU is sm{sm}",
+                    "int8_old_gpu", {"sm": sm}),
+        QuantOption(Quant.NF4, sm >= 60, "" if sm >= 60 else f"NF4 needs a Pascal or newer GPU (sm60+); this GPU is sm{sm}",
+                    "nf4_old_gpu", {"sm": sm}),
         _int4_option(sm),
     ]
 
 
 def _int4_option(sm: int) -> QuantOption:
     if sm < INT4_MIN_SM:
-        return QuantOption(Quant.INT4, False, f"4bit-fast (torchao int4) needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}")
+        return QuantOption(Quant.INT4, False, f"4bit-fast (torchao int4) needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
+                           "int4_old_gpu", {"sm": sm})
     try:
         import torchao  # noqa: F401
     except ImportError:
-        return QuantOption(Quant.INT4, False, "4bit-fast needs the torchao package (pip install torchao==0.18.0)")
+        return QuantOption(Quant.INT4, False, "4bit-fast needs the torchao package (pip install torchao==0.18.0)",
+                           "int4_no_torchao")
     return QuantOption(Quant.INT4, True)
 
 

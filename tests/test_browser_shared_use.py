@@ -60,3 +60,17 @@ def test_the_chats_own_trash_icon_is_hidden_and_clear_refuses_while_streaming(pa
     page.wait_for_function("document.querySelector('#chatbot').innerText.includes('stopped')", timeout=60_000)
     page.click("#clear")
     page.wait_for_function("!document.querySelector('#chatbot').innerText.includes('dragon')", timeout=30_000)
+
+
+def test_chinese_mode_translates_the_language_label_cpu_name_and_quant_reason(page):
+    page.click("#language label:has-text('中文')")
+    page.wait_for_function("document.querySelector('#language').innerText.includes('语言')", timeout=30_000)
+    page.wait_for_function("document.querySelector('#memory').innerText.includes('CPU（未检测到 CUDA 显卡）')",
+                           timeout=30_000)
+    assert "no CUDA GPU found" not in page.inner_text("#memory")
+    body = page.inner_text("body")
+    assert "4bit-fast（torchao int4）需要 CUDA 显卡" in body and "needs a CUDA GPU" not in body
+    page.click("button[role='tab']:has-text('对比')")
+    page.click("#compare-batch")  # the accordion holding the results table
+    page.wait_for_function("document.querySelector('#compare-results') && "
+                           "document.querySelector('#compare-results').innerText.includes('配置')", timeout=30_000)

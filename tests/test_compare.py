@@ -275,7 +275,7 @@ def test_batch_handler_reports_a_bad_set_and_exports_every_row(catalog, tiny_lla
     table, summary, csv_file, jsonl_file = list(handlers.run_batch(**{**args, "upload": str(bad)}))[-1]
     assert "bad.toml, line 3: question 1: has no text" in summary and csv_file is None
     outputs = list(handlers.run_batch(**{**args, "pasted": "Hello world\nHi"}))
-    assert [len(o[0]) for o in outputs] == [1, 2, 3, 4, 4]  # the table grows row by row
+    assert [len(o[0]["data"]) for o in outputs] == [1, 2, 3, 4, 4]  # the table grows row by row
     table, summary, csv_file, jsonl_file = outputs[-1]
     assert "Done: 4/4" in summary
     assert len(list(csv.DictReader(open(csv_file, encoding="utf-8-sig")))) == 4

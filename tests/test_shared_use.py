@@ -164,3 +164,94 @@ def test_a_too_long_message_fails_clearly_is_not_sent_again_and_goes_back_to_the
 
 def run(handlers, history, session):
     return list(handlers.answer(history, "", 0, 0.9, 8, session, "en"))[-1]
+
+
+def test_sampling_defaults_come_from_the_model_then_the_catalog_then_the_app(catalog):
+    from transformers import GenerationConfig
+
+    from models.generation import sampling_defaults
+
+    smol = catalog.get("smollm2-135m-instruct")
+    card = sampling_defaults(GenerationConfig(), smol)  # transformers 5: no values unless the file sets them
+    assert (card.temperature, card.top_p, card.source) == (0.2, 0.5, "catalog")
+    own = sampling_defaults(GenerationConfig(do_sample=True, temperature=0.6, top_p=0.8), smol)
+    assert (own.temperature, own.top_p, own.source) == (0.6, 0.8, "generation_config")
+    half = sampling_defaults(GenerationConfig(do_sample=True, temperature=0.3), smol)
+    assert (half.temperature, half.top_p, half.source) == (0.3, 0.5, "generation_config")  # top-p from the catalog
+    greedy = sampling_defaults(GenerationConfig(do_sample=False, top_p=0.8), None)
+    assert greedy.temperature == 0.0
+    app = sampling_defaults(None, catalog.get("qwen2.5-7b-instruct"))
+    assert (app.temperature, app.top_p, app.source) == (0.7, 0.9, "app")
+
+
+def test_the_sliders_follow_the_models_defaults_once_per_model_and_say_where_from(catalog, tiny_llama, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from models.engine import Engine
+    from models.loading import LoadSettings
+    from ui.handlers import ChatHandlers, ChatSession
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny_llama, own)
+    GenerationConfig(do_sample=True, temperature=0.35, top_p=0.85).save_pretrained(own)
+    engine = Engine(catalog)
+    engine.load(str(own), LoadSettings(context_tokens=512))
+    handlers, session = ChatHandlers(engine), ChatSession()
+    temperature, top_p, note = handlers.apply_sampling_defaults(session, "en")
+    assert (temperature, top_p) == (0.35, 0.85) and "generation_config.json" in note and "0.35" in note
+    # Again for the same model: the user's own slider values are left alone, the note stays.
+    assert handlers.apply_sampling_defaults(session, "zh")[:2] == (gr.skip(), gr.skip())
+    assert "默认采样" in handlers.apply_sampling_defaults(session, "zh")[2]
+    engine.load(str(tiny_llama), LoadSettings(context_tokens=512))  # no generation_config values, no catalog entry
+    temperature, top_p, note = handlers.apply_sampling_defaults(session, "en")
+    assert (temperature, top_p) == (0.7, 0.9) and "the app's own" in note
+    # Values given on the command line are kept whatever the model.
+    handlers.fixed_sampling = (0.0, 0.9)
+    assert handlers.apply_sampling_defaults(ChatSession(), "en") == (gr.skip(), gr.skip(),
+                                                                      handlers.apply_sampling_defaults(session, "en")[2])
+    assert "command line" in handlers.apply_sampling_defaults(session, "en")[2]
+
+
+def test_chinese_mode_covers_the_language_label_table_headers_quant_reasons_and_cpu_name(catalog):
+    from models.hardware import MemorySnapshot
+    from models.quant import quant_options
+    from ui.compare_handlers import TABLE_HEADERS, table_headers
+    from ui.i18n import explain_quant, t
+    from ui.panels import memory_panel_html
+
+    assert t("language", "zh") == "语言"
+    assert table_headers("en") == TABLE_HEADERS
+    zh = table_headers("zh")
+    assert "配置" in zh and "回答" in zh and not set(zh) & {"config", "question", "answer", "score", "error"}
+    options = quant_options("cpu") + quant_options("cuda", (7, 0)) + quant_options("cuda", (5, 0))
+    unavailable = [o for o in options if not o.available]
+    assert {o.code for o in unavailable} >= {"int4_no_cuda", "int4_old_gpu", "bf16_old_gpu", "int8_old_gpu", "nf4_old_gpu"}
+    for o in unavailable:
+        assert explain_quant(o, "en") == o.reason  # the English template is the engine's text word for word
+        assert t(f"quant_{o.code}", "en", **o.params) == o.reason
+        assert explain_quant(o, "zh") != o.reason and "需要" in explain_quant(o, "zh")
+    snap = MemorySnapshot(device="cpu", device_name="CPU (no CUDA GPU found)", total=8 << 30, free=4 << 30,
+                          weights=1 << 28, kv_cache=0, other_allocator=0, runtime=1 << 28, other_processes=1 << 30,
+                          peak=0, ram_total=8 << 30, ram_available=4 << 30)
+    panel = memory_panel_html(snap, "zh")
+    assert "CPU（未检测到 CUDA 显卡）" in panel and "no CUDA GPU found" not in panel
+    assert "CPU (no CUDA GPU found)" in memory_panel_html(snap, "en")
+
+
+@pytest.mark.slow
+def test_with_its_defaults_the_embedded_model_says_paris_every_time(embedded_engine):
+    import threading
+
+    from models.generation import SamplingSettings
+    from ui.handlers import ChatHandlers
+
+    d = ChatHandlers(embedded_engine).sampling_defaults()
+    assert d.source == "catalog" and d.temperature > 0  # sampled, not greedy
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = []
+    for seed in range(10):
+        *_, last = embedded_engine.chat(question, SamplingSettings(24, d.temperature, d.top_p, seed), threading.Event())
+        answers.append(last.text)
+    assert all("Paris" in a for a in answers), answers

@@ -38,6 +38,11 @@ TABLE_HEADERS = ["#", "config", "question", "answer", "tokens", "TTFT s", "tok/s
 MiB = 1024 ** 2
 
 
+def table_headers(lang: str) -> list[str]:
+    """The results table's column names in `lang`."""
+    return [t(f"col_{c}", lang) for c in TABLE_COLUMNS]
+
+
 class CompareSession:
     """One browser tab's private state on the Compare tab: its Stop switch. Fresh per tab."""
 
@@ -216,19 +221,20 @@ class CompareHandlers:
             progress((event.done, event.total), desc=event.message)
             if event.row is not None:
                 rows.append(event.row)
-                yield self.table(rows), self.summary_text(rows, total, lang), None, None
+                yield self.table(rows, lang), self.summary_text(rows, total, lang), None, None
         try:
             folder = Path(tempfile.mkdtemp(prefix="smallchat-batch-"))
             csv_path, jsonl_path = write_both(rows, folder / "results.csv")
         except OSError as e:  # e.g. a full temp disk: the table stays, the export is explained
-            yield self.table(rows), t("compare_error", lang, error=explain(e, lang)), None, None
+            yield self.table(rows, lang), t("compare_error", lang, error=explain(e, lang)), None, None
             return
-        yield self.table(rows), self.summary_text(rows, total, lang, finished=True), str(csv_path), str(jsonl_path)
+        yield self.table(rows, lang), self.summary_text(rows, total, lang, finished=True), str(csv_path), str(jsonl_path)
 
     @staticmethod
-    def table(rows: list[ResultRow]) -> list[list]:
-        """The rows as the results table shows them."""
-        return [["" if getattr(r, c) is None else getattr(r, c) for c in TABLE_COLUMNS] for r in rows]
+    def table(rows: list[ResultRow], lang: str = "en") -> dict:
+        """The rows as the results table shows them, with headers in the user's language."""
+        return {"headers": table_headers(lang),
+                "data": [["" if getattr(r, c) is None else getattr(r, c) for c in TABLE_COLUMNS] for r in rows]}
 
     @staticmethod
     def summary_text(rows: list[ResultRow], total: int, lang: str, finished: bool = False) -> str:

@@ -10,7 +10,8 @@ import gradio as gr
 
 from models.engine import Engine
 
-from .compare_handlers import TABLE_HEADERS, CompareHandlers, CompareSession, prompt_set_choices, refresh_prompt_sets
+from .compare_handlers import (TABLE_HEADERS, CompareHandlers, CompareSession, prompt_set_choices, refresh_prompt_sets,
+                               table_headers)
 from .i18n import t
 
 
@@ -137,6 +138,13 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
         updates[0] = gr.update(label=t("compare_prompt", code), placeholder=t("compare_prompt_placeholder", code))
         return updates + [gr.update(**{attr: t(key, code)}) for _, attr, key in texts]
 
+    def retitle_table(code: str, table):
+        """The results table with its column names in language `code` (its rows kept)."""
+        # A headers-only update does not reach the browser's table: send the value with its new headers.
+        rows = [] if table is None or len(table) == 0 else table.values.tolist()
+        return {"headers": table_headers(code), "data": rows}
+
     lang.change(relabel, lang, list(labelled) + [c for c, _, _ in texts], queue=False, api_visibility="private").then(
-        handlers.fit_note, fit_inputs, fit, api_visibility="private")
+        handlers.fit_note, fit_inputs, fit, api_visibility="private").then(
+        retitle_table, [lang, results], results, queue=False, api_visibility="private")
     return handlers

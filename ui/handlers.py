@@ -16,7 +16,7 @@ import gradio as gr
 
 from models.catalog import UnknownModelError
 from models.engine import Engine
-from models.generation import SamplingSettings
+from models.generation import SamplingDefaults, SamplingSettings, sampling_defaults
 from models.kv_cache import KVPrecision, OverflowPolicy
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
@@ -65,6 +65,7 @@ class ChatSession:
     def __init__(self) -> None:
         self.stop_event = threading.Event()
         self.id = uuid.uuid4().hex  # names this tab's KV cache in the engine
+        self.sampling_model: str | None = None  # the model whose sampling defaults this tab's sliders got
         self.active: threading.Event | None = None  # the Stop switch of the answer streaming now
 
     @property
@@ -123,6 +124,30 @@ class ChatHandlers:
         self.settings_extra = settings_extra or {}
         self.max_new_tokens_max = max_new_tokens_max  # the slider's maximum (a CLI default may widen it)
         self.context_max = context_max
+        self.fixed_sampling: tuple[float, float] | None = None  # (temperature, top_p) given on the command line
+
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The chat model's recommended sampling (generation_config.json, else catalog, else the app's)."""
+        loaded = self.engine.loaded
+        if loaded is None:
+            return sampling_defaults(None)
+        return sampling_defaults(getattr(loaded.model, "generation_config", None), loaded.ref.entry)
+
+    def apply_sampling_defaults(self, session: ChatSession, lang: str):
+        """(temperature, top-p, note): the sliders follow the chat model's recommended sampling when that
+        model changed since this tab last got them (a user's own tweaks survive otherwise), and the note
+        says which defaults apply and where they come from."""
+        if self.fixed_sampling is not None:
+            temperature, top_p = self.fixed_sampling
+            return gr.skip(), gr.skip(), t("sampling_from_cli", lang, temperature=f"{temperature:g}", top_p=f"{top_p:g}")
+        loaded = self.engine.loaded
+        d = self.sampling_defaults()
+        label = loaded.ref.label if loaded is not None else "–"
+        note = t(f"sampling_from_{d.source}", lang, model=label, temperature=f"{d.temperature:g}", top_p=f"{d.top_p:g}")
+        if loaded is None or session.sampling_model == label:
+            return gr.skip(), gr.skip(), note
+        session.sampling_model = label
+        return d.temperature, d.top_p, note
 
     def sampling(self, temperature, top_p, max_new_tokens, lang: str = "en") -> SamplingSettings:
         """The generation settings, each checked against its control's range (BadNumber if not)."""

@@ -53,6 +53,17 @@ STRINGS: dict[str, dict[str, str]] = {
     "whole_number": {"en": "a whole number", "zh": "整数"},
     "unsent_title": {"en": "Not sent (too long for the context): moved back to the message box",
                      "zh": "未发送（超出上下文长度）：已移回消息框"},
+    "sampling_from_generation_config": {
+        "en": "Sampling defaults: temperature {temperature}, top-p {top_p}, from {model}'s generation_config.json.",
+        "zh": "默认采样：温度 {temperature}，top-p {top_p}，来自 {model} 的 generation_config.json。"},
+    "sampling_from_catalog": {
+        "en": "Sampling defaults: temperature {temperature}, top-p {top_p}, recommended for {model} (models/catalog.toml).",
+        "zh": "默认采样：温度 {temperature}，top-p {top_p}，为 {model} 推荐的设置（models/catalog.toml）。"},
+    "sampling_from_app": {
+        "en": "Sampling defaults: temperature {temperature}, top-p {top_p} (the app's own: {model} recommends none).",
+        "zh": "默认采样：温度 {temperature}，top-p {top_p}（本程序的默认值：{model} 没有推荐设置）。"},
+    "sampling_from_cli": {"en": "Sampling: temperature {temperature}, top-p {top_p}, set on the command line.",
+                          "zh": "采样：温度 {temperature}，top-p {top_p}，由命令行设定。"},
     "empty_message": {"en": "Type a message first.", "zh": "请先输入消息。"},
     "answer_running": {"en": "An answer is still being written: wait for it, or press Stop first. Your text is kept.",
                        "zh": "回答仍在生成中：请等待，或先点击停止。您输入的内容已保留。"},
@@ -183,6 +194,33 @@ STRINGS: dict[str, dict[str, str]] = {
                         "zh": "top-1 一致率 **{agreement}** · 困惑度变化 {ppl_change} · 节省内存 **{saved}** · 解码速度 {speed}"},
     "quality_placement": {"en": "Runs on (offload/disk: speed not comparable)", "zh": "运行位置（卸载/磁盘时速度不可比）"},
     "quality_no_fit": {"en": "Not measured: {note}", "zh": "无法测量：{note}"},
+    # why a quantization is not available here (models/quant.py codes); the English text is the engine's own
+    "quant_int4_no_cuda": {"en": "4bit-fast (torchao int4) needs a CUDA GPU (Ampere or newer, sm80+)",
+                           "zh": "4bit-fast（torchao int4）需要 CUDA 显卡（Ampere 或更新架构，sm80+）"},
+    "quant_int4_old_gpu": {"en": "4bit-fast (torchao int4) needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
+                           "zh": "4bit-fast（torchao int4）需要 Ampere 或更新架构的显卡（sm80+）；这块显卡是 sm{sm}"},
+    "quant_int4_no_torchao": {"en": "4bit-fast needs the torchao package (pip install torchao==0.18.0)",
+                              "zh": "4bit-fast 需要 torchao 包（pip install torchao==0.18.0）"},
+    "quant_bf16_old_gpu": {"en": "bf16 needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
+                           "zh": "bf16 需要 Ampere 或更新架构的显卡（sm80+）；这块显卡是 sm{sm}"},
+    "quant_int8_old_gpu": {"en": "LLM.int8 needs a Turing or newer GPU (sm75+); this GPU is sm{sm}",
+                           "zh": "LLM.int8 需要 Turing 或更新架构的显卡（sm75+）；这块显卡是 sm{sm}"},
+    "quant_nf4_old_gpu": {"en": "NF4 needs a Pascal or newer GPU (sm60+); this GPU is sm{sm}",
+                          "zh": "NF4 需要 Pascal 或更新架构的显卡（sm60+）；这块显卡是 sm{sm}"},
+    "device_cpu": {"en": "CPU (no CUDA GPU found)", "zh": "CPU（未检测到 CUDA 显卡）"},
+    # results table of a batch run (compare/results columns)
+    "col_question_no": {"en": "#", "zh": "#"},
+    "col_config": {"en": "config", "zh": "配置"},
+    "col_question": {"en": "question", "zh": "问题"},
+    "col_answer": {"en": "answer", "zh": "回答"},
+    "col_new_tokens": {"en": "tokens", "zh": "token 数"},
+    "col_ttft_s": {"en": "TTFT s", "zh": "首字延迟 秒"},
+    "col_tokens_per_s": {"en": "tok/s", "zh": "token/秒"},
+    "col_peak_mib": {"en": "peak MiB", "zh": "峰值 MiB"},
+    "col_load_s": {"en": "load s", "zh": "加载 秒"},
+    "col_keywords": {"en": "keywords", "zh": "关键词"},
+    "col_score": {"en": "score", "zh": "得分"},
+    "col_error": {"en": "error", "zh": "错误"},
     # errors the engine raises with a code (models/errors.py); the English text is the engine's own
     "err_unknown_id": {"en": "Unknown model id {model!r}. Valid ids: {valid}; or give a local folder, a .gguf file or a hub id like owner/name.",
                        "zh": "未知的模型 id {model!r}。可用的 id：{valid}；也可以填本地文件夹、.gguf 文件或 owner/name 形式的 hub id。"},
@@ -235,6 +273,13 @@ def explain(error: BaseException, lang: str = "en") -> str:
     if lang == "en" or not code or f"err_{code}" not in STRINGS:
         return str(error)
     return t(f"err_{code}", lang, **error.params)
+
+
+def explain_quant(option, lang: str = "en") -> str:
+    """Why a quantization is unavailable, in `lang` (its code's translation, else the engine's text)."""
+    if lang == "en" or not option.code or f"quant_{option.code}" not in STRINGS:
+        return option.reason
+    return t(f"quant_{option.code}", lang, **option.params)
 
 
 def gradio_i18n() -> gr.I18n:

@@ -18,7 +18,7 @@ from .chatbot import LiteralChatbot
 from .compare_tab import build_compare_tab
 from .handlers import (BUDGET_MIN_GIB, CONTEXT_MAX, CONTEXT_MIN, MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX, TOP_P_MIN,
                        ChatHandlers, ChatSession)
-from .i18n import LANGUAGES, gradio_i18n, language_from_header, t
+from .i18n import LANGUAGES, explain_quant, gradio_i18n, language_from_header, t
 from .panels import PANEL_CSS
 
 MEMORY_REFRESH_S = 1.0
@@ -33,8 +33,8 @@ class UiDefaults:
     gpu_budget_gib: float | None = None
     context_tokens: int = 4096
     system_prompt: str = ""
-    temperature: float = 0.7
-    top_p: float = 0.9
+    temperature: float | None = None  # None: the model's recommended sampling (handlers.sampling_defaults)
+    top_p: float | None = None
     max_new_tokens: int = 512
     kv: str = KVPrecision.FULL.value
 
@@ -47,8 +47,8 @@ class UiDefaults:
             kv=self.kv if self.kv in kv_choices else KVPrecision.FULL.value,
             gpu_budget_gib=None if budget is None else min(max(budget, BUDGET_MIN_GIB), gpu_total_gib),
             context_tokens=max(CONTEXT_MIN, int(self.context_tokens)),
-            temperature=min(max(float(self.temperature), 0.0), TEMPERATURE_MAX),
-            top_p=min(max(float(self.top_p), TOP_P_MIN), 1.0),
+            temperature=None if self.temperature is None else min(max(float(self.temperature), 0.0), TEMPERATURE_MAX),
+            top_p=None if self.top_p is None else min(max(float(self.top_p), TOP_P_MIN), 1.0),
             max_new_tokens=max(1, int(self.max_new_tokens)),
         )
 
@@ -56,7 +56,7 @@ class UiDefaults:
 def _quant_controls(engine: Engine, lang: str) -> tuple[list[str], str]:
     options = engine.quant_options()
     choices = [o.quant.value for o in options if o.available]
-    missing = [f"{o.quant.value} ({o.reason})" for o in options if not o.available]
+    missing = [f"{o.quant.value} ({explain_quant(o, lang)})" for o in options if not o.available]
     note = t("unavailable_quant", lang, items="; ".join(missing)) if missing else ""
     return choices, note
 
@@ -73,6 +73,11 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
     kv_choices = [p.value for p in kv_precision_options(engine.device)]
     gpu_total_gib = round(engine.memory().total / GiB, 1) if engine.device == "cuda" else 8.0
     defaults = defaults.within_controls(quant_choices, kv_choices, gpu_total_gib)
+    recommended = handlers.sampling_defaults()
+    if defaults.temperature is not None or defaults.top_p is not None:  # given on the command line: kept
+        handlers.fixed_sampling = (recommended.temperature if defaults.temperature is None else defaults.temperature,
+                                   recommended.top_p if defaults.top_p is None else defaults.top_p)
+    start_temperature, start_top_p = handlers.fixed_sampling or (recommended.temperature, recommended.top_p)
     model_value = loaded.ref.label if loaded else (defaults.model or catalog.default_id)
     quant_value = loaded.settings.quant.value if loaded else defaults.quant
     gpu_budget = defaults.gpu_budget_gib
@@ -108,13 +113,15 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                             clear = gr.Button(i18n("clear"), size="sm", elem_id="clear")
                         with gr.Accordion(i18n("settings"), open=False, elem_id="settings") as settings:
                             system_prompt = gr.Textbox(label=i18n("system_prompt"), value=defaults.system_prompt, lines=2)
-                            temperature = gr.Slider(0, TEMPERATURE_MAX, value=defaults.temperature, step=0.05, label=i18n("temperature"))
+                            temperature = gr.Slider(0, TEMPERATURE_MAX, value=start_temperature, step=0.05, label=i18n("temperature"))
                             # These two sliders start at 0, below their valid range: the browser clamps a typed
                             # value to the slider's minimum and sends it, so a typed 0 or -5 would silently become
                             # the minimum. Starting at 0 lets it arrive and be refused with a message (handlers.sampling).
-                            top_p = gr.Slider(0, 1, value=defaults.top_p, step=0.05, label=i18n("top_p"), elem_id="top-p")
+                            top_p = gr.Slider(0, 1, value=start_top_p, step=0.05, label=i18n("top_p"), elem_id="top-p")
                             max_new = gr.Slider(0, handlers.max_new_tokens_max, value=defaults.max_new_tokens, step=1,
                                                 label=i18n("max_new_tokens"), elem_id="max-new-tokens")
+                            sampling_note = gr.Markdown(handlers.apply_sampling_defaults(ChatSession(), "en")[2],
+                                                        elem_id="sampling-defaults")
                             kv_precision = gr.Dropdown(
                                 choices=[(t(f"kv_{p.value}", "en"), p.value) for p in kv_precision_options(engine.device)],
                                 value=defaults.kv, label=i18n("kv_precision"), elem_id="kv-precision",
@@ -146,6 +153,8 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
 
         model_inputs = [model, quant, double_quant, budget, context, lang]
         load_outputs = [status, memory, model, quant]  # a failed load sets the boxes back to the model in use
+        # After a load (and on page load), the sampling sliders follow the model's recommended values.
+        sampling_step = (handlers.apply_sampling_defaults, [session, lang], [temperature, top_p, sampling_note])
 
         # ----- language ---------------------------------------------------------------
         def pick_language(request: gr.Request):
@@ -167,9 +176,10 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
             ] + [gr.update(**{attr: t(key, code)}) for _, attr, key in TEXTS]
 
         labelled = [chatbot, msg, system_prompt, temperature, top_p, max_new, model, quant, double_quant, budget, context,
-                    kv_precision, overflow]
+                    kv_precision, overflow, lang]
         LABELLED_KEYS = ["chatbot", "message", "system_prompt", "temperature", "top_p", "max_new_tokens",
-                         "model", "quant", "double_quant", "gpu_budget", "context", "kv_precision", "overflow_policy"]
+                         "model", "quant", "double_quant", "gpu_budget", "context", "kv_precision", "overflow_policy",
+                         "language"]
         # Components whose own text (a button's value, a tab's label) is translated on a switch.
         TEXTS = [(title, "value", "title"), (chat_tab, "label", "tab_chat"), (compare_tab, "label", "tab_compare"),
                  (send, "value", "send"), (stop, "value", "stop"), (regenerate, "value", "regenerate"),
@@ -179,7 +189,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         lang.change(relabel, lang, labelled + [msg, status, quant_info] + [c for c, _, _ in TEXTS], queue=False,
                     api_visibility="private").then(
             handlers.fit_check, model_inputs, fit, api_visibility="private"
-        )
+        ).then(*sampling_step, queue=False, api_visibility="private")
 
         # ----- model controls --------------------------------------------------------
         # Only the chat ("answer") is public API; every other event is the page's own: a load switches the
@@ -191,8 +201,10 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
             # Switching from a dropdown loads at once (after the fit check says why/how).
             dropdown.input(handlers.fit_check, model_inputs, fit, api_visibility="private").then(
                 handlers.load, model_inputs, load_outputs, api_visibility="private"
-            )
-        load.click(handlers.load, model_inputs, load_outputs, api_visibility="private")
+            ).then(*sampling_step, queue=False, api_visibility="private")
+        load.click(handlers.load, model_inputs, load_outputs, api_visibility="private").then(*sampling_step, queue=False,
+                                                                                          api_visibility="private")
+        demo.load(*sampling_step, queue=False, api_visibility="private")
         timer.tick(handlers.memory_html, [lang, budget, kv_precision], memory, show_progress="hidden", queue=False,
                    api_visibility="private")
 

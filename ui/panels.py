@@ -113,6 +113,7 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
             ("seg_others", snap.other_processes), ("seg_free", snap.free),
         ]
         note = f"<div class='mem-note'>{html.escape(t('panel_no_cuda', lang))}</div>"
+    device_name = snap.device_name if snap.device == "cuda" else t("device_cpu", lang)
     total = max(1, snap.total)
     bar = "".join(
         f"<div class='mem-seg' data-seg='{key}' title='{html.escape(t(key, lang))}: {fmt_bytes(value)}' "
@@ -146,7 +147,7 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
         peak += f"<div class='mem-room' id='context-room'>{html.escape(room)}</div>"
     return (
         "<div class='mem-panel' id='memory-panel'>"
-        f"<div class='mem-title'><b>{html.escape(t('panel_title', lang))}</b> · {html.escape(snap.device_name)}</div>{note}"
+        f"<div class='mem-title'><b>{html.escape(t('panel_title', lang))}</b> · {html.escape(device_name)}</div>{note}"
         f"<div class='mem-bar'>{bar}{budget_marker}</div>"
         f"<table class='mem-legend'>{legend}</table>{peak}</div>"
     )
