@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import threading
 from pathlib import Path
 
-import torch
+# Library messages a user cannot act on, silenced before those libraries load (their loggers exist by name
+# before the import): torchao's "Failed to load …/_C_mxfp8….so" for kernels of other GPUs, torch's _pytree
+# deprecation warnings that torchao triggers, and bitsandbytes' CPU hint to "pip install kernels" (that
+# package downloads code at run time: not something to follow). Errors still get through.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
+for _name in QUIET_LOGGERS:
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+import torch  # noqa: E402
 
 from compare.prompt_sets import PromptSetError
 from models.catalog import UnknownModelError, load_catalog
@@ -110,6 +119,24 @@ def load_settings(args: argparse.Namespace) -> LoadSettings:
 
 def _progress(fraction: float, message: str) -> None:
     print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+
+# transformers' per-tensor bars for steps the app reports itself ("[ 35%] Loading weights …").
+QUIET_BARS = ("Loading weights", "Converting and de-quantizing GGUF tensors...", "Writing model shards")
+
+
+def quiet_weight_loading_bar() -> None:
+    """Hide transformers' weight-loading bars: the app prints its own progress lines for those steps.
+
+    Only those: a hub download's bar (a real wait the user can watch) stays."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") in QUIET_BARS:
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(hook)
 
 
 def run_ask(args: argparse.Namespace, engine: Engine) -> int:
@@ -231,6 +258,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: headless answer with --ask, headless batch with --compare, else the web app."""
     args = parse_args(argv)
+    quiet_weight_loading_bar()
     if args.trust_remote_code:
         print(TRUST_WARNING, file=sys.stderr)
     engine = Engine(load_catalog())

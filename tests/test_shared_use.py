@@ -255,3 +255,24 @@ def test_with_its_defaults_the_embedded_model_says_paris_every_time(embedded_eng
         *_, last = embedded_engine.chat(question, SamplingSettings(24, d.temperature, d.top_p, seed), threading.Event())
         answers.append(last.text)
     assert all("Paris" in a for a in answers), answers
+
+
+NOISE = ["Failed to load", "_C_mxfp8", "_pytree", "register_constant", "Loading weights:", "it/s]", "s/it]",
+         "pip install kernels", "de-quantizing GGUF tensors...:"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+def test_the_cli_prints_only_its_own_progress_and_the_answer(quant):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "app.py"), "--ask", "hi", "--temperature", "0",
+                             "--max-new-tokens", "8", "--quant", quant], capture_output=True, text=True, timeout=400,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert [n for n in NOISE if n in result.stderr] == [], result.stderr
+    assert "[100%] Loaded" in result.stderr and "metrics: TTFT" in result.stderr and result.stdout.strip()
