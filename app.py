@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -38,6 +40,8 @@ from models.quant import Quant
 from models.sources import ModelSourceError
 
 MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
+AUTH_ENV = "SMALLCHAT_AUTH"
+MAX_MESSAGE_CHARS = 50_000  # the UI's default too (ui/handlers.py); ~12k tokens, a third of the largest context
 
 TRUST_WARNING = (
     "WARNING: --trust-remote-code runs Python code downloaded with the model. "
@@ -74,9 +78,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "smollm2-135m-instruct:4bit), print the table and exit; needs --prompts")
     p.add_argument("--prompts", metavar="PATH", help="prompt set for --compare: a .toml file or a set name in prompts/")
     p.add_argument("--out", metavar="PATH", help="--compare: write the results as CSV here (and a .jsonl beside it)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="where the web app listens; anything but loopback needs --auth (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", metavar="USER:PASS",
+                   help=f"password for the web app (or set {AUTH_ENV}=USER:PASS, which keeps it out of the process list); "
+                        "required with a --host other than loopback and with --share")
+    p.add_argument("--share", action="store_true",
+                   help="also publish the app through a public gradio.live link (off unless given; needs --auth)")
+    p.add_argument("--max-message-chars", type=int, default=MAX_MESSAGE_CHARS, metavar="N",
+                   help=f"longest chat message accepted, in characters (default: {MAX_MESSAGE_CHARS:,})")
     args = p.parse_args(argv)
+    args.auth = args.auth or os.environ.get(AUTH_ENV) or None
+    if args.auth is not None and not re.fullmatch(r"[^:]+:.+", args.auth, flags=re.S):
+        p.error(f"--auth / {AUTH_ENV} must be USER:PASS (a user name, a colon, a password)")
+    if args.auth is None and not is_loopback(args.host):
+        p.error(f"--host {args.host} makes the app reachable from other machines, where anyone could switch the "
+                f"model and read the chats: give --auth USER:PASS (or set {AUTH_ENV}=USER:PASS)")
+    if args.share and args.auth is None:
+        p.error(f"--share publishes the app on a public link: give --auth USER:PASS (or set {AUTH_ENV}=USER:PASS)")
+    if args.max_message_chars < 1:
+        p.error("--max-message-chars must be at least 1")
     args.quant = Quant(args.quant)
     if args.gpu_budget is not None and args.gpu_budget <= 0:
         p.error("--gpu-budget must be a positive number of GiB")
@@ -106,6 +128,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.prompts or args.out:
         p.error("--prompts and --out go with --compare MODEL[:QUANT] ...")
     return args
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def launch_options(args: argparse.Namespace) -> tuple[dict, str]:
+    """launch() arguments for where and how the app is served, and the line that says so (never the password)."""
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    where = f"http://{args.host}:{args.port}"
+    if auth:
+        notice = (f"serving {where} with a password (user {auth[0]!r})"
+                  + ("; also on a public gradio.live link (--share)" if args.share else ""))
+    else:
+        notice = f"serving {where} (this machine only; no password)"
+    options = {"server_name": args.host, "server_port": args.port, "share": bool(args.share), "auth": auth}
+    return options, notice
 
 
 def load_settings(args: argparse.Namespace) -> LoadSettings:
@@ -250,8 +295,11 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         kv=args.kv,
     )
     demo = build_demo(engine, defaults, settings_extra={"trust_remote_code": args.trust_remote_code,
-                                                          "stream_offload": args.stream_offload})
-    demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))
+                                                          "stream_offload": args.stream_offload},
+                      max_message_chars=args.max_message_chars)
+    options, notice = launch_options(args)
+    print(notice, file=sys.stderr, flush=True)
+    demo.queue(default_concurrency_limit=None).launch(**options, **launch_kwargs(demo))
     return 0
 
 

@@ -276,3 +276,104 @@ def test_the_cli_prints_only_its_own_progress_and_the_answer(quant):
     assert result.returncode == 0, result.stderr
     assert [n for n in NOISE if n in result.stderr] == [], result.stderr
     assert "[100%] Loaded" in result.stderr and "metrics: TTFT" in result.stderr and result.stdout.strip()
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--host", "0.0.0.0"], {}, "--host 0.0.0.0 makes the app reachable from other machines"),
+    (["--host", "192.168.1.5"], {}, "give --auth USER:PASS (or set SMALLCHAT_AUTH=USER:PASS)"),
+    (["--host", "myhost.lan"], {}, "--auth"),
+    (["--share"], {}, "--share publishes the app on a public link"),
+    (["--host", "0.0.0.0", "--auth", "alice"], {}, "must be USER:PASS"),
+    (["--host", "0.0.0.0"], {"SMALLCHAT_AUTH": ":nopass"}, "must be USER:PASS"),
+    (["--max-message-chars", "0"], {}, "--max-message-chars must be at least 1"),
+])
+def test_exposing_the_app_needs_a_password(argv, env, message, capsys, monkeypatch):
+    import app
+
+    monkeypatch.delenv("SMALLCHAT_AUTH", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit):
+        app.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_launch_options_say_how_the_app_is_served_and_never_print_the_password(monkeypatch):
+    import app
+
+    monkeypatch.delenv("SMALLCHAT_AUTH", raising=False)
+    options, notice = app.launch_options(app.parse_args([]))
+    assert options["share"] is False and options["auth"] is None and options["server_name"] == "127.0.0.1"
+    assert "this machine only" in notice
+    for host in ("localhost", "127.0.0.2", "::1"):
+        assert app.is_loopback(host)
+    options, notice = app.launch_options(app.parse_args(["--host", "0.0.0.0", "--auth", "alice:s3cret:x"]))
+    assert options["auth"] == ("alice", "s3cret:x") and options["share"] is False
+    assert "password" in notice and "alice" in notice and "s3cret" not in notice
+    monkeypatch.setenv("SMALLCHAT_AUTH", "bob:pw")
+    options, notice = app.launch_options(app.parse_args(["--host", "0.0.0.0", "--share"]))
+    assert options["auth"] == ("bob", "pw") and options["share"] is True and "gradio.live" in notice
+
+
+def test_a_message_over_the_size_limit_is_refused_naming_the_limit(handlers):
+    from ui.handlers import ChatSession
+
+    handlers.max_message_chars = 1000
+    session = ChatSession()
+    msg, history = handlers.submit("x" * 1001, [], session, "en", 0, 0.9, 8)
+    assert msg == "x" * 1001
+    assert history[-1]["metadata"]["title"] == ("⚠️ Your message is 1,001 characters; the limit is 1,000 "
+                                                "(--max-message-chars). Nothing was sent; shorten it.")
+    out = list(handlers.answer([{"role": "user", "content": "y" * 1001}], "", 0, 0.9, 8, session, "en"))
+    assert len(out) == 1 and "the limit is 1,000" in out[0][-1]["metadata"]["title"]
+
+
+def test_an_upload_over_the_size_limit_is_refused_naming_the_limit(catalog, tmp_path):
+    from compare.prompt_sets import PromptSetError
+    from models.engine import Engine
+    from ui.compare_handlers import MAX_UPLOAD_BYTES, CompareHandlers
+
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * MAX_UPLOAD_BYTES + "\n")
+    with pytest.raises(PromptSetError) as e:
+        CompareHandlers(Engine(catalog)).resolve_set(None, str(big), "", "")
+    assert str(e.value) == "big.toml is 1,048,579 bytes; uploads are limited to 1,048,576 bytes (1 MiB)."
+
+
+@pytest.mark.slow
+def test_an_exposed_server_says_so_and_asks_for_the_password(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    log = open(tmp_path / "stderr.txt", "w+")
+    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--host", "0.0.0.0", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=log, cwd=root,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "SMALLCHAT_AUTH": "alice:s3cret"})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/config", timeout=5).status_code:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        assert httpx.get(f"http://127.0.0.1:{port}/config").status_code == 401  # no password, no app
+        login = httpx.post(f"http://127.0.0.1:{port}/login", data={"username": "alice", "password": "s3cret"})
+        assert login.status_code == 200, login.text
+        log.seek(0)
+        stderr = log.read()
+        assert f"serving http://0.0.0.0:{port} with a password (user 'alice')" in stderr
+        assert "s3cret" not in stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

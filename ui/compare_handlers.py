@@ -36,6 +36,7 @@ TABLE_COLUMNS = ["question_no", "config", "question", "answer", "new_tokens", "t
 TABLE_HEADERS = ["#", "config", "question", "answer", "tokens", "TTFT s", "tok/s", "peak MiB", "load s", "keywords",
                  "score", "error"]
 MiB = 1024 ** 2
+MAX_UPLOAD_BYTES = 1 * MiB  # a prompt-set file is a few KiB of TOML
 
 
 def table_headers(lang: str) -> list[str]:
@@ -186,6 +187,10 @@ class CompareHandlers:
         if (pasted or "").strip():
             return parse_pasted(pasted, system=system or "")
         if upload:
+            size = Path(upload).stat().st_size
+            if size > MAX_UPLOAD_BYTES:
+                raise PromptSetError(t("upload_too_big", "en", name=Path(upload).name, size=f"{size:,} bytes",
+                                       limit=f"{MAX_UPLOAD_BYTES:,} bytes ({fmt_bytes(MAX_UPLOAD_BYTES)})"))
             return load_prompt_set(Path(upload))
         if not set_name:
             raise PromptSetError("Pick a prompt set, upload one, or paste questions.")

@@ -35,6 +35,7 @@ TOP_P_MIN = 0.05
 BUDGET_MIN_GIB = 0.5
 CONTEXT_MIN, CONTEXT_MAX = 256, 32768
 MAX_NEW_TOKENS_MAX = 4096
+MAX_MESSAGE_CHARS = 50_000  # longest message accepted (app.py --max-message-chars)
 
 
 class BadNumber(ValueError):
@@ -119,8 +120,9 @@ class ChatHandlers:
     """Everything the chat tab's events do."""
 
     def __init__(self, engine: Engine, settings_extra: dict | None = None, max_new_tokens_max: int = MAX_NEW_TOKENS_MAX,
-                 context_max: int = CONTEXT_MAX):
+                 context_max: int = CONTEXT_MAX, max_message_chars: int = MAX_MESSAGE_CHARS):
         self.engine = engine
+        self.max_message_chars = max_message_chars
         self.settings_extra = settings_extra or {}
         self.max_new_tokens_max = max_new_tokens_max  # the slider's maximum (a CLI default may widen it)
         self.context_max = context_max
@@ -232,6 +234,10 @@ class ChatHandlers:
         if not (message or "").strip():
             gr.Warning(t("empty_message", lang))
             return message, history
+        if len(message) > self.max_message_chars:
+            # Refused before it reaches the chat (or the tokenizer): the text stays in the box to be shortened.
+            history.append(ch.ui_note("⚠️ " + self._too_long(message, lang)))
+            return message, history
         if max_new_tokens is not None:
             try:
                 self.sampling(temperature, top_p, max_new_tokens, lang)
@@ -258,6 +264,9 @@ class ChatHandlers:
             sampling = self.sampling(temperature, top_p, max_new_tokens, lang)
         except BadNumber as e:  # an API caller's value (the page checks in submit, before the message moves)
             yield history + [ch.ui_note("⚠️ " + str(e))]
+            return
+        if len(history[-1]["content"]) > self.max_message_chars:  # an API caller's message
+            yield history + [ch.ui_note("⚠️ " + self._too_long(history[-1]["content"], lang))]
             return
         session.bind(request)
         stop_event = session.new_answer()  # fresh for every answer: an API caller never finds it set
@@ -294,6 +303,9 @@ class ChatHandlers:
                 ch.mark_unsent(history, t("unsent_title", lang))
             history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=explain(e, lang))))
             yield history
+
+    def _too_long(self, message: str, lang: str) -> str:
+        return t("message_too_many_chars", lang, chars=f"{len(message):,}", limit=f"{self.max_message_chars:,}")
 
     def _dropped_note(self, messages: list[dict], stats, lang: str, kv: str) -> dict:
         n = stats.dropped_messages

@@ -64,6 +64,11 @@ STRINGS: dict[str, dict[str, str]] = {
         "zh": "默认采样：温度 {temperature}，top-p {top_p}（本程序的默认值：{model} 没有推荐设置）。"},
     "sampling_from_cli": {"en": "Sampling: temperature {temperature}, top-p {top_p}, set on the command line.",
                           "zh": "采样：温度 {temperature}，top-p {top_p}，由命令行设定。"},
+    "message_too_many_chars": {
+        "en": "Your message is {chars} characters; the limit is {limit} (--max-message-chars). Nothing was sent; shorten it.",
+        "zh": "您的消息有 {chars} 个字符，上限为 {limit}（--max-message-chars）。未发送，请缩短。"},
+    "upload_too_big": {"en": "{name} is {size}; uploads are limited to {limit}.",
+                       "zh": "{name} 的大小为 {size}；上传文件上限为 {limit}。"},
     "empty_message": {"en": "Type a message first.", "zh": "请先输入消息。"},
     "answer_running": {"en": "An answer is still being written: wait for it, or press Stop first. Your text is kept.",
                        "zh": "回答仍在生成中：请等待，或先点击停止。您输入的内容已保留。"},

@@ -15,8 +15,10 @@ from models.memory import GiB
 from models.kv_cache import KVPrecision, OverflowPolicy, kv_precision_options
 
 from .chatbot import LiteralChatbot
+from .compare_handlers import MAX_UPLOAD_BYTES
 from .compare_tab import build_compare_tab
-from .handlers import (BUDGET_MIN_GIB, CONTEXT_MAX, CONTEXT_MIN, MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX, TOP_P_MIN,
+from .handlers import (BUDGET_MIN_GIB, CONTEXT_MAX, CONTEXT_MIN, MAX_MESSAGE_CHARS, MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX,
+                       TOP_P_MIN,
                        ChatHandlers, ChatSession)
 from .i18n import LANGUAGES, explain_quant, gradio_i18n, language_from_header, t
 from .panels import PANEL_CSS
@@ -61,11 +63,12 @@ def _quant_controls(engine: Engine, lang: str) -> tuple[list[str], str]:
     return choices, note
 
 
-def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extra: dict | None = None) -> gr.Blocks:
+def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extra: dict | None = None,
+               max_message_chars: int = MAX_MESSAGE_CHARS) -> gr.Blocks:
     """Build the whole app around one engine (shared by all users)."""
     defaults = defaults or UiDefaults()
     handlers = ChatHandlers(engine, settings_extra, max_new_tokens_max=max(MAX_NEW_TOKENS_MAX, defaults.max_new_tokens),
-                            context_max=max(CONTEXT_MAX, defaults.context_tokens))
+                            context_max=max(CONTEXT_MAX, defaults.context_tokens), max_message_chars=max_message_chars)
     i18n = gradio_i18n()
     catalog = engine.catalog
     quant_choices, quant_note = _quant_controls(engine, "en")
@@ -266,5 +269,6 @@ def launch_kwargs(demo: gr.Blocks) -> dict:
     """Arguments launch() needs for this app's CSS, translations and API surface."""
     from starlette.middleware import Middleware
 
-    return {"css": PANEL_CSS, "i18n": gradio_i18n(), "ssr_mode": False,
+    # Uploads (prompt-set files) are small text: Gradio refuses bigger ones before they reach the disk.
+    return {"css": PANEL_CSS, "i18n": gradio_i18n(), "ssr_mode": False, "max_file_size": MAX_UPLOAD_BYTES,
             "app_kwargs": {"middleware": [Middleware(PublicApiOnly)]}}
