@@ -134,7 +134,11 @@ def test_a_too_long_message_fails_clearly_is_not_sent_again_and_goes_back_to_the
 
     session = ChatSession()
     history = run(handlers, [{"role": "user", "content": "Hello"}], session)
-    huge = "word " * 20_000  # 100,000 characters
+    # 100,000 characters are over the message size limit: refused before entering the chat, kept in the box.
+    msg, same = handlers.submit("word " * 20_000, history, session, "en", 0, 0.9, 8)
+    assert msg == "word " * 20_000 and same[:-1] == history and "the limit is 50,000" in same[-1]["metadata"]["title"]
+    # Under that limit but over the 512-token context: the model refuses it.
+    huge = "word " * 2_000
     msg, history = handlers.submit(huge, history, session, "en", 0, 0.9, 8)
     history = run(handlers, history, session)
     error = history[-1]["metadata"]["title"]
