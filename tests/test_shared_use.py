@@ -147,15 +147,15 @@ def test_a_too_long_message_fails_clearly_is_not_sent_again_and_goes_back_to_the
     unsent = [m for m in history if m["role"] == "user" and m.get("metadata")]
     assert len(unsent) == 1 and unsent[0]["content"] == huge  # kept, marked, not lost
     assert huge not in [m["content"] for m in ch.model_messages(history)]
-    # The page moves it back into the (empty) box; with text in the box the marked copy stays.
-    assert handlers.restore_unsent(history, "draft") == (gr.skip(), gr.skip())
-    restored, box = handlers.restore_unsent(history, "")
-    assert box == huge and huge not in [m["content"] for m in restored]
+    # The page puts it back into the (empty) box, never over what is typed there.
+    assert handlers.restore_unsent(history, "draft") == gr.skip()
+    assert handlers.restore_unsent(history, "") == huge
     # Later turns work as usual: no "context full" notice, an answer and metrics.
     _, later = handlers.submit("And now?", history, session, "en", 0, 0.9, 8)
     later = run(handlers, later, session)
     assert "TTFT" in later[-1]["metadata"]["title"]
     assert not any("Context full" in (m.get("metadata") or {}).get("title", "") for m in later)
+    assert handlers.restore_unsent(later, "") == gr.skip()  # a later turn: nothing to put back
     # When a long chat really does overflow, the notice gives the same limit the error gave.
     long_turns = []
     for i in range(6):

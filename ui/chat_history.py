@@ -56,11 +56,13 @@ def mark_unsent(history: list[dict], title: str) -> None:
         history[i]["metadata"] = {"title": title, "id": UNSENT, "status": "done"}
 
 
-def take_unsent(history: list[dict]) -> str | None:
-    """Remove the last message marked unsent from `history` and return its text (None if there is none)."""
-    for i in range(len(history) - 1, -1, -1):
-        if history[i].get("role") == "user" and (history[i].get("metadata") or {}).get("id") == UNSENT:
-            return content_text(history.pop(i).get("content"))
+def unsent_text(history: list[dict]) -> str | None:
+    """The text of the chat's last user message if it is marked unsent (None otherwise)."""
+    for message in reversed(history):
+        if message.get("role") == "user":
+            if (message.get("metadata") or {}).get("id") == UNSENT:
+                return content_text(message.get("content"))
+            return None
     return None
 
 

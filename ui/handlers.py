@@ -317,12 +317,14 @@ class ChatHandlers:
         return ch.ui_note("✂️ " + t("dropped_notice", lang, n=n, tokens=limit, items=items))
 
     def restore_unsent(self, history: list, message: str):
-        """Move a message refused as too long from the chat back into the textbox (if the box is empty)."""
+        """Put a message just refused as too long back into the empty textbox, to be shortened.
+
+        The chat keeps its marked copy (never sent again); only the box is an output, so this step
+        adds no progress overlay to the chat after every answer."""
         if (message or "").strip():
-            return gr.skip(), gr.skip()  # never overwrite what is typed; the marked copy stays in the chat
-        history = ch.normalize(history)
-        text = ch.take_unsent(history)
-        return (history, text) if text is not None else (gr.skip(), gr.skip())
+            return gr.skip()  # never overwrite what is typed
+        text = ch.unsent_text(ch.normalize(history))
+        return text if text is not None else gr.skip()
 
     def stop(self, session: ChatSession) -> None:
         """Stop the answer being generated for this tab (the computation itself stops)."""

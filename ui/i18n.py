@@ -51,8 +51,8 @@ STRINGS: dict[str, dict[str, str]] = {
                    "zh": "{name}必须是 {low} 到 {high} 之间的{kind}（收到 {value}）。未发送，您的消息已保留。"},
     "number": {"en": "a number", "zh": "数字"},
     "whole_number": {"en": "a whole number", "zh": "整数"},
-    "unsent_title": {"en": "Not sent (too long for the context): moved back to the message box",
-                     "zh": "未发送（超出上下文长度）：已移回消息框"},
+    "unsent_title": {"en": "Not sent (too long for the context): copied back into the message box",
+                     "zh": "未发送（超出上下文长度）：已复制回消息框"},
     "sampling_from_generation_config": {
         "en": "Sampling defaults: temperature {temperature}, top-p {top_p}, from {model}'s generation_config.json.",
         "zh": "默认采样：温度 {temperature}，top-p {top_p}，来自 {model} 的 generation_config.json。"},

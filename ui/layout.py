@@ -158,6 +158,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         load_outputs = [status, memory, model, quant]  # a failed load sets the boxes back to the model in use
         # After a load (and on page load), the sampling sliders follow the model's recommended values.
         sampling_step = (handlers.apply_sampling_defaults, [session, lang], [temperature, top_p, sampling_note])
+        # (each use below hides its progress: a quick step whose spinner would only flicker)
 
         # ----- language ---------------------------------------------------------------
         def pick_language(request: gr.Request):
@@ -192,7 +193,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         lang.change(relabel, lang, labelled + [msg, status, quant_info] + [c for c, _, _ in TEXTS], queue=False,
                     api_visibility="private").then(
             handlers.fit_check, model_inputs, fit, api_visibility="private"
-        ).then(*sampling_step, queue=False, api_visibility="private")
+        ).then(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
 
         # ----- model controls --------------------------------------------------------
         # Only the chat ("answer") is public API; every other event is the page's own: a load switches the
@@ -204,10 +205,10 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
             # Switching from a dropdown loads at once (after the fit check says why/how).
             dropdown.input(handlers.fit_check, model_inputs, fit, api_visibility="private").then(
                 handlers.load, model_inputs, load_outputs, api_visibility="private"
-            ).then(*sampling_step, queue=False, api_visibility="private")
-        load.click(handlers.load, model_inputs, load_outputs, api_visibility="private").then(*sampling_step, queue=False,
-                                                                                          api_visibility="private")
-        demo.load(*sampling_step, queue=False, api_visibility="private")
+            ).then(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
+        load.click(handlers.load, model_inputs, load_outputs, api_visibility="private").then(
+            *sampling_step, queue=False, show_progress="hidden", api_visibility="private")
+        demo.load(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
         timer.tick(handlers.memory_html, [lang, budget, kv_precision], memory, show_progress="hidden", queue=False,
                    api_visibility="private")
 
@@ -220,17 +221,20 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
         msg.submit(handlers.submit, submit_inputs, [msg, chatbot], concurrency_limit=None,
                    api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_name="answer"
-        ).then(handlers.restore_unsent, [chatbot, msg], [chatbot, msg], queue=False, api_visibility="private")
+        ).then(handlers.restore_unsent, [chatbot, msg], msg, queue=False, show_progress="hidden",
+                api_visibility="private")
         send.click(handlers.submit, submit_inputs, [msg, chatbot], concurrency_limit=None,
                    api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
-        ).then(handlers.restore_unsent, [chatbot, msg], [chatbot, msg], queue=False, api_visibility="private")
+        ).then(handlers.restore_unsent, [chatbot, msg], msg, queue=False, show_progress="hidden",
+                api_visibility="private")
         stop.click(handlers.stop, session, None, queue=False, api_visibility="private")
         # Queued (not queue=False) so the "answer still running" toast reaches the browser.
         regenerate.click(handlers.regenerate, [chatbot, session, lang], chatbot, concurrency_limit=None,
                          api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
-        ).then(handlers.restore_unsent, [chatbot, msg], [chatbot, msg], queue=False, api_visibility="private")
+        ).then(handlers.restore_unsent, [chatbot, msg], msg, queue=False, show_progress="hidden",
+                api_visibility="private")
         undo.click(handlers.undo, [chatbot, msg, session, lang], [chatbot, msg], concurrency_limit=None,
                    api_visibility="private")
         clear.click(handlers.clear, [session, lang], chatbot, concurrency_limit=None, api_visibility="private")
