@@ -30,6 +30,9 @@ def test_typed_html_shows_as_the_literal_text_and_fetches_nothing(page):
     assert page.locator("#chatbot img, #chatbot svg[onload], #chatbot script").count() == 0
     assert page.evaluate("typeof window.__xss") == "undefined"
     assert not [u for u in requests if u.rstrip("/").endswith("/x")], requests
+    # Its copy button would copy the escaped form, so the user's own messages have none.
+    user_copy = page.locator("#chatbot .message-buttons-right button[aria-label='Copy message']")
+    assert user_copy.count() == 0 or not user_copy.first.is_visible()
 
 
 def test_max_new_tokens_zero_is_refused_and_the_message_stays(page):

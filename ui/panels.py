@@ -157,6 +157,9 @@ PANEL_CSS = """
 /* The Chatbot's own trash icon empties the chat in the browser even while an answer streams (the
    stream then refills it). The app's Clear button refuses while answering, so the icon is hidden. */
 #chatbot .icon-button-wrapper.top-panel { display: none !important; }
+/* A user message is sent to the browser Markdown-escaped (ui/chatbot.py), and the per-message copy button
+   copies that escaped text ("2\\+2\\?"): hidden on the user's own messages; answers keep theirs. */
+#chatbot .message-buttons-right { display: none !important; }
 .mem-panel { font-size: 0.9em; }
 .mem-bar { position: relative; display: flex; height: 22px; border-radius: 4px; overflow: hidden;
            border: 1px solid #bbb; margin: 6px 0; }
