@@ -381,3 +381,23 @@ def test_an_exposed_server_says_so_and_asks_for_the_password(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("temperature, top_p, max_new, seed, says", [
+    (0, 0.9, 0, 0, "Max new tokens must be a whole number from 1 to 4096 (got 0)"),
+    (0, 0.9, -5, 0, "(got -5)"),
+    (0, 0, 8, 0, "Top-p must be a number from 0.05 to 1"),
+    (3, 0.9, 8, 0, "Temperature (0 = greedy) must be a number from 0 to 2"),
+    (0, 0.9, 8, -1, "Seed (same for A and B) must be a whole number"),
+    (0, 0.9, 8, "x", "Seed"),
+])
+def test_the_compare_tab_refuses_bad_numbers_before_loading_anything(catalog, tiny_llama, temperature, top_p, max_new,
+                                                                     seed, says):
+    from models.engine import Engine
+    from ui.compare_handlers import CompareHandlers, CompareSession
+
+    engine = Engine(catalog)
+    out = list(CompareHandlers(engine).run(str(tiny_llama), "none", str(tiny_llama), "none", "Hi", "", temperature,
+                                           top_p, max_new, seed, None, 512, CompareSession(), "en"))
+    assert len(out) == 1 and says in out[0][4]
+    assert engine.loaded is None and not engine.residents()  # nothing was loaded

@@ -26,6 +26,7 @@ from models.memory import GiB
 from models.quant import Quant
 from models.sources import ModelSourceError
 
+from .handlers import MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX, TOP_P_MIN, read_number
 from .i18n import explain, t
 from .panels import fmt_bytes
 
@@ -93,11 +94,14 @@ class CompareHandlers:
         return LoadSettings(gpu_budget_bytes=budget, context_tokens=int(context or 4096), **self.settings_extra)
 
     @staticmethod
-    def sampling(temperature, top_p, max_new_tokens, seed) -> SamplingSettings:
-        """The same sampling settings and seed for every configuration."""
-        seed = int(seed) if seed is not None and str(seed).strip() != "" else 0
-        return SamplingSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                top_p=float(top_p), seed=seed)
+    def sampling(temperature, top_p, max_new_tokens, seed, lang: str = "en") -> SamplingSettings:
+        """The same sampling settings and seed for every configuration (BadNumber names a bad control)."""
+        seed = 0 if seed is None or str(seed).strip() == "" else read_number(seed, "compare_seed", 0, 2 ** 32 - 1, lang,
+                                                                              whole=True)
+        return SamplingSettings(
+            max_new_tokens=read_number(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS_MAX, lang, whole=True),
+            temperature=read_number(temperature, "temperature", 0.0, TEMPERATURE_MAX, lang),
+            top_p=read_number(top_p, "top_p", TOP_P_MIN, 1.0, lang), seed=seed)
 
     @staticmethod
     def specs(model_a, quant_a, model_b, quant_b) -> list[ConfigSpec]:
@@ -125,7 +129,7 @@ class CompareHandlers:
             {"role": "user", "content": prompt}]
         try:
             specs = self.specs(model_a, quant_a, model_b, quant_b)
-            sampling = self.sampling(temperature, top_p, max_new_tokens, seed)
+            sampling = self.sampling(temperature, top_p, max_new_tokens, seed, lang)
         except ValueError as e:
             yield "", "", "", "", t("compare_error", lang, error=explain(e, lang))
             return
@@ -213,7 +217,7 @@ class CompareHandlers:
         try:
             prompt_set = self.resolve_set(set_name, upload, pasted, system)
             specs = self.batch_specs(use, model_a, quant_a, model_b, quant_b, extra)
-            sampling = self.sampling(temperature, top_p, max_new_tokens, seed)
+            sampling = self.sampling(temperature, top_p, max_new_tokens, seed, lang)
         except USER_ERRORS as e:
             gr.Warning(explain(e, lang))
             yield gr.skip(), t("compare_error", lang, error=explain(e, lang)), None, None

@@ -49,8 +49,9 @@ def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Compo
         system = gr.Textbox(label=i18n("system_prompt"), lines=2, elem_id="compare-system")
         with gr.Row():
             temperature = gr.Slider(0, 2, value=0.0, step=0.05, label=i18n("temperature"), elem_id="compare-temperature")
-            top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label=i18n("top_p"))
-            max_new = gr.Slider(1, 4096, value=128, step=1, label=i18n("max_new_tokens"), elem_id="compare-max-new")
+            # From 0, below the valid range, so a typed 0 is refused with a message rather than clamped (see ui/layout.py).
+            top_p = gr.Slider(0, 1, value=0.9, step=0.05, label=i18n("top_p"))
+            max_new = gr.Slider(0, 4096, value=128, step=1, label=i18n("max_new_tokens"), elem_id="compare-max-new")
             seed = gr.Number(0, precision=0, label=i18n("compare_seed"), elem_id="compare-seed")
     with gr.Row(equal_height=True):
         with gr.Column():
