@@ -63,6 +63,8 @@ def test_only_the_chat_is_public_api_and_it_explains_bad_input(app_url, embedded
 
     reply = httpx.post(f"{app_url}gradio_api/call/load", json={"data": ["smollm2-135m-instruct", "4bit", False, None, 512, "en"]})
     assert reply.status_code == 404 and "not part of this app's API" in reply.text, reply.text
+    answer = httpx.post(f"{app_url}gradio_api/call/answer", json={"data": [[{"role": "user", "content": "Hi"}]]})
+    assert answer.status_code == 200 and "event_id" in answer.text  # the public endpoint still answers
     assert embedded_engine.loaded is before  # nothing was switched by an API caller
     # Plain-string content (OpenAI style) is accepted ...
     history = client.predict([{"role": "user", "content": "What is the capital of France?"}], api_name="/answer")
