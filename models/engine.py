@@ -224,6 +224,8 @@ class Engine:
         before = self._allocated()
         loaded = self._residents.pop(key)
         self._sessions.drop_model(key)
+        if loaded.fast is not None:
+            loaded.fast.close()  # a background compile still running ends without swapping in
         label = f"{loaded.ref.label} ({loaded.settings.quant.value})"
         del loaded
         free_cuda_memory()

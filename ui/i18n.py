@@ -105,6 +105,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "panel_budget": {"en": "Budget", "zh": "预算"},
     "panel_room": {"en": "Room for {tokens} tokens of context · chats cached: {sessions} ({kv})",
                    "zh": "可容纳 {tokens} 个 token 的上下文 · 已缓存 {sessions} 个对话（{kv}）"},
+    "panel_step": {"en": "Decode step: {status}", "zh": "解码步骤：{status}"},
     "panel_room_memory": {"en": " · the memory left would hold {tokens} (raise the context length to use it)",
                           "zh": " · 剩余内存可容纳 {tokens} 个 token（调高上下文长度即可使用）"},
     "panel_peak": {"en": "Peak: predicted {predicted}, measured {measured}", "zh": "峰值：预测 {predicted}，实测 {measured}"},

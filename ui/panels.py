@@ -144,6 +144,8 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
         if memory_room is not None and memory_room > context_room:
             room += t("panel_room_memory", lang, tokens=f"{memory_room:,}")
         peak += f"<div class='mem-room' id='context-room'>{html.escape(room)}</div>"
+    if loaded is not None and loaded.fast is not None:  # which step answers: uncompiled, compiling, compiled
+        peak += f"<div class='mem-room' id='decode-step'>{html.escape(t('panel_step', lang, status=loaded.fast.compile_status()))}</div>"
     return (
         "<div class='mem-panel' id='memory-panel'>"
         f"<div class='mem-title'><b>{html.escape(t('panel_title', lang))}</b> · {html.escape(snap.device_name)}</div>{note}"
