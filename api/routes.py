@@ -72,13 +72,13 @@ class Api:
             try:
                 check_key(self._key, request.headers.get("authorization"))
                 return await handler(request)
-            except ApiError as e:
-                return error_response(e)
             except ClientGone:
                 log.info("499 client closed the request to %s before its answer", request.url.path)
                 return Response(status_code=499)
             except Exception as e:
-                return error_response(_as_api_error(e, request.url.path))
+                error = _as_api_error(e, request.url.path)
+                log.info("%d %s %s code=%s", error.status, request.method, request.url.path, error.code)
+                return error_response(error)
         return endpoint
 
     async def models(self, request: Request) -> Response:

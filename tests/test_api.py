@@ -360,3 +360,25 @@ def test_api_key_is_checked(keyed_api):
 def test_web_ui_still_served_beside_the_api(web_api):
     assert httpx.get(web_api[0] + "/").status_code == 200
     assert httpx.get(web_api[0] + "/config").status_code == 200
+
+
+def test_loads_only_when_allowed_and_a_failed_load_keeps_nothing_broken(catalog):
+    """--api-allow-load: a catalog model that is not loaded is loaded, then answers; one that cannot load is a 409."""
+    from starlette.testclient import TestClient
+
+    from api.server import build_api
+    from api.service import ApiSettings
+    from models.engine import Engine
+
+    engine = Engine(catalog)  # its own engine: this test loads and must not disturb the shared one
+    with TestClient(build_api(engine, ApiSettings(allow_load=True), api_key=None)) as http:
+        assert [m["id"] for m in http.get("/models").json()["data"]] == catalog.ids()  # nothing loaded yet
+        _error(http.post("/chat/completions", json={"messages": FRANCE}), 503, code="no_model_loaded")
+        r = http.post("/chat/completions", json={"model": "smollm2-135m-instruct", "messages": FRANCE,
+                                                 "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == PARIS
+        assert http.get("/models").json()["data"][0]["id"] == "smollm2-135m-instruct"
+        # Offline here: the hub model cannot be fetched; the loaded model stays.
+        _error(http.post("/chat/completions", json={"model": "qwen2.5-1.5b-instruct", "messages": FRANCE}), 409,
+               code="model_load_failed")
+        assert engine.loaded.ref.label == "smollm2-135m-instruct"
