@@ -48,15 +48,33 @@ def _as_api_error(error: BaseException, where: str) -> ApiError:
     return from_engine_error(error) or internal_error(error, where)
 
 
-async def _next(stream: ThreadedStream, request: Request):
-    """The stream's next item, watching for the client leaving meanwhile (before the response starts)."""
-    while True:
-        try:
-            return await stream.next(timeout=DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                stream.cancel()
-                raise ClientGone from None
+class _Watch:
+    """Reads a stream's items while checking, at most every DISCONNECT_POLL_S, that the client is still there.
+
+    Only until the response starts: then Starlette itself watches for the disconnect.
+    """
+
+    def __init__(self, stream: ThreadedStream, request: Request):
+        self.stream = stream
+        self.request = request
+        self._checked = time.monotonic()
+
+    async def _check(self) -> None:
+        self._checked = time.monotonic()
+        if await self.request.is_disconnected():
+            self.stream.cancel()
+            raise ClientGone
+
+    async def next(self):
+        """The stream's next item; ClientGone if the client left first."""
+        while True:
+            # Also between items: a long answer streams items without pause for minutes.
+            if time.monotonic() - self._checked >= DISCONNECT_POLL_S:
+                await self._check()
+            try:
+                return await self.stream.next(timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                await self._check()
 
 
 class Api:
@@ -110,9 +128,10 @@ class Api:
             raise
         ids = CompletionIds(model)
         streaming = False
+        watch = _Watch(stream, request)
         try:
             try:
-                first = await _next(stream, request)  # errors (overflow, model changed) still get their status
+                first = await watch.next()  # errors (overflow, model changed) still get their status
             except StopAsyncIteration:
                 raise internal_error(RuntimeError("the answer ended without a result"), request.url.path) from None
             if chat.stream:
@@ -125,7 +144,7 @@ class Api:
             text, item = "", first
             while not isinstance(item, Done):
                 text += item.text
-                item = await _next(stream, request)
+                item = await watch.next()
             self._log_done(ids, item, started, stream=False)
             return JSONResponse(ids.completion(text, item))
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -32,6 +33,9 @@ class ApiSettings:
     default_max_tokens: int = 512  # when a request gives no max_tokens
     load_settings: LoadSettings = LoadSettings()  # quantization, budget, context for loads by the API
     kv: KVPrecision = KVPrecision.FULL
+    # KV caches kept for API conversations; the least recently used beyond this are dropped, so
+    # thousands of one-off requests never pile up caches (the engine's KV budget is the other bound).
+    max_conversations: int = 16
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class ApiService:
         self.engine = engine
         self.settings = settings
         self.queue = WaitQueue(settings.max_waiting)
+        self._conversations: OrderedDict[str, None] = OrderedDict()  # API session ids, least recent first
+        self._conversations_lock = threading.Lock()
 
     def loaded_model(self) -> str | None:
         """The id of the model the app has loaded (what /v1/models lists first), if any."""
@@ -124,6 +130,18 @@ class ApiService:
             self.engine.load(wanted, self.settings.load_settings)
         return wanted
 
+    def _remember(self, session: str) -> str:
+        """Mark a conversation as used now; drop the KV cache of the least recent one beyond the limit."""
+        with self._conversations_lock:
+            self._conversations[session] = None
+            self._conversations.move_to_end(session)
+            stale = []
+            while len(self._conversations) > self.settings.max_conversations:
+                stale.append(self._conversations.popitem(last=False)[0])
+        for old in stale:
+            self.engine.drop_session(old)  # never waits: queued if an answer holds the engine
+        return session
+
     def _generate(self, model: str, request: ChatRequest, stop_event: threading.Event) -> Iterator[Delta | Done]:
         loaded = self.engine.loaded
         if loaded is None or loaded.ref.label != model:
@@ -137,8 +155,9 @@ class ApiService:
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,
         )
         scanner = StopScanner(request.stop)
+        session = self._remember(session_id(model, request))
         updates = self.engine.chat(
-            request.messages, sampling, stop_event, model=key, session=session_id(model, request),
+            request.messages, sampling, stop_event, model=key, session=session,
             kv=self.settings.kv, policy=OverflowPolicy.REFUSE,  # an API client gets a 400, not a silently cut chat
         )
         try:

@@ -198,3 +198,38 @@ def test_unexpected_exception_is_a_logged_500_and_the_server_keeps_serving(catal
     record = next(r for r in caplog.records if "internal error" in r.getMessage())
     error_id = error["message"].split("id ")[1].split(")")[0]
     assert error_id in record.getMessage() and record.exc_info[0] is KeyError
+
+
+def test_a_client_leaving_is_noticed_even_while_items_keep_coming():
+    """A plain (non-streamed) answer yields text without pauses; the disconnect check must still run."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from api.bridge import ThreadedStream
+    from api.routes import DISCONNECT_POLL_S, ClientGone, _Watch
+
+    def endless(stop: threading.Event):
+        while not stop.is_set():  # like an answer: an item every 20 ms until stopped
+            time.sleep(0.02)
+            yield "token"
+
+    async def gone():  # the ASGI receive channel of a client that has closed its connection
+        return {"type": "http.disconnect"}
+
+    async def run():
+        stream = ThreadedStream(endless)
+        watch = _Watch(stream, Request({"type": "http", "method": "POST", "headers": []}, gone))
+        started = time.monotonic()
+
+        async def read_all():
+            while True:
+                await watch.next()
+
+        with pytest.raises(ClientGone):
+            await asyncio.wait_for(read_all(), timeout=5)
+        assert time.monotonic() - started < DISCONNECT_POLL_S + 0.5
+        assert stream.stop_event.is_set()
+        assert await asyncio.to_thread(stream.finished.wait, 5)  # the producer thread ended
+
+    asyncio.run(run())
