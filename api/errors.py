@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import uuid
 
-from models.catalog import UnknownModelError
-from models.kv_cache import ContextOverflowError
-from models.loading import ModelLoadError
-from models.sources import ModelSourceError
+# Through the engine facade, like the UI: the API never reaches below it for its errors.
+from models.engine import ContextOverflowError, ModelLoadError, ModelSourceError, UnknownModelError
 
 log = logging.getLogger("smallchat.api")
 

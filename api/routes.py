@@ -24,7 +24,7 @@ from .auth import check_key
 from .bridge import ThreadedStream
 from .errors import ApiError, from_engine_error, internal_error
 from .objects import CompletionIds, model_list, sse
-from .schema import parse_chat_request, parse_json
+from .schema import MAX_BODY_BYTES, parse_chat_request, parse_json
 from .service import ApiService, Delta, Done
 from .waiting import QueueFull
 
@@ -113,6 +113,9 @@ class Api:
     async def chat_completions(self, request: Request) -> Response:
         """POST /v1/chat/completions."""
         started = time.perf_counter()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before it is read into memory
+            raise ApiError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB.", code="body_too_large")
         chat = parse_chat_request(parse_json(await request.body()))
         model = self.service.check_model(chat.model)
         try:

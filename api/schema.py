@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from .errors import bad_request
+from .errors import ApiError, bad_request
 
 ROLES = {"system", "user", "assistant", "developer"}
 MAX_STOPS = 4  # as OpenAI's API
@@ -37,7 +37,7 @@ class ChatRequest:
 def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
     if len(raw) > MAX_BODY_BYTES:
-        raise bad_request(f"The request body is over {MAX_BODY_BYTES >> 20} MiB.", code="body_too_large")
+        raise ApiError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB.", code="body_too_large")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

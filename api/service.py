@@ -13,9 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
-from models.engine import Engine
+from models.engine import Engine, KVPrecision, OverflowPolicy
 from models.generation import SamplingSettings
-from models.kv_cache import KVPrecision, OverflowPolicy
 from models.loading import LoadSettings
 
 from .errors import ApiError

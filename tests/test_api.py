@@ -246,6 +246,7 @@ def _post(base: str, body, **kw) -> httpx.Response:
 def test_bad_json_is_400(web_api):
     _error(_post(web_api[0], b"{not json"), 400, code="invalid_json")
     _error(_post(web_api[0], b"[1, 2]"), 400, code="invalid_json")
+    _error(_post(web_api[0], b"x" * (5 << 20)), 413, code="body_too_large")
 
 
 @pytest.mark.parametrize("change, param", [

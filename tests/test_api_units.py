@@ -233,3 +233,53 @@ def test_a_client_leaving_is_noticed_even_while_items_keep_coming():
         assert await asyncio.to_thread(stream.finished.wait, 5)  # the producer thread ended
 
     asyncio.run(run())
+
+
+def test_an_error_mid_stream_is_sent_as_an_error_event_then_done(catalog):
+    """After the status line is sent, an error can only be said inside the stream, as OpenAI does."""
+    import asyncio
+    import json
+
+    from api.bridge import ThreadedStream
+    from api.objects import CompletionIds
+    from api.routes import Api
+    from api.service import ApiService, Delta
+    from models.engine import Engine
+    from models.errors import coded
+    from models.loading import ModelLoadError
+
+    def failing(stop: threading.Event):
+        yield Delta("Hello")
+        raise coded(ModelLoadError("out of memory"), "oom_answer")
+
+    async def run():
+        stream = ThreadedStream(failing)
+        first = await stream.next()
+        api = Api(ApiService(Engine(catalog)), api_key=None)
+        return [e async for e in api._events(stream, first, CompletionIds("m"), False, time.perf_counter())]
+
+    events = asyncio.run(run())
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    payloads = [e[len("data: "):].strip() for e in events]
+    assert payloads[-1] == "[DONE]"
+    assert json.loads(payloads[1])["choices"][0]["delta"]["content"] == "Hello"
+    error = json.loads(payloads[-2])["error"]
+    assert error["code"] == "out_of_memory" and error["type"] == "server_error"
+
+
+def test_api_talks_only_to_the_engine_facade():
+    """api/ imports from models/ only the engine (and the two settings types the UI uses too)."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"models.engine", "models.generation", "models.loading"}
+    for path in (Path(__file__).parents[1] / "api").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith(("ui", "compare")), f"{path.name} imports {node.module}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("models"):
+                assert node.module in allowed, f"{path.name} imports {node.module}"
+                if node.module != "models.engine":
+                    assert {a.name for a in node.names} <= {"SamplingSettings", "LoadSettings"}, path.name
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith(("models", "ui", "compare")) for a in node.names), path.name
