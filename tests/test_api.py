@@ -173,11 +173,11 @@ def test_second_turn_reuses_the_conversation_cache(client):
     opening = [{"role": "system", "content": "You are a geography tutor."},
                {"role": "user", "content": "Which river flows through Paris?"}]
     first = client.chat.completions.create(model="smollm2-135m-instruct", messages=opening, temperature=0,
-                                           max_tokens=12)
+                                           max_tokens=6)
     second_turn = opening + [{"role": "assistant", "content": first.choices[0].message.content},
                              {"role": "user", "content": "And through London?"}]
     second = client.chat.completions.create(model="smollm2-135m-instruct", messages=second_turn, temperature=0,
-                                            max_tokens=12)
+                                            max_tokens=6)
     cached = second.usage.prompt_tokens_details.cached_tokens
     # The whole first prompt (and the answer's tokens as far as they re-tokenize alike) came from the cache.
     assert cached >= first.usage.prompt_tokens
