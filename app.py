@@ -3,6 +3,7 @@
     python app.py                         # the web app, with the embedded offline model
     python app.py --ask "Hi" [--model ID|PATH] [--quant none|bf16|8bit|4bit] ...   # one answer, headless
     python app.py --compare MODEL:QUANT MODEL:QUANT --prompts prompts/quick_en --out results.csv   # batch, headless
+    python app.py --api [--api-key KEY]  # the web app plus an OpenAI-compatible API at /v1 (api/)
 
 UI and CLI wiring only: the engine (models/engine.py) does the work for both.
 """
@@ -66,6 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", metavar="PATH", help="--compare: write the results as CSV here (and a .jsonl beside it)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    api = p.add_argument_group("OpenAI-compatible API (/v1, same engine and queue as the web UI)")
+    api.add_argument("--api", action="store_true", help="also serve /v1/models and /v1/chat/completions")
+    api.add_argument("--api-only", action="store_true", help="serve only the API, without the web UI")
+    api.add_argument("--api-key", metavar="KEY", help="key clients must send as 'Authorization: Bearer KEY' "
+                     "(default: $SMALLCHAT_API_KEY; required when --host is not a loopback address)")
+    api.add_argument("--api-allow-load", action="store_true",
+                     help="let a request naming another catalog model load it (switches the model for every user)")
+    api.add_argument("--api-max-waiting", type=int, default=8, metavar="N",
+                     help="API requests that may wait for their turn; more get 503 + Retry-After (default: 8)")
     args = p.parse_args(argv)
     args.quant = Quant(args.quant)
     if args.gpu_budget is not None and args.gpu_budget <= 0:
@@ -95,6 +105,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--kv applies to --ask and the app; --compare runs with a full-precision KV cache")
     elif args.prompts or args.out:
         p.error("--prompts and --out go with --compare MODEL[:QUANT] ...")
+    args.api_key_value = None
+    if args.api or args.api_only:
+        from api.auth import ApiKeyMissing, api_key_for
+
+        if args.ask is not None or args.compare is not None:
+            p.error("--api/--api-only serve the app: they do not go with --ask or --compare")
+        if args.api_max_waiting < 0:
+            p.error("--api-max-waiting must be 0 or more")
+        try:
+            args.api_key_value = api_key_for(args.host, args.api_key)
+        except ApiKeyMissing as e:
+            p.error(str(e))
     return args
 
 
@@ -195,8 +217,22 @@ def run_compare(args: argparse.Namespace, engine: Engine) -> int:
     return 0
 
 
+def _api_app(args: argparse.Namespace, engine: Engine):
+    """The /v1 app for --api/--api-only, or None."""
+    if not (args.api or args.api_only):
+        return None
+    from api.server import build_api, log_to_stderr
+    from api.service import ApiSettings
+
+    log_to_stderr()
+    settings = ApiSettings(allow_load=args.api_allow_load, max_waiting=args.api_max_waiting,
+                           default_max_tokens=args.max_new_tokens, load_settings=load_settings(args),
+                           kv=KVPrecision(args.kv))
+    return build_api(engine, settings, args.api_key_value)
+
+
 def serve(args: argparse.Namespace, engine: Engine) -> int:
-    """Start the web app with the chosen model preloaded."""
+    """Start the web app (and/or the API) with the chosen model preloaded."""
     from ui.layout import UiDefaults, build_demo, launch_kwargs
 
     try:
@@ -204,6 +240,13 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, OSError, ValueError) as e:
         # The app still starts: the user can pick another model in the UI.
         print(f"error: {e}", file=sys.stderr)
+    api_app = _api_app(args, engine)
+    if args.api_only:
+        from api.server import standalone_app, uvicorn_server
+
+        print(f"API at http://{args.host}:{args.port}/v1", file=sys.stderr)
+        uvicorn_server(standalone_app(api_app), args.host, args.port).run()
+        return 0
     defaults = UiDefaults(
         model=args.model, quant=args.quant.value, gpu_budget_gib=args.gpu_budget, context_tokens=args.context,
         system_prompt=args.system, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -211,7 +254,14 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     )
     demo = build_demo(engine, defaults, settings_extra={"trust_remote_code": args.trust_remote_code,
                                                           "stream_offload": args.stream_offload})
-    demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))
+    extra = {}
+    if api_app is not None:
+        from api.server import gradio_app_kwargs
+
+        extra["app_kwargs"] = gradio_app_kwargs(api_app)
+        print(f"API at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port,
+                                                      **launch_kwargs(demo), **extra)
     return 0
 
 
