@@ -5,6 +5,8 @@
 #   bash scripts/vllm_cpu.sh serve [PORT] [NAME]   serve the embedded model's unpacked folder on
 #                                                  127.0.0.1:PORT (default 8011) as NAME (default smollm2)
 #   bash scripts/vllm_cpu.sh folder                print that folder (unpacks it on first use)
+# MODEL_DIR=FOLDER serves another folder; APP_PY is the app's python (default .venv/bin/python),
+# used only to find the embedded model in the app's cache ($SMALLCHAT_CACHE or ~/.cache/smallchat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,10 @@ setup() {
 }
 
 folder() {
-  "$APP_PY" -c "from models.remote import embedded_safetensors_folder as f; print(f())"
+  # MODEL_DIR overrides; else the app's cache folder of the embedded model (unpacked on first use).
+  if [ -n "${MODEL_DIR:-}" ]; then echo "$MODEL_DIR"; return; fi
+  HF_HUB_OFFLINE=1 "$APP_PY" -c "from models.catalog import load_catalog; from models.sources import resolve_local; \
+print(resolve_local(load_catalog().resolve('')).location)"
 }
 
 case "${1:-setup}" in
