@@ -180,8 +180,9 @@ class RemoteModel:
         return PREFIX + self.spec.base_url + f"#{self.name}"
 
     @classmethod
-    def connect(cls, spec: RemoteSpec, timeout_s: float = CHECK_TIMEOUT_S) -> "RemoteModel":
+    def connect(cls, spec: RemoteSpec, timeout_s: float | None = None) -> "RemoteModel":
         """Ask the server which models it serves (GET /models); raise RemoteEngineError if ours is not there."""
+        timeout_s = timeout_s or min(CHECK_TIMEOUT_S, read_timeout_s())
         if spec.key_env != DEFAULT_KEY_ENV and spec.key_env not in os.environ:
             raise RemoteEngineError(f"key_env={spec.key_env} names an environment variable that is not set.")
         try:

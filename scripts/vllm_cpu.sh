@@ -41,7 +41,7 @@ case "${1:-setup}" in
   setup) setup ;;
   folder) folder ;;
   serve)
-    setup
+    [ -x "$VENV/bin/python" ] || setup  # run `setup` first to (re)check an existing venv
     PORT=${2:-8011}
     NAME=${3:-smollm2}
     DIR=$(folder)
