@@ -188,6 +188,11 @@ def test_greedy_chat_through_the_engine_streams_paris_with_metrics(catalog, vllm
     assert stats.prompt_tokens > 5  # from the server's usage counts
     assert stats.ttft_s is not None and 0 < stats.ttft_s < stats.total_s
     assert stats.decode_tokens_per_s and stats.decode_tokens_per_s > 0
+    # The counts are the server's: the same request, not streamed, reports the same usage and text.
+    plain = httpx.post(f"{vllm_url}/chat/completions", timeout=60, json={
+        "model": SERVED_NAME, "messages": FRANCE, "max_tokens": GREEDY.max_new_tokens, "temperature": 0.0}).json()
+    assert plain["choices"][0]["message"]["content"] == final.text
+    assert (plain["usage"]["prompt_tokens"], plain["usage"]["completion_tokens"]) == (stats.prompt_tokens, stats.new_tokens)
 
 
 @pytest.mark.slow
