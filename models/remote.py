@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from .catalog import ModelRef, UnknownModelError
+from .errors import coded
 from .generation import GenerationStats, SamplingSettings, StreamUpdate
 from .loading import LoadedModel, LoadSettings, ModelLoadError
 from .memory import FitPlan
@@ -141,11 +142,16 @@ def _server_message(response: httpx.Response) -> str:
 def _transport_error(spec: RemoteSpec, e: httpx.HTTPError, timeout_s: float) -> RemoteEngineError:
     """A clear message for a request that got no usable HTTP answer."""
     if isinstance(e, httpx.TimeoutException):
-        return RemoteEngineError(f"The engine at {spec.base_url} did not answer within {timeout_s:g} s (timeout). "
-                                 f"Is it overloaded or still starting? ({TIMEOUT_ENV} sets the wait.)")
+        return coded(RemoteEngineError(
+            f"The engine at {spec.base_url} did not answer within {timeout_s:g} s (timeout). "
+            f"Is it overloaded or still starting? ({TIMEOUT_ENV} sets the wait.)"
+        ), "remote_timeout", url=spec.base_url, seconds=f"{timeout_s:g}", env=TIMEOUT_ENV)
     if isinstance(e, httpx.ConnectError):
-        return RemoteEngineError(f"Cannot reach the engine at {spec.base_url} ({_first_line(str(e)) or 'connection failed'}). "
-                                 "Is the server running, and are the host and port right?")
+        detail = _first_line(str(e)) or "connection failed"
+        return coded(RemoteEngineError(
+            f"Cannot reach the engine at {spec.base_url} ({detail}). "
+            "Is the server running, and are the host and port right?"
+        ), "remote_unreachable", url=spec.base_url, detail=detail)
     if isinstance(e, httpx.RemoteProtocolError):
         return RemoteEngineError(f"The engine at {spec.base_url} closed the connection mid-answer "
                                  f"({_first_line(str(e))}); it may have crashed or restarted.")
@@ -202,8 +208,10 @@ class RemoteModel:
             raise RemoteEngineError(f"The engine at {spec.base_url} serves no model yet.")
         name = spec.model or next(iter(models))
         if name not in models:
-            raise RemoteEngineError(f"The engine at {spec.base_url} does not serve {name!r}; it serves: "
-                                    f"{', '.join(models)}. Use openai:{spec.base_url}#NAME with one of those.")
+            raise coded(RemoteEngineError(
+                f"The engine at {spec.base_url} does not serve {name!r}; it serves: "
+                f"{', '.join(models)}. Use openai:{spec.base_url}#NAME with one of those."
+            ), "remote_no_model", url=spec.base_url, model=name, served=", ".join(models))
         max_context = models[name].get("max_model_len")
         return cls(spec, name, int(max_context) if isinstance(max_context, int) else None, list(models))
 

@@ -161,6 +161,27 @@ def test_a_server_that_never_answers_times_out_clearly(engine, monkeypatch):
         assert engine.loaded is before
 
 
+def _check_translated(error: BaseException, code: str) -> None:
+    from ui.i18n import explain, t
+
+    assert getattr(error, "code", None) == code, (code, error)
+    assert t(f"err_{code}", "en", **error.params) == str(error) == explain(error, "en")  # no drift
+    assert explain(error, "zh") != str(error) and explain(error, "zh") == t(f"err_{code}", "zh", **error.params)
+
+
+def test_remote_errors_are_said_in_the_users_language(engine, monkeypatch):
+    with pytest.raises(RemoteEngineError) as unreachable:
+        engine.load(f"openai:http://127.0.0.1:{_free_port()}/v1", LoadSettings())
+    _check_translated(unreachable.value, "remote_unreachable")
+    with socket.socket() as quiet:
+        quiet.bind(("127.0.0.1", 0))
+        quiet.listen(8)
+        monkeypatch.setenv("SMALLCHAT_REMOTE_TIMEOUT", "0.5")
+        with pytest.raises(RemoteEngineError) as timeout:
+            engine.load(f"openai:http://127.0.0.1:{quiet.getsockname()[1]}/v1", LoadSettings())
+    _check_translated(timeout.value, "remote_timeout")
+
+
 def test_the_ui_keeps_the_chat_and_model_when_a_remote_load_fails(engine):
     handlers = ChatHandlers(engine)
     status, panel = handlers.load(f"openai:http://127.0.0.1:{_free_port()}/v1", "none", False, None, 4096, "en",
@@ -239,13 +260,19 @@ def test_chat_tab_answers_from_the_remote_engine(catalog, vllm_url):
     history = [{"role": "user", "content": "What is the capital of France?"}]
     *_, last = handlers.answer(history, "", 0.0, 1.0, 48, ChatSession(), "en")
     assert "Paris" in last[-2]["content"] and "TTFT" in last[-1]["metadata"]["title"]
+    # A chat longer than the server's context: its own message, and the chat is kept.
+    history = last + [{"role": "user", "content": "word " * 3000}]
+    *_, last = handlers.answer(history, "", 0.0, 1.0, 48, ChatSession(), "en")
+    assert last[:len(history)] == history
+    assert "maximum context length is 2048 tokens" in last[-1]["metadata"]["title"]
 
 
 @pytest.mark.slow
 def test_missing_model_name_is_a_clear_error_and_the_current_model_stays(engine, vllm_url):
     before = engine.loaded
-    with pytest.raises(RemoteEngineError, match=rf"does not serve 'no-such-model'; it serves: {SERVED_NAME}"):
+    with pytest.raises(RemoteEngineError, match=rf"does not serve 'no-such-model'; it serves: {SERVED_NAME}") as missing:
         engine.load(f"openai:{vllm_url}#no-such-model", LoadSettings())
+    _check_translated(missing.value, "remote_no_model")
     with pytest.raises(RemoteEngineError, match=r"/models does not exist \(HTTP 404\).*ends in /v1"):
         engine.load(f"openai:{vllm_url.removesuffix('/v1')}/nope", LoadSettings())
     assert engine.loaded is before
