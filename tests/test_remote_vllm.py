@@ -307,6 +307,32 @@ def test_compare_and_a_batch_run_a_local_model_beside_the_remote_one(catalog, vl
     assert [json.loads(line)["config"] for line in jsonl_path.read_text().splitlines()][2:] == [remote.label] * 2
 
 
+@pytest.mark.slow
+def test_compare_tab_puts_a_local_model_beside_the_remote_one_and_exports_the_batch(catalog, vllm_url):
+    from ui.compare_handlers import CompareHandlers, CompareSession
+
+    handlers = CompareHandlers(Engine(catalog))
+    remote = f"openai:{vllm_url}#{SERVED_NAME}"
+    assert "fit the budget together" in handlers.fit_note(LOCAL, "4bit", remote, "none", None, 2048, "en")
+    # A local 4-bit model (bitsandbytes on the CPU) beside the remote fp32 one.
+    pane_a, metrics_a, pane_b, metrics_b, status = list(handlers.run(
+        LOCAL, "4bit", remote, "none", "What is the capital of France?", "", 0, 0.9, 32, 0, None, 2048,
+        CompareSession(), "en"))[-1]
+    assert "Paris" in pane_b and "tok/s" in metrics_b and "remote engine" in metrics_b and "memory: the engine's" in metrics_b
+    assert pane_a and "tok/s" in metrics_a and "remote engine" not in metrics_a
+    outputs = list(handlers.run_batch(
+        set_name="quick_en", upload=None, pasted="What is the capital of France?", use=["A", "B"], model_a=LOCAL,
+        quant_a="4bit", model_b=remote, quant_b="none", extra="", system="", temperature=0, top_p=0.9,
+        max_new_tokens=32, seed=0, budget_gib=None, context=2048, session=CompareSession(), lang="en",
+        progress=lambda *a, **k: None))
+    table, summary, csv_file, jsonl_file = outputs[-1]
+    assert "Done: 2/2" in summary
+    rows = list(csv.DictReader(open(csv_file, encoding="utf-8-sig")))
+    assert [r["config"] for r in rows] == [f"{LOCAL}:4bit", f"{remote}:none"]
+    assert "Paris" in rows[1]["answer"] and not rows[1]["error"] and float(rows[1]["ttft_s"]) > 0
+    assert [json.loads(line)["config"] for line in Path(jsonl_file).read_text().splitlines()][1] == f"{remote}:none"
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
