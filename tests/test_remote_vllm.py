@@ -257,6 +257,9 @@ def test_chat_tab_answers_from_the_remote_engine(catalog, vllm_url):
     engine = Engine(catalog)
     handlers = ChatHandlers(engine)
     handlers.load(f"openai:{vllm_url}#{SERVED_NAME}", "none", False, None, 4096, "en", progress=lambda *a, **k: None)
+    from ui.layout import build_demo
+
+    build_demo(engine).close()  # the whole app builds around a remote model (model box, memory panel)
     history = [{"role": "user", "content": "What is the capital of France?"}]
     *_, last = handlers.answer(history, "", 0.0, 1.0, 48, ChatSession(), "en")
     assert "Paris" in last[-2]["content"] and "TTFT" in last[-1]["metadata"]["title"]
