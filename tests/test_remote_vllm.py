@@ -9,6 +9,7 @@ server you started yourself (`bash scripts/vllm_cpu.sh serve PORT smollm2`) inst
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -51,53 +52,66 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def vllm_url(catalog, tmp_path_factory):
+def vllm_venv() -> None:
+    """.venv-vllm with vllm-cpu, set up by scripts/vllm_cpu.sh if needed (skipped only by SMALLCHAT_SKIP_VLLM=1)."""
+    if os.environ.get("SMALLCHAT_SKIP_VLLM") == "1":
+        pytest.skip("SMALLCHAT_SKIP_VLLM=1: the real vLLM server is not started")
+    started = time.perf_counter()
+    subprocess.run(["bash", str(SCRIPT), "setup"], check=True, timeout=1800)
+    print(f"\nvLLM venv check/setup {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def serving(command: list[str], port: int, log_path: Path, env: dict):
+    """Run a vLLM server command until it serves /v1/models on 127.0.0.1:port; stop it (and its children) after."""
+    url = f"http://127.0.0.1:{port}/v1"
+    with log_path.open("w") as log:
+        # Its own session, so the server and the engine-core process it forks are stopped together.
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                start_new_session=True)
+        try:
+            launched = time.perf_counter()
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"vLLM exited with code {proc.returncode} before serving; log tail:\n"
+                                + "\n".join(log_path.read_text().splitlines()[-30:]))
+                try:
+                    if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.perf_counter() - launched > START_TIMEOUT_S:
+                    pytest.fail(f"vLLM did not serve /v1/models within {START_TIMEOUT_S:.0f} s; log tail:\n"
+                                + "\n".join(log_path.read_text().splitlines()[-30:]))
+                time.sleep(1)
+            print(f"\nvLLM ready {time.perf_counter() - launched:.1f} s after start: {' '.join(command[:3])}",
+                  file=sys.stderr)
+            yield url
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def vllm_url(catalog, tmp_path_factory, request):
     """A real vLLM server (vllm-cpu) serving the embedded model as 'smollm2'; its /v1 URL."""
     if os.environ.get("SMALLCHAT_SKIP_VLLM") == "1":
         pytest.skip("SMALLCHAT_SKIP_VLLM=1: the real vLLM server is not started")
     if os.environ.get("SMALLCHAT_VLLM_URL"):
         yield os.environ["SMALLCHAT_VLLM_URL"].rstrip("/")
         return
-    started = time.perf_counter()
-    subprocess.run(["bash", str(SCRIPT), "setup"], check=True, timeout=1800)
-    setup_s = time.perf_counter() - started
+    request.getfixturevalue("vllm_venv")
     folder = resolve_local(catalog.resolve("")).location  # the app's cache: unpacked on first use
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    log = log_path.open("w")
-    env = {**os.environ, "MODEL_DIR": folder, "HF_HUB_OFFLINE": "1"}
-    # Its own session, so the server and the engine-core process it forks are stopped together.
-    proc = subprocess.Popen(["bash", str(SCRIPT), "serve", str(port), SERVED_NAME], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        launched = time.perf_counter()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with code {proc.returncode} before serving; log tail:\n"
-                            + "\n".join(log_path.read_text().splitlines()[-30:]))
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - launched > START_TIMEOUT_S:
-                pytest.fail(f"vLLM did not serve /v1/models within {START_TIMEOUT_S:.0f} s; log tail:\n"
-                            + "\n".join(log_path.read_text().splitlines()[-30:]))
-            time.sleep(1)
-        print(f"\nvLLM: venv check/setup {setup_s:.1f} s, server ready {time.perf_counter() - launched:.1f} s "
-              f"after start", file=sys.stderr)
+    with serving(["bash", str(SCRIPT), "serve", str(port), SERVED_NAME], port,
+                 tmp_path_factory.mktemp("vllm") / "server.log", {"MODEL_DIR": folder, "HF_HUB_OFFLINE": "1"}) as url:
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture
@@ -359,3 +373,31 @@ def test_cli_ask_and_compare_with_the_remote_engine(vllm_url, tmp_path):
     assert all("Paris" in r["answer"] and not r["error"] for r in rows)
     bad = _cli("--ask", "hi", "--model", f"openai:{vllm_url}#missing")
     assert bad.returncode == 1 and "does not serve 'missing'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_vllm_serves_our_internlm2_conversion_and_answers_like_the_local_engine(catalog, vllm_venv, tmp_path):
+    """scripts/serve_vllm.sh hands vLLM the Llama-format folder our InternLM2 conversion writes (no remote code)."""
+    from internlm2_fixture import TINY_INTERNLM2, write_internlm2_checkpoint
+
+    # head_dim 64: vLLM's CPU attention has no kernel for the fixture's default 16.
+    folder = write_internlm2_checkpoint(tmp_path / "tiny-internlm2",
+                                        shape_kwargs={**TINY_INTERNLM2, "hidden_size": 256, "intermediate_size": 512})
+    chat = [{"role": "user", "content": "The capital of France is"}]
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0.0)
+    engine = Engine(catalog)
+    engine.load(str(folder), LoadSettings(context_tokens=512))
+    local = list(engine.chat(chat, greedy, threading.Event()))[-1]
+    port = _free_port()
+    command = ["bash", str(ROOT / "scripts" / "serve_vllm.sh"), str(folder), "--port", str(port), "--name", "tiny-internlm2",
+               "--", "--max-model-len", "512", "--enforce-eager", "--dtype", "float32"]
+    env = {"VLLM_VENV": str(ROOT / ".venv-vllm"), "APP_PY": sys.executable, "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with serving(command, port, tmp_path / "server.log", env) as url:
+        served = (tmp_path / "server.log").read_text().splitlines()[0]
+        assert "/converted/" in served and "as tiny-internlm2" in served  # vLLM got the converted Llama folder
+        engine.load(f"openai:{url}#tiny-internlm2", LoadSettings())
+        remote = list(engine.chat(chat, greedy, threading.Event()))[-1]
+    # Same weights, same template, greedy: the same tokens from vLLM as from transformers.
+    assert (remote.text, remote.stats.prompt_tokens, remote.stats.new_tokens) == \
+        (local.text, local.stats.prompt_tokens, local.stats.new_tokens)
