@@ -27,6 +27,7 @@ from models.kv_cache import ContextOverflowError, KVPrecision
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
 from models.quant import Quant
+from models.remote import is_remote, remote_of
 from models.sources import ModelSourceError
 
 MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options for both the server and the headless --ask mode."""
     p = argparse.ArgumentParser(description="Chat with small open LLMs on a consumer GPU.")
     p.add_argument("--ask", metavar="QUESTION", help="answer one question headless, print it with metrics, and exit")
-    p.add_argument("--model", default="", help="catalog id, local folder, .gguf file or hub id (default: the embedded model)")
+    p.add_argument("--model", default="", help="catalog id, local folder, .gguf file, hub id, or a running "
+                   "OpenAI-compatible server openai:http://HOST:PORT/v1[#NAME] (default: the embedded model)")
     p.add_argument("--quant", default="none", choices=[q.value for q in Quant],
                    help="weights precision: none (fp16 on GPU, fp32 on CPU) | bf16 | 8bit | 4bit (bitsandbytes nf4) | "
                         "int4 (our int4 Triton kernels + CUDA-graph decoder, the fast path; NVIDIA sm80+) (default: none)")
@@ -140,8 +142,12 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
         return 2
     report = engine.load(args.model, load_settings(args), progress=_progress)
     loaded = report.loaded
-    print(f"model: {loaded.ref.label} ({args.quant.value}, {loaded.dtype}) on {loaded.device}, "
-          f"loaded in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
+    remote = remote_of(loaded)
+    if remote is not None:
+        print(f"model: {remote.label}, checked in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
+    else:
+        print(f"model: {loaded.ref.label} ({args.quant.value}, {loaded.dtype}) on {loaded.device}, "
+              f"loaded in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.ask}
     ]
@@ -153,8 +159,14 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
         sys.stdout.flush()
         printed = update.text
     print()
-    memory = engine.memory()
     stats = update.stats
+    if remote is not None:
+        metrics = remote.metrics()
+        kv = f"; engine KV cache {metrics.kv_cache_usage:.1%} used" if metrics and metrics.kv_cache_usage is not None else ""
+        print(f"metrics: {stats.summary()}; prompt {stats.prompt_tokens} tokens; total {stats.total_s:.2f} s; "
+              f"memory: the remote engine's{kv}", file=sys.stderr)
+        return 0
+    memory = engine.memory()
     print(
         f"metrics: {stats.summary()}; prompt {stats.prompt_tokens} tokens; total {stats.total_s:.2f} s; "
         f"weights {loaded.weights_bytes / GiB:.2f} GiB; peak {stats.peak_bytes / GiB:.2f} GiB "
@@ -184,7 +196,7 @@ def run_compare(args: argparse.Namespace, engine: Engine) -> int:
     available = {o.quant for o in engine.quant_options() if o.available}
     for spec in args.compare:
         engine.resolve(spec.model)  # an unknown model fails here, before any loading
-        if spec.quant not in available:
+        if spec.quant not in available and not is_remote(spec.model):
             raise ModelLoadError(f"{spec.label}: {spec.quant.value} is not available on this machine")
     base = dataclasses.replace(load_settings(args), quant=Quant.NONE)
     # One seed for every configuration, so sampled answers differ only by the model and quantization.
