@@ -411,3 +411,31 @@ def test_old_conversations_caches_are_dropped_beyond_the_limit(embedded_engine):
     ids = [session_id("smollm2-135m-instruct", parse_chat_request(b)) for b in bodies]
     held = set(embedded_engine.session_ids())
     assert ids[0] not in held and ids[1] in held and ids[2] in held
+
+
+def test_a_second_app_uses_this_apps_api_as_its_remote_engine(web_api, embedded_engine, catalog, monkeypatch):
+    """Instance B (another Engine, as a second `app.py` would have) loads `openai:<A's /v1>` and chats
+    through A's API with a key taken from the environment: streaming, the final stats, and Stop."""
+    from models.engine import Engine
+    from models.generation import SamplingSettings
+    from models.loading import LoadSettings
+
+    monkeypatch.setenv("SMALLCHAT_REMOTE_API_KEY", "unused")  # A is on 127.0.0.1: any key passes
+    second = Engine(catalog)
+    report = second.load(f"openai:{web_api[0]}/v1", LoadSettings())
+    assert report.loaded.weights_bytes == 0 and "smollm2" in report.loaded.ref.label.lower()
+    updates = list(second.chat(FRANCE, SamplingSettings(max_new_tokens=32, temperature=0), threading.Event()))
+    final = updates[-1]
+    assert final.done and final.text == PARIS
+    assert final.stats.finish_reason == "eos" and final.stats.new_tokens > 0 and final.stats.ttft_s is not None
+
+    stop = threading.Event()
+    seen = []
+    for update in second.chat(LONG_ANSWER, SamplingSettings(max_new_tokens=400, temperature=0), stop):
+        seen.append(update)
+        if len(update.text) > 20:
+            stop.set()
+    assert seen[-1].done and seen[-1].stats.finish_reason == "stopped"
+    assert seen[-1].stats.new_tokens < 400
+    # Closing B's stream is a client leaving A's API mid-stream: A stops computing that answer.
+    assert _engine_lock_free(embedded_engine, within_s=10)
