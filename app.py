@@ -3,6 +3,7 @@
     python app.py                         # the web app, with the embedded offline model
     python app.py --ask "Hi" [--model ID|PATH] [--quant none|bf16|8bit|4bit] ...   # one answer, headless
     python app.py --compare MODEL:QUANT MODEL:QUANT --prompts prompts/quick_en --out results.csv   # batch, headless
+    python app.py --api [--api-key KEY]  # the web app plus an OpenAI-compatible API at /v1 (api/)
 
 UI and CLI wiring only: the engine (models/engine.py) does the work for both.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import logging
 import os
 import re
@@ -29,6 +29,7 @@ for _name in QUIET_LOGGERS:
 
 import torch  # noqa: E402
 
+from api.auth import is_loopback
 from compare.prompt_sets import PromptSetError
 from models.catalog import UnknownModelError, load_catalog
 from models.engine import Engine
@@ -37,6 +38,7 @@ from models.kv_cache import ContextOverflowError, KVPrecision
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
 from models.quant import Quant
+from models.remote import is_remote, remote_of
 from models.sources import ModelSourceError
 
 MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
@@ -53,10 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options for both the server and the headless --ask mode."""
     p = argparse.ArgumentParser(description="Chat with small open LLMs on a consumer GPU.")
     p.add_argument("--ask", metavar="QUESTION", help="answer one question headless, print it with metrics, and exit")
-    p.add_argument("--model", default="", help="catalog id, local folder, .gguf file or hub id (default: the embedded model)")
+    p.add_argument("--model", default="", help="catalog id, local folder, .gguf file, hub id, or a running "
+                   "OpenAI-compatible server openai:http://HOST:PORT/v1[#NAME] (default: the embedded model)")
     p.add_argument("--quant", default="none", choices=[q.value for q in Quant],
                    help="weights precision: none (fp16 on GPU, fp32 on CPU) | bf16 | 8bit | 4bit (bitsandbytes nf4) | "
-                        "int4 (torchao int4 with a compiled decoder, the fast path; recent NVIDIA GPUs) (default: none)")
+                        "int4 (our int4 Triton kernels + CUDA-graph decoder, the fast path; NVIDIA sm80+) (default: none)")
     p.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the quantization constants")
     p.add_argument("--gpu-budget", type=float, metavar="GiB", help="VRAM this app may use (default: free VRAM minus 0.5 GiB)")
     p.add_argument("--context", type=int, default=4096, metavar="TOKENS", help="context length to plan memory for")
@@ -67,9 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--kv", choices=[k.value for k in KVPrecision], default=KVPrecision.FULL.value,
                    help="KV cache precision: full, fp8 (half the memory) or offload (CPU RAM; CUDA only)")
-    p.add_argument("--stream-offload", action="store_true",
-                   help="fp16/bf16 layers offloaded to CPU RAM are page-locked and prefetched a layer ahead "
-                        "(models/offload.py; not yet measured on a GPU) instead of copied when called")
+    p.add_argument("--accelerate-offload", dest="stream_offload", action="store_false",
+                   help="copy fp16/bf16 layers offloaded to CPU RAM when called (accelerate's hooks) instead of "
+                        "page-locking them and prefetching a layer ahead (the default: 6.5x faster on an H200)")
     p.add_argument("--system", default="", metavar="TEXT", help="system prompt")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the download to run (off by default: it is arbitrary code)")
@@ -88,11 +91,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also publish the app through a public gradio.live link (off unless given; needs --auth)")
     p.add_argument("--max-message-chars", type=int, default=MAX_MESSAGE_CHARS, metavar="N",
                    help=f"longest chat message accepted, in characters (default: {MAX_MESSAGE_CHARS:,})")
+    api = p.add_argument_group("OpenAI-compatible API (/v1, same engine and queue as the web UI)")
+    api.add_argument("--api", action="store_true", help="also serve /v1/models and /v1/chat/completions")
+    api.add_argument("--api-only", action="store_true", help="serve only the API, without the web UI")
+    api.add_argument("--api-key", metavar="KEY", help="key clients must send as 'Authorization: Bearer KEY' "
+                     "(default: $SMALLCHAT_API_KEY; required when --host is not a loopback address)")
+    api.add_argument("--api-allow-load", action="store_true",
+                     help="let a request naming another catalog model load it (switches the model for every user)")
+    api.add_argument("--api-max-waiting", type=int, default=8, metavar="N",
+                     help="API requests that may wait for their turn; more get 503 + Retry-After (default: 8)")
     args = p.parse_args(argv)
     args.auth = args.auth or os.environ.get(AUTH_ENV) or None
     if args.auth is not None and not re.fullmatch(r"[^:]+:.+", args.auth, flags=re.S):
         p.error(f"--auth / {AUTH_ENV} must be USER:PASS (a user name, a colon, a password)")
-    if args.auth is None and not is_loopback(args.host):
+    if args.auth is None and not is_loopback(args.host) and not args.api_only:  # --api-only: the API key guards it
         p.error(f"--host {args.host} makes the app reachable from other machines, where anyone could switch the "
                 f"model and read the chats: give --auth USER:PASS (or set {AUTH_ENV}=USER:PASS)")
     if args.share and args.auth is None:
@@ -127,17 +139,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--kv applies to --ask and the app; --compare runs with a full-precision KV cache")
     elif args.prompts or args.out:
         p.error("--prompts and --out go with --compare MODEL[:QUANT] ...")
+    args.api_key_value = None
+    if args.api or args.api_only:
+        from api.auth import ApiKeyMissing, api_key_for
+
+        if args.ask is not None or args.compare is not None:
+            p.error("--api/--api-only serve the app: they do not go with --ask or --compare")
+        if args.api_max_waiting < 0:
+            p.error("--api-max-waiting must be 0 or more")
+        try:
+            args.api_key_value = api_key_for(args.host, args.api_key)
+        except ApiKeyMissing as e:
+            p.error(str(e))
     return args
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
 
 
 def launch_options(args: argparse.Namespace) -> tuple[dict, str]:
@@ -191,8 +205,12 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
         return 2
     report = engine.load(args.model, load_settings(args), progress=_progress)
     loaded = report.loaded
-    print(f"model: {loaded.ref.label} ({args.quant.value}, {loaded.dtype}) on {loaded.device}, "
-          f"loaded in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
+    remote = remote_of(loaded)
+    if remote is not None:
+        print(f"model: {remote.label}, checked in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
+    else:
+        print(f"model: {loaded.ref.label} ({args.quant.value}, {loaded.dtype}) on {loaded.device}, "
+              f"loaded in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.ask}
     ]
@@ -212,8 +230,14 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
         sys.stdout.flush()
         printed = update.text
     print()
-    memory = engine.memory()
     stats = update.stats
+    if remote is not None:
+        metrics = remote.metrics()
+        kv = f"; engine KV cache {metrics.kv_cache_usage:.1%} used" if metrics and metrics.kv_cache_usage is not None else ""
+        print(f"metrics: {stats.summary()}; prompt {stats.prompt_tokens} tokens; total {stats.total_s:.2f} s; "
+              f"memory: the remote engine's{kv}", file=sys.stderr)
+        return 0
+    memory = engine.memory()
     print(
         f"metrics: {stats.summary()}; prompt {stats.prompt_tokens} tokens; total {stats.total_s:.2f} s; "
         f"weights {loaded.weights_bytes / GiB:.2f} GiB; peak {stats.peak_bytes / GiB:.2f} GiB "
@@ -243,7 +267,7 @@ def run_compare(args: argparse.Namespace, engine: Engine) -> int:
     available = {o.quant for o in engine.quant_options() if o.available}
     for spec in args.compare:
         engine.resolve(spec.model)  # an unknown model fails here, before any loading
-        if spec.quant not in available:
+        if spec.quant not in available and not is_remote(spec.model):
             raise ModelLoadError(f"{spec.label}: {spec.quant.value} is not available on this machine")
     base = dataclasses.replace(load_settings(args), quant=Quant.NONE)
     # One seed for every configuration, so sampled answers differ only by the model and quantization.
@@ -280,8 +304,22 @@ def run_compare(args: argparse.Namespace, engine: Engine) -> int:
     return 0
 
 
+def _api_app(args: argparse.Namespace, engine: Engine):
+    """The /v1 app for --api/--api-only, or None."""
+    if not (args.api or args.api_only):
+        return None
+    from api.server import build_api, log_to_stderr
+    from api.service import ApiSettings
+
+    log_to_stderr()
+    settings = ApiSettings(allow_load=args.api_allow_load, max_waiting=args.api_max_waiting,
+                           default_max_tokens=args.max_new_tokens, load_settings=load_settings(args),
+                           kv=KVPrecision(args.kv))
+    return build_api(engine, settings, args.api_key_value)
+
+
 def serve(args: argparse.Namespace, engine: Engine) -> int:
-    """Start the web app with the chosen model preloaded."""
+    """Start the web app (and/or the API) with the chosen model preloaded."""
     from ui.layout import UiDefaults, build_demo, launch_kwargs
 
     try:
@@ -289,6 +327,13 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, OSError, ValueError) as e:
         # The app still starts: the user can pick another model in the UI.
         print(f"error: {e}", file=sys.stderr)
+    api_app = _api_app(args, engine)
+    if args.api_only:
+        from api.server import standalone_app, uvicorn_server
+
+        print(f"API at http://{args.host}:{args.port}/v1", file=sys.stderr)
+        uvicorn_server(standalone_app(api_app), args.host, args.port).run()
+        return 0
     defaults = UiDefaults(
         model=args.model, quant=args.quant.value, gpu_budget_gib=args.gpu_budget, context_tokens=args.context,
         system_prompt=args.system, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -298,8 +343,14 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
                                                           "stream_offload": args.stream_offload},
                       max_message_chars=args.max_message_chars)
     options, notice = launch_options(args)
+    app_kwargs = None
+    if api_app is not None:
+        from api.server import gradio_app_kwargs
+
+        app_kwargs = gradio_app_kwargs(api_app)
+        print(f"API at http://{args.host}:{args.port}/v1", file=sys.stderr)
     print(notice, file=sys.stderr, flush=True)
-    demo.queue(default_concurrency_limit=None).launch(**options, **launch_kwargs(demo))
+    demo.queue(default_concurrency_limit=None).launch(**options, **launch_kwargs(demo, app_kwargs))
     return 0
 
 

@@ -19,8 +19,9 @@ import torch
 
 from models.engine import Engine
 from models.generation import SamplingSettings
-from models.loading import LoadedModel, LoadSettings
+from models.loading import LoadedModel, LoadSettings, ModelLoadError
 from models.quant import Quant
+from models.remote import is_remote
 
 from .prompt_sets import QUALITY_TEXT
 from .runner import ConfigSpec, make_resident
@@ -152,6 +153,9 @@ def quality_check(engine: Engine, model: str, quant: Quant, base: LoadSettings |
                   decode_tokens: int = 32, progress: ProgressFn | None = None) -> QualityReport:
     """Compare `quant` with full precision (quant "none") of the same model on the fixed text."""
     base = base or LoadSettings()
+    if is_remote(model):
+        raise ModelLoadError("The quality check compares local quantizations of one model by their logits; "
+                             "a remote engine's model has neither here. Pick a local model.")
     text = read_quality_text() if text is None else text
     quantized_spec, full_spec = ConfigSpec(model, quant), ConfigSpec(model, Quant.NONE)
     _, full_plan = engine.plan(model, full_spec.settings(base))

@@ -17,6 +17,7 @@ from models.engine import Engine, LoadReport, ModelEvictedError
 from models.generation import GenerationStats, SamplingSettings
 from models.loading import LoadSettings, ModelLoadError
 from models.quant import Quant, parse_quant
+from models.remote import is_remote
 
 from .prompt_sets import PromptSet
 from .scoring import Score, score_answer
@@ -75,11 +76,20 @@ class ConfigSpec:
 
 
 def parse_spec(text: str) -> ConfigSpec:
-    """Parse 'MODEL[:QUANT]' (e.g. 'smollm2-135m-instruct:4bit'); QUANT defaults to none."""
+    """Parse 'MODEL[:QUANT]' (e.g. 'smollm2-135m-instruct:4bit'); QUANT defaults to none.
+
+    A remote engine 'openai:http://HOST:PORT/v1[#NAME]' has colons of its own: only a trailing
+    ':QUANT' that names a quantization is split off it (the server decides its precision anyway).
+    """
     text = (text or "").strip()
     if not text:
         raise ValueError("Empty configuration: give MODEL[:QUANT], e.g. smollm2-135m-instruct:4bit")
     model, sep, quant = text.rpartition(":")
+    if is_remote(text):
+        try:
+            return ConfigSpec(model.strip(), parse_quant(quant)) if is_remote(model) else ConfigSpec(text)
+        except ValueError:
+            return ConfigSpec(text)
     if not sep or len(model) == 1:  # no quant given (a lone letter before ':' is a Windows drive)
         return ConfigSpec(text, Quant.NONE)
     try:
@@ -140,6 +150,9 @@ def fits_together(engine: Engine, specs: list[ConfigSpec], base: LoadSettings) -
     # One plan per distinct model: A and B may be the same configuration, loaded once.
     plans = list({engine.model_key(s.model, s.settings(base)): engine.plan(s.model, s.settings(base))[1]
                   for s in specs}.values())
+    plans = [p for p in plans if p.verdict != "remote"]  # a remote engine's model takes no memory here
+    if not plans:
+        return True
     if any(p.verdict not in ("gpu", "cpu") for p in plans):
         return False
     # Each plan's budget counts every resident as given back: the whole budget. What each model

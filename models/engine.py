@@ -35,6 +35,7 @@ from .loading import (
 )
 from .memory import FitPlan, kv_bytes_per_token, kv_room_bytes
 from .quant import QuantOption, quant_options
+from .remote import connect_loaded, is_remote, remote_of, remote_plan, remote_ref
 from .sources import ModelSourceError, default_cache_dir
 
 ProgressFn = Callable[[float, str], None]
@@ -153,12 +154,16 @@ class Engine:
 
     # ----- planning ------------------------------------------------------------------
     def resolve(self, choice: str) -> ModelRef:
-        """Resolve a catalog id, path or hub id (raises UnknownModelError)."""
+        """Resolve a catalog id, path, hub id or remote engine 'openai:URL' (raises UnknownModelError)."""
+        if is_remote(choice):
+            return remote_ref(choice)
         return self.catalog.resolve(choice)
 
     def model_key(self, choice: str, settings: LoadSettings) -> str:
         """The identity of a loaded model: what it is and how it was quantized."""
         ref = self.resolve(choice)
+        if ref.kind == "remote":  # the server decides precision and context
+            return f"{ref.location}|remote"
         dq = "+dq" if settings.double_quant and settings.quant.value == "4bit" else ""
         return f"{ref.location}|{settings.quant.value}{dq}|ctx{settings.context_tokens}"
 
@@ -210,6 +215,8 @@ class Engine:
         Memory of resident models is counted as given back, except for those in `keep`.
         """
         ref = self.resolve(choice)
+        if ref.kind == "remote":
+            return ref, remote_plan(ref, settings)
         return ref, plan_for(self.shape_of(ref), settings, self._budget(settings, set(keep)))
 
     # ----- loading -------------------------------------------------------------------
@@ -224,6 +231,8 @@ class Engine:
         before = self._allocated()
         loaded = self._residents.pop(key)
         self._sessions.drop_model(key)
+        if loaded.fast is not None:
+            loaded.fast.close()  # a background compile still running ends without swapping in
         label = f"{loaded.ref.label} ({loaded.settings.quant.value})"
         del loaded
         free_cuda_memory()
@@ -249,6 +258,8 @@ class Engine:
         ref = self.resolve(choice)
         key = self.model_key(choice, settings)
         settings = self._with_cache_dir(settings)
+        if ref.kind == "remote":
+            return self._connect_remote(ref, key, settings, switch=(choice, settings))
         with self._lock:
             started = time.perf_counter()
             # Planned as if every resident were unloaded, which is what happens next.
@@ -270,6 +281,12 @@ class Engine:
         ref = self.resolve(choice)
         key = self.model_key(choice, settings)
         settings = self._with_cache_dir(settings)
+        if ref.kind == "remote":
+            with self._lock:
+                if key in self._residents:
+                    self._residents.move_to_end(key)
+                    return LoadReport(loaded=self._residents[key], reused=True)
+            return self._connect_remote(ref, key, settings)
         with self._lock:
             if key in self._residents:
                 self._residents.move_to_end(key)
@@ -280,9 +297,25 @@ class Engine:
             for other in list(self._residents):  # least recently used first
                 if plan_for(prepared.shape, settings, self._budget(settings, set(self._residents))).verdict in ("gpu", "cpu"):
                     break  # fits next to everything still loaded
-                if other not in keep:
+                if other not in keep and remote_of(self._residents[other]) is None:  # a remote one frees nothing here
                     unloaded.append(self._unload_locked(other))
             loaded = self._load_locked(prepared, key, progress)
+            return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
+
+    def _connect_remote(self, ref: ModelRef, key: str, settings: LoadSettings,
+                        switch: tuple[str, LoadSettings] | None = None) -> LoadReport:
+        """Make a remote engine's model resident; with `switch`, as the Chat tab's model, unloading the others.
+
+        The server is checked first, outside the lock: an unreachable or wrong one leaves
+        everything loaded as it was (and never holds up other users' answers while it times out).
+        """
+        started = time.perf_counter()
+        loaded = connect_loaded(ref, settings)
+        with self._lock:
+            unloaded = self._unload_all_locked() if switch else []
+            self._residents[key] = loaded
+            if switch:
+                self._chat_key, self._chat_spec = key, switch
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
     def _with_cache_dir(self, settings: LoadSettings) -> LoadSettings:
@@ -342,6 +375,9 @@ class Engine:
         loaded = loaded or self.loaded
         if loaded is None:
             return 0
+        remote = remote_of(loaded)
+        if remote is not None:  # the server's own limit, when it says
+            return min(loaded.settings.context_tokens, remote.max_context or loaded.settings.context_tokens)
         limit = min(loaded.settings.context_tokens, loaded.shape.max_context)
         if loaded.fast is not None:  # its static cache was sized (and allocated) at load
             return min(limit, loaded.fast.max_context)
@@ -356,7 +392,7 @@ class Engine:
         cache offloaded to CPU RAM, or a fast decoder whose static cache was allocated at load.
         """
         loaded = loaded or self.loaded
-        if loaded is None or loaded.fast is not None:
+        if loaded is None or loaded.fast is not None or remote_of(loaded) is not None:
             return None
         kv = _shared_kv_precision(kv)
         if kv is KVPrecision.OFFLOAD or (loaded.device != "cuda" and self._kv_budget_override is None):
@@ -405,6 +441,12 @@ class Engine:
         spec = self._chat_spec
         if model is None and spec is not None and self._chat_key not in self._residents:
             self.ensure(*spec)  # the Chat tab's model was evicted (e.g. by a comparison): bring it back
+        remote = remote_of(self._residents.get(model or self._chat_key or ""))
+        if remote is not None:
+            # The server fits, templates and caches the chat itself, and its compute is not this
+            # machine's: no GPU lock, no local KV cache.
+            yield from remote.stream(messages, sampling, stop_event)
+            return
         self._lock.acquire()
         self._drop_pending_locked()
         released = threading.Event()

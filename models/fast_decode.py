@@ -1,15 +1,20 @@
-"""Fast batch-1 decoding: a static KV cache, one compiled token step replayed as a CUDA graph,
-and no host-device sync per token.
+"""Fast batch-1 decoding: a static KV cache, one token step replayed as a CUDA graph, and no
+host-device sync per token; the step is compiled in the background and swapped in when ready.
 
 The shape is gpt-fast's: `_prefill` (the prompt in a few big forward passes) -> `_decode_step`
 (one token, all state in device buffers) -> `_decode` (replay the step k times, then read the k
-ids back through a pinned buffer). `FastDecoder.stream_generate` has the signature of
-models.generation.stream_generate, so the engine can call either (see `decoder_for`).
+ids back through a pinned buffer). `FastDecoder.stream` streams like models.generation.stream_generate.
 
 Why each piece:
-- Static cache + fixed-shape buffers: the step has one shape, so it compiles once and can be
-  captured as a CUDA graph; its ~300 kernels then launch as one (launch overhead is most of a
-  naive decode step on a fast GPU).
+- Static cache + fixed-shape buffers: the step has one shape, so it can be captured as a CUDA
+  graph; its ~300 kernels then launch as one (launch overhead is most of a naive decode step on
+  a fast GPU).
+- Ready in seconds: warm_up captures the *uncompiled* step (a couple of seconds), so a model
+  answers right after its load. torch.compile of the same step (minutes for a 7B the first time)
+  runs in a background thread (start_background_compile); its first run and the capture of the
+  compiled graphs wait for the decoder to be idle, so an answer never waits for a compile and a
+  compile never runs inside an answer. Inductor's and Triton's caches live under the app's cache
+  (compile_cache_dir), so a later load of the same shape reuses the compiled kernels.
 - No sync per token: the step writes its token into `out[step]` on the device and feeds it to
   the next step itself; the host reads ids every `chunk` tokens (and checks EOS and Stop then).
   A few tokens past EOS may be computed and thrown away; their cache entries are never used.
@@ -23,6 +28,7 @@ Why each piece:
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -36,6 +42,7 @@ from .generation import (GenerationStats, IncrementalDecoder, SamplingSettings, 
 from .kv_cache import common_prefix_length
 from .memory import PREFILL_CHUNK
 
+log = logging.getLogger(__name__)
 ATTENTION_NAME = "fast_decode"
 CHUNK_TOKENS = 8  # tokens decoded between two host reads (EOS / Stop checks) on a GPU
 # A new turn after prefix reuse leaves a few prompt tokens to prefill. Up to this many go through
@@ -43,7 +50,17 @@ CHUNK_TOKENS = 8  # tokens decoded between two host reads (EOS / Stop checks) on
 # whose per-layer Python and launch overhead made most of the reused-turn TTFT (BENCHMARKS.md).
 REPLAY_PREFILL_MAX = 32
 STREAM_INTERVAL_S = 0.05  # text updates to the UI at most this often
+CACHE_ALIGN = 64  # static cache length multiple (aligned matmuls in decode attention)
+# While the background compile holds the GIL for long stretches, an answer's eager prefill (which
+# gives the GIL back at every op) waits up to the interpreter's switch interval (5 ms) to get it
+# back each time: a 7B 512-token prefill took 8.5 s instead of 0.14 s on an H200. A shorter
+# interval while compiling bounds that wait.
+COMPILE_SWITCH_INTERVAL_S = 0.0005
 _DONE = object()
+
+
+class _Closed(Exception):
+    """The decoder was closed while its step was being compiled."""
 
 
 # ----- attention -------------------------------------------------------------------------
@@ -97,20 +114,24 @@ class FastDecoder:
     Args:
         model: a loaded causal LM (Llama-style attention through transformers' interface).
         max_context: tokens the static cache holds (prompt + answer).
-        compile: torch.compile the step and capture CUDA graphs (default: on a CUDA device).
+        compile: torch.compile the step in the background (start_background_compile); default:
+            on a CUDA device. True also compiles on a CPU (tests), without graphs.
         chunk: tokens decoded between host reads (default CHUNK_TOKENS on a GPU, 1 on a CPU).
         replay_prefill_max: prompt remainders up to this long are fed through the one-token step
             (default REPLAY_PREFILL_MAX with CUDA graphs; 0 otherwise, where one forward is faster).
+        compile_cache_dir: the app's cache folder; compiled kernels are kept under it (compile_cache).
     """
 
     def __init__(self, model, max_context: int, compile: bool | None = None, chunk: int | None = None,
-                 replay_prefill_max: int | None = None):
+                 replay_prefill_max: int | None = None, compile_cache_dir=None):
         from transformers import StaticCache
 
         self.model = model
         self.device = model.get_input_embeddings().weight.device
         on_gpu = self.device.type == "cuda"
-        self.use_graphs = on_gpu if compile is None else (compile and on_gpu)
+        self.use_graphs = on_gpu
+        self.compile_enabled = on_gpu if compile is None else compile
+        self.compile_cache_dir = compile_cache_dir
         self.chunk = chunk or (CHUNK_TOKENS if on_gpu else 1)
         if replay_prefill_max is None:
             replay_prefill_max = REPLAY_PREFILL_MAX if self.use_graphs else 0
@@ -121,10 +142,15 @@ class FastDecoder:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dtype = model.get_input_embeddings().weight.dtype
         with torch.inference_mode():
-            self.cache = StaticCache(config=config, max_cache_len=self.max_context)
+            # At least one slot more than the context: the background compile's first run writes its
+            # keys/values there (position max_context), which no answer ever attends to. The length
+            # is a multiple of 64: an odd length (4097) made cuBLAS run decode attention in a slow
+            # unaligned kernel, 134 us a layer on an H200 (bench/results/decode_speed_h200.md).
+            cache_len = -(-(self.max_context + 1) // CACHE_ALIGN) * CACHE_ALIGN
+            self.cache = StaticCache(config=config, max_cache_len=cache_len)
             self.cache.early_initialization(1, config.num_key_value_heads, head_dim, dtype, self.device)
             dev = self.device
-            self.kv_positions = torch.arange(self.max_context, device=dev)  # [L]
+            self.kv_positions = torch.arange(cache_len, device=dev)  # [L]
             self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # next input token
             self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # its position
             self.step = torch.zeros(1, dtype=torch.long, device=dev)  # index into `out`
@@ -132,17 +158,35 @@ class FastDecoder:
             self.temperature = torch.ones(1, device=dev)
             self.top_p = torch.ones(1, device=dev)
             self.host = torch.zeros(self.max_context, dtype=torch.long, pin_memory=on_gpu)
+            self._scratch_token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # the compile's first run
+            self._scratch_pos = torch.full((1,), self.max_context, dtype=torch.long, device=dev)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.token_ids: list[int] = []  # tokens whose keys/values the cache holds, in order
         self.reused_tokens = 0  # prompt tokens the last answer took from the cache
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # greedy? -> captured step
-        self.compile_seconds = 0.0
-        self.captures = 0  # graph captures so far (warm_up only: never per request)
-        if self.use_graphs:  # each decoder (one per load) compiles its own step; allow many loads
+        self.compile_seconds = 0.0  # warm_up: capturing the uncompiled step (what a load waits for)
+        self.captures = 0  # graph captures so far (warm-up and the compiled swap only: never per request)
+        self.compile_state = "off" if not self.compile_enabled else "pending"  # pending | compiling | compiled | failed
+        self.compile_error = ""
+        self.background_compile_seconds = 0.0  # start of the background compile to the swap
+        self._compile_started = 0.0
+        self._compile_thread: threading.Thread | None = None
+        self._first_compiled_run = threading.Event()  # set once the compiled step has run once
+        if self.compile_enabled:  # each decoder (one per load) compiles its own step; allow many loads
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._forward = torch.compile(self._forward_eager, fullgraph=True, dynamic=False) if self.use_graphs else self._forward_eager
+        self._forward = self._forward_eager  # swapped for the compiled step when it is ready
         self._busy = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        """The model is being unloaded: a background compile still running ends without swapping in.
+
+        (A compile cannot be interrupted mid-way: its thread holds the model until tracing and
+        Inductor finish, then drops it; with the on-disk cache that is seconds after a first load.)
+        """
+        self._closed = True
+        self.graphs = {}
 
     @property
     def cache_bytes(self) -> int:
@@ -211,41 +255,150 @@ class FastDecoder:
             step()
         return self.out[len(rest) - 1].view(1)
 
-    def warm_up(self) -> float:
-        """Compile the step and capture its CUDA graphs (greedy and sampling); seconds taken.
+    def _capture_graphs(self, n: int) -> None:
+        """Capture the current step (greedy and sampling) as CUDA graphs; the caller holds _busy."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # first runs (kernel loading, int4 tuning) off the capture stream
+            for greedy in (True, False):
+                for _ in range(2):
+                    self._set_length(n)
+                    self.step.zero_()
+                    self._decode_step(greedy)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        for greedy in (True, False):
+            self._set_length(n)
+            self.step.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self._decode_step(greedy)
+            graphs[greedy] = graph
+            self.captures += 1
+        torch.cuda.synchronize(self.device)
+        self.graphs = graphs  # replaces the previous step's graphs (and frees them) in one go
 
-        Call once per model load: requests only replay what this captured.
+    def warm_up(self) -> float:
+        """Capture the uncompiled step as CUDA graphs (greedy and sampling); seconds taken.
+
+        Call once per model load: requests only replay what was captured. Compiling the step
+        is start_background_compile's job, so a load waits seconds, not minutes.
         """
         started = time.perf_counter()
         with self._busy, torch.inference_mode():
             n = min(8, self.max_context - 4)
             self._prefill(list(range(n)), 0)
             if self.use_graphs:
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):  # compile and autotune off the capture stream
-                    for greedy in (True, False):
-                        for _ in range(2):
-                            self._set_length(n)
-                            self.step.zero_()
-                            self._decode_step(greedy)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                pool = torch.cuda.graph_pool_handle()
-                for greedy in (True, False):
-                    self._set_length(n)
-                    self.step.zero_()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                        self._decode_step(greedy)
-                    self.graphs[greedy] = graph
-                    self.captures += 1
-                torch.cuda.synchronize(self.device)
+                self._capture_graphs(n)
             else:
                 self._decode_step(True)
             self._set_length(0)
             self.token_ids = []
         self.compile_seconds = time.perf_counter() - started
         return self.compile_seconds
+
+    # ----- the background compile -------------------------------------------------------
+    def start_background_compile(self) -> threading.Thread | None:
+        """Compile the step in a background thread and swap it in when ready (None if compile is off).
+
+        The compile itself (tracing, Inductor, Triton) runs beside answers; the compiled step's
+        first run and the capture of its graphs wait until no answer is running.
+        """
+        if not self.compile_enabled or self._compile_thread is not None:
+            return None
+        self.compile_state = "compiling"
+        self._compile_started = time.perf_counter()
+        self._compile_thread = threading.Thread(target=self._compile_and_swap, name="fast-decode-compile", daemon=True)
+        self._compile_thread.start()
+        return self._compile_thread
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until the background compile has ended (swapped in or failed); whether it ended."""
+        thread = self._compile_thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return self.compile_state in ("compiled", "failed", "off")
+
+    def _idle_first_run(self, compiled: Callable) -> Callable:
+        """Wrap Inductor's compiled step: its first run waits for the decoder to be idle and writes
+        its keys/values into the scratch slot; later runs (and graph captures) go straight through."""
+        def run(*args):
+            if self._first_compiled_run.is_set():
+                return compiled(*args)
+            with self._busy:
+                if self._closed:
+                    raise _Closed()
+                self._set_length(self.max_context)  # the scratch slot, beyond every answer's context
+                try:
+                    return compiled(*args)
+                finally:
+                    self._first_compiled_run.set()
+                    self._set_length(0)
+                    self.token_ids = []  # the next answer prefills again: nothing stale is trusted
+        return run
+
+    def _backend(self):
+        from torch._inductor.compile_fx import compile_fx
+
+        return lambda gm, example_inputs: self._idle_first_run(compile_fx(gm, example_inputs))
+
+    def _compile_once(self) -> Callable:
+        step = torch.compile(self._forward_eager, fullgraph=True, dynamic=False, backend=self._backend())
+        with torch.inference_mode():
+            step(self._scratch_token, self._scratch_pos)  # traces, compiles, then runs once when idle
+        return step
+
+    def _compile_and_swap(self) -> None:
+        import sys
+
+        from . import compile_cache
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, COMPILE_SWITCH_INTERVAL_S))
+        try:
+            if self.compile_cache_dir is not None:
+                compile_cache.configure(self.compile_cache_dir)
+            try:
+                step = self._compile_once()
+            except Exception:  # noqa: BLE001 - e.g. a corrupt or mismatched cache entry: rebuild once
+                if self.compile_cache_dir is None:
+                    raise
+                log.warning("compiling the decode step failed; retrying with a fresh compile cache", exc_info=True)
+                compile_cache.reset(self.compile_cache_dir)
+                torch._dynamo.reset()
+                self._first_compiled_run.clear()
+                step = self._compile_once()
+            with self._busy, torch.inference_mode():
+                if self._closed:
+                    raise _Closed()
+                self._forward = step
+                if self.use_graphs:
+                    self._capture_graphs(min(8, self.max_context - 4))
+                self._set_length(0)
+                self.token_ids = []
+            self.compile_state = "compiled"
+        except _Closed:
+            self.compile_state = "off"
+        except Exception as e:  # noqa: BLE001 - the uncompiled step keeps answering
+            log.warning("the decode step could not be compiled; staying on the uncompiled step", exc_info=True)
+            self.compile_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            self.compile_state = "failed"
+        finally:
+            sys.setswitchinterval(interval)
+            self.background_compile_seconds = time.perf_counter() - self._compile_started
+
+    def compile_status(self) -> str:
+        """Which step answers now, in words (for the memory panel and the CLI)."""
+        graph = "CUDA-graph " if self.use_graphs else ""
+        if self.compile_state == "compiling":
+            return f"uncompiled {graph}step; compiling in the background ({time.perf_counter() - self._compile_started:.0f} s)"
+        if self.compile_state == "compiled":
+            return f"compiled {graph}step (compiled in the background in {self.background_compile_seconds:.0f} s)"
+        if self.compile_state == "failed":
+            return f"uncompiled {graph}step (compile failed: {self.compile_error})"
+        return f"uncompiled {graph}step"
 
     # ----- one answer ----------------------------------------------------------------
     def _generate(self, input_ids: list[int], sampling: SamplingSettings, stop_event: threading.Event,
@@ -383,19 +536,3 @@ class FastDecoder:
             stats.finish_reason = "stopped"
         stats.peak_bytes = finals.get("peak", 0)
         yield StreamUpdate(text=text, stats=stats, done=True, token_ids=list(new_ids))
-
-    def stream_generate(self, model, tokenizer, input_ids: list[int], sampling: SamplingSettings,
-                        stop_event: threading.Event, past_key_values=None,
-                        on_worker_done: Callable[[], None] | None = None) -> Iterator[StreamUpdate]:
-        """models.generation.stream_generate's signature; `model` and `past_key_values` are not
-        used (this decoder owns its model and its static cache)."""
-        return self.stream(tokenizer, input_ids, sampling, stop_event, on_worker_done)
-
-
-def decoder_for(loaded) -> Callable[..., Iterator[StreamUpdate]]:
-    """The streaming function for a loaded model: its FastDecoder if it has one, else stream_generate.
-
-    Both take (model, tokenizer, input_ids, sampling, stop_event, past_key_values, on_worker_done).
-    """
-    fast = getattr(loaded, "fast", None)
-    return fast.stream_generate if fast is not None else stream_generate

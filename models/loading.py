@@ -61,10 +61,10 @@ class LoadSettings:
     context_tokens: int = 4096
     trust_remote_code: bool = False
     cache_dir: Path | None = None
-    # fp16/bf16 layers offloaded to CPU RAM are prefetched by models/offload.py (--stream-offload).
-    # Off by default until bench/decode_speed.py has measured it on a GPU: accelerate's
-    # copy-on-call hooks are the measured path (and the baseline the bench compares against).
-    stream_offload: bool = False
+    # fp16/bf16 layers offloaded to CPU RAM are page-locked and prefetched a layer ahead by
+    # models/offload.py: 4.2 tok/s for a 7B under 8 GiB on an H200 against 0.6 with accelerate's
+    # copy-on-call hooks (bench/decode_speed.py; ../BENCHMARKS.md). --accelerate-offload turns it off.
+    stream_offload: bool = True
 
 
 @dataclass
@@ -185,71 +185,19 @@ def _bnb_config(quant: Quant, compute_dtype: torch.dtype, double_quant: bool, of
     )
 
 
-def _int4_config():
-    """torchao int4 weight-only, group 128, in the tile-packed layout of torch's built-in tinygemm kernel.
-
-    (torchao's default int4 packing needs an extra kernel package; this one does not.)
-    """
-    from torchao.quantization import Int4WeightOnlyConfig
-    from transformers import TorchAoConfig
-
-    return TorchAoConfig(Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
-
-
-class SplitLinear(torch.nn.Module):
-    """A bias-free Linear held as blocks of output rows: y = cat([block(x) ...], -1)."""
-
-    def __init__(self, blocks: list[torch.nn.Linear]):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(blocks)
-        self.in_features = blocks[0].in_features
-        self.out_features = sum(b.out_features for b in blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([block(x) for block in self.blocks], dim=-1)
-
-
-LM_HEAD_BLOCKS = 8  # quantizing a 92544 x 4096 head at once takes ~4 GB of fp32 temporaries
-
-
-def _quantize_lm_head_int4(model: torch.nn.Module) -> None:
-    """Quantize an untied lm_head too: it is read for every token (vocab x hidden, the largest matrix).
-
-    It is quantized in blocks of rows, so torchao's fp32 temporaries stay small (an 8 GiB card
-    cannot hold them for the whole 7B head next to the model).
-    """
-    from torchao.quantization import quantize_
-
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return
-    if head.weight is model.get_input_embeddings().weight:
-        return  # tied to the embedding table, which must stay a plain lookup
-    if type(head.weight) is not torch.nn.Parameter:
-        return  # already quantized
-    config = _int4_config().quant_type
-    rows = -(-head.out_features // LM_HEAD_BLOCKS // 8) * 8  # a multiple of 8 (the kernel's tile)
-    blocks = []
-    for start in range(0, head.out_features, rows):
-        weight = head.weight[start:start + rows]
-        block = torch.nn.Linear(head.in_features, weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            block.weight.copy_(weight)
-        quantize_(block, config)
-        blocks.append(block)
-    model.set_output_embeddings(SplitLinear(blocks))
-    del head
-
-
 def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: ModelShape,
-                         progress: ProgressFn | None):
-    """A FastDecoder with its cache sized to the context, compiled and captured now (once per load)."""
+                         progress: ProgressFn | None, cache_dir: Path):
+    """A FastDecoder with its cache sized to the context and its uncompiled step captured now;
+    the compiled step follows in the background (FastDecoder.start_background_compile)."""
+    from . import compile_cache
     from .fast_decode import FastDecoder
 
-    _progress(progress, 0.8, "Compiling the fast decode step (once per load)")
-    fast = FastDecoder(model, max_context=min(context_tokens, shape.max_context))
+    compile_cache.configure(cache_dir)  # before the first Triton kernel: tuned int4 configs persist too
+    _progress(progress, 0.8, "Capturing the decode step (tuning the int4 kernels on a first load)")
+    fast = FastDecoder(model, max_context=min(context_tokens, shape.max_context), compile_cache_dir=cache_dir)
     seconds = fast.warm_up()
-    _progress(progress, 0.95, f"Decode step compiled and captured in {seconds:.1f} s")
+    fast.start_background_compile()
+    _progress(progress, 0.95, f"Decode step captured in {seconds:.1f} s; compiling it in the background")
     return fast
 
 
@@ -297,13 +245,13 @@ def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
         if t is None or t.device.type != device:
             return
         wrapper = type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__")
-        # A wrapper subclass (torchao int4) has no data of its own: its inner tensors are keyed below.
+        # A wrapper tensor subclass has no data of its own: its inner tensors are keyed below.
         key = (id(t),) if wrapper else (t.data_ptr(), t.numel(), t.dtype)
         if key in seen:
             return
         seen.add(key)
         if wrapper:
-            for name in t.__tensor_flatten__()[0]:  # torchao int4: packed data + scales and zeros
+            for name in t.__tensor_flatten__()[0]:
                 add(getattr(t, name))
             return
         total += t.numel() * t.element_size()
@@ -347,7 +295,7 @@ def _check_plan(plan: FitPlan, settings: LoadSettings) -> None:
         raise ModelLoadError(plan.message)
     if settings.quant is Quant.INT4 and plan.verdict != "gpu":
         raise ModelLoadError(
-            f"4bit-fast (torchao int4) needs the whole model on the GPU, but: {plan.message} "
+            f"4bit-fast (int4) needs the whole model on the GPU, but: {plan.message} "
             "Pick 4bit (bitsandbytes), which can offload layers, or lower the context length."
         )
 
@@ -407,8 +355,9 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
     if settings.quant in (Quant.INT8, Quant.NF4):
         kwargs["quantization_config"] = _bnb_config(settings.quant, _torch_dtype(dtype), settings.double_quant, offloaded)
     elif settings.quant is Quant.INT4:
-        # Each weight is quantized as it is loaded onto the GPU: the bf16 model never exists there whole.
-        kwargs["quantization_config"] = _int4_config()
+        # Loaded in bf16 into RAM, then quantized linear by linear onto the GPU (kernels/int4.py):
+        # the bf16 model never exists there whole.
+        kwargs["device_map"] = "cpu"
 
     _progress(progress, 0.35, f"Loading weights ({settings.quant.value}, {plan.message})")
     # Out-of-memory cleanup happens after the except block: inside it, the exception's
@@ -436,10 +385,12 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         model.generation_config.pad_token_id = tokenizer.eos_token_id
     fast = None
     if settings.quant is Quant.INT4:
+        from .kernels.int4 import quantize_model
+
         failure = None
         try:
-            _quantize_lm_head_int4(model)
-            fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress)
+            quantize_model(model, torch.device("cuda", 0), lambda f, m: _progress(progress, 0.6 + 0.15 * f, m))
+            fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress, cache_dir)
         except torch.OutOfMemoryError:
             failure = "Out of GPU memory while preparing the fast decoder"
         except RuntimeError as e:  # torch.compile / graph capture failed on this GPU or driver

@@ -19,18 +19,17 @@ GiB = 1024**3
 
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quant: one fp32 absmax per 256 uint8 absmaxes
-INT4_GROUP = 128  # torchao int4: one bf16 scale + one bf16 zero per 128 weights of a row
-# The tinygemm int4 kernel wants in_features padded to a multiple of 1024 and out_features
-# to a multiple of 8 (torchao pads the weight before packing; the padding is stored too).
-INT4_IN_MULTIPLE = 1024
-INT4_OUT_MULTIPLE = 8
+INT4_GROUP = 128  # our int4 (models/kernels/int4.py): one bf16 scale + one bf16 offset per 128 weights of a row
+# in_features are padded to whole groups (the padding is stored too).
+INT4_IN_MULTIPLE = INT4_GROUP
+INT4_SPLIT_K = 8  # split-K GEMV workspace: this many fp32 partial sums per output, plus a counter
 # CUDA context right after CUDA init, outside torch's allocator. Used only when the
 # engine could not measure it on the running GPU (H100 + CUDA 13 measured 518 MiB).
 DEFAULT_CUDA_CONTEXT = 512 * MiB
 # Kernel images (cuBLAS, SDPA, bitsandbytes) loaded lazily during the first forward pass,
 # on top of the context measured at start. Measured on an H100, torch 2.11 + CUDA 13:
 # +168 MiB for fp16 and NF4, +232 MiB for LLM.int8 (bench/results/gpu_memory_run1.jsonl).
-# torchao int4 adds the compiled decode step's Triton kernels (estimate; bench/decode_speed.py measures it).
+# int4 adds its own and the compiled decode step's Triton kernels (estimate; bench/decode_speed.py measures it).
 KERNEL_IMAGES = {Quant.NONE: 168 * MiB, Quant.BF16: 168 * MiB, Quant.NF4: 168 * MiB, Quant.INT8: 232 * MiB,
                  Quant.INT4: 232 * MiB}
 # torch's caching allocator holds more than is allocated at the peak (partly used 2 MiB
@@ -99,11 +98,10 @@ def linear_bytes(out_features: int, in_features: int, quant: Quant, dtype_size: 
             stats = 4 * blocks  # fp32 absmax per block
         return packed + stats + 4 * 16  # + the 16-entry NF4 code book
     if quant is Quant.INT4:
-        out_p = math.ceil(out_features / INT4_OUT_MULTIPLE) * INT4_OUT_MULTIPLE
         in_p = math.ceil(in_features / INT4_IN_MULTIPLE) * INT4_IN_MULTIPLE
-        packed = out_p * in_p // 2  # two 4-bit codes per byte (int32 tiles of 8)
-        groups = out_p * (in_p // INT4_GROUP)
-        return packed + groups * 2 * 2  # + a bf16 scale and a bf16 zero per group
+        packed = out_features * in_p // 2  # two 4-bit codes per byte (int32 words of 8)
+        groups = out_features * (in_p // INT4_GROUP)
+        return packed + groups * 2 * 2  # + a bf16 scale and a bf16 offset per group
     return n * dtype_size
 
 
@@ -122,7 +120,7 @@ def embedding_bytes(shape: ModelShape, dtype_size: int) -> int:
 def lm_head_bytes(shape: ModelShape, dtype_size: int, quant: Quant = Quant.NONE) -> int:
     """Output projection (0 when tied to the embedding).
 
-    bitsandbytes keeps it unquantized; the torchao int4 path quantizes an untied head too,
+    bitsandbytes keeps it unquantized; the int4 fast path quantizes an untied head too,
     since it is read for every token and is the largest single matrix (vocab x hidden).
     """
     if shape.tie_word_embeddings:
@@ -178,10 +176,12 @@ def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_to
         # LLM.int8: int8 copy of the input, int32 output, fp16 output ([T, out] each).
         scratch = t * (shape.intermediate_size + largest_out * 4 + largest_out * 2)
     elif quant is Quant.INT4:
-        # tinygemm: a bf16 copy of the input padded to 1024 columns, the padded output; and
-        # the fast decoder's explicit [T, context] boolean attention mask for the prefill.
-        widest_in = math.ceil(shape.intermediate_size / INT4_IN_MULTIPLE) * INT4_IN_MULTIPLE
-        scratch = t * (widest_in + largest_out) * 2 + t * context_tokens
+        # A prefill dequantizes one linear at a time into a bf16 temporary for cuBLAS (the
+        # widest: [K, N] of the MLP, or the lm_head's when untied); the split-K GEMV workspace;
+        # and the fast decoder's explicit [T, context] boolean attention mask.
+        head = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size
+        largest_n = max(largest_out, shape.vocab_size)
+        scratch = max(widest, head) * 2 + INT4_SPLIT_K * largest_n * 4 + largest_n * 4 + t * context_tokens
     else:
         scratch = 0
     cat_transient = 2 * kv_cache_bytes(shape, context_tokens, dtype_size) // shape.num_layers

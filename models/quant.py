@@ -13,7 +13,7 @@ class Quant(str, Enum):
     BF16 = "bf16"
     INT8 = "8bit"  # bitsandbytes LLM.int8
     NF4 = "4bit"  # bitsandbytes NF4, fp16 compute
-    INT4 = "int4"  # torchao int4 weight-only (tinygemm tile-packed), bf16 compute, CUDA sm80+; fast decode path
+    INT4 = "int4"  # int4 weight-only, group 128, our Triton kernels (models/kernels), bf16 compute, CUDA sm80+; fast path
 
     @property
     def label(self) -> str:
@@ -26,9 +26,9 @@ _LABELS = {
     Quant.BF16: "bf16",
     Quant.INT8: "8bit (bitsandbytes LLM.int8)",
     Quant.NF4: "4bit (bitsandbytes NF4)",
-    Quant.INT4: "4bit-fast (torchao int4)",
+    Quant.INT4: "4bit-fast (int4, Triton kernels)",
 }
-INT4_MIN_SM = 80  # torch's tinygemm int4 kernel (_weight_int4pack_mm) uses Ampere tensor-core instructions
+INT4_MIN_SM = 80  # the int4 kernels compute in bf16, which needs Ampere or newer
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class QuantOption:
 
 def storage_dtype(quant: Quant, device: str) -> str:
     """Dtype of everything bitsandbytes does not quantize (embeddings, norms, lm_head)."""
-    if quant in (Quant.BF16, Quant.INT4):  # the tinygemm int4 kernel takes bf16 activations
+    if quant in (Quant.BF16, Quant.INT4):  # the int4 kernels take bf16 activations
         return "bfloat16"
     if device == "cuda":
         return "float16"
@@ -76,7 +76,7 @@ def quant_options(device: str, compute_capability: tuple[int, int] | None = None
             QuantOption(Quant.BF16, True),
             QuantOption(Quant.INT8, True),
             QuantOption(Quant.NF4, True),
-            QuantOption(Quant.INT4, False, "4bit-fast (torchao int4) needs a CUDA GPU (Ampere or newer, sm80+)", "int4_no_cuda"),
+            QuantOption(Quant.INT4, False, "4bit-fast (int4) needs a CUDA GPU (Ampere or newer, sm80+)", "int4_no_cuda"),
         ]
     major, minor = compute_capability or (0, 0)
     sm = major * 10 + minor
@@ -94,20 +94,20 @@ def quant_options(device: str, compute_capability: tuple[int, int] | None = None
 
 def _int4_option(sm: int) -> QuantOption:
     if sm < INT4_MIN_SM:
-        return QuantOption(Quant.INT4, False, f"4bit-fast (torchao int4) needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
+        return QuantOption(Quant.INT4, False, f"4bit-fast (int4) needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
                            "int4_old_gpu", {"sm": sm})
     try:
-        import torchao  # noqa: F401
+        import triton  # noqa: F401  (CUDA builds of torch bring it)
     except ImportError:
-        return QuantOption(Quant.INT4, False, "4bit-fast needs the torchao package (pip install torchao==0.18.0)",
-                           "int4_no_torchao")
+        return QuantOption(Quant.INT4, False, "4bit-fast needs Triton, which CUDA builds of torch bring (pip install triton)",
+                           "int4_no_triton")
     return QuantOption(Quant.INT4, True)
 
 
 def default_quant(device: str, compute_capability: tuple[int, int] | None = None) -> QuantOption:
     """The quantization the app picks by default here, with the reason in words.
 
-    The fastest that works: torchao int4 with the compiled static-cache decoder on sm80+
+    The fastest that works: our int4 kernels with the static-cache CUDA-graph decoder on sm80+
     GPUs; bitsandbytes NF4 on older GPUs; full precision on a CPU (bitsandbytes' CPU
     kernels are no faster, and fp32 is exact).
     """
@@ -115,7 +115,7 @@ def default_quant(device: str, compute_capability: tuple[int, int] | None = None
         return QuantOption(Quant.NONE, True, "no CUDA GPU: full precision runs best on a CPU")
     options = {o.quant: o for o in quant_options(device, compute_capability)}
     if options[Quant.INT4].available:
-        return QuantOption(Quant.INT4, True, "fastest here: torchao int4 + static KV cache + CUDA-graph decode "
+        return QuantOption(Quant.INT4, True, "fastest here: int4 + static KV cache + CUDA-graph decode "
                                              "(~4x less memory traffic per token than fp16)")
     if options[Quant.NF4].available:
         return QuantOption(Quant.NF4, True, f"bitsandbytes NF4: {options[Quant.INT4].reason}")

@@ -24,6 +24,9 @@ fi
 
 if [ "${1:-}" = "--dev" ]; then
   "${PIP[@]}" -r requirements-dev.txt
+  # The int4 kernel tests run Triton's interpreter on the CPU. CUDA builds of torch bring their
+  # own Triton; the CPU build has none, so add one (3.9: its interpreter works with numpy 2.4).
+  .venv/bin/python -c "import triton" 2>/dev/null || "${PIP[@]}" triton==3.9.0
   if ! command -v chromium >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"

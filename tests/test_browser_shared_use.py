@@ -72,7 +72,7 @@ def test_chinese_mode_translates_the_language_label_cpu_name_and_quant_reason(pa
                            timeout=30_000)
     assert "no CUDA GPU found" not in page.inner_text("#memory")
     body = page.inner_text("body")
-    assert "4bit-fast（torchao int4）需要 CUDA 显卡" in body and "needs a CUDA GPU" not in body
+    assert "4bit-fast（int4）需要 CUDA 显卡" in body and "needs a CUDA GPU" not in body
     page.click("button[role='tab']:has-text('对比')")
     page.click("#compare-batch")  # the accordion holding the results table
     page.wait_for_function("document.querySelector('#compare-results') && "

@@ -24,6 +24,7 @@ from models.generation import SamplingSettings
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
 from models.quant import Quant
+from models.remote import remote_of
 from models.sources import ModelSourceError
 
 from .handlers import MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX, TOP_P_MIN, read_number
@@ -166,7 +167,9 @@ class CompareHandlers:
                            tokens=s.new_tokens))
         if side.load is not None:
             loaded = side.load.loaded
-            if side.load.reused:
+            if remote_of(loaded) is not None:
+                parts.append(t("compare_remote", lang, seconds=loaded.load_seconds))
+            elif side.load.reused:
                 parts.append(t("compare_resident", lang, weights=fmt_bytes(loaded.weights_bytes)))
             else:
                 parts.append(t("compare_load", lang, seconds=loaded.load_seconds, weights=fmt_bytes(loaded.weights_bytes)))

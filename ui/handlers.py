@@ -21,6 +21,7 @@ from models.kv_cache import KVPrecision, OverflowPolicy
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
 from models.quant import Quant
+from models.remote import remote_of
 from models.sources import ModelSourceError
 
 from . import chat_history as ch
@@ -169,8 +170,10 @@ class ChatHandlers:
         engine = self.engine
         kv = kv or KVPrecision.FULL.value
         room = engine.context_limit(kv=kv) if engine.loaded else None
+        remote = remote_of(engine.loaded)
         return memory_panel_html(engine.memory(), lang, engine.loaded, budget, room, engine.session_count(),
-                                 engine.memory_context_tokens(kv=kv) if engine.loaded else None)
+                                 engine.memory_context_tokens(kv=kv) if engine.loaded else None,
+                                 remote.metrics() if remote is not None else None)
 
     def tab_closed(self, request: gr.Request | None = None) -> None:
         """A browser tab was closed or reloaded: free its KV cache (never waits for the GPU)."""

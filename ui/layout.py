@@ -269,10 +269,10 @@ class PublicApiOnly:
         await self.app(scope, receive, send)
 
 
-def launch_kwargs(demo: gr.Blocks) -> dict:
-    """Arguments launch() needs for this app's CSS, translations and API surface."""
+def launch_kwargs(demo: gr.Blocks, app_kwargs: dict | None = None) -> dict:
+    """Arguments launch() needs for this app's CSS, translations and API surface (plus any other app_kwargs)."""
     from starlette.middleware import Middleware
 
     # Uploads (prompt-set files) are small text: Gradio refuses bigger ones before they reach the disk.
     return {"css": PANEL_CSS, "i18n": gradio_i18n(), "ssr_mode": False, "max_file_size": MAX_UPLOAD_BYTES,
-            "app_kwargs": {"middleware": [Middleware(PublicApiOnly)]}}
+            "app_kwargs": {"middleware": [Middleware(PublicApiOnly)], **(app_kwargs or {})}}

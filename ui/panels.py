@@ -9,6 +9,7 @@ from models.generation import GenerationStats
 from models.hardware import MemorySnapshot
 from models.loading import LoadedModel
 from models.memory import GiB, MiB, FitPlan
+from models.remote import EngineMetrics, parse_remote, remote_of
 
 from .i18n import t
 
@@ -39,6 +40,8 @@ def plan_text(plan: FitPlan, lang: str, budget_bytes: int | None = None, ram_byt
         kv=fmt_bytes(plan.kv_bytes), tokens=plan.context_tokens, work=fmt_bytes(plan.workspace_bytes),
         ctx=fmt_bytes(plan.cuda_context_bytes),
     )
+    if plan.verdict == "remote":
+        return t("fit_remote", lang, detail=plan.message)
     if plan.verdict == "gpu":
         head = t("fit_gpu", lang, peak=peak, budget=budget)
     elif plan.verdict == "offload":
@@ -70,12 +73,17 @@ def split_text(split: dict[str, int], streamed: bool, lang: str) -> str:
 def load_report_text(report: LoadReport, lang: str) -> str:
     """What the load did: time, split, predicted vs measured weights, and the unload before it."""
     loaded = report.loaded
-    lines = [
-        t("loaded", lang, model=loaded.ref.label, quant=loaded.settings.quant.value, dtype=loaded.dtype,
-          seconds=loaded.load_seconds, split=split_text(loaded.split, loaded.streamer is not None, lang)),
-        t("predicted_vs_measured", lang, predicted=fmt_bytes(loaded.plan.gpu_weights_bytes or loaded.plan.weights_bytes),
-          measured=fmt_bytes(loaded.weights_bytes)),
-    ]
+    remote = remote_of(loaded)
+    if remote is not None:
+        lines = [t("loaded_remote", lang, model=remote.label, seconds=loaded.load_seconds,
+                   context=remote.max_context or "–")]
+    else:
+        lines = [
+            t("loaded", lang, model=loaded.ref.label, quant=loaded.settings.quant.value, dtype=loaded.dtype,
+              seconds=loaded.load_seconds, split=split_text(loaded.split, loaded.streamer is not None, lang)),
+            t("predicted_vs_measured", lang, predicted=fmt_bytes(loaded.plan.gpu_weights_bytes or loaded.plan.weights_bytes),
+              measured=fmt_bytes(loaded.weights_bytes)),
+        ]
     for u in report.unloaded:
         lines.append(t("switched", lang, old=u.model_label, seconds=u.seconds, freed=fmt_bytes(u.freed_bytes),
                        residual=fmt_bytes(u.residual_bytes), switch=report.switch_seconds))
@@ -94,13 +102,31 @@ def metrics_text(stats: GenerationStats, lang: str) -> str:
     return t("metrics", lang, ttft=ttft, tps=tps, tokens=stats.new_tokens, extra=extra)
 
 
+def remote_note_html(loaded: LoadedModel, metrics: EngineMetrics | None, lang: str) -> str:
+    """For a remote engine's model: whose memory it is, and the engine's own KV-cache use where it reports it."""
+    url = parse_remote(loaded.ref.location).base_url
+    lines = [t("panel_remote", lang, url=url)]
+    if metrics is not None and metrics.kv_cache_usage is not None:
+        lines.append(t("panel_remote_kv", lang, usage=f"{metrics.kv_cache_usage:.1%}",
+                       running=_count(metrics.running), waiting=_count(metrics.waiting)))
+    else:
+        lines.append(t("panel_remote_no_metrics", lang))
+    return "".join(f"<div class='mem-remote'>{html.escape(line)}</div>" for line in lines)
+
+
+def _count(n: int | None) -> str:
+    return "–" if n is None else str(n)
+
+
 def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | None = None,
                       budget_bytes: int | None = None, context_room: int | None = None, sessions: int = 0,
-                      memory_room: int | None = None) -> str:
+                      memory_room: int | None = None, remote_metrics: EngineMetrics | None = None) -> str:
     """A stacked bar of memory by owner with numbers, and predicted vs measured peak.
 
     `context_room` is the context one chat may use now; `memory_room` what the memory left would
-    hold (shown when the context setting, not memory, is the limit)."""
+    hold (shown when the context setting, not memory, is the limit). For a remote engine's model
+    the panel says the memory is the engine's, with `remote_metrics` (its /metrics) if any."""
+    remote = remote_of(loaded) is not None
     if snap.device == "cuda":
         segments = [
             ("seg_weights", snap.weights), ("seg_kv", snap.kv_cache), ("seg_workspace", snap.other_allocator),
@@ -135,8 +161,8 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
     if budget_bytes and snap.device == "cuda":
         legend += (f"<tr><td>{html.escape(t('panel_budget', lang))}</td>"
                    f"<td class='mem-num'>{fmt_bytes(budget_bytes)}</td></tr>")
-    peak = ""
-    if loaded is not None and snap.device == "cuda":
+    peak = remote_note_html(loaded, remote_metrics, lang) if remote else ""
+    if loaded is not None and snap.device == "cuda" and not remote:
         predicted = loaded.plan.predicted_peak_bytes
         peak = (f"<div class='mem-peak'>{html.escape(t('panel_peak', lang, predicted=fmt_bytes(predicted), measured=fmt_bytes(snap.peak)))}"
                 "</div>")
@@ -145,6 +171,8 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
         if memory_room is not None and memory_room > context_room:
             room += t("panel_room_memory", lang, tokens=f"{memory_room:,}")
         peak += f"<div class='mem-room' id='context-room'>{html.escape(room)}</div>"
+    if loaded is not None and loaded.fast is not None:  # which step answers: uncompiled, compiling, compiled
+        peak += f"<div class='mem-room' id='decode-step'>{html.escape(t('panel_step', lang, status=loaded.fast.compile_status()))}</div>"
     return (
         "<div class='mem-panel' id='memory-panel'>"
         f"<div class='mem-title'><b>{html.escape(t('panel_title', lang))}</b> · {html.escape(device_name)}</div>{note}"
@@ -169,5 +197,5 @@ PANEL_CSS = """
 .mem-legend td { padding: 1px 4px; border: none; }
 .mem-num { text-align: right; font-variant-numeric: tabular-nums; }
 .mem-dot { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
-.mem-note, .mem-peak, .mem-room { color: #666; margin: 4px 0; }
+.mem-note, .mem-peak, .mem-room, .mem-remote { color: #666; margin: 4px 0; }
 """

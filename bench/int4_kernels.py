@@ -1,0 +1,221 @@
+"""Int4 kernels against the bandwidth roofline and cuBLAS, in one run on one GPU.
+
+1. Correctness: our Triton GEMV and dequantize against int4.dequantize_reference over many shapes
+   (odd N, K not a multiple of the group), fresh random data each, output poisoned first.
+2. Decode (M = 1): the linear layers of a whole decode step (distinct weights per layer, so nothing
+   lives in L2), captured in one CUDA graph, for bf16 cuBLAS, torch's tinygemm int4 (torchao
+   tile-packed: the previous fast path) and our GEMV. Effective GB/s = weight bytes / time, and its
+   fraction of the device copy rate measured in the same process.
+3. Prefill (M = 512, 4096): the same layers as one forward, bf16 cuBLAS vs tinygemm vs our
+   dequantize + cuBLAS.
+
+    python bench/int4_kernels.py [--shapes 7b 1.8b qwen7b] [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# (K, N) of one decoder layer's linears: q, k, v, o, gate, up, down.
+LAYERS = {
+    "7b": (32, [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]),
+    "1.8b": (24, [(2048, 2048), (2048, 1024), (2048, 1024), (2048, 2048), (2048, 8192), (2048, 8192), (8192, 2048)]),
+    "qwen7b": (28, [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944), (18944, 3584)]),
+}
+CHECK_SHAPES = [(1, 128), (7, 200), (33, 1000), (4096, 4096), (1024, 4096), (4096, 14336), (14336, 4096),
+                (2048, 8192), (92544 // 8, 4096), (513, 3584), (18944, 3584), (3, 64)]
+
+
+def copy_rate(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy in GB/s, bytes read + written."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(10):
+        b.copy_(a)
+    e.record()
+    e.synchronize()
+    rate = 2 * nbytes * 10 / (s.elapsed_time(e) / 1e3) / 1e9
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+def check(rows: list) -> None:
+    """Our kernels equal the reference on every shape (relative error of a bf16 result)."""
+    from models.kernels import int4, int4_triton
+
+    for n, k in CHECK_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        q, s, o = int4.quantize(w)
+        ref_w = int4.dequantize_reference(q, s, o, k, torch.float32)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ws = int4.new_workspace(n, x.device)
+        y = int4_triton.gemv(x, q, s, o, k, ws)
+        # A split-K race would show as results that move between identical calls.
+        repeat_same = all(torch.equal(y, int4_triton.gemv(x, q, s, o, k, ws)) for _ in range(20))
+        ref = x.float() @ ref_w.T
+        gemv_err = float((y.float() - ref).norm() / ref.norm())
+        d = int4_triton.dequantize_t(q, s, o, k)
+        deq_err = float((d.float().T - ref_w).abs().max() / ref_w.abs().max())
+        quant_err = float((ref_w - w.float()).norm() / w.float().norm())
+        ok = gemv_err < 1e-2 and deq_err < 1e-2 and not torch.isnan(y).any() and repeat_same
+        rows.append({"check": f"{n}x{k}", "gemv_rel_err": gemv_err, "dequant_rel_err": deq_err,
+                     "quant_rel_err": quant_err, "repeatable": repeat_same, "ok": bool(ok)})
+        print(json.dumps(rows[-1]), flush=True)
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Median-free mean of `reps` replays of fn captured as one CUDA graph, in ms."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        g.replay()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) / reps
+
+
+def timed_ms(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) / reps
+
+
+def build(kind: str, shape: str):
+    """One decode step's linears as modules of `kind` (bf16 | tinygemm | ours)."""
+    from models.kernels.int4 import Int4Linear
+
+    n_layers, linears = LAYERS[shape]
+    mods = []
+    for _ in range(n_layers):
+        layer = []
+        for k, n in linears:
+            lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+            torch.nn.init.normal_(lin.weight, std=0.02)
+            if kind == "tinygemm":
+                from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+                wrapper = torch.nn.Sequential(lin)
+                quantize_(wrapper, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+                lin = wrapper[0]
+            elif kind == "ours":
+                lin = Int4Linear.from_linear(lin)
+            layer.append(lin)
+        mods.append(layer)
+    if kind == "ours":
+        from models.kernels.int4 import share_workspace
+
+        share_workspace(torch.nn.ModuleList([m for layer in mods for m in layer]))
+    return mods
+
+
+def step_fn(mods, shape: str, tokens: int):
+    _, linears = LAYERS[shape]
+    inputs = {k: torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for k, _ in linears}
+
+    def run():
+        y = None
+        for layer in mods:
+            for m, (k, _) in zip(layer, linears):
+                y = m(inputs[k])
+        return y
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", nargs="*", default=["7b", "1.8b", "qwen7b"])
+    p.add_argument("--kinds", nargs="*", default=["bf16", "tinygemm", "ours"])
+    p.add_argument("--prefill", nargs="*", type=int, default=[512, 4096])
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    cache = os.environ.setdefault("TRITON_CACHE_DIR", str(ROOT / ".cache" / "triton"))
+    torch.manual_seed(0)
+    rows: list = []
+    rate = copy_rate()
+    head = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": round(rate, 1),
+            "triton_cache": cache}
+    print(json.dumps(head), flush=True)
+    rows.append(head)
+    check(rows)
+    for shape in a.shapes:
+        n_layers, linears = LAYERS[shape]
+        params = n_layers * sum(k * n for k, n in linears)
+        for kind in a.kinds:
+            t0 = time.perf_counter()
+            try:
+                mods = build(kind, shape)
+                build_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                one = step_fn(mods, shape, 1)
+                one()  # autotunes ours on first call per (N, K)
+                torch.cuda.synchronize()
+                tune_s = time.perf_counter() - t1
+                ms = graph_ms(one)
+            except Exception as e:  # noqa: BLE001 - a kernel missing on this GPU is a row, not a crash
+                rows.append({"shape": shape, "kind": kind, "error": repr(e)[:300]})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            nbytes = params * 2 if kind == "bf16" else params // 2 + params // 128 * 4
+            row = {"shape": shape, "kind": kind, "decode_ms": round(ms, 4), "weight_gb": round(nbytes / 1e9, 3),
+                   "eff_gbps": round(nbytes / ms / 1e6, 1), "of_copy": round(nbytes / ms / 1e6 / rate, 3),
+                   "build_s": round(build_s, 1), "first_call_s": round(tune_s, 1)}
+            for t in a.prefill:
+                try:
+                    row[f"prefill_{t}_ms"] = round(timed_ms(step_fn(mods, shape, t), reps=3), 2)
+                except torch.OutOfMemoryError:
+                    row[f"prefill_{t}_ms"] = None
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del mods
+            torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print("\n| shape | kernel | decode ms (linears of one step) | GB/s | of copy rate | prefill 512 ms | prefill 4096 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "decode_ms" in r:
+            print(f"| {r['shape']} | {r['kind']} | {r['decode_ms']} | {r['eff_gbps']} | {r['of_copy']:.0%} | "
+                  f"{r.get('prefill_512_ms')} | {r.get('prefill_4096_ms')} |")
+    bad = [r for r in rows if r.get("ok") is False]
+    print(f"\n{head['gpu']}, copy {head['copy_gbps']} GB/s; checks: {sum(1 for r in rows if r.get('ok'))} ok, "
+          f"{len(bad)} failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Where the int4 GEMV's time goes, per weight shape: time alone vs the bandwidth, and (under ncu) why.
+
+For each (K, N) of a 7B decode step: 8 distinct weights (more than the L2 holds) are multiplied in
+turn; the time per call is compared with its bytes over the copy rate. With --ncu-region, one call
+per shape runs between cudaProfilerStart/Stop, for `ncu --profile-from-start off` to read its
+hardware counters (throughput, occupancy, stall reasons).
+
+    python bench/int4_profile.py
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
+        --section WarpStateStats python bench/int4_profile.py --ncu-region
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (4096, 92544)]  # (K, N)
+COPIES = 8
+
+
+def main() -> None:
+    from bench.int4_kernels import copy_rate
+    from models.kernels import int4, int4_triton
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--ncu-region", action="store_true")
+    a = p.parse_args()
+    rate = copy_rate()
+    print(json.dumps({"gpu": torch.cuda.get_device_name(), "copy_gbps": round(rate, 1)}), flush=True)
+    for k, n in SHAPES:
+        packs = [int4.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(COPIES)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ws = int4.new_workspace(n, x.device)
+        int4_triton.gemv(x, *packs[0], k, ws)  # tunes this (N, K)
+        torch.cuda.synchronize()
+        if a.ncu_region:
+            torch.cuda.cudart().cudaProfilerStart()
+            int4_triton.gemv(x, *packs[1], k, ws)
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+            continue
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 20
+        s.record()
+        for _ in range(reps):
+            for pack in packs:
+                int4_triton.gemv(x, *pack, k, ws)
+        e.record()
+        e.synchronize()
+        us = s.elapsed_time(e) * 1e3 / reps / COPIES
+        nbytes = int4.packed_bytes(n, k)
+        best = getattr(int4_triton._gemv_kernel, "best_config", None)
+        print(json.dumps({"K": k, "N": n, "us": round(us, 2), "floor_us": round(nbytes / rate / 1e3, 2),
+                          "of_copy": round(nbytes / (us * 1e3) / rate, 3), "config": str(best)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The int4 format and kernels (models/kernels): packing by hand, the Triton GEMV and dequantize
+against the plain-PyTorch reference over many shapes (on the CPU through Triton's interpreter, on
+a GPU for real), Int4Linear, and a tiny model quantized end to end: the fast decoder gives the
+same greedy tokens as generate() on the same int4 weights, before and after the compiled step is
+swapped in, and a corrupt compile cache is ignored."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.kernels import int4
+from models.kernels.int4 import Int4Linear, dequantize_reference, quantize, quantize_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(1, 128), (7, 200), (33, 1000), (64, 384), (5, 1000), (130, 2048), (16, 1024), (3, 64), (48, 4096)]  # (N, K)
+
+
+def test_packing_puts_nibble_j_of_word_i_at_k_equal_16j_plus_i():
+    n, k = 2, 128
+    w = torch.zeros(n, k)
+    w[0, 0], w[0, 127], w[1, 17] = 15.0, 15.0, 15.0  # min 0, max 15: scale 1, offset 0, q = w
+    qweight, scales, offsets = quantize(w)
+    assert qweight.shape == (16, 2) and scales.shape == (1, 2) and qweight.dtype == torch.int32
+    assert float(scales[0, 0]) == 1.0 and float(offsets[0, 0]) == 0.0
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    assert int(words[0, 0]) == 0xF  # k = 0: nibble 0 of word 0
+    assert int(words[15, 0]) == 0xF << 28  # k = 127 = 16*7 + 15: nibble 7 of word 15
+    assert int(words[1, 1]) == 0xF << 4  # k = 17 = 16*1 + 1: nibble 1 of word 1
+    assert torch.equal(dequantize_reference(qweight, scales, offsets, k, torch.float32), w)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_quantize_round_trip_error_is_within_half_a_step(n, k):
+    w = torch.randn(n, k)
+    qweight, scales, offsets = quantize(w)
+    back = dequantize_reference(qweight, scales, offsets, k, torch.float32)
+    assert back.shape == (n, k)
+    groups = -(-k // 128)
+    step = scales.float().T.repeat_interleave(128, dim=1)[:, :k]  # [N, K]: each weight's group scale
+    assert groups == scales.shape[0]
+    assert ((back - w).abs() <= 0.5 * step + 1e-2 * w.abs().amax()).all()
+
+
+def test_int4_linear_equals_the_dequantized_weight_with_bias_and_odd_shapes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(300, 37, bias=True)
+    q = Int4Linear.from_linear(lin)
+    x = torch.randn(2, 5, 300)
+    ref = x @ dequantize_reference(q.qweight, q.scales, q.offsets, 300, torch.float32).T + lin.bias.detach()
+    assert torch.allclose(q(x), ref, atol=1e-2, rtol=1e-2)
+    assert q(x).shape == (2, 5, 37)
+    assert int4.packed_bytes(37, 300) == sum(t.numel() * t.element_size() for t in (q.qweight, q.scales, q.offsets))
+
+
+_INTERPRETER_CHECK = r"""
+import json, sys, torch
+from models.kernels import int4, int4_triton
+torch.manual_seed(0)
+shapes = json.loads(sys.argv[1])
+out = []
+for n, k in shapes:
+    w = torch.randn(n, k)
+    q, s, o = int4.quantize(w)
+    ref_w = int4.dequantize_reference(q, s, o, k, torch.float32)
+    x = torch.randn(1, k).bfloat16()
+    ref = x.float() @ ref_w.T
+    ws = int4.new_workspace(n, "cpu")
+    errs = []
+    for cfg in (None, dict(BLOCK_N=16, GROUPS=1, SPLIT=1), dict(BLOCK_N=8, GROUPS=4, SPLIT=3),
+                dict(BLOCK_N=32, GROUPS=2, SPLIT=8)):
+        y = int4_triton.gemv(x, q, s, o, k, ws, cfg)
+        errs.append(float((y.float() - ref).norm() / ref.norm()))
+        assert int(ws[1].abs().sum()) == 0, "split-K counters must be left at zero"
+    d = int4_triton.dequantize_t(q, s, o, k, torch.bfloat16)
+    out.append({"n": n, "k": k, "gemv": max(errs), "dequant": float((d.float().T - ref_w).abs().max()
+                                                                     / ref_w.abs().max())})
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernels_equal_the_reference_in_the_interpreter():
+    """The GEMV (several tile shapes, split-K included) and the dequantize, as Triton's interpreter runs them."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK, json.dumps(SHAPES)], capture_output=True,
+                            text=True, env=env, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(SHAPES)
+    for row in rows:  # a bf16 output of an fp32 sum: ~0.3 % relative error
+        assert row["gemv"] < 1e-2 and row["dequant"] < 1e-2, row
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    assert quantize_model(model, torch.device("cpu")) > 0
+    return model, tokenizer
+
+
+def _greedy(model, ids, n):
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def _answer(fast, tokenizer, ids, n=16):
+    from models.generation import SamplingSettings
+
+    return list(fast.stream(tokenizer, ids, SamplingSettings(max_new_tokens=n, temperature=0), threading.Event()))[-1]
+
+
+def test_quantized_tiny_model_has_only_int4_linears_and_answers_like_generate(tiny_int4):
+    from models.fast_decode import FastDecoder
+
+    model, tokenizer = tiny_int4
+    assert not [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight is not
+                model.get_input_embeddings().weight]
+    ids = tokenizer("Hello world, this is a test", return_tensors=None)["input_ids"]
+    fast = FastDecoder(model, max_context=128)
+    fast.warm_up()
+    assert _answer(fast, tokenizer, ids).token_ids == _greedy(model, ids, 16)
+
+
+@pytest.mark.slow
+def test_background_compile_swaps_in_without_changing_a_token_and_survives_a_corrupt_cache(tiny_int4, tmp_path):
+    """The compiled step (CPU Inductor here; the GPU path adds graphs) takes over from the uncompiled
+    one with identical greedy tokens; a second decoder with a corrupted on-disk cache still compiles."""
+    from models import compile_cache
+    from models.fast_decode import FastDecoder
+
+    model, tokenizer = tiny_int4
+    ids = tokenizer("The quick brown fox", return_tensors=None)["input_ids"]
+    fast = FastDecoder(model, max_context=96, compile=True, compile_cache_dir=tmp_path)
+    fast.warm_up()
+    before = _answer(fast, tokenizer, ids).token_ids
+    assert fast.compile_status().startswith("uncompiled")
+    fast.start_background_compile()
+    during = _answer(fast, tokenizer, ids).token_ids  # answers while the compile runs (or waits for it)
+    assert fast.wait_compiled(900), "compile did not finish"
+    assert fast.compile_state == "compiled", fast.compile_status()
+    assert fast.compile_status().startswith("compiled")
+    assert during == before == _answer(fast, tokenizer, ids).token_ids
+    fast.close()
+
+    folder = compile_cache.cache_folder(tmp_path)
+    assert compile_cache.size_bytes(tmp_path) > 0
+    # Corrupt a copy (this process has the originals' compiled libraries mapped), and compile in a
+    # fresh process, as the next start of the app would: every cached artifact is unreadable.
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(folder.parent, corrupt / "compile")
+    files = [f for f in corrupt.rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        f.write_bytes(b"\x00garbage")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_AGAIN, str(tiny_llama_dir(model)), str(corrupt),
+                             json.dumps(ids)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    state, tokens = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state == "compiled" and tokens == before
+
+
+def tiny_llama_dir(model) -> str:
+    return model.config._name_or_path
+
+
+_COMPILE_AGAIN = r"""
+import json, sys, threading, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from models.fast_decode import FastDecoder
+from models.generation import SamplingSettings
+from models.kernels.int4 import quantize_model
+folder, cache, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+quantize_model(model, torch.device("cpu"))
+fast = FastDecoder(model, max_context=96, compile=True, compile_cache_dir=cache)
+fast.warm_up()
+fast.start_background_compile()
+fast.wait_compiled(900)
+final = list(fast.stream(tokenizer, ids, SamplingSettings(max_new_tokens=16, temperature=0), threading.Event()))[-1]
+print(json.dumps([fast.compile_state, final.token_ids]))
+"""
