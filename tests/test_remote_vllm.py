@@ -198,10 +198,11 @@ def test_remote_errors_are_said_in_the_users_language(engine, monkeypatch):
 
 def test_the_ui_keeps_the_chat_and_model_when_a_remote_load_fails(engine):
     handlers = ChatHandlers(engine)
-    status, panel = handlers.load(f"openai:http://127.0.0.1:{_free_port()}/v1", "none", False, None, 4096, "en",
-                                  progress=lambda *a, **k: None)
+    status, panel, model_box, quant_box = handlers.load(f"openai:http://127.0.0.1:{_free_port()}/v1", "none", False,
+                                                        None, 4096, "en", progress=lambda *a, **k: None)
     assert "Could not load" in status and "Cannot reach the engine" in status
-    assert "Current model" in status and engine.loaded is not None and "memory-panel" in panel
+    assert "Still using" in status and engine.loaded is not None and "memory-panel" in panel
+    assert model_box == engine.loaded.ref.label  # the model box goes back to the model in use (issue 12)
 
 
 # ----- a real vLLM server ------------------------------------------------------------------------
