@@ -235,8 +235,8 @@ def test_greedy_chat_through_the_engine_streams_paris_with_metrics(catalog, vllm
 def test_a_length_limit_and_the_memory_panel_with_vllm_metrics(catalog, vllm_url):
     engine = Engine(catalog)
     handlers = ChatHandlers(engine)
-    status, panel = handlers.load(f"openai:{vllm_url}#{SERVED_NAME}", "none", False, None, 4096, "en",
-                                  progress=lambda *a, **k: None)
+    status, panel, _, _ = handlers.load(f"openai:{vllm_url}#{SERVED_NAME}", "none", False, None, 4096, "en",
+                                        progress=lambda *a, **k: None)
     assert f"Connected to openai:{vllm_url}#{SERVED_NAME}" in status and "context 2048 tokens" in status
     assert "live in that engine&#x27;s memory" in panel and "Engine KV cache in use:" in panel
     final = list(engine.chat(FRANCE, SamplingSettings(max_new_tokens=3, temperature=0.0), threading.Event()))[-1]
