@@ -59,7 +59,7 @@ def sampling_defaults(generation_config, entry=None) -> SamplingDefaults:
     """The model's recommended sampling: its generation_config.json, else its catalog entry, else the app's.
 
     Small models answer much better with low-temperature settings (the embedded SmolLM2-135M gets
-    "capital of France" right ~6 times in 10 at 0.7 / 0.9, 20 in 20 at its catalog's 0.2 / 0.5).
+    "capital of France" right ~6 times in 10 at 0.7 / 0.9 (issue 12), 20 in 20 at its catalog's 0.2 / 0.5).
     transformers 5 leaves temperature/top_p None unless the model's file sets them: None is "not given"."""
     temperature = getattr(generation_config, "temperature", None)
     top_p = getattr(generation_config, "top_p", None)
