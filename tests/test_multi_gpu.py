@@ -1,0 +1,112 @@
+"""Several GPUs on a CPU-only machine: the split plan by hand, the device map, the budget and the panel
+with faked device counts and free memory."""
+
+import pytest
+
+from models.catalog import ModelShape
+from models.memory import (
+    ALLOCATOR_SLACK, GiB, KERNEL_IMAGES, MiB, Budget, kv_cache_bytes, kv_room_bytes, layer_bytes, plan_fit,
+    workspace_bytes,
+)
+from models.quant import Quant
+
+# A Llama-2-7B shape: 6.74 B parameters, 12.6 GiB in fp16, so it needs two 8 GiB GPUs.
+LLAMA_7B = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, vocab_size=32000,
+                      intermediate_size=11008, max_context=4096)
+CONTEXT = 1024
+# Hand-computed: per layer 4 x 4096^2 + 3 x 4096 x 11008 linear weights + 2 x 4096 norms, in fp16.
+LAYER = 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096)  # 404,766,720
+KV_LAYER = CONTEXT * 2 * 32 * 128 * 2  # K and V x 32 heads x 128 dims x fp16: 16 MiB per layer at 1024 tokens
+EMBED = 32000 * 4096 * 2  # 262,144,000
+HEAD = EMBED + 4096 * 2  # the lm_head plus the final norm, on the last GPU
+CONTEXT_BYTES = 500 * MiB
+
+
+def _fixed(quant=Quant.NONE):
+    """What every used GPU keeps besides layers: CUDA context, kernel images, workspace, allocator slack."""
+    return CONTEXT_BYTES + KERNEL_IMAGES[quant] + workspace_bytes(LLAMA_7B, quant, 2, 512, CONTEXT) + ALLOCATOR_SLACK
+
+
+def _gpus(*gib, ram_gib=64):
+    per = tuple(int(g * GiB) for g in gib)
+    return Budget(gpu_bytes=sum(per), ram_bytes=ram_gib * GiB, disk_bytes=100 * GiB, cuda_context_bytes=CONTEXT_BYTES,
+                  gpu_bytes_per_device=per if len(per) > 1 else ())
+
+
+def test_the_hand_computed_sizes_match_the_planner():
+    assert layer_bytes(LLAMA_7B, Quant.NONE, 2) == LAYER == 404_766_720
+    assert kv_cache_bytes(LLAMA_7B, CONTEXT) == 32 * KV_LAYER == 512 * MiB
+
+
+def test_7b_fp16_over_two_8_gib_gpus_fits_with_no_offload():
+    plan = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(8, 8))
+    # GPU 0: (8 GiB - fixed - embeddings) // (layer + its KV) = 7,400,331,264 // 421,543,936 = 17 layers;
+    # GPU 1 takes the other 15 and the lm_head.
+    assert (8 * GiB - _fixed() - EMBED) // (LAYER + KV_LAYER) == 17
+    assert plan.verdict == "gpu" and plan.gpu_layers_per_device == (17, 15)
+    assert plan.gpu_layers == 32 and plan.offloaded_layers == 0 and plan.lm_head_on_gpu and plan.head_device == 1
+    assert plan.peak_bytes_per_device == (_fixed() + EMBED + 17 * (LAYER + KV_LAYER),
+                                          _fixed() + HEAD + 15 * (LAYER + KV_LAYER))
+    assert all(p <= 8 * GiB for p in plan.peak_bytes_per_device)
+    assert plan.predicted_peak_bytes == sum(plan.peak_bytes_per_device) and plan.budget_bytes == 16 * GiB
+    assert plan.message.startswith("Fits on 2 GPUs: 17 + 15 layers")
+    assert [plan.layer_device(i) for i in (0, 16, 17, 31)] == [0, 0, 1, 1]
+
+
+def test_the_same_model_on_one_8_gib_gpu_offloads_to_cpu():
+    plan = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(8))
+    assert plan.verdict == "offload" and plan.cpu_layers > 0 and plan.gpu_layers_per_device == ()
+    assert plan.gpu_layers + plan.cpu_layers == 32 and plan.layer_device(31) == "cpu"
+
+
+def test_three_gpus_use_the_fewest_that_hold_the_model():
+    plan = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(6, 6, 6))
+    # Two GPUs hold 12 + 12 (the second also the lm_head): short of 32. With three:
+    # 5,252,847,616 // 421,543,936 = 12, then 13 (no embeddings, no head), the last the 7 left.
+    assert (6 * GiB - _fixed() - EMBED) // (LAYER + KV_LAYER) == 12
+    assert (6 * GiB - _fixed()) // (LAYER + KV_LAYER) == 13
+    assert plan.verdict == "gpu" and plan.gpu_layers_per_device == (12, 13, 7) and plan.head_device == 2
+    assert "Fits on 3 GPUs: 12 + 13 + 7 layers" in plan.message
+    # Room to spare on a third GPU: it is left unused, with nothing planned on it.
+    roomy = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(9, 9, 9))
+    assert roomy.gpu_layers_per_device[2] == 0 and roomy.peak_bytes_per_device[2] == 0
+    assert roomy.message.startswith("Fits on 2 GPUs:")
+
+
+def test_uneven_budgets_give_each_gpu_what_its_own_budget_holds():
+    plan = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(6, 10))
+    # GPU 0: 12 as above; GPU 1 could take (10 GiB - fixed - head) // cost = 22, needs only 20.
+    assert (10 * GiB - _fixed() - HEAD) // (LAYER + KV_LAYER) == 22
+    assert plan.verdict == "gpu" and plan.gpu_layers_per_device == (12, 20)
+    assert plan.peak_bytes_per_device[0] <= 6 * GiB and plan.peak_bytes_per_device[1] <= 10 * GiB
+
+
+def test_split_that_still_needs_cpu_keeps_stream_slots_and_offloaded_kv_on_gpu_0():
+    plan = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(5, 5), stream_slots=2)
+    counts = plan.gpu_layers_per_device
+    assert plan.verdict == "offload" and plan.cpu_layers == 32 - sum(counts) > 0 and plan.streamed_layers
+    # GPU 1 is full of its own layers and the lm_head; one more would not fit.
+    assert (5 * GiB - _fixed() - HEAD) // (LAYER + KV_LAYER) == counts[1]
+    # GPU 0: embeddings, its layers, two stream slots, and the KV of its own and every offloaded layer.
+    gpu0 = _fixed() + EMBED + counts[0] * LAYER + 2 * LAYER + (32 - counts[1]) * KV_LAYER
+    assert plan.peak_bytes_per_device[0] == gpu0 <= 5 * GiB < gpu0 + LAYER
+    assert "Fits on 2 GPUs with" in plan.message and "offloaded" in plan.message
+    assert plan.layer_device(31) == "cpu" and plan.layer_device(counts[0]) == 1
+
+
+def test_int4_stays_on_one_gpu_and_says_why():
+    two = plan_fit(LLAMA_7B, Quant.INT4, 2, CONTEXT, _gpus(8, 8))
+    one = plan_fit(LLAMA_7B, Quant.INT4, 2, CONTEXT, _gpus(8))
+    assert two.verdict == one.verdict == "gpu" and two.gpu_layers_per_device == () and two.gpu_count == 1
+    assert two.predicted_peak_bytes == one.predicted_peak_bytes and two.budget_bytes == 8 * GiB
+    assert "runs on one GPU" in two.message and "GPU 0 of 2" in two.message
+    # Too big for GPU 0 alone: offload (which int4 refuses at load), never a split.
+    tight = plan_fit(LLAMA_7B, Quant.INT4, 2, CONTEXT, _gpus(3, 8))
+    assert tight.verdict != "gpu" and tight.gpu_layers_per_device == () and "one GPU" in tight.message
+
+
+def test_kv_room_is_limited_by_the_gpu_with_least_room_per_layer():
+    plan = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(8, 8))
+    left0 = 8 * GiB - (plan.peak_bytes_per_device[0] - 17 * KV_LAYER)  # room for GPU 0's 17 layers' KV
+    left1 = 8 * GiB - (plan.peak_bytes_per_device[1] - 15 * KV_LAYER)
+    assert kv_room_bytes(plan) == min(left0 * 32 // 17, left1 * 32 // 15) >= 32 * KV_LAYER
