@@ -51,6 +51,21 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_count() -> int:
+    """How many CUDA devices torch sees (0 without CUDA); every multi-GPU reading goes through here."""
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
+def gpu_free_bytes(index: int) -> int:
+    """Free VRAM on GPU `index` now."""
+    return torch.cuda.mem_get_info(index)[0]
+
+
+def gpu_reserved_bytes(index: int) -> int:
+    """Bytes torch's allocator holds on GPU `index` (0 before CUDA is initialized)."""
+    return torch.cuda.memory_reserved(index) if torch.cuda.is_initialized() else 0
+
+
 def gpu_info() -> GpuInfo | None:
     """Name, memory and compute capability of GPU 0, or None without CUDA."""
     if not cuda_available():

@@ -110,3 +110,120 @@ def test_kv_room_is_limited_by_the_gpu_with_least_room_per_layer():
     left0 = 8 * GiB - (plan.peak_bytes_per_device[0] - 17 * KV_LAYER)  # room for GPU 0's 17 layers' KV
     left1 = 8 * GiB - (plan.peak_bytes_per_device[1] - 15 * KV_LAYER)
     assert kv_room_bytes(plan) == min(left0 * 32 // 17, left1 * 32 // 15) >= 32 * KV_LAYER
+
+
+# ----- readings, budget and device map with faked GPUs ----------------------------------
+def _fake_gpus(monkeypatch, free_gib):
+    """Make this CPU machine look like it has len(free_gib) GPUs with that much VRAM free on each."""
+    from models import hardware
+
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    monkeypatch.setattr(hardware, "cuda_device_count", lambda: len(free_gib))
+    monkeypatch.setattr(hardware, "gpu_free_bytes", lambda d: int(free_gib[d] * GiB))
+    monkeypatch.setattr(hardware, "gpu_reserved_bytes", lambda d: 0)
+    monkeypatch.setattr(hardware, "ram_available", lambda: 64 * GiB)
+    monkeypatch.setattr(hardware, "default_gpu_budget_bytes", lambda: int(free_gib[0] * GiB) - GiB // 2)
+
+
+def test_make_budget_reads_every_gpu_and_applies_the_users_budget_to_each(monkeypatch, tmp_path):
+    from models.loading import LoadSettings, make_budget
+
+    _fake_gpus(monkeypatch, [8.5, 12.5])
+    free = make_budget(LoadSettings(), CONTEXT_BYTES, tmp_path)
+    # Each GPU's free VRAM minus the half-GiB margin, plus the CUDA context we already hold there.
+    assert free.gpu_bytes_per_device == (8 * GiB + CONTEXT_BYTES, 12 * GiB + CONTEXT_BYTES)
+    assert free.gpu_bytes == sum(free.gpu_bytes_per_device) and free.gpu_count == 2
+    capped = make_budget(LoadSettings(gpu_budget_bytes=6 * GiB), CONTEXT_BYTES, tmp_path)
+    assert capped.gpu_bytes_per_device == (6 * GiB, 6 * GiB) and capped.gpu_bytes == 12 * GiB
+
+
+def test_one_gpu_budget_is_unchanged(monkeypatch, tmp_path):
+    from models import hardware
+    from models.loading import LoadSettings, make_budget
+
+    _fake_gpus(monkeypatch, [8.5])
+    budget = make_budget(LoadSettings(gpu_budget_bytes=6 * GiB), CONTEXT_BYTES, tmp_path)
+    assert budget.gpu_bytes == 6 * GiB and budget.gpu_bytes_per_device == () and budget.gpu_count == 1
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    assert make_budget(LoadSettings(), CONTEXT_BYTES, tmp_path).gpu_count == 0
+
+
+def test_plan_for_a_catalog_7b_over_two_faked_gpus(monkeypatch, tmp_path, catalog):
+    from models.loading import LoadSettings, make_budget, plan_for
+
+    _fake_gpus(monkeypatch, [10, 10])
+    shape = catalog.get("qwen2.5-7b-instruct").shape
+    settings = LoadSettings(quant=Quant.NONE, context_tokens=4096)
+    plan = plan_for(shape, settings, make_budget(settings, CONTEXT_BYTES, tmp_path))
+    assert plan.verdict == "gpu" and len(plan.gpu_layers_per_device) == 2 and sum(plan.gpu_layers_per_device) == 28
+    assert plan.message.startswith("Fits on 2 GPUs:")
+    _fake_gpus(monkeypatch, [10])  # the same model on one of those GPUs must offload
+    assert plan_for(shape, settings, make_budget(settings, CONTEXT_BYTES, tmp_path)).verdict == "offload"
+
+
+def _meta(folder, **overrides):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, **overrides))
+
+
+def _tiny_split_plan(counts, cpu=0, head_on_gpu=True):
+    from models.memory import FitPlan
+
+    return FitPlan(
+        verdict="gpu" if not cpu else "offload", device="cuda", quant=Quant.NONE, context_tokens=256,
+        weights_bytes=0, gpu_weights_bytes=0, kv_bytes=0, workspace_bytes=0, cuda_context_bytes=0,
+        predicted_peak_bytes=0, gpu_layers=sum(counts), cpu_layers=cpu, disk_layers=0, lm_head_on_gpu=head_on_gpu,
+        message="", gpu_layers_per_device=tuple(counts), peak_bytes_per_device=(0,) * len(counts),
+        budget_bytes_per_device=(3 * GiB,) * len(counts), head_device=max(i for i, c in enumerate(counts) if c),
+    )
+
+
+def test_device_map_puts_each_layer_on_its_planned_gpu(tiny_llama):
+    from models.loading import build_device_map, max_memory
+
+    meta = _meta(tiny_llama)  # 4 layers, untied lm_head
+    device_map = build_device_map(meta, _tiny_split_plan((2, 1), cpu=1), 4)
+    assert [device_map[f"model.layers.{i}"] for i in range(4)] == [0, 0, 1, "cpu"]
+    # Embeddings on the first GPU; final norm and lm_head on the last GPU that holds layers.
+    assert device_map["model.embed_tokens"] == 0
+    assert device_map["model.norm"] == 1 and device_map["lm_head"] == 1
+    for name, _ in meta.named_parameters():
+        assert sum(name == k or name.startswith(k + ".") for k in device_map) == 1, name
+    three = build_device_map(meta, _tiny_split_plan((1, 2, 1)), 4)
+    assert [three[f"model.layers.{i}"] for i in range(4)] == [0, 1, 1, 2] and three["lm_head"] == 2
+    assert max_memory(_tiny_split_plan((1, 2, 1)), 5 * GiB) == {0: 3 * GiB, 1: 3 * GiB, 2: 3 * GiB, "cpu": 5 * GiB}
+
+
+def test_tied_lm_head_stays_with_the_embeddings(tiny_llama):
+    from models.loading import build_device_map
+
+    meta = _meta(tiny_llama, tie_word_embeddings=True)
+    assert meta.get_output_embeddings().weight is meta.get_input_embeddings().weight
+    device_map = build_device_map(meta, _tiny_split_plan((2, 2)), 4)
+    assert device_map["lm_head"] == device_map["model.embed_tokens"] == 0 and device_map["model.norm"] == 1
+
+
+def test_engine_caps_the_allocator_on_every_gpu(monkeypatch, catalog):
+    import types
+
+    import torch
+
+    from models import hardware
+    from models.engine import Engine
+    from models.loading import LoadSettings
+
+    engine = Engine(catalog)
+    _fake_gpus(monkeypatch, [8, 8])
+    caps = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=16 * GiB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: caps.__setitem__(d, f))
+    monkeypatch.setattr(engine, "cuda_runtime_bytes", lambda: 0)
+    engine._apply_budget(LoadSettings(gpu_budget_bytes=4 * GiB))
+    assert caps == {0: 0.25, 1: 0.25}
+    monkeypatch.setattr(hardware, "cuda_device_count", lambda: 1)
+    caps.clear()
+    engine._apply_budget(LoadSettings())
+    assert caps == {0: 1.0}
