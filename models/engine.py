@@ -90,6 +90,13 @@ def _less_held(per_device: tuple[int, ...], held: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _kv_split(kv: int, plan, count: int) -> list[int]:
+    """KV bytes on each of `count` GPUs: each holds its layers' share (all on GPU 0 without a split plan)."""
+    holds = list(plan.kv_layers_per_device()) if plan is not None and plan.gpu_layers_per_device else [1]
+    holds += [0] * (count - len(holds))
+    return [kv * h // max(1, sum(holds)) for h in holds[:count]]
+
+
 class Engine:
     """Owns the models, the session caches and the GPU lock; the UI and the CLI both drive it."""
 
@@ -151,8 +158,18 @@ class Engine:
 
     def memory(self) -> hardware.MemorySnapshot:
         """Memory by owner now, for the VRAM panel."""
-        weights = sum(m.weights_bytes for m in list(self._residents.values()))
-        return hardware.snapshot(weights, self.kv_cache_bytes(), baseline_used=self._baseline_used)
+        residents = list(self._residents.values())
+        weights = sum(m.weights_bytes for m in residents)
+        kv = self.kv_cache_bytes()
+        count = hardware.cuda_device_count()
+        per_device = None
+        if count > 1:
+            # Weights as measured on each GPU at load; KV split as the chat model's plan places its layers.
+            per_gpu = [sum(m.weights_bytes_per_device[d] if d < len(m.weights_bytes_per_device) else
+                           (m.weights_bytes if d == 0 else 0) for m in residents) for d in range(count)]
+            kv_per_gpu = _kv_split(kv, self.loaded.plan if self.loaded else None, count)
+            per_device = list(zip(per_gpu, kv_per_gpu))
+        return hardware.snapshot(weights, kv, baseline_used=self._baseline_used, per_device=per_device)
 
     def session_count(self) -> int:
         """How many chat sessions hold a KV cache."""

@@ -81,7 +81,7 @@ class LoadedModel:
     plan: FitPlan
     load_seconds: float
     weights_bytes: int  # measured: bytes of weights resident on the compute device
-    split: dict[str, int] = field(default_factory=dict)  # decoder layers per place: gpu/cpu/disk
+    split: dict = field(default_factory=dict)  # decoder layers per place: gpu/cpu/disk (+ gpus: per GPU, if several)
     fast: "FastDecoder | None" = None  # static-cache CUDA-graph decoder (Quant.INT4); None: plain generate()
     streamer: LayerStreamer | None = None  # prefetches CPU-offloaded fp16/bf16 layers; None: none or accelerate's
     compile_seconds: float = 0.0  # the fast decoder's one-off compile + graph capture, inside load_seconds
@@ -432,7 +432,9 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
             free_cuda_memory()
             raise ModelLoadError(f"{failure} of {ref.label}. Lower the context length, or pick 4bit (bitsandbytes).")
     _progress(progress, 1.0, "Loaded")
-    split = {"gpu": plan.gpu_layers, "cpu": plan.cpu_layers, "disk": plan.disk_layers}
+    split: dict = {"gpu": plan.gpu_layers, "cpu": plan.cpu_layers, "disk": plan.disk_layers}
+    if plan.gpu_layers_per_device:
+        split["gpus"] = tuple(n for i, n in enumerate(plan.gpu_layers_per_device) if n or i == 0)
     per_gpu = tuple(weights_on_device_bytes(model, f"cuda:{d}") for d in range(len(plan.gpu_layers_per_device)))
     return LoadedModel(
         ref=ref, model=model, tokenizer=tokenizer, shape=shape, settings=settings, dtype=dtype,

@@ -233,11 +233,17 @@ class FitPlan:
     peak_bytes_per_device: tuple[int, ...] = ()
     budget_bytes_per_device: tuple[int, ...] = ()
     head_device: int = 0  # the GPU holding the final norm and lm_head (the last one with layers)
+    kept_on_one_gpu: bool = False  # several GPUs, but the quantization runs on one (int4)
 
     @property
     def gpu_count(self) -> int:
         """GPUs the model is spread over (1 on one GPU, 0 on a CPU-only machine)."""
         return len(self.gpu_layers_per_device) or (1 if self.device == "cuda" else 0)
+
+    def kv_layers_per_device(self) -> tuple[int, ...]:
+        """Decoder layers whose KV cache each GPU holds: its own, and on GPU 0 the offloaded ones too."""
+        counts = self.gpu_layers_per_device or ((self.gpu_layers,) if self.device == "cuda" else ())
+        return tuple(n + (self.cpu_layers + self.disk_layers if d == 0 else 0) for d, n in enumerate(counts))
 
     def layer_device(self, i: int) -> int | str:
         """Where decoder layer `i` lives: a GPU index, "cpu" or "disk"."""
@@ -361,7 +367,7 @@ def _plan_int4_one_gpu(shape, dtype_size, context_tokens, budget, double_quant) 
     plan = plan_fit(shape, Quant.INT4, dtype_size, context_tokens, one, double_quant)
     note = (f"4bit-fast (int4) runs on one GPU: its decoder needs the whole model on one device, so only "
             f"GPU 0 of {budget.gpu_count} is used. ")
-    return replace(plan, message=note + plan.message)
+    return replace(plan, message=note + plan.message, kept_on_one_gpu=True)
 
 
 def _plan_split(shape, quant, dtype_size, context_tokens, budget, double_quant, stream_slots) -> FitPlan:
@@ -487,9 +493,8 @@ def kv_room_bytes(plan: FitPlan) -> int:
     # the GPU with the least room per layer it holds limits the whole cache.
     n = plan.gpu_layers + plan.cpu_layers + plan.disk_layers
     rooms = []
-    for d, (layers, peak, budget) in enumerate(zip(plan.gpu_layers_per_device, plan.peak_bytes_per_device,
-                                                   plan.budget_bytes_per_device)):
-        holds = layers + (plan.cpu_layers + plan.disk_layers if d == 0 else 0)
+    for holds, peak, budget in zip(plan.kv_layers_per_device(), plan.peak_bytes_per_device,
+                                   plan.budget_bytes_per_device):
         if holds:
             rooms.append(max(0, budget - (peak - plan.kv_bytes * holds // n)) * n // holds)
     return min(rooms) if rooms else 0

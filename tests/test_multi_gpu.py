@@ -227,3 +227,69 @@ def test_engine_caps_the_allocator_on_every_gpu(monkeypatch, catalog):
     caps.clear()
     engine._apply_budget(LoadSettings())
     assert caps == {0: 1.0}
+
+
+# ----- the memory panel: one bar per GPU ---------------------------------------------------
+def _fake_readings(monkeypatch, gpus):
+    """GPU readings of a machine with these (name, free, total, reserved) GPUs, and no NVML."""
+    import torch
+
+    from models import hardware
+
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    monkeypatch.setattr(hardware, "cuda_device_count", lambda: len(gpus))
+    monkeypatch.setattr(hardware, "gpu_reading", lambda d: (*gpus[d], gpus[d][3]))
+    monkeypatch.setattr(hardware, "_nvml_process_bytes", lambda index=0: None)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+
+
+def test_snapshot_reads_each_gpu_and_sums_them(monkeypatch):
+    from models import hardware
+
+    _fake_readings(monkeypatch, [("H200", 10 * GiB, 16 * GiB, 5 * GiB), ("H200", 12 * GiB, 16 * GiB, 3 * GiB)])
+    snap = hardware.snapshot(8 * GiB, GiB, per_device=[(4 * GiB, GiB // 2), (4 * GiB, GiB // 2)])
+    first, second = snap.gpus
+    assert (first.device_name, second.device_name) == ("H200 (GPU 0)", "H200 (GPU 1)")
+    assert (first.free, second.free) == (10 * GiB, 12 * GiB) and snap.free == 22 * GiB and snap.total == 32 * GiB
+    assert (first.weights, second.kv_cache) == (4 * GiB, GiB // 2) and snap.weights == 8 * GiB
+    assert first.other_allocator == 5 * GiB - 4 * GiB - GiB // 2  # reserved minus weights and KV on that GPU
+    assert snap.per_gpu == snap.gpus and first.per_gpu == (first,)
+    _fake_readings(monkeypatch, [("H200", 10 * GiB, 16 * GiB, 5 * GiB)])
+    one = hardware.snapshot(4 * GiB, GiB)
+    assert one.gpus == () and one.device_name == "H200" and one.free == 10 * GiB
+
+
+def test_memory_panel_shows_one_bar_per_gpu(monkeypatch):
+    from models import hardware
+    from ui.panels import memory_panel_html
+
+    _fake_readings(monkeypatch, [("RTX 4090", 10 * GiB, 24 * GiB, 5 * GiB), ("RTX 3090", 12 * GiB, 24 * GiB, 3 * GiB)])
+    snap = hardware.snapshot(per_device=[(4 * GiB, GiB // 2), (2 * GiB, GiB // 4)])
+    page = memory_panel_html(snap, "en", budget_bytes=20 * GiB)
+    assert page.count("class='mem-bar'") == 2 and page.count("class='mem-gpu'") == 2
+    assert "RTX 4090 (GPU 0)" in page and "RTX 3090 (GPU 1)" in page and "2 GPUs" in page
+    blocks = page.split("class='mem-gpu'")[1:]
+    assert "4.00 GiB" in blocks[0] and "2.00 GiB" in blocks[1]  # each bar its own GPU's weights
+    assert "10.00 GiB" in blocks[0] and "12.00 GiB" in blocks[1]  # and free
+    assert page.count("class='mem-budget'") == 2  # the per-GPU budget marked on each
+
+
+def test_memory_panel_on_one_device_has_one_bar(monkeypatch):
+    from models import hardware
+    from ui.panels import memory_panel_html
+
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    page = memory_panel_html(hardware.snapshot(), "en")
+    assert page.count("class='mem-bar'") == 1 and "mem-gpu" not in page
+
+
+def test_fit_text_lists_the_layers_of_each_gpu():
+    from ui.panels import plan_text, split_text
+
+    text = plan_text(plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(8, 8)), "en", 8 * GiB)
+    assert text.startswith("✅ Fits on 2 GPUs: 17 + 15 layers")
+    offload = plan_text(plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(5, 5)), "zh", 5 * GiB)
+    assert "2 张显卡" in offload
+    int4 = plan_text(plan_fit(LLAMA_7B, Quant.INT4, 2, CONTEXT, _gpus(8, 8)), "en", 8 * GiB)
+    assert int4.startswith("4bit-fast runs on one GPU") and "✅ Fits on GPU" in int4
+    assert split_text({"gpu": 32, "cpu": 0, "disk": 0, "gpus": (17, 15)}, False, "en") == "layers: 17 + 15 on 2 GPUs"
