@@ -144,7 +144,10 @@ def plan_for(shape: ModelShape, settings: LoadSettings, budget: Budget) -> FitPl
     """The fit plan for a shape under a budget (pure; no loading)."""
     device = "cuda" if budget.gpu_bytes is not None else "cpu"
     size = dtype_bytes(storage_dtype(settings.quant, device))
-    slots = STREAM_SLOTS if settings.stream_offload and streams_offload(settings.quant) else 1
+    # Over several GPUs the offloaded layers keep accelerate's hooks: they move each layer's inputs
+    # from the GPU before it onto GPU 0, which models/offload.py's streamer does not do.
+    streams = settings.stream_offload and streams_offload(settings.quant) and budget.gpu_count <= 1
+    slots = STREAM_SLOTS if streams else 1
     return plan_fit(shape, settings.quant, size, settings.context_tokens, budget, settings.double_quant, slots)
 
 

@@ -293,3 +293,16 @@ def test_fit_text_lists_the_layers_of_each_gpu():
     int4 = plan_text(plan_fit(LLAMA_7B, Quant.INT4, 2, CONTEXT, _gpus(8, 8)), "en", 8 * GiB)
     assert int4.startswith("4bit-fast runs on one GPU") and "✅ Fits on GPU" in int4
     assert split_text({"gpu": 32, "cpu": 0, "disk": 0, "gpus": (17, 15)}, False, "en") == "layers: 17 + 15 on 2 GPUs"
+
+
+def test_a_split_that_offloads_keeps_accelerates_hooks_rather_than_streaming(monkeypatch, tmp_path):
+    from models.loading import LoadSettings, make_budget, plan_for
+
+    _fake_gpus(monkeypatch, [5.5, 5.5])
+    settings = LoadSettings(quant=Quant.NONE, context_tokens=CONTEXT)  # streamed offload on, as by default
+    plan = plan_for(LLAMA_7B, settings, make_budget(settings, CONTEXT_BYTES, tmp_path))
+    assert plan.verdict == "offload" and plan.cpu_layers and plan.streamed_layers == 0
+    assert plan.peak_bytes_per_device[0] == (_fixed() + EMBED + plan.gpu_layers_per_device[0] * LAYER + LAYER
+                                             + (32 - plan.gpu_layers_per_device[1]) * KV_LAYER)
+    _fake_gpus(monkeypatch, [5.5])
+    assert plan_for(LLAMA_7B, settings, make_budget(settings, CONTEXT_BYTES, tmp_path)).streamed_layers
