@@ -306,3 +306,18 @@ def test_a_split_that_offloads_keeps_accelerates_hooks_rather_than_streaming(mon
                                              + (32 - plan.gpu_layers_per_device[1]) * KV_LAYER)
     _fake_gpus(monkeypatch, [5.5])
     assert plan_for(LLAMA_7B, settings, make_budget(settings, CONTEXT_BYTES, tmp_path)).streamed_layers
+
+
+def test_engine_takes_kept_models_out_of_gpu_0_first_and_splits_kv_by_layer():
+    from models.engine import _kv_split, _less_held
+
+    # A kept model's layers start on GPU 0, so its bytes come out of GPU 0's budget before GPU 1's.
+    assert _less_held((8 * GiB, 8 * GiB), 3 * GiB) == (5 * GiB, 8 * GiB)
+    assert _less_held((8 * GiB, 8 * GiB), 10 * GiB) == (0, 6 * GiB)
+    assert _less_held((), GiB) == ()
+    plan = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(8, 8))  # 17 + 15 layers
+    assert _kv_split(32 * MiB, plan, 2) == [17 * MiB, 15 * MiB]
+    offload = plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(5, 5))  # offloaded layers' KV is on GPU 0
+    g0, g1 = offload.gpu_layers_per_device
+    assert _kv_split(32 * MiB, offload, 2) == [(32 - g1) * MiB, g1 * MiB]
+    assert _kv_split(32 * MiB, None, 2) == [32 * MiB, 0]  # no split plan: all on GPU 0
