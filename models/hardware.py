@@ -39,7 +39,7 @@ class MemorySnapshot:
     peak: int  # peak of this app on the device since the last reset (torch allocator + runtime)
     ram_total: int
     ram_available: int
-    gpus: tuple["MemorySnapshot", ...] = ()  # one per GPU when there are several (this one sums them)
+    gpus: tuple["MemorySnapshot", ...] = ()  # one per GPU when there are several (this one is their sum)
 
     @property
     def per_gpu(self) -> tuple["MemorySnapshot", ...]:

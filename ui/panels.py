@@ -213,8 +213,8 @@ def _gpu_block(gpu: MemorySnapshot, lang: str, budget_bytes: int | None, plan: F
     bar, legend = _bar_and_legend(gpu, lang, budget_bytes)
     peak = ""
     if plan is not None and index < len(plan.peak_bytes_per_device):
-        peak = (f"<div class='mem-peak'>{html.escape(t('panel_peak', lang, predicted=fmt_bytes(plan.peak_bytes_per_device[index]), measured=fmt_bytes(gpu.peak)))}"
-                "</div>")
+        text = t("panel_peak", lang, predicted=fmt_bytes(plan.peak_bytes_per_device[index]), measured=fmt_bytes(gpu.peak))
+        peak = f"<div class='mem-peak'>{html.escape(text)}</div>"
     return (f"<div class='mem-gpu' data-gpu='{index}'><div class='mem-gpu-name'>{html.escape(gpu.device_name)}</div>"
             f"{bar}<table class='mem-legend'>{legend}</table>{peak}</div>")
 
