@@ -321,3 +321,12 @@ def test_engine_takes_kept_models_out_of_gpu_0_first_and_splits_kv_by_layer():
     g0, g1 = offload.gpu_layers_per_device
     assert _kv_split(32 * MiB, offload, 2) == [(32 - g1) * MiB, g1 * MiB]
     assert _kv_split(32 * MiB, None, 2) == [32 * MiB, 0]  # no split plan: all on GPU 0
+
+
+def test_engine_memory_has_one_snapshot_per_faked_gpu(monkeypatch, catalog):
+    from models.engine import Engine
+
+    engine = Engine(catalog)
+    _fake_readings(monkeypatch, [("A", 10 * GiB, 16 * GiB, 0), ("B", 12 * GiB, 16 * GiB, 0)])
+    snap = engine.memory()
+    assert [g.device_name for g in snap.gpus] == ["A (GPU 0)", "B (GPU 1)"] and snap.weights == 0
