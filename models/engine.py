@@ -80,6 +80,23 @@ class ModelEvictedError(ModelLoadError):
     """The model an answer was asked of is no longer resident (evicted to make room for another)."""
 
 
+def _less_held(per_device: tuple[int, ...], held: int) -> tuple[int, ...]:
+    """Per-GPU budgets with what kept models hold taken out, from GPU 0 on (where their layers start)."""
+    out = []
+    for budget in per_device:
+        take = min(budget, held)
+        out.append(budget - take)
+        held -= take
+    return tuple(out)
+
+
+def _kv_split(kv: int, plan, count: int) -> list[int]:
+    """KV bytes on each of `count` GPUs: each holds its layers' share (all on GPU 0 without a split plan)."""
+    holds = list(plan.kv_layers_per_device()) if plan is not None and plan.gpu_layers_per_device else [1]
+    holds += [0] * (count - len(holds))
+    return [kv * h // max(1, sum(holds)) for h in holds[:count]]
+
+
 class Engine:
     """Owns the models, the session caches and the GPU lock; the UI and the CLI both drive it."""
 
@@ -141,8 +158,18 @@ class Engine:
 
     def memory(self) -> hardware.MemorySnapshot:
         """Memory by owner now, for the VRAM panel."""
-        weights = sum(m.weights_bytes for m in list(self._residents.values()))
-        return hardware.snapshot(weights, self.kv_cache_bytes(), baseline_used=self._baseline_used)
+        residents = list(self._residents.values())
+        weights = sum(m.weights_bytes for m in residents)
+        kv = self.kv_cache_bytes()
+        count = hardware.cuda_device_count()
+        per_device = None
+        if count > 1:
+            # Weights as measured on each GPU at load; KV split as the chat model's plan places its layers.
+            per_gpu = [sum(m.weights_bytes_per_device[d] if d < len(m.weights_bytes_per_device) else
+                           (m.weights_bytes if d == 0 else 0) for m in residents) for d in range(count)]
+            kv_per_gpu = _kv_split(kv, self.loaded.plan if self.loaded else None, count)
+            per_device = list(zip(per_gpu, kv_per_gpu))
+        return hardware.snapshot(weights, kv, baseline_used=self._baseline_used, per_device=per_device)
 
     def session_count(self) -> int:
         """How many chat sessions hold a KV cache."""
@@ -207,7 +234,8 @@ class Engine:
             # RAM freed by evicting the others is ours to use.
             others = sum(self._held_bytes(k, m) for k, m in residents if k not in keep)
             return replace(budget, ram_bytes=budget.ram_bytes + others)
-        return replace(budget, gpu_bytes=max(0, budget.gpu_bytes - held))
+        return replace(budget, gpu_bytes=max(0, budget.gpu_bytes - held),
+                       gpu_bytes_per_device=_less_held(budget.gpu_bytes_per_device, held))
 
     def plan(self, choice: str, settings: LoadSettings, keep: tuple[str, ...] = ()) -> tuple[ModelRef, FitPlan]:
         """Will it fit? The plan for a model and settings, before anything is loaded.
@@ -336,14 +364,16 @@ class Engine:
     def _apply_budget(self, settings: LoadSettings) -> None:
         # Cap torch's allocator at the budget (minus the CUDA context it does not manage),
         # so the app can never use more VRAM than the user allowed, even on a bigger card.
-        total = torch.cuda.get_device_properties(0).total_memory
-        if settings.gpu_budget_bytes:
-            # A tiny floor only: set_per_process_memory_fraction rejects 0, and a budget
-            # below the context must still make loads fail rather than be ignored.
-            fraction = max(1e-6, min(1.0, (settings.gpu_budget_bytes - self.cuda_runtime_bytes()) / total))
-        else:
-            fraction = 1.0
-        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+        # The GPU budget is per GPU: every visible device gets the same cap.
+        for device in range(max(1, hardware.cuda_device_count())):
+            total = torch.cuda.get_device_properties(device).total_memory
+            if settings.gpu_budget_bytes:
+                # A tiny floor only: set_per_process_memory_fraction rejects 0, and a budget
+                # below the context must still make loads fail rather than be ignored.
+                fraction = max(1e-6, min(1.0, (settings.gpu_budget_bytes - self.cuda_runtime_bytes()) / total))
+            else:
+                fraction = 1.0
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
 
     def _allocated(self) -> int:
         if self.device == "cuda" and torch.cuda.is_initialized():

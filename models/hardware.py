@@ -39,6 +39,12 @@ class MemorySnapshot:
     peak: int  # peak of this app on the device since the last reset (torch allocator + runtime)
     ram_total: int
     ram_available: int
+    gpus: tuple["MemorySnapshot", ...] = ()  # one per GPU when there are several (this one is their sum)
+
+    @property
+    def per_gpu(self) -> tuple["MemorySnapshot", ...]:
+        """One snapshot per GPU: `gpus`, or this one alone."""
+        return self.gpus or (self,)
 
     @property
     def app_total(self) -> int:
@@ -49,6 +55,21 @@ class MemorySnapshot:
 def cuda_available() -> bool:
     """True when torch sees a CUDA device."""
     return torch.cuda.is_available()
+
+
+def cuda_device_count() -> int:
+    """How many CUDA devices torch sees (0 without CUDA); every multi-GPU reading goes through here."""
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
+def gpu_free_bytes(index: int) -> int:
+    """Free VRAM on GPU `index` now."""
+    return torch.cuda.mem_get_info(index)[0]
+
+
+def gpu_reserved_bytes(index: int) -> int:
+    """Bytes torch's allocator holds on GPU `index` (0 before CUDA is initialized)."""
+    return torch.cuda.memory_reserved(index) if torch.cuda.is_initialized() else 0
 
 
 def gpu_info() -> GpuInfo | None:
@@ -75,7 +96,7 @@ def disk_free(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def _nvml_process_bytes() -> tuple[int, int] | None:
+def _nvml_process_bytes(index: int = 0) -> tuple[int, int] | None:
     """(this process, all processes) GPU bytes from NVML, or None if NVML can't see processes."""
     try:
         import pynvml
@@ -84,7 +105,7 @@ def _nvml_process_bytes() -> tuple[int, int] | None:
     try:
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
         finally:
             pynvml.nvmlShutdown()
@@ -120,11 +141,21 @@ def measure_cuda_runtime_bytes() -> int:
     return DEFAULT_CUDA_CONTEXT
 
 
-def snapshot(weights: int = 0, kv_cache: int = 0, baseline_used: int | None = None) -> MemorySnapshot:
+def gpu_reading(index: int) -> tuple[str, int, int, int, int]:
+    """(name, free, total, reserved by torch, peak reserved by torch) of GPU `index` now."""
+    free, total = torch.cuda.mem_get_info(index)
+    return (torch.cuda.get_device_name(index), free, total, torch.cuda.memory_reserved(index),
+            torch.cuda.max_memory_reserved(index))
+
+
+def snapshot(weights: int = 0, kv_cache: int = 0, baseline_used: int | None = None,
+             per_device: list[tuple[int, int]] | None = None) -> MemorySnapshot:
     """Memory by owner now; weights and kv_cache are what the engine knows it holds.
 
     `baseline_used` is the device's used bytes measured before this process touched the
-    GPU: without NVML process info, everything above it is counted as ours.
+    GPU: without NVML process info, everything above it is counted as ours. With several
+    GPUs, `per_device` gives (weights, kv_cache) on each; the snapshot sums them and keeps
+    one snapshot per GPU in `gpus`.
     """
     vm = psutil.virtual_memory()
     if not cuda_available():
@@ -135,10 +166,23 @@ def snapshot(weights: int = 0, kv_cache: int = 0, baseline_used: int | None = No
             runtime=max(0, rss - weights - kv_cache), other_processes=max(0, vm.total - vm.available - rss),
             peak=rss, ram_total=vm.total, ram_available=vm.available,
         )
-    free, total = torch.cuda.mem_get_info(0)
-    reserved = torch.cuda.memory_reserved(0)
+    count = cuda_device_count()
+    if count <= 1:
+        return _gpu_snapshot(0, weights, kv_cache, baseline_used, vm, labelled=False)
+    split = (list(per_device or [(weights, kv_cache)]) + [(0, 0)] * count)[:count]
+    gpus = tuple(_gpu_snapshot(d, w, k, baseline_used if d == 0 else None, vm, labelled=True)
+                 for d, (w, k) in enumerate(split))
+    fields = ("total", "free", "weights", "kv_cache", "other_allocator", "runtime", "other_processes", "peak")
+    return MemorySnapshot(device="cuda", device_name=f"{count} GPUs",
+                          **{f: sum(getattr(g, f) for g in gpus) for f in fields},
+                          ram_total=vm.total, ram_available=vm.available, gpus=gpus)
+
+
+def _gpu_snapshot(index: int, weights: int, kv_cache: int, baseline_used: int | None, vm,
+                  labelled: bool) -> MemorySnapshot:
+    name, free, total, reserved, peak_reserved = gpu_reading(index)
     used = total - free
-    nvml = _nvml_process_bytes()
+    nvml = _nvml_process_bytes(index)
     if nvml and nvml[0]:
         runtime = max(0, nvml[0] - reserved)
         others = max(0, used - nvml[0])
@@ -146,12 +190,13 @@ def snapshot(weights: int = 0, kv_cache: int = 0, baseline_used: int | None = No
         others = min(used, baseline_used)
         runtime = max(0, used - others - reserved)
     else:
-        runtime = DEFAULT_CUDA_CONTEXT if torch.cuda.is_initialized() else 0
+        # A GPU this process has not touched holds no context of ours.
+        runtime = DEFAULT_CUDA_CONTEXT if torch.cuda.is_initialized() and (reserved or index == 0) else 0
         others = max(0, used - reserved - runtime)
     return MemorySnapshot(
-        device="cuda", device_name=torch.cuda.get_device_name(0), total=total, free=free,
+        device="cuda", device_name=f"{name} (GPU {index})" if labelled else name, total=total, free=free,
         weights=weights, kv_cache=kv_cache, other_allocator=max(0, reserved - weights - kv_cache),
-        runtime=runtime, other_processes=others, peak=torch.cuda.max_memory_reserved(0) + runtime,
+        runtime=runtime, other_processes=others, peak=peak_reserved + runtime,
         ram_total=vm.total, ram_available=vm.available,
     )
 

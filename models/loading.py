@@ -81,10 +81,11 @@ class LoadedModel:
     plan: FitPlan
     load_seconds: float
     weights_bytes: int  # measured: bytes of weights resident on the compute device
-    split: dict[str, int] = field(default_factory=dict)  # decoder layers per place: gpu/cpu/disk
+    split: dict = field(default_factory=dict)  # decoder layers per place: gpu/cpu/disk (+ gpus: per GPU, if several)
     fast: "FastDecoder | None" = None  # static-cache CUDA-graph decoder (Quant.INT4); None: plain generate()
     streamer: LayerStreamer | None = None  # prefetches CPU-offloaded fp16/bf16 layers; None: none or accelerate's
     compile_seconds: float = 0.0  # the fast decoder's one-off compile + graph capture, inside load_seconds
+    weights_bytes_per_device: tuple[int, ...] = ()  # measured per GPU when spread over several; () otherwise
 
     @property
     def input_device(self) -> torch.device:
@@ -107,18 +108,46 @@ def make_budget(settings: LoadSettings, cuda_runtime_bytes: int, cache_dir: Path
     disk = hardware.disk_free(cache_dir)
     if not hardware.cuda_available():
         return Budget(gpu_bytes=None, ram_bytes=ram, disk_bytes=disk)
+    count = hardware.cuda_device_count()
+    if count > 1:
+        return _multi_gpu_budget(settings, cuda_runtime_bytes, count, ram, disk)
     gpu = settings.gpu_budget_bytes
     if gpu is None:
         gpu = hardware.default_gpu_budget_bytes() or 0
-        gpu += torch.cuda.memory_reserved(0) + cuda_runtime_bytes  # what we already hold is ours to reuse
+        gpu += hardware.gpu_reserved_bytes(0) + cuda_runtime_bytes  # what we already hold is ours to reuse
     return Budget(gpu_bytes=int(gpu), ram_bytes=ram, disk_bytes=disk, cuda_context_bytes=cuda_runtime_bytes)
+
+
+def _multi_gpu_budget(settings: LoadSettings, cuda_runtime_bytes: int, count: int, ram: int, disk: int) -> Budget:
+    """One budget per visible GPU: the user's GPU budget applies to each; by default each GPU's free VRAM."""
+    per_device = []
+    for d in range(count):
+        gpu = settings.gpu_budget_bytes
+        if gpu is None:
+            # Free VRAM minus the same margin as one GPU, plus what we already hold there.
+            gpu = max(0, hardware.gpu_free_bytes(d) - GiB // 2) + hardware.gpu_reserved_bytes(d) + cuda_runtime_bytes
+        per_device.append(int(gpu))
+    return Budget(gpu_bytes=sum(per_device), ram_bytes=ram, disk_bytes=disk, cuda_context_bytes=cuda_runtime_bytes,
+                  gpu_bytes_per_device=tuple(per_device))
+
+
+def max_memory(plan: FitPlan, ram_bytes: int) -> dict[int | str, int] | None:
+    """accelerate's per-device caps for a plan over several GPUs (None on one GPU or the CPU)."""
+    if not plan.gpu_layers_per_device:
+        return None
+    caps: dict[int | str, int] = dict(enumerate(plan.budget_bytes_per_device))
+    caps["cpu"] = ram_bytes
+    return caps
 
 
 def plan_for(shape: ModelShape, settings: LoadSettings, budget: Budget) -> FitPlan:
     """The fit plan for a shape under a budget (pure; no loading)."""
     device = "cuda" if budget.gpu_bytes is not None else "cpu"
     size = dtype_bytes(storage_dtype(settings.quant, device))
-    slots = STREAM_SLOTS if settings.stream_offload and streams_offload(settings.quant) else 1
+    # Over several GPUs the offloaded layers keep accelerate's hooks: they move each layer's inputs
+    # from the GPU before it onto GPU 0, which models/offload.py's streamer does not do.
+    streams = settings.stream_offload and streams_offload(settings.quant) and budget.gpu_count <= 1
+    slots = STREAM_SLOTS if streams else 1
     return plan_fit(shape, settings.quant, size, settings.context_tokens, budget, settings.double_quant, slots)
 
 
@@ -130,7 +159,7 @@ def _layers_name(meta_model: torch.nn.Module, num_layers: int) -> str:
 
 
 def build_device_map(meta_model: torch.nn.Module, plan: FitPlan, num_layers: int) -> dict[str, int | str]:
-    """An explicit accelerate device map that realizes `plan` (GPU 0, then "cpu", then "disk")."""
+    """An explicit accelerate device map that realizes `plan` (GPU 0, GPU 1, ..., then "cpu", then "disk")."""
     compute = 0 if plan.device == "cuda" else "cpu"
     layers = _layers_name(meta_model, num_layers)
     return _device_map(meta_model, plan, num_layers, layers, compute)
@@ -140,27 +169,29 @@ def _device_map(meta_model: torch.nn.Module, plan: FitPlan, num_layers: int, lay
                 compute: int | str) -> dict[str, int | str]:
     device_map: dict[str, int | str] = {}
     for i in range(num_layers):
-        if i < plan.gpu_layers or (plan.device == "cpu" and i < plan.cpu_layers):
-            where = compute
-        elif plan.device == "cuda" and i < plan.gpu_layers + plan.cpu_layers:
-            where = "cpu"
-        else:
-            where = "disk"
-        device_map[f"{layers}.{i}"] = where
+        device_map[f"{layers}.{i}"] = plan.layer_device(i)  # a GPU index, "cpu" or "disk"
     head = meta_model.get_output_embeddings()
     tied = head is not None and head.weight is meta_model.get_input_embeddings().weight
     # Every module that is not a decoder layer goes to the compute device, except an
-    # untied lm_head the plan could not fit there.
+    # untied lm_head the plan could not fit there. Over several GPUs the lm_head and the
+    # modules with weights after the layers (the final norm) go on the plan's last GPU.
+    last = plan.head_device if plan.gpu_layers_per_device else compute
     parts = layers.split(".")
     for depth in range(len(parts)):
         prefix = ".".join(parts[:depth])
         parent = meta_model.get_submodule(prefix) if prefix else meta_model
+        after_layers = False
         for name, child in parent.named_children():
             full = f"{prefix}.{name}" if prefix else name
             if full == ".".join(parts[: depth + 1]):
+                after_layers = True
                 continue
-            off_device = child is head and not tied and not plan.lm_head_on_gpu
-            device_map[full] = "cpu" if off_device else compute
+            if child is head:  # a tied head shares the embedding's weight, so it stays beside it
+                device_map[full] = compute if tied else (last if plan.lm_head_on_gpu else "cpu")
+            elif after_layers and any(True for _ in child.parameters()):
+                device_map[full] = last
+            else:
+                device_map[full] = compute
     return device_map
 
 
@@ -232,7 +263,7 @@ def _check_chat_template(tokenizer, location: str) -> None:
 
 
 def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
-    """Bytes of parameters, buffers and bitsandbytes quantization state held on `device`.
+    """Bytes of parameters, buffers and bitsandbytes quantization state held on `device` ("cuda" or "cuda:1").
 
     A tensor is counted once by where its data is, so tied weights and streamed layers (whose
     parameters are views into shared staging slots, models/offload.py) are not counted twice.
@@ -242,7 +273,8 @@ def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
 
     def add(t: torch.Tensor | None) -> None:
         nonlocal total
-        if t is None or t.device.type != device:
+        # "cuda" counts every GPU; "cuda:1" only that one.
+        if t is None or (t.device.type != device and str(t.device) != device):
             return
         wrapper = type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__")
         # A wrapper tensor subclass has no data of its own: its inner tensors are keyed below.
@@ -348,6 +380,9 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         meta = _meta_model(prepared.config, settings.trust_remote_code)
         layers = _layers_name(meta, shape.num_layers)
         kwargs["device_map"] = _device_map(meta, plan, shape.num_layers, layers, 0 if device == "cuda" else "cpu")
+        caps = max_memory(plan, hardware.ram_available())
+        if caps:  # the map is explicit; the caps keep accelerate within each GPU's budget where it decides
+            kwargs["max_memory"] = caps
         if plan.streamed_layers:
             streamed = [f"{layers}.{i}" for i in range(shape.num_layers) if kwargs["device_map"][f"{layers}.{i}"] == "cpu"]
     if plan.disk_layers:
@@ -400,12 +435,16 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
             free_cuda_memory()
             raise ModelLoadError(f"{failure} of {ref.label}. Lower the context length, or pick 4bit (bitsandbytes).")
     _progress(progress, 1.0, "Loaded")
-    split = {"gpu": plan.gpu_layers, "cpu": plan.cpu_layers, "disk": plan.disk_layers}
+    split: dict = {"gpu": plan.gpu_layers, "cpu": plan.cpu_layers, "disk": plan.disk_layers}
+    if plan.gpu_layers_per_device:
+        split["gpus"] = tuple(n for i, n in enumerate(plan.gpu_layers_per_device) if n or i == 0)
+    per_gpu = tuple(weights_on_device_bytes(model, f"cuda:{d}") for d in range(len(plan.gpu_layers_per_device)))
     return LoadedModel(
         ref=ref, model=model, tokenizer=tokenizer, shape=shape, settings=settings, dtype=dtype,
         device=device, plan=plan, load_seconds=time.perf_counter() - prepared.started,
         weights_bytes=weights_on_device_bytes(model, device), split=split,
         fast=fast, compile_seconds=fast.compile_seconds if fast else 0.0, streamer=streamer,
+        weights_bytes_per_device=per_gpu,
     )
 
 

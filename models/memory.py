@@ -8,7 +8,7 @@ machine (bench/gpu_memory.py; BENCHMARKS.md) and are named where they are used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .catalog import ModelShape
 from .quant import Quant
@@ -192,10 +192,19 @@ def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_to
 class Budget:
     """What the machine offers: GPU budget (None on CPU-only), free RAM, free disk."""
 
-    gpu_bytes: int | None  # the user's VRAM budget for this app, CUDA context included
+    gpu_bytes: int | None  # the user's VRAM budget for this app, CUDA context included (all GPUs together)
     ram_bytes: int  # RAM the app may use for weights
     disk_bytes: int = 0  # free space in the offload folder
-    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT  # per GPU: each device has its own context
+    # One budget per visible GPU when there are several (their sum is gpu_bytes); () on one GPU.
+    gpu_bytes_per_device: tuple[int, ...] = ()
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs the plan may spread layers over (0 on a CPU-only machine)."""
+        if self.gpu_bytes is None:
+            return 0
+        return max(1, len(self.gpu_bytes_per_device))
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,31 @@ class FitPlan:
     message: str
     budget_bytes: int = 0  # the GPU budget (or RAM on a CPU-only machine) planned against
     streamed_layers: int = 0  # CPU-RAM layers prefetched by models/offload.py (its slots are in gpu_weights_bytes)
+    # Several GPUs: decoder layers, predicted peak and budget of each GPU, in layer order; () on one GPU.
+    gpu_layers_per_device: tuple[int, ...] = ()
+    peak_bytes_per_device: tuple[int, ...] = ()
+    budget_bytes_per_device: tuple[int, ...] = ()
+    head_device: int = 0  # the GPU holding the final norm and lm_head (the last one with layers)
+    kept_on_one_gpu: bool = False  # several GPUs, but the quantization runs on one (int4)
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs the model is spread over (1 on one GPU, 0 on a CPU-only machine)."""
+        return len(self.gpu_layers_per_device) or (1 if self.device == "cuda" else 0)
+
+    def kv_layers_per_device(self) -> tuple[int, ...]:
+        """Decoder layers whose KV cache each GPU holds: its own, and on GPU 0 the offloaded ones too."""
+        counts = self.gpu_layers_per_device or ((self.gpu_layers,) if self.device == "cuda" else ())
+        return tuple(n + (self.cpu_layers + self.disk_layers if d == 0 else 0) for d, n in enumerate(counts))
+
+    def layer_device(self, i: int) -> int | str:
+        """Where decoder layer `i` lives: a GPU index, "cpu" or "disk"."""
+        counts = self.gpu_layers_per_device or ((self.gpu_layers,) if self.device == "cuda" else ())
+        for gpu, n in enumerate(counts):
+            if i < n:
+                return gpu
+            i -= n
+        return "cpu" if i < self.cpu_layers else "disk"
 
     @property
     def offloaded_layers(self) -> int:
@@ -258,6 +292,10 @@ def plan_fit(
 
     if budget.gpu_bytes is None:
         return _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer, kv, work)
+    if budget.gpu_count > 1:
+        if quant is Quant.INT4:
+            return _plan_int4_one_gpu(shape, dtype_size, context_tokens, budget, double_quant)
+        return _plan_split(shape, quant, dtype_size, context_tokens, budget, double_quant, stream_slots)
 
     # Offloaded layers live in RAM at full size (bnb keeps them unquantized in fp32), and are
     # copied to the GPU as they run: the GPU needs room for one of them at a time.
@@ -310,6 +348,116 @@ def plan_fit(
     )
 
 
+def _fill(caps: list[int], n: int) -> list[int]:
+    """`n` layers given to devices in order, each up to its capacity."""
+    counts = []
+    for cap in caps:
+        counts.append(min(cap, n - sum(counts)))
+    return counts
+
+
+def _plus(parts) -> str:
+    return " + ".join(str(p) for p in parts)
+
+
+def _plan_int4_one_gpu(shape, dtype_size, context_tokens, budget, double_quant) -> FitPlan:
+    """int4 on several GPUs: planned on GPU 0 alone, since the fast decoder runs the whole model on one device."""
+    one = Budget(gpu_bytes=budget.gpu_bytes_per_device[0], ram_bytes=budget.ram_bytes, disk_bytes=budget.disk_bytes,
+                 cuda_context_bytes=budget.cuda_context_bytes)
+    plan = plan_fit(shape, Quant.INT4, dtype_size, context_tokens, one, double_quant)
+    note = (f"4bit-fast (int4) runs on one GPU: its decoder needs the whole model on one device, so only "
+            f"GPU 0 of {budget.gpu_count} is used. ")
+    return replace(plan, message=note + plan.message, kept_on_one_gpu=True)
+
+
+def _plan_split(shape, quant, dtype_size, context_tokens, budget, double_quant, stream_slots) -> FitPlan:
+    """Several GPUs: whole decoder layers on GPU 0, then GPU 1, ..., each within its own budget; then RAM, disk.
+
+    Every GPU keeps its own CUDA context, kernel images, workspace and allocator slack. A layer's
+    KV cache lives beside the layer. The embeddings go on GPU 0; the final norm and lm_head on
+    the last GPU that holds layers. Offloaded layers run on GPU 0 (accelerate's execution device
+    and models/offload.py's target), so their KV cache and stream slots are on GPU 0 too.
+    """
+    n = shape.num_layers
+    budgets = budget.gpu_bytes_per_device
+    per_layer = layer_bytes(shape, quant, dtype_size, double_quant)
+    embed = embedding_bytes(shape, dtype_size)
+    head = lm_head_bytes(shape, dtype_size, quant) + shape.hidden_size * dtype_size  # + the final norm
+    total = weight_bytes(shape, quant, dtype_size, double_quant)
+    kv = kv_cache_bytes(shape, context_tokens, dtype_size)
+    kv_layer = kv // n  # [tokens, 2, kv_heads, head_dim] per layer
+    work = workspace_bytes(shape, quant, dtype_size, min(context_tokens, PREFILL_CHUNK), context_tokens)
+    offload_layer = layer_bytes(shape, Quant.NONE, 4) if quant in (Quant.INT8, Quant.NF4) else per_layer
+    runtime = budget.cuda_context_bytes + KERNEL_IMAGES[quant]
+    fixed = runtime + work + ALLOCATOR_SLACK  # on every GPU that is used
+    rooms = [b - fixed - (embed if d == 0 else 0) for d, b in enumerate(budgets)]
+    cost = per_layer + kv_layer
+
+    # All on GPUs: the fewest GPUs whose rooms hold every layer, the head on the last of them.
+    for k in range(1, len(budgets) + 1):
+        room = rooms[:k]
+        room[-1] -= head
+        if room[0] < 0 or room[-1] < 0:
+            continue
+        caps = [max(0, r) // cost for r in room]
+        if sum(caps) >= n:
+            counts = _fill(caps, n) + [0] * (len(budgets) - k)
+            peaks = [fixed + c * cost + (embed if d == 0 else 0) + (head if d == k - 1 else 0) if d < k else 0
+                     for d, c in enumerate(counts)]
+            message = (f"Fits on {k} GPU{'s' if k > 1 else ''}: {_plus(counts[:k])} layers; predicted peaks "
+                       f"{_plus(_gib(p) for p in peaks[:k])} of {_plus(_gib(b) for b in budgets[:k])} budgets.")
+            return _split_plan("gpu", message, quant, context_tokens, total, embed + n * per_layer + head, kv,
+                               work, runtime, counts, peaks, budgets, k - 1, 0, 0, True, 0)
+
+    # Offload: every GPU full, the head on the last GPU if it fits there, the rest to RAM then disk.
+    last = len(budgets) - 1
+    head_on_gpu = rooms[last] - head >= 0
+    stream = stream_slots * offload_layer if head_on_gpu else max(stream_slots * offload_layer, head)
+    room = list(rooms)
+    if head_on_gpu:
+        room[last] -= head
+    others = _fill([max(0, r) // cost for r in room[1:]], n)
+    m = n - sum(others)  # layers left for GPU 0 and for offload, whose KV is all on GPU 0
+    room0 = room[0] - stream - m * kv_layer
+    g0 = max(0, min(m, room0 // per_layer))
+    counts = [g0] + others
+    rest = m - g0
+    ram_room = budget.ram_bytes - (0 if head_on_gpu else head)
+    cpu_layers = min(rest, max(0, ram_room // offload_layer))
+    disk_layers = rest - cpu_layers
+    streamed = cpu_layers if stream_slots > 1 and cpu_layers and not disk_layers else 0
+    peaks = [fixed + embed + g0 * per_layer + m * kv_layer + stream]
+    peaks += [fixed + c * cost + (head if head_on_gpu and d == last else 0) for d, c in enumerate(others, 1)]
+    gpu_weights = embed + sum(counts) * per_layer + (head if head_on_gpu else 0) + (stream if streamed else 0)
+    if room0 < 0 or (disk_layers and disk_layers * offload_layer > budget.disk_bytes):
+        verdict = "no_fit"
+        message = (f"Won't fit on {len(budgets)} GPUs: GPU 0's budget is {_gib(budgets[0])} but the embeddings, "
+                   f"the KV cache for {context_tokens} tokens of its layers and the offloaded ones, workspace and "
+                   f"CUDA context alone need {_gib(budgets[0] - room0)}; RAM {_gib(budget.ram_bytes)}, "
+                   f"disk {_gib(budget.disk_bytes)} for the {_gib(total)} of weights.")
+    else:
+        verdict = "offload"
+        where = f"{cpu_layers} to CPU RAM" + (", prefetched a layer ahead" if streamed else "") + (
+            f", {disk_layers} to disk" if disk_layers else "")
+        message = (f"Fits on {len(budgets)} GPUs with {rest} of {n} layers offloaded ({where}): "
+                   f"{_plus(counts)} layers on the GPUs; expect slower answers. Predicted peaks "
+                   f"{_plus(_gib(p) for p in peaks)} of {_plus(_gib(b) for b in budgets)} budgets.")
+    return _split_plan(verdict, message, quant, context_tokens, total, gpu_weights, kv, work, runtime, counts, peaks,
+                       budgets, last if head_on_gpu else 0, cpu_layers, disk_layers, head_on_gpu, streamed)
+
+
+def _split_plan(verdict, message, quant, context_tokens, total, gpu_weights, kv, work, runtime, counts, peaks,
+                budgets, head_device, cpu_layers, disk_layers, head_on_gpu, streamed) -> FitPlan:
+    return FitPlan(
+        verdict=verdict, device="cuda", quant=quant, context_tokens=context_tokens, weights_bytes=total,
+        gpu_weights_bytes=gpu_weights, kv_bytes=kv, workspace_bytes=work + ALLOCATOR_SLACK,
+        cuda_context_bytes=runtime, predicted_peak_bytes=sum(peaks), gpu_layers=sum(counts),
+        cpu_layers=cpu_layers, disk_layers=disk_layers, lm_head_on_gpu=head_on_gpu, message=message,
+        budget_bytes=sum(budgets), streamed_layers=streamed, gpu_layers_per_device=tuple(counts),
+        peak_bytes_per_device=tuple(peaks), budget_bytes_per_device=tuple(budgets), head_device=head_device,
+    )
+
+
 def _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer, kv, work) -> FitPlan:
     n_layers = shape.num_layers
     fixed = total - n_layers * per_layer + kv + work
@@ -339,7 +487,17 @@ def _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer
 
 def kv_room_bytes(plan: FitPlan) -> int:
     """GPU bytes a loaded model leaves for KV caches under its budget (its plan minus its own KV)."""
-    return max(0, plan.budget_bytes - (plan.predicted_peak_bytes - plan.kv_bytes))
+    if not plan.gpu_layers_per_device:
+        return max(0, plan.budget_bytes - (plan.predicted_peak_bytes - plan.kv_bytes))
+    # Several GPUs: each holds the KV of its own layers (GPU 0 also that of offloaded ones), so
+    # the GPU with the least room per layer it holds limits the whole cache.
+    n = plan.gpu_layers + plan.cpu_layers + plan.disk_layers
+    rooms = []
+    for holds, peak, budget in zip(plan.kv_layers_per_device(), plan.peak_bytes_per_device,
+                                   plan.budget_bytes_per_device):
+        if holds:
+            rooms.append(max(0, budget - (peak - plan.kv_bytes * holds // n)) * n // holds)
+    return min(rooms) if rooms else 0
 
 
 def max_context_tokens(shape: ModelShape, room_bytes: int, kv_dtype_size: int = 2) -> int:

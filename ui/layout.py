@@ -74,7 +74,8 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
     quant_choices, quant_note = _quant_controls(engine, "en")
     loaded = engine.loaded
     kv_choices = [p.value for p in kv_precision_options(engine.device)]
-    gpu_total_gib = round(engine.memory().total / GiB, 1) if engine.device == "cuda" else 8.0
+    # The GPU budget is per GPU: the slider goes up to the largest one.
+    gpu_total_gib = round(max(g.total for g in engine.memory().per_gpu) / GiB, 1) if engine.device == "cuda" else 8.0
     defaults = defaults.within_controls(quant_choices, kv_choices, gpu_total_gib)
     recommended = handlers.sampling_defaults()
     if defaults.temperature is not None or defaults.top_p is not None:  # given on the command line: kept
@@ -85,7 +86,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
     quant_value = loaded.settings.quant.value if loaded else defaults.quant
     gpu_budget = defaults.gpu_budget_gib
     if engine.device == "cuda" and gpu_budget is None:
-        gpu_budget = round((default_gpu_budget_bytes() or 0) / GiB + engine.memory().app_total / GiB, 1)
+        gpu_budget = round((default_gpu_budget_bytes() or 0) / GiB + engine.memory().per_gpu[0].app_total / GiB, 1)
 
     with gr.Blocks(title="Small LLM Lab") as demo:
         session = gr.State(ChatSession())

@@ -42,7 +42,22 @@ def plan_text(plan: FitPlan, lang: str, budget_bytes: int | None = None, ram_byt
     )
     if plan.verdict == "remote":
         return t("fit_remote", lang, detail=plan.message)
-    if plan.verdict == "gpu":
+    split = plan.gpu_count > 1 and plan.verdict in ("gpu", "offload")
+    if split:
+        used = [i for i, n in enumerate(plan.gpu_layers_per_device) if n or i == 0]
+        numbers = dict(n=len(used), layers=" + ".join(str(plan.gpu_layers_per_device[i]) for i in used),
+                       peaks=" + ".join(fmt_bytes(plan.peak_bytes_per_device[i]) for i in used),
+                       budgets=" + ".join(fmt_bytes(plan.budget_bytes_per_device[i]) for i in used))
+    if split and plan.verdict == "gpu":
+        head = t("fit_split", lang, **numbers)
+    elif split:
+        where = [t("where_cpu", lang, n=plan.cpu_layers) + (t("where_streamed", lang) if plan.streamed_layers else "")
+                 ] if plan.cpu_layers else []
+        if plan.disk_layers:
+            where.append(t("where_disk", lang, n=plan.disk_layers))
+        head = t("fit_split_offload", lang, offloaded=plan.offloaded_layers, total=plan.gpu_layers + plan.offloaded_layers,
+                 where=", ".join(where), **numbers)
+    elif plan.verdict == "gpu":
         head = t("fit_gpu", lang, peak=peak, budget=budget)
     elif plan.verdict == "offload":
         where = [t("where_cpu", lang, n=plan.cpu_layers) + (t("where_streamed", lang) if plan.streamed_layers else "")
@@ -57,12 +72,16 @@ def plan_text(plan: FitPlan, lang: str, budget_bytes: int | None = None, ram_byt
         head = t("fit_disk", lang, disk=plan.disk_layers, layers=plan.cpu_layers + plan.disk_layers)
     else:
         head = t("fit_none", lang, detail=plan.message)
+    if plan.kept_on_one_gpu and plan.verdict != "no_fit":
+        head = t("fit_one_gpu", lang) + head  # int4 on a machine with several GPUs
     return f"{head}\n\n<small>{breakdown}</small>"
 
 
-def split_text(split: dict[str, int], streamed: bool, lang: str) -> str:
+def split_text(split: dict, streamed: bool, lang: str) -> str:
     """'layers: 20 on GPU, 12 in CPU RAM (prefetched a layer ahead)' in the user's language."""
     parts = [t("split_gpu", lang, n=split["gpu"])] if split.get("gpu") else []
+    if split.get("gpus"):  # several GPUs: "16 + 16 on 2 GPUs"
+        parts = [t("split_gpus", lang, layers=" + ".join(str(n) for n in split["gpus"]), n=len(split["gpus"]))]
     if split.get("cpu"):
         parts.append(t("split_cpu", lang, n=split["cpu"]) + (t("split_streamed", lang) if streamed else ""))
     if split.get("disk"):
@@ -127,19 +146,45 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
     hold (shown when the context setting, not memory, is the limit). For a remote engine's model
     the panel says the memory is the engine's, with `remote_metrics` (its /metrics) if any."""
     remote = remote_of(loaded) is not None
+    note = "" if snap.device == "cuda" else f"<div class='mem-note'>{html.escape(t('panel_no_cuda', lang))}</div>"
+    if snap.gpus:  # several GPUs: one bar per GPU, each with its own legend and peak
+        plan = loaded.plan if loaded is not None and not remote else None
+        bars = "".join(_gpu_block(gpu, lang, budget_bytes, plan, i) for i, gpu in enumerate(snap.gpus))
+    else:
+        bar, legend = _bar_and_legend(snap, lang, budget_bytes)
+        bars = f"{bar}<table class='mem-legend'>{legend}</table>"
+    peak = remote_note_html(loaded, remote_metrics, lang) if remote else ""
+    if loaded is not None and snap.device == "cuda" and not remote and not snap.gpus:
+        predicted = loaded.plan.predicted_peak_bytes
+        peak = (f"<div class='mem-peak'>{html.escape(t('panel_peak', lang, predicted=fmt_bytes(predicted), measured=fmt_bytes(snap.peak)))}"
+                "</div>")
+    if loaded is not None and context_room is not None:
+        room = t("panel_room", lang, tokens=f"{context_room:,}", sessions=sessions, kv=fmt_bytes(snap.kv_cache))
+        if memory_room is not None and memory_room > context_room:
+            room += t("panel_room_memory", lang, tokens=f"{memory_room:,}")
+        peak += f"<div class='mem-room' id='context-room'>{html.escape(room)}</div>"
+    if loaded is not None and loaded.fast is not None:  # which step answers: uncompiled, compiling, compiled
+        peak += f"<div class='mem-room' id='decode-step'>{html.escape(t('panel_step', lang, status=loaded.fast.compile_status()))}</div>"
+    device_name = snap.device_name if snap.device == "cuda" else t("device_cpu", lang)
+    return (
+        "<div class='mem-panel' id='memory-panel'>"
+        f"<div class='mem-title'><b>{html.escape(t('panel_title', lang))}</b> · {html.escape(device_name)}</div>{note}"
+        f"{bars}{peak}</div>"
+    )
+
+
+def _bar_and_legend(snap: MemorySnapshot, lang: str, budget_bytes: int | None) -> tuple[str, str]:
+    """One device's stacked bar (with the budget marker on a GPU) and its legend rows."""
     if snap.device == "cuda":
         segments = [
             ("seg_weights", snap.weights), ("seg_kv", snap.kv_cache), ("seg_workspace", snap.other_allocator),
             ("seg_runtime", snap.runtime), ("seg_others", snap.other_processes), ("seg_free", snap.free),
         ]
-        note = ""
     else:
         segments = [
             ("seg_weights", snap.weights), ("seg_kv", snap.kv_cache), ("seg_process", snap.runtime),
             ("seg_others", snap.other_processes), ("seg_free", snap.free),
         ]
-        note = f"<div class='mem-note'>{html.escape(t('panel_no_cuda', lang))}</div>"
-    device_name = snap.device_name if snap.device == "cuda" else t("device_cpu", lang)
     total = max(1, snap.total)
     bar = "".join(
         f"<div class='mem-seg' data-seg='{key}' title='{html.escape(t(key, lang))}: {fmt_bytes(value)}' "
@@ -161,24 +206,18 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
     if budget_bytes and snap.device == "cuda":
         legend += (f"<tr><td>{html.escape(t('panel_budget', lang))}</td>"
                    f"<td class='mem-num'>{fmt_bytes(budget_bytes)}</td></tr>")
-    peak = remote_note_html(loaded, remote_metrics, lang) if remote else ""
-    if loaded is not None and snap.device == "cuda" and not remote:
-        predicted = loaded.plan.predicted_peak_bytes
-        peak = (f"<div class='mem-peak'>{html.escape(t('panel_peak', lang, predicted=fmt_bytes(predicted), measured=fmt_bytes(snap.peak)))}"
-                "</div>")
-    if loaded is not None and context_room is not None:
-        room = t("panel_room", lang, tokens=f"{context_room:,}", sessions=sessions, kv=fmt_bytes(snap.kv_cache))
-        if memory_room is not None and memory_room > context_room:
-            room += t("panel_room_memory", lang, tokens=f"{memory_room:,}")
-        peak += f"<div class='mem-room' id='context-room'>{html.escape(room)}</div>"
-    if loaded is not None and loaded.fast is not None:  # which step answers: uncompiled, compiling, compiled
-        peak += f"<div class='mem-room' id='decode-step'>{html.escape(t('panel_step', lang, status=loaded.fast.compile_status()))}</div>"
-    return (
-        "<div class='mem-panel' id='memory-panel'>"
-        f"<div class='mem-title'><b>{html.escape(t('panel_title', lang))}</b> · {html.escape(device_name)}</div>{note}"
-        f"<div class='mem-bar'>{bar}{budget_marker}</div>"
-        f"<table class='mem-legend'>{legend}</table>{peak}</div>"
-    )
+    return f"<div class='mem-bar'>{bar}{budget_marker}</div>", legend
+
+
+def _gpu_block(gpu: MemorySnapshot, lang: str, budget_bytes: int | None, plan: FitPlan | None, index: int) -> str:
+    """One GPU of several: its name and index, its bar and legend, and its predicted vs measured peak."""
+    bar, legend = _bar_and_legend(gpu, lang, budget_bytes)
+    peak = ""
+    if plan is not None and index < len(plan.peak_bytes_per_device):
+        text = t("panel_peak", lang, predicted=fmt_bytes(plan.peak_bytes_per_device[index]), measured=fmt_bytes(gpu.peak))
+        peak = f"<div class='mem-peak'>{html.escape(text)}</div>"
+    return (f"<div class='mem-gpu' data-gpu='{index}'><div class='mem-gpu-name'>{html.escape(gpu.device_name)}</div>"
+            f"{bar}<table class='mem-legend'>{legend}</table>{peak}</div>")
 
 
 PANEL_CSS = """
@@ -198,4 +237,6 @@ PANEL_CSS = """
 .mem-num { text-align: right; font-variant-numeric: tabular-nums; }
 .mem-dot { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
 .mem-note, .mem-peak, .mem-room, .mem-remote { color: #666; margin: 4px 0; }
+.mem-gpu { margin-bottom: 8px; }
+.mem-gpu-name { font-weight: 600; margin-top: 4px; }
 """
