@@ -36,22 +36,11 @@ CHECK_SHAPES = [(1, 128), (7, 200), (33, 1000), (4096, 4096), (1024, 4096), (409
                 (2048, 8192), (92544 // 8, 4096), (513, 3584), (18944, 3584), (3, 64)]
 
 
-def copy_rate(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy in GB/s, bytes read + written."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(10):
-        b.copy_(a)
-    e.record()
-    e.synchronize()
-    rate = 2 * nbytes * 10 / (s.elapsed_time(e) / 1e3) / 1e9
-    del a, b
-    torch.cuda.empty_cache()
-    return rate
+def copy_rate() -> float:
+    """Device-to-device copy in GB/s, bytes read + written (bench/decode_speed.py's measurement)."""
+    from bench.decode_speed import copy_bandwidth
+
+    return copy_bandwidth(nbytes=1 << 30, reps=10)
 
 
 def check(rows: list) -> None:
