@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The unpacked embedded model is cached under the repo (git-ignored) so local reruns are fast.
 os.environ.setdefault("SMALLCHAT_CACHE", str(ROOT / ".cache" / "smallchat"))
 
+from net import free_port  # noqa: E402
 from tiny import write_tiny_llama  # noqa: E402
 
 
@@ -45,21 +46,13 @@ def embedded_engine(catalog):
     return engine
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def app_url(embedded_engine):
     """The real app (embedded model, greedy by default) served on localhost for client and browser tests."""
     from ui.layout import UiDefaults, build_demo, launch_kwargs
 
     demo = build_demo(embedded_engine, UiDefaults(temperature=0.0, max_new_tokens=200))
-    port = _free_port()
+    port = free_port()
     demo.queue(default_concurrency_limit=None).launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs(demo)
     )

@@ -16,6 +16,8 @@ import time
 import httpx
 import pytest
 
+from net import free_port
+
 pytestmark = pytest.mark.slow
 
 openai = pytest.importorskip("openai")
@@ -24,12 +26,6 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PARIS = "The capital of France is Paris."
 KEY = "test-key-5f0c"  # a throwaway key for the key-protected server
 LONG_ANSWER = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def web_api(embedded_engine):
 
     api_app = build_api(embedded_engine, ApiSettings(default_max_tokens=64), api_key=None)
     demo = build_demo(embedded_engine, UiDefaults(temperature=0.0))
-    port = _free_port()
+    port = free_port()
     demo.queue(default_concurrency_limit=None).launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
         **launch_kwargs(demo, app_kwargs=gradio_app_kwargs(api_app)),
@@ -57,7 +53,7 @@ def keyed_api(embedded_engine):
     from api.service import ApiSettings
 
     api_app = build_api(embedded_engine, ApiSettings(max_waiting=1, default_max_tokens=64), api_key=KEY)
-    port = _free_port()
+    port = free_port()
     server = uvicorn_server(standalone_app(api_app), "127.0.0.1", port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -35,6 +35,7 @@ from models.loading import LoadSettings
 from models.remote import RemoteEngineError, is_remote, parse_prometheus, parse_remote
 from models.sources import resolve_local
 from ui.handlers import ChatHandlers, ChatSession
+from net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "vllm_cpu.sh"
@@ -43,12 +44,6 @@ START_TIMEOUT_S = float(os.environ.get("SMALLCHAT_VLLM_START_TIMEOUT", "600"))  
 GREEDY = SamplingSettings(max_new_tokens=48, temperature=0.0, seed=0)
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 LOCAL = "smollm2-135m-instruct"  # the embedded model, run locally beside the remote one
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +103,7 @@ def vllm_url(catalog, tmp_path_factory, request):
         return
     request.getfixturevalue("vllm_venv")
     folder = resolve_local(catalog.resolve("")).location  # the app's cache: unpacked on first use
-    port = _free_port()
+    port = free_port()
     with serving(["bash", str(SCRIPT), "serve", str(port), SERVED_NAME], port,
                  tmp_path_factory.mktemp("vllm") / "server.log", {"MODEL_DIR": folder, "HF_HUB_OFFLINE": "1"}) as url:
         yield url
@@ -153,7 +148,7 @@ def test_prometheus_text_is_read_per_label_set():
 
 def test_unreachable_url_is_a_clear_error_and_the_current_model_stays(engine):
     before = engine.loaded
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(RemoteEngineError, match=rf"Cannot reach the engine at http://127.0.0.1:{port}/v1.*server running"):
         engine.load(f"openai:http://127.0.0.1:{port}/v1", LoadSettings())
     assert engine.loaded is before
@@ -185,7 +180,7 @@ def _check_translated(error: BaseException, code: str) -> None:
 
 def test_remote_errors_are_said_in_the_users_language(engine, monkeypatch):
     with pytest.raises(RemoteEngineError) as unreachable:
-        engine.load(f"openai:http://127.0.0.1:{_free_port()}/v1", LoadSettings())
+        engine.load(f"openai:http://127.0.0.1:{free_port()}/v1", LoadSettings())
     _check_translated(unreachable.value, "remote_unreachable")
     with socket.socket() as quiet:
         quiet.bind(("127.0.0.1", 0))
@@ -198,7 +193,7 @@ def test_remote_errors_are_said_in_the_users_language(engine, monkeypatch):
 
 def test_the_ui_keeps_the_chat_and_model_when_a_remote_load_fails(engine):
     handlers = ChatHandlers(engine)
-    status, panel, model_box, quant_box = handlers.load(f"openai:http://127.0.0.1:{_free_port()}/v1", "none", False,
+    status, panel, model_box, quant_box = handlers.load(f"openai:http://127.0.0.1:{free_port()}/v1", "none", False,
                                                         None, 4096, "en", progress=lambda *a, **k: None)
     assert "Could not load" in status and "Cannot reach the engine" in status
     assert "Still using" in status and engine.loaded is not None and "memory-panel" in panel
@@ -389,7 +384,7 @@ def test_vllm_serves_our_internlm2_conversion_and_answers_like_the_local_engine(
     engine = Engine(catalog)
     engine.load(str(folder), LoadSettings(context_tokens=512))
     local = list(engine.chat(chat, greedy, threading.Event()))[-1]
-    port = _free_port()
+    port = free_port()
     command = ["bash", str(ROOT / "scripts" / "serve_vllm.sh"), str(folder), "--port", str(port), "--name", "tiny-internlm2",
                "--", "--max-model-len", "512", "--enforce-eager", "--dtype", "float32"]
     env = {"VLLM_VENV": str(ROOT / ".venv-vllm"), "APP_PY": sys.executable, "HF_HUB_OFFLINE": "1",
