@@ -68,7 +68,7 @@ def check(rows: list) -> None:
 
 
 def graph_ms(fn, reps: int = 20) -> float:
-    """Median-free mean of `reps` replays of fn captured as one CUDA graph, in ms."""
+    """Mean ms of `reps` replays of fn captured as one CUDA graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -81,13 +81,9 @@ def graph_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        g.replay()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / reps
+    from bench.decode_speed import replay_ms
+
+    return replay_ms(g, reps)
 
 
 def timed_ms(fn, reps: int = 5) -> float:
