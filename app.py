@@ -30,16 +30,11 @@ for _name in QUIET_LOGGERS:
 import torch  # noqa: E402
 
 from api.auth import is_loopback
-from compare.prompt_sets import PromptSetError
-from models.catalog import UnknownModelError, load_catalog
-from models.engine import Engine
-from models.generation import APP_TEMPERATURE, APP_TOP_P, SamplingSettings, sampling_defaults
-from models.kv_cache import ContextOverflowError, KVPrecision
-from models.loading import LoadSettings, ModelLoadError
-from models.memory import GiB
-from models.quant import Quant
-from models.remote import is_remote, remote_of
-from models.sources import ModelSourceError
+from models.facade import (
+    APP_TEMPERATURE, APP_TOP_P, Engine, GiB, KVPrecision, LoadOptions, LoadSettings, Quant, SamplingSettings,
+    UserFacingError, engine_metrics, internal_error, is_remote, load_catalog, parse_quant, sampling_defaults,
+    served_by,
+)
 
 MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
 AUTH_ENV = "SMALLCHAT_AUTH"
@@ -111,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--share publishes the app on a public link: give --auth USER:PASS (or set {AUTH_ENV}=USER:PASS)")
     if args.max_message_chars < 1:
         p.error("--max-message-chars must be at least 1")
-    args.quant = Quant(args.quant)
+    args.quant = parse_quant(args.quant)
     if args.gpu_budget is not None and args.gpu_budget <= 0:
         p.error("--gpu-budget must be a positive number of GiB")
     if not MIN_CONTEXT <= args.context <= MAX_CONTEXT:
@@ -133,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--compare needs --prompts PATH (a .toml prompt set, e.g. prompts/quick_en.toml)")
         try:
             args.compare = [parse_spec(text) for text in args.compare]
-        except ValueError as e:
+        except UserFacingError as e:
             p.error(f"--compare: {e}")
         if args.kv != KVPrecision.FULL.value:
             p.error("--kv applies to --ask and the app; --compare runs with a full-precision KV cache")
@@ -167,13 +162,18 @@ def launch_options(args: argparse.Namespace) -> tuple[dict, str]:
     return options, notice
 
 
+class CliError(Exception):
+    """A command-line problem the user can fix (e.g. an --out folder that cannot be written)."""
+
+
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """The load switches from the command line (the same for every load the app makes)."""
+    return LoadOptions(trust_remote_code=args.trust_remote_code, stream_offload=args.stream_offload)
+
+
 def load_settings(args: argparse.Namespace) -> LoadSettings:
     """LoadSettings from the command line."""
-    budget = int(args.gpu_budget * GiB) if args.gpu_budget else None
-    return LoadSettings(
-        quant=args.quant, double_quant=args.double_quant, gpu_budget_bytes=budget,
-        context_tokens=args.context, trust_remote_code=args.trust_remote_code, stream_offload=args.stream_offload,
-    )
+    return LoadSettings.from_user(args.quant, args.gpu_budget, args.context, args.double_quant, load_options(args))
 
 
 def _progress(fraction: float, message: str) -> None:
@@ -205,9 +205,10 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
         return 2
     report = engine.load(args.model, load_settings(args), progress=_progress)
     loaded = report.loaded
-    remote = remote_of(loaded)
-    if remote is not None:
-        print(f"model: {remote.label}, checked in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
+    remote = served_by(loaded) is not None
+    if remote:
+        print(f"model: {loaded.ref.location}, checked in {loaded.load_seconds:.1f} s; {loaded.plan.message}",
+              file=sys.stderr)
     else:
         print(f"model: {loaded.ref.label} ({args.quant.value}, {loaded.dtype}) on {loaded.device}, "
               f"loaded in {loaded.load_seconds:.1f} s; {loaded.plan.message}", file=sys.stderr)
@@ -231,8 +232,8 @@ def run_ask(args: argparse.Namespace, engine: Engine) -> int:
         printed = update.text
     print()
     stats = update.stats
-    if remote is not None:
-        metrics = remote.metrics()
+    if remote:
+        metrics = engine_metrics(loaded)
         kv = f"; engine KV cache {metrics.kv_cache_usage:.1%} used" if metrics and metrics.kv_cache_usage is not None else ""
         print(f"metrics: {stats.summary()}; prompt {stats.prompt_tokens} tokens; total {stats.total_s:.2f} s; "
               f"memory: the remote engine's{kv}", file=sys.stderr)
@@ -258,9 +259,9 @@ def run_compare(args: argparse.Namespace, engine: Engine) -> int:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OSError(f"--out: cannot create {folder} ({e.strerror or e})") from None
+            raise CliError(f"--out: cannot create {folder} ({e.strerror or e})") from None
         if not os.access(folder, os.W_OK):
-            raise OSError(f"--out: cannot write into {folder} (read-only)")
+            raise CliError(f"--out: cannot write into {folder} (read-only)")
     prompt_set = load_prompt_set(args.prompts)
     if args.system:
         prompt_set = dataclasses.replace(prompt_set, system=args.system)
@@ -268,7 +269,7 @@ def run_compare(args: argparse.Namespace, engine: Engine) -> int:
     for spec in args.compare:
         engine.resolve(spec.model)  # an unknown model fails here, before any loading
         if spec.quant not in available and not is_remote(spec.model):
-            raise ModelLoadError(f"{spec.label}: {spec.quant.value} is not available on this machine")
+            raise UserFacingError("quant_not_here", label=spec.label, quant=spec.quant.value)
     base = dataclasses.replace(load_settings(args), quant=Quant.NONE)
     # One seed for every configuration, so sampled answers differ only by the model and quantization.
     # One sampling for every configuration (not each model's own recommendation), so answers differ only by
@@ -324,8 +325,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
 
     try:
         engine.load(args.model, load_settings(args), progress=_progress)
-    except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, OSError, ValueError) as e:
-        # The app still starts: the user can pick another model in the UI.
+    except UserFacingError as e:  # the app still starts: the user can pick another model in the UI
         print(f"error: {e}", file=sys.stderr)
     api_app = _api_app(args, engine)
     if args.api_only:
@@ -339,9 +339,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         system_prompt=args.system, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         kv=args.kv,
     )
-    demo = build_demo(engine, defaults, settings_extra={"trust_remote_code": args.trust_remote_code,
-                                                          "stream_offload": args.stream_offload},
-                      max_message_chars=args.max_message_chars)
+    demo = build_demo(engine, defaults, load_options(args), max_message_chars=args.max_message_chars)
     options, notice = launch_options(args)
     app_kwargs = None
     if api_app is not None:
@@ -365,19 +363,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare is not None:
             return run_compare(args, engine)
         return run_ask(args, engine) if args.ask is not None else serve(args, engine)
-    except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, PromptSetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # a chat template that rejects the chat, an InternLM2 checkpoint we cannot map
+    except (UserFacingError, CliError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError as e:
         print(f"error: out of memory: {str(e).splitlines()[0] if str(e) else e}. Lower --context or --gpu-budget's "
               "other users, or pick a smaller --quant.", file=sys.stderr)
         return 1
-    except OSError as e:  # e.g. --out in a folder that does not exist or is read-only
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a bug: its traceback goes to a log file, the user gets its id
+        log_path = engine.cache_dir / "logs" / "errors.log"
+        print(f"error: {internal_error(e, 'command line', _file_log(log_path))} ({log_path})", file=sys.stderr)
         return 1
+
+
+def _file_log(path: Path) -> logging.Logger:
+    """A logger that writes bugs' tracebacks to `path` (the CLI's stderr stays for messages)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("smallchat.cli")
+    log.propagate = False
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path) for h in log.handlers):
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    return log
 
 
 if __name__ == "__main__":

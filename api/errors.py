@@ -6,7 +6,7 @@ import logging
 import uuid
 
 # Through the engine facade, like the UI: the API never reaches below it for its errors.
-from models.engine import ContextOverflowError, ModelLoadError, ModelSourceError, UnknownModelError
+from models.facade import ContextOverflowError, ModelLoadError, ModelSourceError, UnknownModelError, UserFacingError
 
 log = logging.getLogger("smallchat.api")
 
@@ -63,7 +63,7 @@ def from_engine_error(error: BaseException) -> ApiError | None:
         return ApiError(404, str(error), param="model", code="model_not_found")
     if isinstance(error, (ModelLoadError, ModelSourceError)):
         return ApiError(409, f"The model could not be loaded: {error}", param="model", code="model_load_failed")
-    if isinstance(error, ValueError):  # the chat template rejected the chat (e.g. no system role)
+    if isinstance(error, UserFacingError):  # e.g. the chat template rejected the chat (no system role)
         return ApiError(400, str(error), param="messages", code="invalid_messages")
     return None
 

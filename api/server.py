@@ -13,7 +13,7 @@ import sys
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from models.engine import Engine
+from models.facade import Engine
 
 from .routes import build_api_app
 from .service import ApiService, ApiSettings

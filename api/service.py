@@ -13,9 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
-from models.engine import Engine, KVPrecision, OverflowPolicy
-from models.generation import SamplingSettings
-from models.loading import LoadSettings
+from models.facade import Engine, KVPrecision, LoadSettings, OverflowPolicy, SamplingSettings
 
 from .errors import ApiError
 from .schema import ChatRequest
@@ -148,7 +146,7 @@ class ApiService:
                            param="model", code="model_changed")
         # Pin the answer to this exact model: if the UI switches meanwhile, the engine refuses
         # (ModelEvictedError -> 409) instead of answering from another model under this name.
-        key = self.engine.model_key(loaded.ref.location, loaded.settings)
+        key = loaded.key
         sampling = SamplingSettings(
             max_new_tokens=request.max_tokens or self.settings.default_max_tokens,
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,

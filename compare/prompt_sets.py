@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.facade import UserFacingError
+
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 QUALITY_TEXT = PROMPTS_DIR / "quality_text.txt"
 
@@ -20,8 +22,11 @@ _TOP_KEYS = {"name", "language", "system", "passage", "questions"}
 _QUESTION_KEYS = {"text", "keywords", "reference"}
 
 
-class PromptSetError(ValueError):
-    """A prompt set that cannot be used; the message names the file, the line and what to fix."""
+class PromptSetError(UserFacingError):
+    """A prompt set that cannot be used; the detail names the file, the line and what to fix."""
+
+    def __init__(self, detail: str):
+        super().__init__("prompt_set", detail=detail)
 
 
 @dataclass(frozen=True)

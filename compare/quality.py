@@ -17,11 +17,7 @@ from typing import Callable
 
 import torch
 
-from models.engine import Engine
-from models.generation import SamplingSettings
-from models.loading import LoadedModel, LoadSettings, ModelLoadError
-from models.quant import Quant
-from models.remote import is_remote
+from models.facade import Engine, LoadedModel, LoadSettings, ModelKey, ModelLoadError, Quant, SamplingSettings, is_remote
 
 from .prompt_sets import QUALITY_TEXT
 from .runner import ConfigSpec, make_resident
@@ -127,7 +123,7 @@ def next_token_scores(model: torch.nn.Module, ids: list[int], device: torch.devi
     return nll_sum / len(top1), tuple(top1)
 
 
-def score_loaded(engine: Engine, key: str, loaded: LoadedModel, ids: list[int], label: str, load_s: float,
+def score_loaded(engine: Engine, key: ModelKey, loaded: LoadedModel, ids: list[int], label: str, load_s: float,
                  decode_tokens: int) -> TextScore:
     """Score the fixed text with a resident model (under the engine's GPU lock), then time a short answer."""
     def forward():
@@ -143,10 +139,10 @@ def score_loaded(engine: Engine, key: str, loaded: LoadedModel, ids: list[int], 
             stats = update.stats
         decode = stats.decode_tokens_per_s if stats else None
     # An offloaded load holds only part of its weights on the compute device; its whole size is the plan's.
-    offloaded = loaded.plan.verdict in ("offload", "disk")
+    offloaded = not loaded.plan.verdict.resident_only
     weights = max(loaded.weights_bytes, loaded.plan.weights_bytes) if offloaded else loaded.weights_bytes
     return TextScore(label=label, dtype=loaded.dtype, tokens=len(top1), mean_nll=nll, top1=top1, forward_s=seconds,
-                     weights_bytes=weights, load_s=load_s, decode_tokens_per_s=decode, placement=loaded.plan.verdict)
+                     weights_bytes=weights, load_s=load_s, decode_tokens_per_s=decode, placement=loaded.plan.verdict.value)
 
 
 def quality_check(engine: Engine, model: str, quant: Quant, base: LoadSettings | None = None, text: str | None = None,
@@ -154,12 +150,11 @@ def quality_check(engine: Engine, model: str, quant: Quant, base: LoadSettings |
     """Compare `quant` with full precision (quant "none") of the same model on the fixed text."""
     base = base or LoadSettings()
     if is_remote(model):
-        raise ModelLoadError("The quality check compares local quantizations of one model by their logits; "
-                             "a remote engine's model has neither here. Pick a local model.")
+        raise ModelLoadError("remote_logits", model=model)
     text = read_quality_text() if text is None else text
     quantized_spec, full_spec = ConfigSpec(model, quant), ConfigSpec(model, Quant.NONE)
     _, full_plan = engine.plan(model, full_spec.settings(base))
-    if full_plan.verdict == "no_fit":
+    if not full_plan.verdict.loadable:
         # Without the reference there is nothing honest to report: say so instead of guessing.
         note = (f"Full precision does not fit on this machine ({full_plan.message}), so the quality cost of "
                 f"{quant.value} cannot be measured here. Run the check where full precision fits.")

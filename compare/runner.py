@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
-from models.engine import Engine, LoadReport, ModelEvictedError
-from models.generation import GenerationStats, SamplingSettings
-from models.loading import LoadSettings, ModelLoadError
-from models.quant import Quant, parse_quant
-from models.remote import is_remote
+from models.facade import (
+    Engine, GenerationStats, LoadReport, LoadSettings, Message, ModelEvictedError, ModelLoadError, Quant,
+    SamplingSettings, UserFacingError, Verdict, internal_error, is_remote, parse_quant,
+)
 
 from .prompt_sets import PromptSet
 from .scoring import Score, score_answer
@@ -83,19 +82,19 @@ def parse_spec(text: str) -> ConfigSpec:
     """
     text = (text or "").strip()
     if not text:
-        raise ValueError("Empty configuration: give MODEL[:QUANT], e.g. smollm2-135m-instruct:4bit")
+        raise UserFacingError("empty_config")
     model, sep, quant = text.rpartition(":")
     if is_remote(text):
         try:
             return ConfigSpec(model.strip(), parse_quant(quant)) if is_remote(model) else ConfigSpec(text)
-        except ValueError:
+        except UserFacingError:  # not a quantization: part of the URL
             return ConfigSpec(text)
     if not sep or len(model) == 1:  # no quant given (a lone letter before ':' is a Windows drive)
         return ConfigSpec(text, Quant.NONE)
     try:
         return ConfigSpec(model.strip(), parse_quant(quant))
-    except ValueError as e:
-        raise ValueError(f"In {text!r}: {e}") from None
+    except UserFacingError as e:
+        raise UserFacingError("bad_config", text=text, detail=e.message) from None
 
 
 @dataclass
@@ -107,7 +106,8 @@ class Side:
     text: str = ""
     stats: GenerationStats | None = None
     load: LoadReport | None = None
-    error: str = ""
+    error: str = ""  # in English (exports); `failure` says it in any language
+    failure: Message | None = None
 
     @property
     def swapped_out(self) -> list[str]:
@@ -138,11 +138,18 @@ def make_resident(engine: Engine, spec: ConfigSpec, base: LoadSettings, progress
     """Load (or reuse) a configuration, evicting others only when the budget needs it; refuse what won't fit."""
     settings = spec.settings(base)
     _, alone = engine.plan(spec.model, settings)  # residents count as given back: could it fit at all?
-    if alone.verdict == "no_fit":
-        raise ModelLoadError(f"{spec.label} does not fit on this machine: {alone.message}")
+    if not alone.verdict.loadable:
+        raise ModelLoadError("no_fit_compare", model=spec.label, plan=alone.reason)
     # ensure() keeps what fits next to the new model and unloads the least recently used otherwise.
     report = engine.ensure(spec.model, settings, progress=progress)
     return report
+
+
+def _failure(error: BaseException, where: str) -> Message:
+    """What a run reports for an error: the user's own (a UserFacingError), else an internal error logged as a bug."""
+    if isinstance(error, UserFacingError):
+        return error.message
+    return internal_error(error, where)
 
 
 def fits_together(engine: Engine, specs: list[ConfigSpec], base: LoadSettings) -> bool:
@@ -150,10 +157,10 @@ def fits_together(engine: Engine, specs: list[ConfigSpec], base: LoadSettings) -
     # One plan per distinct model: A and B may be the same configuration, loaded once.
     plans = list({engine.model_key(s.model, s.settings(base)): engine.plan(s.model, s.settings(base))[1]
                   for s in specs}.values())
-    plans = [p for p in plans if p.verdict != "remote"]  # a remote engine's model takes no memory here
+    plans = [p for p in plans if p.verdict is not Verdict.REMOTE]  # a remote engine's model takes no memory here
     if not plans:
         return True
-    if any(p.verdict not in ("gpu", "cpu") for p in plans):
+    if any(not p.verdict.resident_only for p in plans):
         return False
     # Each plan's budget counts every resident as given back: the whole budget. What each model
     # holds while idle stays (its weights; for 4bit-fast also its static KV cache, allocated at
@@ -171,7 +178,7 @@ def compare(engine: Engine, specs: list[ConfigSpec], messages: list[dict], sampl
     state = Comparison(sides=[Side(spec) for spec in specs])
     try:
         state.fit_together = fits_together(engine, specs, base) if len(specs) > 1 else True
-    except (ModelLoadError, ValueError, OSError):
+    except UserFacingError:
         state.fit_together = None  # an unknown model: its side reports the error below
     yield state
     for side in state.sides:
@@ -197,8 +204,9 @@ def compare(engine: Engine, specs: list[ConfigSpec], messages: list[dict], sampl
                     if attempt:
                         raise
             side.status = "done"
-        except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
-            side.status, side.error = "error", str(e)
+        except Exception as e:  # noqa: BLE001 - reported on this side; the other side still runs
+            side.failure = _failure(e, "compare")
+            side.status, side.error = "error", str(side.failure)
         yield state
     state.done = True
     yield state
@@ -287,12 +295,13 @@ def run_batch(engine: Engine, prompt_set: PromptSet, specs: list[ConfigSpec], sa
         started = time.perf_counter()
         try:
             report = make_resident(engine, spec, base)
-        except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - every row of this configuration reports it; the rest still run
+            failure = str(_failure(e, "batch load"))
             for index in range(len(prompt_set.questions)):
                 done += 1
                 row = _row(prompt_set, index, spec, None, "", None)
-                row.error = str(e)
-                yield BatchEvent(done, total, row, message=f"{spec.label}: {e}")
+                row.error = failure
+                yield BatchEvent(done, total, row, message=f"{spec.label}: {failure}")
             continue
         load_s = 0.0 if report.reused else time.perf_counter() - started
         key = engine.model_key(spec.model, spec.settings(base))
@@ -311,8 +320,8 @@ def run_batch(engine: Engine, prompt_set: PromptSet, specs: list[ConfigSpec], sa
                         if attempt:
                             raise
                         report = make_resident(engine, spec, base)
-            except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
-                error = str(e)
+            except Exception as e:  # noqa: BLE001 - the row reports it; the next questions still run
+                error = str(_failure(e, "batch answer"))
             done += 1
             row = _row(prompt_set, index, spec, stats, text, score_answer(text, question) if not error else None)
             row.error = error

@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import coded
+from .messages import UserFacingError
 
 CATALOG_PATH = Path(__file__).with_name("catalog.toml")
 TEMPLATES_DIR = Path(__file__).with_name("chat_templates")
@@ -17,7 +17,7 @@ TEMPLATES_DIR = Path(__file__).with_name("chat_templates")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserFacingError):
     """The user asked for a model id, path or hub id that cannot be resolved."""
 
 
@@ -110,10 +110,7 @@ class Catalog:
         try:
             return self.entries[model_id]
         except KeyError:
-            raise coded(UnknownModelError(
-                f"Unknown model id {model_id!r}. Valid ids: {', '.join(self.ids())}; "
-                "or give a local folder, a .gguf file or a hub id like owner/name."
-            ), "unknown_id", model=model_id, valid=", ".join(self.ids())) from None
+            raise UnknownModelError("unknown_id", model=model_id, valid=", ".join(self.ids())) from None
 
     def resolve(self, choice: str) -> ModelRef:
         """Turn what the user typed or picked into a ModelRef (catalog id, folder, GGUF, hub id)."""
@@ -128,19 +125,13 @@ class Catalog:
         if path.is_file():
             if path.suffix.lower() == ".gguf":
                 return ModelRef("gguf", str(path.resolve()))
-            raise coded(UnknownModelError(
-                f"{text} is a file but not a .gguf file. Point at the model's folder "
-                "(the one holding config.json) or at a .gguf file."
-            ), "not_gguf", path=text)
+            raise UnknownModelError("not_gguf", path=text)
         looks_like_path = text.startswith(("/", ".", "~")) or "\\" in text or text.endswith(".gguf")
         if looks_like_path:
-            raise coded(UnknownModelError(f"No such folder or file: {text}"), "no_such_path", path=text)
+            raise UnknownModelError("no_such_path", path=text)
         if _HUB_ID.match(text):
             return ModelRef("hub", text)
-        raise coded(UnknownModelError(
-            f"Unknown model {text!r}. Valid ids: {', '.join(self.ids())}; "
-            "or give a local folder, a .gguf file or a hub id like owner/name."
-        ), "unknown_model", model=text, valid=", ".join(self.ids()))
+        raise UnknownModelError("unknown_model", model=text, valid=", ".join(self.ids()))
 
 
 def _shape_from_table(table: dict) -> ModelShape:

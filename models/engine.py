@@ -22,27 +22,21 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from . import hardware
-from .errors import coded
-from .catalog import Catalog, ModelRef, ModelShape, UnknownModelError
-from .generation import SamplingSettings, StreamUpdate, chat_input_ids, stream_generate
-from .kv_cache import (
-    ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, SessionCacheStore, cache_bytes,
-    fit_messages, new_cache,
-)
-from .loading import (
-    LoadedModel, LoadSettings, ModelLoadError, PreparedLoad, free_cuda_memory, load_prepared, make_budget, plan_for,
-    prepare_load,
-)
-from .memory import FitPlan, kv_bytes_per_token, kv_room_bytes
+from .catalog import Catalog, ModelRef
+from .generation import SamplingSettings, StreamUpdate
+from .kv_cache import KVPrecision, OverflowPolicy, SessionCacheStore, cache_bytes
+from .loading import LoadedModel, PreparedLoad, free_cuda_memory, load_prepared, prepare_load
+from .local_answer import answer_local, kv_token_bytes
+from .memory import FitPlan
+from .memory_split import kv_room_bytes
+from .placement import cap_allocator, default_gpu_budget_bytes, kv_split, less_held, make_budget, plan_for
 from .quant import QuantOption, quant_options
 from .remote import connect_loaded, is_remote, remote_of, remote_plan, remote_ref
-from .sources import ModelSourceError, default_cache_dir
+from .settings import LoadSettings, ModelKey
+from .sources import default_cache_dir, shape_of
 
 ProgressFn = Callable[[float, str], None]
 T = TypeVar("T")
-
-# Tokens kept free for the answer when the context is full and max_new_tokens is larger.
-MIN_ANSWER_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -65,38 +59,6 @@ class LoadReport:
     reused: bool = False  # already resident: nothing was loaded
 
 
-def _kv_token_bytes(loaded: LoadedModel, kv: KVPrecision) -> int:
-    """KV bytes per token of context for a loaded model at a cache precision."""
-    if kv is KVPrecision.FP8:
-        return kv_bytes_per_token(loaded.shape, 1)
-    return kv_bytes_per_token(loaded.shape, torch.empty(0, dtype=loaded.model.dtype).element_size())
-
-
-def _shared_kv_precision(precision: KVPrecision | str) -> KVPrecision:
-    return precision if isinstance(precision, KVPrecision) else KVPrecision(precision)
-
-
-class ModelEvictedError(ModelLoadError):
-    """The model an answer was asked of is no longer resident (evicted to make room for another)."""
-
-
-def _less_held(per_device: tuple[int, ...], held: int) -> tuple[int, ...]:
-    """Per-GPU budgets with what kept models hold taken out, from GPU 0 on (where their layers start)."""
-    out = []
-    for budget in per_device:
-        take = min(budget, held)
-        out.append(budget - take)
-        held -= take
-    return tuple(out)
-
-
-def _kv_split(kv: int, plan, count: int) -> list[int]:
-    """KV bytes on each of `count` GPUs: each holds its layers' share (all on GPU 0 without a split plan)."""
-    holds = list(plan.kv_layers_per_device()) if plan is not None and plan.gpu_layers_per_device else [1]
-    holds += [0] * (count - len(holds))
-    return [kv * h // max(1, sum(holds)) for h in holds[:count]]
-
-
 class Engine:
     """Owns the models, the session caches and the GPU lock; the UI and the CLI both drive it."""
 
@@ -107,8 +69,8 @@ class Engine:
         # A plain Lock, not an RLock: a streaming answer takes it in the caller's thread and
         # its worker thread gives it back when the computation ends.
         self._lock = threading.Lock()
-        self._residents: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
-        self._chat_key: str | None = None  # the model the Chat tab talks to
+        self._residents: OrderedDict[ModelKey, LoadedModel] = OrderedDict()  # least recently used first
+        self._chat_key: ModelKey | None = None  # the model the Chat tab talks to
         self._chat_spec: tuple[str, LoadSettings] | None = None  # how to load it again if it was evicted
         self._sessions = SessionCacheStore()
         self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget
@@ -167,17 +129,13 @@ class Engine:
             # Weights as measured on each GPU at load; KV split as the chat model's plan places its layers.
             per_gpu = [sum(m.weights_bytes_per_device[d] if d < len(m.weights_bytes_per_device) else
                            (m.weights_bytes if d == 0 else 0) for m in residents) for d in range(count)]
-            kv_per_gpu = _kv_split(kv, self.loaded.plan if self.loaded else None, count)
+            kv_per_gpu = kv_split(kv, self.loaded.plan if self.loaded else None, count)
             per_device = list(zip(per_gpu, kv_per_gpu))
         return hardware.snapshot(weights, kv, baseline_used=self._baseline_used, per_device=per_device)
 
     def session_count(self) -> int:
         """How many chat sessions hold a KV cache."""
         return len(self._sessions)
-
-    def session_ids(self) -> list[str]:
-        """Ids of the chat sessions holding a KV cache, least recently used first."""
-        return self._sessions.sessions()
 
     # ----- planning ------------------------------------------------------------------
     def resolve(self, choice: str) -> ModelRef:
@@ -186,44 +144,22 @@ class Engine:
             return remote_ref(choice)
         return self.catalog.resolve(choice)
 
-    def model_key(self, choice: str, settings: LoadSettings) -> str:
+    def model_key(self, choice: str, settings: LoadSettings) -> ModelKey:
         """The identity of a loaded model: what it is and how it was quantized."""
-        ref = self.resolve(choice)
-        if ref.kind == "remote":  # the server decides precision and context
-            return f"{ref.location}|remote"
-        dq = "+dq" if settings.double_quant and settings.quant.value == "4bit" else ""
-        return f"{ref.location}|{settings.quant.value}{dq}|ctx{settings.context_tokens}"
+        return ModelKey.of(self.resolve(choice), settings)
 
-    def shape_of(self, ref: ModelRef) -> ModelShape:
-        """The architecture shape of a model without loading it (catalog data or config.json)."""
-        if ref.entry is not None:
-            return ref.entry.shape
-        from transformers import AutoConfig
+    def default_gpu_budget_bytes(self, device: int = 0) -> int | None:
+        """The GPU budget a load gets when the user sets none (None without a GPU): what the slider starts at."""
+        if self.device != "cuda":
+            return None
+        return default_gpu_budget_bytes(device, self.cuda_runtime_bytes())
 
-        if ref.kind == "folder":
-            from .internlm2 import internlm2_shape, is_internlm2_folder
-
-            if is_internlm2_folder(Path(ref.location)):  # transformers has no config class for it
-                import json
-
-                return internlm2_shape(json.loads((Path(ref.location) / "config.json").read_text()))
-        try:
-            if ref.kind == "gguf":
-                path = Path(ref.location)
-                config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-            else:
-                config = AutoConfig.from_pretrained(ref.location)
-        except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ModelSourceError(f"Cannot read the config of {ref.location}: {first}") from None
-        return ModelShape.from_config(config)
-
-    def _held_bytes(self, key: str, loaded: LoadedModel) -> int:
+    def _held_bytes(self, key: ModelKey, loaded: LoadedModel) -> int:
         """What a resident model holds while idle: weights, its fast decoder's static cache, its sessions' KV."""
         static = loaded.fast.cache_bytes if loaded.fast is not None else 0
         return loaded.weights_bytes + static + self._sessions.model_bytes(key)
 
-    def _budget(self, settings: LoadSettings, keep: set[str]):
+    def _budget(self, settings: LoadSettings, keep: set[ModelKey]):
         """The budget for a new model, with what the kept residents hold taken out."""
         budget = make_budget(settings, self.cuda_runtime_bytes(), self.cache_dir)
         residents = list(self._residents.items())  # a copy: the panel's timer reads from another thread
@@ -235,9 +171,9 @@ class Engine:
             others = sum(self._held_bytes(k, m) for k, m in residents if k not in keep)
             return replace(budget, ram_bytes=budget.ram_bytes + others)
         return replace(budget, gpu_bytes=max(0, budget.gpu_bytes - held),
-                       gpu_bytes_per_device=_less_held(budget.gpu_bytes_per_device, held))
+                       gpu_bytes_per_device=less_held(budget.gpu_bytes_per_device, held))
 
-    def plan(self, choice: str, settings: LoadSettings, keep: tuple[str, ...] = ()) -> tuple[ModelRef, FitPlan]:
+    def plan(self, choice: str, settings: LoadSettings, keep: tuple[ModelKey, ...] = ()) -> tuple[ModelRef, FitPlan]:
         """Will it fit? The plan for a model and settings, before anything is loaded.
 
         Memory of resident models is counted as given back, except for those in `keep`.
@@ -245,7 +181,7 @@ class Engine:
         ref = self.resolve(choice)
         if ref.kind == "remote":
             return ref, remote_plan(ref, settings)
-        return ref, plan_for(self.shape_of(ref), settings, self._budget(settings, set(keep)))
+        return ref, plan_for(shape_of(ref), settings, self._budget(settings, set(keep)))
 
     # ----- loading -------------------------------------------------------------------
     def unload(self) -> list[UnloadReport]:
@@ -254,7 +190,7 @@ class Engine:
             self._chat_key = self._chat_spec = None
             return self._unload_all_locked()
 
-    def _unload_locked(self, key: str) -> UnloadReport:
+    def _unload_locked(self, key: ModelKey) -> UnloadReport:
         started = time.perf_counter()
         before = self._allocated()
         loaded = self._residents.pop(key)
@@ -299,7 +235,7 @@ class Engine:
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
     def ensure(self, choice: str, settings: LoadSettings, progress: ProgressFn | None = None,
-               keep: tuple[str, ...] = ()) -> LoadReport:
+               keep: tuple[ModelKey, ...] = ()) -> LoadReport:
         """Make a model resident, keeping others loaded while everything fits.
 
         Residents other than `keep` are unloaded, least recently used first, until the new
@@ -323,14 +259,14 @@ class Engine:
             prepared = prepare_load(ref, settings, self._budget(settings, set(keep)), progress)
             unloaded = []
             for other in list(self._residents):  # least recently used first
-                if plan_for(prepared.shape, settings, self._budget(settings, set(self._residents))).verdict in ("gpu", "cpu"):
+                if plan_for(prepared.shape, settings, self._budget(settings, set(self._residents))).verdict.resident_only:
                     break  # fits next to everything still loaded
                 if other not in keep and remote_of(self._residents[other]) is None:  # a remote one frees nothing here
                     unloaded.append(self._unload_locked(other))
             loaded = self._load_locked(prepared, key, progress)
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
-    def _connect_remote(self, ref: ModelRef, key: str, settings: LoadSettings,
+    def _connect_remote(self, ref: ModelRef, key: ModelKey, settings: LoadSettings,
                         switch: tuple[str, LoadSettings] | None = None) -> LoadReport:
         """Make a remote engine's model resident; with `switch`, as the Chat tab's model, unloading the others.
 
@@ -341,6 +277,7 @@ class Engine:
         loaded = connect_loaded(ref, settings)
         with self._lock:
             unloaded = self._unload_all_locked() if switch else []
+            loaded.key = key
             self._residents[key] = loaded
             if switch:
                 self._chat_key, self._chat_spec = key, switch
@@ -349,31 +286,18 @@ class Engine:
     def _with_cache_dir(self, settings: LoadSettings) -> LoadSettings:
         return settings if settings.cache_dir is not None else replace(settings, cache_dir=self.cache_dir)
 
-    def _load_locked(self, prepared: PreparedLoad, key: str, progress: ProgressFn | None) -> LoadedModel:
+    def _load_locked(self, prepared: PreparedLoad, key: ModelKey, progress: ProgressFn | None) -> LoadedModel:
         if not self._residents:
             free_cuda_memory()
             self._idle_level = self._allocated()
         # Replanned under what is free now, after any unloads.
         prepared = prepared.replanned(self._budget(prepared.settings, set(self._residents)))
         if self.device == "cuda":
-            self._apply_budget(prepared.settings)
+            cap_allocator(prepared.settings, self.cuda_runtime_bytes())
         loaded = load_prepared(prepared, progress)
+        loaded.key = key
         self._residents[key] = loaded
         return loaded
-
-    def _apply_budget(self, settings: LoadSettings) -> None:
-        # Cap torch's allocator at the budget (minus the CUDA context it does not manage),
-        # so the app can never use more VRAM than the user allowed, even on a bigger card.
-        # The GPU budget is per GPU: every visible device gets the same cap.
-        for device in range(max(1, hardware.cuda_device_count())):
-            total = torch.cuda.get_device_properties(device).total_memory
-            if settings.gpu_budget_bytes:
-                # A tiny floor only: set_per_process_memory_fraction rejects 0, and a budget
-                # below the context must still make loads fail rather than be ignored.
-                fraction = max(1e-6, min(1.0, (settings.gpu_budget_bytes - self.cuda_runtime_bytes()) / total))
-            else:
-                fraction = 1.0
-            torch.cuda.set_per_process_memory_fraction(fraction, device)
 
     def _allocated(self) -> int:
         if self.device == "cuda" and torch.cuda.is_initialized():
@@ -424,10 +348,10 @@ class Engine:
         loaded = loaded or self.loaded
         if loaded is None or loaded.fast is not None or remote_of(loaded) is not None:
             return None
-        kv = _shared_kv_precision(kv)
+        kv = KVPrecision(kv)
         if kv is KVPrecision.OFFLOAD or (loaded.device != "cuda" and self._kv_budget_override is None):
             return None
-        return min(loaded.shape.max_context, self.kv_budget_bytes(loaded) // _kv_token_bytes(loaded, kv))
+        return min(loaded.shape.max_context, self.kv_budget_bytes(loaded) // kv_token_bytes(loaded, kv))
 
     # ----- chatting ------------------------------------------------------------------
     def drop_session(self, session_id: str) -> None:
@@ -450,156 +374,24 @@ class Engine:
         for session_id in pending:
             self._sessions.drop(session_id)
 
-    def chat(
-        self,
-        messages: list[dict],
-        sampling: SamplingSettings,
-        stop_event: threading.Event,
-        model: str | None = None,
-        session: str | None = None,
-        kv: KVPrecision | str = KVPrecision.FULL,
-        policy: OverflowPolicy | str = OverflowPolicy.DROP_OLDEST,
-    ) -> Iterator[StreamUpdate]:
+    def chat(self, messages: list[dict], sampling: SamplingSettings, stop_event: threading.Event,
+             model: ModelKey | None = None, session: str | None = None,
+             kv: KVPrecision | str = KVPrecision.FULL,
+             policy: OverflowPolicy | str = OverflowPolicy.DROP_OLDEST) -> Iterator[StreamUpdate]:
         """Stream an answer to a chat (list of {role, content}).
 
         `model` is a model key (default: the Chat tab's model); `session` names whose KV
         cache to reuse and keep. The chat is fitted into the context first (`policy`);
         stats.dropped_messages and stats.reused_tokens say what happened.
         """
-        kv = _shared_kv_precision(kv)
-        policy = policy if isinstance(policy, OverflowPolicy) else OverflowPolicy(policy)
-        spec = self._chat_spec
-        if model is None and spec is not None and self._chat_key not in self._residents:
-            self.ensure(*spec)  # the Chat tab's model was evicted (e.g. by a comparison): bring it back
-        remote = remote_of(self._residents.get(model or self._chat_key or ""))
-        if remote is not None:
-            # The server fits, templates and caches the chat itself, and its compute is not this
-            # machine's: no GPU lock, no local KV cache.
-            yield from remote.stream(messages, sampling, stop_event)
-            return
-        self._lock.acquire()
-        self._drop_pending_locked()
-        released = threading.Event()
-        release_guard = threading.Lock()
-
-        def release() -> None:
-            with release_guard:  # called from the worker and from here: release exactly once
-                if not released.is_set():
-                    released.set()
-                    self._live_cache = None
-                    self._drop_pending_locked()  # tabs closed while this answer ran
-                    self._lock.release()
-
-        out_of_memory = False
-        entry: SessionCache | None = None
+        if model is None and self._chat_spec is not None and self._chat_key not in self._residents:
+            self.ensure(*self._chat_spec)  # the Chat tab's model was evicted (e.g. by a comparison): bring it back
         key = model or self._chat_key
-        try:
-            loaded = self._residents.get(key) if key else None
-            if loaded is None and model is not None:
-                raise coded(ModelEvictedError(
-                    f"{model.split('|')[0]} was unloaded to make room for another model before this answer "
-                    "could start (another load or comparison ran meanwhile); run it again."
-                ), "evicted", model=model.split("|")[0])
-            if loaded is None:
-                raise coded(ModelLoadError("No model is loaded yet: pick one and press Load."), "no_model")
-            self._residents.move_to_end(key)
-            if kv is KVPrecision.OFFLOAD and loaded.device != "cuda":
-                kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
-            ids, dropped, prompt_limit = self._fit(loaded, messages, sampling, kv, policy)
-            if loaded.fast is not None:
-                yield from self._chat_fast(loaded, ids, dropped, prompt_limit, sampling, stop_event, release)
-                return
-            if session is not None:
-                entry = self._sessions.get(session, key, kv)
-            reused = entry.reuse_for(ids) if entry is not None else 0
-            if reused == 0:
-                entry = SessionCache(model_key=key, precision=kv, cache=new_cache(loaded.model.config, kv))
-            room = self.context_limit(loaded, kv) - len(ids)
-            sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
-            if session is not None:
-                self._sessions.put(session, entry)
-                # Room for this answer's whole context: older sessions' caches go first.
-                need = _kv_token_bytes(loaded, kv) * (len(ids) + sampling.max_new_tokens) - entry.nbytes
-                self._sessions.evict_until(max(0, self.kv_budget_bytes(loaded) - need), keep=session)
-            else:
-                self._live_cache = entry.cache
-            # Until the answer is done the cache is only known to hold the reused prefix.
-            entry.token_ids = ids[:reused]
-            updates = stream_generate(
-                loaded.model, loaded.tokenizer, ids, sampling, stop_event, entry.cache, on_worker_done=release,
-            )
-            for update in updates:
-                update.stats.reused_tokens = reused
-                update.stats.dropped_messages = len(dropped)
-                update.stats.prompt_limit = prompt_limit
-                if update.done:
-                    entry.token_ids = ids + update.token_ids
-                yield update
-        except torch.OutOfMemoryError as e:
-            # Drop the traceback: its frames hold the activations and cache we must free.
-            e.__traceback__ = None
-            out_of_memory = True
-        except GeneratorExit:  # the caller went away; the cache is consistent with token_ids
-            raise
-        except BaseException:
-            if session is not None:  # a cache in an unknown state is never reused
-                self._sessions.drop(session)
-            raise
-        finally:
-            release()  # no-op if the worker already released; else it never started
-        if out_of_memory:
-            with self._lock:
-                if session is not None:
-                    self._sessions.drop(session)
-                entry = None
-                free_cuda_memory()
-            raise coded(ModelLoadError(
-                "Out of GPU memory during the answer. Its cache was dropped and the chat is kept; "
-                "lower max new tokens, shorten the chat, or pick a smaller quantization."
-            ), "oom_answer")
-
-    def _chat_fast(self, loaded: LoadedModel, ids: list[int], dropped: list[dict], prompt_limit: int,
-                   sampling: SamplingSettings, stop_event: threading.Event,
-                   release: Callable[[], None]) -> Iterator[StreamUpdate]:
-        """Answer through the model's FastDecoder (Quant.INT4).
-
-        It owns one static cache per model, sized to the context at load, and reuses the longest
-        common prefix with whatever it answered last: a session's next turn reuses its history
-        unless another session answered in between (then it is prefilled again, never mixed).
-        """
-        room = min(loaded.fast.max_context, self.context_limit(loaded)) - len(ids)
-        sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
-        for update in loaded.fast.stream(loaded.tokenizer, ids, sampling, stop_event, on_worker_done=release):
-            update.stats.dropped_messages = len(dropped)
-            update.stats.prompt_limit = prompt_limit
-            yield update
-
-    def _fit(self, loaded: LoadedModel, messages: list[dict], sampling: SamplingSettings, kv: KVPrecision,
-             policy: OverflowPolicy) -> tuple[list[int], list[dict], int]:
-        """Token ids of the chat after the overflow policy, the messages it dropped, and the prompt's limit.
-
-        The limit is the one an overflow error names, so a later "context full" notice can say the same number."""
-        limit = self.context_limit(loaded, kv)
-        answer_room = min(sampling.max_new_tokens, max(MIN_ANSWER_TOKENS, limit // 4))
-        max_prompt = limit - answer_room
-        if max_prompt <= 0:
-            raise coded(ContextOverflowError(
-                f"Memory leaves room for only {limit} tokens of context: free VRAM, lower the context "
-                "length, or pick a smaller quantization."
-            ), "no_context_room", limit=limit)
-
-        ids = chat_input_ids(loaded.tokenizer, messages)
-        if len(ids) <= max_prompt:  # the usual case: template the chat once
-            return ids, [], max_prompt
-
-        def count(msgs: list[dict]) -> int:
-            return len(chat_input_ids(loaded.tokenizer, msgs))
-
-        kept, dropped = fit_messages(messages, count, max_prompt, policy)
-        return chat_input_ids(loaded.tokenizer, kept), dropped, max_prompt
+        remote = remote_of(self._residents.get(key)) if key else None
+        if remote is not None:  # the server fits, templates and caches the chat; no GPU lock here
+            return remote.stream(messages, sampling, stop_event)
+        return answer_local(self, key, model is not None, messages, sampling, stop_event, session,
+                            KVPrecision(kv), OverflowPolicy(policy))
 
 
-__all__ = [
-    "Engine", "LoadReport", "ModelEvictedError", "UnloadReport", "UnknownModelError", "ModelLoadError", "ModelSourceError",
-    "ContextOverflowError", "KVPrecision", "OverflowPolicy",
-]
+__all__ = ["Engine", "LoadReport", "UnloadReport"]

@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .memory import PREFILL_CHUNK
+from .messages import UserFacingError
 
 _DONE = object()
 
@@ -196,15 +197,19 @@ class _TimedQueueStreamer(BaseStreamer):
         pass
 
 
+class ChatTemplateError(UserFacingError):
+    """The model's chat template refused this chat (e.g. "System role not supported")."""
+
+
 def chat_input_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat, formatted by the tokenizer's own chat template (ValueError if the template fails)."""
+    """Token ids of a chat, formatted by the tokenizer's own chat template (ChatTemplateError if it refuses)."""
     from jinja2 import TemplateError
 
     try:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     except TemplateError as e:
         # Templates raise for chats they do not accept, e.g. "System role not supported".
-        raise ValueError(f"The model's chat template rejected this chat: {e}") from None
+        raise ChatTemplateError("template_rejected", detail=str(e)) from None
     return list(encoded["input_ids"])
 
 

@@ -10,17 +10,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from .memory import DEFAULT_CUDA_CONTEXT, GiB
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    """The CUDA device the app uses (always device 0)."""
-
-    name: str
-    total_bytes: int
-    free_bytes: int
-    compute_capability: tuple[int, int]
+from .memory import DEFAULT_CUDA_CONTEXT
 
 
 @dataclass(frozen=True)
@@ -72,19 +62,6 @@ def gpu_reserved_bytes(index: int) -> int:
     return torch.cuda.memory_reserved(index) if torch.cuda.is_initialized() else 0
 
 
-def gpu_info() -> GpuInfo | None:
-    """Name, memory and compute capability of GPU 0, or None without CUDA."""
-    if not cuda_available():
-        return None
-    free, total = torch.cuda.mem_get_info(0)
-    return GpuInfo(
-        name=torch.cuda.get_device_name(0),
-        total_bytes=total,
-        free_bytes=free,
-        compute_capability=torch.cuda.get_device_capability(0),
-    )
-
-
 def ram_available() -> int:
     """RAM the OS could give us now."""
     return psutil.virtual_memory().available
@@ -129,16 +106,6 @@ def nvml_used_bytes() -> int | None:
             pynvml.nvmlShutdown()
     except Exception:  # no NVML library, no driver, no GPU: the caller falls back
         return None
-
-
-def measure_cuda_runtime_bytes() -> int:
-    """Bytes this process holds on GPU 0 outside torch's allocator (CUDA context, kernels)."""
-    if not cuda_available() or not torch.cuda.is_initialized():
-        return DEFAULT_CUDA_CONTEXT
-    nvml = _nvml_process_bytes()
-    if nvml and nvml[0]:
-        return max(0, nvml[0] - torch.cuda.memory_reserved(0))
-    return DEFAULT_CUDA_CONTEXT
 
 
 def gpu_reading(index: int) -> tuple[str, int, int, int, int]:
@@ -199,11 +166,3 @@ def _gpu_snapshot(index: int, weights: int, kv_cache: int, baseline_used: int | 
         runtime=runtime, other_processes=others, peak=peak_reserved + runtime,
         ram_total=vm.total, ram_available=vm.available,
     )
-
-
-def default_gpu_budget_bytes(margin_bytes: int = GiB // 2) -> int | None:
-    """Default VRAM budget: free VRAM minus a safety margin (None without a GPU)."""
-    info = gpu_info()
-    if info is None:
-        return None
-    return max(0, info.free_bytes - margin_bytes)

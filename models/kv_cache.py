@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .errors import coded
+from .messages import UserFacingError
 
 
 class KVPrecision(str, Enum):
@@ -34,7 +34,7 @@ class OverflowPolicy(str, Enum):
     REFUSE = "refuse"  # tell the user and change nothing
 
 
-class ContextOverflowError(ValueError):
+class ContextOverflowError(UserFacingError):
     """The chat does not fit the context and the policy (or a too-long message) forbids cutting it."""
 
 
@@ -231,10 +231,7 @@ def fit_messages(
         return messages, []
     if policy is OverflowPolicy.REFUSE:
         needed = count_tokens(messages)
-        raise coded(ContextOverflowError(
-            f"The chat needs {needed} tokens but the context allows {max_prompt_tokens}. "
-            "Clear the chat, undo some turns, or choose 'drop oldest turns'."
-        ), "overflow_refused", needed=needed, allowed=max_prompt_tokens)
+        raise ContextOverflowError("overflow_refused", needed=needed, allowed=max_prompt_tokens)
     head = [m for m in messages[:1] if m["role"] == "system"]
     body = messages[len(head):]
     dropped: list[dict] = []
@@ -248,8 +245,5 @@ def fit_messages(
     kept = head + body
     if count_tokens(kept) > max_prompt_tokens:
         needed = count_tokens(kept)
-        raise coded(ContextOverflowError(
-            f"Your message alone needs {needed} tokens but the context allows {max_prompt_tokens}. "
-            "Shorten it, raise the context length, or lower max new tokens."
-        ), "message_too_long", needed=needed, allowed=max_prompt_tokens)
+        raise ContextOverflowError("message_too_long", needed=needed, allowed=max_prompt_tokens)
     return kept, dropped

@@ -21,11 +21,13 @@ import torch
 
 from . import hardware
 from .catalog import ModelRef, ModelShape
-from .errors import coded
-from .memory import GiB, Budget, FitPlan, plan_fit
-from .offload import SLOTS as STREAM_SLOTS
+from .memory import Budget, FitPlan, Verdict
+from .messages import Message
+from .messages import first_line as _first_line
 from .offload import LayerStreamer, stream_offloaded_layers
-from .quant import Quant, dtype_bytes, quant_options, storage_dtype, streams_offload
+from .placement import build_device_map, layers_name, max_memory, plan_for, weights_on_device_bytes
+from .quant import Quant, quant_options, storage_dtype
+from .settings import LoadSettings, ModelLoadError
 from .sources import LocalModel, ModelSourceError, default_cache_dir, resolve_local
 
 if TYPE_CHECKING:
@@ -43,28 +45,8 @@ def _not_cast_notice(record: logging.LogRecord) -> bool:
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
 
 
-class ModelLoadError(RuntimeError):
-    """Loading failed for a reason the user can act on; the message says which."""
-
-
 class NoChatTemplateError(ModelLoadError):
     """The tokenizer has no chat template, so there is no correct way to format a chat."""
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """How to load: quantization, memory budget, context to plan for."""
-
-    quant: Quant = Quant.NONE
-    double_quant: bool = False
-    gpu_budget_bytes: int | None = None  # None: free VRAM minus a margin; ignored without a GPU
-    context_tokens: int = 4096
-    trust_remote_code: bool = False
-    cache_dir: Path | None = None
-    # fp16/bf16 layers offloaded to CPU RAM are page-locked and prefetched a layer ahead by
-    # models/offload.py: 4.2 tok/s for a 7B under 8 GiB on an H200 against 0.6 with accelerate's
-    # copy-on-call hooks (bench/decode_speed.py; ../BENCHMARKS.md). --accelerate-offload turns it off.
-    stream_offload: bool = True
 
 
 @dataclass
@@ -100,99 +82,6 @@ def _progress(progress: ProgressFn | None, fraction: float, message: str) -> Non
 
 def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
-
-
-def make_budget(settings: LoadSettings, cuda_runtime_bytes: int, cache_dir: Path) -> Budget:
-    """The memory this load may use: the GPU budget (or None on CPU), free RAM and disk."""
-    ram = int(hardware.ram_available() * 0.9)  # leave the OS and the UI some room
-    disk = hardware.disk_free(cache_dir)
-    if not hardware.cuda_available():
-        return Budget(gpu_bytes=None, ram_bytes=ram, disk_bytes=disk)
-    count = hardware.cuda_device_count()
-    if count > 1:
-        return _multi_gpu_budget(settings, cuda_runtime_bytes, count, ram, disk)
-    gpu = settings.gpu_budget_bytes
-    if gpu is None:
-        gpu = hardware.default_gpu_budget_bytes() or 0
-        gpu += hardware.gpu_reserved_bytes(0) + cuda_runtime_bytes  # what we already hold is ours to reuse
-    return Budget(gpu_bytes=int(gpu), ram_bytes=ram, disk_bytes=disk, cuda_context_bytes=cuda_runtime_bytes)
-
-
-def _multi_gpu_budget(settings: LoadSettings, cuda_runtime_bytes: int, count: int, ram: int, disk: int) -> Budget:
-    """One budget per visible GPU: the user's GPU budget applies to each; by default each GPU's free VRAM."""
-    per_device = []
-    for d in range(count):
-        gpu = settings.gpu_budget_bytes
-        if gpu is None:
-            # Free VRAM minus the same margin as one GPU, plus what we already hold there.
-            gpu = max(0, hardware.gpu_free_bytes(d) - GiB // 2) + hardware.gpu_reserved_bytes(d) + cuda_runtime_bytes
-        per_device.append(int(gpu))
-    return Budget(gpu_bytes=sum(per_device), ram_bytes=ram, disk_bytes=disk, cuda_context_bytes=cuda_runtime_bytes,
-                  gpu_bytes_per_device=tuple(per_device))
-
-
-def max_memory(plan: FitPlan, ram_bytes: int) -> dict[int | str, int] | None:
-    """accelerate's per-device caps for a plan over several GPUs (None on one GPU or the CPU)."""
-    if not plan.gpu_layers_per_device:
-        return None
-    caps: dict[int | str, int] = dict(enumerate(plan.budget_bytes_per_device))
-    caps["cpu"] = ram_bytes
-    return caps
-
-
-def plan_for(shape: ModelShape, settings: LoadSettings, budget: Budget) -> FitPlan:
-    """The fit plan for a shape under a budget (pure; no loading)."""
-    device = "cuda" if budget.gpu_bytes is not None else "cpu"
-    size = dtype_bytes(storage_dtype(settings.quant, device))
-    # Over several GPUs the offloaded layers keep accelerate's hooks: they move each layer's inputs
-    # from the GPU before it onto GPU 0, which models/offload.py's streamer does not do.
-    streams = settings.stream_offload and streams_offload(settings.quant) and budget.gpu_count <= 1
-    slots = STREAM_SLOTS if streams else 1
-    return plan_fit(shape, settings.quant, size, settings.context_tokens, budget, settings.double_quant, slots)
-
-
-def _layers_name(meta_model: torch.nn.Module, num_layers: int) -> str:
-    for name, module in meta_model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
-            return name
-    raise ModelLoadError("Could not find the decoder layers of this model to split it across devices.")
-
-
-def build_device_map(meta_model: torch.nn.Module, plan: FitPlan, num_layers: int) -> dict[str, int | str]:
-    """An explicit accelerate device map that realizes `plan` (GPU 0, GPU 1, ..., then "cpu", then "disk")."""
-    compute = 0 if plan.device == "cuda" else "cpu"
-    layers = _layers_name(meta_model, num_layers)
-    return _device_map(meta_model, plan, num_layers, layers, compute)
-
-
-def _device_map(meta_model: torch.nn.Module, plan: FitPlan, num_layers: int, layers: str,
-                compute: int | str) -> dict[str, int | str]:
-    device_map: dict[str, int | str] = {}
-    for i in range(num_layers):
-        device_map[f"{layers}.{i}"] = plan.layer_device(i)  # a GPU index, "cpu" or "disk"
-    head = meta_model.get_output_embeddings()
-    tied = head is not None and head.weight is meta_model.get_input_embeddings().weight
-    # Every module that is not a decoder layer goes to the compute device, except an
-    # untied lm_head the plan could not fit there. Over several GPUs the lm_head and the
-    # modules with weights after the layers (the final norm) go on the plan's last GPU.
-    last = plan.head_device if plan.gpu_layers_per_device else compute
-    parts = layers.split(".")
-    for depth in range(len(parts)):
-        prefix = ".".join(parts[:depth])
-        parent = meta_model.get_submodule(prefix) if prefix else meta_model
-        after_layers = False
-        for name, child in parent.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if full == ".".join(parts[: depth + 1]):
-                after_layers = True
-                continue
-            if child is head:  # a tied head shares the embedding's weight, so it stays beside it
-                device_map[full] = compute if tied else (last if plan.lm_head_on_gpu else "cpu")
-            elif after_layers and any(True for _ in child.parameters()):
-                device_map[full] = last
-            else:
-                device_map[full] = compute
-    return device_map
 
 
 def _meta_model(config, trust_remote_code: bool) -> torch.nn.Module:
@@ -239,66 +128,17 @@ def _load_config(local: LocalModel, trust_remote_code: bool):
         return AutoConfig.from_pretrained(local.location, trust_remote_code=trust_remote_code)
     except OSError as e:
         if local.hub:
-            raise coded(ModelSourceError(
-                f"Could not get {local.location} from the hub ({_first_line(e)}). If you are offline, "
-                "download the model once and point at its local folder."
-            ), "hub_unreachable", repo=local.location, detail=_first_line(e)) from None
-        raise ModelSourceError(f"Could not read the model config in {local.location}: {_first_line(e)}") from None
+            raise ModelSourceError("hub_unreachable", repo=local.location, detail=_first_line(e)) from None
+        raise ModelSourceError("config_unreadable", location=local.location, detail=_first_line(e)) from None
     except ValueError as e:
         # transformers says "model type X is not recognized" for architectures it lacks.
-        hint = "" if trust_remote_code else " If you trust this model's code, rerun with --trust-remote-code."
-        raise ModelLoadError(f"transformers cannot build this model: {_first_line(e)}{hint}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = "" if trust_remote_code else Message("trust_hint")
+        raise ModelLoadError("cannot_build", detail=_first_line(e), hint=hint) from None
 
 
 def _check_chat_template(tokenizer, location: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise coded(NoChatTemplateError(
-            f"The tokenizer of {location} has no chat template, so it cannot format a chat. "
-            "It is probably a base (non-chat) model: pick an instruct/chat model instead."
-        ), "no_chat_template", location=location)
-
-
-def weights_on_device_bytes(model: torch.nn.Module, device: str) -> int:
-    """Bytes of parameters, buffers and bitsandbytes quantization state held on `device` ("cuda" or "cuda:1").
-
-    A tensor is counted once by where its data is, so tied weights and streamed layers (whose
-    parameters are views into shared staging slots, models/offload.py) are not counted twice.
-    """
-    seen: set[tuple] = set()
-    total = 0
-
-    def add(t: torch.Tensor | None) -> None:
-        nonlocal total
-        # "cuda" counts every GPU; "cuda:1" only that one.
-        if t is None or (t.device.type != device and str(t.device) != device):
-            return
-        wrapper = type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__")
-        # A wrapper tensor subclass has no data of its own: its inner tensors are keyed below.
-        key = (id(t),) if wrapper else (t.data_ptr(), t.numel(), t.dtype)
-        if key in seen:
-            return
-        seen.add(key)
-        if wrapper:
-            for name in t.__tensor_flatten__()[0]:
-                add(getattr(t, name))
-            return
-        total += t.numel() * t.element_size()
-
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        add(tensor)
-        state = getattr(tensor, "quant_state", None)  # bnb 4-bit: absmax and code books
-        if state is not None:
-            add(state.absmax)
-            add(state.code)
-            if getattr(state, "state2", None) is not None:
-                add(state.state2.absmax)
-                add(state.state2.code)
-        add(getattr(tensor, "SCB", None))  # bnb 8-bit: per-row scales
-    return total
+        raise NoChatTemplateError("no_chat_template", location=location)
 
 
 @dataclass(frozen=True)
@@ -323,13 +163,10 @@ class PreparedLoad:
 
 
 def _check_plan(plan: FitPlan, settings: LoadSettings) -> None:
-    if plan.verdict == "no_fit":
-        raise ModelLoadError(plan.message)
-    if settings.quant is Quant.INT4 and plan.verdict != "gpu":
-        raise ModelLoadError(
-            f"4bit-fast (int4) needs the whole model on the GPU, but: {plan.message} "
-            "Pick 4bit (bitsandbytes), which can offload layers, or lower the context length."
-        )
+    if not plan.verdict.loadable:
+        raise ModelLoadError(plan.reason.code, **plan.reason.params)
+    if settings.quant is Quant.INT4 and plan.verdict is not Verdict.GPU:
+        raise ModelLoadError("int4_needs_gpu", plan=plan.reason)
 
 
 def prepare_load(ref: ModelRef, settings: LoadSettings, budget: Budget,
@@ -347,7 +184,7 @@ def prepare_load(ref: ModelRef, settings: LoadSettings, budget: Budget,
     device = "cuda" if budget.gpu_bytes is not None else "cpu"
     offered = {o.quant: o for o in quant_options(device, torch.cuda.get_device_capability(0) if device == "cuda" else None)}
     if not offered[settings.quant].available:
-        raise ModelLoadError(offered[settings.quant].reason)
+        raise ModelLoadError("quant_unavailable", reason=offered[settings.quant].why)
     if ref.entry is not None:  # a catalog model: know it won't fit before downloading gigabytes
         _check_plan(plan_for(ref.entry.shape, settings, budget), settings)
     _progress(progress, 0.0, f"Preparing {ref.label}")
@@ -360,7 +197,7 @@ def prepare_load(ref: ModelRef, settings: LoadSettings, budget: Budget,
     try:
         tokenizer = AutoTokenizer.from_pretrained(local.location, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelSourceError(f"Could not load the tokenizer of {local.location}: {_first_line(e)}") from None
+        raise ModelSourceError("tokenizer_unreadable", location=local.location, detail=_first_line(e)) from None
     _check_chat_template(tokenizer, local.location)
     return PreparedLoad(ref=ref, settings=settings, local=local, config=config, shape=shape,
                         tokenizer=tokenizer, device=device, plan=plan, started=started)
@@ -378,8 +215,8 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
     streamed: list[str] = []  # decoder layers in CPU RAM that models/offload.py will stream
     if device == "cuda" or offloaded:
         meta = _meta_model(prepared.config, settings.trust_remote_code)
-        layers = _layers_name(meta, shape.num_layers)
-        kwargs["device_map"] = _device_map(meta, plan, shape.num_layers, layers, 0 if device == "cuda" else "cpu")
+        layers = layers_name(meta, shape.num_layers)
+        kwargs["device_map"] = build_device_map(meta, plan, shape.num_layers)
         caps = max_memory(plan, hardware.ram_available())
         if caps:  # the map is explicit; the caps keep accelerate within each GPU's budget where it decides
             kwargs["max_memory"] = caps
@@ -403,13 +240,10 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
     except torch.OutOfMemoryError:
         out_of_memory = True
     except OSError as e:
-        raise ModelSourceError(f"Could not load {prepared.local.location}: {_first_line(e)}") from None
+        raise ModelSourceError("weights_unreadable", location=prepared.local.location, detail=_first_line(e)) from None
     if out_of_memory:
         free_cuda_memory()
-        raise coded(ModelLoadError(
-            f"Out of GPU memory while loading {ref.label} ({settings.quant.value}). "
-            "Lower the context length or the GPU budget's other users, or pick a smaller quantization."
-        ), "oom_load", model=ref.label, quant=settings.quant.value)
+        raise ModelLoadError("oom_load", model=ref.label, quant=settings.quant.value)
     model.eval()
     streamer = None
     if streamed:
@@ -427,13 +261,13 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
             quantize_model(model, torch.device("cuda", 0), lambda f, m: _progress(progress, 0.6 + 0.15 * f, m))
             fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress, cache_dir)
         except torch.OutOfMemoryError:
-            failure = "Out of GPU memory while preparing the fast decoder"
+            failure = ModelLoadError("fast_decoder_oom", model=ref.label)
         except RuntimeError as e:  # torch.compile / graph capture failed on this GPU or driver
-            failure = f"The fast decoder could not be compiled ({_first_line(e)})"
+            failure = ModelLoadError("fast_decoder_failed", model=ref.label, detail=_first_line(e))
         if failure:
             del model
             free_cuda_memory()
-            raise ModelLoadError(f"{failure} of {ref.label}. Lower the context length, or pick 4bit (bitsandbytes).")
+            raise failure
     _progress(progress, 1.0, "Loaded")
     split: dict = {"gpu": plan.gpu_layers, "cpu": plan.cpu_layers, "disk": plan.disk_layers}
     if plan.gpu_layers_per_device:
@@ -448,16 +282,6 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
     )
 
 
-def load_model(
-    ref: ModelRef,
-    settings: LoadSettings,
-    budget: Budget,
-    progress: ProgressFn | None = None,
-) -> LoadedModel:
-    """Resolve, plan under `budget`, and load `ref`; raise ModelLoadError/ModelSourceError on failure."""
-    return load_prepared(prepare_load(ref, settings, budget, progress), progress)
-
-
 def free_cuda_memory() -> None:
     """Return freed tensors to the driver so the VRAM panel (and other apps) see it free."""
     gc.collect()
@@ -469,5 +293,5 @@ def free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["GiB", "LoadSettings", "LoadedModel", "ModelLoadError", "NoChatTemplateError", "PreparedLoad", "load_model",
-           "load_prepared", "plan_for", "prepare_load"]
+__all__ = ["LoadSettings", "LoadedModel", "ModelLoadError", "NoChatTemplateError", "PreparedLoad", "load_prepared",
+           "plan_for", "prepare_load"]

@@ -8,9 +8,11 @@ machine (bench/gpu_memory.py; BENCHMARKS.md) and are named where they are used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from enum import Enum
 
 from .catalog import ModelShape
+from .messages import Message
 from .quant import Quant
 
 KiB = 1024
@@ -207,11 +209,32 @@ class Budget:
         return max(1, len(self.gpu_bytes_per_device))
 
 
+class Verdict(str, Enum):
+    """Whether and where a model fits (a str enum: saved and logged as its value)."""
+
+    GPU = "gpu"  # wholly on the GPU(s)
+    OFFLOAD = "offload"  # some layers in CPU RAM or on disk
+    CPU = "cpu"  # no GPU: in RAM
+    DISK = "disk"  # no GPU, and some layers on disk
+    NO_FIT = "no_fit"
+    REMOTE = "remote"  # served by a remote engine: nothing placed here
+
+    @property
+    def loadable(self) -> bool:
+        """Whether a load under this verdict can go ahead."""
+        return self is not Verdict.NO_FIT
+
+    @property
+    def resident_only(self) -> bool:
+        """Whether the model sits wholly in the compute device's memory (nothing streamed in)."""
+        return self in (Verdict.GPU, Verdict.CPU)
+
+
 @dataclass(frozen=True)
 class FitPlan:
     """Where each part of a model goes under a budget, and the predicted peak memory."""
 
-    verdict: str  # "gpu" | "offload" | "cpu" | "disk" | "no_fit"
+    verdict: Verdict
     device: str  # "cuda" | "cpu"
     quant: Quant
     context_tokens: int
@@ -225,7 +248,7 @@ class FitPlan:
     cpu_layers: int
     disk_layers: int
     lm_head_on_gpu: bool
-    message: str
+    reason: Message  # the verdict in words, with its numbers (models/messages.py)
     budget_bytes: int = 0  # the GPU budget (or RAM on a CPU-only machine) planned against
     streamed_layers: int = 0  # CPU-RAM layers prefetched by models/offload.py (its slots are in gpu_weights_bytes)
     # Several GPUs: decoder layers, predicted peak and budget of each GPU, in layer order; () on one GPU.
@@ -234,6 +257,11 @@ class FitPlan:
     budget_bytes_per_device: tuple[int, ...] = ()
     head_device: int = 0  # the GPU holding the final norm and lm_head (the last one with layers)
     kept_on_one_gpu: bool = False  # several GPUs, but the quantization runs on one (int4)
+
+    @property
+    def message(self) -> str:
+        """The verdict in English (the CLI's line; the UI renders `reason` in the user's language)."""
+        return self.reason.render("en")
 
     @property
     def gpu_count(self) -> int:
@@ -260,19 +288,13 @@ class FitPlan:
         return self.disk_layers + (self.cpu_layers if self.device == "cuda" else 0)
 
 
-def _gib(n: int) -> str:
+def gib_text(n: int) -> str:
+    """Bytes as '1.23 GiB' (the plans' messages)."""
     return f"{n / GiB:.2f} GiB"
 
 
-def plan_fit(
-    shape: ModelShape,
-    quant: Quant,
-    dtype_size: int,
-    context_tokens: int,
-    budget: Budget,
-    double_quant: bool = False,
-    stream_slots: int = 1,
-) -> FitPlan:
+def plan_fit(shape: ModelShape, quant: Quant, dtype_size: int, context_tokens: int, budget: Budget,
+             double_quant: bool = False, stream_slots: int = 1) -> FitPlan:
     """Decide where the weights go and whether the model fits, before loading anything.
 
     On a GPU: embeddings, KV cache for `context_tokens`, workspace and the CUDA context must
@@ -293,9 +315,11 @@ def plan_fit(
     if budget.gpu_bytes is None:
         return _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer, kv, work)
     if budget.gpu_count > 1:
+        from .memory_split import plan_int4_one_gpu, plan_split  # it builds on this module's parts
+
         if quant is Quant.INT4:
-            return _plan_int4_one_gpu(shape, dtype_size, context_tokens, budget, double_quant)
-        return _plan_split(shape, quant, dtype_size, context_tokens, budget, double_quant, stream_slots)
+            return plan_int4_one_gpu(shape, dtype_size, context_tokens, budget, double_quant)
+        return plan_split(shape, quant, dtype_size, context_tokens, budget, double_quant, stream_slots)
 
     # Offloaded layers live in RAM at full size (bnb keeps them unquantized in fp32), and are
     # copied to the GPU as they run: the GPU needs room for one of them at a time.
@@ -322,140 +346,30 @@ def plan_fit(
     gpu_weights = embed + gpu_layers * per_layer + (head if head_on_gpu else 0) + (stream if streamed else 0)
     peak = fixed - embed + gpu_weights + (0 if streamed else stream)
     if room < stream or (disk_layers and disk_layers * offload_layer > budget.disk_bytes):
-        verdict = "no_fit"
-        message = (
-            f"Won't fit: the GPU budget is {_gib(budget.gpu_bytes)} but the embeddings, KV cache for "
-            f"{context_tokens} tokens, workspace and CUDA context alone need {_gib(fixed + stream)}; "
-            f"RAM {_gib(budget.ram_bytes)}, disk {_gib(budget.disk_bytes)} for the {_gib(total)} of weights."
-        )
+        verdict = Verdict.NO_FIT
+        message = Message("plan_no_fit", dict(
+            budget=gib_text(budget.gpu_bytes), tokens=context_tokens, need=gib_text(fixed + stream),
+            ram=gib_text(budget.ram_bytes), disk=gib_text(budget.disk_bytes), weights=gib_text(total)))
     elif rest == 0 and head_on_gpu:
-        verdict = "gpu"
-        message = f"Fits on GPU: predicted peak {_gib(peak)} of a {_gib(budget.gpu_bytes)} budget."
+        verdict = Verdict.GPU
+        message = Message("plan_gpu", dict(peak=gib_text(peak), budget=gib_text(budget.gpu_bytes)))
     else:
-        verdict = "offload"
-        where = f"{cpu_layers} to CPU RAM" + (", prefetched a layer ahead" if streamed else "") + (
-            f", {disk_layers} to disk" if disk_layers else "")
-        message = (
-            f"Fits with {rest} of {n_layers} layers offloaded ({where}); expect slower answers. "
-            f"GPU peak {_gib(peak)} of a {_gib(budget.gpu_bytes)} budget."
-        )
+        verdict = Verdict.OFFLOAD
+        message = Message("plan_offload", dict(rest=rest, layers=n_layers, where=where_offloaded(cpu_layers, streamed, disk_layers),
+                                               peak=gib_text(peak), budget=gib_text(budget.gpu_bytes)))
     return FitPlan(
         verdict=verdict, device="cuda", quant=quant, context_tokens=context_tokens,
         weights_bytes=total, gpu_weights_bytes=gpu_weights, kv_bytes=kv, workspace_bytes=work + ALLOCATOR_SLACK,
         cuda_context_bytes=runtime, predicted_peak_bytes=peak,
         gpu_layers=gpu_layers, cpu_layers=cpu_layers, disk_layers=disk_layers,
-        lm_head_on_gpu=head_on_gpu, message=message, budget_bytes=budget.gpu_bytes, streamed_layers=streamed,
+        lm_head_on_gpu=head_on_gpu, reason=message, budget_bytes=budget.gpu_bytes, streamed_layers=streamed,
     )
 
 
-def _fill(caps: list[int], n: int) -> list[int]:
-    """`n` layers given to devices in order, each up to its capacity."""
-    counts = []
-    for cap in caps:
-        counts.append(min(cap, n - sum(counts)))
-    return counts
-
-
-def _plus(parts) -> str:
-    return " + ".join(str(p) for p in parts)
-
-
-def _plan_int4_one_gpu(shape, dtype_size, context_tokens, budget, double_quant) -> FitPlan:
-    """int4 on several GPUs: planned on GPU 0 alone, since the fast decoder runs the whole model on one device."""
-    one = Budget(gpu_bytes=budget.gpu_bytes_per_device[0], ram_bytes=budget.ram_bytes, disk_bytes=budget.disk_bytes,
-                 cuda_context_bytes=budget.cuda_context_bytes)
-    plan = plan_fit(shape, Quant.INT4, dtype_size, context_tokens, one, double_quant)
-    note = (f"4bit-fast (int4) runs on one GPU: its decoder needs the whole model on one device, so only "
-            f"GPU 0 of {budget.gpu_count} is used. ")
-    return replace(plan, message=note + plan.message, kept_on_one_gpu=True)
-
-
-def _plan_split(shape, quant, dtype_size, context_tokens, budget, double_quant, stream_slots) -> FitPlan:
-    """Several GPUs: whole decoder layers on GPU 0, then GPU 1, ..., each within its own budget; then RAM, disk.
-
-    Every GPU keeps its own CUDA context, kernel images, workspace and allocator slack. A layer's
-    KV cache lives beside the layer. The embeddings go on GPU 0; the final norm and lm_head on
-    the last GPU that holds layers. Offloaded layers run on GPU 0 (accelerate's execution device
-    and models/offload.py's target), so their KV cache and stream slots are on GPU 0 too.
-    """
-    n = shape.num_layers
-    budgets = budget.gpu_bytes_per_device
-    per_layer = layer_bytes(shape, quant, dtype_size, double_quant)
-    embed = embedding_bytes(shape, dtype_size)
-    head = lm_head_bytes(shape, dtype_size, quant) + shape.hidden_size * dtype_size  # + the final norm
-    total = weight_bytes(shape, quant, dtype_size, double_quant)
-    kv = kv_cache_bytes(shape, context_tokens, dtype_size)
-    kv_layer = kv // n  # [tokens, 2, kv_heads, head_dim] per layer
-    work = workspace_bytes(shape, quant, dtype_size, min(context_tokens, PREFILL_CHUNK), context_tokens)
-    offload_layer = layer_bytes(shape, Quant.NONE, 4) if quant in (Quant.INT8, Quant.NF4) else per_layer
-    runtime = budget.cuda_context_bytes + KERNEL_IMAGES[quant]
-    fixed = runtime + work + ALLOCATOR_SLACK  # on every GPU that is used
-    rooms = [b - fixed - (embed if d == 0 else 0) for d, b in enumerate(budgets)]
-    cost = per_layer + kv_layer
-
-    # All on GPUs: the fewest GPUs whose rooms hold every layer, the head on the last of them.
-    for k in range(1, len(budgets) + 1):
-        room = rooms[:k]
-        room[-1] -= head
-        if room[0] < 0 or room[-1] < 0:
-            continue
-        caps = [max(0, r) // cost for r in room]
-        if sum(caps) >= n:
-            counts = _fill(caps, n) + [0] * (len(budgets) - k)
-            peaks = [fixed + c * cost + (embed if d == 0 else 0) + (head if d == k - 1 else 0) if d < k else 0
-                     for d, c in enumerate(counts)]
-            message = (f"Fits on {k} GPU{'s' if k > 1 else ''}: {_plus(counts[:k])} layers; predicted peaks "
-                       f"{_plus(_gib(p) for p in peaks[:k])} of {_plus(_gib(b) for b in budgets[:k])} budgets.")
-            return _split_plan("gpu", message, quant, context_tokens, total, embed + n * per_layer + head, kv,
-                               work, runtime, counts, peaks, budgets, k - 1, 0, 0, True, 0)
-
-    # Offload: every GPU full, the head on the last GPU if it fits there, the rest to RAM then disk.
-    last = len(budgets) - 1
-    head_on_gpu = rooms[last] - head >= 0
-    stream = stream_slots * offload_layer if head_on_gpu else max(stream_slots * offload_layer, head)
-    room = list(rooms)
-    if head_on_gpu:
-        room[last] -= head
-    others = _fill([max(0, r) // cost for r in room[1:]], n)
-    m = n - sum(others)  # layers left for GPU 0 and for offload, whose KV is all on GPU 0
-    room0 = room[0] - stream - m * kv_layer
-    g0 = max(0, min(m, room0 // per_layer))
-    counts = [g0] + others
-    rest = m - g0
-    ram_room = budget.ram_bytes - (0 if head_on_gpu else head)
-    cpu_layers = min(rest, max(0, ram_room // offload_layer))
-    disk_layers = rest - cpu_layers
-    streamed = cpu_layers if stream_slots > 1 and cpu_layers and not disk_layers else 0
-    peaks = [fixed + embed + g0 * per_layer + m * kv_layer + stream]
-    peaks += [fixed + c * cost + (head if head_on_gpu and d == last else 0) for d, c in enumerate(others, 1)]
-    gpu_weights = embed + sum(counts) * per_layer + (head if head_on_gpu else 0) + (stream if streamed else 0)
-    if room0 < 0 or (disk_layers and disk_layers * offload_layer > budget.disk_bytes):
-        verdict = "no_fit"
-        message = (f"Won't fit on {len(budgets)} GPUs: GPU 0's budget is {_gib(budgets[0])} but the embeddings, "
-                   f"the KV cache for {context_tokens} tokens of its layers and the offloaded ones, workspace and "
-                   f"CUDA context alone need {_gib(budgets[0] - room0)}; RAM {_gib(budget.ram_bytes)}, "
-                   f"disk {_gib(budget.disk_bytes)} for the {_gib(total)} of weights.")
-    else:
-        verdict = "offload"
-        where = f"{cpu_layers} to CPU RAM" + (", prefetched a layer ahead" if streamed else "") + (
-            f", {disk_layers} to disk" if disk_layers else "")
-        message = (f"Fits on {len(budgets)} GPUs with {rest} of {n} layers offloaded ({where}): "
-                   f"{_plus(counts)} layers on the GPUs; expect slower answers. Predicted peaks "
-                   f"{_plus(_gib(p) for p in peaks)} of {_plus(_gib(b) for b in budgets)} budgets.")
-    return _split_plan(verdict, message, quant, context_tokens, total, gpu_weights, kv, work, runtime, counts, peaks,
-                       budgets, last if head_on_gpu else 0, cpu_layers, disk_layers, head_on_gpu, streamed)
-
-
-def _split_plan(verdict, message, quant, context_tokens, total, gpu_weights, kv, work, runtime, counts, peaks,
-                budgets, head_device, cpu_layers, disk_layers, head_on_gpu, streamed) -> FitPlan:
-    return FitPlan(
-        verdict=verdict, device="cuda", quant=quant, context_tokens=context_tokens, weights_bytes=total,
-        gpu_weights_bytes=gpu_weights, kv_bytes=kv, workspace_bytes=work + ALLOCATOR_SLACK,
-        cuda_context_bytes=runtime, predicted_peak_bytes=sum(peaks), gpu_layers=sum(counts),
-        cpu_layers=cpu_layers, disk_layers=disk_layers, lm_head_on_gpu=head_on_gpu, message=message,
-        budget_bytes=sum(budgets), streamed_layers=streamed, gpu_layers_per_device=tuple(counts),
-        peak_bytes_per_device=tuple(peaks), budget_bytes_per_device=tuple(budgets), head_device=head_device,
-    )
+def where_offloaded(cpu_layers: int, streamed: int, disk_layers: int) -> Message:
+    """'12 to CPU RAM, prefetched a layer ahead, 3 to disk' as a Message (nested in a plan's reason)."""
+    code = "where_cpu_streamed" if streamed else "where_cpu"
+    return Message(code + ("_disk" if disk_layers else ""), dict(n=cpu_layers, disk=disk_layers))
 
 
 def _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer, kv, work) -> FitPlan:
@@ -466,40 +380,18 @@ def _plan_cpu(shape, quant, dtype_size, context_tokens, budget, total, per_layer
     disk_layers = n_layers - cpu_layers
     peak = fixed + cpu_layers * per_layer
     if room < 0 or disk_layers * per_layer > budget.disk_bytes:
-        verdict = "no_fit"
-        message = (
-            f"Won't fit: needs {_gib(total + kv + work)} but {_gib(budget.ram_bytes)} RAM and "
-            f"{_gib(budget.disk_bytes)} disk are free."
-        )
+        verdict = Verdict.NO_FIT
+        message = Message("plan_cpu_no_fit", dict(need=gib_text(total + kv + work), ram=gib_text(budget.ram_bytes),
+                                                  disk=gib_text(budget.disk_bytes)))
     elif disk_layers:
-        verdict = "disk"
-        message = f"Fits with {disk_layers} of {n_layers} layers on disk; expect slow answers. RAM peak {_gib(peak)}."
+        verdict = Verdict.DISK
+        message = Message("plan_disk", dict(disk=disk_layers, layers=n_layers, peak=gib_text(peak)))
     else:
-        verdict = "cpu"
-        message = f"Fits in RAM (no GPU): predicted peak {_gib(peak)} of {_gib(budget.ram_bytes)} free."
+        verdict = Verdict.CPU
+        message = Message("plan_cpu", dict(peak=gib_text(peak), ram=gib_text(budget.ram_bytes)))
     return FitPlan(
         verdict=verdict, device="cpu", quant=quant, context_tokens=context_tokens,
         weights_bytes=total, gpu_weights_bytes=0, kv_bytes=kv, workspace_bytes=work,
         cuda_context_bytes=0, predicted_peak_bytes=peak, gpu_layers=0, cpu_layers=cpu_layers,
-        disk_layers=disk_layers, lm_head_on_gpu=False, message=message, budget_bytes=budget.ram_bytes,
+        disk_layers=disk_layers, lm_head_on_gpu=False, reason=message, budget_bytes=budget.ram_bytes,
     )
-
-
-def kv_room_bytes(plan: FitPlan) -> int:
-    """GPU bytes a loaded model leaves for KV caches under its budget (its plan minus its own KV)."""
-    if not plan.gpu_layers_per_device:
-        return max(0, plan.budget_bytes - (plan.predicted_peak_bytes - plan.kv_bytes))
-    # Several GPUs: each holds the KV of its own layers (GPU 0 also that of offloaded ones), so
-    # the GPU with the least room per layer it holds limits the whole cache.
-    n = plan.gpu_layers + plan.cpu_layers + plan.disk_layers
-    rooms = []
-    for holds, peak, budget in zip(plan.kv_layers_per_device(), plan.peak_bytes_per_device,
-                                   plan.budget_bytes_per_device):
-        if holds:
-            rooms.append(max(0, budget - (peak - plan.kv_bytes * holds // n)) * n // holds)
-    return min(rooms) if rooms else 0
-
-
-def max_context_tokens(shape: ModelShape, room_bytes: int, kv_dtype_size: int = 2) -> int:
-    """Most tokens of KV cache that fit in `room_bytes` (capped at the model's own maximum)."""
-    return max(0, min(shape.max_context, room_bytes // kv_bytes_per_token(shape, kv_dtype_size)))

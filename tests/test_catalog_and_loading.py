@@ -11,8 +11,10 @@ from models import hardware
 from models.catalog import UnknownModelError, load_catalog
 from models.engine import Engine
 from models.generation import SamplingSettings
-from models.loading import LoadSettings, ModelLoadError, NoChatTemplateError, build_device_map
-from models.memory import FitPlan
+from models.loading import LoadSettings, ModelLoadError, NoChatTemplateError
+from models.placement import build_device_map
+from models.memory import FitPlan, Verdict
+from models.messages import Message
 from models.quant import Quant, quant_options
 from models.sources import ModelSourceError
 from tiny import write_tiny_llama
@@ -125,9 +127,9 @@ def test_device_map_realizes_a_gpu_cpu_disk_plan(tiny_llama):
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama))
     plan = FitPlan(
-        verdict="offload", device="cuda", quant=Quant.NF4, context_tokens=256, weights_bytes=0, gpu_weights_bytes=0,
-        kv_bytes=0, workspace_bytes=0, cuda_context_bytes=0, predicted_peak_bytes=0, gpu_layers=2, cpu_layers=1,
-        disk_layers=1, lm_head_on_gpu=False, message="",
+        verdict=Verdict.OFFLOAD, device="cuda", quant=Quant.NF4, context_tokens=256, weights_bytes=0,
+        gpu_weights_bytes=0, kv_bytes=0, workspace_bytes=0, cuda_context_bytes=0, predicted_peak_bytes=0, gpu_layers=2,
+        cpu_layers=1, disk_layers=1, lm_head_on_gpu=False, reason=Message("plan_offload"),
     )
     device_map = build_device_map(meta, plan, 4)
     assert [device_map[f"model.layers.{i}"] for i in range(4)] == [0, 0, "cpu", "disk"]

@@ -24,7 +24,8 @@ from compare.prompt_sets import (
 from compare.quality import next_token_scores, quality_check, text_ids, top1_agreement
 from compare.runner import ConfigSpec, ResultRow, StopSwitch, compare, fits_together, parse_spec, run_batch, summarize
 from compare.scoring import keyword_found, score_answer
-from models.engine import Engine, ModelEvictedError
+from models.engine import Engine
+from models.local_answer import ModelEvictedError
 from models.generation import SamplingSettings
 from models.loading import LoadSettings
 from models.quant import Quant

@@ -12,7 +12,8 @@ import torch
 from models.fast_decode import FastDecoder
 from models.generation import SamplingSettings, chat_input_ids, stream_generate
 from models.memory import linear_bytes, lm_head_bytes
-from models.quant import Quant, default_quant, quant_options
+from models.messages import UserFacingError
+from models.quant import Quant, parse_quant, quant_options
 
 GREEDY = SamplingSettings(max_new_tokens=24, temperature=0)
 
@@ -140,17 +141,21 @@ def test_int4_quantizes_an_untied_lm_head(catalog):
     assert lm_head_bytes(shape, 2, Quant.NF4) == 92544 * 4096 * 2
 
 
-def test_fast_int4_is_offered_and_chosen_only_on_ampere_or_newer():
+def test_fast_int4_is_offered_only_on_ampere_or_newer():
     assert not {o.quant: o for o in quant_options("cpu")}[Quant.INT4].available
     old = {o.quant: o for o in quant_options("cuda", (7, 5))}[Quant.INT4]
     assert not old.available and "sm80" in old.reason
     assert {o.quant: o for o in quant_options("cuda", (9, 0))}[Quant.INT4].available
-    assert default_quant("cuda", (9, 0)).quant is Quant.INT4
-    assert default_quant("cuda", (8, 6)).quant is Quant.INT4
-    picked = default_quant("cuda", (7, 5))
-    assert picked.quant is Quant.NF4 and "sm80" in picked.reason
-    assert default_quant("cpu").quant is Quant.NONE and default_quant("cpu").reason
-    assert Quant.INT4.label == "4bit-fast (int4, Triton kernels)"
+    assert {o.quant: o for o in quant_options("cuda", (8, 6))}[Quant.INT4].available
+    assert "sm75" in old.reason and "sm75" in old.why.render("zh")
+
+
+def test_quantization_names_say_what_they_are_and_saved_values_still_parse():
+    # Saved values and CLI flags keep working; the aliases say which 4-bit is which.
+    assert [parse_quant(q.value) for q in Quant] == list(Quant)
+    assert parse_quant("nf4") is Quant.NF4 and parse_quant("4bit-fast") is Quant.INT4 and parse_quant(" 4BIT ") is Quant.NF4
+    with pytest.raises(UserFacingError, match="choose one of: none, bf16, 8bit, 4bit, int4"):
+        parse_quant("3bit")
 
 
 # ----- GPU: int4 end to end ------------------------------------------------------

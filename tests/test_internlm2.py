@@ -16,7 +16,8 @@ import torch
 
 from internlm2_fixture import (CORPUS, IM_END, IM_START, TINY_INTERNLM2, load_internlm2_state_dict,
                                random_internlm2_state_dict, write_internlm2_checkpoint)
-from models.internlm2 import (CHATML_TEMPLATE, MARKER, CheckpointError, convert_internlm2, ensure_converted,
+from models.internlm2_tokenizer import CHATML_TEMPLATE
+from models.internlm2 import (MARKER, CheckpointError, convert_internlm2, ensure_converted,
                               is_internlm2_folder)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

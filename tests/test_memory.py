@@ -7,8 +7,9 @@ from models.catalog import ModelShape
 from models.memory import (
     layer_params,
     GiB, KiB, MiB, Budget, kv_bytes_per_token, kv_cache_bytes, layer_bytes, linear_bytes, plan_fit,
-    total_params, weight_bytes, max_context_tokens, kv_room_bytes,
+    total_params, weight_bytes,
 )
+from models.memory_split import kv_room_bytes
 from models.quant import Quant
 
 
@@ -139,17 +140,6 @@ def test_cpu_only_plan_uses_ram_then_disk(catalog):
     plan = plan_fit(shape, Quant.NONE, 4, 2048, _budget(None, ram_gib=4))
     assert plan.verdict == "disk" and plan.disk_layers > 0 and plan.offloaded_layers == plan.disk_layers
     assert plan_fit(shape, Quant.NONE, 4, 2048, _budget(None, ram_gib=1, disk_gib=1)).verdict == "no_fit"
-
-
-def test_max_context_from_budget(catalog):
-    shape = catalog.get("internlm2.5-7b-chat").shape
-    resident = 500 * MiB + weight_bytes(shape, Quant.NF4, 2)
-    tokens = max_context_tokens(shape, 8 * GiB - resident, 2)
-    assert 16_000 < tokens < shape.max_context
-    assert tokens == (8 * GiB - resident) // (128 * KiB)  # 128 KiB per fp16 token for InternLM2.5-7B
-    assert max_context_tokens(shape, 0, 2) == 0
-    assert max_context_tokens(shape, 64 * GiB, 2) == shape.max_context  # never beyond the model's own
-    assert max_context_tokens(shape, 8 * GiB - resident, 1) == min(2 * tokens, shape.max_context)  # fp8: twice
 
 
 def test_kv_room_is_the_budget_left_by_the_plan(catalog):

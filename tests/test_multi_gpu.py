@@ -5,9 +5,10 @@ import pytest
 
 from models.catalog import ModelShape
 from models.memory import (
-    ALLOCATOR_SLACK, GiB, KERNEL_IMAGES, MiB, Budget, kv_cache_bytes, kv_room_bytes, layer_bytes, plan_fit,
+    ALLOCATOR_SLACK, GiB, KERNEL_IMAGES, MiB, Budget, kv_cache_bytes, layer_bytes, plan_fit,
     workspace_bytes,
 )
+from models.memory_split import kv_room_bytes
 from models.quant import Quant
 
 # A Llama-2-7B shape: 6.74 B parameters, 12.6 GiB in fp16, so it needs two 8 GiB GPUs.
@@ -122,11 +123,11 @@ def _fake_gpus(monkeypatch, free_gib):
     monkeypatch.setattr(hardware, "gpu_free_bytes", lambda d: int(free_gib[d] * GiB))
     monkeypatch.setattr(hardware, "gpu_reserved_bytes", lambda d: 0)
     monkeypatch.setattr(hardware, "ram_available", lambda: 64 * GiB)
-    monkeypatch.setattr(hardware, "default_gpu_budget_bytes", lambda: int(free_gib[0] * GiB) - GiB // 2)
 
 
 def test_make_budget_reads_every_gpu_and_applies_the_users_budget_to_each(monkeypatch, tmp_path):
-    from models.loading import LoadSettings, make_budget
+    from models.loading import LoadSettings
+    from models.placement import make_budget
 
     _fake_gpus(monkeypatch, [8.5, 12.5])
     free = make_budget(LoadSettings(), CONTEXT_BYTES, tmp_path)
@@ -139,7 +140,8 @@ def test_make_budget_reads_every_gpu_and_applies_the_users_budget_to_each(monkey
 
 def test_one_gpu_budget_is_unchanged(monkeypatch, tmp_path):
     from models import hardware
-    from models.loading import LoadSettings, make_budget
+    from models.loading import LoadSettings
+    from models.placement import make_budget
 
     _fake_gpus(monkeypatch, [8.5])
     budget = make_budget(LoadSettings(gpu_budget_bytes=6 * GiB), CONTEXT_BYTES, tmp_path)
@@ -149,7 +151,8 @@ def test_one_gpu_budget_is_unchanged(monkeypatch, tmp_path):
 
 
 def test_plan_for_a_catalog_7b_over_two_faked_gpus(monkeypatch, tmp_path, catalog):
-    from models.loading import LoadSettings, make_budget, plan_for
+    from models.loading import LoadSettings
+    from models.placement import make_budget, plan_for
 
     _fake_gpus(monkeypatch, [10, 10])
     shape = catalog.get("qwen2.5-7b-instruct").shape
@@ -170,19 +173,20 @@ def _meta(folder, **overrides):
 
 
 def _tiny_split_plan(counts, cpu=0, head_on_gpu=True):
-    from models.memory import FitPlan
+    from models.memory import FitPlan, Verdict
+    from models.messages import Message
 
     return FitPlan(
-        verdict="gpu" if not cpu else "offload", device="cuda", quant=Quant.NONE, context_tokens=256,
+        verdict=Verdict.GPU if not cpu else Verdict.OFFLOAD, device="cuda", quant=Quant.NONE, context_tokens=256,
         weights_bytes=0, gpu_weights_bytes=0, kv_bytes=0, workspace_bytes=0, cuda_context_bytes=0,
         predicted_peak_bytes=0, gpu_layers=sum(counts), cpu_layers=cpu, disk_layers=0, lm_head_on_gpu=head_on_gpu,
-        message="", gpu_layers_per_device=tuple(counts), peak_bytes_per_device=(0,) * len(counts),
+        reason=Message("plan_gpu"), gpu_layers_per_device=tuple(counts), peak_bytes_per_device=(0,) * len(counts),
         budget_bytes_per_device=(3 * GiB,) * len(counts), head_device=max(i for i, c in enumerate(counts) if c),
     )
 
 
 def test_device_map_puts_each_layer_on_its_planned_gpu(tiny_llama):
-    from models.loading import build_device_map, max_memory
+    from models.placement import build_device_map, max_memory
 
     meta = _meta(tiny_llama)  # 4 layers, untied lm_head
     device_map = build_device_map(meta, _tiny_split_plan((2, 1), cpu=1), 4)
@@ -198,7 +202,7 @@ def test_device_map_puts_each_layer_on_its_planned_gpu(tiny_llama):
 
 
 def test_tied_lm_head_stays_with_the_embeddings(tiny_llama):
-    from models.loading import build_device_map
+    from models.placement import build_device_map
 
     meta = _meta(tiny_llama, tie_word_embeddings=True)
     assert meta.get_output_embeddings().weight is meta.get_input_embeddings().weight
@@ -214,6 +218,7 @@ def test_engine_caps_the_allocator_on_every_gpu(monkeypatch, catalog):
     from models import hardware
     from models.engine import Engine
     from models.loading import LoadSettings
+    from models.placement import cap_allocator
 
     engine = Engine(catalog)
     _fake_gpus(monkeypatch, [8, 8])
@@ -221,11 +226,11 @@ def test_engine_caps_the_allocator_on_every_gpu(monkeypatch, catalog):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=16 * GiB))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: caps.__setitem__(d, f))
     monkeypatch.setattr(engine, "cuda_runtime_bytes", lambda: 0)
-    engine._apply_budget(LoadSettings(gpu_budget_bytes=4 * GiB))
+    cap_allocator(LoadSettings(gpu_budget_bytes=4 * GiB), engine.cuda_runtime_bytes())
     assert caps == {0: 0.25, 1: 0.25}
     monkeypatch.setattr(hardware, "cuda_device_count", lambda: 1)
     caps.clear()
-    engine._apply_budget(LoadSettings())
+    cap_allocator(LoadSettings(), engine.cuda_runtime_bytes())
     assert caps == {0: 1.0}
 
 
@@ -286,17 +291,19 @@ def test_memory_panel_on_one_device_has_one_bar(monkeypatch):
 def test_fit_text_lists_the_layers_of_each_gpu():
     from ui.panels import plan_text, split_text
 
-    text = plan_text(plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(8, 8)), "en", 8 * GiB)
+    text = plan_text(plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(8, 8)), "en")
     assert text.startswith("✅ Fits on 2 GPUs: 17 + 15 layers")
-    offload = plan_text(plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(5, 5)), "zh", 5 * GiB)
-    assert "2 张显卡" in offload
-    int4 = plan_text(plan_fit(LLAMA_7B, Quant.INT4, 2, CONTEXT, _gpus(8, 8)), "en", 8 * GiB)
-    assert int4.startswith("4bit-fast runs on one GPU") and "✅ Fits on GPU" in int4
+    offload = plan_text(plan_fit(LLAMA_7B, Quant.NONE, 2, CONTEXT, _gpus(5, 5)), "zh")
+    assert "2 张显卡" in offload and "Fits" not in offload
+    int4 = plan_text(plan_fit(LLAMA_7B, Quant.INT4, 2, CONTEXT, _gpus(8, 8)), "en")
+    assert int4.startswith("✅ 4bit-fast (int4) runs on one GPU") and "Fits on GPU" in int4
+    assert "只使用 GPU 0" in plan_text(plan_fit(LLAMA_7B, Quant.INT4, 2, CONTEXT, _gpus(8, 8)), "zh")
     assert split_text({"gpu": 32, "cpu": 0, "disk": 0, "gpus": (17, 15)}, False, "en") == "layers: 17 + 15 on 2 GPUs"
 
 
 def test_a_split_that_offloads_keeps_accelerates_hooks_rather_than_streaming(monkeypatch, tmp_path):
-    from models.loading import LoadSettings, make_budget, plan_for
+    from models.loading import LoadSettings
+    from models.placement import make_budget, plan_for
 
     _fake_gpus(monkeypatch, [5.5, 5.5])
     settings = LoadSettings(quant=Quant.NONE, context_tokens=CONTEXT)  # streamed offload on, as by default
@@ -309,7 +316,7 @@ def test_a_split_that_offloads_keeps_accelerates_hooks_rather_than_streaming(mon
 
 
 def test_engine_takes_kept_models_out_of_gpu_0_first_and_splits_kv_by_layer():
-    from models.engine import _kv_split, _less_held
+    from models.placement import kv_split as _kv_split, less_held as _less_held
 
     # A kept model's layers start on GPU 0, so its bytes come out of GPU 0's budget before GPU 1's.
     assert _less_held((8 * GiB, 8 * GiB), 3 * GiB) == (5 * GiB, 8 * GiB)

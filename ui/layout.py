@@ -8,11 +8,7 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from models.engine import Engine
-from models.hardware import default_gpu_budget_bytes
-from models.memory import GiB
-
-from models.kv_cache import KVPrecision, OverflowPolicy, kv_precision_options
+from models.facade import Engine, GiB, KVPrecision, LoadOptions, OverflowPolicy, kv_precision_options
 
 from .chatbot import LiteralChatbot
 from .compare_handlers import MAX_UPLOAD_BYTES
@@ -63,11 +59,12 @@ def _quant_controls(engine: Engine, lang: str) -> tuple[list[str], str]:
     return choices, note
 
 
-def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extra: dict | None = None,
+def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: LoadOptions | None = None,
                max_message_chars: int = MAX_MESSAGE_CHARS) -> gr.Blocks:
-    """Build the whole app around one engine (shared by all users)."""
+    """Build the whole app around one engine (shared by all users); `options` apply to every load it makes."""
     defaults = defaults or UiDefaults()
-    handlers = ChatHandlers(engine, settings_extra, max_new_tokens_max=max(MAX_NEW_TOKENS_MAX, defaults.max_new_tokens),
+    options = options or LoadOptions()
+    handlers = ChatHandlers(engine, options, max_new_tokens_max=max(MAX_NEW_TOKENS_MAX, defaults.max_new_tokens),
                             context_max=max(CONTEXT_MAX, defaults.context_tokens), max_message_chars=max_message_chars)
     i18n = gradio_i18n()
     catalog = engine.catalog
@@ -86,7 +83,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
     quant_value = loaded.settings.quant.value if loaded else defaults.quant
     gpu_budget = defaults.gpu_budget_gib
     if engine.device == "cuda" and gpu_budget is None:
-        gpu_budget = round((default_gpu_budget_bytes() or 0) / GiB + engine.memory().per_gpu[0].app_total / GiB, 1)
+        gpu_budget = round((engine.default_gpu_budget_bytes() or 0) / GiB, 1)
 
     with gr.Blocks(title="Small LLM Lab") as demo:
         session = gr.State(ChatSession())
@@ -141,7 +138,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                         )
                         quant = gr.Dropdown(choices=quant_choices, value=quant_value, label=i18n("quant"), elem_id="quant")
                         quant_info = gr.Markdown(quant_note)
-                        if (settings_extra or {}).get("trust_remote_code"):
+                        if options.trust_remote_code:
                             gr.Markdown(i18n("trust_remote_code_warning"), elem_id="remote-code-warning")
                         double_quant = gr.Checkbox(False, label=i18n("double_quant"))
                         budget = gr.Slider(BUDGET_MIN_GIB, gpu_total_gib, value=gpu_budget or 8.0, step=0.1, label=i18n("gpu_budget"),
@@ -152,7 +149,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, settings_extr
                         status = gr.Markdown(handlers.current_model_text("en"), elem_id="status")
                         memory = gr.HTML(handlers.memory_html("en", gpu_budget), elem_id="memory")
             with gr.Tab(i18n("tab_compare"), id="compare", elem_id="tab-compare") as compare_tab:
-                build_compare_tab(engine, i18n, lang, budget, context, settings_extra)
+                build_compare_tab(engine, i18n, lang, budget, context, options)
         timer = gr.Timer(MEMORY_REFRESH_S)
 
         model_inputs = [model, quant, double_quant, budget, context, lang]

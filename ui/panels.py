@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import html
 
-from models.engine import LoadReport
-from models.generation import GenerationStats
-from models.hardware import MemorySnapshot
-from models.loading import LoadedModel
-from models.memory import GiB, MiB, FitPlan
-from models.remote import EngineMetrics, parse_remote, remote_of
+from models.facade import (
+    EngineMetrics, FitPlan, GenerationStats, GiB, LoadedModel, LoadReport, MemorySnapshot, MiB, Verdict,
+    remote_context, served_by,
+)
 
-from .i18n import t
+from .i18n import explain, t
 
 # Segment colours of the stacked bar, in drawing order.
 _COLOURS = {
@@ -32,49 +30,21 @@ def fmt_bytes(n: int | float | None) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
 
 
-def plan_text(plan: FitPlan, lang: str, budget_bytes: int | None = None, ram_bytes: int | None = None) -> str:
+# An icon before each verdict's sentence (the sentence itself is the plan's, models/messages.py).
+_VERDICT_ICONS = {Verdict.GPU: "✅ ", Verdict.OFFLOAD: "⚠️ ", Verdict.CPU: "🖥️ ", Verdict.DISK: "⚠️ ",
+                  Verdict.NO_FIT: "❌ "}
+
+
+def plan_text(plan: FitPlan, lang: str) -> str:
     """The fit verdict with its numbers, in the user's language."""
-    peak, budget = fmt_bytes(plan.predicted_peak_bytes), fmt_bytes(budget_bytes)
+    if plan.verdict is Verdict.REMOTE:
+        return t("fit_remote", lang, detail=explain(plan.reason, lang))
     breakdown = t(
         "fit_breakdown", lang, weights=fmt_bytes(plan.weights_bytes), gpu_weights=fmt_bytes(plan.gpu_weights_bytes),
         kv=fmt_bytes(plan.kv_bytes), tokens=plan.context_tokens, work=fmt_bytes(plan.workspace_bytes),
         ctx=fmt_bytes(plan.cuda_context_bytes),
     )
-    if plan.verdict == "remote":
-        return t("fit_remote", lang, detail=plan.message)
-    split = plan.gpu_count > 1 and plan.verdict in ("gpu", "offload")
-    if split:
-        used = [i for i, n in enumerate(plan.gpu_layers_per_device) if n or i == 0]
-        numbers = dict(n=len(used), layers=" + ".join(str(plan.gpu_layers_per_device[i]) for i in used),
-                       peaks=" + ".join(fmt_bytes(plan.peak_bytes_per_device[i]) for i in used),
-                       budgets=" + ".join(fmt_bytes(plan.budget_bytes_per_device[i]) for i in used))
-    if split and plan.verdict == "gpu":
-        head = t("fit_split", lang, **numbers)
-    elif split:
-        where = [t("where_cpu", lang, n=plan.cpu_layers) + (t("where_streamed", lang) if plan.streamed_layers else "")
-                 ] if plan.cpu_layers else []
-        if plan.disk_layers:
-            where.append(t("where_disk", lang, n=plan.disk_layers))
-        head = t("fit_split_offload", lang, offloaded=plan.offloaded_layers, total=plan.gpu_layers + plan.offloaded_layers,
-                 where=", ".join(where), **numbers)
-    elif plan.verdict == "gpu":
-        head = t("fit_gpu", lang, peak=peak, budget=budget)
-    elif plan.verdict == "offload":
-        where = [t("where_cpu", lang, n=plan.cpu_layers) + (t("where_streamed", lang) if plan.streamed_layers else "")
-                 ] if plan.cpu_layers else []
-        if plan.disk_layers:
-            where.append(t("where_disk", lang, n=plan.disk_layers))
-        head = t("fit_offload", lang, offloaded=plan.offloaded_layers, layers=plan.gpu_layers + plan.offloaded_layers,
-                 where=", ".join(where), peak=peak, budget=budget)
-    elif plan.verdict == "cpu":
-        head = t("fit_cpu", lang, peak=peak, ram=fmt_bytes(ram_bytes))
-    elif plan.verdict == "disk":
-        head = t("fit_disk", lang, disk=plan.disk_layers, layers=plan.cpu_layers + plan.disk_layers)
-    else:
-        head = t("fit_none", lang, detail=plan.message)
-    if plan.kept_on_one_gpu and plan.verdict != "no_fit":
-        head = t("fit_one_gpu", lang) + head  # int4 on a machine with several GPUs
-    return f"{head}\n\n<small>{breakdown}</small>"
+    return f"{_VERDICT_ICONS[plan.verdict]}{explain(plan.reason, lang)}\n\n<small>{breakdown}</small>"
 
 
 def split_text(split: dict, streamed: bool, lang: str) -> str:
@@ -92,10 +62,9 @@ def split_text(split: dict, streamed: bool, lang: str) -> str:
 def load_report_text(report: LoadReport, lang: str) -> str:
     """What the load did: time, split, predicted vs measured weights, and the unload before it."""
     loaded = report.loaded
-    remote = remote_of(loaded)
-    if remote is not None:
-        lines = [t("loaded_remote", lang, model=remote.label, seconds=loaded.load_seconds,
-                   context=remote.max_context or "–")]
+    if served_by(loaded) is not None:
+        lines = [t("loaded_remote", lang, model=loaded.ref.location, seconds=loaded.load_seconds,
+                   context=remote_context(loaded) or "–")]
     else:
         lines = [
             t("loaded", lang, model=loaded.ref.label, quant=loaded.settings.quant.value, dtype=loaded.dtype,
@@ -123,8 +92,7 @@ def metrics_text(stats: GenerationStats, lang: str) -> str:
 
 def remote_note_html(loaded: LoadedModel, metrics: EngineMetrics | None, lang: str) -> str:
     """For a remote engine's model: whose memory it is, and the engine's own KV-cache use where it reports it."""
-    url = parse_remote(loaded.ref.location).base_url
-    lines = [t("panel_remote", lang, url=url)]
+    lines = [t("panel_remote", lang, url=served_by(loaded))]
     if metrics is not None and metrics.kv_cache_usage is not None:
         lines.append(t("panel_remote_kv", lang, usage=f"{metrics.kv_cache_usage:.1%}",
                        running=_count(metrics.running), waiting=_count(metrics.waiting)))
@@ -145,7 +113,7 @@ def memory_panel_html(snap: MemorySnapshot, lang: str, loaded: LoadedModel | Non
     `context_room` is the context one chat may use now; `memory_room` what the memory left would
     hold (shown when the context setting, not memory, is the limit). For a remote engine's model
     the panel says the memory is the engine's, with `remote_metrics` (its /metrics) if any."""
-    remote = remote_of(loaded) is not None
+    remote = served_by(loaded) is not None
     note = "" if snap.device == "cuda" else f"<div class='mem-note'>{html.escape(t('panel_no_cuda', lang))}</div>"
     if snap.gpus:  # several GPUs: one bar per GPU, each with its own legend and peak
         plan = loaded.plan if loaded is not None and not remote else None

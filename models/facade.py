@@ -1,0 +1,59 @@
+"""The engine facade: everything the front ends (ui/, api/, compare/, app.py) may use of models/.
+
+Front ends import from here and nowhere deeper (tests/test_architecture.py enforces it), so
+what is below can be split, renamed or replaced without touching them. It holds:
+- the Engine, which owns the resident models, their KV caches and the GPU;
+- typed requests and identities: LoadSettings (built by LoadSettings.from_user), LoadOptions,
+  ModelKey, Quant, SamplingSettings, KVPrecision, OverflowPolicy;
+- what comes back: StreamUpdate/GenerationStats (answers), LoadReport (loads), FitPlan with
+  its Verdict (fit checks), MemorySnapshot (the memory panel);
+- one error base, UserFacingError (a message code and its values, rendered in any language from
+  models/messages.py), and internal_error() for everything else (a bug: logged under an id).
+"""
+
+from __future__ import annotations
+
+from .catalog import Catalog, UnknownModelError, load_catalog
+from .engine import Engine, LoadReport, UnloadReport
+from .generation import (
+    APP_TEMPERATURE, APP_TOP_P, ChatTemplateError, GenerationStats, SamplingDefaults, SamplingSettings,
+    StreamUpdate, sampling_defaults,
+)
+from .hardware import MemorySnapshot
+from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, kv_precision_options
+from .loading import LoadedModel, NoChatTemplateError
+from .local_answer import ModelEvictedError
+from .memory import GiB, MiB, FitPlan, Verdict
+from .messages import MESSAGES, Message, UserFacingError, internal_error, render
+from .quant import Quant, QuantOption, parse_quant
+from .remote import EngineMetrics, is_remote, parse_remote, remote_of
+from .settings import LoadOptions, LoadSettings, ModelKey, ModelLoadError
+from .sources import ModelSourceError
+
+
+def served_by(loaded: LoadedModel | None) -> str | None:
+    """The base URL of the remote engine serving a loaded model; None for a local model (or none)."""
+    return parse_remote(loaded.ref.location).base_url if remote_of(loaded) is not None else None
+
+
+def engine_metrics(loaded: LoadedModel | None) -> EngineMetrics | None:
+    """A remote engine's own KV-cache use and queue (its /metrics), or None (local, or not reported)."""
+    remote = remote_of(loaded)
+    return remote.metrics() if remote is not None else None
+
+
+def remote_context(loaded: LoadedModel | None) -> int | None:
+    """A remote engine's context length for its model, when it says; None otherwise."""
+    remote = remote_of(loaded)
+    return remote.max_context if remote is not None else None
+
+
+__all__ = [
+    "APP_TEMPERATURE", "APP_TOP_P", "Catalog", "ChatTemplateError", "ContextOverflowError", "Engine", "EngineMetrics",
+    "FitPlan", "GenerationStats", "GiB", "KVPrecision", "LoadOptions", "LoadReport", "LoadSettings", "LoadedModel",
+    "MESSAGES", "MemorySnapshot", "Message", "MiB", "ModelEvictedError", "ModelKey", "ModelLoadError",
+    "ModelSourceError", "NoChatTemplateError", "OverflowPolicy", "Quant", "QuantOption", "SamplingDefaults",
+    "SamplingSettings", "StreamUpdate", "UnknownModelError", "UnloadReport", "UserFacingError", "Verdict",
+    "engine_metrics", "internal_error", "is_remote", "kv_precision_options", "load_catalog", "parse_quant",
+    "remote_context", "render", "sampling_defaults", "served_by",
+]

@@ -1,0 +1,170 @@
+"""The local backend's answer: a chat fitted into the context, streamed from a resident
+transformers model under the engine's GPU lock, reusing and keeping the session's KV cache.
+
+The lock is taken in the caller's thread and given back by the worker thread that computes,
+when the computation ends: an answer whose iterator the caller abandons without closing it
+(a browser gone mid-stream) must not keep the GPU from every other user.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+from .generation import SamplingSettings, StreamUpdate, chat_input_ids, stream_generate
+from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, fit_messages, new_cache
+from .loading import LoadedModel, free_cuda_memory
+from .memory import kv_bytes_per_token
+from .settings import ModelKey, ModelLoadError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+# Tokens kept free for the answer when the context is full and max_new_tokens is larger.
+MIN_ANSWER_TOKENS = 64
+
+
+class ModelEvictedError(ModelLoadError):
+    """The model an answer was asked of is no longer resident (evicted to make room for another)."""
+
+
+def kv_token_bytes(loaded: LoadedModel, kv: KVPrecision) -> int:
+    """KV bytes per token of context for a loaded model at a cache precision."""
+    if kv is KVPrecision.FP8:
+        return kv_bytes_per_token(loaded.shape, 1)
+    return kv_bytes_per_token(loaded.shape, torch.empty(0, dtype=loaded.model.dtype).element_size())
+
+
+class _Turn:
+    """The engine's GPU lock for one answer: released exactly once, by whichever thread gets there first."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self._released = False
+        self._guard = threading.Lock()
+        engine._lock.acquire()
+        engine._drop_pending_locked()
+
+    def release(self) -> None:
+        """Give the GPU back (and drop the sessions of tabs closed meanwhile); later calls do nothing."""
+        with self._guard:
+            if self._released:
+                return
+            self._released = True
+            self.engine._live_cache = None
+            self.engine._drop_pending_locked()
+            self.engine._lock.release()
+
+
+def answer_local(engine: "Engine", key: ModelKey | None, pinned: bool, messages: list[dict],
+                 sampling: SamplingSettings, stop_event: threading.Event, session: str | None,
+                 kv: KVPrecision, policy: OverflowPolicy) -> Iterator[StreamUpdate]:
+    """Stream a resident local model's answer (`pinned`: the caller named the model, so an evicted one is an error)."""
+    turn = _Turn(engine)
+    out_of_memory = False
+    updates = None
+    try:
+        loaded = _resident(engine, key, pinned)
+        if kv is KVPrecision.OFFLOAD and loaded.device != "cuda":
+            kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
+        ids, dropped, prompt_limit = fit_chat(engine, loaded, messages, sampling, kv, policy)
+        if loaded.fast is not None:
+            updates = _fast_updates(engine, loaded, ids, sampling, stop_event, turn.release)
+        else:
+            updates = _generate_updates(engine, loaded, key, ids, sampling, stop_event, session, kv, turn.release)
+        for update in updates:
+            update.stats.dropped_messages = len(dropped)
+            update.stats.prompt_limit = prompt_limit
+            yield update
+    except torch.OutOfMemoryError as e:
+        e.__traceback__ = None  # its frames hold the activations and cache we must free
+        out_of_memory = True
+    except GeneratorExit:  # the caller went away; the cache is consistent with token_ids
+        if updates is not None:
+            updates.close()  # stops and joins the computation before the lock is given back
+        raise
+    except BaseException:
+        if session is not None:  # a cache in an unknown state is never reused
+            engine._sessions.drop(session)
+        raise
+    finally:
+        turn.release()  # no-op if the worker already released; else it never started
+    if out_of_memory:
+        with engine._lock:
+            if session is not None:
+                engine._sessions.drop(session)
+            free_cuda_memory()
+        raise ModelLoadError("oom_answer")
+
+
+def _resident(engine: "Engine", key: ModelKey | None, pinned: bool) -> LoadedModel:
+    loaded = engine._residents.get(key) if key else None
+    if loaded is None and pinned:
+        raise ModelEvictedError("evicted", model=key.location)
+    if loaded is None:
+        raise ModelLoadError("no_model")
+    engine._residents.move_to_end(key)
+    return loaded
+
+
+def _generate_updates(engine: "Engine", loaded: LoadedModel, key: ModelKey, ids: list[int], sampling: SamplingSettings,
+                      stop_event: threading.Event, session: str | None, kv: KVPrecision,
+                      release: Callable[[], None]) -> Iterator[StreamUpdate]:
+    """Plain generate() over the session's cache, cropped to what it shares with this chat."""
+    entry = engine._sessions.get(session, key, kv) if session is not None else None
+    reused = entry.reuse_for(ids) if entry is not None else 0
+    if reused == 0:
+        entry = SessionCache(model_key=key, precision=kv, cache=new_cache(loaded.model.config, kv))
+    room = engine.context_limit(loaded, kv) - len(ids)
+    sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
+    if session is not None:
+        engine._sessions.put(session, entry)
+        # Room for this answer's whole context: older sessions' caches go first.
+        need = kv_token_bytes(loaded, kv) * (len(ids) + sampling.max_new_tokens) - entry.nbytes
+        engine._sessions.evict_until(max(0, engine.kv_budget_bytes(loaded) - need), keep=session)
+    else:
+        engine._live_cache = entry.cache
+    entry.token_ids = ids[:reused]  # until the answer is done the cache is only known to hold the reused prefix
+    for update in stream_generate(loaded.model, loaded.tokenizer, ids, sampling, stop_event, entry.cache,
+                                  on_worker_done=release):
+        update.stats.reused_tokens = reused
+        if update.done:
+            entry.token_ids = ids + update.token_ids
+        yield update
+
+
+def _fast_updates(engine: "Engine", loaded: LoadedModel, ids: list[int], sampling: SamplingSettings,
+                  stop_event: threading.Event, release: Callable[[], None]) -> Iterator[StreamUpdate]:
+    """Answer through the model's FastDecoder (Quant.INT4).
+
+    It owns one static cache per model, sized to the context at load, and reuses the longest
+    common prefix with whatever it answered last: a session's next turn reuses its history
+    unless another session answered in between (then it is prefilled again, never mixed).
+    """
+    room = min(loaded.fast.max_context, engine.context_limit(loaded)) - len(ids)
+    sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
+    yield from loaded.fast.stream(loaded.tokenizer, ids, sampling, stop_event, on_worker_done=release)
+
+
+def fit_chat(engine: "Engine", loaded: LoadedModel, messages: list[dict], sampling: SamplingSettings, kv: KVPrecision,
+             policy: OverflowPolicy) -> tuple[list[int], list[dict], int]:
+    """Token ids of the chat after the overflow policy, the messages it dropped, and the prompt's limit.
+
+    The limit is the one an overflow error names, so a later "context full" notice can say the same number."""
+    limit = engine.context_limit(loaded, kv)
+    answer_room = min(sampling.max_new_tokens, max(MIN_ANSWER_TOKENS, limit // 4))
+    max_prompt = limit - answer_room
+    if max_prompt <= 0:
+        raise ContextOverflowError("no_context_room", limit=limit)
+    ids = chat_input_ids(loaded.tokenizer, messages)
+    if len(ids) <= max_prompt:  # the usual case: template the chat once
+        return ids, [], max_prompt
+
+    def count(msgs: list[dict]) -> int:
+        return len(chat_input_ids(loaded.tokenizer, msgs))
+
+    kept, dropped = fit_messages(messages, count, max_prompt, policy)
+    return chat_input_ids(loaded.tokenizer, kept), dropped, max_prompt
