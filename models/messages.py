@@ -66,8 +66,6 @@ MESSAGES: dict[str, dict[str, str]] = {
                          "zh": "为 {model} 准备快速解码器时显存不足。请降低上下文长度，或选择 4bit（bitsandbytes）。"},
     "fast_decoder_failed": {"en": "The fast decoder of {model} could not be compiled ({detail}). Lower the context length, or pick 4bit (bitsandbytes).",
                             "zh": "{model} 的快速解码器无法编译（{detail}）。请降低上下文长度，或选择 4bit（bitsandbytes）。"},
-    "bnb_cpu_shape": {"en": "bitsandbytes could not {action} {model} at {quant} on this machine ({detail}). Pick another quantization (none or bf16 always work).",
-                      "zh": "bitsandbytes 无法在本机以 {quant} {action} {model}（{detail}）。请选择其他量化方式（none 或 bf16 总是可用）。"},
     "no_fit_compare": {"en": "{model} does not fit on this machine: {plan}", "zh": "{model} 在本机放不下：{plan}"},
     # --- answering (models/engine.py, models/kv_cache.py, models/generation.py)
     "no_model": {"en": "No model is loaded yet: pick one and press Load.", "zh": "还没有加载模型：请选择模型并点击加载。"},

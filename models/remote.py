@@ -26,8 +26,10 @@ import httpx
 
 from .catalog import ModelRef, UnknownModelError
 from .generation import GenerationStats, SamplingSettings, StreamUpdate
-from .loading import LoadedModel, LoadSettings, ModelLoadError
-from .memory import FitPlan
+from .loading import LoadedModel
+from .settings import LoadSettings, ModelLoadError
+from .memory import FitPlan, Verdict
+from .messages import Message
 
 PREFIX = "openai:"
 DEFAULT_KEY_ENV = "SMALLCHAT_REMOTE_API_KEY"
@@ -334,11 +336,10 @@ def parse_prometheus(text: str) -> dict[str, list[float]]:
 def remote_plan(ref: ModelRef, settings: LoadSettings) -> FitPlan:
     """The 'plan' of a remote model: nothing is placed on this machine."""
     return FitPlan(
-        verdict=DEVICE, device=DEVICE, quant=settings.quant, context_tokens=settings.context_tokens,
+        verdict=Verdict.REMOTE, device=DEVICE, quant=settings.quant, context_tokens=settings.context_tokens,
         weights_bytes=0, gpu_weights_bytes=0, kv_bytes=0, workspace_bytes=0, cuda_context_bytes=0,
         predicted_peak_bytes=0, gpu_layers=0, cpu_layers=0, disk_layers=0, lm_head_on_gpu=False,
-        message=f"served by the engine at {parse_remote(ref.location).base_url}: its weights and KV cache "
-                "live in that engine's memory, not this machine's",
+        reason=Message("plan_remote", {"url": parse_remote(ref.location).base_url}),
     )
 
 

@@ -405,7 +405,7 @@ def test_old_conversations_caches_are_dropped_beyond_the_limit(embedded_engine):
         for body in bodies:
             assert http.post("/chat/completions", json=body).status_code == 200
     ids = [session_id("smollm2-135m-instruct", parse_chat_request(b)) for b in bodies]
-    held = set(embedded_engine.session_ids())
+    held = set(embedded_engine._sessions.sessions())
     assert ids[0] not in held and ids[1] in held and ids[2] in held
 
 

@@ -155,18 +155,19 @@ def test_engine_errors_map_to_statuses():
     import torch
 
     from models.catalog import UnknownModelError
-    from models.errors import coded
+    from models.generation import ChatTemplateError
     from models.kv_cache import ContextOverflowError
     from models.loading import ModelLoadError
 
-    overflow = coded(ContextOverflowError("too long"), "overflow_refused", needed=5000, allowed=3000)
+    overflow = ContextOverflowError("overflow_refused", needed=5000, allowed=3000)
     assert (e := from_engine_error(overflow)).status == 400 and e.code == "context_length_exceeded"
     assert "5000" in e.message and "3000" in e.message
-    assert from_engine_error(coded(ModelLoadError("oom"), "oom_answer")).status == 507
+    assert from_engine_error(ModelLoadError("oom_answer")).status == 507
     assert from_engine_error(torch.OutOfMemoryError("CUDA out of memory")).status == 507
-    assert from_engine_error(coded(ModelLoadError("none"), "no_model")).status == 503
-    assert from_engine_error(UnknownModelError("nope")).status == 404
-    assert from_engine_error(ValueError("template rejected the chat")).status == 400
+    assert from_engine_error(ModelLoadError("no_model")).status == 503
+    assert from_engine_error(UnknownModelError("no_such_path", path="nope")).status == 404
+    assert from_engine_error(ChatTemplateError("template_rejected", detail="no system role")).status == 400
+    assert from_engine_error(ValueError("a bug, not the user's input")) is None  # a 500
     assert from_engine_error(RuntimeError("a bug")) is None  # unexpected: a 500
 
 
@@ -246,12 +247,11 @@ def test_an_error_mid_stream_is_sent_as_an_error_event_then_done(catalog):
     from api.routes import Api
     from api.service import ApiService, Delta
     from models.engine import Engine
-    from models.errors import coded
     from models.loading import ModelLoadError
 
     def failing(stop: threading.Event):
         yield Delta("Hello")
-        raise coded(ModelLoadError("out of memory"), "oom_answer")
+        raise ModelLoadError("oom_answer")
 
     async def run():
         stream = ThreadedStream(failing)

@@ -145,17 +145,17 @@ def test_sending_while_an_answer_streams_is_refused_and_keeps_the_text(page):
 
 
 def test_closing_the_tab_frees_its_kv_cache(browser, app_url, embedded_engine):
-    before = set(embedded_engine.session_ids())
+    before = set(embedded_engine._sessions.sessions())
     context = browser.new_context(locale="en-US")
     page = context.new_page()
     page.goto(app_url)
     page.wait_for_selector("#message textarea", timeout=30_000)
     send(page, "What is the capital of France?")
     page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=60_000)
-    mine = set(embedded_engine.session_ids()) - before
+    mine = set(embedded_engine._sessions.sessions()) - before
     assert len(mine) == 1, "the tab's answer should have left one cached session"
     context.close()
     deadline = time.time() + 30
-    while time.time() < deadline and mine & set(embedded_engine.session_ids()):
+    while time.time() < deadline and mine & set(embedded_engine._sessions.sessions()):
         time.sleep(0.2)
-    assert not mine & set(embedded_engine.session_ids()), "closing the tab did not free its cache"
+    assert not mine & set(embedded_engine._sessions.sessions()), "closing the tab did not free its cache"

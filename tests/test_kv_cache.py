@@ -310,9 +310,9 @@ def test_a_tab_closed_during_another_answer_is_freed_when_that_answer_ends(engin
     returned = threading.Event()
     threading.Thread(target=lambda: (engine.drop_session("closed-tab"), returned.set()), daemon=True).start()
     assert returned.wait(5), "drop_session waited for the running answer"
-    assert "closed-tab" in engine.session_ids()  # queued, not done under a running answer
+    assert "closed-tab" in engine._sessions.sessions()  # queued, not done under a running answer
     stream.close()
-    assert engine.session_ids() == ["busy-tab"]
+    assert engine._sessions.sessions() == ["busy-tab"]
 
 
 # ----- out of memory ------------------------------------------------------------------

@@ -171,11 +171,12 @@ def test_a_server_that_never_answers_times_out_clearly(engine, monkeypatch):
 
 
 def _check_translated(error: BaseException, code: str) -> None:
-    from ui.i18n import explain, t
+    from models.messages import render
+    from ui.i18n import explain
 
     assert getattr(error, "code", None) == code, (code, error)
-    assert t(f"err_{code}", "en", **error.params) == str(error) == explain(error, "en")  # no drift
-    assert explain(error, "zh") != str(error) and explain(error, "zh") == t(f"err_{code}", "zh", **error.params)
+    assert render(code, "en", **error.params) == str(error) == explain(error, "en")  # one table: no drift
+    assert explain(error, "zh") != str(error) and explain(error, "zh") == render(code, "zh", **error.params)
 
 
 def test_remote_errors_are_said_in_the_users_language(engine, monkeypatch):
