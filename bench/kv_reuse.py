@@ -72,7 +72,8 @@ def run(args) -> list[dict]:
     import torch
 
     from models.catalog import load_catalog
-    from models.engine import Engine, _kv_token_bytes
+    from models.engine import Engine
+    from models.local_answer import kv_token_bytes
     from models.kv_cache import KVPrecision
     from models.generation import SamplingSettings
     from models.loading import LoadSettings
@@ -119,7 +120,7 @@ def run(args) -> list[dict]:
             "speedup": statistics.median(full) / statistics.median(reuse),
             "max_context": engine.context_limit(kv=kv),
             # What memory alone allows (the user's context setting aside): KV room / bytes per token.
-            "memory_context": engine.kv_budget_bytes() // _kv_token_bytes(loaded, KVPrecision(kv)),
+            "memory_context": engine.kv_budget_bytes() // kv_token_bytes(loaded, KVPrecision(kv)),
             "decode_tok_s": decoded.stats.decode_tokens_per_s,
             "budget_gib": args.gpu_budget if budget else None, "repeats": args.repeats,
         })

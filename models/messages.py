@@ -157,6 +157,8 @@ MESSAGES: dict[str, dict[str, str]] = {
     "quant_not_here": {"en": "{label}: {quant} is not available on this machine", "zh": "{label}：本机不支持 {quant}"},
     # --- prompt sets and comparisons (compare/)
     "prompt_set": {"en": "{detail}", "zh": "提示集有误：{detail}"},
+    "no_prompt_set": {"en": "Pick a prompt set, upload one, or paste questions.", "zh": "请选择一个提示集、上传一个，或粘贴问题。"},
+    "upload_too_big": {"en": "{name} is {size}; uploads are limited to {limit}.", "zh": "{name} 的大小为 {size}；上传文件上限为 {limit}。"},
     "bad_config": {"en": "In {text!r}: {detail}", "zh": "配置 {text!r} 有误：{detail}"},
     "no_configuration": {"en": "No configuration: tick A or B, or type MODEL:QUANT lines.",
                          "zh": "没有配置：请勾选 A 或 B，或输入 模型:量化 行。"},

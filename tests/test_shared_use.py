@@ -335,15 +335,16 @@ def test_a_message_over_the_size_limit_is_refused_naming_the_limit(handlers):
 
 
 def test_an_upload_over_the_size_limit_is_refused_naming_the_limit(catalog, tmp_path):
-    from compare.prompt_sets import PromptSetError
     from models.engine import Engine
+    from models.messages import UserFacingError
     from ui.compare_handlers import MAX_UPLOAD_BYTES, CompareHandlers
 
     big = tmp_path / "big.toml"
     big.write_text("# " + "x" * MAX_UPLOAD_BYTES + "\n")
-    with pytest.raises(PromptSetError) as e:
+    with pytest.raises(UserFacingError) as e:
         CompareHandlers(Engine(catalog)).resolve_set(None, str(big), "", "")
     assert str(e.value) == "big.toml is 1,048,579 bytes; uploads are limited to 1,048,576 bytes (1 MiB)."
+    assert e.value.render("zh") == "big.toml 的大小为 1,048,579 bytes；上传文件上限为 1,048,576 bytes (1 MiB)。"
 
 
 @pytest.mark.slow

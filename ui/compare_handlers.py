@@ -191,11 +191,11 @@ class CompareHandlers:
         if upload:
             size = Path(upload).stat().st_size
             if size > MAX_UPLOAD_BYTES:
-                raise PromptSetError(t("upload_too_big", "en", name=Path(upload).name, size=f"{size:,} bytes",
-                                       limit=f"{MAX_UPLOAD_BYTES:,} bytes ({fmt_bytes(MAX_UPLOAD_BYTES)})"))
+                raise UserFacingError("upload_too_big", name=Path(upload).name, size=f"{size:,} bytes",
+                                      limit=f"{MAX_UPLOAD_BYTES:,} bytes ({fmt_bytes(MAX_UPLOAD_BYTES)})")
             return load_prompt_set(Path(upload))
         if not set_name:
-            raise PromptSetError("Pick a prompt set, upload one, or paste questions.")
+            raise UserFacingError("no_prompt_set")
         return load_prompt_set(set_name)
 
     def batch_specs(self, use: list[str], model_a, quant_a, model_b, quant_b, extra: str) -> list[ConfigSpec]:

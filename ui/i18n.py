@@ -71,8 +71,6 @@ STRINGS: dict[str, dict[str, str]] = {
     "message_too_many_chars": {
         "en": "Your message is {chars} characters; the limit is {limit} (--max-message-chars). Nothing was sent; shorten it.",
         "zh": "您的消息有 {chars} 个字符，上限为 {limit}（--max-message-chars）。未发送，请缩短。"},
-    "upload_too_big": {"en": "{name} is {size}; uploads are limited to {limit}.",
-                       "zh": "{name} 的大小为 {size}；上传文件上限为 {limit}。"},
     "empty_message": {"en": "Type a message first.", "zh": "请先输入消息。"},
     "answer_running": {"en": "An answer is still being written: wait for it, or press Stop first. Your text is kept.",
                        "zh": "回答仍在生成中：请等待，或先点击停止。您输入的内容已保留。"},
