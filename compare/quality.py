@@ -17,7 +17,9 @@ from typing import Callable
 
 import torch
 
-from models.facade import Engine, LoadedModel, LoadSettings, ModelKey, ModelLoadError, Quant, SamplingSettings, is_remote
+from models.facade import (
+    Engine, LoadedModel, LoadSettings, ModelKey, ModelLoadError, Quant, SamplingSettings, is_remote,
+)
 
 from .prompt_sets import QUALITY_TEXT
 from .runner import ConfigSpec, make_resident

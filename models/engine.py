@@ -26,7 +26,8 @@ from .catalog import Catalog, ModelRef
 from .generation import SamplingSettings, StreamUpdate
 from .kv_cache import KVPrecision, OverflowPolicy, SessionCacheStore, cache_bytes
 from .loading import LoadedModel, PreparedLoad, free_cuda_memory, load_prepared, prepare_load
-from .local_answer import answer_local, kv_token_bytes
+from .backend import AnswerRequest, Backend
+from .local_answer import LocalBackend, kv_token_bytes
 from .memory import FitPlan
 from .memory_split import kv_room_bytes
 from .placement import cap_allocator, default_gpu_budget_bytes, kv_split, less_held, make_budget, plan_for
@@ -259,7 +260,8 @@ class Engine:
             prepared = prepare_load(ref, settings, self._budget(settings, set(keep)), progress)
             unloaded = []
             for other in list(self._residents):  # least recently used first
-                if plan_for(prepared.shape, settings, self._budget(settings, set(self._residents))).verdict.resident_only:
+                fits = plan_for(prepared.shape, settings, self._budget(settings, set(self._residents)))
+                if fits.verdict.resident_only:
                     break  # fits next to everything still loaded
                 if other not in keep and remote_of(self._residents[other]) is None:  # a remote one frees nothing here
                     unloaded.append(self._unload_locked(other))
@@ -386,12 +388,13 @@ class Engine:
         """
         if model is None and self._chat_spec is not None and self._chat_key not in self._residents:
             self.ensure(*self._chat_spec)  # the Chat tab's model was evicted (e.g. by a comparison): bring it back
-        key = model or self._chat_key
+        request = AnswerRequest(messages, sampling, stop_event, session, KVPrecision(kv), OverflowPolicy(policy))
+        yield from self._backend(model or self._chat_key, pinned=model is not None).answer(request)
+
+    def _backend(self, key: ModelKey | None, pinned: bool) -> Backend:
+        """Who answers for `key`: a remote engine's model itself, else the local path (it checks residency)."""
         remote = remote_of(self._residents.get(key)) if key else None
-        if remote is not None:  # the server fits, templates and caches the chat; no GPU lock here
-            return remote.stream(messages, sampling, stop_event)
-        return answer_local(self, key, model is not None, messages, sampling, stop_event, session,
-                            KVPrecision(kv), OverflowPolicy(policy))
+        return remote if remote is not None else LocalBackend(self, key, pinned)
 
 
 __all__ = ["Engine", "LoadReport", "UnloadReport"]

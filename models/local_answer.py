@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
+from .backend import AnswerRequest
 from .generation import SamplingSettings, StreamUpdate, chat_input_ids, stream_generate
 from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, fit_messages, new_cache
 from .loading import LoadedModel, free_cuda_memory
@@ -59,10 +60,23 @@ class _Turn:
             self.engine._lock.release()
 
 
+class LocalBackend:
+    """The Backend of a resident local model (`pinned`: the caller named the model, so an evicted one is an error)."""
+
+    def __init__(self, engine: "Engine", key: ModelKey | None, pinned: bool):
+        self.engine, self.key, self.pinned = engine, key, pinned
+
+    def answer(self, request: AnswerRequest) -> Iterator[StreamUpdate]:
+        """Stream the answer under the engine's GPU lock, reusing and keeping the session's KV cache."""
+        r = request
+        return answer_local(self.engine, self.key, self.pinned, r.messages, r.sampling, r.stop_event, r.session,
+                            r.kv, r.policy)
+
+
 def answer_local(engine: "Engine", key: ModelKey | None, pinned: bool, messages: list[dict],
                  sampling: SamplingSettings, stop_event: threading.Event, session: str | None,
                  kv: KVPrecision, policy: OverflowPolicy) -> Iterator[StreamUpdate]:
-    """Stream a resident local model's answer (`pinned`: the caller named the model, so an evicted one is an error)."""
+    """Stream a resident local model's answer; the steps are fit, then generate (or the fast decoder)."""
     turn = _Turn(engine)
     out_of_memory = False
     updates = None

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from .backend import AnswerRequest
 from .catalog import ModelRef, UnknownModelError
 from .generation import GenerationStats, SamplingSettings, StreamUpdate
 from .loading import LoadedModel
@@ -215,6 +216,10 @@ class RemoteModel:
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         return body
+
+    def answer(self, request: AnswerRequest) -> Iterator[StreamUpdate]:
+        """The Backend interface: the server fits, templates and caches the chat itself (no GPU lock here)."""
+        return self.stream(request.messages, request.sampling, request.stop_event)
 
     def stream(self, messages: list[dict], sampling: SamplingSettings,
                stop_event: threading.Event) -> Iterator[StreamUpdate]:
