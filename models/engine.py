@@ -22,11 +22,11 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from . import hardware
+from .backend import AnswerRequest, Backend
 from .catalog import Catalog, ModelRef
 from .generation import SamplingSettings, StreamUpdate
 from .kv_cache import KVPrecision, OverflowPolicy, SessionCacheStore, cache_bytes
 from .loading import LoadedModel, PreparedLoad, free_cuda_memory, load_prepared, prepare_load
-from .backend import AnswerRequest, Backend
 from .local_answer import LocalBackend, kv_token_bytes
 from .memory import FitPlan
 from .memory_split import kv_room_bytes

@@ -266,21 +266,3 @@ def test_an_error_mid_stream_is_sent_as_an_error_event_then_done(catalog):
     assert json.loads(payloads[1])["choices"][0]["delta"]["content"] == "Hello"
     error = json.loads(payloads[-2])["error"]
     assert error["code"] == "out_of_memory" and error["type"] == "server_error"
-
-
-def test_api_talks_only_to_the_engine_facade():
-    """api/ imports from models/ only the engine (and the two settings types the UI uses too)."""
-    import ast
-    from pathlib import Path
-
-    allowed = {"models.engine", "models.generation", "models.loading"}
-    for path in (Path(__file__).parents[1] / "api").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                assert not (node.module or "").startswith(("ui", "compare")), f"{path.name} imports {node.module}"
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("models"):
-                assert node.module in allowed, f"{path.name} imports {node.module}"
-                if node.module != "models.engine":
-                    assert {a.name for a in node.names} <= {"SamplingSettings", "LoadSettings"}, path.name
-            if isinstance(node, ast.Import):
-                assert not any(a.name.startswith(("models", "ui", "compare")) for a in node.names), path.name

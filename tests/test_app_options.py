@@ -8,7 +8,7 @@ import pytest
 import app
 from compare.runner import ConfigSpec, fits_together
 from models.engine import Engine
-from models.generation import chat_input_ids
+from models.generation import ChatTemplateError, chat_input_ids
 from models.loading import LoadSettings
 from models.memory import GiB, Budget, plan_fit
 from models.quant import Quant
@@ -57,7 +57,7 @@ def test_ui_defaults_from_the_cli_are_brought_inside_the_controls():
     assert sane.within_controls(["none", "4bit"], ["full", "fp8"], 8.0) == sane
 
 
-def test_a_chat_template_that_rejects_the_chat_is_a_clear_value_error(tiny_llama):
+def test_a_chat_template_that_rejects_the_chat_is_a_clear_user_facing_error(tiny_llama):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -66,8 +66,9 @@ def test_a_chat_template_that_rejects_the_chat_is_a_clear_value_error(tiny_llama
         "{% endif %}{{ m['content'] }}{% endfor %}"
     )
     assert chat_input_ids(tokenizer, [{"role": "user", "content": "hi"}])
-    with pytest.raises(ValueError, match="System role not supported"):
+    with pytest.raises(ChatTemplateError, match="System role not supported") as raised:
         chat_input_ids(tokenizer, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert "对话模板拒绝" in raised.value.render("zh")
 
 
 def test_fits_together_counts_the_static_cache_a_fast_model_holds(catalog, monkeypatch):

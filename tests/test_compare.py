@@ -26,6 +26,8 @@ from compare.runner import ConfigSpec, ResultRow, StopSwitch, compare, fits_toge
 from compare.scoring import keyword_found, score_answer
 from models.engine import Engine
 from models.local_answer import ModelEvictedError
+from models.messages import UserFacingError
+from models.settings import ModelKey
 from models.generation import SamplingSettings
 from models.loading import LoadSettings
 from models.quant import Quant
@@ -57,9 +59,9 @@ def test_parse_spec_reads_model_and_quant():
     assert parse_spec(" smollm2-135m-instruct ") == ConfigSpec("smollm2-135m-instruct", Quant.NONE)
     assert parse_spec("Qwen/Qwen2.5-1.5B-Instruct:8bit") == ConfigSpec("Qwen/Qwen2.5-1.5B-Instruct", Quant.INT8)
     assert parse_spec("smollm2-135m-instruct:4bit").label == "smollm2-135m-instruct:4bit"
-    with pytest.raises(ValueError, match="Unknown quantization 'int3'.*none, bf16, 8bit, 4bit"):
+    with pytest.raises(UserFacingError, match="Unknown quantization 'int3'.*none, bf16, 8bit, 4bit"):
         parse_spec("smollm2-135m-instruct:int3")
-    with pytest.raises(ValueError, match="Empty configuration"):
+    with pytest.raises(UserFacingError, match="Empty configuration"):
         parse_spec("  ")
 
 
@@ -406,7 +408,7 @@ def test_a_side_evicted_by_another_user_is_loaded_again(catalog, tiny_llama):
     final = list(compare(engine, [spec], [{"role": "user", "content": "Hello world"}], GREEDY, base=SMALL))[-1]
     assert evictions and final.sides[0].status == "done" and final.sides[0].text
     with pytest.raises(ModelEvictedError, match="was unloaded to make room"):
-        list(real_chat([{"role": "user", "content": "hi"}], GREEDY, threading.Event(), model="gone|none|ctx256"))
+        list(real_chat([{"role": "user", "content": "hi"}], GREEDY, threading.Event(), model=ModelKey("gone", Quant.NONE, False, 256)))
 
 
 def test_a_prompt_set_added_while_the_app_runs_shows_up_on_refresh(tmp_path, monkeypatch):
