@@ -184,7 +184,7 @@ def test_trust_remote_code_is_off_by_default_and_visible_when_on(catalog):
     engine = Engine(catalog)
     plain = build_demo(engine)
     assert not any(getattr(b, "elem_id", None) == "remote-code-warning" for b in plain.blocks.values())
-    opted_in = build_demo(engine, LoadOptions(trust_remote_code=True))
+    opted_in = build_demo(engine, options=LoadOptions(trust_remote_code=True))
     warning = [b for b in opted_in.blocks.values() if getattr(b, "elem_id", None) == "remote-code-warning"]
     assert len(warning) == 1
 
