@@ -208,3 +208,19 @@ def test_unload_reports_no_residual_on_cpu(catalog, tiny_llama):
     report = engine.load(str(tiny_llama), LoadSettings(quant=Quant.NF4))
     assert len(report.unloaded) == 1 and report.unloaded[0].residual_bytes == 0
     assert report.switch_seconds >= report.loaded.load_seconds
+
+
+def test_load_settings_are_built_from_the_users_numbers_in_one_place(tmp_path):
+    from models.messages import UserFacingError
+    from models.settings import LoadOptions
+
+    options = LoadOptions(trust_remote_code=True, stream_offload=False, cache_dir=tmp_path)
+    settings = LoadSettings.from_user("4bit", 6.5, 2048, True, options)
+    assert settings == LoadSettings(quant=Quant.NF4, double_quant=True, gpu_budget_bytes=int(6.5 * 1024**3),
+                                    context_tokens=2048, trust_remote_code=True, cache_dir=tmp_path,
+                                    stream_offload=False)
+    default = LoadSettings.from_user(Quant.INT8, None, 512)
+    assert default.gpu_budget_bytes is None and default.quant is Quant.INT8 and not default.trust_remote_code
+    assert LoadSettings.from_user("none", 0, 512).gpu_budget_bytes is None  # 0 GiB: the default budget
+    with pytest.raises(UserFacingError, match="Unknown quantization '2bit'"):
+        LoadSettings.from_user("2bit", None, 512)

@@ -138,6 +138,19 @@ def test_make_budget_reads_every_gpu_and_applies_the_users_budget_to_each(monkey
     assert capped.gpu_bytes_per_device == (6 * GiB, 6 * GiB) and capped.gpu_bytes == 12 * GiB
 
 
+def test_the_slider_starts_at_the_budget_a_load_gets_by_default(monkeypatch, catalog, tmp_path):
+    # One default-budget formula: what the UI's GPU budget slider starts at is what make_budget plans with.
+    from models.engine import Engine
+    from models.loading import LoadSettings
+    from models.placement import make_budget
+
+    _fake_gpus(monkeypatch, [8.5])
+    engine = Engine(catalog)
+    monkeypatch.setattr(engine, "cuda_runtime_bytes", lambda: CONTEXT_BYTES)
+    assert engine.default_gpu_budget_bytes() == make_budget(LoadSettings(), CONTEXT_BYTES, tmp_path).gpu_bytes
+    assert engine.default_gpu_budget_bytes() == 8 * GiB + CONTEXT_BYTES  # free minus the half-GiB margin, plus ours
+
+
 def test_one_gpu_budget_is_unchanged(monkeypatch, tmp_path):
     from models import hardware
     from models.loading import LoadSettings
