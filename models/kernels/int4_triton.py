@@ -156,22 +156,22 @@ if triton is not None:
 
     @triton.jit
     def _dequant_t_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, G_COUNT, stride_w, stride_s, stride_out,
-                          BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        """W.T [K, N]: each program unpacks GROUPS groups x BLOCK_N columns; stores run along N."""
-        WORDS: tl.constexpr = GROUPS * 16
+                          BLOCK_N: tl.constexpr):
+        """W.T [K, N]: each program unpacks one group (128 rows of W.T) x BLOCK_N columns; stores run along N.
+
+        The scale and offset are loaded once per column (not once per word), and each thread writes
+        8 contiguous bf16 (16 bytes) per row: a prompt's dequantize is bound by these writes.
+        """
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rw = tl.arange(0, WORDS)
-        row0 = tl.program_id(1) * WORDS
+        rw = tl.arange(0, 16)
+        g = tl.program_id(1)
         nmask = rn < N
-        mask = ((row0 + rw) < G_COUNT * 16)[:, None] & nmask[None, :]
-        words = tl.load(w_ptr + (row0 + rw)[:, None] * stride_w + rn[None, :], mask=mask, other=0)
-        g = (row0 + rw) // 16
-        sptr = g[:, None] * stride_s + rn[None, :]
-        s = tl.load(s_ptr + sptr, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + sptr, mask=mask, other=0.0).to(tl.float32)
+        words = tl.load(w_ptr + (g * 16 + rw)[:, None] * stride_w + rn[None, :], mask=nmask[None, :], other=0)
+        s = tl.load(s_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        o = tl.load(o_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         for j in tl.static_range(8):
             q = ((words >> (4 * j)) & 0xF).to(tl.float32)
-            k = g * 128 + j * 16 + (row0 + rw) % 16
+            k = g * 128 + j * 16 + rw
             tl.store(out_ptr + k[:, None] * stride_out + rn[None, :], (q * s + o).to(out_ptr.dtype.element_ty),
                      mask=(k < K)[:, None] & nmask[None, :])
 
@@ -206,8 +206,8 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Ten
     """W.T [K, N] in `dtype`, unpacked on the device: a temporary for a prefill's cuBLAS matmul."""
     groups, n = scales.shape
     out = torch.empty(in_features, n, dtype=dtype, device=qweight.device)
-    block_n, per = 64, 2
-    grid = (triton.cdiv(n, block_n), triton.cdiv(groups, per))
+    block_n = 256
+    grid = (triton.cdiv(n, block_n), groups)
     _dequant_t_kernel[grid](qweight, scales, offsets, out, n, in_features, groups, qweight.stride(0),
-                            scales.stride(0), out.stride(0), BLOCK_N=block_n, GROUPS=per, num_warps=4)
+                            scales.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=4)
     return out
