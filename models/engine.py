@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -258,12 +259,20 @@ class Engine:
         started = time.perf_counter()
         before = self._allocated()
         loaded = self._residents.pop(key)
+        cpu_held = self._held_bytes(key, loaded) if loaded.device == "cpu" else 0
         self._sessions.drop_model(key)
         if loaded.fast is not None:
             loaded.fast.close()  # a background compile still running ends without swapping in
         label = f"{loaded.ref.label} ({loaded.settings.quant.value})"
+        gone = weakref.ref(loaded.model) if cpu_held else None
         del loaded
         free_cuda_memory()
+        if gone is not None:
+            # On a CPU, RSS rarely drops (the allocator keeps freed pages), so "freed" is the model's own
+            # tensors and KV, once nothing references the model any more; if something still does, it stays.
+            freed = 0 if gone() is not None else cpu_held
+            return UnloadReport(model_label=label, seconds=time.perf_counter() - started, freed_bytes=freed,
+                                residual_bytes=cpu_held - freed)
         after = self._allocated()
         still_held = sum(self._held_bytes(k, m) for k, m in self._residents.items())
         return UnloadReport(
