@@ -39,7 +39,8 @@ from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
 from models.quant import Quant
 from models.remote import is_remote, remote_of
-from models.sources import ModelSourceError
+from models.model_roots import ModelRoots, default_model_roots
+from models.sources import ModelSourceError, default_cache_dir
 
 MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
 AUTH_ENV = "SMALLCHAT_AUTH"
@@ -89,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "required with a --host other than loopback and with --share")
     p.add_argument("--share", action="store_true",
                    help="also publish the app through a public gradio.live link (off unless given; needs --auth)")
+    p.add_argument("--model-root", action="append", metavar="DIR",
+                   help="when the app is exposed (--host not loopback, or --share), local model paths must lie under "
+                        "one of these folders (repeatable; default: the app's model caches and the embedded model)")
     p.add_argument("--max-message-chars", type=int, default=MAX_MESSAGE_CHARS, metavar="N",
                    help=f"longest chat message accepted, in characters (default: {MAX_MESSAGE_CHARS:,})")
     api = p.add_argument_group("OpenAI-compatible API (/v1, same engine and queue as the web UI)")
@@ -109,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"model and read the chats: give --auth USER:PASS (or set {AUTH_ENV}=USER:PASS)")
     if args.share and args.auth is None:
         p.error(f"--share publishes the app on a public link: give --auth USER:PASS (or set {AUTH_ENV}=USER:PASS)")
+    for folder in args.model_root or []:
+        if not Path(folder).expanduser().is_dir():
+            p.error(f"--model-root {folder}: no such folder")
     if args.max_message_chars < 1:
         p.error("--max-message-chars must be at least 1")
     args.quant = Quant(args.quant)
@@ -165,6 +172,13 @@ def launch_options(args: argparse.Namespace) -> tuple[dict, str]:
         notice = f"serving {where} (this machine only; no password)"
     options = {"server_name": args.host, "server_port": args.port, "share": bool(args.share), "auth": auth}
     return options, notice
+
+
+def model_roots_for(args: argparse.Namespace, catalog) -> ModelRoots | None:
+    """Folders local model paths are confined to when the app is exposed; None (any path) on loopback."""
+    if is_loopback(args.host) and not args.share:
+        return None
+    return ModelRoots.of(args.model_root or default_model_roots(default_cache_dir(), catalog))
 
 
 def load_settings(args: argparse.Namespace) -> LoadSettings:
@@ -350,6 +364,9 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         app_kwargs = gradio_app_kwargs(api_app)
         print(f"API at http://{args.host}:{args.port}/v1", file=sys.stderr)
     print(notice, file=sys.stderr, flush=True)
+    if engine.model_roots is not None:
+        print("local model paths only from under: " + ", ".join(map(str, engine.model_roots.folders)),
+              file=sys.stderr, flush=True)
     demo.queue(default_concurrency_limit=None).launch(**options, **launch_kwargs(demo, app_kwargs))
     return 0
 
@@ -360,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_weight_loading_bar()
     if args.trust_remote_code:
         print(TRUST_WARNING, file=sys.stderr)
-    engine = Engine(load_catalog())
+    catalog = load_catalog()
+    engine = Engine(catalog, model_roots=model_roots_for(args, catalog))
     try:
         if args.compare is not None:
             return run_compare(args, engine)

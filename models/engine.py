@@ -35,6 +35,7 @@ from .loading import (
     prepare_load,
 )
 from .memory import FitPlan, kv_bytes_per_token, kv_room_bytes
+from .model_roots import ModelRoots
 from .quant import QuantOption, quant_options
 from .remote import connect_loaded, is_remote, remote_of, remote_plan, remote_ref
 from .sources import ModelSourceError, default_cache_dir
@@ -102,8 +103,9 @@ class Engine:
     """Owns the models, the session caches and the GPU lock; the UI and the CLI both drive it."""
 
     def __init__(self, catalog: Catalog, cache_dir: Path | None = None, kv_budget_bytes: int | None = None,
-                 ram_budget_bytes: int | None = None):
+                 ram_budget_bytes: int | None = None, model_roots: ModelRoots | None = None):
         self.catalog = catalog
+        self.model_roots = model_roots  # set when the app is exposed: local paths must lie under these
         self.cache_dir = cache_dir or default_cache_dir()
         # A plain Lock, not an RLock: a streaming answer takes it in the caller's thread and
         # its worker thread gives it back when the computation ends.
@@ -185,6 +187,8 @@ class Engine:
         """Resolve a catalog id, path, hub id or remote engine 'openai:URL' (raises UnknownModelError)."""
         if is_remote(choice):
             return remote_ref(choice)
+        if self.model_roots is not None:
+            self.model_roots.check(choice, self.catalog)
         return self.catalog.resolve(choice)
 
     def model_key(self, choice: str, settings: LoadSettings) -> str:

@@ -287,6 +287,8 @@ STRINGS: dict[str, dict[str, str]] = {
                             "zh": "内存只够容纳 {limit} 个 token 的上下文：请释放显存、降低上下文长度，或选择更小的量化。"},
     "err_overflow_refused": {"en": "The chat needs {needed} tokens but the context allows {allowed}. Clear the chat, undo some turns, or choose 'drop oldest turns'.",
                              "zh": "对话需要 {needed} 个 token，但上下文只允许 {allowed} 个。请清空对话、撤销几轮，或选择“丢弃最早的轮次”。"},
+    "err_outside_roots": {"en": "{path} is outside the model roots. While the app is served beyond this machine (--host other than loopback, or --share), local models load only from under: {roots}. Put the model there, or start the app with --model-root DIR.",
+                          "zh": "{path} 不在模型根目录之下。本程序对其他机器开放时（--host 不是本机回环地址，或使用 --share），只能从以下目录加载本地模型：{roots}。请把模型放到其中，或用 --model-root DIR 启动本程序。"},
     "err_message_too_long": {"en": "Your message alone needs {needed} tokens but the context allows {allowed}. Shorten it, raise the context length, or lower max new tokens.",
                              "zh": "仅这条消息就需要 {needed} 个 token，但上下文只允许 {allowed} 个。请缩短消息、调高上下文长度，或调低最多生成 token 数。"},
 }
