@@ -95,7 +95,7 @@ class ChatPersistence:
         return self.snapshot(history, model, quant, *settings).to_dict()
 
     def _settings_updates(self, chat: SavedChat, lang: str) -> list:
-        """Updates for the settings controls (gr.skip() where the chat has no valid value): BadNumber if one is out of range."""
+        """Updates for the settings controls (gr.skip() where the chat has none); ChatFileError if one is out of range."""
         s = self.handlers
         checks = {"temperature": (0.0, TEMPERATURE_MAX, False), "top_p": (TOP_P_MIN, 1.0, False),
                   "max_new_tokens": (1, s.max_new_tokens_max, True), "context_tokens": (CONTEXT_MIN, s.context_max, True)}
@@ -105,8 +105,12 @@ class ChatPersistence:
                 out.append(gr.skip())
             elif key in checks:
                 low, high, whole = checks[key]
-                out.append(read_number(chat.settings[key], key if key != "context_tokens" else "context", low, high,
-                                       lang, whole))
+                label = key if key != "context_tokens" else "context"
+                try:
+                    out.append(read_number(chat.settings[key], label, low, high, lang, whole))
+                except BadNumber:  # said without read_number's "your message is kept": nothing was typed here
+                    raise ChatFileError(f"The chat's setting \"{t(label, 'en')}\" is {chat.settings[key]}; it must be "
+                                        f"from {low:g} to {high:g}.") from None
             else:
                 out.append(chat.settings[key])
         return out
@@ -119,7 +123,7 @@ class ChatPersistence:
         try:
             chat = from_dict(saved)
             settings = self._settings_updates(chat, lang)
-        except (ChatFileError, BadNumber) as e:
+        except ChatFileError as e:
             # The browser's copy is unreadable (an older format, edited storage): start clean and say so.
             return skip_all + [t("persist_restore_failed", lang, error=str(e)), True]
         if not chat.messages and not chat.model:
@@ -179,7 +183,7 @@ class ChatPersistence:
                                     f"{self.max_import_bytes:,} bytes ({self.max_import_bytes / 2**20:g} MiB).")
             chat = from_json(Path(path).read_bytes(), self.max_import_bytes)
             settings = self._settings_updates(chat, lang)
-        except (ChatFileError, BadNumber, OSError) as e:
+        except (ChatFileError, OSError) as e:
             gr.Warning(t("persist_import_failed", lang, error=str(e)))
             return keep + [t("persist_import_failed", lang, error=str(e))]
         note = t("persist_imported", lang, n=len(chat.messages), name=name)
