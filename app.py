@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from api.auth import is_loopback
 from models.facade import (
     APP_TEMPERATURE, APP_TOP_P, Engine, GiB, KVPrecision, LoadOptions, LoadSettings, Quant, SamplingSettings,
-    UserFacingError, engine_metrics, internal_error, is_remote, load_catalog, parse_quant, sampling_defaults,
-    served_by,
+    UserFacingError, default_cache_dir, default_model_roots, engine_metrics, internal_error, is_remote, load_catalog,
+    ModelRoots, parse_quant, sampling_defaults, served_by,
 )
 
 MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "required with a --host other than loopback and with --share")
     p.add_argument("--share", action="store_true",
                    help="also publish the app through a public gradio.live link (off unless given; needs --auth)")
+    p.add_argument("--model-root", action="append", metavar="DIR",
+                   help="when the app is exposed (--host not loopback, or --share), local model paths must lie under "
+                        "one of these folders (repeatable; default: the app's model caches and the embedded model)")
     p.add_argument("--max-message-chars", type=int, default=MAX_MESSAGE_CHARS, metavar="N",
                    help=f"longest chat message accepted, in characters (default: {MAX_MESSAGE_CHARS:,})")
     api = p.add_argument_group("OpenAI-compatible API (/v1, same engine and queue as the web UI)")
@@ -104,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"model and read the chats: give --auth USER:PASS (or set {AUTH_ENV}=USER:PASS)")
     if args.share and args.auth is None:
         p.error(f"--share publishes the app on a public link: give --auth USER:PASS (or set {AUTH_ENV}=USER:PASS)")
+    for folder in args.model_root or []:
+        if not Path(folder).expanduser().is_dir():
+            p.error(f"--model-root {folder}: no such folder")
     if args.max_message_chars < 1:
         p.error("--max-message-chars must be at least 1")
     args.quant = parse_quant(args.quant)
@@ -169,6 +175,13 @@ class CliError(Exception):
 def load_options(args: argparse.Namespace) -> LoadOptions:
     """The load switches from the command line (the same for every load the app makes)."""
     return LoadOptions(trust_remote_code=args.trust_remote_code, stream_offload=args.stream_offload)
+
+
+def model_roots_for(args: argparse.Namespace, catalog) -> ModelRoots | None:
+    """Folders local model paths are confined to when the app is exposed; None (any path) on loopback."""
+    if is_loopback(args.host) and not args.share:
+        return None
+    return ModelRoots.of(args.model_root or default_model_roots(default_cache_dir(), catalog))
 
 
 def load_settings(args: argparse.Namespace) -> LoadSettings:
@@ -348,6 +361,9 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
         app_kwargs = gradio_app_kwargs(api_app)
         print(f"API at http://{args.host}:{args.port}/v1", file=sys.stderr)
     print(notice, file=sys.stderr, flush=True)
+    if engine.model_roots is not None:
+        print("local model paths only from under: " + ", ".join(map(str, engine.model_roots.folders)),
+              file=sys.stderr, flush=True)
     demo.queue(default_concurrency_limit=None).launch(**options, **launch_kwargs(demo, app_kwargs))
     return 0
 
@@ -358,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_weight_loading_bar()
     if args.trust_remote_code:
         print(TRUST_WARNING, file=sys.stderr)
-    engine = Engine(load_catalog())
+    catalog = load_catalog()
+    engine = Engine(catalog, model_roots=model_roots_for(args, catalog))
     try:
         if args.compare is not None:
             return run_compare(args, engine)

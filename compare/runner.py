@@ -226,7 +226,8 @@ class ResultRow:
     ttft_s: float | None = None
     tokens_per_s: float | None = None
     total_s: float | None = None
-    peak_mib: float | None = None
+    peak_mib: float | None = None  # this configuration's own peak (on a CPU: its tensors + KV cache)
+    process_rss_mib: float | None = None  # CPU only: the whole process (every model and library), for reference
     weights_mib: float | None = None
     load_s: float | None = None  # the configuration's load (on its first question; 0 when it was resident)
     swapped_out: str = ""  # models unloaded to load this configuration
@@ -266,6 +267,7 @@ def _row(prompt_set: PromptSet, index: int, spec: ConfigSpec, stats: GenerationS
         row.tokens_per_s = _round(stats.decode_tokens_per_s, 2)
         row.total_s = _round(stats.total_s, 3)
         row.peak_mib = _round(stats.peak_bytes / MiB, 1)
+        row.process_rss_mib = _round(stats.process_rss_bytes / MiB, 1) if stats.process_rss_bytes else None
     if score is not None:
         row.keywords = f"{score.keywords_hit}/{score.keywords_total}" if score.keywords_total else ""
         row.reference_match = score.reference_match

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from .loading import LoadedModel, PreparedLoad, free_cuda_memory, load_prepared,
 from .local_answer import LocalBackend, kv_token_bytes
 from .memory import FitPlan
 from .memory_split import kv_room_bytes
+from .model_roots import ModelRoots
 from .placement import cap_allocator, default_gpu_budget_bytes, kv_split, less_held, make_budget, plan_for
 from .quant import QuantOption, quant_options
 from .remote import connect_loaded, is_remote, remote_of, remote_plan, remote_ref
@@ -64,8 +66,9 @@ class Engine:
     """Owns the models, the session caches and the GPU lock; the UI and the CLI both drive it."""
 
     def __init__(self, catalog: Catalog, cache_dir: Path | None = None, kv_budget_bytes: int | None = None,
-                 ram_budget_bytes: int | None = None):
+                 ram_budget_bytes: int | None = None, model_roots: ModelRoots | None = None):
         self.catalog = catalog
+        self.model_roots = model_roots  # set when the app is exposed: local paths must lie under these
         self.cache_dir = cache_dir or default_cache_dir()
         # A plain Lock, not an RLock: a streaming answer takes it in the caller's thread and
         # its worker thread gives it back when the computation ends.
@@ -143,6 +146,8 @@ class Engine:
         """Resolve a catalog id, path, hub id or remote engine 'openai:URL' (raises UnknownModelError)."""
         if is_remote(choice):
             return remote_ref(choice)
+        if self.model_roots is not None:
+            self.model_roots.check(choice, self.catalog)
         return self.catalog.resolve(choice)
 
     def model_key(self, choice: str, settings: LoadSettings) -> ModelKey:
@@ -195,12 +200,20 @@ class Engine:
         started = time.perf_counter()
         before = self._allocated()
         loaded = self._residents.pop(key)
+        cpu_held = self._held_bytes(key, loaded) if loaded.device == "cpu" else 0
         self._sessions.drop_model(key)
         if loaded.fast is not None:
             loaded.fast.close()  # a background compile still running ends without swapping in
         label = f"{loaded.ref.label} ({loaded.settings.quant.value})"
+        gone = weakref.ref(loaded.model) if cpu_held else None
         del loaded
         free_cuda_memory()
+        if gone is not None:
+            # On a CPU, RSS rarely drops (the allocator keeps freed pages), so "freed" is the model's own
+            # tensors and KV, once nothing references the model any more; if something still does, it stays.
+            freed = 0 if gone() is not None else cpu_held
+            return UnloadReport(model_label=label, seconds=time.perf_counter() - started, freed_bytes=freed,
+                                residual_bytes=cpu_held - freed)
         after = self._allocated()
         still_held = sum(self._held_bytes(k, m) for k, m in self._residents.items())
         return UnloadReport(

@@ -25,10 +25,11 @@ from .loading import LoadedModel, NoChatTemplateError
 from .local_answer import ModelEvictedError
 from .memory import GiB, MiB, FitPlan, Verdict
 from .messages import MESSAGES, Message, UserFacingError, internal_error, render
+from .model_roots import ModelRoots, OutsideModelRootsError, default_model_roots
 from .quant import Quant, QuantOption, parse_quant
 from .remote import EngineMetrics, is_remote, parse_remote, remote_of
 from .settings import LoadOptions, LoadSettings, ModelKey, ModelLoadError
-from .sources import ModelSourceError
+from .sources import ModelSourceError, default_cache_dir
 
 
 def served_by(loaded: LoadedModel | None) -> str | None:
@@ -49,11 +50,12 @@ def remote_context(loaded: LoadedModel | None) -> int | None:
 
 
 __all__ = [
-    "APP_TEMPERATURE", "APP_TOP_P", "Catalog", "ChatTemplateError", "ContextOverflowError", "Engine", "EngineMetrics",
-    "FitPlan", "GenerationStats", "GiB", "KVPrecision", "LoadOptions", "LoadReport", "LoadSettings", "LoadedModel",
-    "MESSAGES", "MemorySnapshot", "Message", "MiB", "ModelEvictedError", "ModelKey", "ModelLoadError",
-    "ModelSourceError", "NoChatTemplateError", "OverflowPolicy", "Quant", "QuantOption", "SamplingDefaults",
-    "SamplingSettings", "StreamUpdate", "UnknownModelError", "UnloadReport", "UserFacingError", "Verdict",
+    "APP_TEMPERATURE", "APP_TOP_P", "Catalog", "ChatTemplateError", "ContextOverflowError", "Engine",
+    "EngineMetrics", "FitPlan", "GenerationStats", "GiB", "KVPrecision", "LoadOptions", "LoadReport",
+    "LoadSettings", "LoadedModel", "MESSAGES", "MemorySnapshot", "Message", "MiB", "ModelEvictedError", "ModelKey",
+    "ModelLoadError", "ModelRoots", "ModelSourceError", "NoChatTemplateError", "OutsideModelRootsError",
+    "OverflowPolicy", "Quant", "QuantOption", "SamplingDefaults", "SamplingSettings", "StreamUpdate",
+    "UnknownModelError", "UnloadReport", "UserFacingError", "Verdict", "default_cache_dir", "default_model_roots",
     "engine_metrics", "internal_error", "is_remote", "kv_precision_options", "load_catalog", "parse_quant",
     "remote_context", "render", "sampling_defaults", "served_by",
 ]

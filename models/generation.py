@@ -86,7 +86,10 @@ class GenerationStats:
     decode_tokens_per_s: float | None = None  # tokens after the first / time after the first
     total_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stopped" | "error"
-    peak_bytes: int = 0  # device peak during this answer (GPU allocator peak, or process RSS on CPU)
+    # Peak during this answer: on a GPU the allocator's peak; on a CPU the model's own tensors plus this
+    # answer's KV cache (models/model_memory.py), never the whole process.
+    peak_bytes: int = 0
+    process_rss_bytes: int = 0  # CPU only: the whole process's resident memory at the end (what RSS is)
     reused_tokens: int = 0  # prompt tokens whose KV came from the session's cache (not prefilled)
     dropped_messages: int = 0  # oldest messages left out to fit the context
     prompt_limit: int = 0  # tokens the prompt may use: the context minus the room kept for the answer
@@ -226,12 +229,13 @@ def start_worker(run: Callable[[], None], name: str, on_worker_done: Callable[[]
     return worker
 
 
-def _device_peak(device: torch.device) -> int:
+def _device_peak(device: torch.device, model=None, cache=None) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device)
-    import psutil
+    from .model_memory import model_ram_bytes
 
-    return psutil.Process().memory_info().rss
+    # The cache only grows during an answer, so its size at the end is its peak.
+    return model_ram_bytes(model, cache) if model is not None else 0
 
 
 def stream_generate(
@@ -282,7 +286,7 @@ def stream_generate(
             errors.append(e)
         finally:
             # Measured before the engine's lock is released: afterwards it may be another answer's.
-            peak.append(_device_peak(device))
+            peak.append(_device_peak(device, model, past_key_values))
             out.put(_DONE)
             if on_worker_done is not None:
                 on_worker_done()
@@ -320,5 +324,9 @@ def stream_generate(
         stats.finish_reason = "length"
     else:
         stats.finish_reason = "stopped"
-    stats.peak_bytes = peak[0] if peak else _device_peak(device)
+    stats.peak_bytes = peak[0] if peak else _device_peak(device, model, past_key_values)
+    if device.type == "cpu":
+        from .model_memory import process_rss_bytes
+
+        stats.process_rss_bytes = process_rss_bytes()
     yield StreamUpdate(text=text, stats=stats, done=True, token_ids=list(streamer.new_ids))

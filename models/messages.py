@@ -44,6 +44,8 @@ MESSAGES: dict[str, dict[str, str]] = {
                     "zh": "{repo} 不在本地 hub 缓存中，且无法连接 hub（离线？）。请联网一次，或先下载后填写它的本地文件夹。"},
     "hub_unreachable": {"en": "Could not get {repo} from the hub ({detail}). If you are offline, download the model once and point at its local folder.",
                         "zh": "无法从 hub 获取 {repo}（{detail}）。如果处于离线状态，请先下载一次模型，再填写它的本地文件夹。"},
+    "outside_roots": {"en": "{path} is outside the model roots. While the app is served beyond this machine (--host other than loopback, or --share), local models load only from under: {roots}. Put the model there, or start the app with --model-root DIR.",
+                      "zh": "{path} 不在模型根目录之下。本程序对其他机器开放时（--host 不是本机回环地址，或使用 --share），只能从以下目录加载本地模型：{roots}。请把模型放到其中，或用 --model-root DIR 启动本程序。"},
     "checkpoint": {"en": "This InternLM2 checkpoint cannot be converted: {detail}",
                    "zh": "无法转换这个 InternLM2 检查点：{detail}"},
     # --- loading (models/loading.py)

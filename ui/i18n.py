@@ -217,6 +217,20 @@ STRINGS: dict[str, dict[str, str]] = {
     "col_keywords": {"en": "keywords", "zh": "关键词"},
     "col_score": {"en": "score", "zh": "得分"},
     "col_error": {"en": "error", "zh": "错误"},
+    # saving, exporting and importing the chat (ui/persist.py)
+    "persist_export_json": {"en": "Export chat (JSON)", "zh": "导出对话（JSON）"},
+    "persist_export_md": {"en": "Export chat (Markdown)", "zh": "导出对话（Markdown）"},
+    "persist_import": {"en": "Import chat (JSON)", "zh": "导入对话（JSON）"},
+    "persist_file": {"en": "Exported chat", "zh": "导出的对话"},
+    "persist_restored": {"en": "Restored your chat from this browser ({n} messages).",
+                         "zh": "已从本浏览器恢复您的对话（{n} 条消息）。"},
+    "persist_restore_failed": {"en": "⚠️ The chat saved in this browser could not be read ({error}); starting a new one.",
+                               "zh": "⚠️ 无法读取本浏览器中保存的对话（{error}），已开始新对话。"},
+    "persist_import_failed": {"en": "⚠️ Import failed: {error} Your current chat is kept.",
+                              "zh": "⚠️ 导入失败：{error} 当前对话已保留。"},
+    "persist_imported": {"en": "Imported {n} messages from {name}.", "zh": "已从 {name} 导入 {n} 条消息。"},
+    "persist_other_model": {"en": "It was written with {model} ({quant}); the model in use is {current}.",
+                            "zh": "该对话由 {model}（{quant}）生成；当前使用的模型是 {current}。"},
 }
 
 

@@ -17,6 +17,7 @@ from .handlers import (BUDGET_MIN_GIB, CONTEXT_MAX, CONTEXT_MIN, MAX_MESSAGE_CHA
                        TOP_P_MIN,
                        ChatHandlers, ChatSession)
 from .i18n import LANGUAGES, explain_quant, gradio_i18n, language_from_header, t
+from .persist import ChatPersistence
 from .panels import PANEL_CSS
 
 MEMORY_REFRESH_S = 1.0
@@ -112,6 +113,8 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
                             regenerate = gr.Button(i18n("regenerate"), size="sm", elem_id="regenerate")
                             undo = gr.Button(i18n("undo"), size="sm", elem_id="undo")
                             clear = gr.Button(i18n("clear"), size="sm", elem_id="clear")
+                        persist = ChatPersistence(handlers, engine.cache_dir)  # kept in the browser; export/import
+                        persist.build(i18n)
                         with gr.Accordion(i18n("settings"), open=False, elem_id="settings") as settings:
                             system_prompt = gr.Textbox(label=i18n("system_prompt"), value=defaults.system_prompt, lines=2)
                             temperature = gr.Slider(0, TEMPERATURE_MAX, value=start_temperature, step=0.05, label=i18n("temperature"))
@@ -206,9 +209,15 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
             ).then(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
         load.click(handlers.load, model_inputs, load_outputs, api_visibility="private").then(
             *sampling_step, queue=False, show_progress="hidden", api_visibility="private")
-        demo.load(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
+        start = demo.load(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
         timer.tick(handlers.memory_html, [lang, budget, kv_precision], memory, show_progress="hidden", queue=False,
                    api_visibility="private")
+
+        # The browser's saved chat comes back after the page's first step; save_step runs after each chat edit.
+        save_step = persist.wire(demo, chatbot, session, lang, model, quant,
+                                 [system_prompt, temperature, top_p, max_new, kv_precision, overflow, context, double_quant],
+                                 model_inputs, load_outputs, (handlers.fit_check, model_inputs, fit), start)
+        saved = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
 
         # ----- chat ------------------------------------------------------------------
         answer_inputs = [chatbot, system_prompt, temperature, top_p, max_new, session, lang, kv_precision, overflow]
@@ -217,25 +226,26 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
         # submit is queued (not queue=False) so its "type a message first" toast reaches the browser.
         submit_inputs = [msg, chatbot, session, lang, temperature, top_p, max_new]
         msg.submit(handlers.submit, submit_inputs, [msg, chatbot], concurrency_limit=None,
-                   api_visibility="private").then(
+                   api_visibility="private").then(*save_step, **saved).then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_name="answer"
         ).then(handlers.restore_unsent, [chatbot, msg], msg, queue=False, show_progress="hidden",
-                api_visibility="private")
+                api_visibility="private").then(*save_step, **saved)
         send.click(handlers.submit, submit_inputs, [msg, chatbot], concurrency_limit=None,
-                   api_visibility="private").then(
+                   api_visibility="private").then(*save_step, **saved).then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
         ).then(handlers.restore_unsent, [chatbot, msg], msg, queue=False, show_progress="hidden",
-                api_visibility="private")
+                api_visibility="private").then(*save_step, **saved)
         stop.click(handlers.stop, session, None, queue=False, api_visibility="private")
         # Queued (not queue=False) so the "answer still running" toast reaches the browser.
         regenerate.click(handlers.regenerate, [chatbot, session, lang], chatbot, concurrency_limit=None,
                          api_visibility="private").then(
             handlers.answer, answer_inputs, chatbot, concurrency_limit=None, api_visibility="private"
         ).then(handlers.restore_unsent, [chatbot, msg], msg, queue=False, show_progress="hidden",
-                api_visibility="private")
+                api_visibility="private").then(*save_step, **saved)
         undo.click(handlers.undo, [chatbot, msg, session, lang], [chatbot, msg], concurrency_limit=None,
-                   api_visibility="private")
-        clear.click(handlers.clear, [session, lang], chatbot, concurrency_limit=None, api_visibility="private")
+                   api_visibility="private").then(*save_step, **saved)
+        clear.click(handlers.clear, [session, lang], chatbot, concurrency_limit=None,
+                    api_visibility="private").then(*save_step, **saved)
     return demo
 
 

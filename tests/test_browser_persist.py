@@ -1,0 +1,171 @@
+"""Chats that survive (issue 12), in real Chromium: the chat, settings and model choice come back on reload
+and after the server is killed mid-answer and restarted; export as JSON/Markdown and import back; a
+malformed import is refused with a message and the chat is kept."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from net import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+STORY = "Write a very long story about a dragon who learns to cook. Make it at least ten paragraphs."
+
+
+def start_app(port: int, log_path: Path) -> subprocess.Popen:
+    """app.py as a user starts it (the embedded model, here in bf16), ready to serve."""
+    log = open(log_path, "a")
+    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--max-new-tokens", "200",
+                               "--quant", "bf16"],
+                              stdout=log, stderr=log, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert server.poll() is None, Path(log_path).read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/config", timeout=5).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(1)
+    server.kill()
+    raise AssertionError("the app did not start: " + Path(log_path).read_text()[-3000:])
+
+
+def open_page(context, url: str):
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#message textarea", timeout=60_000)
+    return page
+
+
+def chat_text(page) -> str:
+    return page.inner_text("#chatbot")
+
+
+def upload(page, path: Path) -> None:
+    """Choose `path` with the Import button, as a user does."""
+    with page.expect_file_chooser() as chooser:
+        page.click("#import-json")
+    chooser.value.set_files(str(path))
+
+
+def wait_for_status(page, text: str, timeout: int = 180_000) -> None:
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(text)})", timeout=timeout)
+
+
+def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(browser, tmp_path):
+    port = free_port()  # the same port after the restart: the browser's storage belongs to the origin
+    url = f"http://127.0.0.1:{port}/"
+    server = start_app(port, tmp_path / "app.log")
+    context = browser.new_context(locale="en-US", viewport={"width": 1400, "height": 1000})
+    try:
+        page = open_page(context, url)
+        wait_for_status(page, "smollm2-135m-instruct (bf16")
+        page.click("#quant input")  # the model choice: full precision (bf16 is the server's start-up choice)
+        page.click("ul[role='listbox'] li:has-text('none')")
+        wait_for_status(page, "Loaded smollm2-135m-instruct (none")
+        page.click("#settings")
+        page.fill("#settings textarea", "You are a terse assistant.")
+        page.locator("#settings textarea").blur()
+        box = page.locator("#max-new-tokens input[type='number']")
+        box.fill("150")
+        box.press("Enter")
+        page.wait_for_timeout(500)
+        page.fill("#message textarea", "What is the capital of France?")
+        page.press("#message textarea", "Enter")
+        page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=120_000)
+        first_turn = chat_text(page)
+        metrics_line = re.search(r"TTFT[^\n]+", first_turn).group(0)
+        page.wait_for_timeout(2_000)  # the chat is saved right after the answer's last step (a quick, unqueued event)
+
+        # A plain reload brings everything back (same server).
+        page.reload()
+        page.wait_for_selector("#message textarea", timeout=60_000)
+        page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=60_000)
+        assert "What is the capital of France?" in chat_text(page)
+
+        page.fill("#message textarea", STORY)
+        page.press("#message textarea", "Enter")
+        page.wait_for_function("document.querySelector('#chatbot').innerText.split(/\\s+/).length > "
+                               f"{len(first_turn.split()) + len(STORY.split()) + 10}", timeout=120_000)  # the answer streams
+        server.kill()  # mid-answer, no goodbye
+        server.wait(timeout=30)
+
+        server = start_app(port, tmp_path / "app.log")  # starts with the embedded model in bf16 again
+        page.reload()
+        page.wait_for_selector("#message textarea", timeout=60_000)
+        page.wait_for_function("document.querySelector('#persist-note').innerText.includes('Restored your chat')",
+                               timeout=60_000)
+        restored = chat_text(page)
+        assert "What is the capital of France?" in restored and metrics_line in restored  # the first turn as it was
+        assert STORY in restored  # the message being answered when the server died
+        wait_for_status(page, "Loaded smollm2-135m-instruct (none")  # the model choice, loaded again
+        assert page.input_value("#quant input") == "none"
+        page.click("#settings")
+        assert page.input_value("#settings textarea") == "You are a terse assistant."
+        assert page.input_value("#max-new-tokens input[type='number']") == "150"
+        # It answers on from there: Regenerate answers the message the server died on.
+        words = len(chat_text(page).split())
+        page.click("#regenerate")
+        page.wait_for_function(f"document.querySelector('#chatbot').innerText.split(/\\s+/).length > {words + 10}",
+                               timeout=120_000)
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('#chatbot').innerText.split('TTFT').length > 2", timeout=60_000)
+    finally:
+        context.close()
+        server.kill()
+        server.wait(timeout=30)
+
+
+def test_export_json_and_markdown_then_import_back_and_a_bad_file_keeps_the_chat(browser, app_url, tmp_path):
+    context = browser.new_context(locale="en-US", viewport={"width": 1400, "height": 1000})
+    try:
+        page = open_page(context, app_url)
+        page.fill("#message textarea", "What is the capital of France? <b>bold</b>")
+        page.press("#message textarea", "Enter")
+        page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=120_000)
+        before = chat_text(page)
+
+        page.click("#export-md")
+        page.wait_for_selector("#export-file a[download]", timeout=30_000)
+        markdown = page.request.get(page.get_attribute("#export-file a[download]", "href")).body().decode()
+        assert "**You**\n\nWhat is the capital of France? <b>bold</b>" in markdown and "TTFT" in markdown
+        page.click("#export-json")
+        page.wait_for_function("document.querySelector('#export-file a[download]').href.endsWith('.json')",
+                               timeout=30_000)
+        exported = page.request.get(page.get_attribute("#export-file a[download]", "href")).body()
+        chat = json.loads(exported)
+        assert chat["format"] == "smallchat-chat" and chat["model"] == "smollm2-135m-instruct"
+        assert chat["messages"][0] == {"role": "user", "content": "What is the capital of France? <b>bold</b>"}
+        assert chat["settings"]["max_new_tokens"] == 200 and "TTFT" in chat["messages"][-1]["metadata"]["title"]
+
+        bad = tmp_path / "bad.json"
+        for content, says in ((b'{"format": "smallchat-chat", "version": 1, "messages": [{"role": "user", "content": "a\\u0007"}]}',
+                               "control character (U+0007)"),
+                              (b"{oops", "not valid JSON"),
+                              (json.dumps({**chat, "messages": [{"role": "robot", "content": "x"}]}).encode(),
+                               '"role" must be "user" or "assistant"')):
+            bad.write_bytes(content)
+            upload(page, bad)
+            page.wait_for_function(f"document.querySelector('#persist-note').innerText.includes({json.dumps(says)})",
+                                   timeout=30_000)
+            assert "Your current chat is kept" in page.inner_text("#persist-note")
+            assert chat_text(page) == before
+
+        page.click("#clear")
+        page.wait_for_function("!document.querySelector('#chatbot').innerText.includes('capital')", timeout=30_000)
+        good = tmp_path / "chat.json"
+        good.write_bytes(exported)
+        upload(page, good)
+        page.wait_for_function("document.querySelector('#persist-note').innerText.includes('Imported')", timeout=30_000)
+        page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=30_000)
+        assert chat_text(page) == before  # exactly as it was, typed HTML still shown as text
+    finally:
+        context.close()
