@@ -6,6 +6,7 @@ gr.State); the only shared object is the engine, which serializes GPU work itsel
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import uuid
@@ -16,7 +17,7 @@ import gradio as gr
 
 from models.catalog import UnknownModelError
 from models.engine import Engine
-from models.generation import SamplingDefaults, SamplingSettings, sampling_defaults
+from models.generation import SamplingDefaults, SamplingSettings, invalid_text_at, sampling_defaults
 from models.kv_cache import KVPrecision, OverflowPolicy
 from models.loading import LoadSettings, ModelLoadError
 from models.memory import GiB
@@ -27,6 +28,8 @@ from models.sources import ModelSourceError
 from . import chat_history as ch
 from .i18n import explain, t
 from .panels import load_report_text, memory_panel_html, metrics_text, plan_text
+
+log = logging.getLogger(__name__)
 
 USER_ERRORS = (UnknownModelError, ModelLoadError, ModelSourceError, ValueError, OSError)
 
@@ -241,6 +244,10 @@ class ChatHandlers:
             # Refused before it reaches the chat (or the tokenizer): the text stays in the box to be shortened.
             history.append(ch.ui_note("⚠️ " + self._too_long(message, lang)))
             return message, history
+        at = invalid_text_at(message)
+        if at is not None:  # refused before it enters the chat, where every later turn would fail on it
+            history.append(ch.ui_note("⚠️ " + t("message_invalid_text", lang, at=at + 1)))
+            return message, history
         if max_new_tokens is not None:
             try:
                 self.sampling(temperature, top_p, max_new_tokens, lang)
@@ -270,6 +277,10 @@ class ChatHandlers:
             return
         if len(history[-1]["content"]) > self.max_message_chars:  # an API caller's message
             yield history + [ch.ui_note("⚠️ " + self._too_long(history[-1]["content"], lang))]
+            return
+        at = invalid_text_at(history[-1]["content"])
+        if at is not None:  # an API caller's message
+            yield history + [ch.ui_note("⚠️ " + t("message_invalid_text", lang, at=at + 1))]
             return
         session.bind(request)
         stop_event = session.new_answer()  # fresh for every answer: an API caller never finds it set
@@ -305,6 +316,12 @@ class ChatHandlers:
                 # again; the page then moves it back into the empty textbox (restore_unsent).
                 ch.mark_unsent(history, t("unsent_title", lang))
             history.append(ch.ui_note("⚠️ " + t("answer_failed", lang, error=explain(e, lang))))
+            yield history
+        except Exception as e:  # a bug: logged with its traceback; the user keeps the chat and is told
+            log.exception("internal error while answering")
+            if not history[-1]["content"]:
+                history.pop()
+            history.append(ch.ui_note("⚠️ " + t("internal_error", lang, kind=type(e).__name__)))
             yield history
 
     def _too_long(self, message: str, lang: str) -> str:

@@ -289,6 +289,13 @@ STRINGS: dict[str, dict[str, str]] = {
                              "zh": "对话需要 {needed} 个 token，但上下文只允许 {allowed} 个。请清空对话、撤销几轮，或选择“丢弃最早的轮次”。"},
     "err_message_too_long": {"en": "Your message alone needs {needed} tokens but the context allows {allowed}. Shorten it, raise the context length, or lower max new tokens.",
                              "zh": "仅这条消息就需要 {needed} 个 token，但上下文只允许 {allowed} 个。请缩短消息、调高上下文长度，或调低最多生成 token 数。"},
+    # Faults and bad input (issue 12, measured): what the user is told.
+    "message_invalid_text": {"en": "Your message has text that is not valid Unicode (an unpaired surrogate at character {at}); it was not sent. Remove or retype that character.",
+                             "zh": "消息中含有无效的 Unicode 文本（第 {at} 个字符是不成对的代理项），未发送。请删除或重新输入该字符。"},
+    "err_invalid_text": {"en": "A {role} message has text that is not valid Unicode (an unpaired surrogate at character {at}); remove that character.",
+                         "zh": "一条 {role} 消息含有无效的 Unicode 文本（第 {at} 个字符是不成对的代理项）；请删除该字符。"},
+    "internal_error": {"en": "Internal error ({kind}); it was logged and the chat is kept. Try again; if it repeats, reload the model.",
+                       "zh": "内部错误（{kind}）；已记录到日志，对话已保留。请重试；若一再出现，请重新加载模型。"},
 }
 
 
