@@ -294,6 +294,12 @@ STRINGS: dict[str, dict[str, str]] = {
                              "zh": "消息中含有无效的 Unicode 文本（第 {at} 个字符是不成对的代理项），未发送。请删除或重新输入该字符。"},
     "err_invalid_text": {"en": "A {role} message has text that is not valid Unicode (an unpaired surrogate at character {at}); remove that character.",
                          "zh": "一条 {role} 消息含有无效的 Unicode 文本（第 {at} 个字符是不成对的代理项）；请删除该字符。"},
+    "err_cache_unwritable": {"en": "Cannot write the model cache in {folder} ({reason}). Free space there, or point SMALLCHAT_CACHE at a writable folder with room.",
+                             "zh": "无法写入模型缓存目录 {folder}（{reason}）。请释放空间，或把 SMALLCHAT_CACHE 指向一个可写且有空间的目录。"},
+    "err_corrupt_weights": {"en": "{file} in {folder} is damaged ({detail}): download or copy the model again.",
+                            "zh": "{folder} 中的 {file} 已损坏（{detail}）：请重新下载或复制该模型。"},
+    "err_tokenizer_mismatch": {"en": "The tokenizer in {location} has {tokens} tokens but the model's embedding has only {rows}: they belong to different models. Put the model's own tokenizer files beside its weights.",
+                               "zh": "{location} 中的分词器有 {tokens} 个 token，但模型的词嵌入只有 {rows} 行：两者属于不同的模型。请把该模型自己的分词器文件放在权重旁边。"},
     "internal_error": {"en": "Internal error ({kind}); it was logged and the chat is kept. Try again; if it repeats, reload the model.",
                        "zh": "内部错误（{kind}）；已记录到日志，对话已保留。请重试；若一再出现，请重新加载模型。"},
 }
