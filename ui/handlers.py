@@ -157,11 +157,14 @@ class ChatHandlers:
 
     def sampling(self, temperature, top_p, max_new_tokens, lang: str = "en") -> SamplingSettings:
         """The generation settings, each checked against its control's range (BadNumber if not)."""
-        return SamplingSettings(
-            max_new_tokens=read_number(max_new_tokens, "max_new_tokens", 1, self.max_new_tokens_max, lang, whole=True),
-            temperature=read_number(temperature, "temperature", 0.0, TEMPERATURE_MAX, lang),
-            top_p=read_number(top_p, "top_p", TOP_P_MIN, 1.0, lang),
-        )
+        try:
+            return SamplingSettings(
+                max_new_tokens=read_number(max_new_tokens, "max_new_tokens", 1, self.max_new_tokens_max, lang, whole=True),
+                temperature=read_number(temperature, "temperature", 0.0, TEMPERATURE_MAX, lang),
+                top_p=read_number(top_p, "top_p", TOP_P_MIN, 1.0, lang),
+            )
+        except BadNumber as e:  # refused before sending: say the message is safe
+            raise BadNumber(f"{e} {t('nothing_sent_kept', lang)}") from None
 
     def _choice(self, model, quant, double_quant, budget, context) -> ModelChoice:
         return ModelChoice(model, quant, double_quant, budget, context, self.settings_extra)
