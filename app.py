@@ -320,8 +320,10 @@ def _api_app(args: argparse.Namespace, engine: Engine):
 
 def serve(args: argparse.Namespace, engine: Engine) -> int:
     """Start the web app (and/or the API) with the chosen model preloaded."""
+    from models.process import limit_malloc_arenas
     from ui.layout import UiDefaults, build_demo, launch_kwargs
 
+    limit_malloc_arenas()  # before the server's threads allocate: RSS stays flat over days of answers
     try:
         engine.load(args.model, load_settings(args), progress=_progress)
     except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, OSError, ValueError) as e:

@@ -353,7 +353,10 @@ def summarize(sessions: list[Session], records: list[dict], server_alive: bool, 
             unmatched.append(f"{t.session}: {t.answer[:80]!r}")
     empty = [f"{t.session}: {t.question}" for t in done if not t.answer.strip() or t.tokens <= 0]
     warm = len(records) // 4  # the first quarter fills session caches and allocator pools
-    rss = [r["rss"] for r in sorted(records, key=lambda r: r["ended"])]
+    ordered = sorted(records, key=lambda r: r["ended"])
+    rss = [r["rss"] for r in ordered]
+    kv = [r.get("kv_bytes", 0) for r in ordered]
+    sessions_end = ordered[-1].get("kv_sessions") if ordered else None
     user_ttft = [t.first - t.sent for t in done if t.first]
     recalls = [r for s in sessions for r in s.recalls]
     kinds = sorted({s.kind for s in sessions})
@@ -380,7 +383,13 @@ def summarize(sessions: list[Session], records: list[dict], server_alive: bool, 
                     "max": round(max(rss) / 2**20, 1) if rss else None,
                     "slope_kib_per_answer": round(slope(rss) / 1024, 2),
                     "slope_kib_per_answer_after_warmup": round(slope(rss[warm:]) / 1024, 2),
-                    "warmup_answers": warm},
+                    "warmup_answers": warm,
+                    # RSS less the KV caches the engine keeps on purpose (bounded by its budget and the API's
+                    # conversation limit): what is left growing would be a leak.
+                    "kv_mib_end": round(kv[-1] / 2**20, 1) if kv else None,
+                    "kv_sessions_end": sessions_end,
+                    "slope_kib_per_answer_less_kv_after_warmup": round(
+                        slope([r - k for r, k in zip(rss[warm:], kv[warm:])]) / 1024, 2)},
         "wait_s": _quantiles([r["wait_s"] for r in records]),
         "engine_ttft_s": _quantiles([r["ttft_s"] for r in records if r["ttft_s"] is not None]),
         "user_ttft_s": _quantiles(user_ttft),
@@ -432,9 +441,12 @@ def table(summary: dict) -> str:
         ("RSS MiB start/end/max", f"{summary['rss_mib']['start']} / {summary['rss_mib']['end']} / {summary['rss_mib']['max']}"),
         ("RSS slope KiB/answer (all / after warm-up)",
          f"{summary['rss_mib']['slope_kib_per_answer']} / {summary['rss_mib']['slope_kib_per_answer_after_warmup']}"),
+        ("KV caches at the end", f"{summary['rss_mib']['kv_mib_end']} MiB in {summary['rss_mib']['kv_sessions_end']} sessions"),
+        ("RSS less KV slope KiB/answer (after warm-up)", str(summary["rss_mib"]["slope_kib_per_answer_less_kv_after_warmup"])),
         ("wait for the engine", q(summary["wait_s"])),
         ("engine TTFT (after the wait)", q(summary["engine_ttft_s"])),
         ("TTFT from the user's send", q(summary["user_ttft_s"])),
+        *((f"  {kind} clients", q(d)) for kind, d in summary["user_ttft_s_by_kind"].items()),
         ("decode speed per answer", f"p50 {summary['decode_tok_s']['p50']} tok/s · p95 {summary['decode_tok_s']['p95']}"),
         ("throughput", f"{summary['throughput']['answers_per_min']} answers/min · "
                        f"{summary['throughput']['tokens_per_s']} tok/s"),

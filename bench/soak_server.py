@@ -4,8 +4,8 @@
 
 The only addition is a pass-through wrapper around Engine.chat (it changes no answer): when an
 answer ends it writes how long the request waited for the engine (lock and queue), the
-engine's own TTFT (prefill, after the wait), tokens, decode speed, the answer's text and the
-process RSS at that moment. Everything else is app.main with the given arguments.
+engine's own TTFT (prefill, after the wait), tokens, decode speed, the answer's text, the
+process RSS and the engine's KV-cache bytes at that moment. Everything else is app.main with the given arguments.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def record_answers(path: Path) -> None:
                         "new_tokens": s.new_tokens, "decode_tok_s": s.decode_tokens_per_s,
                         "finish": s.finish_reason, "reused": s.reused_tokens, "text": update.text,
                         "rss": process.memory_info().rss,
+                        # The engine's own count of KV-cache bytes: RSS growth beyond it is not caches.
+                        "kv_bytes": self.kv_cache_bytes(), "kv_sessions": self.session_count(),
                     }
                     with lock:
                         out.write(json.dumps(line) + "\n")
