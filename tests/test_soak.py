@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # A real leak keeps one answer's KV cache (≈46 KiB per token for SmolLM2-135M in fp32, so megabytes per
-# answer); what is left after warm-up in two minutes was 0.3-0.8 MiB per answer (allocator pools still filling).
+# answer); what is left after warm-up was 0.8 MiB per answer in a two-minute run (pools still filling), 0.27 in ten.
 MAX_SLOPE_KIB = 2048
 
 
