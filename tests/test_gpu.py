@@ -76,14 +76,15 @@ def test_offload_split_under_a_small_budget_gives_the_same_answer(engine, tmp_pa
     expected = answer(engine).token_ids
     per_layer = layer_bytes(full.shape, Quant.NONE, 2)
     budget = full.plan.predicted_peak_bytes - 3 * per_layer
-    loaded = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget)).loaded
+    # The explicit fallback: accelerate's copy-on-call hooks (--accelerate-offload).
+    loaded = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget,
+                                                   stream_offload=False)).loaded
     assert 0 < loaded.split["gpu"] < 6 and loaded.split["cpu"] == 6 - loaded.split["gpu"]
     assert answer(engine).token_ids == expected
-    assert loaded.streamer is None  # the default: accelerate's copy-on-call hooks
-    # Opted in, fp16 layers in CPU RAM go through models/offload.py: page-locked, prefetched on a copy
-    # stream, with one resident layer fewer for the second staging slot.
-    streamed = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget,
-                                                     stream_offload=True)).loaded
+    assert loaded.streamer is None
+    # The default: fp16 layers in CPU RAM go through models/offload.py: page-locked, prefetched on a
+    # copy stream, with one resident layer fewer for the second staging slot.
+    streamed = engine.load(str(folder), LoadSettings(context_tokens=256, gpu_budget_bytes=budget)).loaded
     streamer = streamed.streamer
     assert streamer is not None and streamer.page_locked and streamer.copy_stream is not None
     assert streamed.plan.streamed_layers == streamed.split["cpu"] == len(streamer.layers) > loaded.split["cpu"]

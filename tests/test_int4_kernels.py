@@ -73,8 +73,8 @@ for n, k in shapes:
     ref = x.float() @ ref_w.T
     ws = int4.new_workspace(n, "cpu")
     errs = []
-    for cfg in (None, dict(BLOCK_N=16, GROUPS=1, SPLIT=1), dict(BLOCK_N=8, GROUPS=4, SPLIT=3),
-                dict(BLOCK_N=32, GROUPS=2, SPLIT=8)):
+    # SPLIT 3 and 16 leave some programs an uneven or empty share of the groups.
+    for cfg in (None, dict(BLOCK_N=16, SPLIT=1), dict(BLOCK_N=8, SPLIT=3), dict(BLOCK_N=32, SPLIT=16)):
         y = int4_triton.gemv(x, q, s, o, k, ws, cfg)
         errs.append(float((y.float() - ref).norm() / ref.norm()))
         assert int(ws[1].abs().sum()) == 0, "split-K counters must be left at zero"

@@ -145,7 +145,7 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}, int4"
 
 
-MAX_SPLIT = 8  # the most programs a GEMV splits K over (int4_triton.MAX_SPLIT)
+MAX_SPLIT = 16  # the most programs a GEMV splits K over (int4_triton.MAX_SPLIT)
 
 
 def new_workspace(max_out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

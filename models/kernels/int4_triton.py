@@ -35,91 +35,104 @@ def available() -> bool:
 
 
 if triton is not None:
-    MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2**23: OR a small integer into the mantissa: 2**23 + it
-    TWO_23 = tl.constexpr(8388608.0)
-    # (BLOCK_N output rows, GROUPS of 128 weights per loop iteration, SPLIT of K across programs, warps).
-    # Triton gives each thread 16-byte loads along N (4 rows), so more rows per program share each x
-    # value further; SPLIT > 1 gives a narrow or deep matrix enough programs to fill the GPU (measured
-    # with ncu: 16-64 programs of a serial K loop left the memory system idle, bench/results/).
+    ONE = tl.constexpr(0x3F800000)  # float32 bits of 1.0: OR a nibble into the mantissa's top bits
+    # (BLOCK_N output rows, SPLIT of K across programs, warps). A thread holds all 16 words of a
+    # group for BLOCK_N / (32 * warps) output rows (16-byte loads along N), so each x value it loads
+    # and converts serves that many rows: 4-8 here. (An earlier [words x rows] tile spread a group's
+    # words over threads; every thread then loaded and scaled x for only 4 rows and the s/o pair per
+    # word, 9.3 SASS instructions per weight against ~3.5 now: instruction issue, not DRAM, was the
+    # limit.) SPLIT > 1 gives a narrow or deep matrix enough programs to fill the GPU.
     _GEMV_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "GROUPS": g, "SPLIT": sp}, num_warps=w, num_stages=2)
-        for bn, g, sp, w in [(32, 2, 1, 2), (32, 4, 1, 4), (64, 2, 1, 4), (32, 2, 4, 2), (64, 2, 4, 4), (32, 4, 4, 4),
-                             (64, 2, 8, 4), (32, 2, 8, 2), (128, 1, 8, 4), (64, 4, 2, 4), (16, 4, 4, 2), (64, 1, 4, 2),
-                             (128, 2, 4, 8), (32, 4, 2, 4)]
+        triton.Config({"BLOCK_N": bn, "SPLIT": sp}, num_warps=w, num_stages=1)
+        for bn, sp, w in [(128, 1, 1), (128, 2, 1), (128, 4, 1), (128, 8, 1), (128, 16, 1),
+                          (256, 1, 2), (256, 2, 2), (256, 4, 2), (256, 8, 2),
+                          (256, 1, 1), (256, 4, 1), (256, 8, 1), (64, 8, 1), (64, 16, 1)]
     ]
-    MAX_SPLIT = 8  # int4.MAX_SPLIT: the workspace holds this many partial rows
+    MAX_SPLIT = 16  # int4.MAX_SPLIT: the workspace holds this many partial rows
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter (CPU tests) cannot time configs: one
-        _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 16, "GROUPS": 2, "SPLIT": 2}, num_warps=1, num_stages=1)]
+        _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 16, "SPLIT": 2}, num_warps=1, num_stages=1)]
 
     @triton.jit
     def _nibble_as_float(words, j: tl.constexpr):
-        """q * 2**(4j') as float32 for nibble j of each word, without an int-to-float conversion.
+        """1 + q/2**11 or 1 + q/2**7 as float32 for nibble j of each word: no conversion, no subtraction.
 
-        Nibbles 0-4 are used in place (q << 4j stays below 2**23); nibbles 5-7 after a shift by 20.
-        The caller scales x by 2**-4j' to cancel the power of two (exact).
+        The nibble is moved to mantissa bits 12-15 (value 1 + q/2**11) or 16-19 (1 + q/2**7) and
+        the exponent of 1.0 ORed in. Two nibbles share each shift: w << 12 (nibbles 0, 1),
+        w << 8 (2), w (3, 4), w >> 8 (5, 6), w >> 16 (7). The constant 1 is taken out once per
+        group from the sum of x (see _gemv_body); because q sits high in the mantissa, that
+        subtraction loses ~8 of float32's 24 bits, far below the bf16 output's rounding.
         """
-        if j < 5:
-            bits = (words & (0xF << (4 * j))) | MAGIC
+        if j == 0 or j == 1:
+            v = words << 12
+        elif j == 2:
+            v = words << 8
+        elif j == 3 or j == 4:
+            v = words
+        elif j == 5 or j == 6:
+            v = words >> 8
         else:
-            bits = ((words >> 20) & (0xF << (4 * (j - 5)))) | MAGIC
-        return bits.to(tl.float32, bitcast=True) - TWO_23
+            v = words >> 16
+        if j == 0 or j == 3 or j == 5 or j == 7:  # at bit 12
+            bits = (v & 0xF000) | ONE
+        else:
+            bits = (v & 0xF0000) | ONE
+        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _load_tile(ptr, row0, rw, rn, nmask, n_rows, stride, EVEN: tl.constexpr, other):
-        """A [len(rw), BLOCK_N] tile of a K-major tensor from row `row0` (masked only at the edges)."""
-        ptrs = ptr + (row0 + rw)[:, None] * stride + rn[None, :]
+    def _load_group(w_ptr, g, rw, rn, nmask, stride, EVEN: tl.constexpr):
+        """Group g's 16 words for columns rn: a [16, BLOCK_N] tile (masked only at the N edge)."""
+        ptrs = w_ptr + (g * 16 + rw)[:, None] * stride + rn[None, :]
         if EVEN:  # the usual case: no mask instructions per element
             return tl.load(ptrs)
-        return tl.load(ptrs, mask=((row0 + rw) < n_rows)[:, None] & nmask[None, :], other=other)
+        return tl.load(ptrs, mask=nmask[None, :], other=0)
 
-    @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % 128 == 0
-                        and a["G_COUNT"] % (a["GROUPS"] * a["SPLIT"]) == 0})
+    @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % 128 == 0})
     @triton.jit
     def _gemv_body(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, lock_ptr, N, K, G_COUNT, stride_w, stride_s,
-                   BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr):
-        WORDS: tl.constexpr = GROUPS * 16
+                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr):
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
-        rw = tl.arange(0, WORDS)
-        # This program's share of the groups: a whole number of iterations.
-        g_per = tl.cdiv(tl.cdiv(G_COUNT, SPLIT), GROUPS) * GROUPS
+        rw = tl.arange(0, 16)
+        # This program's share of the groups.
+        g_per = tl.cdiv(G_COUNT, SPLIT)
         g_lo = tl.program_id(1) * g_per
         g_hi = tl.minimum(g_lo + g_per, G_COUNT)
-        acc = tl.zeros([WORDS, BLOCK_N], dtype=tl.float32)  # reduced over words once, at the end
-        # The next iteration's words are loaded before this one's arithmetic: two tiles in flight.
-        nxt = _load_tile(w_ptr, g_lo * 16, rw, rn, nmask, G_COUNT * 16, stride_w, EVEN, 0)
-        for g0 in range(g_lo, g_hi, GROUPS):
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # The next group's words are loaded before this one's arithmetic: two groups in flight. (A
+        # program whose share is empty, when SPLIT does not divide G_COUNT, loads a real group unused.)
+        nxt = _load_group(w_ptr, tl.minimum(g_lo, G_COUNT - 1), rw, rn, nmask, stride_w, EVEN)
+        for g in range(g_lo, g_hi):
             words = nxt
-            if g0 + GROUPS < g_hi:
-                nxt = _load_tile(w_ptr, (g0 + GROUPS) * 16, rw, rn, nmask, G_COUNT * 16, stride_w, EVEN, 0)
-            kbase = (g0 + rw // 16) * 128 + rw % 16  # k of nibble 0 of each word
-            part = tl.zeros([WORDS, BLOCK_N], dtype=tl.float32)
-            xsum = tl.zeros([WORDS], dtype=tl.float32)
+            if g + 1 < g_hi:
+                nxt = _load_group(w_ptr, g + 1, rw, rn, nmask, stride_w, EVEN)
+            part = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+            x12 = tl.zeros([16], dtype=tl.float32)  # sum of x over the nibbles at bit 12, per word
+            x16 = tl.zeros([16], dtype=tl.float32)  # ... at bit 16
             for j in tl.static_range(8):
-                kk = kbase + j * 16
+                kk = g * 128 + j * 16 + rw  # k of nibble j of each of the group's words
                 if EVEN:
                     xj = tl.load(x_ptr + kk).to(tl.float32)
                 else:
                     xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                xsum += xj
-                if j < 5:
-                    xj_scaled = xj * (1.0 / (1 << (4 * j)))
+                if j == 0 or j == 3 or j == 5 or j == 7:  # at bit 12: (1 + q/2**11) * 16x = 16x + q x/2**7: the same weight as bit 16's
+                    x12 += xj
+                    part += _nibble_as_float(words, j) * (xj * 16.0)[:, None]
                 else:
-                    xj_scaled = xj * (1.0 / (1 << (4 * (j - 5))))
-                part += _nibble_as_float(words, j) * xj_scaled[:, None]
-            # sum_k (q*s + o) x = s * sum_k q x + o * sum_k x, per word (16 words share a group's s, o)
-            g = g0 + rw // 16
-            sptr = (g[:, None] * stride_s + rn[None, :])
+                    x16 += xj
+                    part += _nibble_as_float(words, j) * xj[:, None]
+            # part = sum(x at 16) + 16 sum(x at 12) + sum(q x) / 2**7, so
+            # sum_k (q*s + o) x = s * sum_k q x + o * sum_k x = 128 s (part - that) + o * sum_k x.
+            s12 = tl.sum(x12, axis=0)
+            s16 = tl.sum(x16, axis=0)
             if EVEN:
-                s = tl.load(s_ptr + sptr).to(tl.float32)
-                o = tl.load(o_ptr + sptr).to(tl.float32)
+                s = tl.load(s_ptr + g * stride_s + rn).to(tl.float32)
+                o = tl.load(o_ptr + g * stride_s + rn).to(tl.float32)
             else:
-                smask = (g < G_COUNT)[:, None] & nmask[None, :]
-                s = tl.load(s_ptr + sptr, mask=smask, other=0.0).to(tl.float32)
-                o = tl.load(o_ptr + sptr, mask=smask, other=0.0).to(tl.float32)
-            acc += s * part + o * xsum[:, None]
-        partial = tl.sum(acc, axis=0)  # [BLOCK_N]
+                s = tl.load(s_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)
+                o = tl.load(o_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)
+            acc += (128.0 * s) * (tl.sum(part, axis=0) - (s16 + 16.0 * s12)) + o * (s12 + s16)
+        partial = acc
         if SPLIT == 1:
             tl.store(y_ptr + rn, partial.to(y_ptr.dtype.element_ty), mask=nmask)
         else:
@@ -143,22 +156,22 @@ if triton is not None:
 
     @triton.jit
     def _dequant_t_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, G_COUNT, stride_w, stride_s, stride_out,
-                          BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        """W.T [K, N]: each program unpacks GROUPS groups x BLOCK_N columns; stores run along N."""
-        WORDS: tl.constexpr = GROUPS * 16
+                          BLOCK_N: tl.constexpr):
+        """W.T [K, N]: each program unpacks one group (128 rows of W.T) x BLOCK_N columns; stores run along N.
+
+        The scale and offset are loaded once per column (not once per word), and each thread writes
+        8 contiguous bf16 (16 bytes) per row: a prompt's dequantize is bound by these writes.
+        """
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rw = tl.arange(0, WORDS)
-        row0 = tl.program_id(1) * WORDS
+        rw = tl.arange(0, 16)
+        g = tl.program_id(1)
         nmask = rn < N
-        mask = ((row0 + rw) < G_COUNT * 16)[:, None] & nmask[None, :]
-        words = tl.load(w_ptr + (row0 + rw)[:, None] * stride_w + rn[None, :], mask=mask, other=0)
-        g = (row0 + rw) // 16
-        sptr = g[:, None] * stride_s + rn[None, :]
-        s = tl.load(s_ptr + sptr, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + sptr, mask=mask, other=0.0).to(tl.float32)
+        words = tl.load(w_ptr + (g * 16 + rw)[:, None] * stride_w + rn[None, :], mask=nmask[None, :], other=0)
+        s = tl.load(s_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        o = tl.load(o_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         for j in tl.static_range(8):
             q = ((words >> (4 * j)) & 0xF).to(tl.float32)
-            k = g * 128 + j * 16 + (row0 + rw) % 16
+            k = g * 128 + j * 16 + rw
             tl.store(out_ptr + k[:, None] * stride_out + rn[None, :], (q * s + o).to(out_ptr.dtype.element_ty),
                      mask=(k < K)[:, None] & nmask[None, :])
 
@@ -169,7 +182,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     """y [1, N] = x [1, K] @ W.T, reading the int4 weight once (batch 1 only).
 
     `workspace` is int4.new_workspace()'s pair (a temporary one is made if None: not inside a
-    CUDA graph). `config` (BLOCK_N, GROUPS, SPLIT, num_warps) runs one tile shape instead of the tuned one.
+    CUDA graph). `config` (BLOCK_N, SPLIT, num_warps) runs one tile shape instead of the tuned one.
     """
     groups, n = scales.shape
     x = x.contiguous()
@@ -193,8 +206,8 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Ten
     """W.T [K, N] in `dtype`, unpacked on the device: a temporary for a prefill's cuBLAS matmul."""
     groups, n = scales.shape
     out = torch.empty(in_features, n, dtype=dtype, device=qweight.device)
-    block_n, per = 64, 2
-    grid = (triton.cdiv(n, block_n), triton.cdiv(groups, per))
+    block_n = 256
+    grid = (triton.cdiv(n, block_n), groups)
     _dequant_t_kernel[grid](qweight, scales, offsets, out, n, in_features, groups, qweight.stride(0),
-                            scales.stride(0), out.stride(0), BLOCK_N=block_n, GROUPS=per, num_warps=4)
+                            scales.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=4)
     return out
