@@ -323,7 +323,7 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
     from models.process import limit_malloc_arenas
     from ui.layout import UiDefaults, build_demo, launch_kwargs
 
-    limit_malloc_arenas()  # before the server's threads allocate: RSS stays flat over days of answers
+    limit_malloc_arenas()  # before the server's threads allocate: per-thread arenas made RSS climb per answer
     try:
         engine.load(args.model, load_settings(args), progress=_progress)
     except (UnknownModelError, ModelLoadError, ModelSourceError, ContextOverflowError, OSError, ValueError) as e:

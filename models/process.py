@@ -14,8 +14,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
     glibc gives threads that allocate their own arena (up to 8 per core) and seldom returns their
     free pages to the OS. Every answer runs in a fresh thread (generation, API, Gradio's pool), so
-    a server's RSS grew by megabytes per answer for a long time (bench/soak.py, BENCHMARKS.md);
-    with two arenas it grows only with the KV caches it keeps. MALLOC_ARENA_MAX in the environment
+    a server's RSS grew ~1.8 MiB per answer over a 10-minute soak (bench/soak.py, BENCHMARKS.md);
+    with two arenas, ~0.3 MiB beyond the KV caches it keeps, levelling off. MALLOC_ARENA_MAX in the environment
     (the user's own choice) wins; other C libraries are left alone.
     """
     if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
