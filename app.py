@@ -33,7 +33,7 @@ from api.auth import is_loopback
 from models.facade import (
     APP_TEMPERATURE, APP_TOP_P, Engine, GiB, KVPrecision, LoadOptions, LoadSettings, Quant, SamplingSettings,
     UserFacingError, default_cache_dir, default_model_roots, engine_metrics, internal_error, is_remote, load_catalog,
-    ModelRoots, parse_quant, sampling_defaults, served_by,
+    ModelRoots, parse_quant, quiet_weight_loading_bar, sampling_defaults, served_by,
 )
 
 MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
@@ -193,24 +193,6 @@ def _progress(fraction: float, message: str) -> None:
     print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
 
 
-# transformers' per-tensor bars for steps the app reports itself ("[ 35%] Loading weights …").
-QUIET_BARS = ("Loading weights", "Converting and de-quantizing GGUF tensors...", "Writing model shards")
-
-
-def quiet_weight_loading_bar() -> None:
-    """Hide transformers' weight-loading bars: the app prints its own progress lines for those steps.
-
-    Only those: a hub download's bar (a real wait the user can watch) stays."""
-    from transformers.utils import logging as hf_logging
-
-    def hook(factory, args, kwargs):
-        if kwargs.get("desc") in QUIET_BARS:
-            kwargs = {**kwargs, "disable": True}
-        return factory(*args, **kwargs)
-
-    hf_logging.set_tqdm_hook(hook)
-
-
 def run_ask(args: argparse.Namespace, engine: Engine) -> int:
     """Answer one question: the answer on stdout, load and answer metrics on stderr."""
     if not args.ask.strip():
@@ -334,8 +316,10 @@ def _api_app(args: argparse.Namespace, engine: Engine):
 
 def serve(args: argparse.Namespace, engine: Engine) -> int:
     """Start the web app (and/or the API) with the chosen model preloaded."""
+    from models.facade import limit_malloc_arenas
     from ui.layout import UiDefaults, build_demo, launch_kwargs
 
+    limit_malloc_arenas()  # before the server's threads allocate: per-thread arenas made RSS climb per answer
     try:
         engine.load(args.model, load_settings(args), progress=_progress)
     except UserFacingError as e:  # the app still starts: the user can pick another model in the UI

@@ -89,10 +89,20 @@ def _string(body: dict, name: str) -> str | None:
     return value
 
 
+def _valid_text(text: str, where: str) -> str:
+    """`text` if it is valid Unicode; a 400 naming the field if it holds half of a surrogate pair ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"'{where}' is not valid Unicode text: an unpaired surrogate {text[e.start]!a} at character "
+                          f"{e.start + 1}.", param=where) from None
+    return text
+
+
 def _content(value, where: str) -> str:
     """Message content as text: a string, or a list of {"type": "text", "text": ...} parts joined."""
     if isinstance(value, str):
-        return value
+        return _valid_text(value, where)
     if isinstance(value, list):
         texts = []
         for j, part in enumerate(value):
@@ -101,7 +111,7 @@ def _content(value, where: str) -> str:
                 raise bad_request(f"'{where}[{j}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}; "
                                   f"got {kind!r} (this server handles text only).", param=f"{where}[{j}]")
             texts.append(part["text"])
-        return "".join(texts)
+        return _valid_text("".join(texts), where)
     raise bad_request(f"'{where}' must be a string or a list of text parts, got {json.dumps(value)}.",
                       param=where, code="invalid_type")
 

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -35,31 +35,12 @@ from .model_roots import ModelRoots
 from .placement import cap_allocator, default_gpu_budget_bytes, kv_split, less_held, make_budget, plan_for
 from .quant import QuantOption, quant_options
 from .remote import connect_loaded, is_remote, remote_of, remote_plan, remote_ref
+from .reports import LoadReport, UnloadReport
 from .settings import LoadSettings, ModelKey
 from .sources import default_cache_dir, shape_of
 
 ProgressFn = Callable[[float, str], None]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class UnloadReport:
-    """What unloading gave back, and what (if anything) stayed behind."""
-
-    model_label: str
-    seconds: float
-    freed_bytes: int
-    residual_bytes: int  # device memory still held above the level before any model was loaded
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """The outcome of a load or switch."""
-
-    loaded: LoadedModel
-    unloaded: list[UnloadReport] = field(default_factory=list)
-    switch_seconds: float = 0.0  # unload + load
-    reused: bool = False  # already resident: nothing was loaded
 
 
 class Engine:

@@ -17,7 +17,7 @@ from .catalog import Catalog, UnknownModelError, load_catalog
 from .engine import Engine, LoadReport, UnloadReport
 from .generation import (
     APP_TEMPERATURE, APP_TOP_P, ChatTemplateError, GenerationStats, SamplingDefaults, SamplingSettings,
-    StreamUpdate, sampling_defaults,
+    StreamUpdate, invalid_text_at, sampling_defaults,
 )
 from .hardware import MemorySnapshot
 from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, kv_precision_options
@@ -26,6 +26,7 @@ from .local_answer import ModelEvictedError
 from .memory import GiB, MiB, FitPlan, Verdict
 from .messages import MESSAGES, Message, UserFacingError, internal_error, render
 from .model_roots import ModelRoots, OutsideModelRootsError, default_model_roots
+from .process import limit_malloc_arenas, quiet_weight_loading_bar
 from .quant import Quant, QuantOption, parse_quant
 from .remote import EngineMetrics, is_remote, parse_remote, remote_of
 from .settings import LoadOptions, LoadSettings, ModelKey, ModelLoadError
@@ -56,6 +57,6 @@ __all__ = [
     "ModelLoadError", "ModelRoots", "ModelSourceError", "NoChatTemplateError", "OutsideModelRootsError",
     "OverflowPolicy", "Quant", "QuantOption", "SamplingDefaults", "SamplingSettings", "StreamUpdate",
     "UnknownModelError", "UnloadReport", "UserFacingError", "Verdict", "default_cache_dir", "default_model_roots",
-    "engine_metrics", "internal_error", "is_remote", "kv_precision_options", "load_catalog", "parse_quant",
+    "engine_metrics", "internal_error", "invalid_text_at", "is_remote", "kv_precision_options", "limit_malloc_arenas", "load_catalog", "parse_quant", "quiet_weight_loading_bar",
     "remote_context", "render", "sampling_defaults", "served_by",
 ]

@@ -204,10 +204,30 @@ class ChatTemplateError(UserFacingError):
     """The model's chat template refused this chat (e.g. "System role not supported")."""
 
 
+class InvalidTextError(UserFacingError, ValueError):
+    """A chat message holds text that is not valid Unicode (a lone UTF-16 surrogate)."""
+
+
+def invalid_text_at(text: str) -> int | None:
+    """Index of the first character that is not valid Unicode text (a lone UTF-16 surrogate), else None.
+
+    JSON and JavaScript strings can carry half of a surrogate pair ("\\ud800"); tokenizers fail on it
+    with an unrelated TypeError, so callers refuse such text with a sentence first."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def chat_input_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a chat, formatted by the tokenizer's own chat template (ChatTemplateError if it refuses)."""
     from jinja2 import TemplateError
 
+    for message in messages:
+        at = invalid_text_at(message.get("content") or "")
+        if at is not None:
+            raise InvalidTextError("invalid_text", role=message.get("role"), char=ascii(message["content"][at]), at=at + 1)
     try:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     except TemplateError as e:

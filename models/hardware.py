@@ -68,9 +68,16 @@ def ram_available() -> int:
 
 
 def disk_free(folder: Path) -> int:
-    """Free bytes on the filesystem of `folder` (created if missing)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    return shutil.disk_usage(folder).free
+    """Free bytes on the filesystem of `folder` (created if missing); 0 if it cannot be created.
+
+    A cache folder that cannot be written (under a file, read-only, disk full) offers no room for
+    disk offload; that alone must not fail the planning of a model that never writes there (a
+    load that does write says why when it tries: models/sources.cache_write_error)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
 
 
 def _nvml_process_bytes(index: int = 0) -> tuple[int, int] | None:

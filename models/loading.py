@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from safetensors import SafetensorError
 
 from . import hardware
 from .catalog import ModelRef, ModelShape
+from .integrity import check_safetensors, check_tokenizer_fits
 from .memory import Budget, FitPlan, Verdict
 from .messages import Message
 from .messages import first_line as _first_line
@@ -199,6 +201,9 @@ def prepare_load(ref: ModelRef, settings: LoadSettings, budget: Budget,
     except (OSError, ValueError) as e:
         raise ModelSourceError("tokenizer_unreadable", location=local.location, detail=_first_line(e)) from None
     _check_chat_template(tokenizer, local.location)
+    check_tokenizer_fits(tokenizer, config, local.location)
+    if not local.hub:
+        check_safetensors(Path(local.location))
     return PreparedLoad(ref=ref, settings=settings, local=local, config=config, shape=shape,
                         tokenizer=tokenizer, device=device, plan=plan, started=started)
 
@@ -239,7 +244,7 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         model = AutoModelForCausalLM.from_pretrained(prepared.local.location, **kwargs)
     except torch.OutOfMemoryError:
         out_of_memory = True
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # a file damaged after prepare_load checked it
         raise ModelSourceError("weights_unreadable", location=prepared.local.location, detail=_first_line(e)) from None
     if out_of_memory:
         free_cuda_memory()

@@ -97,6 +97,12 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def cache_write_error(error: Exception, cache_root: Path) -> ModelSourceError:
+    """A cache folder that cannot be written (disk full, read-only, not a folder), said with how to fix it."""
+    reason = getattr(error, "strerror", None) or _first_line(error)
+    return ModelSourceError("cache_unwritable", folder=str(cache_root), reason=reason)
+
+
 def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None) -> Path:
     """Unpack a GGUF file once into a safetensors folder with its tokenizer; reuse it later."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,7 +114,10 @@ def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None
     if progress:
         progress(0.05, f"Unpacking {gguf.name} (first use only, ~20 s)")
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise cache_write_error(e, cache_root) from None
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -126,13 +135,18 @@ def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None
             del model.config.quantization_config
         if progress:
             progress(0.8, "Writing safetensors cache")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"fingerprint": fingerprint, "files": files}))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        from safetensors import SafetensorError
+
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"fingerprint": fingerprint, "files": files}))
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
+        except (OSError, SafetensorError) as e:  # disk full or read-only midway: the half-written copy is removed below
+            raise cache_write_error(e, cache_root) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if progress:

@@ -16,7 +16,7 @@ import gradio as gr
 
 from models.facade import (
     Engine, GiB, KVPrecision, LoadOptions, LoadSettings, OverflowPolicy, SamplingDefaults, SamplingSettings,
-    UserFacingError, engine_metrics, internal_error, render, sampling_defaults,
+    UserFacingError, engine_metrics, internal_error, invalid_text_at, render, sampling_defaults,
 )
 
 from . import chat_history as ch
@@ -154,11 +154,14 @@ class ChatHandlers:
 
     def sampling(self, temperature, top_p, max_new_tokens, lang: str = "en") -> SamplingSettings:
         """The generation settings, each checked against its control's range (BadNumber if not)."""
-        return SamplingSettings(
-            max_new_tokens=read_number(max_new_tokens, "max_new_tokens", 1, self.max_new_tokens_max, lang, whole=True),
-            temperature=read_number(temperature, "temperature", 0.0, TEMPERATURE_MAX, lang),
-            top_p=read_number(top_p, "top_p", TOP_P_MIN, 1.0, lang),
-        )
+        try:
+            return SamplingSettings(
+                max_new_tokens=read_number(max_new_tokens, "max_new_tokens", 1, self.max_new_tokens_max, lang, whole=True),
+                temperature=read_number(temperature, "temperature", 0.0, TEMPERATURE_MAX, lang),
+                top_p=read_number(top_p, "top_p", TOP_P_MIN, 1.0, lang),
+            )
+        except BadNumber as e:  # refused before sending: say the message is safe
+            raise BadNumber(f"{e} {t('nothing_sent_kept', lang)}") from None
 
     def _choice(self, model, quant, double_quant, budget, context) -> ModelChoice:
         return ModelChoice(model, quant, double_quant, budget, context, self.options)
@@ -235,6 +238,10 @@ class ChatHandlers:
             # Refused before it reaches the chat (or the tokenizer): the text stays in the box to be shortened.
             history.append(ch.ui_note("⚠️ " + self._too_long(message, lang)))
             return message, history
+        at = invalid_text_at(message)
+        if at is not None:  # refused before it enters the chat, where every later turn would fail on it
+            history.append(ch.ui_note("⚠️ " + t("message_invalid_text", lang, at=at + 1)))
+            return message, history
         if max_new_tokens is not None:
             try:
                 self.sampling(temperature, top_p, max_new_tokens, lang)
@@ -264,6 +271,10 @@ class ChatHandlers:
             return
         if len(history[-1]["content"]) > self.max_message_chars:  # an API caller's message
             yield history + [ch.ui_note("⚠️ " + self._too_long(history[-1]["content"], lang))]
+            return
+        at = invalid_text_at(history[-1]["content"])
+        if at is not None:  # an API caller's message
+            yield history + [ch.ui_note("⚠️ " + t("message_invalid_text", lang, at=at + 1))]
             return
         session.bind(request)
         stop_event = session.new_answer()  # fresh for every answer: an API caller never finds it set

@@ -51,8 +51,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "zh": "⚠️ 已开启 trust_remote_code：模型文件夹中的 Python 代码可能会在本程序中运行。"},
     "model_info": {"en": "Model details", "zh": "模型详情"},
     # run-time messages
-    "bad_number": {"en": "{name} must be {kind} from {low} to {high} (got {value}). Nothing was sent; your message is kept.",
-                   "zh": "{name}必须是 {low} 到 {high} 之间的{kind}（收到 {value}）。未发送，您的消息已保留。"},
+    "bad_number": {"en": "{name} must be {kind} from {low} to {high} (got {value}).",
+                   "zh": "{name}必须是 {low} 到 {high} 之间的{kind}（收到 {value}）。"},
+    # Said after a generation setting's bad_number only: a load or a comparison has no message to keep.
+    "nothing_sent_kept": {"en": "Nothing was sent; your message is kept.", "zh": "未发送，您的消息已保留。"},
     "number": {"en": "a number", "zh": "数字"},
     "whole_number": {"en": "a whole number", "zh": "整数"},
     "unsent_title": {"en": "Not sent (too long for the context): copied back into the message box",
@@ -231,6 +233,9 @@ STRINGS: dict[str, dict[str, str]] = {
     "persist_imported": {"en": "Imported {n} messages from {name}.", "zh": "已从 {name} 导入 {n} 条消息。"},
     "persist_other_model": {"en": "It was written with {model} ({quant}); the model in use is {current}.",
                             "zh": "该对话由 {model}（{quant}）生成；当前使用的模型是 {current}。"},
+    # bad input (issue 12): refused before it is sent
+    "message_invalid_text": {"en": "Your message has text that is not valid Unicode (an unpaired surrogate at character {at}); it was not sent. Remove or retype that character.",
+                             "zh": "消息中含有无效的 Unicode 文本（第 {at} 个字符是不成对的代理项），未发送。请删除或重新输入该字符。"},
 }
 
 
