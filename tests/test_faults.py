@@ -118,7 +118,7 @@ def test_out_of_memory_while_answering_keeps_the_chat_and_the_next_turn_works(ha
         assert partial == []  # nothing was generated: no empty answer bubble
     else:
         assert len(partial) == 1 and partial[0]["content"], "the tokens streamed before the failure stay visible"
-    assert session.id not in handlers.engine.session_ids(), "a cache in an unknown state is dropped"
+    assert session.id not in handlers.engine._sessions.sessions(), "a cache in an unknown state is dropped"
     assert engine_idle(handlers.engine, within_s=5)
     monkeypatch.undo()
     after = talk(handlers, session, failed, "And now?")
