@@ -54,6 +54,11 @@ CHUNK_TOKENS = 8  # tokens decoded between two host reads (EOS / Stop checks) on
 # the captured one-token step (a few ms each at 7B) instead of an eager multi-token forward,
 # whose per-layer Python and launch overhead made most of the reused-turn TTFT (BENCHMARKS.md).
 REPLAY_PREFILL_MAX = 32
+# Longer prompt chunks are padded up to one of these lengths and run as a captured CUDA graph:
+# an eager 512-token forward of a 7B spent ~70 of its ~96 ms launching kernels from Python
+# (BENCHMARKS.md, TTFT). Padding is harmless: the pad tokens' keys land past the prompt, where
+# no query attends (the mask is by position), and the next write overwrites them.
+PREFILL_BUCKETS = (64, 128, 256, PREFILL_CHUNK)
 STREAM_INTERVAL_S = 0.05  # text updates to the UI at most this often
 CACHE_ALIGN = 64  # static cache length multiple (aligned matmuls in decode attention)
 FIRST_WINDOW = 512  # the smallest attention window; each next one doubles, up to the whole cache
@@ -137,10 +142,13 @@ class FastDecoder:
         replay_prefill_max: prompt remainders up to this long are fed through the one-token step
             (default REPLAY_PREFILL_MAX with CUDA graphs; 0 otherwise, where one forward is faster).
         compile_cache_dir: the app's cache folder; compiled kernels are kept under it (compile_cache).
+        prefill_buckets: chunk lengths prompts are padded to (default PREFILL_BUCKETS with CUDA graphs,
+            each captured at warm_up; none otherwise: an unpadded forward is as fast without graphs).
     """
 
     def __init__(self, model, max_context: int, compile: bool | None = None, chunk: int | None = None,
-                 replay_prefill_max: int | None = None, compile_cache_dir=None):
+                 replay_prefill_max: int | None = None, compile_cache_dir=None,
+                 prefill_buckets: tuple[int, ...] | None = None):
         from transformers import StaticCache
 
         self.model = model
@@ -153,6 +161,11 @@ class FastDecoder:
         if replay_prefill_max is None:
             replay_prefill_max = REPLAY_PREFILL_MAX if self.use_graphs else 0
         self.replay_prefill_max = replay_prefill_max
+        if prefill_buckets is None:
+            prefill_buckets = PREFILL_BUCKETS if self.use_graphs else ()
+        if any(b > PREFILL_CHUNK for b in prefill_buckets):
+            raise ValueError(f"prefill buckets must be at most PREFILL_CHUNK ({PREFILL_CHUNK}): {prefill_buckets}")
+        self.prefill_buckets = tuple(sorted(prefill_buckets))
         use_fast_attention(model)
         self.max_context = _fix_dynamic_rope(model, max_context)
         config = model.config
@@ -168,7 +181,7 @@ class FastDecoder:
             self.window = longest  # the window the step attends over (set per chunk: _step_for)
             # One aligned block more than the longest window: every window is then a strict prefix
             # of the cache (a window as long as the cache made torch.compile fix its length).
-            cache_len = longest + CACHE_ALIGN
+            cache_len = self.cache_len = longest + CACHE_ALIGN
             self.cache = StaticCache(config=config, max_cache_len=cache_len)
             self.cache.early_initialization(1, config.num_key_value_heads, head_dim, dtype, self.device)
             dev = self.device
@@ -182,11 +195,20 @@ class FastDecoder:
             self.host = torch.zeros(self.max_context, dtype=torch.long, pin_memory=on_gpu)
             self._scratch_token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # the compile's first run
             self._scratch_pos = torch.full((1,), self.max_context, dtype=torch.long, device=dev)
+            # A padded prompt chunk: its ids, its positions, and the index of its last real token.
+            # Fixed buffers (and views of them), so that a captured graph reads what the host set.
+            width = max(self.prefill_buckets, default=0)
+            self._chunk_ids = torch.zeros(1, width, dtype=torch.long, device=dev)
+            self._chunk_positions = torch.zeros(width, dtype=torch.long, device=dev)
+            self._chunk_last = torch.zeros(1, dtype=torch.long, device=dev)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.token_ids: list[int] = []  # tokens whose keys/values the cache holds, in order
         self.reused_tokens = 0  # prompt tokens the last answer took from the cache
         self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}  # (greedy?, window) -> captured step
+        # bucket -> (captured padded forward, its logits): captured once at warm_up, never recaptured
+        # (the prefill runs the uncompiled model: its matmuls are cuBLAS's, nothing to compile).
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compile_seconds = 0.0  # warm_up: capturing the uncompiled step (what a load waits for)
         self.captures = 0  # graph captures so far (warm-up and the compiled swap only: never per request)
         self.compile_state = "off" if not self.compile_enabled else "pending"  # pending | compiling | compiled | failed
@@ -209,6 +231,7 @@ class FastDecoder:
         """
         self._closed = True
         self.graphs = {}
+        self.prefill_graphs = {}
 
     @property
     def cache_bytes(self) -> int:
@@ -270,17 +293,69 @@ class FastDecoder:
 
     def _prefill(self, ids: list[int], start: int) -> torch.Tensor:
         """Run ids[start:] through the model in chunks (cache already holds ids[:start]); last logits."""
-        self._set_length(start)
+        rest = torch.tensor(ids[start:], dtype=torch.long, device=self.device)  # one host-to-device copy
         logits = None
         for a in range(start, len(ids), PREFILL_CHUNK):
-            chunk = torch.tensor([ids[a:a + PREFILL_CHUNK]], dtype=torch.long, device=self.device)
-            t = chunk.shape[1]
-            positions = torch.arange(a, a + t, device=self.device)
-            mask = (self.kv_positions[None, :] <= positions[:, None]).view(1, 1, t, -1)  # [1, 1, T, L]
-            logits = self.model(input_ids=chunk, position_ids=positions.view(1, -1), attention_mask=mask,
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        self.pos.fill_(len(ids))
+            chunk = rest[a - start:a - start + PREFILL_CHUNK]
+            t = chunk.shape[0]
+            self._set_length(a)  # a padded chunk advanced the cache's write index past its real tokens
+            bucket = self._bucket_for(a, t)
+            if bucket is None:
+                positions = self.kv_positions[a:a + t]
+                mask = (self.kv_positions[None, :] <= positions[:, None]).view(1, 1, t, -1)  # [1, 1, T, L]
+                logits = self.model(input_ids=chunk.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
+                                    past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                continue
+            self._chunk_ids[0, :t].copy_(chunk)  # the pad keeps whatever ids were there: never attended to
+            self._chunk_positions[:bucket].copy_(self.kv_positions[a:a + bucket])
+            self._chunk_last.fill_(t - 1)
+            captured = self.prefill_graphs.get(bucket)
+            if captured is None:
+                logits = self._padded_forward(bucket)
+            else:
+                graph, out = captured
+                graph.replay()
+                logits = out.clone()  # the graph's output buffer is overwritten by its next replay
+        self._set_length(len(ids))
         return logits
+
+    def _bucket_for(self, start: int, tokens: int) -> int | None:
+        """The padded length for a chunk of `tokens` written from `start` (None: run it unpadded)."""
+        return next((b for b in self.prefill_buckets if b >= tokens and start + b <= self.cache_len), None)
+
+    def _padded_forward(self, bucket: int) -> torch.Tensor:
+        """Logits [1, V] (fp32) of the chunk's last real token; the chunk buffers hold `bucket` tokens."""
+        positions = self._chunk_positions[:bucket]
+        mask = (self.kv_positions[None, :] <= positions[:, None]).view(1, 1, bucket, -1)  # [1, 1, T, L]
+        out = self.model(input_ids=self._chunk_ids[:, :bucket], position_ids=positions.view(1, -1), attention_mask=mask,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=self._chunk_last)
+        return out.logits[:, -1].float()
+
+    def _capture_prefill_graphs(self) -> None:
+        """Capture the padded forward of every bucket (warm_up; the caller holds _busy)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        buckets = [b for b in self.prefill_buckets if b <= self.cache_len]
+        for bucket in buckets:
+            self._chunk_positions[:bucket].copy_(self.kv_positions[:bucket])
+            self._chunk_last.fill_(bucket - 1)
+        with torch.cuda.stream(side):  # first runs (cuBLAS heuristics, Triton loading) off the capture stream
+            for bucket in buckets:
+                for _ in range(2):
+                    self._set_length(0)
+                    self._padded_forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        # The buckets never run at once and each keeps its output alive: one pool serves them all
+        # (its size is the largest bucket's activations plus one layer's dequantized weight).
+        pool = torch.cuda.graph_pool_handle()
+        for bucket in buckets:
+            self._set_length(0)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = self._padded_forward(bucket)
+            self.prefill_graphs[bucket] = (graph, out)
+            self.captures += 1
+        torch.cuda.synchronize(self.device)
 
     def _prefill_by_steps(self, ids: list[int], start: int, step: Callable[[], None]) -> torch.Tensor:
         """Feed ids[start:] one token at a time through the decode step; the token sampled after the last.
@@ -337,6 +412,7 @@ class FastDecoder:
             self._prefill(list(range(n)), 0)
             if self.use_graphs:
                 self._capture_graphs(n)
+                self._capture_prefill_graphs()
             else:
                 self._decode_step(True)
             self._set_length(0)
