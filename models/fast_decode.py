@@ -3,7 +3,7 @@ host-device sync per token; the step is compiled in the background and swapped i
 
 The shape is gpt-fast's: `_prefill` (the prompt in a few big forward passes) -> `_decode_step`
 (one token, all state in device buffers) -> `_decode` (replay the step k times, then read the k
-ids back through a pinned buffer). `FastDecoder.stream` streams like models.generation.stream_generate.
+ids back through a pinned buffer). `FastDecoder.stream` streams through the same answer shell as models.generation.stream_generate.
 
 Why each piece:
 - Static cache + fixed-shape buffers: the step has one shape, so it can be captured as a CUDA
@@ -34,7 +34,6 @@ Why each piece:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -42,8 +41,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .generation import (GenerationStats, IncrementalDecoder, SamplingSettings, StreamUpdate, _device_peak, start_worker,
-                         stream_generate)
+from .answer_stream import AnswerJob, StreamUpdate, TokenSink, stream_answer
+from .generation import SamplingSettings, _device_peak, stream_generate
 from .kv_cache import common_prefix_length
 from .memory import PREFILL_CHUNK
 
@@ -67,7 +66,6 @@ FIRST_WINDOW = 512  # the smallest attention window; each next one doubles, up t
 # back each time: a 7B 512-token prefill took 8.5 s instead of 0.14 s on an H200. A shorter
 # interval while compiling bounds that wait.
 COMPILE_SWITCH_INTERVAL_S = 0.0005
-_DONE = object()
 
 
 class _Closed(Exception):
@@ -528,12 +526,13 @@ class FastDecoder:
 
     # ----- one answer ----------------------------------------------------------------
     def _generate(self, input_ids: list[int], sampling: SamplingSettings, stop_event: threading.Event,
-                  emit: Callable[[list[int]], None]) -> list[int]:
+                  sink: TokenSink) -> list[int]:
         """Prefill (reusing the cached prefix), then decode in chunks; returns the new ids."""
         greedy = sampling.temperature <= 0
         max_new = max(1, min(sampling.max_new_tokens, self.max_context - len(input_ids)))
         keep = min(common_prefix_length(self.token_ids, input_ids), len(input_ids) - 1)
         self.reused_tokens = max(0, keep)
+        sink.note(reused_tokens=self.reused_tokens)
         self.token_ids = []  # unknown until this answer is done
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
@@ -546,7 +545,7 @@ class FastDecoder:
             first = self._sample(self._prefill(input_ids, self.reused_tokens), greedy)
         self.token.copy_(first.view(1, 1))
         new = [int(first.item())]  # the one sync before the first token is shown (TTFT)
-        emit(new[:])
+        sink.tokens(new)
         finished = new[0] in self.eos_ids or max_new == 1 or stop_event.is_set()
         self.step.zero_()
         launched, pending = 0, deque()
@@ -576,7 +575,7 @@ class FastDecoder:
                     ids, finished = ids[:i + 1], True
                     break
             new.extend(ids)
-            emit(ids)
+            sink.tokens(ids)
             finished = finished or len(new) >= max_new or stop_event.is_set()
         for event, _, _ in pending:  # steps already queued: let them end before the lock is released
             if event is not None:
@@ -587,79 +586,28 @@ class FastDecoder:
 
     def stream(self, tokenizer, input_ids: list[int], sampling: SamplingSettings, stop_event: threading.Event,
                on_worker_done: Callable[[], None] | None = None) -> Iterator[StreamUpdate]:
-        """Stream an answer like models.generation.stream_generate (same updates, stats, contract).
+        """Stream an answer through the shared answer shell (models/answer_stream.py), like stream_generate.
 
         Text updates are coalesced to one per STREAM_INTERVAL_S. `on_worker_done` runs in the
         worker thread when the GPU work has ended (the engine releases its lock there).
         """
         if len(input_ids) + 1 > self.max_context:  # cannot happen through the engine; stay correct anyway
-            yield from stream_generate(self.model, tokenizer, input_ids, sampling, stop_event, None, on_worker_done)
-            return
-        out: queue.Queue = queue.Queue()
-        stats = GenerationStats(prompt_tokens=len(input_ids))
-        errors: list[BaseException] = []
-        result: list[int] = []
-        finals: dict[str, int] = {}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+            return stream_generate(self.model, tokenizer, input_ids, sampling, stop_event, None, on_worker_done)
 
-        def run() -> None:
+        def produce(sink: TokenSink) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
             try:
                 with self._busy, torch.inference_mode():
-                    result.extend(self._generate(input_ids, sampling, stop_event,
-                                                 lambda ids: out.put((time.perf_counter(), ids))))
+                    self._generate(input_ids, sampling, stop_event, sink)
                     # Read while this answer still owns the decoder (and the GPU): once the lock
                     # is released, another session's answer may change both.
-                    finals.update(reused=self.reused_tokens, peak=_device_peak(self.device))
-            except BaseException as e:  # surfaced to the caller below, in its own thread
+                    sink.note(peak_bytes=_device_peak(self.device))
+            except BaseException:
                 self.token_ids = []  # the cache is in an unknown state
-                errors.append(e)
-            finally:
-                out.put(_DONE)
-                if on_worker_done is not None:
-                    on_worker_done()
+                raise
 
-        started = time.perf_counter()
-        worker = start_worker(run, "fast-decode", on_worker_done)
-        decoder = IncrementalDecoder(tokenizer)
-        text, shown, last_yield = "", 0, 0.0
-        first_at = last_at = None
-        new_ids: list[int] = []
-        try:
-            while True:
-                item = out.get()
-                if item is _DONE:
-                    break
-                at, ids = item
-                first_at = first_at or at
-                last_at = at
-                new_ids.extend(ids)
-                text += decoder.push(ids)
-                stats.new_tokens = len(new_ids)
-                stats.ttft_s = first_at - started
-                stats.reused_tokens = self.reused_tokens
-                now = time.perf_counter()
-                if len(text) > shown and (shown == 0 or now - last_yield >= STREAM_INTERVAL_S):
-                    shown, last_yield = len(text), now
-                    yield StreamUpdate(text=text, stats=stats)
-        finally:
-            stop_event.set()  # the consumer went away, or we are done: stop the worker too
-            worker.join()
-        if errors:
-            raise errors[0]
-        text += decoder.flush()
-        stats.total_s = time.perf_counter() - started
-        stats.new_tokens = len(new_ids)
-        stats.reused_tokens = finals.get("reused", 0)
-        if first_at is not None:
-            stats.ttft_s = first_at - started
-            if stats.new_tokens > 1 and last_at > first_at:
-                stats.decode_tokens_per_s = (stats.new_tokens - 1) / (last_at - first_at)
-        if new_ids and new_ids[-1] in self.eos_ids:
-            stats.finish_reason = "eos"
-        elif stats.new_tokens >= sampling.max_new_tokens or len(input_ids) + stats.new_tokens >= self.max_context:
-            stats.finish_reason = "length"
-        else:
-            stats.finish_reason = "stopped"
-        stats.peak_bytes = finals.get("peak", 0)
-        yield StreamUpdate(text=text, stats=stats, done=True, token_ids=list(new_ids))
+        job = AnswerJob(produce=produce, device=self.device, prompt_tokens=len(input_ids),
+                        max_new_tokens=sampling.max_new_tokens, eos_ids=frozenset(self.eos_ids),
+                        context_limit=self.max_context, min_interval_s=STREAM_INTERVAL_S, name="fast-decode")
+        return stream_answer(job, tokenizer, stop_event, on_worker_done)
