@@ -44,6 +44,7 @@ import torch
 from .answer_stream import AnswerJob, StreamUpdate, TokenSink, stream_answer
 from .generation import SamplingSettings, _device_peak, stream_generate
 from .kv_cache import common_prefix_length
+from .layer_step import LayerLoop, run_layer, supports_layer_loop
 from .memory import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ class FastDecoder:
         self._compile_started = 0.0
         self._compile_thread: threading.Thread | None = None
         self._first_compiled_run = threading.Event()  # set once the compiled step has run once
+        self.compiled_layer_loop = False  # the compiled step is one layer compiled for all (layer_step.py)
         if self.compile_enabled:  # each decoder (one per load) compiles its own step; allow many loads
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._forward = self._forward_eager  # swapped for the compiled step when it is ready
@@ -465,6 +467,8 @@ class FastDecoder:
         return lambda gm, example_inputs: self._idle_first_run(compile_fx(gm, example_inputs))
 
     def _compile_once(self) -> Callable:
+        if supports_layer_loop(self.model):
+            return self._compile_layer_once()
         step = torch.compile(self._forward_eager, fullgraph=True, backend=self._backend())
         positions = self.kv_positions[:self.windows[-1]]
         # One compile for every window: its length is a symbol, not a constant (dynamic=False
@@ -473,6 +477,20 @@ class FastDecoder:
         with torch.inference_mode():
             step(self._scratch_token, self._scratch_pos, positions)  # traces, compiles, then runs once when idle
         return step
+
+    def _compile_layer_once(self) -> Callable:
+        """Compile one decoder layer for all (models/layer_step.py); the step runs it per layer.
+
+        Its first run (which compiles) writes into the scratch slot through write counters of its
+        own, so it needs no idle decoder: nothing an answer reads or advances is touched."""
+        loop = LayerLoop(self.model, self.cache)
+        layer_fn = torch.compile(run_layer, fullgraph=True)
+        positions = self.kv_positions[:self.windows[-1]]
+        with torch.inference_mode():
+            loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn,
+                        loop.scratch_caches(self.max_context), dynamic_window=True)
+        self.compiled_layer_loop = True
+        return lambda token, pos, window: loop.logits(token, pos, window, layer_fn)
 
     def _compile_and_swap(self) -> None:
         import sys

@@ -291,3 +291,51 @@ def test_captured_prefill_graphs_equal_the_unpadded_forward(engine, tiny_llama):
         # bf16: a padded matmul may take another cuBLAS kernel; the logits agree to rounding.
         torch.testing.assert_close(graphed, eager, atol=3e-2, rtol=3e-2)
         assert int(graphed.argmax()) == int(eager.argmax())
+
+
+def test_one_decoder_layer_is_traced_for_every_layer_and_equals_the_model(tmp_path):
+    # The background compile compiles one layer for all (models/layer_step.py). What makes that
+    # work is the one-layer cache view: with transformers' whole cache the trace depends on each
+    # attention's layer_idx, and every layer is traced again (the control below).
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    from models.layer_step import LayerLoop, run_layer, supports_layer_loop
+    from tests.tiny import write_tiny_llama
+
+    model = AutoModelForCausalLM.from_pretrained(write_tiny_llama(tmp_path / "m", num_hidden_layers=4)).eval()
+    assert supports_layer_loop(model)
+    config = model.config
+    cache = StaticCache(config=config, max_cache_len=64)
+    cache.early_initialization(1, config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
+                               torch.float32, torch.device("cpu"))
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def traced_graphs(layer_fn_cache):
+        torch._dynamo.reset()
+        graphs.clear()
+        layer_fn = torch.compile(run_layer, backend=counting, fullgraph=True)
+        loop = LayerLoop(model, cache)
+        with torch.inference_mode():
+            for pos in (3, 4):
+                token, at = torch.tensor([[7 + pos]]), torch.tensor([pos])
+                caches = layer_fn_cache(loop)
+                for layer in cache.layers:
+                    layer.cumulative_length.fill_(pos)
+                got = loop.logits(token, at, torch.arange(64), layer_fn, caches)
+                for layer in cache.layers:
+                    layer.cumulative_length.fill_(pos)
+                want = model(input_ids=token, position_ids=at.view(1, 1), past_key_values=cache, use_cache=True,
+                             attention_mask=(torch.arange(64) <= at).view(1, 1, 1, -1), logits_to_keep=1).logits[:, -1]
+                torch.testing.assert_close(got, want.float())
+        return len(graphs)
+
+    assert traced_graphs(lambda loop: loop.caches) == 1
+
+    class WholeCache:  # the control: transformers' way, the cache picked by the attention's layer_idx
+        def update(self, k, v, layer_idx, *args, **kwargs):
+            return cache.layers[layer_idx].update(k, v)
+    assert traced_graphs(lambda loop: [WholeCache()] * 4) == 4
