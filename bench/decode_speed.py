@@ -307,6 +307,8 @@ def parent(args) -> None:
         print(f"{spec}: rc={rc} in {time.perf_counter() - t0:.0f} s", flush=True)
         if rc:
             print(err[-2500:], flush=True)
+            with open(f"{args.out}.{key}-{path}.stderr.log", "a") as f:  # the whole of it, for a post-mortem
+                f.write(err)
     table = markdown(args.out)
     print(table)
     if args.md:
