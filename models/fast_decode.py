@@ -510,14 +510,15 @@ class FastDecoder:
         return new
 
     def stream(self, tokenizer, input_ids: list[int], sampling: SamplingSettings, stop_event: threading.Event,
-               on_worker_done: Callable[[], None] | None = None) -> Iterator[StreamUpdate]:
-        """Stream an answer like models.generation.stream_generate (same updates, stats, contract).
+               on_worker_done: Callable[[], None] | None = None, sent_at: float | None = None) -> Iterator[StreamUpdate]:
+        """Stream an answer like models.generation.stream_generate (same updates, stats, contract, `sent_at`).
 
         Text updates are coalesced to one per STREAM_INTERVAL_S. `on_worker_done` runs in the
         worker thread when the GPU work has ended (the engine releases its lock there).
         """
         if len(input_ids) + 1 > self.max_context:  # cannot happen through the engine; stay correct anyway
-            yield from stream_generate(self.model, tokenizer, input_ids, sampling, stop_event, None, on_worker_done)
+            yield from stream_generate(self.model, tokenizer, input_ids, sampling, stop_event, None, on_worker_done,
+                                       sent_at)
             return
         out: queue.Queue = queue.Queue()
         stats = GenerationStats(prompt_tokens=len(input_ids))
@@ -544,6 +545,7 @@ class FastDecoder:
                     on_worker_done()
 
         started = time.perf_counter()
+        origin = started if sent_at is None else sent_at  # TTFT from the user's send
         worker = start_worker(run, "fast-decode", on_worker_done)
         decoder = IncrementalDecoder(tokenizer)
         text, shown, last_yield = "", 0, 0.0
@@ -560,7 +562,7 @@ class FastDecoder:
                 new_ids.extend(ids)
                 text += decoder.push(ids)
                 stats.new_tokens = len(new_ids)
-                stats.ttft_s = first_at - started
+                stats.ttft_s = first_at - origin
                 stats.reused_tokens = self.reused_tokens
                 now = time.perf_counter()
                 if len(text) > shown and (shown == 0 or now - last_yield >= STREAM_INTERVAL_S):
@@ -576,7 +578,7 @@ class FastDecoder:
         stats.new_tokens = len(new_ids)
         stats.reused_tokens = finals.get("reused", 0)
         if first_at is not None:
-            stats.ttft_s = first_at - started
+            stats.ttft_s = first_at - origin
             if stats.new_tokens > 1 and last_at > first_at:
                 stats.decode_tokens_per_s = (stats.new_tokens - 1) / (last_at - first_at)
         if new_ids and new_ids[-1] in self.eos_ids:

@@ -18,10 +18,12 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .gpu_queue import Waiting
 from .memory import PREFILL_CHUNK
 from .messages import UserFacingError
 
 _DONE = object()
+WAIT_SHOWN_S = 0.05  # a shorter wait for the GPU is not worth a word in the metrics line
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ class GenerationStats:
 
     prompt_tokens: int
     new_tokens: int = 0
-    ttft_s: float | None = None  # request start to first generated token
+    # The user's send (the request entering the engine) to the first generated token: the wait for
+    # the GPU included, as the user lives it. turn_ttft_s is the part after its turn came.
+    ttft_s: float | None = None
     decode_tokens_per_s: float | None = None  # tokens after the first / time after the first
     total_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stopped" | "error"
@@ -93,12 +97,19 @@ class GenerationStats:
     reused_tokens: int = 0  # prompt tokens whose KV came from the session's cache (not prefilled)
     dropped_messages: int = 0  # oldest messages left out to fit the context
     prompt_limit: int = 0  # tokens the prompt may use: the context minus the room kept for the answer
+    waited_s: float = 0.0  # the send to its turn on the GPU: queued behind other users' work
+
+    @property
+    def turn_ttft_s(self) -> float | None:
+        """Seconds from its turn on the GPU to the first token (templating, prefill)."""
+        return None if self.ttft_s is None else max(0.0, self.ttft_s - self.waited_s)
 
     def summary(self) -> str:
-        """'TTFT 0.12 s · 24.1 tok/s · 57 tokens' for the UI and CLI."""
-        parts = []
+        """'waited 3.2 s · TTFT 3.40 s (0.20 s after its turn) · 24.1 tok/s · 57 tokens' for the CLI."""
+        parts = [f"waited {self.waited_s:.1f} s"] if self.waited_s >= WAIT_SHOWN_S else []
         if self.ttft_s is not None:
-            parts.append(f"TTFT {self.ttft_s:.2f} s")
+            turn = f" ({self.turn_ttft_s:.2f} s after its turn)" if parts else ""
+            parts.append(f"TTFT {self.ttft_s:.2f} s{turn}")
         if self.decode_tokens_per_s is not None:
             parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
         parts.append(f"{self.new_tokens} tokens")
@@ -113,12 +124,13 @@ class GenerationStats:
 
 @dataclass
 class StreamUpdate:
-    """The answer so far; `done` on the last update, when stats are final."""
+    """The answer so far; `done` on the last update, when stats are final; `waiting` while it waits for the GPU."""
 
     text: str
     stats: GenerationStats
     done: bool = False
     token_ids: list[int] = field(default_factory=list)
+    waiting: Waiting | None = None  # its place in line, how long, and who holds the GPU (no text yet)
 
 
 class StopOnEvent(StoppingCriteria):
@@ -266,12 +278,14 @@ def stream_generate(
     stop_event: threading.Event,
     past_key_values=None,
     on_worker_done: Callable[[], None] | None = None,
+    sent_at: float | None = None,
 ) -> Iterator[StreamUpdate]:
     """Generate an answer to `input_ids`, yielding the growing text; the last update has final stats.
 
     Closing the iterator early (the caller went away) also stops the computation.
     `on_worker_done` runs in the worker thread once the computation has ended: the
-    engine releases its GPU lock there, so an abandoned iterator can't hold it.
+    engine releases its GPU lock there, so an abandoned iterator can't hold it. TTFT counts from
+    `sent_at` (time.perf_counter() when the request entered the engine), else from now.
     """
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
@@ -312,6 +326,7 @@ def stream_generate(
                 on_worker_done()
 
     started = time.perf_counter()
+    origin = started if sent_at is None else sent_at
     worker = start_worker(run, "generate", on_worker_done)
     text = ""
     try:
@@ -322,7 +337,7 @@ def stream_generate(
             text += item
             stats.new_tokens = len(streamer.new_ids)
             if streamer.first_token_at is not None:
-                stats.ttft_s = streamer.first_token_at - started
+                stats.ttft_s = streamer.first_token_at - origin
             yield StreamUpdate(text=text, stats=stats)
     finally:
         # Runs on normal end, on error, and when the consumer closes us (browser gone,
@@ -335,7 +350,7 @@ def stream_generate(
     stats.total_s = time.perf_counter() - started
     stats.new_tokens = len(streamer.new_ids)
     if streamer.first_token_at is not None:
-        stats.ttft_s = streamer.first_token_at - started
+        stats.ttft_s = streamer.first_token_at - origin
         if stats.new_tokens > 1 and streamer.last_token_at > streamer.first_token_at:
             stats.decode_tokens_per_s = (stats.new_tokens - 1) / (streamer.last_token_at - streamer.first_token_at)
     if streamer.new_ids and streamer.new_ids[-1] in eos_ids:
