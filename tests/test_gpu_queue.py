@@ -277,3 +277,64 @@ def collect_done(updates):
     updates = list(updates)
     assert updates and updates[-1].done
     return updates[-1]
+
+
+# ----- the chat tab's handlers (tiny model): the wait in the answer's place, then in the metrics line ----
+
+def test_the_chat_says_why_it_waits_then_shows_the_wait_in_its_metrics(engine):
+    from ui.handlers import ChatHandlers, ChatSession
+
+    handlers = ChatHandlers(engine)
+    # Another user's load holds the GPU, 42 % done.
+    other = engine._lock.ticket(Work.load("internlm2-chat-1.8b", "4bit"))
+    assert other.wait(0)
+    other.report(0.42)
+    frames = []
+
+    def answer(lang: str) -> None:
+        history = [{"role": "user", "content": "Hello world"}]
+        for frame in handlers.answer(history, "", 0, 0.9, 8, ChatSession(), lang):
+            frames.append((lang, [dict(m, metadata=dict(m.get("metadata") or {})) for m in frame]))
+
+    threads = [threading.Thread(target=answer, args=(lang,)) for lang in ("en", "zh")]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)  # "en" arrives first
+    time.sleep(1.2)
+    other.release()
+    for thread in threads:
+        thread.join(30)
+    # While waiting, the answer's place holds a pending UI-only line (never sent to the model).
+    waiting = {lang: [f[-1]["metadata"]["title"] for lg, f in frames if lg == lang and _pending(f[-1])]
+               for lang in ("en", "zh")}
+    assert "Waiting for the model: position 1," in waiting["en"][0]
+    assert "another user's model is loading: internlm2-chat-1.8b 4bit, 42 %" in waiting["en"][0]
+    assert "排第 2 位" in waiting["zh"][0] and "另一位用户的模型正在加载：internlm2-chat-1.8b 4bit，42%" in waiting["zh"][0]
+    final = [f for lg, f in frames if lg == "en"][-1]
+    assert final[1]["role"] == "assistant" and final[1]["content"] and not final[1]["metadata"]
+    metrics = final[2]["metadata"]["title"]
+    assert metrics.startswith("waited 1.") and "TTFT" in metrics and "s after its turn)" in metrics, metrics
+    zh = [f for lg, f in frames if lg == "zh"][-1][2]["metadata"]["title"]
+    assert zh.startswith("排队 ") and "轮到后" in zh, zh
+    assert not engine._lock.locked()
+
+
+def _pending(message: dict) -> bool:
+    return (message.get("metadata") or {}).get("status") == "pending"
+
+
+def test_a_load_waiting_for_its_turn_says_so_in_its_progress(engine, tiny_llama):
+    from models.loading import LoadSettings
+
+    holder = engine._lock.ticket(Work("answer"))
+    assert holder.wait(0)
+    said = []
+    thread = threading.Thread(target=lambda: engine.ensure(str(tiny_llama), LoadSettings(context_tokens=512),
+                                                           progress=lambda f, m: said.append((f, str(m)))))
+    thread.start()
+    time.sleep(1.2)
+    assert said and said[0] == (0.0, said[0][1]) and said[0][1].startswith("Waiting for the model: position 1")
+    assert "answer is being written" in said[0][1]
+    holder.release()
+    thread.join(30)
+    assert not engine._lock.locked()
