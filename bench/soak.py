@@ -184,9 +184,10 @@ def _text(content) -> str:
     return "" if content is None else str(content)
 
 
-# The chat as the page shows it: [kind, is a UI-only line, text] for each message, in order.
+# The chat as the page shows it: [kind, is a UI-only line, text] for each message, in order. A UI-only
+# line is drawn as a collapsible "thought" (the one still pending, "Waiting for the model…", too).
 DOM_MESSAGES = """() => [...document.querySelectorAll('#chatbot [data-testid="user"], #chatbot [data-testid="bot"]')]
-  .map(d => [d.dataset.testid, !!d.closest('.thought'), d.innerText.trim()])"""
+  .map(d => [d.dataset.testid, !!(d.closest('.thought') || d.querySelector('.thought-group')), d.innerText.trim()])"""
 METRIC_COUNT = "(document.querySelector('#chatbot').innerText.match(/TTFT/g) || []).length"
 
 
