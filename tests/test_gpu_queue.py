@@ -338,3 +338,26 @@ def test_a_load_waiting_for_its_turn_says_so_in_its_progress(engine, tiny_llama)
     holder.release()
     thread.join(30)
     assert not engine._lock.locked()
+
+
+def test_a_comparison_side_waiting_for_the_gpu_says_so(engine, tiny_llama):
+    from compare.runner import ConfigSpec, compare
+    from models.generation import SamplingSettings
+    from models.loading import LoadSettings
+
+    states = compare(engine, [ConfigSpec(str(tiny_llama))], [{"role": "user", "content": "Hello world"}],
+                     SamplingSettings(max_new_tokens=4, temperature=0), base=LoadSettings(context_tokens=512))
+    queued, holding = [], False
+    for state in states:
+        side = state.sides[0]
+        if side.status == "streaming" and not queued and side.queued is None:
+            assert engine._lock.acquire()  # another user's answer starts before this side's
+            holding = True
+        if side.queued is not None:
+            queued.append(side.queued.render("en"))
+            if holding and len(queued) >= 2:
+                engine._lock.release()
+                holding = False
+    assert queued and queued[0].startswith("Waiting for the model: position 1")
+    assert side.status == "done" and side.queued is None and side.text
+    assert not engine._lock.locked()
