@@ -2,9 +2,9 @@
 
 Shared by the UI (every browser tab), the API and the CLI. All GPU work (load, unload, generate,
 quality checks) takes turns in one fair queue (models/gpu_queue.py), in arrival order: no two users
-run forward passes in parallel threads that would OOM each other, and nobody is starved. Per-user chat history lives with
-the caller (gr.State in the UI); the engine only keeps each session's KV cache, keyed by
-an opaque session id, so a session's next turn prefills only what changed.
+run forward passes in parallel threads that would OOM each other, and nobody is starved. Per-user
+chat history lives with the caller (gr.State in the UI); the engine only keeps each session's KV
+cache, keyed by an opaque session id, so a session's next turn prefills only what changed.
 
 Several models may be resident at once (the Compare tab keeps A and B loaded when both
 fit); least recently used ones are evicted when a new one would not fit the budget.
