@@ -23,7 +23,7 @@ from starlette.routing import Route
 from .auth import check_key
 from .bridge import ThreadedStream
 from .errors import ApiError, from_engine_error, internal_error
-from .objects import CompletionIds, model_list, sse
+from .objects import CompletionIds, model_list, sse, timing_headers
 from .schema import MAX_BODY_BYTES, parse_chat_request, parse_json
 from .service import ApiService, Delta, Done
 from .waiting import QueueFull
@@ -149,7 +149,7 @@ class Api:
                 text += item.text
                 item = await watch.next()
             self._log_done(ids, item, started, stream=False)
-            return JSONResponse(ids.completion(text, item))
+            return JSONResponse(ids.completion(text, item), headers=timing_headers(item))
         finally:
             if not streaming:
                 stream.cancel()  # a no-op after a finished answer; else the computation stops
@@ -163,7 +163,7 @@ class Api:
             item = first
             while True:
                 if isinstance(item, Done):
-                    yield sse(ids.chunk({}, item.finish_reason))
+                    yield sse(ids.chunk({}, item.finish_reason, done=item))
                     if include_usage:
                         yield sse(ids.usage_chunk(item))
                     self._log_done(ids, item, started, stream=True)

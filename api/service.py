@@ -44,12 +44,16 @@ class Delta:
 
 @dataclass(frozen=True)
 class Done:
-    """The end of an answer: why it ended and what it cost."""
+    """The end of an answer: why it ended, what it cost, and how long it took (the figures the UI shows)."""
 
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens whose KV cache came from this conversation's previous turn
+    waited_s: float = 0.0  # in the GPU's queue, behind other users' work (browser tabs and API alike)
+    ttft_s: float | None = None  # from the request reaching the engine to the first token, the wait included
+    turn_ttft_s: float | None = None  # the part of ttft_s after its turn came
+    tokens_per_s: float | None = None  # decode speed after the first token
 
 
 def session_id(model: str, request: ChatRequest) -> str:
@@ -71,6 +75,7 @@ class ApiService:
         self.engine = engine
         self.settings = settings
         self.queue = WaitQueue(settings.max_waiting)
+        self._loading = threading.Lock()  # API requests that switch the model do it one at a time
         self._conversations: OrderedDict[str, None] = OrderedDict()  # API session ids, least recent first
         self._conversations_lock = threading.Lock()
 
@@ -108,13 +113,12 @@ class ApiService:
         return name
 
     def answer(self, request: ChatRequest, ticket: Ticket, stop_event: threading.Event) -> Iterator[Delta | Done]:
-        """Wait for the request's turn, then stream its answer; setting `stop_event` ends it early.
+        """Stream the request's answer (it waits for its turn in the engine's queue, with the UI's answers);
+        setting `stop_event` ends it early, or leaves the line.
 
         Runs in a worker thread. The ticket is released however this ends.
         """
         try:
-            if not ticket.wait(stop_event):
-                return  # the client left while waiting: nothing was computed
             model = self._ensure_model(request.model)
             yield from self._generate(model, request, stop_event)
         finally:
@@ -124,7 +128,9 @@ class ApiService:
         """Re-checked at the request's turn (the UI may have switched models meanwhile); loads if allowed."""
         wanted = self.check_model(name)
         if wanted != self.loaded_model():
-            self.engine.load(wanted, self.settings.load_settings)
+            with self._loading:  # two requests for the same model load it once
+                if wanted != self.loaded_model():
+                    self.engine.load(wanted, self.settings.load_settings)
         return wanted
 
     def _remember(self, session: str) -> str:
@@ -159,6 +165,8 @@ class ApiService:
         )
         try:
             for update in updates:
+                if update.waiting is not None:
+                    continue  # in the engine's line: nothing to send yet (Done says how long it waited)
                 delta = scanner.feed(update.text, final=update.done)
                 if delta:
                     yield Delta(delta)
@@ -168,7 +176,8 @@ class ApiService:
                     stats = update.stats
                     length = stats.finish_reason == "length" and not scanner.hit
                     yield Done("length" if length else "stop", stats.prompt_tokens, stats.new_tokens,
-                               stats.reused_tokens)
+                               stats.reused_tokens, stats.waited_s, stats.ttft_s, stats.turn_ttft_s,
+                               stats.decode_tokens_per_s)
         finally:
             updates.close()  # if our caller stopped early: the engine stops and frees its lock
 

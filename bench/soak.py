@@ -14,7 +14,9 @@ Checked: the server never dies or logs a traceback; every turn gets a complete a
 client's text is the text the engine finished with); no answer or history ever holds a secret
 of another conversation; each history holds exactly its own turns; RSS per answer is flat.
 Measured: recall rate (the 135M model is weak: this is about the model, not the app), the wait
-for the engine, TTFT from the engine's start and from the user's send, throughput.
+for the engine, TTFT from the engine's start and from the user's send, throughput. Per client kind:
+the wait and TTFT the app reported to the client (the metrics line; the API's `smallchat` figures)
+and the TTFT the client itself saw from its send.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ ASK = "What is the secret code? Reply with only the code."
 FILLERS = ["What is the capital of France?", "Name a primary color.", "What is 2 plus 2?",
            "Say hello in French.", "What do bees make?"]
 WORDS = ["Kiwi", "Mango", "Plum", "Lemon", "Olive", "Peach", "Cherry", "Melon", "Lime", "Fig", "Pear", "Grape"]
-METRICS = re.compile(r"TTFT ([\d.]+) s · ([\d.–]+) tok/s · (\d+) tokens")
+# The chat's metrics line: "[waited 3.2 s · ]TTFT 3.40 s[ (0.20 s after its turn)] · 12.3 tok/s · 57 tokens".
+METRICS = re.compile(r"(?:waited ([\d.]+) s · )?TTFT ([\d.]+) s(?: \(([\d.]+) s after its turn\))? · ([\d.–]+) tok/s · "
+                     r"(\d+) tokens")
 
 
 @dataclass
@@ -58,6 +62,8 @@ class Turn:
     tokens: int = 0
     error: str = ""
     conversation: int = 0  # index into its session's secrets
+    waited_s: float | None = None  # the wait for the GPU the app reported to this client
+    ttft_s: float | None = None  # the TTFT from the send the app reported (the wait included)
 
 
 @dataclass
@@ -113,6 +119,9 @@ async def openai_turn(client, session: Session, messages: list[dict], question: 
                 finish = chunk.choices[0].finish_reason or finish
             if chunk.usage:
                 turn.tokens = chunk.usage.completion_tokens
+            figures = (chunk.model_extra or {}).get("smallchat")
+            if figures:  # on the chunk that finishes the answer
+                turn.waited_s, turn.ttft_s = figures["waited_s"], figures["ttft_s"]
         turn.done = time.time()
         if finish not in ("stop", "length"):
             turn.error = f"stream ended without a finish reason ({finish!r})"
@@ -136,13 +145,21 @@ def gradio_turn(client, session: Session, history: list[dict], question: str) ->
         out = job.result()
         turn.done = time.time()
         turn.answer = _answer_of(out)
-        metrics = [m for m in out if (m.get("metadata") or {}).get("title", "").startswith("TTFT")]
-        turn.tokens = int(METRICS.search(metrics[-1]["metadata"]["title"]).group(3)) if metrics else 0
-        if not metrics:
+        metrics = [m for m in out if METRICS.search((m.get("metadata") or {}).get("title", ""))]
+        if metrics:
+            reported(turn, METRICS.search(metrics[-1]["metadata"]["title"]))
+        else:
             turn.error = "no metrics line after the answer"
     except Exception as e:
         turn.error = f"{type(e).__name__}: {e}"
     return turn, (out if isinstance(out, list) else sent)
+
+
+def reported(turn: Turn, metrics: re.Match) -> None:
+    """What the chat's metrics line told the user: tokens, the wait (none shown: under 0.05 s) and TTFT."""
+    turn.tokens = int(metrics.group(5))
+    turn.waited_s = float(metrics.group(1) or 0.0)
+    turn.ttft_s = float(metrics.group(2))
 
 
 def _answer_of(history) -> str:
@@ -167,9 +184,10 @@ def _text(content) -> str:
     return "" if content is None else str(content)
 
 
-# The chat as the page shows it: [kind, is a UI-only line, text] for each message, in order.
+# The chat as the page shows it: [kind, is a UI-only line, text] for each message, in order. A UI-only
+# line is drawn as a collapsible "thought" (the one still pending, "Waiting for the model…", too).
 DOM_MESSAGES = """() => [...document.querySelectorAll('#chatbot [data-testid="user"], #chatbot [data-testid="bot"]')]
-  .map(d => [d.dataset.testid, !!d.closest('.thought'), d.innerText.trim()])"""
+  .map(d => [d.dataset.testid, !!(d.closest('.thought') || d.querySelector('.thought-group')), d.innerText.trim()])"""
 METRIC_COUNT = "(document.querySelector('#chatbot').innerText.match(/TTFT/g) || []).length"
 
 
@@ -192,8 +210,9 @@ async def browser_turn(page, session: Session, question: str, answered: int) -> 
         notes = [m[2] for m in messages if m[0] == "bot" and m[1]]
         turn.answer = answers[-1] if answers else ""
         found = METRICS.search(notes[-1]) if notes else None
-        turn.tokens = int(found.group(3)) if found else 0
-        if not found:
+        if found:
+            reported(turn, found)
+        else:
             turn.error = f"no metrics line after the answer: {notes[-1:]}"
     except Exception as e:
         turn.error = f"{type(e).__name__}: {str(e)[:300]}"
@@ -391,10 +410,17 @@ def summarize(sessions: list[Session], records: list[dict], server_alive: bool, 
                     "slope_kib_per_answer_less_kv_after_warmup": round(
                         slope([r - k for r, k in zip(rss[warm:], kv[warm:])]) / 1024, 2)},
         "wait_s": _quantiles([r["wait_s"] for r in records]),
-        "engine_ttft_s": _quantiles([r["ttft_s"] for r in records if r["ttft_s"] is not None]),
+        "engine_ttft_s": _quantiles([r["turn_ttft_s"] for r in records if r.get("turn_ttft_s") is not None]),
+        "engine_ttft_from_send_s": _quantiles([r["ttft_s"] for r in records if r["ttft_s"] is not None]),
         "user_ttft_s": _quantiles(user_ttft),
         "user_ttft_s_by_kind": {k: _quantiles([t.first - t.sent for t in done if t.first and t.kind == k])
                                 for k in kinds},
+        # As the app reported them to each kind of client (metrics line, the API's `smallchat` figures).
+        "reported_wait_s_by_kind": {k: _quantiles([t.waited_s for t in done if t.kind == k and t.waited_s is not None])
+                                    for k in kinds},
+        "reported_ttft_s_by_kind": {k: _quantiles([t.ttft_s for t in done if t.kind == k and t.ttft_s is not None])
+                                    for k in kinds},
+        "answers_by_kind": {k: len([t for t in done if t.kind == k]) for k in kinds},
         "decode_tok_s": _quantiles([r["decode_tok_s"] for r in records if r["decode_tok_s"]]),
         "throughput": {"answers_per_min": round(len(records) / seconds * 60, 1),
                        "tokens_per_s": round(sum(r["new_tokens"] for r in records) / seconds, 2)},
@@ -444,9 +470,13 @@ def table(summary: dict) -> str:
         ("KV caches at the end", f"{summary['rss_mib']['kv_mib_end']} MiB in {summary['rss_mib']['kv_sessions_end']} sessions"),
         ("RSS less KV slope KiB/answer (after warm-up)", str(summary["rss_mib"]["slope_kib_per_answer_less_kv_after_warmup"])),
         ("wait for the engine", q(summary["wait_s"])),
+        *((f"  {kind} clients (as reported)", q(d)) for kind, d in summary["reported_wait_s_by_kind"].items()),
         ("engine TTFT (after the wait)", q(summary["engine_ttft_s"])),
-        ("TTFT from the user's send", q(summary["user_ttft_s"])),
+        ("engine TTFT from the send", q(summary["engine_ttft_from_send_s"])),
+        *((f"  {kind} clients (as reported)", q(d)) for kind, d in summary["reported_ttft_s_by_kind"].items()),
+        ("TTFT from the user's send (client clock)", q(summary["user_ttft_s"])),
         *((f"  {kind} clients", q(d)) for kind, d in summary["user_ttft_s_by_kind"].items()),
+        ("answers by kind", str(summary["answers_by_kind"])),
         ("decode speed per answer", f"p50 {summary['decode_tok_s']['p50']} tok/s · p95 {summary['decode_tok_s']['p95']}"),
         ("throughput", f"{summary['throughput']['answers_per_min']} answers/min · "
                        f"{summary['throughput']['tokens_per_s']} tok/s"),

@@ -3,9 +3,9 @@
     python bench/soak_server.py TIMINGS.jsonl -- --api --port 7860 --temperature 0 ...
 
 The only addition is a pass-through wrapper around Engine.chat (it changes no answer): when an
-answer ends it writes how long the request waited for the engine (lock and queue), the
-engine's own TTFT (prefill, after the wait), tokens, decode speed, the answer's text, the
-process RSS and the engine's KV-cache bytes at that moment. Everything else is app.main with the given arguments.
+answer ends it writes how long the request waited for the GPU (the engine's queue), the engine's
+TTFT from the send and after its turn, tokens, decode speed, the answer's text, the process RSS
+and the engine's KV-cache bytes at that moment. Everything else is app.main with the given arguments.
 """
 
 from __future__ import annotations
@@ -32,18 +32,17 @@ def record_answers(path: Path) -> None:
     lock = threading.Lock()  # answers end in several threads: one whole line at a time
 
     def chat(self, messages, sampling, stop_event, *args, **kwargs):
-        called = time.perf_counter()
         updates = inner(self, messages, sampling, stop_event, *args, **kwargs)
         try:
             for update in updates:
                 if update.done:
                     s = update.stats
-                    ended = time.perf_counter()
                     line = {
                         "ended": time.time(), "session": kwargs.get("session"),
                         "last_user": next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""),
-                        # Time before generation started: the engine's lock (other users' answers) and templating.
-                        "wait_s": max(0.0, ended - called - s.total_s), "ttft_s": s.ttft_s, "total_s": s.total_s,
+                        # The engine's own figures: the send to its turn on the GPU (other users' work), TTFT from
+                        # the send (the wait included) and after its turn (templating, prefill).
+                        "wait_s": s.waited_s, "ttft_s": s.ttft_s, "turn_ttft_s": s.turn_ttft_s, "total_s": s.total_s,
                         "new_tokens": s.new_tokens, "decode_tok_s": s.decode_tokens_per_s,
                         "finish": s.finish_reason, "reused": s.reused_tokens, "text": update.text,
                         "rss": process.memory_info().rss,

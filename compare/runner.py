@@ -108,6 +108,7 @@ class Side:
     load: LoadReport | None = None
     error: str = ""  # in English (exports); `failure` says it in any language
     failure: Message | None = None
+    queued: Message | None = None  # while its answer waits for the GPU: where it stands and why
 
     @property
     def swapped_out(self) -> list[str]:
@@ -196,6 +197,7 @@ def compare(engine: Engine, specs: list[ConfigSpec], messages: list[dict], sampl
                 try:
                     for update in engine.chat(messages, sampling, stop.answer_event(), model=key):
                         side.text, side.stats = update.text, update.stats
+                        side.queued = update.waiting.message() if update.waiting is not None else None
                         yield state
                     break
                 except ModelEvictedError:

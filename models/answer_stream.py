@@ -5,7 +5,8 @@ ids (sink.tokens) and facts only it knows (sink.note: reused prompt tokens, peak
 become known. The shell owns everything else, the same for both decoders: the worker and its
 queue, Stop (the caller going away stops and joins the worker), the GPU lock handed back from the
 worker (`on_worker_done`), incremental detokenizing, coalesced text updates, and the final stats
-(TTFT, decode rate, finish reason, memory).
+(TTFT, decode rate, finish reason, memory). TTFT counts from the user's send (`AnswerJob.sent_at`:
+the wait for the GPU included) when given, else from the shell's start.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from .gpu_queue import Waiting
+
 
 _DONE = object()
+WAIT_SHOWN_S = 0.05  # a shorter wait for the GPU is not worth a word in the metrics line
 
 
 @dataclass
@@ -28,7 +32,9 @@ class GenerationStats:
 
     prompt_tokens: int
     new_tokens: int = 0
-    ttft_s: float | None = None  # request start to first generated token
+    # The user's send (the request entering the engine) to the first generated token: the wait for
+    # the GPU included, as the user lives it. turn_ttft_s is the part after its turn came.
+    ttft_s: float | None = None
     decode_tokens_per_s: float | None = None  # tokens after the first / time after the first
     total_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stopped" | "error"
@@ -39,12 +45,19 @@ class GenerationStats:
     reused_tokens: int = 0  # prompt tokens whose KV came from the session's cache (not prefilled)
     dropped_messages: int = 0  # oldest messages left out to fit the context
     prompt_limit: int = 0  # tokens the prompt may use: the context minus the room kept for the answer
+    waited_s: float = 0.0  # the send to its turn on the GPU: queued behind other users' work
+
+    @property
+    def turn_ttft_s(self) -> float | None:
+        """Seconds from its turn on the GPU to the first token (templating, prefill)."""
+        return None if self.ttft_s is None else max(0.0, self.ttft_s - self.waited_s)
 
     def summary(self) -> str:
-        """'TTFT 0.12 s · 24.1 tok/s · 57 tokens' for the UI and CLI."""
-        parts = []
+        """'waited 3.2 s · TTFT 3.40 s (0.20 s after its turn) · 24.1 tok/s · 57 tokens' for the CLI."""
+        parts = [f"waited {self.waited_s:.1f} s"] if self.waited_s >= WAIT_SHOWN_S else []
         if self.ttft_s is not None:
-            parts.append(f"TTFT {self.ttft_s:.2f} s")
+            turn = f" ({self.turn_ttft_s:.2f} s after its turn)" if parts else ""
+            parts.append(f"TTFT {self.ttft_s:.2f} s{turn}")
         if self.decode_tokens_per_s is not None:
             parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
         parts.append(f"{self.new_tokens} tokens")
@@ -59,12 +72,13 @@ class GenerationStats:
 
 @dataclass
 class StreamUpdate:
-    """The answer so far; `done` on the last update, when stats are final."""
+    """The answer so far; `done` on the last update, when stats are final; `waiting` while it waits for the GPU."""
 
     text: str
     stats: GenerationStats
     done: bool = False
     token_ids: list[int] = field(default_factory=list)
+    waiting: Waiting | None = None  # its place in line, how long, and who holds the GPU (no text yet)
 
 
 class IncrementalDecoder:
@@ -135,6 +149,7 @@ class AnswerJob:
     context_limit: int | None = None  # the answer also ends ("length") when prompt + answer reach it
     min_interval_s: float = 0.0  # text updates at most this often (0: whenever the text grows)
     name: str = "answer"
+    sent_at: float | None = None  # time.perf_counter() at the user's send: TTFT counts from it (else from the start)
 
 
 def start_worker(run: Callable[[], None], name: str, on_worker_done: Callable[[], None] | None) -> threading.Thread:
@@ -156,7 +171,8 @@ def stream_answer(job: AnswerJob, tokenizer, stop_event: threading.Event,
 
     Closing the iterator early (the caller went away) sets `stop_event` and waits for the worker,
     so the computation never outlives its answer. `on_worker_done` runs in the worker thread once
-    the computation has ended: the engine gives its GPU lock back there.
+    the computation has ended: the engine gives its GPU lock back there. TTFT counts from
+    `job.sent_at` when given, else from here.
     """
     out: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
@@ -173,6 +189,7 @@ def stream_answer(job: AnswerJob, tokenizer, stop_event: threading.Event,
 
     stats = GenerationStats(prompt_tokens=job.prompt_tokens)
     started = time.perf_counter()
+    origin = started if job.sent_at is None else job.sent_at  # TTFT from the user's send
     worker = start_worker(run, job.name, on_worker_done)
     decoder = IncrementalDecoder(tokenizer)
     text, shown, last_yield = "", 0, 0.0
@@ -193,7 +210,7 @@ def stream_answer(job: AnswerJob, tokenizer, stop_event: threading.Event,
             new_ids.extend(payload)
             text += decoder.push(payload)
             stats.new_tokens = len(new_ids)
-            stats.ttft_s = first_at - started
+            stats.ttft_s = first_at - origin
             now = time.perf_counter()
             if len(text) > shown and (shown == 0 or now - last_yield >= job.min_interval_s):
                 shown, last_yield = len(text), now
@@ -209,7 +226,7 @@ def stream_answer(job: AnswerJob, tokenizer, stop_event: threading.Event,
     stats.total_s = time.perf_counter() - started
     stats.new_tokens = len(new_ids)
     if first_at is not None:
-        stats.ttft_s = first_at - started
+        stats.ttft_s = first_at - origin
         if stats.new_tokens > 1 and last_at > first_at:
             stats.decode_tokens_per_s = (stats.new_tokens - 1) / (last_at - first_at)
     stats.finish_reason = _finish_reason(job, new_ids)

@@ -22,6 +22,7 @@ class AnswerRequest:
     session: str | None = None  # whose KV cache to reuse and keep (a local model's; a server keeps its own)
     kv: KVPrecision = KVPrecision.FULL
     policy: OverflowPolicy = OverflowPolicy.DROP_OLDEST  # when the chat outgrows the context
+    sent_at: float | None = None  # time.perf_counter() when the request entered the engine: TTFT counts from it
 
 
 class Backend(Protocol):

@@ -1,10 +1,10 @@
 """The engine: one object that owns the loaded models, the chat sessions' KV caches and the GPU.
 
-It is shared by the UI (every browser tab) and the CLI. All GPU work (load, unload,
-generate, quality checks) runs under one lock, so two users can never run forward
-passes in parallel threads that would OOM each other. Per-user chat history lives with
-the caller (gr.State in the UI); the engine only keeps each session's KV cache, keyed by
-an opaque session id, so a session's next turn prefills only what changed.
+Shared by the UI (every browser tab), the API and the CLI. All GPU work (load, unload, generate,
+quality checks) takes turns in one fair queue (models/gpu_queue.py), in arrival order: no two users
+run forward passes in parallel threads that would OOM each other, and nobody is starved. Per-user
+chat history lives with the caller (gr.State in the UI); the engine only keeps each session's KV
+cache, keyed by an opaque session id, so a session's next turn prefills only what changed.
 
 Several models may be resident at once (the Compare tab keeps A and B loaded when both
 fit); least recently used ones are evicted when a new one would not fit the budget.
@@ -26,6 +26,7 @@ from . import hardware
 from .backend import AnswerRequest, Backend
 from .catalog import Catalog, ModelRef
 from .generation import SamplingSettings, StreamUpdate
+from .gpu_queue import GpuQueue, Work
 from .kv_cache import KVPrecision, OverflowPolicy, SessionCacheStore, cache_bytes
 from .loading import LoadedModel, PreparedLoad, free_cuda_memory, load_prepared, prepare_load
 from .local_answer import LocalBackend, kv_token_bytes
@@ -51,9 +52,9 @@ class Engine:
         self.catalog = catalog
         self.model_roots = model_roots  # set when the app is exposed: local paths must lie under these
         self.cache_dir = cache_dir or default_cache_dir()
-        # A plain Lock, not an RLock: a streaming answer takes it in the caller's thread and
-        # its worker thread gives it back when the computation ends.
-        self._lock = threading.Lock()
+        # The GPU's fair queue (a lock that serves in arrival order), not an RLock: a streaming answer
+        # takes its turn in the caller's thread and its worker thread gives it back when the computation ends.
+        self._lock = GpuQueue()
         self._residents: OrderedDict[ModelKey, LoadedModel] = OrderedDict()  # least recently used first
         self._chat_key: ModelKey | None = None  # the model the Chat tab talks to
         self._chat_spec: tuple[str, LoadSettings] | None = None  # how to load it again if it was evicted
@@ -173,7 +174,7 @@ class Engine:
     # ----- loading -------------------------------------------------------------------
     def unload(self) -> list[UnloadReport]:
         """Drop every model and give its memory back; report anything left behind."""
-        with self._lock:
+        with self._lock.turn(Work("unload")):
             self._chat_key = self._chat_spec = None
             return self._unload_all_locked()
 
@@ -219,7 +220,8 @@ class Engine:
         settings = self._with_cache_dir(settings)
         if ref.kind == "remote":
             return self._connect_remote(ref, key, settings, switch=(choice, settings))
-        with self._lock:
+        with self._lock.turn(Work.load(ref.label, settings.quant.value), progress) as turn:
+            progress = turn.reporting(progress)
             started = time.perf_counter()
             # Planned as if every resident were unloaded, which is what happens next.
             prepared = prepare_load(ref, settings, self._budget(settings, set()), progress)
@@ -246,10 +248,11 @@ class Engine:
                     self._residents.move_to_end(key)
                     return LoadReport(loaded=self._residents[key], reused=True)
             return self._connect_remote(ref, key, settings)
-        with self._lock:
+        with self._lock.turn(Work.load(ref.label, settings.quant.value), progress) as turn:
             if key in self._residents:
                 self._residents.move_to_end(key)
                 return LoadReport(loaded=self._residents[key], reused=True)
+            progress = turn.reporting(progress)
             started = time.perf_counter()
             prepared = prepare_load(ref, settings, self._budget(settings, set(keep)), progress)
             unloaded = []
@@ -301,8 +304,8 @@ class Engine:
         return 0
 
     def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run `fn` holding the GPU lock (for work other than chat, e.g. a perplexity check)."""
-        with self._lock:
+        """Run `fn` in its turn on the GPU (for work other than chat, e.g. a perplexity check)."""
+        with self._lock.turn(Work("check")):
             return fn()
 
     # ----- context budget ------------------------------------------------------------
@@ -353,8 +356,8 @@ class Engine:
     def drop_session(self, session_id: str) -> None:
         """Forget a session's KV cache (its tab was closed); never waits for a running answer.
 
-        Called from the web server's threads: if the GPU lock is busy, the drop is queued and
-        done by whoever holds the lock when it next releases it.
+        Called from the web server's threads: if the GPU is busy (or others wait for it), the drop
+        is queued and done by whoever holds the GPU when it next gives it back.
         """
         with self._pending_lock:
             self._pending_drops.add(session_id)
@@ -380,9 +383,11 @@ class Engine:
         cache to reuse and keep. The chat is fitted into the context first (`policy`);
         stats.dropped_messages and stats.reused_tokens say what happened.
         """
+        sent_at = time.perf_counter()  # the user's send: TTFT and the wait count from here
         if model is None and self._chat_spec is not None and self._chat_key not in self._residents:
             self.ensure(*self._chat_spec)  # the Chat tab's model was evicted (e.g. by a comparison): bring it back
-        request = AnswerRequest(messages, sampling, stop_event, session, KVPrecision(kv), OverflowPolicy(policy))
+        request = AnswerRequest(messages, sampling, stop_event, session, KVPrecision(kv), OverflowPolicy(policy),
+                                sent_at)
         yield from self._backend(model or self._chat_key, pinned=model is not None).answer(request)
 
     def _backend(self, key: ModelKey | None, pinned: bool) -> Backend:

@@ -5,20 +5,22 @@ what is below can be split, renamed or replaced without touching them. It holds:
 - the Engine, which owns the resident models, their KV caches and the GPU;
 - typed requests and identities: LoadSettings (built by LoadSettings.from_user), LoadOptions,
   ModelKey, Quant, SamplingSettings, KVPrecision, OverflowPolicy;
-- what comes back: StreamUpdate/GenerationStats (answers), LoadReport (loads), FitPlan with
-  its Verdict (fit checks), MemorySnapshot (the memory panel);
+- what comes back: StreamUpdate/GenerationStats (answers; Waiting while one waits for the GPU),
+  LoadReport (loads), FitPlan with its Verdict (fit checks), MemorySnapshot (the memory panel);
 - one error base, UserFacingError (a message code and its values, rendered in any language from
   models/messages.py), and internal_error() for everything else (a bug: logged under an id).
 """
 
 from __future__ import annotations
 
+from .answer_stream import WAIT_SHOWN_S
 from .catalog import Catalog, UnknownModelError, load_catalog
 from .engine import Engine, LoadReport, UnloadReport
 from .generation import (
     APP_TEMPERATURE, APP_TOP_P, ChatTemplateError, GenerationStats, SamplingDefaults, SamplingSettings,
     StreamUpdate, invalid_text_at, sampling_defaults,
 )
+from .gpu_queue import Waiting
 from .hardware import MemorySnapshot
 from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, kv_precision_options
 from .loading import LoadedModel, NoChatTemplateError
@@ -56,7 +58,7 @@ __all__ = [
     "LoadSettings", "LoadedModel", "MESSAGES", "MemorySnapshot", "Message", "MiB", "ModelEvictedError", "ModelKey",
     "ModelLoadError", "ModelRoots", "ModelSourceError", "NoChatTemplateError", "OutsideModelRootsError",
     "OverflowPolicy", "Quant", "QuantOption", "SamplingDefaults", "SamplingSettings", "StreamUpdate",
-    "UnknownModelError", "UnloadReport", "UserFacingError", "Verdict", "default_cache_dir", "default_model_roots",
+    "UnknownModelError", "UnloadReport", "UserFacingError", "Verdict", "WAIT_SHOWN_S", "Waiting", "default_cache_dir", "default_model_roots",
     "engine_metrics", "internal_error", "invalid_text_at", "is_remote", "kv_precision_options", "limit_malloc_arenas", "load_catalog", "parse_quant", "quiet_weight_loading_bar",
     "remote_context", "render", "sampling_defaults", "served_by",
 ]

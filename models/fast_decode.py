@@ -610,14 +610,16 @@ class FastDecoder:
         return new
 
     def stream(self, tokenizer, input_ids: list[int], sampling: SamplingSettings, stop_event: threading.Event,
-               on_worker_done: Callable[[], None] | None = None) -> Iterator[StreamUpdate]:
-        """Stream an answer through the shared answer shell (models/answer_stream.py), like stream_generate.
+               on_worker_done: Callable[[], None] | None = None, sent_at: float | None = None) -> Iterator[StreamUpdate]:
+        """Stream an answer through the shared answer shell (models/answer_stream.py), like stream_generate
+        (same updates, stats, contract, `sent_at`).
 
         Text updates are coalesced to one per STREAM_INTERVAL_S. `on_worker_done` runs in the
         worker thread when the GPU work has ended (the engine releases its lock there).
         """
         if len(input_ids) + 1 > self.max_context:  # cannot happen through the engine; stay correct anyway
-            return stream_generate(self.model, tokenizer, input_ids, sampling, stop_event, None, on_worker_done)
+            return stream_generate(self.model, tokenizer, input_ids, sampling, stop_event, None, on_worker_done,
+                                   sent_at)
 
         def produce(sink: TokenSink) -> None:
             if self.device.type == "cuda":
@@ -634,5 +636,6 @@ class FastDecoder:
 
         job = AnswerJob(produce=produce, device=self.device, prompt_tokens=len(input_ids),
                         max_new_tokens=sampling.max_new_tokens, eos_ids=frozenset(self.eos_ids),
-                        context_limit=self.max_context, min_interval_s=STREAM_INTERVAL_S, name="fast-decode")
+                        context_limit=self.max_context, min_interval_s=STREAM_INTERVAL_S, name="fast-decode",
+                        sent_at=sent_at)
         return stream_answer(job, tokenizer, stop_event, on_worker_done)

@@ -154,12 +154,14 @@ def stream_generate(
     stop_event: threading.Event,
     past_key_values=None,
     on_worker_done: Callable[[], None] | None = None,
+    sent_at: float | None = None,
 ) -> Iterator[StreamUpdate]:
     """Generate an answer to `input_ids` with transformers' generate(), through the shared answer shell.
 
     Closing the iterator early (the caller went away) also stops the computation.
     `on_worker_done` runs in the worker thread once the computation has ended: the
-    engine releases its GPU lock there, so an abandoned iterator can't hold it.
+    engine releases its GPU lock there, so an abandoned iterator can't hold it. TTFT counts from
+    `sent_at` (time.perf_counter() when the request entered the engine), else from now.
     """
     device = model.get_input_embeddings().weight.device
 
@@ -187,5 +189,6 @@ def stream_generate(
             sink.note(peak_bytes=_device_peak(device, model, past_key_values))
 
     job = AnswerJob(produce=produce, device=device, prompt_tokens=len(input_ids),
-                    max_new_tokens=sampling.max_new_tokens, eos_ids=eos_token_ids(model), name="generate")
+                    max_new_tokens=sampling.max_new_tokens, eos_ids=eos_token_ids(model), name="generate",
+                    sent_at=sent_at)
     return stream_answer(job, tokenizer, stop_event, on_worker_done)

@@ -1,21 +1,25 @@
 """The local backend's answer: a chat fitted into the context, streamed from a resident
-transformers model under the engine's GPU lock, reusing and keeping the session's KV cache.
+transformers model in its turn on the GPU, reusing and keeping the session's KV cache.
 
-The lock is taken in the caller's thread and given back by the worker thread that computes,
-when the computation ends: an answer whose iterator the caller abandons without closing it
-(a browser gone mid-stream) must not keep the GPU from every other user.
+The answer waits for its turn in the engine's fair queue (models/gpu_queue.py) in the caller's
+thread, saying where it stands every WAIT_UPDATE_S; Stop (or a client gone) leaves the line. The
+turn is given back by the worker thread that computes, when the computation ends: an answer whose
+iterator the caller abandons without closing it (a browser gone mid-stream) must not keep the GPU
+from every other user.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from .backend import AnswerRequest
-from .generation import SamplingSettings, StreamUpdate, chat_input_ids, stream_generate
+from .generation import GenerationStats, SamplingSettings, StreamUpdate, chat_input_ids, stream_generate
+from .gpu_queue import Ticket, Work
 from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, fit_messages, new_cache
 from .loading import LoadedModel, free_cuda_memory
 from .memory import kv_bytes_per_token
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
 
 # Tokens kept free for the answer when the context is full and max_new_tokens is larger.
 MIN_ANSWER_TOKENS = 64
+WAIT_UPDATE_S = 0.5  # how often an answer waiting for the GPU says where it stands
 
 
 class ModelEvictedError(ModelLoadError):
@@ -40,13 +45,13 @@ def kv_token_bytes(loaded: LoadedModel, kv: KVPrecision) -> int:
 
 
 class _Turn:
-    """The engine's GPU lock for one answer: released exactly once, by whichever thread gets there first."""
+    """One answer's turn on the GPU (its ticket, granted): released exactly once, by whichever thread gets there first."""
 
-    def __init__(self, engine: "Engine"):
+    def __init__(self, engine: "Engine", ticket: Ticket):
         self.engine = engine
+        self.ticket = ticket
         self._released = False
         self._guard = threading.Lock()
-        engine._lock.acquire()
         engine._drop_pending_locked()
 
     def release(self) -> None:
@@ -57,7 +62,7 @@ class _Turn:
             self._released = True
             self.engine._live_cache = None
             self.engine._drop_pending_locked()
-            self.engine._lock.release()
+            self.ticket.release()
 
 
 class LocalBackend:
@@ -67,17 +72,36 @@ class LocalBackend:
         self.engine, self.key, self.pinned = engine, key, pinned
 
     def answer(self, request: AnswerRequest) -> Iterator[StreamUpdate]:
-        """Stream the answer under the engine's GPU lock, reusing and keeping the session's KV cache."""
+        """Wait for the GPU in turn (saying where it stands), then stream the answer over the session's KV cache."""
         r = request
-        return answer_local(self.engine, self.key, self.pinned, r.messages, r.sampling, r.stop_event, r.session,
-                            r.kv, r.policy)
+        sent_at = time.perf_counter() if r.sent_at is None else r.sent_at
+        ticket = self.engine._lock.ticket(Work("answer"), give_up=r.stop_event)
+        try:
+            while not ticket.wait(WAIT_UPDATE_S):
+                if ticket.state == "left":  # Stop pressed (or the client left) while waiting: nothing was computed
+                    gave_up = GenerationStats(0, finish_reason="stopped", waited_s=time.perf_counter() - sent_at)
+                    yield StreamUpdate(text="", stats=gave_up, done=True)
+                    return
+                waited = GenerationStats(0, waited_s=time.perf_counter() - sent_at)
+                yield StreamUpdate(text="", stats=waited, waiting=ticket.waiting())
+        except BaseException:  # the caller closed us while we waited: leave the line, holding nothing
+            ticket.release()
+            raise
+        waited_s = time.perf_counter() - sent_at
+        updates = answer_local(self.engine, _Turn(self.engine, ticket), self.key, self.pinned, r.messages,
+                               r.sampling, r.stop_event, r.session, r.kv, r.policy, sent_at)
+        try:
+            for update in updates:
+                update.stats.waited_s = waited_s
+                yield update
+        finally:
+            updates.close()  # a caller gone mid-answer stops the computation, which gives the turn back
 
 
-def answer_local(engine: "Engine", key: ModelKey | None, pinned: bool, messages: list[dict],
+def answer_local(engine: "Engine", turn: _Turn, key: ModelKey | None, pinned: bool, messages: list[dict],
                  sampling: SamplingSettings, stop_event: threading.Event, session: str | None,
-                 kv: KVPrecision, policy: OverflowPolicy) -> Iterator[StreamUpdate]:
-    """Stream a resident local model's answer; the steps are fit, then generate (or the fast decoder)."""
-    turn = _Turn(engine)
+                 kv: KVPrecision, policy: OverflowPolicy, sent_at: float | None = None) -> Iterator[StreamUpdate]:
+    """Stream a resident local model's answer in its `turn`; the steps are fit, then generate (or the fast decoder)."""
     out_of_memory = False
     updates = None
     try:
@@ -86,9 +110,10 @@ def answer_local(engine: "Engine", key: ModelKey | None, pinned: bool, messages:
             kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
         ids, dropped, prompt_limit = fit_chat(engine, loaded, messages, sampling, kv, policy)
         if loaded.fast is not None:
-            updates = _fast_updates(engine, loaded, ids, sampling, stop_event, turn.release)
+            updates = _fast_updates(engine, loaded, ids, sampling, stop_event, turn.release, sent_at)
         else:
-            updates = _generate_updates(engine, loaded, key, ids, sampling, stop_event, session, kv, turn.release)
+            updates = _generate_updates(engine, loaded, key, ids, sampling, stop_event, session, kv, turn.release,
+                                        sent_at)
         for update in updates:
             update.stats.dropped_messages = len(dropped)
             update.stats.prompt_limit = prompt_limit
@@ -126,7 +151,7 @@ def _resident(engine: "Engine", key: ModelKey | None, pinned: bool) -> LoadedMod
 
 def _generate_updates(engine: "Engine", loaded: LoadedModel, key: ModelKey, ids: list[int], sampling: SamplingSettings,
                       stop_event: threading.Event, session: str | None, kv: KVPrecision,
-                      release: Callable[[], None]) -> Iterator[StreamUpdate]:
+                      release: Callable[[], None], sent_at: float | None) -> Iterator[StreamUpdate]:
     """Plain generate() over the session's cache, cropped to what it shares with this chat."""
     entry = engine._sessions.get(session, key, kv) if session is not None else None
     reused = entry.reuse_for(ids) if entry is not None else 0
@@ -143,7 +168,7 @@ def _generate_updates(engine: "Engine", loaded: LoadedModel, key: ModelKey, ids:
         engine._live_cache = entry.cache
     entry.token_ids = ids[:reused]  # until the answer is done the cache is only known to hold the reused prefix
     for update in stream_generate(loaded.model, loaded.tokenizer, ids, sampling, stop_event, entry.cache,
-                                  on_worker_done=release):
+                                  on_worker_done=release, sent_at=sent_at):
         update.stats.reused_tokens = reused
         if update.done:
             entry.token_ids = ids + update.token_ids
@@ -151,7 +176,7 @@ def _generate_updates(engine: "Engine", loaded: LoadedModel, key: ModelKey, ids:
 
 
 def _fast_updates(engine: "Engine", loaded: LoadedModel, ids: list[int], sampling: SamplingSettings,
-                  stop_event: threading.Event, release: Callable[[], None]) -> Iterator[StreamUpdate]:
+                  stop_event: threading.Event, release: Callable[[], None], sent_at: float | None) -> Iterator[StreamUpdate]:
     """Answer through the model's FastDecoder (Quant.INT4).
 
     It owns one static cache per model, sized to the context at load, and reuses the longest
@@ -160,7 +185,7 @@ def _fast_updates(engine: "Engine", loaded: LoadedModel, ids: list[int], samplin
     """
     room = min(loaded.fast.max_context, engine.context_limit(loaded)) - len(ids)
     sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, room)))
-    yield from loaded.fast.stream(loaded.tokenizer, ids, sampling, stop_event, on_worker_done=release)
+    yield from loaded.fast.stream(loaded.tokenizer, ids, sampling, stop_event, on_worker_done=release, sent_at=sent_at)
 
 
 def fit_chat(engine: "Engine", loaded: LoadedModel, messages: list[dict], sampling: SamplingSettings, kv: KVPrecision,

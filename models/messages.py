@@ -92,6 +92,15 @@ MESSAGES: dict[str, dict[str, str]] = {
     "template_rejected": {"en": "The model's chat template rejected this chat: {detail}", "zh": "模型的对话模板拒绝了这段对话：{detail}"},
     "internal_error": {"en": "Internal error (id {id}): this is a bug in the app, not something you did. The chat is kept; the log has the details under this id.",
                        "zh": "内部错误（编号 {id}）：这是程序的缺陷，不是您的操作问题。对话已保留；日志中以该编号记录了详情。"},
+    # --- waiting for the GPU (models/gpu_queue.py): {why} is one of the gpu_busy_* parts
+    "gpu_waiting": {"en": "Waiting for the model: position {position}, {waited} s ({why}).",
+                    "zh": "正在等待模型：排第 {position} 位，已等 {waited} 秒（{why}）。"},
+    "gpu_busy_answer": {"en": "another user's answer is being written", "zh": "正在生成另一位用户的回答"},
+    "gpu_busy_load": {"en": "another user's model is loading: {model}, {percent} %",
+                      "zh": "另一位用户的模型正在加载：{model}，{percent}%"},
+    "gpu_busy_unload": {"en": "a model is being unloaded", "zh": "正在卸载一个模型"},
+    "gpu_busy_check": {"en": "a comparison's quality check is running", "zh": "正在进行对比的质量检查"},
+    "gpu_busy_other": {"en": "the model is busy", "zh": "模型正忙"},
     # --- remote engines (models/remote.py)
     "remote_unreachable": {"en": "Cannot reach the engine at {url} ({detail}). Is the server running, and are the host and port right?",
                            "zh": "无法连接 {url} 的推理引擎（{detail}）。服务器在运行吗？主机和端口对吗？"},

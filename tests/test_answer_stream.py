@@ -91,3 +91,15 @@ def test_a_failing_decoder_raises_in_the_caller_and_still_hands_the_lock_back(to
     with pytest.raises(RuntimeError, match="kernel failed"):
         list(stream_answer(job(broken), tokenizer, threading.Event(), on_worker_done=lambda: released.append(1)))
     assert released == [1]
+
+
+def test_ttft_counts_from_the_send_when_given(tokenizer):
+    # The engine passes the user's send (sent_at): the wait for the GPU before the shell started is in TTFT.
+    from dataclasses import replace
+
+    sent_at = time.perf_counter() - 5.0
+    final = list(stream_answer(replace(job(emitting([5, 6])), sent_at=sent_at), tokenizer, threading.Event()))[-1]
+    assert 5.0 <= final.stats.ttft_s < 5.0 + final.stats.total_s + 1.0
+    final.stats.waited_s = 5.0  # what the local backend sets: the part after its turn is the shell's own
+    assert 0 <= final.stats.turn_ttft_s <= final.stats.total_s + 0.01
+    assert final.stats.summary().startswith("waited 5.0 s · TTFT 5.")

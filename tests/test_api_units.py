@@ -72,33 +72,22 @@ def test_chat_request_refuses_with_the_field_named(body, param):
     assert e.value.status == 400 and e.value.param == param and e.value.message
 
 
-def test_wait_queue_bounds_waiting_serves_in_order_and_lets_leavers_go():
+def test_wait_queue_bounds_admissions_and_gives_places_back():
+    # Order is the engine's GPU queue's job (tests/test_gpu_queue.py); this only bounds how many API requests wait.
     q = WaitQueue(max_waiting=1)
     first, second = q.admit(), q.admit()
     with pytest.raises(QueueFull) as full:
         q.admit()
-    assert full.value.retry_after_s >= 1 and q.waiting == 1
-    never = threading.Event()
-    assert first.wait(never)  # first in line runs at once
-    order = []
-
-    def wait_second():
-        order.append(("second", second.wait(never)))
-
-    t = threading.Thread(target=wait_second)
-    t.start()
-    time.sleep(0.2)
-    assert order == []  # still behind the first
+    assert full.value.retry_after_s >= 1 and full.value.waiting == 1 and q.waiting == 1
     first.release()
-    t.join(5)
-    assert order == [("second", True)]
     third = q.admit()  # the first left: a place is free
-    give_up = threading.Event()
-    give_up.set()
-    assert not third.wait(give_up)  # a client that left never runs, and its place is given back
     second.release()
-    second.release()  # twice is harmless
-    assert q.waiting == 0 and q.admit().wait(never)
+    second.release()  # twice is harmless: it must not free a place someone else holds
+    assert q.waiting == 0
+    q.admit()
+    with pytest.raises(QueueFull):
+        q.admit()
+    third.release()
 
 
 def test_loopback_needs_no_key_anywhere_else_does(monkeypatch):

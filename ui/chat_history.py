@@ -38,9 +38,9 @@ def model_messages(history: list[dict], system_prompt: str = "") -> list[dict]:
     return messages
 
 
-def ui_note(title: str, log: str = "") -> dict:
-    """A UI-only line in the chat (metrics of an answer, a notice, an error)."""
-    metadata = {"title": title, "status": "done"}
+def ui_note(title: str, log: str = "", pending: bool = False) -> dict:
+    """A UI-only line in the chat (metrics of an answer, a notice, an error; `pending`: a spinner, e.g. waiting)."""
+    metadata = {"title": title, "status": "pending" if pending else "done"}
     if log:
         metadata["log"] = log
     return {"role": "assistant", "content": "", "metadata": metadata}

@@ -143,6 +143,8 @@ class CompareHandlers:
             return t("compare_waiting", lang)
         if side.status == "loading":
             return t("compare_loading", lang, config=side.spec.label)
+        if side.queued is not None:  # its answer waits for the GPU behind other users' work
+            return explain(side.queued, lang)
         if side.status == "error":
             error = explain(side.failure, lang) if side.failure is not None else side.error
             return (side.text + "\n\n" if side.text else "") + "⚠️ " + t("compare_error", lang, error=error)

@@ -201,7 +201,8 @@ class ChatHandlers:
         try:
             settings = choice.load_settings(self.engine, lang, self.context_max)
             progress(0, desc=t("loading", lang, model=model, quant=quant))
-            report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=m))
+            # While it waits its turn, the engine's line is a Message ("another user's model is loading: …").
+            report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=explain(m, lang)))
         except Exception as e:  # noqa: BLE001 - the app stays up; a bug gets an id (failure_text)
             failed = t("load_failed", lang, error=failure_text(e, lang, "load"))
             loaded = self.engine.loaded
@@ -294,6 +295,12 @@ class ChatHandlers:
             updates = self.engine.chat(messages, sampling, stop_event, session=session_id,
                                        kv=kv or KVPrecision.FULL.value, policy=policy or OverflowPolicy.DROP_OLDEST.value)
             for update in updates:
+                if update.waiting is not None:  # in line for the GPU: say where and why, in the answer's place
+                    history[-1] = ch.ui_note(explain(update.waiting.message(), lang), pending=True)
+                    yield history
+                    continue
+                if ch.is_ui_only(history[-1]):  # its turn came: the answer replaces the waiting line
+                    history[-1] = {"role": "assistant", "content": ""}
                 if update.stats.dropped_messages and not noticed:
                     # Say exactly what the model no longer sees, above the answer it affects.
                     noticed = True

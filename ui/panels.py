@@ -6,7 +6,7 @@ import html
 
 from models.facade import (
     EngineMetrics, FitPlan, GenerationStats, GiB, LoadedModel, LoadReport, MemorySnapshot, MiB, Verdict,
-    remote_context, served_by,
+    WAIT_SHOWN_S, remote_context, served_by,
 )
 
 from .i18n import explain, t
@@ -87,7 +87,12 @@ def metrics_text(stats: GenerationStats, lang: str) -> str:
     tps = f"{stats.decode_tokens_per_s:.1f}" if stats.decode_tokens_per_s is not None else "–"
     if stats.reused_tokens:
         extra += t("reused", lang, reused=stats.reused_tokens, prompt=stats.prompt_tokens)
-    return t("metrics", lang, ttft=ttft, tps=tps, tokens=stats.new_tokens, extra=extra)
+    waited = turn = ""
+    if stats.waited_s >= WAIT_SHOWN_S:  # TTFT counts from the send; say how much of it was the wait
+        waited = t("waited", lang, seconds=f"{stats.waited_s:.1f}")
+        if stats.turn_ttft_s is not None:
+            turn = t("after_turn", lang, seconds=f"{stats.turn_ttft_s:.2f}")
+    return t("metrics", lang, waited=waited, ttft=ttft, turn=turn, tps=tps, tokens=stats.new_tokens, extra=extra)
 
 
 def remote_note_html(loaded: LoadedModel, metrics: EngineMetrics | None, lang: str) -> str:
