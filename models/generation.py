@@ -19,7 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .memory import PREFILL_CHUNK
-from .messages import UserFacingError
+from .messages import Message, UserFacingError
 
 _DONE = object()
 
@@ -93,6 +93,7 @@ class GenerationStats:
     reused_tokens: int = 0  # prompt tokens whose KV came from the session's cache (not prefilled)
     dropped_messages: int = 0  # oldest messages left out to fit the context
     prompt_limit: int = 0  # tokens the prompt may use: the context minus the room kept for the answer
+    model: str = ""  # the model and quantization that wrote the answer, "smollm2-135m-instruct (4bit)"
 
     def summary(self) -> str:
         """'TTFT 0.12 s · 24.1 tok/s · 57 tokens' for the UI and CLI."""
@@ -119,6 +120,8 @@ class StreamUpdate:
     stats: GenerationStats
     done: bool = False
     token_ids: list[int] = field(default_factory=list)
+    # A status line for this session only (its model being loaded for it), not answer text: shown, never sent.
+    notice: Message | None = None
 
 
 class StopOnEvent(StoppingCriteria):

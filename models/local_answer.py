@@ -19,6 +19,7 @@ from .generation import SamplingSettings, StreamUpdate, chat_input_ids, stream_g
 from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, fit_messages, new_cache
 from .loading import LoadedModel, free_cuda_memory
 from .memory import kv_bytes_per_token
+from .residency import ModelSpec, resident_for_answer
 from .settings import ModelKey, ModelLoadError
 
 if TYPE_CHECKING:
@@ -61,27 +62,29 @@ class _Turn:
 
 
 class LocalBackend:
-    """The Backend of a resident local model (`pinned`: the caller named the model, so an evicted one is an error)."""
+    """The Backend of a local model (`pinned`: the caller named the model, so an evicted one is an error;
+    `spec`: the session's own choice, made resident when its turn comes)."""
 
-    def __init__(self, engine: "Engine", key: ModelKey | None, pinned: bool):
-        self.engine, self.key, self.pinned = engine, key, pinned
+    def __init__(self, engine: "Engine", key: ModelKey | None, pinned: bool, spec: ModelSpec | None = None):
+        self.engine, self.key, self.pinned, self.spec = engine, key, pinned, spec
 
     def answer(self, request: AnswerRequest) -> Iterator[StreamUpdate]:
         """Stream the answer under the engine's GPU lock, reusing and keeping the session's KV cache."""
         r = request
         return answer_local(self.engine, self.key, self.pinned, r.messages, r.sampling, r.stop_event, r.session,
-                            r.kv, r.policy)
+                            r.kv, r.policy, self.spec)
 
 
 def answer_local(engine: "Engine", key: ModelKey | None, pinned: bool, messages: list[dict],
                  sampling: SamplingSettings, stop_event: threading.Event, session: str | None,
-                 kv: KVPrecision, policy: OverflowPolicy) -> Iterator[StreamUpdate]:
+                 kv: KVPrecision, policy: OverflowPolicy, spec: ModelSpec | None = None) -> Iterator[StreamUpdate]:
     """Stream a resident local model's answer; the steps are fit, then generate (or the fast decoder)."""
     turn = _Turn(engine)
     out_of_memory = False
     updates = None
     try:
-        loaded = _resident(engine, key, pinned)
+        # The session's own model is loaded in its own turn, so no answer in flight loses its model.
+        loaded = (yield from resident_for_answer(engine, key, spec)) if spec is not None else _resident(engine, key, pinned)
         if kv is KVPrecision.OFFLOAD and loaded.device != "cuda":
             kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
         ids, dropped, prompt_limit = fit_chat(engine, loaded, messages, sampling, kv, policy)
