@@ -96,7 +96,7 @@ class Engine:
 
     def default_spec(self) -> ModelSpec | None:
         """The app's default model as a choice (what a session that chose none talks to), or None."""
-        return ModelSpec(*self._chat_spec) if self._chat_spec is not None else None
+        return ModelSpec(*self._chat_spec, key=self._chat_key) if self._chat_spec is not None else None
 
     def quant_options(self) -> list[QuantOption]:
         """Quantizations with whether each runs on this machine (and why not)."""

@@ -36,6 +36,9 @@ class ModelSpec:
 
     choice: str
     settings: LoadSettings
+    # The identity it was loaded as, once known: while resident it answers without resolving the choice
+    # again (its folder may have gone since; the weights are in memory).
+    key: ModelKey | None = None
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,12 @@ def answer_target(engine: "Engine", model: ModelKey | None,
     if model is not None or spec is None:
         loaded = engine._residents.get(model) if model is not None else None
         return model, model_label(loaded.ref, model) if loaded is not None else "", None
+    loaded = engine._residents.get(spec.key) if spec.key is not None else None
+    if loaded is not None:
+        return spec.key, model_label(loaded.ref, spec.key), spec
     ref = engine.resolve(spec.choice)
     key = ModelKey.of(ref, spec.settings)
-    spec = ModelSpec(spec.choice, engine._with_cache_dir(spec.settings))
+    spec = ModelSpec(spec.choice, engine._with_cache_dir(spec.settings), key)
     if ref.kind == "remote":
         engine.ensure(spec.choice, spec.settings)
     return key, model_label(ref, key), spec
