@@ -153,3 +153,78 @@ def test_without_a_choice_a_session_gets_the_apps_default_model(catalog, tiny_ll
     notices, final = ask(engine, None)
     assert [n.code for n in notices] == ["loading_for_you", "loaded_for_you"]
     assert final.stats.model == f"{tiny_llama} (bf16)" and engine.loaded is not None
+
+
+# ----- the chat tab: each tab's own model -----------------------------------------------
+NO_PROGRESS = {"progress": lambda *a, **k: None}
+
+
+def tab_answer(handlers, session, history, text, lang="en"):
+    from ui.handlers import ChatSession  # noqa: F401
+
+    _, history = handlers.submit(text, history, session, lang, 0, 0.9, 4)
+    return list(handlers.answer(history, "", 0, 0.9, 4, session, lang))[-1]
+
+
+def titles(history):
+    return [m["metadata"]["title"] for m in history if m.get("metadata")]
+
+
+def test_two_tabs_keep_their_own_models_and_only_the_loading_tab_is_told(catalog, tiny_llama):
+    from ui.chat_file import SavedChat, from_json, to_json, to_markdown
+    from ui.handlers import ChatHandlers, ChatSession
+
+    engine = Engine(catalog)
+    engine.load(str(tiny_llama), LoadSettings(context_tokens=256))  # the app's default: what a new tab talks to
+    handlers = ChatHandlers(engine)
+    tab_a, tab_b = ChatSession(), ChatSession()
+    status, _, boxes_model, boxes_quant = handlers.load(str(tiny_llama), "bf16", False, None, 256, "en", tab_b,
+                                                        **NO_PROGRESS)
+    assert "Loaded" in status and "Only this tab switched" in status
+    assert handlers.current_model_text("en", tab_a).endswith("(none)")
+    assert handlers.current_model_text("en", tab_b).endswith("(bf16)")
+    chat_a = tab_answer(handlers, tab_a, [], "Hello")
+    chat_b = tab_answer(handlers, tab_b, [], "Hello")
+    assert titles(chat_a)[-1].startswith(f"{tiny_llama} (none) · TTFT")
+    assert titles(chat_b)[-1].startswith(f"{tiny_llama} (bf16) · TTFT")
+    assert engine.loaded.settings.quant is Quant.NONE  # the default did not move
+
+    # B's model is unloaded to make room (another tab's load); B's next turn loads it again and says so in B only.
+    engine.run_exclusive(lambda: engine._unload_locked(tab_b.spec.key))
+    chat_b = tab_answer(handlers, tab_b, chat_b, "Again")
+    chat_a = tab_answer(handlers, tab_a, chat_a, "Again")
+    loaded_note = [t for t in titles(chat_b) if "for you" in t]
+    assert len(loaded_note) == 1 and loaded_note[0].startswith(f"⏳ Loaded {tiny_llama} (bf16) for you, ")
+    assert not any("for you" in t for t in titles(chat_a))
+    assert titles(chat_b)[-1].startswith(f"{tiny_llama} (bf16)")
+
+    # A failed load keeps the tab's previous choice: the boxes go back to it, the other tab is untouched.
+    before = tab_b.spec
+    status, _, box_model, box_quant = handlers.load("/no/such/model", "4bit", False, None, 256, "en", tab_b,
+                                                    **NO_PROGRESS)
+    assert "Could not load" in status and f"Still using **{tiny_llama}** (bf16)" in status
+    assert (box_model, box_quant) == (str(tiny_llama), "bf16") and tab_b.spec is before
+    assert titles(tab_answer(handlers, tab_b, chat_b, "Still you?"))[-1].startswith(f"{tiny_llama} (bf16)")
+
+    # What is in memory, the same line in every tab (most recently used first), in both languages.
+    assert handlers.residents_html("en") == f"In memory now: {tiny_llama} (bf16), {tiny_llama} (none)"
+    assert handlers.residents_html("zh") == f"内存中现有：{tiny_llama} (bf16)，{tiny_llama} (none)"
+
+    # The label is kept with the chat: in the JSON export (read back by this version) and in the Markdown.
+    chat = SavedChat(chat_b, str(tiny_llama), "bf16")
+    assert any(t.startswith(f"{tiny_llama} (bf16) · TTFT") for t in titles(from_json(to_json(chat)).messages))
+    assert f"*{tiny_llama} (bf16) · TTFT" in to_markdown(chat)
+
+
+def test_a_tab_whose_model_is_another_tabs_reuses_it_without_loading(catalog, tiny_llama):
+    from ui.handlers import ChatHandlers, ChatSession
+
+    engine = Engine(catalog)
+    handlers = ChatHandlers(engine)
+    first, second = ChatSession(), ChatSession()
+    handlers.load(str(tiny_llama), "bf16", False, None, 256, "en", first, **NO_PROGRESS)
+    status, *_ = handlers.load(str(tiny_llama), "bf16", False, None, 256, "zh", second, **NO_PROGRESS)
+    assert "已在内存中" in status and "无需加载" in status
+    assert len(engine.residents()) == 1
+    assert handlers.residents_html("en") == f"In memory now: {tiny_llama} (bf16)"
+    assert handlers.current_model_text("en", ChatSession()) == "No model is loaded yet: pick one and press Load."
