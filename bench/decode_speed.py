@@ -222,19 +222,54 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         row["agree_with_plain_16"] = sum(1 for _ in zip_prefix(plain.token_ids, final.token_ids))
         row["top_kernels"] = top_kernels(loaded.fast, loaded.tokenizer, ids)
         row.update(extra)
-        # A fresh long prompt (no reuse), then a new turn on that cached history.
         long_ids = torch.randint(0, loaded.shape.vocab_size - 2, (context - 96,),
                                  generator=torch.Generator().manual_seed(1)).tolist()
-        one = SamplingSettings(max_new_tokens=8, temperature=0)
-        for _ in range(2):  # the first pays one-off dequantize kernel loading at this length
-            loaded.fast.token_ids = []
-            fresh = list(loaded.fast.stream(loaded.tokenizer, long_ids, one, threading.Event()))[-1]
-        turn = long_ids + fresh.token_ids + torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(2)).tolist()
-        reused = list(loaded.fast.stream(loaded.tokenizer, turn, one, threading.Event()))[-1]
-        row.update(long_prompt=len(long_ids), long_ttft_ms=1e3 * fresh.stats.ttft_s,
-                   reused_turn_ttft_ms=1e3 * reused.stats.ttft_s, reused_tokens=reused.stats.reused_tokens,
-                   reused_turn_new_tokens=len(turn) - reused.stats.reused_tokens)
+        row.update(prompt_ttfts(loaded.fast, loaded.tokenizer, long_ids))
+        if 512 in loaded.fast.prefill_graphs:
+            row["prefill_512_graph_ms"] = prefill_graph_ms(loaded.fast, 512)
+        # The naive baseline in the same process: the same prompts through the eager (unpadded,
+        # uncaptured) multi-token forward, as before prefill graphs.
+        buckets, loaded.fast.prefill_buckets = loaded.fast.prefill_buckets, ()
+        loaded.fast.token_ids = []
+        eager = list(loaded.fast.stream(loaded.tokenizer, ids, SamplingSettings(max_new_tokens=4, temperature=0),
+                                        threading.Event()))[-1]
+        row["eager_ttft_ms"] = 1e3 * eager.stats.ttft_s
+        row.update({f"eager_{k}": v for k, v in prompt_ttfts(loaded.fast, loaded.tokenizer, long_ids).items()
+                    if k.endswith("ttft_ms")})
+        loaded.fast.prefill_buckets = buckets
     return row
+
+
+def prompt_ttfts(fast, tokenizer, long_ids: list[int]) -> dict:
+    """TTFT of a fresh long prompt (no reuse), then of a 40-token new turn on that cached history."""
+    import torch
+
+    from models.generation import SamplingSettings
+
+    one = SamplingSettings(max_new_tokens=8, temperature=0)
+    for _ in range(2):  # the first pays one-off kernel loading at this length
+        fast.token_ids = []
+        fresh = list(fast.stream(tokenizer, long_ids, one, threading.Event()))[-1]
+    turn = long_ids + fresh.token_ids + torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    reused = list(fast.stream(tokenizer, turn, one, threading.Event()))[-1]
+    return dict(long_prompt=len(long_ids), long_ttft_ms=1e3 * fresh.stats.ttft_s,
+                reused_turn_ttft_ms=1e3 * reused.stats.ttft_s, reused_tokens=reused.stats.reused_tokens,
+                reused_turn_new_tokens=len(turn) - reused.stats.reused_tokens)
+
+
+def prefill_graph_ms(fast, bucket: int, reps: int = 10) -> float:
+    """Device time of one captured padded prefill chunk of `bucket` tokens (the TTFT's GPU bound)."""
+    import torch
+
+    graph, _ = fast.prefill_graphs[bucket]
+    with fast._busy, torch.inference_mode():
+        fast._set_length(0)
+        fast._chunk_positions[:bucket].copy_(fast.kv_positions[:bucket])
+        graph.replay()
+        ms = replay_ms(graph, reps)
+        fast._set_length(0)
+        fast.token_ids = []
+    return ms
 
 
 def zip_prefix(a, b):
@@ -314,10 +349,18 @@ def markdown(path: str) -> str:
                   "TTFT long ms (prompt) | reused-turn TTFT ms (new tokens) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in fast_rows:
             model = LABELS.get(r["shape"], r["shape"])
+
+            def was(key: str) -> str:  # the eager prefill's figure in the same process, when measured
+                return f" (eager {r['eager_' + key]:.0f})" if "eager_" + key in r else ""
             lines.append(
                 f"| {model} | {'warm' if r['warm_compile_cache'] else 'cold'} | {r['load_s']:.1f} | {r['full_speed_s']:.1f} | "
-                f"{r['uncompiled_decode_tok_s'] or 0:.0f} | {r['decode_tok_s'] or 0:.0f} | {r['ttft_ms']:.0f} | "
-                f"{r['long_ttft_ms']:.0f} ({r['long_prompt']}) | {r['reused_turn_ttft_ms']:.0f} ({r['reused_turn_new_tokens']}) |")
+                f"{r['uncompiled_decode_tok_s'] or 0:.0f} | {r['decode_tok_s'] or 0:.0f} | {r['ttft_ms']:.0f}{was('ttft_ms')} | "
+                f"{r['long_ttft_ms']:.0f}{was('long_ttft_ms')} ({r['long_prompt']}) | "
+                f"{r['reused_turn_ttft_ms']:.0f}{was('reused_turn_ttft_ms')} ({r['reused_turn_new_tokens']}) |")
+        graphs = [r for r in fast_rows if "prefill_512_graph_ms" in r]
+        if graphs:
+            lines += ["", "Device time of one captured 512-token prefill chunk (the TTFT's GPU bound): " + ", ".join(
+                f"{LABELS.get(r['shape'], r['shape'])} {r['prefill_512_graph_ms']:.1f} ms" for r in graphs)]
     for r in rows:
         if r.get("top_kernels"):
             model = LABELS.get(r["shape"], r["shape"])

@@ -3,7 +3,7 @@ host-device sync per token; the step is compiled in the background and swapped i
 
 The shape is gpt-fast's: `_prefill` (the prompt in a few big forward passes) -> `_decode_step`
 (one token, all state in device buffers) -> `_decode` (replay the step k times, then read the k
-ids back through a pinned buffer). `FastDecoder.stream` streams like models.generation.stream_generate.
+ids back through a pinned buffer). `FastDecoder.stream` streams through the same answer shell as models.generation.stream_generate.
 
 Why each piece:
 - Static cache + fixed-shape buffers: the step has one shape, so it can be captured as a CUDA
@@ -34,7 +34,6 @@ Why each piece:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -42,9 +41,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .generation import (GenerationStats, IncrementalDecoder, SamplingSettings, StreamUpdate, _device_peak, start_worker,
-                         stream_generate)
+from .answer_stream import AnswerJob, StreamUpdate, TokenSink, stream_answer
+from .generation import SamplingSettings, _device_peak, stream_generate
 from .kv_cache import common_prefix_length
+from .layer_step import LayerLoop, run_layer, supports_layer_loop
 from .memory import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,11 @@ CHUNK_TOKENS = 8  # tokens decoded between two host reads (EOS / Stop checks) on
 # the captured one-token step (a few ms each at 7B) instead of an eager multi-token forward,
 # whose per-layer Python and launch overhead made most of the reused-turn TTFT (BENCHMARKS.md).
 REPLAY_PREFILL_MAX = 32
+# Longer prompt chunks are padded up to one of these lengths and run as a captured CUDA graph:
+# an eager 512-token forward of a 7B spent ~70 of its ~96 ms launching kernels from Python
+# (BENCHMARKS.md, TTFT). Padding is harmless: the pad tokens' keys land past the prompt, where
+# no query attends (the mask is by position), and the next write overwrites them.
+PREFILL_BUCKETS = (64, 128, 256, PREFILL_CHUNK)
 STREAM_INTERVAL_S = 0.05  # text updates to the UI at most this often
 CACHE_ALIGN = 64  # static cache length multiple (aligned matmuls in decode attention)
 FIRST_WINDOW = 512  # the smallest attention window; each next one doubles, up to the whole cache
@@ -62,7 +67,6 @@ FIRST_WINDOW = 512  # the smallest attention window; each next one doubles, up t
 # back each time: a 7B 512-token prefill took 8.5 s instead of 0.14 s on an H200. A shorter
 # interval while compiling bounds that wait.
 COMPILE_SWITCH_INTERVAL_S = 0.0005
-_DONE = object()
 
 
 class _Closed(Exception):
@@ -137,10 +141,13 @@ class FastDecoder:
         replay_prefill_max: prompt remainders up to this long are fed through the one-token step
             (default REPLAY_PREFILL_MAX with CUDA graphs; 0 otherwise, where one forward is faster).
         compile_cache_dir: the app's cache folder; compiled kernels are kept under it (compile_cache).
+        prefill_buckets: chunk lengths prompts are padded to (default PREFILL_BUCKETS with CUDA graphs,
+            each captured at warm_up; none otherwise: an unpadded forward is as fast without graphs).
     """
 
     def __init__(self, model, max_context: int, compile: bool | None = None, chunk: int | None = None,
-                 replay_prefill_max: int | None = None, compile_cache_dir=None):
+                 replay_prefill_max: int | None = None, compile_cache_dir=None,
+                 prefill_buckets: tuple[int, ...] | None = None):
         from transformers import StaticCache
 
         self.model = model
@@ -153,6 +160,11 @@ class FastDecoder:
         if replay_prefill_max is None:
             replay_prefill_max = REPLAY_PREFILL_MAX if self.use_graphs else 0
         self.replay_prefill_max = replay_prefill_max
+        if prefill_buckets is None:
+            prefill_buckets = PREFILL_BUCKETS if self.use_graphs else ()
+        if any(b > PREFILL_CHUNK for b in prefill_buckets):
+            raise ValueError(f"prefill buckets must be at most PREFILL_CHUNK ({PREFILL_CHUNK}): {prefill_buckets}")
+        self.prefill_buckets = tuple(sorted(prefill_buckets))
         use_fast_attention(model)
         self.max_context = _fix_dynamic_rope(model, max_context)
         config = model.config
@@ -168,7 +180,7 @@ class FastDecoder:
             self.window = longest  # the window the step attends over (set per chunk: _step_for)
             # One aligned block more than the longest window: every window is then a strict prefix
             # of the cache (a window as long as the cache made torch.compile fix its length).
-            cache_len = longest + CACHE_ALIGN
+            cache_len = self.cache_len = longest + CACHE_ALIGN
             self.cache = StaticCache(config=config, max_cache_len=cache_len)
             self.cache.early_initialization(1, config.num_key_value_heads, head_dim, dtype, self.device)
             dev = self.device
@@ -182,11 +194,20 @@ class FastDecoder:
             self.host = torch.zeros(self.max_context, dtype=torch.long, pin_memory=on_gpu)
             self._scratch_token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # the compile's first run
             self._scratch_pos = torch.full((1,), self.max_context, dtype=torch.long, device=dev)
+            # A padded prompt chunk: its ids, its positions, and the index of its last real token.
+            # Fixed buffers (and views of them), so that a captured graph reads what the host set.
+            width = max(self.prefill_buckets, default=0)
+            self._chunk_ids = torch.zeros(1, width, dtype=torch.long, device=dev)
+            self._chunk_positions = torch.zeros(width, dtype=torch.long, device=dev)
+            self._chunk_last = torch.zeros(1, dtype=torch.long, device=dev)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.token_ids: list[int] = []  # tokens whose keys/values the cache holds, in order
         self.reused_tokens = 0  # prompt tokens the last answer took from the cache
         self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}  # (greedy?, window) -> captured step
+        # bucket -> (captured padded forward, its logits): captured once at warm_up, never recaptured
+        # (the prefill runs the uncompiled model: its matmuls are cuBLAS's, nothing to compile).
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compile_seconds = 0.0  # warm_up: capturing the uncompiled step (what a load waits for)
         self.captures = 0  # graph captures so far (warm-up and the compiled swap only: never per request)
         self.compile_state = "off" if not self.compile_enabled else "pending"  # pending | compiling | compiled | failed
@@ -195,6 +216,7 @@ class FastDecoder:
         self._compile_started = 0.0
         self._compile_thread: threading.Thread | None = None
         self._first_compiled_run = threading.Event()  # set once the compiled step has run once
+        self.compiled_layer_loop = False  # the compiled step is one layer compiled for all (layer_step.py)
         if self.compile_enabled:  # each decoder (one per load) compiles its own step; allow many loads
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._forward = self._forward_eager  # swapped for the compiled step when it is ready
@@ -209,6 +231,7 @@ class FastDecoder:
         """
         self._closed = True
         self.graphs = {}
+        self.prefill_graphs = {}
 
     @property
     def cache_bytes(self) -> int:
@@ -270,17 +293,69 @@ class FastDecoder:
 
     def _prefill(self, ids: list[int], start: int) -> torch.Tensor:
         """Run ids[start:] through the model in chunks (cache already holds ids[:start]); last logits."""
-        self._set_length(start)
+        rest = torch.tensor(ids[start:], dtype=torch.long, device=self.device)  # one host-to-device copy
         logits = None
         for a in range(start, len(ids), PREFILL_CHUNK):
-            chunk = torch.tensor([ids[a:a + PREFILL_CHUNK]], dtype=torch.long, device=self.device)
-            t = chunk.shape[1]
-            positions = torch.arange(a, a + t, device=self.device)
-            mask = (self.kv_positions[None, :] <= positions[:, None]).view(1, 1, t, -1)  # [1, 1, T, L]
-            logits = self.model(input_ids=chunk, position_ids=positions.view(1, -1), attention_mask=mask,
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        self.pos.fill_(len(ids))
+            chunk = rest[a - start:a - start + PREFILL_CHUNK]
+            t = chunk.shape[0]
+            self._set_length(a)  # a padded chunk advanced the cache's write index past its real tokens
+            bucket = self._bucket_for(a, t)
+            if bucket is None:
+                positions = self.kv_positions[a:a + t]
+                mask = (self.kv_positions[None, :] <= positions[:, None]).view(1, 1, t, -1)  # [1, 1, T, L]
+                logits = self.model(input_ids=chunk.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
+                                    past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                continue
+            self._chunk_ids[0, :t].copy_(chunk)  # the pad keeps whatever ids were there: never attended to
+            self._chunk_positions[:bucket].copy_(self.kv_positions[a:a + bucket])
+            self._chunk_last.fill_(t - 1)
+            captured = self.prefill_graphs.get(bucket)
+            if captured is None:
+                logits = self._padded_forward(bucket)
+            else:
+                graph, out = captured
+                graph.replay()
+                logits = out.clone()  # the graph's output buffer is overwritten by its next replay
+        self._set_length(len(ids))
         return logits
+
+    def _bucket_for(self, start: int, tokens: int) -> int | None:
+        """The padded length for a chunk of `tokens` written from `start` (None: run it unpadded)."""
+        return next((b for b in self.prefill_buckets if b >= tokens and start + b <= self.cache_len), None)
+
+    def _padded_forward(self, bucket: int) -> torch.Tensor:
+        """Logits [1, V] (fp32) of the chunk's last real token; the chunk buffers hold `bucket` tokens."""
+        positions = self._chunk_positions[:bucket]
+        mask = (self.kv_positions[None, :] <= positions[:, None]).view(1, 1, bucket, -1)  # [1, 1, T, L]
+        out = self.model(input_ids=self._chunk_ids[:, :bucket], position_ids=positions.view(1, -1), attention_mask=mask,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=self._chunk_last)
+        return out.logits[:, -1].float()
+
+    def _capture_prefill_graphs(self) -> None:
+        """Capture the padded forward of every bucket (warm_up; the caller holds _busy)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        buckets = [b for b in self.prefill_buckets if b <= self.cache_len]
+        for bucket in buckets:
+            self._chunk_positions[:bucket].copy_(self.kv_positions[:bucket])
+            self._chunk_last.fill_(bucket - 1)
+        with torch.cuda.stream(side):  # first runs (cuBLAS heuristics, Triton loading) off the capture stream
+            for bucket in buckets:
+                for _ in range(2):
+                    self._set_length(0)
+                    self._padded_forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        # The buckets never run at once and each keeps its output alive: one pool serves them all
+        # (its size is the largest bucket's activations plus one layer's dequantized weight).
+        pool = torch.cuda.graph_pool_handle()
+        for bucket in buckets:
+            self._set_length(0)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = self._padded_forward(bucket)
+            self.prefill_graphs[bucket] = (graph, out)
+            self.captures += 1
+        torch.cuda.synchronize(self.device)
 
     def _prefill_by_steps(self, ids: list[int], start: int, step: Callable[[], None]) -> torch.Tensor:
         """Feed ids[start:] one token at a time through the decode step; the token sampled after the last.
@@ -337,6 +412,7 @@ class FastDecoder:
             self._prefill(list(range(n)), 0)
             if self.use_graphs:
                 self._capture_graphs(n)
+                self._capture_prefill_graphs()
             else:
                 self._decode_step(True)
             self._set_length(0)
@@ -391,6 +467,8 @@ class FastDecoder:
         return lambda gm, example_inputs: self._idle_first_run(compile_fx(gm, example_inputs))
 
     def _compile_once(self) -> Callable:
+        if supports_layer_loop(self.model):
+            return self._compile_layer_once()
         step = torch.compile(self._forward_eager, fullgraph=True, backend=self._backend())
         positions = self.kv_positions[:self.windows[-1]]
         # One compile for every window: its length is a symbol, not a constant (dynamic=False
@@ -399,6 +477,20 @@ class FastDecoder:
         with torch.inference_mode():
             step(self._scratch_token, self._scratch_pos, positions)  # traces, compiles, then runs once when idle
         return step
+
+    def _compile_layer_once(self) -> Callable:
+        """Compile one decoder layer for all (models/layer_step.py); the step runs it per layer.
+
+        Its first run (which compiles) writes into the scratch slot through write counters of its
+        own, so it needs no idle decoder: nothing an answer reads or advances is touched."""
+        loop = LayerLoop(self.model, self.cache)
+        layer_fn = torch.compile(run_layer, fullgraph=True)
+        positions = self.kv_positions[:self.windows[-1]]
+        with torch.inference_mode():
+            loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn,
+                        loop.scratch_caches(self.max_context), dynamic_window=True)
+        self.compiled_layer_loop = True
+        return lambda token, pos, window: loop.logits(token, pos, window, layer_fn)
 
     def _compile_and_swap(self) -> None:
         import sys
@@ -452,12 +544,13 @@ class FastDecoder:
 
     # ----- one answer ----------------------------------------------------------------
     def _generate(self, input_ids: list[int], sampling: SamplingSettings, stop_event: threading.Event,
-                  emit: Callable[[list[int]], None]) -> list[int]:
+                  sink: TokenSink) -> list[int]:
         """Prefill (reusing the cached prefix), then decode in chunks; returns the new ids."""
         greedy = sampling.temperature <= 0
         max_new = max(1, min(sampling.max_new_tokens, self.max_context - len(input_ids)))
         keep = min(common_prefix_length(self.token_ids, input_ids), len(input_ids) - 1)
         self.reused_tokens = max(0, keep)
+        sink.note(reused_tokens=self.reused_tokens)
         self.token_ids = []  # unknown until this answer is done
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
@@ -470,7 +563,7 @@ class FastDecoder:
             first = self._sample(self._prefill(input_ids, self.reused_tokens), greedy)
         self.token.copy_(first.view(1, 1))
         new = [int(first.item())]  # the one sync before the first token is shown (TTFT)
-        emit(new[:])
+        sink.tokens(new)
         finished = new[0] in self.eos_ids or max_new == 1 or stop_event.is_set()
         self.step.zero_()
         launched, pending = 0, deque()
@@ -500,7 +593,7 @@ class FastDecoder:
                     ids, finished = ids[:i + 1], True
                     break
             new.extend(ids)
-            emit(ids)
+            sink.tokens(ids)
             finished = finished or len(new) >= max_new or stop_event.is_set()
         for event, _, _ in pending:  # steps already queued: let them end before the lock is released
             if event is not None:
@@ -511,79 +604,28 @@ class FastDecoder:
 
     def stream(self, tokenizer, input_ids: list[int], sampling: SamplingSettings, stop_event: threading.Event,
                on_worker_done: Callable[[], None] | None = None) -> Iterator[StreamUpdate]:
-        """Stream an answer like models.generation.stream_generate (same updates, stats, contract).
+        """Stream an answer through the shared answer shell (models/answer_stream.py), like stream_generate.
 
         Text updates are coalesced to one per STREAM_INTERVAL_S. `on_worker_done` runs in the
         worker thread when the GPU work has ended (the engine releases its lock there).
         """
         if len(input_ids) + 1 > self.max_context:  # cannot happen through the engine; stay correct anyway
-            yield from stream_generate(self.model, tokenizer, input_ids, sampling, stop_event, None, on_worker_done)
-            return
-        out: queue.Queue = queue.Queue()
-        stats = GenerationStats(prompt_tokens=len(input_ids))
-        errors: list[BaseException] = []
-        result: list[int] = []
-        finals: dict[str, int] = {}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+            return stream_generate(self.model, tokenizer, input_ids, sampling, stop_event, None, on_worker_done)
 
-        def run() -> None:
+        def produce(sink: TokenSink) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
             try:
                 with self._busy, torch.inference_mode():
-                    result.extend(self._generate(input_ids, sampling, stop_event,
-                                                 lambda ids: out.put((time.perf_counter(), ids))))
+                    self._generate(input_ids, sampling, stop_event, sink)
                     # Read while this answer still owns the decoder (and the GPU): once the lock
                     # is released, another session's answer may change both.
-                    finals.update(reused=self.reused_tokens, peak=_device_peak(self.device))
-            except BaseException as e:  # surfaced to the caller below, in its own thread
+                    sink.note(peak_bytes=_device_peak(self.device))
+            except BaseException:
                 self.token_ids = []  # the cache is in an unknown state
-                errors.append(e)
-            finally:
-                out.put(_DONE)
-                if on_worker_done is not None:
-                    on_worker_done()
+                raise
 
-        started = time.perf_counter()
-        worker = start_worker(run, "fast-decode", on_worker_done)
-        decoder = IncrementalDecoder(tokenizer)
-        text, shown, last_yield = "", 0, 0.0
-        first_at = last_at = None
-        new_ids: list[int] = []
-        try:
-            while True:
-                item = out.get()
-                if item is _DONE:
-                    break
-                at, ids = item
-                first_at = first_at or at
-                last_at = at
-                new_ids.extend(ids)
-                text += decoder.push(ids)
-                stats.new_tokens = len(new_ids)
-                stats.ttft_s = first_at - started
-                stats.reused_tokens = self.reused_tokens
-                now = time.perf_counter()
-                if len(text) > shown and (shown == 0 or now - last_yield >= STREAM_INTERVAL_S):
-                    shown, last_yield = len(text), now
-                    yield StreamUpdate(text=text, stats=stats)
-        finally:
-            stop_event.set()  # the consumer went away, or we are done: stop the worker too
-            worker.join()
-        if errors:
-            raise errors[0]
-        text += decoder.flush()
-        stats.total_s = time.perf_counter() - started
-        stats.new_tokens = len(new_ids)
-        stats.reused_tokens = finals.get("reused", 0)
-        if first_at is not None:
-            stats.ttft_s = first_at - started
-            if stats.new_tokens > 1 and last_at > first_at:
-                stats.decode_tokens_per_s = (stats.new_tokens - 1) / (last_at - first_at)
-        if new_ids and new_ids[-1] in self.eos_ids:
-            stats.finish_reason = "eos"
-        elif stats.new_tokens >= sampling.max_new_tokens or len(input_ids) + stats.new_tokens >= self.max_context:
-            stats.finish_reason = "length"
-        else:
-            stats.finish_reason = "stopped"
-        stats.peak_bytes = finals.get("peak", 0)
-        yield StreamUpdate(text=text, stats=stats, done=True, token_ids=list(new_ids))
+        job = AnswerJob(produce=produce, device=self.device, prompt_tokens=len(input_ids),
+                        max_new_tokens=sampling.max_new_tokens, eos_ids=frozenset(self.eos_ids),
+                        context_limit=self.max_context, min_interval_s=STREAM_INTERVAL_S, name="fast-decode")
+        return stream_answer(job, tokenizer, stop_event, on_worker_done)

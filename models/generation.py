@@ -1,28 +1,26 @@
-"""Streaming chat generation with a Stop that halts the computation itself, and per-answer metrics.
+"""Chat generation with transformers' generate(): sampling settings, chat templating, and the plain decoder.
 
-transformers' generate() runs in a worker thread; a streamer (put() + end(), as in
-transformers' own streamers) decodes tokens as they arrive and timestamps them; a
-stopping criterion polls a threading.Event, so pressing Stop ends the GPU/CPU work at
-the next token rather than just hiding the rest of the answer.
+generate() runs as the computation of the shared answer shell (models/answer_stream.py); a
+streamer (put() + end(), as in transformers' own streamers) hands each token to the shell, and
+a stopping criterion polls a threading.Event, so pressing Stop ends the GPU/CPU work at the next
+token rather than just hiding the rest of the answer. The stream types (GenerationStats,
+StreamUpdate, IncrementalDecoder) live with the shell and are re-exported here.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+# GenerationStats and StreamUpdate are re-exported: the stream types live with the shell.
+from .answer_stream import AnswerJob, GenerationStats, StreamUpdate, TokenSink, eos_token_ids, stream_answer  # noqa: F401
 from .memory import PREFILL_CHUNK
-from .messages import Message, UserFacingError
-
-_DONE = object()
-
+from .messages import UserFacingError
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -76,54 +74,6 @@ def sampling_defaults(generation_config, entry=None) -> SamplingDefaults:
     return SamplingDefaults(APP_TEMPERATURE, APP_TOP_P, "app")
 
 
-@dataclass
-class GenerationStats:
-    """Metrics of one answer."""
-
-    prompt_tokens: int
-    new_tokens: int = 0
-    ttft_s: float | None = None  # request start to first generated token
-    decode_tokens_per_s: float | None = None  # tokens after the first / time after the first
-    total_s: float = 0.0
-    finish_reason: str = ""  # "eos" | "length" | "stopped" | "error"
-    # Peak during this answer: on a GPU the allocator's peak; on a CPU the model's own tensors plus this
-    # answer's KV cache (models/model_memory.py), never the whole process.
-    peak_bytes: int = 0
-    process_rss_bytes: int = 0  # CPU only: the whole process's resident memory at the end (what RSS is)
-    reused_tokens: int = 0  # prompt tokens whose KV came from the session's cache (not prefilled)
-    dropped_messages: int = 0  # oldest messages left out to fit the context
-    prompt_limit: int = 0  # tokens the prompt may use: the context minus the room kept for the answer
-    model: str = ""  # the model and quantization that wrote the answer, "smollm2-135m-instruct (4bit)"
-
-    def summary(self) -> str:
-        """'TTFT 0.12 s · 24.1 tok/s · 57 tokens' for the UI and CLI."""
-        parts = []
-        if self.ttft_s is not None:
-            parts.append(f"TTFT {self.ttft_s:.2f} s")
-        if self.decode_tokens_per_s is not None:
-            parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
-        parts.append(f"{self.new_tokens} tokens")
-        if self.reused_tokens:
-            parts.append(f"{self.reused_tokens}/{self.prompt_tokens} prompt tokens reused")
-        if self.finish_reason == "stopped":
-            parts.append("stopped")
-        elif self.finish_reason == "length":
-            parts.append("hit max new tokens")
-        return " · ".join(parts)
-
-
-@dataclass
-class StreamUpdate:
-    """The answer so far; `done` on the last update, when stats are final."""
-
-    text: str
-    stats: GenerationStats
-    done: bool = False
-    token_ids: list[int] = field(default_factory=list)
-    # A status line for this session only (its model being loaded for it), not answer text: shown, never sent.
-    notice: Message | None = None
-
-
 class StopOnEvent(StoppingCriteria):
     """Stops generate() at the next token once `event` is set (the Stop button)."""
 
@@ -132,75 +82,6 @@ class StopOnEvent(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas, token by token.
-
-    Decodes a short window (from a few tokens back) instead of the whole answer each
-    step, and holds text back while it ends in an incomplete UTF-8 sequence ("\ufffd"),
-    so multi-byte characters (Chinese, emoji) never stream as garbage. The same
-    prefix/read offsets scheme as text-generation-inference's detokenizer.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, new_ids: list[int]) -> str:
-        """Add tokens; return the text they complete (may be empty)."""
-        self.ids.extend(new_ids)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix):]
-        return ""
-
-    def flush(self) -> str:
-        """Text still held back at the end of an answer, less a dangling incomplete character.
-
-        An answer cut off by max_new_tokens or Stop can end inside a multi-byte character;
-        the complete characters before it are shown, the broken tail is not.
-        """
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:]).rstrip("\ufffd")
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):] if len(text) > len(prefix) and text.startswith(prefix) else ""
-
-
-class _TimedQueueStreamer(BaseStreamer):
-    """A generate() streamer: queues text deltas and records when tokens arrived."""
-
-    def __init__(self, tokenizer, out: queue.Queue):
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.out = out
-        self.prompt_seen = False
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.new_ids: list[int] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        now = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = now
-        self.last_token_at = now
-        ids = value.reshape(-1).tolist()
-        self.new_ids.extend(ids)
-        text = self.decoder.push(ids)
-        if text:
-            self.out.put(text)
-
-    def end(self) -> None:
-        pass
 
 
 class ChatTemplateError(UserFacingError):
@@ -239,19 +120,6 @@ def chat_input_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def start_worker(run: Callable[[], None], name: str, on_worker_done: Callable[[], None] | None) -> threading.Thread:
-    """Start the thread that computes an answer; if it cannot start, still run `on_worker_done`
-    (the engine's lock is released there, so a failed start must not keep it)."""
-    worker = threading.Thread(target=run, name=name, daemon=True)
-    try:
-        worker.start()
-    except BaseException:
-        if on_worker_done is not None:
-            on_worker_done()
-        raise
-    return worker
-
-
 def _device_peak(device: torch.device, model=None, cache=None) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device)
@@ -259,6 +127,23 @@ def _device_peak(device: torch.device, model=None, cache=None) -> int:
 
     # The cache only grows during an answer, so its size at the end is its peak.
     return model_ram_bytes(model, cache) if model is not None else 0
+
+
+class _SinkStreamer(BaseStreamer):
+    """A generate() streamer that hands each new token to the answer shell's sink (not the prompt)."""
+
+    def __init__(self, sink: TokenSink):
+        self.sink = sink
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.sink.tokens(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
 
 
 def stream_generate(
@@ -270,34 +155,26 @@ def stream_generate(
     past_key_values=None,
     on_worker_done: Callable[[], None] | None = None,
 ) -> Iterator[StreamUpdate]:
-    """Generate an answer to `input_ids`, yielding the growing text; the last update has final stats.
+    """Generate an answer to `input_ids` with transformers' generate(), through the shared answer shell.
 
     Closing the iterator early (the caller went away) also stops the computation.
     `on_worker_done` runs in the worker thread once the computation has ended: the
     engine releases its GPU lock there, so an abandoned iterator can't hold it.
     """
     device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
-    out: queue.Queue = queue.Queue()
-    streamer = _TimedQueueStreamer(tokenizer, out)
-    stats = GenerationStats(prompt_tokens=len(input_ids))
-    errors: list[BaseException] = []
-    peak: list[int] = []
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
-
-    def run() -> None:
+    def produce(sink: TokenSink) -> None:
+        ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
         try:
             with torch.inference_mode():
                 model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
-                    streamer=streamer,
+                    streamer=_SinkStreamer(sink),
                     stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
                     past_key_values=past_key_values,
                     # Long prompts are prefilled in chunks, so the activation workspace stays
@@ -305,51 +182,10 @@ def stream_generate(
                     prefill_chunk_size=PREFILL_CHUNK if past_key_values is not None else None,
                     **sampling.generate_kwargs(),
                 )
-        except BaseException as e:  # surfaced to the caller below, in its own thread
-            errors.append(e)
         finally:
             # Measured before the engine's lock is released: afterwards it may be another answer's.
-            peak.append(_device_peak(device, model, past_key_values))
-            out.put(_DONE)
-            if on_worker_done is not None:
-                on_worker_done()
+            sink.note(peak_bytes=_device_peak(device, model, past_key_values))
 
-    started = time.perf_counter()
-    worker = start_worker(run, "generate", on_worker_done)
-    text = ""
-    try:
-        while True:
-            item = out.get()
-            if item is _DONE:
-                break
-            text += item
-            stats.new_tokens = len(streamer.new_ids)
-            if streamer.first_token_at is not None:
-                stats.ttft_s = streamer.first_token_at - started
-            yield StreamUpdate(text=text, stats=stats)
-    finally:
-        # Runs on normal end, on error, and when the consumer closes us (browser gone,
-        # Stop pressed in the UI): make sure the worker stops computing too.
-        stop_event.set()
-        worker.join()
-    if errors:
-        raise errors[0]
-    text += streamer.decoder.flush()
-    stats.total_s = time.perf_counter() - started
-    stats.new_tokens = len(streamer.new_ids)
-    if streamer.first_token_at is not None:
-        stats.ttft_s = streamer.first_token_at - started
-        if stats.new_tokens > 1 and streamer.last_token_at > streamer.first_token_at:
-            stats.decode_tokens_per_s = (stats.new_tokens - 1) / (streamer.last_token_at - streamer.first_token_at)
-    if streamer.new_ids and streamer.new_ids[-1] in eos_ids:
-        stats.finish_reason = "eos"
-    elif stats.new_tokens >= sampling.max_new_tokens:
-        stats.finish_reason = "length"
-    else:
-        stats.finish_reason = "stopped"
-    stats.peak_bytes = peak[0] if peak else _device_peak(device, model, past_key_values)
-    if device.type == "cpu":
-        from .model_memory import process_rss_bytes
-
-        stats.process_rss_bytes = process_rss_bytes()
-    yield StreamUpdate(text=text, stats=stats, done=True, token_ids=list(streamer.new_ids))
+    job = AnswerJob(produce=produce, device=device, prompt_tokens=len(input_ids),
+                    max_new_tokens=sampling.max_new_tokens, eos_ids=eos_token_ids(model), name="generate")
+    return stream_answer(job, tokenizer, stop_event, on_worker_done)

@@ -100,6 +100,29 @@ def test_a_short_remainder_fed_through_the_decode_step_gives_the_same_answers(ti
     assert again.stats.reused_tokens == len(second) - 1 and again.token_ids == a2.token_ids
 
 
+def test_prompts_padded_to_prefill_buckets_give_the_same_answers(tiny):
+    # What the GPU replays as captured graphs (a prompt chunk padded up to a bucket length),
+    # exercised with the eager forward: the pad must change no token, in a first turn, across
+    # chunks, after prefix reuse, and where a bucket would run past the cache (unpadded then).
+    model, tokenizer = tiny
+    fast = FastDecoder(model, max_context=700, prefill_buckets=(64, 256))
+    assert fast.cache_len == 768
+    assert [fast._bucket_for(0, t) for t in (1, 64, 65, 256, 257)] == [64, 64, 256, 256, None]
+    assert fast._bucket_for(600, 100) is None and fast._bucket_for(700, 60) == 64  # 956 > 768; 764 fits
+    fast.warm_up()
+    rng = torch.Generator().manual_seed(5)
+    for length in (40, 100, 600):  # one padded chunk; one; an unpadded 512 then a padded 88
+        ids = torch.randint(3, 300, (length,), generator=rng).tolist()
+        fast.token_ids = []
+        got = answer(fast, tokenizer, ids, SamplingSettings(max_new_tokens=16, temperature=0))
+        assert got.token_ids == generate_greedy(model, ids, 16), length
+        assert int(fast.pos) == length + 15 and int(fast.cache.layers[0].cumulative_length) == length + 15
+    more = ids + got.token_ids + torch.randint(3, 300, (50,), generator=rng).tolist()  # a new turn: 50+ new
+    again = answer(fast, tokenizer, more, SamplingSettings(max_new_tokens=16, temperature=0))
+    assert again.stats.reused_tokens == len(ids) + 15
+    assert again.token_ids == generate_greedy(model, more, 16)
+
+
 def test_streamed_text_is_the_decoded_answer_and_stats_are_filled(tiny):
     model, tokenizer = tiny
     fast = FastDecoder(model, max_context=128)
@@ -245,3 +268,74 @@ def test_compile_and_capture_happen_at_load_not_per_request(engine, tiny_llama):
         timings.append(time.perf_counter() - started)
     assert counters["stats"]["unique_graphs"] == graphs_before and loaded.fast.captures == captures
     assert timings[1] < 1.0  # a replayed step, not a compile (tens of seconds)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_prefill_graphs_equal_the_unpadded_forward(engine, tiny_llama):
+    from models.fast_decode import PREFILL_BUCKETS
+
+    fast = _load_int4(engine, tiny_llama).fast
+    assert sorted(fast.prefill_graphs) == [b for b in PREFILL_BUCKETS if b <= fast.cache_len]
+    rng = torch.Generator().manual_seed(7)
+    for length in (40, 100, 250):
+        ids = torch.randint(3, 300, (length,), generator=rng).tolist()
+        with fast._busy, torch.inference_mode():
+            graphed = fast._prefill(ids, 0)
+            buckets, fast.prefill_buckets = fast.prefill_buckets, ()
+            try:
+                eager = fast._prefill(ids, 0)
+            finally:
+                fast.prefill_buckets = buckets
+            fast.token_ids = []
+        # bf16: a padded matmul may take another cuBLAS kernel; the logits agree to rounding.
+        torch.testing.assert_close(graphed, eager, atol=3e-2, rtol=3e-2)
+        assert int(graphed.argmax()) == int(eager.argmax())
+
+
+def test_one_decoder_layer_is_traced_for_every_layer_and_equals_the_model(tmp_path):
+    # The background compile compiles one layer for all (models/layer_step.py). What makes that
+    # work is the one-layer cache view: with transformers' whole cache the trace depends on each
+    # attention's layer_idx, and every layer is traced again (the control below).
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    from models.layer_step import LayerLoop, run_layer, supports_layer_loop
+    from tests.tiny import write_tiny_llama
+
+    model = AutoModelForCausalLM.from_pretrained(write_tiny_llama(tmp_path / "m", num_hidden_layers=4)).eval()
+    assert supports_layer_loop(model)
+    config = model.config
+    cache = StaticCache(config=config, max_cache_len=64)
+    cache.early_initialization(1, config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
+                               torch.float32, torch.device("cpu"))
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def traced_graphs(layer_fn_cache):
+        torch._dynamo.reset()
+        graphs.clear()
+        layer_fn = torch.compile(run_layer, backend=counting, fullgraph=True)
+        loop = LayerLoop(model, cache)
+        with torch.inference_mode():
+            for pos in (3, 4):
+                token, at = torch.tensor([[7 + pos]]), torch.tensor([pos])
+                caches = layer_fn_cache(loop)
+                for layer in cache.layers:
+                    layer.cumulative_length.fill_(pos)
+                got = loop.logits(token, at, torch.arange(64), layer_fn, caches)
+                for layer in cache.layers:
+                    layer.cumulative_length.fill_(pos)
+                want = model(input_ids=token, position_ids=at.view(1, 1), past_key_values=cache, use_cache=True,
+                             attention_mask=(torch.arange(64) <= at).view(1, 1, 1, -1), logits_to_keep=1).logits[:, -1]
+                torch.testing.assert_close(got, want.float())
+        return len(graphs)
+
+    assert traced_graphs(lambda loop: loop.caches) == 1
+
+    class WholeCache:  # the control: transformers' way, the cache picked by the attention's layer_idx
+        def update(self, k, v, layer_idx, *args, **kwargs):
+            return cache.layers[layer_idx].update(k, v)
+    assert traced_graphs(lambda loop: [WholeCache()] * 4) == 4

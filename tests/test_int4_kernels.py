@@ -150,7 +150,7 @@ def test_background_compile_swaps_in_without_changing_a_token_and_survives_a_cor
     during = _answer(fast, tokenizer, ids).token_ids  # answers while the compile runs (or waits for it)
     assert fast.wait_compiled(900), "compile did not finish"
     assert fast.compile_state == "compiled", fast.compile_status()
-    assert fast.compile_status().startswith("compiled")
+    assert fast.compile_status().startswith("compiled") and fast.compiled_layer_loop
     assert during == before == _answer(fast, tokenizer, ids).token_ids
     fast.close()
 
