@@ -89,11 +89,6 @@ class ApiService:
         self._conversations: OrderedDict[str, None] = OrderedDict()  # API session ids, least recent first
         self._conversations_lock = threading.Lock()
 
-    def loaded_model(self) -> str | None:
-        """The id of the app's default model (what /v1/models lists first), if it is in memory."""
-        loaded = self.engine.loaded
-        return loaded.ref.label if loaded is not None else None
-
     def resident_ids(self) -> dict[str, ModelKey]:
         """Every name a request may give for a model in memory: ID (the app's default first, else the most
         recently used of that id) and ID:QUANT for each quantization in memory."""
