@@ -185,8 +185,8 @@ def test_two_tabs_keep_their_own_models_and_only_the_loading_tab_is_told(catalog
     assert handlers.current_model_text("en", tab_b).endswith("(bf16)")
     chat_a = tab_answer(handlers, tab_a, [], "Hello")
     chat_b = tab_answer(handlers, tab_b, [], "Hello")
-    assert titles(chat_a)[-1].startswith(f"{tiny_llama} (none) · TTFT")
-    assert titles(chat_b)[-1].startswith(f"{tiny_llama} (bf16) · TTFT")
+    assert titles(chat_a)[-1].startswith("TTFT") and titles(chat_a)[-1].endswith(f" · by {tiny_llama} (none)")
+    assert titles(chat_b)[-1].startswith("TTFT") and titles(chat_b)[-1].endswith(f" · by {tiny_llama} (bf16)")
     assert engine.loaded.settings.quant is Quant.NONE  # the default did not move
 
     # B's model is unloaded to make room (another tab's load); B's next turn loads it again and says so in B only.
@@ -196,7 +196,7 @@ def test_two_tabs_keep_their_own_models_and_only_the_loading_tab_is_told(catalog
     loaded_note = [t for t in titles(chat_b) if "for you" in t]
     assert len(loaded_note) == 1 and loaded_note[0].startswith(f"⏳ Loaded {tiny_llama} (bf16) for you, ")
     assert not any("for you" in t for t in titles(chat_a))
-    assert titles(chat_b)[-1].startswith(f"{tiny_llama} (bf16)")
+    assert titles(chat_b)[-1].endswith(f"by {tiny_llama} (bf16)")
 
     # A failed load keeps the tab's previous choice: the boxes go back to it, the other tab is untouched.
     before = tab_b.spec
@@ -204,7 +204,7 @@ def test_two_tabs_keep_their_own_models_and_only_the_loading_tab_is_told(catalog
                                                     **NO_PROGRESS)
     assert "Could not load" in status and f"Still using **{tiny_llama}** (bf16)" in status
     assert (box_model, box_quant) == (str(tiny_llama), "bf16") and tab_b.spec is before
-    assert titles(tab_answer(handlers, tab_b, chat_b, "Still you?"))[-1].startswith(f"{tiny_llama} (bf16)")
+    assert titles(tab_answer(handlers, tab_b, chat_b, "Still you?"))[-1].endswith(f"by {tiny_llama} (bf16)")
 
     # What is in memory, the same line in every tab (most recently used first), in both languages.
     assert handlers.residents_html("en") == f"In memory now: {tiny_llama} (bf16), {tiny_llama} (none)"
@@ -212,8 +212,8 @@ def test_two_tabs_keep_their_own_models_and_only_the_loading_tab_is_told(catalog
 
     # The label is kept with the chat: in the JSON export (read back by this version) and in the Markdown.
     chat = SavedChat(chat_b, str(tiny_llama), "bf16")
-    assert any(t.startswith(f"{tiny_llama} (bf16) · TTFT") for t in titles(from_json(to_json(chat)).messages))
-    assert f"*{tiny_llama} (bf16) · TTFT" in to_markdown(chat)
+    assert any(t.endswith(f"by {tiny_llama} (bf16)") for t in titles(from_json(to_json(chat)).messages))
+    assert f"by {tiny_llama} (bf16)*" in to_markdown(chat)
 
 
 def test_a_tab_whose_model_is_another_tabs_reuses_it_without_loading(catalog, tiny_llama):

@@ -105,6 +105,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "dropped_notice": {"en": "Context full: left out the {n} oldest messages ({tokens} tokens allowed): {items}",
                        "zh": "上下文已满：已略去最早的 {n} 条消息（上限 {tokens} 个 token）：{items}"},
     "hit_length": {"en": " · hit max new tokens", "zh": " · 达到最大长度"},
+    "answered_by": {"en": " · by {model}", "zh": " · 由 {model} 生成"},
     "was_stopped": {"en": " · stopped", "zh": " · 已停止"},
     # fit verdicts: the plan's own sentence comes from models/messages.py
     "split_gpus": {"en": "{layers} on {n} GPUs", "zh": "{n} 张显卡上分别 {layers} 层"},

@@ -101,9 +101,11 @@ def metrics_text(stats: GenerationStats, lang: str) -> str:
     tps = f"{stats.decode_tokens_per_s:.1f}" if stats.decode_tokens_per_s is not None else "–"
     if stats.reused_tokens:
         extra += t("reused", lang, reused=stats.reused_tokens, prompt=stats.prompt_tokens)
-    # The model that wrote the answer leads the line: it is kept with the chat (saved, exported, imported).
-    model = f"{stats.model} · " if stats.model else ""
-    return model + t("metrics", lang, ttft=ttft, tps=tps, tokens=stats.new_tokens, extra=extra)
+    # The model that wrote the answer ends the line (which still starts with TTFT, as readers of it expect);
+    # it is kept with the chat: saved, exported, imported.
+    if stats.model:
+        extra += t("answered_by", lang, model=stats.model)
+    return t("metrics", lang, ttft=ttft, tps=tps, tokens=stats.new_tokens, extra=extra)
 
 
 def remote_note_html(loaded: LoadedModel, metrics: EngineMetrics | None, lang: str) -> str:
