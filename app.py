@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     api.add_argument("--api-key", metavar="KEY", help="key clients must send as 'Authorization: Bearer KEY' "
                      "(default: $SMALLCHAT_API_KEY; required when --host is not a loopback address)")
     api.add_argument("--api-allow-load", action="store_true",
-                     help="let a request naming another catalog model load it (switches the model for every user)")
+                     help="let a request with the API key name a catalog model that is not in memory, loading it "
+                          "(it may unload other users' idle models; needs --api-key)")
     api.add_argument("--api-max-waiting", type=int, default=8, metavar="N",
                      help="API requests that may wait for their turn; more get 503 + Retry-After (default: 8)")
     args = p.parse_args(argv)
@@ -152,6 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.api_key_value = api_key_for(args.host, args.api_key)
         except ApiKeyMissing as e:
             p.error(str(e))
+        if args.api_allow_load and args.api_key_value is None:
+            p.error("--api-allow-load lets API callers load models: give --api-key KEY (or set SMALLCHAT_API_KEY) "
+                    "so only callers with the key can; anonymous callers never load or unload models")
     return args
 
 

@@ -17,10 +17,11 @@ from .service import Done
 OWNER = "small-llm-lab"
 
 
-def model_list(ids: list[str]) -> dict:
-    """GET /v1/models."""
+def model_list(entries: list[tuple[str, dict]]) -> dict:
+    """GET /v1/models: OpenAI's fields for each (id, our own fields such as "resident") entry."""
     now = int(time.time())
-    return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": OWNER} for i in ids]}
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": OWNER, **fields}
+                                       for i, fields in entries]}
 
 
 def _r(seconds: float | None) -> float | None:

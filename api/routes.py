@@ -100,15 +100,16 @@ class Api:
         return endpoint
 
     async def models(self, request: Request) -> Response:
-        """GET /v1/models: the loaded model (and, with --api-allow-load, the catalog)."""
-        return JSONResponse(model_list(self.service.model_ids()))
+        """GET /v1/models: the models in memory ("resident": true), then the catalog's ("loadable": by this caller)."""
+        return JSONResponse(model_list(self.service.model_entries()))
 
     async def model(self, request: Request) -> Response:
         """GET /v1/models/{id}."""
         model_id = request.path_params["model_id"]
-        if model_id not in self.service.model_ids():
+        entries = [e for e in self.service.model_entries() if e[0] == model_id]
+        if not entries:
             raise ApiError(404, f"The model {model_id!r} does not exist here.", param="model", code="model_not_found")
-        return JSONResponse(model_list([model_id])["data"][0])
+        return JSONResponse(model_list(entries)["data"][0])
 
     async def chat_completions(self, request: Request) -> Response:
         """POST /v1/chat/completions."""
@@ -129,7 +130,7 @@ class Api:
         except BaseException:
             ticket.release()
             raise
-        ids = CompletionIds(model)
+        ids = CompletionIds(model.name)
         streaming = False
         watch = _Watch(stream, request)
         try:

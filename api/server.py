@@ -23,7 +23,7 @@ PREFIX = "/v1"
 
 def build_api(engine: Engine, settings: ApiSettings, api_key: str | None) -> Starlette:
     """The /v1 application over `engine`; its ApiService is `app.state.service`."""
-    service = ApiService(engine, settings)
+    service = ApiService(engine, settings, keyed=api_key is not None)
     app = build_api_app(service, api_key)
     app.state.service = service
     return app

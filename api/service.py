@@ -10,10 +10,12 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
-from models.facade import Engine, KVPrecision, LoadSettings, OverflowPolicy, SamplingSettings
+from models.facade import (
+    Engine, KVPrecision, LoadSettings, ModelKey, ModelSpec, OverflowPolicy, Quant, SamplingSettings,
+)
 
 from .errors import ApiError
 from .schema import ChatRequest
@@ -25,7 +27,9 @@ from .waiting import Ticket, WaitQueue
 class ApiSettings:
     """How the API serves: from the command line."""
 
-    allow_load: bool = False  # may a request switch the shared model (for every UI user too)?
+    # May a request load a catalog model that is not in memory? Only callers with the API key (app.py refuses
+    # --api-allow-load without one): a load takes memory and may unload other users' idle models.
+    allow_load: bool = False
     max_waiting: int = 8  # requests that may wait behind the running one before 503
     default_max_tokens: int = 512  # when a request gives no max_tokens
     load_settings: LoadSettings = LoadSettings()  # quantization, budget, context for loads by the API
@@ -33,6 +37,15 @@ class ApiSettings:
     # KV caches kept for API conversations; the least recently used beyond this are dropped, so
     # thousands of one-off requests never pile up caches (the engine's KV budget is the other bound).
     max_conversations: int = 16
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model a request will use: a resident one by key, or (loads allowed) a catalog model to load in its turn."""
+
+    name: str  # what the response's `model` says
+    key: ModelKey | None = None
+    spec: ModelSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -71,46 +84,65 @@ def session_id(model: str, request: ChatRequest) -> str:
 class ApiService:
     """The API's view of the engine: model names, the wait queue, and answering one request."""
 
-    def __init__(self, engine: Engine, settings: ApiSettings = ApiSettings()):
+    def __init__(self, engine: Engine, settings: ApiSettings = ApiSettings(), keyed: bool = False):
         self.engine = engine
         self.settings = settings
+        # Loads only for callers who showed the key: with no key every caller is anonymous.
+        self.may_load = settings.allow_load and keyed
         self.queue = WaitQueue(settings.max_waiting)
-        self._loading = threading.Lock()  # API requests that switch the model do it one at a time
         self._conversations: OrderedDict[str, None] = OrderedDict()  # API session ids, least recent first
         self._conversations_lock = threading.Lock()
 
-    def loaded_model(self) -> str | None:
-        """The id of the model the app has loaded (what /v1/models lists first), if any."""
-        loaded = self.engine.loaded
-        return loaded.ref.label if loaded is not None else None
-
-    def model_ids(self) -> list[str]:
-        """Model ids a request may name: the loaded one, plus the catalog's when loads are allowed."""
-        loaded = self.loaded_model()
-        ids = [loaded] if loaded else []
-        if self.settings.allow_load:
-            ids += [i for i in self.engine.catalog.ids() if i != loaded]
+    def resident_ids(self) -> dict[str, ModelKey]:
+        """Every name a request may give for a model in memory: ID (the app's default first, else the most
+        recently used of that id) and ID:QUANT for each quantization in memory."""
+        residents = [self.engine.loaded] if self.engine.loaded is not None else []
+        residents += [m for m in reversed(self.engine.residents()) if m is not self.engine.loaded]
+        ids: dict[str, ModelKey] = {}
+        for m in residents:
+            ids.setdefault(m.ref.label, m.key)
+            if m.key.quant is not None:
+                ids.setdefault(f"{m.ref.label}:{m.key.quant.value}", m.key)
         return ids
 
-    def check_model(self, name: str | None) -> str:
-        """The model a request will use, or a 404 (unknown) / 409 (not loaded, loads off) / 503 (none loaded)."""
-        loaded = self.loaded_model()
-        if name is None or name == loaded:
-            if loaded is None:
+    def model_entries(self) -> list[tuple[str, dict]]:
+        """(id, fields) for /v1/models: what is in memory, then catalog models (loadable by this caller or not)."""
+        entries = [(i, {"resident": True, "loadable": False}) for i in self.resident_ids()]
+        resident = {i for i, _ in entries}
+        entries += [(i, {"resident": False, "loadable": self.may_load}) for i in self.engine.catalog.ids()
+                    if i not in resident]
+        return entries
+
+    def model_ids(self) -> list[str]:
+        """Model ids a request may name: those in memory, plus the catalog's when this server loads for the API."""
+        return [i for i, fields in self.model_entries() if fields["resident"] or fields["loadable"]]
+
+    def check_model(self, name: str | None) -> Target:
+        """The model a request will use, or a 404 (unknown) / 409 (not in memory, no loads) / 503 (none in memory)."""
+        residents = self.resident_ids()
+        if name is None:
+            if not residents:
                 raise ApiError(503, "No model is loaded in the app yet; load one in the web UI (or start the app "
                                     "with --model).", code="no_model_loaded", headers={"Retry-After": "10"})
-            return loaded
+            name = next(iter(residents))
+        if name in residents:
+            return Target(name, key=residents[name])
         # Only catalog ids: a request must never make the server read an arbitrary path or hub id.
-        if name not in self.engine.catalog.entries:
+        model_id, _, quant = name.partition(":")
+        known_quant = quant in {q.value for q in Quant}
+        if model_id not in self.engine.catalog.entries or (quant and not known_quant):
             known = ", ".join(self.model_ids() or ["(none loaded)"])
             raise ApiError(404, f"The model {name!r} does not exist here. Available: {known}.", param="model",
                            code="model_not_found")
-        if not self.settings.allow_load:
-            raise ApiError(409, f"The model {name!r} is not loaded (the app has {loaded or 'no model'} loaded) and "
-                                "this server does not load models for API requests: that would switch the model "
-                                "for every user. Load it in the web UI, or start the app with --api-allow-load.",
+        if not self.may_load:
+            why = ("API requests do not load models on this server" if not self.settings.allow_load else
+                   "only callers with the API key may load models, and this server has no key")
+            raise ApiError(409, f"The model {name!r} is not in memory and {why}: a load takes memory other users' "
+                                f"models use. In memory now: {', '.join(residents) or 'no model'}. Load it in the web "
+                                "UI, or start the app with --api-allow-load and an --api-key.",
                            param="model", code="model_not_loaded")
-        return name
+        settings = self.settings.load_settings
+        return Target(name, spec=ModelSpec(model_id, replace(settings, quant=Quant(quant)) if quant else settings))
 
     def answer(self, request: ChatRequest, ticket: Ticket, stop_event: threading.Event) -> Iterator[Delta | Done]:
         """Stream the request's answer (it waits for its turn in the engine's queue, with the UI's answers);
@@ -119,19 +151,11 @@ class ApiService:
         Runs in a worker thread. The ticket is released however this ends.
         """
         try:
-            model = self._ensure_model(request.model)
-            yield from self._generate(model, request, stop_event)
+            # Re-checked when it runs (a UI load may have unloaded the model meanwhile); a load (allowed callers
+            # only) happens in this request's own turn in the engine's queue.
+            yield from self._generate(self.check_model(request.model), request, stop_event)
         finally:
             ticket.release()
-
-    def _ensure_model(self, name: str | None) -> str:
-        """Re-checked at the request's turn (the UI may have switched models meanwhile); loads if allowed."""
-        wanted = self.check_model(name)
-        if wanted != self.loaded_model():
-            with self._loading:  # two requests for the same model load it once
-                if wanted != self.loaded_model():
-                    self.engine.load(wanted, self.settings.load_settings)
-        return wanted
 
     def _remember(self, session: str) -> str:
         """Mark a conversation as used now; drop the KV cache of the least recent one beyond the limit."""
@@ -145,14 +169,11 @@ class ApiService:
             self.engine.drop_session(old)  # never waits: queued if an answer holds the engine
         return session
 
-    def _generate(self, model: str, request: ChatRequest, stop_event: threading.Event) -> Iterator[Delta | Done]:
-        loaded = self.engine.loaded
-        if loaded is None or loaded.ref.label != model:
-            raise ApiError(409, "The app's model changed before this answer could start; send the request again.",
-                           param="model", code="model_changed")
-        # Pin the answer to this exact model: if the UI switches meanwhile, the engine refuses
-        # (ModelEvictedError -> 409) instead of answering from another model under this name.
-        key = loaded.key
+    def _generate(self, target: Target, request: ChatRequest, stop_event: threading.Event) -> Iterator[Delta | Done]:
+        model = target.name
+        # A resident model is pinned by key: if another user's load unloads it meanwhile, the engine refuses
+        # (ModelEvictedError -> 409) instead of answering from another model under this name. A load
+        # (allowed callers only) happens in this request's own turn.
         sampling = SamplingSettings(
             max_new_tokens=request.max_tokens or self.settings.default_max_tokens,
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,
@@ -160,13 +181,14 @@ class ApiService:
         scanner = StopScanner(request.stop)
         session = self._remember(session_id(model, request))
         updates = self.engine.chat(
-            request.messages, sampling, stop_event, model=key, session=session,
+            request.messages, sampling, stop_event, model=target.key, session=session, spec=target.spec,
             kv=self.settings.kv, policy=OverflowPolicy.REFUSE,  # an API client gets a 400, not a silently cut chat
         )
         try:
             for update in updates:
-                if update.waiting is not None:
-                    continue  # in the engine's line: nothing to send yet (Done says how long it waited)
+                if update.waiting is not None or update.notice is not None:
+                    # In the engine's line, or "loading … for you": nothing to send yet (Done says how long it waited).
+                    continue
                 delta = scanner.feed(update.text, final=update.done)
                 if delta:
                     yield Delta(delta)

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from .gpu_queue import Waiting
+from .messages import Message
 
 
 _DONE = object()
@@ -46,6 +47,7 @@ class GenerationStats:
     dropped_messages: int = 0  # oldest messages left out to fit the context
     prompt_limit: int = 0  # tokens the prompt may use: the context minus the room kept for the answer
     waited_s: float = 0.0  # the send to its turn on the GPU: queued behind other users' work
+    model: str = ""  # the model and quantization that wrote the answer, "smollm2-135m-instruct (4bit)"
 
     @property
     def turn_ttft_s(self) -> float | None:
@@ -79,6 +81,8 @@ class StreamUpdate:
     done: bool = False
     token_ids: list[int] = field(default_factory=list)
     waiting: Waiting | None = None  # its place in line, how long, and who holds the GPU (no text yet)
+    # A status line for this session only (its model being loaded for it), not answer text: shown, never sent.
+    notice: Message | None = None
 
 
 class IncrementalDecoder:

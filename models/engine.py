@@ -6,8 +6,9 @@ run forward passes in parallel threads that would OOM each other, and nobody is 
 chat history lives with the caller (gr.State in the UI); the engine only keeps each session's KV
 cache, keyed by an opaque session id, so a session's next turn prefills only what changed.
 
-Several models may be resident at once (the Compare tab keeps A and B loaded when both
-fit); least recently used ones are evicted when a new one would not fit the budget.
+Several models may be resident at once: each session chats with its own model and
+quantization, the Compare tab keeps A and B loaded when both fit. Least recently used ones
+are evicted when a new one would not fit the budget (models/residency.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .placement import cap_allocator, default_gpu_budget_bytes, kv_split, less_h
 from .quant import QuantOption, quant_options
 from .remote import connect_loaded, is_remote, remote_of, remote_plan, remote_ref
 from .reports import LoadReport, UnloadReport
+from .residency import ModelSpec, ResidentModel, answer_target, ensure_locked, labelled, resident_status
 from .settings import LoadSettings, ModelKey
 from .sources import default_cache_dir, shape_of
 
@@ -56,8 +58,9 @@ class Engine:
         # takes its turn in the caller's thread and its worker thread gives it back when the computation ends.
         self._lock = GpuQueue()
         self._residents: OrderedDict[ModelKey, LoadedModel] = OrderedDict()  # least recently used first
-        self._chat_key: ModelKey | None = None  # the model the Chat tab talks to
+        self._chat_key: ModelKey | None = None  # the app's default model: sessions that chose none talk to it
         self._chat_spec: tuple[str, LoadSettings] | None = None  # how to load it again if it was evicted
+        self._loading: str | None = None  # the model being loaded now, for the status every tab shows
         self._sessions = SessionCacheStore()
         self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget
         self._ram_budget = ram_budget_bytes  # cap on RAM for weights on a CPU-only machine (tests)
@@ -77,12 +80,24 @@ class Engine:
 
     @property
     def loaded(self) -> LoadedModel | None:
-        """The Chat tab's model, if loaded."""
+        """The app's default model (the one sessions without a choice of their own use), if loaded."""
         return self._residents.get(self._chat_key) if self._chat_key else None
 
     def residents(self) -> list[LoadedModel]:
         """Every model in memory, least recently used first."""
         return list(self._residents.values())
+
+    def resident(self, key: ModelKey | None) -> LoadedModel | None:
+        """The resident model with this key, or None (not loaded, or unloaded to make room)."""
+        return self._residents.get(key) if key is not None else None
+
+    def residents_status(self) -> list[ResidentModel]:
+        """What is in memory now (most recently used first) and what is being loaded: the status all tabs share."""
+        return resident_status(self)
+
+    def default_spec(self) -> ModelSpec | None:
+        """The app's default model as a choice (what a session that chose none talks to), or None."""
+        return ModelSpec(*self._chat_spec, key=self._chat_key) if self._chat_spec is not None else None
 
     def quant_options(self) -> list[QuantOption]:
         """Quantizations with whether each runs on this machine (and why not)."""
@@ -233,12 +248,8 @@ class Engine:
 
     def ensure(self, choice: str, settings: LoadSettings, progress: ProgressFn | None = None,
                keep: tuple[ModelKey, ...] = ()) -> LoadReport:
-        """Make a model resident, keeping others loaded while everything fits.
-
-        Residents other than `keep` are unloaded, least recently used first, until the new
-        model fits (on the GPU without offload, or in RAM); the report lists them. A model
-        that cannot load even with those unloaded fails before anything is unloaded.
-        """
+        """Make a model resident in its turn on the GPU, keeping others loaded while everything fits (no other
+        session's choice changes); residency.ensure_locked: who is unloaded (`keep` is not), the report lists them."""
         ref = self.resolve(choice)
         key = self.model_key(choice, settings)
         settings = self._with_cache_dir(settings)
@@ -249,21 +260,7 @@ class Engine:
                     return LoadReport(loaded=self._residents[key], reused=True)
             return self._connect_remote(ref, key, settings)
         with self._lock.turn(Work.load(ref.label, settings.quant.value), progress) as turn:
-            if key in self._residents:
-                self._residents.move_to_end(key)
-                return LoadReport(loaded=self._residents[key], reused=True)
-            progress = turn.reporting(progress)
-            started = time.perf_counter()
-            prepared = prepare_load(ref, settings, self._budget(settings, set(keep)), progress)
-            unloaded = []
-            for other in list(self._residents):  # least recently used first
-                fits = plan_for(prepared.shape, settings, self._budget(settings, set(self._residents)))
-                if fits.verdict.resident_only:
-                    break  # fits next to everything still loaded
-                if other not in keep and remote_of(self._residents[other]) is None:  # a remote one frees nothing here
-                    unloaded.append(self._unload_locked(other))
-            loaded = self._load_locked(prepared, key, progress)
-            return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
+            return ensure_locked(self, ref, key, settings, turn.reporting(progress), keep)
 
     def _connect_remote(self, ref: ModelRef, key: ModelKey, settings: LoadSettings,
                         switch: tuple[str, LoadSettings] | None = None) -> LoadReport:
@@ -376,24 +373,27 @@ class Engine:
     def chat(self, messages: list[dict], sampling: SamplingSettings, stop_event: threading.Event,
              model: ModelKey | None = None, session: str | None = None,
              kv: KVPrecision | str = KVPrecision.FULL,
-             policy: OverflowPolicy | str = OverflowPolicy.DROP_OLDEST) -> Iterator[StreamUpdate]:
-        """Stream an answer to a chat (list of {role, content}).
+             policy: OverflowPolicy | str = OverflowPolicy.DROP_OLDEST,
+             spec: ModelSpec | None = None) -> Iterator[StreamUpdate]:
+        """Stream an answer to a chat (list of {role, content}); stats.model names the model that wrote it.
 
-        `model` is a model key (default: the Chat tab's model); `session` names whose KV
-        cache to reuse and keep. The chat is fitted into the context first (`policy`);
-        stats.dropped_messages and stats.reused_tokens say what happened.
+        `spec` is the asking session's own model choice: when its turn in the GPU queue comes
+        that model is made resident, said in this stream (StreamUpdate.notice). `model`
+        pins a resident model by key instead (an unloaded one is ModelEvictedError). With
+        neither, the app's default model answers. `session` names whose KV cache to reuse and
+        keep. The chat is fitted into the context first (`policy`); stats.dropped_messages and
+        stats.reused_tokens say what happened.
         """
         sent_at = time.perf_counter()  # the user's send: TTFT and the wait count from here
-        if model is None and self._chat_spec is not None and self._chat_key not in self._residents:
-            self.ensure(*self._chat_spec)  # the Chat tab's model was evicted (e.g. by a comparison): bring it back
+        key, label, spec = answer_target(self, model, spec if model is not None or spec else self.default_spec())
         request = AnswerRequest(messages, sampling, stop_event, session, KVPrecision(kv), OverflowPolicy(policy),
                                 sent_at)
-        yield from self._backend(model or self._chat_key, pinned=model is not None).answer(request)
+        yield from labelled(self._backend(key, pinned=model is not None, spec=spec).answer(request), label)
 
-    def _backend(self, key: ModelKey | None, pinned: bool) -> Backend:
-        """Who answers for `key`: a remote engine's model itself, else the local path (it checks residency)."""
+    def _backend(self, key: ModelKey | None, pinned: bool, spec: ModelSpec | None = None) -> Backend:
+        """Who answers for `key`: a remote engine's model itself, else the local path (it makes `spec` resident)."""
         remote = remote_of(self._residents.get(key)) if key else None
-        return remote if remote is not None else LocalBackend(self, key, pinned)
+        return remote if remote is not None else LocalBackend(self, key, pinned, spec)
 
 
 __all__ = ["Engine", "LoadReport", "UnloadReport"]

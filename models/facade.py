@@ -4,9 +4,10 @@ Front ends import from here and nowhere deeper (tests/test_architecture.py enfor
 what is below can be split, renamed or replaced without touching them. It holds:
 - the Engine, which owns the resident models, their KV caches and the GPU;
 - typed requests and identities: LoadSettings (built by LoadSettings.from_user), LoadOptions,
-  ModelKey, Quant, SamplingSettings, KVPrecision, OverflowPolicy;
-- what comes back: StreamUpdate/GenerationStats (answers; Waiting while one waits for the GPU),
-  LoadReport (loads), FitPlan with its Verdict (fit checks), MemorySnapshot (the memory panel);
+  ModelKey, ModelSpec (a session's own model choice), Quant, SamplingSettings, KVPrecision, OverflowPolicy;
+- what comes back: StreamUpdate/GenerationStats (answers, with the model that wrote them, any notice for
+  the asking session, and Waiting while one waits for the GPU), LoadReport (loads), FitPlan with its
+  Verdict (fit checks), MemorySnapshot (the memory panel), ResidentModel (what is in memory, for every tab);
 - one error base, UserFacingError (a message code and its values, rendered in any language from
   models/messages.py), and internal_error() for everything else (a bug: logged under an id).
 """
@@ -31,6 +32,7 @@ from .model_roots import ModelRoots, OutsideModelRootsError, default_model_roots
 from .process import limit_malloc_arenas, quiet_weight_loading_bar
 from .quant import Quant, QuantOption, parse_quant
 from .remote import EngineMetrics, is_remote, parse_remote, remote_of
+from .residency import ModelSpec, ResidentModel
 from .settings import LoadOptions, LoadSettings, ModelKey, ModelLoadError
 from .sources import ModelSourceError, default_cache_dir
 
@@ -56,7 +58,7 @@ __all__ = [
     "APP_TEMPERATURE", "APP_TOP_P", "Catalog", "ChatTemplateError", "ContextOverflowError", "Engine",
     "EngineMetrics", "FitPlan", "GenerationStats", "GiB", "KVPrecision", "LoadOptions", "LoadReport",
     "LoadSettings", "LoadedModel", "MESSAGES", "MemorySnapshot", "Message", "MiB", "ModelEvictedError", "ModelKey",
-    "ModelLoadError", "ModelRoots", "ModelSourceError", "NoChatTemplateError", "OutsideModelRootsError",
+    "ModelLoadError", "ModelRoots", "ModelSpec", "ResidentModel", "ModelSourceError", "NoChatTemplateError", "OutsideModelRootsError",
     "OverflowPolicy", "Quant", "QuantOption", "SamplingDefaults", "SamplingSettings", "StreamUpdate",
     "UnknownModelError", "UnloadReport", "UserFacingError", "Verdict", "WAIT_SHOWN_S", "Waiting", "default_cache_dir", "default_model_roots",
     "engine_metrics", "internal_error", "invalid_text_at", "is_remote", "kv_precision_options", "limit_malloc_arenas", "load_catalog", "parse_quant", "quiet_weight_loading_bar",

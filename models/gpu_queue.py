@@ -141,6 +141,18 @@ class Ticket:
                 progress(fraction, message)
         return report
 
+    @contextmanager
+    def doing(self, work: Work) -> Iterator["Ticket"]:
+        """The holder does `work` for a while within its turn (an answer first loading its session's model):
+        those waiting read that, and its progress, instead of the turn's own work."""
+        with self._queue._cond:
+            before, self.work, self.progress = self.work, work, None
+        try:
+            yield self
+        finally:
+            with self._queue._cond:
+                self.work, self.progress = before, None
+
     def release(self) -> None:
         """Give the GPU to the next in line (or leave the line, if still waiting); later calls do nothing."""
         q = self._queue

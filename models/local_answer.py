@@ -23,6 +23,7 @@ from .gpu_queue import Ticket, Work
 from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, SessionCache, fit_messages, new_cache
 from .loading import LoadedModel, free_cuda_memory
 from .memory import kv_bytes_per_token
+from .residency import ModelSpec, resident_for_answer
 from .settings import ModelKey, ModelLoadError
 
 if TYPE_CHECKING:
@@ -66,10 +67,11 @@ class _Turn:
 
 
 class LocalBackend:
-    """The Backend of a resident local model (`pinned`: the caller named the model, so an evicted one is an error)."""
+    """The Backend of a local model (`pinned`: the caller named the model, so an evicted one is an error;
+    `spec`: the session's own choice, made resident when its turn comes)."""
 
-    def __init__(self, engine: "Engine", key: ModelKey | None, pinned: bool):
-        self.engine, self.key, self.pinned = engine, key, pinned
+    def __init__(self, engine: "Engine", key: ModelKey | None, pinned: bool, spec: ModelSpec | None = None):
+        self.engine, self.key, self.pinned, self.spec = engine, key, pinned, spec
 
     def answer(self, request: AnswerRequest) -> Iterator[StreamUpdate]:
         """Wait for the GPU in turn (saying where it stands), then stream the answer over the session's KV cache."""
@@ -89,7 +91,7 @@ class LocalBackend:
             raise
         waited_s = time.perf_counter() - sent_at
         updates = answer_local(self.engine, _Turn(self.engine, ticket), self.key, self.pinned, r.messages,
-                               r.sampling, r.stop_event, r.session, r.kv, r.policy, sent_at)
+                               r.sampling, r.stop_event, r.session, r.kv, r.policy, sent_at, self.spec)
         try:
             for update in updates:
                 update.stats.waited_s = waited_s
@@ -100,12 +102,17 @@ class LocalBackend:
 
 def answer_local(engine: "Engine", turn: _Turn, key: ModelKey | None, pinned: bool, messages: list[dict],
                  sampling: SamplingSettings, stop_event: threading.Event, session: str | None,
-                 kv: KVPrecision, policy: OverflowPolicy, sent_at: float | None = None) -> Iterator[StreamUpdate]:
-    """Stream a resident local model's answer in its `turn`; the steps are fit, then generate (or the fast decoder)."""
+                 kv: KVPrecision, policy: OverflowPolicy, sent_at: float | None = None,
+                 spec: ModelSpec | None = None) -> Iterator[StreamUpdate]:
+    """Stream a local model's answer in its `turn`; the steps are make `spec` resident (if given), fit, then
+    generate (or the fast decoder)."""
     out_of_memory = False
     updates = None
     try:
-        loaded = _resident(engine, key, pinned)
+        # The session's own model is loaded in its own turn, so no answer in flight loses its model.
+        # (Those waiting behind it read that this turn is loading a model, and how far.)
+        loaded = ((yield from resident_for_answer(engine, key, spec, turn.ticket)) if spec is not None
+                  else _resident(engine, key, pinned))
         if kv is KVPrecision.OFFLOAD and loaded.device != "cuda":
             kv = KVPrecision.FULL  # offloading the cache only means something on a GPU
         ids, dropped, prompt_limit = fit_chat(engine, loaded, messages, sampling, kv, policy)

@@ -75,6 +75,11 @@ MESSAGES: dict[str, dict[str, str]] = {
     "fast_decoder_failed": {"en": "The fast decoder of {model} could not be compiled ({detail}). Lower the context length, or pick 4bit (bitsandbytes).",
                             "zh": "{model} 的快速解码器无法编译（{detail}）。请降低上下文长度，或选择 4bit（bitsandbytes）。"},
     "no_fit_compare": {"en": "{model} does not fit on this machine: {plan}", "zh": "{model} 在本机放不下：{plan}"},
+    # --- a session's own model, loaded in its turn (models/residency.py): said in that session's chat only
+    "loading_for_you": {"en": "Loading {model} for you…", "zh": "正在为您加载 {model}…"},
+    "loaded_for_you": {"en": "Loaded {model} for you, {seconds} s", "zh": "已为您加载 {model}，用时 {seconds} 秒"},
+    "loaded_for_you_unloaded": {"en": "Loaded {model} for you, {seconds} s (unloaded {unloaded} to make room)",
+                                "zh": "已为您加载 {model}，用时 {seconds} 秒（为腾出空间卸载了 {unloaded}）"},
     # --- answering (models/engine.py, models/kv_cache.py, models/generation.py)
     "no_model": {"en": "No model is loaded yet: pick one and press Load.", "zh": "还没有加载模型：请选择模型并点击加载。"},
     "evicted": {"en": "{model} was unloaded to make room for another model before this answer could start (another load or comparison ran meanwhile); run it again.",

@@ -93,9 +93,12 @@ def _error(response: httpx.Response, status: int, param: str | None = None, code
 
 # ----- the openai client ---------------------------------------------------------------
 
-def test_models_lists_the_loaded_model(client):
-    ids = [m.id for m in client.models.list().data]
-    assert ids == ["smollm2-135m-instruct"]
+def test_models_lists_what_is_in_memory_then_the_catalog(client):
+    models = client.models.list().data
+    assert models[0].id == "smollm2-135m-instruct" and models[0].resident  # the app's default model first
+    assert "smollm2-135m-instruct:none" in [m.id for m in models if m.resident]
+    qwen = next(m for m in models if m.id == "qwen2.5-1.5b-instruct")
+    assert not qwen.resident and not qwen.loadable  # listed, but no anonymous caller may load it
     assert client.models.retrieve("smollm2-135m-instruct").id == "smollm2-135m-instruct"
 
 
@@ -275,7 +278,8 @@ def test_unknown_model_is_404_and_unloaded_model_409(web_api):
     _error(_post(web_api[0], {"model": "/etc", "messages": FRANCE}), 404, code="model_not_found")
     error = _error(_post(web_api[0], {"model": "qwen2.5-1.5b-instruct", "messages": FRANCE}), 409,
                    code="model_not_loaded")
-    assert "--api-allow-load" in error["message"]
+    assert "is not in memory" in error["message"] and "--api-allow-load and an --api-key" in error["message"]
+    assert "In memory now: smollm2-135m-instruct" in error["message"]
     _error(httpx.get(web_api[0] + "/v1/models/gpt-17"), 404)
     _error(httpx.get(web_api[0] + "/v1/no-such-endpoint"), 404)
 
@@ -359,7 +363,7 @@ def test_api_key_is_checked(keyed_api):
     _error(httpx.get(base + "/v1/models", headers={"Authorization": KEY}), 401)  # no "Bearer"
     _error(_post(base, {"messages": FRANCE}), 401)
     keyed = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
-    assert [m.id for m in keyed.models.list().data] == ["smollm2-135m-instruct"]
+    assert keyed.models.list().data[0].id == "smollm2-135m-instruct"
     r = keyed.chat.completions.create(model="smollm2-135m-instruct", messages=FRANCE, temperature=0)
     assert r.choices[0].message.content == PARIS
 
@@ -369,8 +373,9 @@ def test_web_ui_still_served_beside_the_api(web_api):
     assert httpx.get(web_api[0] + "/config").status_code == 200
 
 
-def test_loads_only_when_allowed_and_a_failed_load_keeps_nothing_broken(catalog):
-    """--api-allow-load: a catalog model that is not loaded is loaded, then answers; one that cannot load is a 409."""
+def test_loads_only_for_callers_with_the_key_and_a_failed_load_keeps_nothing_broken(catalog):
+    """--api-allow-load with --api-key: a catalog model that is not in memory is loaded in the request's turn
+    (next to the others), then answers; one that cannot load is a 409. Without a key nobody may load."""
     from starlette.testclient import TestClient
 
     from api.server import build_api
@@ -378,17 +383,57 @@ def test_loads_only_when_allowed_and_a_failed_load_keeps_nothing_broken(catalog)
     from models.engine import Engine
 
     engine = Engine(catalog)  # its own engine: this test loads and must not disturb the shared one
-    with TestClient(build_api(engine, ApiSettings(allow_load=True), api_key=None)) as http:
-        assert [m["id"] for m in http.get("/models").json()["data"]] == catalog.ids()  # nothing loaded yet
+    with TestClient(build_api(engine, ApiSettings(allow_load=True), api_key=None)) as anonymous:
+        error = _error(anonymous.post("/chat/completions", json={"model": "smollm2-135m-instruct", "messages": FRANCE}),
+                       409, code="model_not_loaded")
+        assert "only callers with the API key may load models" in error["message"]
+        assert not any(m["loadable"] for m in anonymous.get("/models").json()["data"])
+    assert engine.residents() == []
+    keyed = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(build_api(engine, ApiSettings(allow_load=True), api_key=KEY), headers=keyed) as http:
+        listed = http.get("/models").json()["data"]
+        assert [m["id"] for m in listed] == catalog.ids() and all(m["loadable"] for m in listed)  # nothing loaded yet
         _error(http.post("/chat/completions", json={"messages": FRANCE}), 503, code="no_model_loaded")
         r = http.post("/chat/completions", json={"model": "smollm2-135m-instruct", "messages": FRANCE,
                                                  "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == PARIS
-        assert http.get("/models").json()["data"][0]["id"] == "smollm2-135m-instruct"
-        # Offline here: the hub model cannot be fetched; the loaded model stays.
+        assert http.get("/models").json()["data"][0] == {**http.get("/models").json()["data"][0],
+                                                          "id": "smollm2-135m-instruct", "resident": True}
+        # Offline here: the hub model cannot be fetched; the model in memory stays.
         _error(http.post("/chat/completions", json={"model": "qwen2.5-1.5b-instruct", "messages": FRANCE}), 409,
                code="model_load_failed")
-        assert engine.loaded.ref.label == "smollm2-135m-instruct"
+        assert [m.ref.label for m in engine.residents()] == ["smollm2-135m-instruct"]
+
+
+def test_a_request_picks_among_the_models_in_memory_and_never_loads_anonymously(catalog):
+    """Two quantizations in memory (as two browser tabs would leave them): ID:QUANT picks one, the answer says
+    which, and an anonymous request for one that is not in memory is refused without loading anything."""
+    from starlette.testclient import TestClient
+
+    from api.server import build_api
+    from api.service import ApiSettings
+    from models.engine import Engine
+    from models.facade import Quant
+    from models.loading import LoadSettings
+
+    engine = Engine(catalog)
+    engine.load("", LoadSettings(context_tokens=1024))
+    engine.ensure("smollm2-135m-instruct", LoadSettings(quant=Quant.NF4, context_tokens=1024))
+    with TestClient(build_api(engine, ApiSettings(), api_key=None)) as http:
+        resident = [m["id"] for m in http.get("/models").json()["data"] if m["resident"]]
+        assert resident == ["smollm2-135m-instruct", "smollm2-135m-instruct:none", "smollm2-135m-instruct:4bit"]
+        r = http.post("/chat/completions", json={"model": "smollm2-135m-instruct:4bit", "messages": FRANCE,
+                                                 "temperature": 0, "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["model"] == "smollm2-135m-instruct:4bit"
+        assert engine.residents()[-1].settings.quant is Quant.NF4  # the 4-bit model answered (most recently used)
+        error = _error(http.post("/chat/completions", json={"model": "smollm2-135m-instruct:8bit", "messages": FRANCE}),
+                       409, param="model", code="model_not_loaded")
+        assert "API requests do not load models on this server" in error["message"]
+        assert "In memory now: smollm2-135m-instruct, smollm2-135m-instruct:none, smollm2-135m-instruct:4bit" \
+            in error["message"]
+        _error(http.post("/chat/completions", json={"model": "smollm2-135m-instruct:bogus", "messages": FRANCE}), 404,
+               code="model_not_found")
+    assert len(engine.residents()) == 2  # nothing was loaded or unloaded by the API
 
 
 def test_old_conversations_caches_are_dropped_beyond_the_limit(embedded_engine):

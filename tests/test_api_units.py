@@ -127,6 +127,18 @@ def test_cli_refuses_a_public_api_without_a_key(monkeypatch, capsys):
         app.parse_args(["--api", "--ask", "hi"])
 
 
+def test_cli_lets_only_keyed_callers_load_models(monkeypatch, capsys):
+    import app
+
+    monkeypatch.delenv("SMALLCHAT_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as e:
+        app.parse_args(["--api", "--api-allow-load"])  # loopback, no key: every caller would be anonymous
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--api-allow-load lets API callers load models: give --api-key" in err
+    args = app.parse_args(["--api", "--api-allow-load", "--api-key", "k-123"])
+    assert args.api_allow_load and args.api_key_value == "k-123"
+
+
 def test_session_id_follows_the_conversation():
     chat = parse_chat_request({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}]})
     next_turn = parse_chat_request({"messages": [

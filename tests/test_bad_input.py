@@ -427,6 +427,25 @@ def _(env):
     return said[0]
 
 
+# ----- the API's model choice (per-user models) ------------------------------------------------
+
+@case("A model that is not in memory (OpenAI API, no key)", "a catalog id:quant nobody loaded; an id not in the catalog")
+def _(env):
+    from api.errors import ApiError
+    from api.service import ApiService, ApiSettings
+
+    service = ApiService(env.handlers.engine, ApiSettings(allow_load=True))  # no key: every caller is anonymous
+    before = list(env.handlers.engine.residents())
+    said = []
+    for name, status in (("qwen2.5-1.5b-instruct:4bit", 409), ("gpt-17", 404)):
+        with pytest.raises(ApiError) as e:
+            service.check_model(name)
+        assert e.value.status == status, e.value.message
+        said.append(f"HTTP {status}: {e.value.message}".replace(str(env.tiny), "<tiny model>"))
+    assert env.handlers.engine.residents() == before  # nothing loaded or unloaded
+    return said[0]
+
+
 # ----- the table ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])

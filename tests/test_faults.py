@@ -89,15 +89,16 @@ def test_out_of_memory_at_load_says_so_keeps_the_chat_and_a_later_load_works(han
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_memory)
     status, panel, _, _ = handlers.load(folder, "none", False, None, 1024, "en", **NO_PROGRESS)
-    # The old model was unloaded to make room before the weights ran out of memory: the status says both.
-    assert "Out of GPU memory while loading" in status and "No model is loaded" in status, status
+    # A load keeps the models that fit (issue 12, per-user models): the one in use stays, and the status says both.
+    assert "Out of GPU memory while loading" in status and "Still using" in status, status
     assert "mem-bar" in panel
-    # The chat is the page's: untouched. Asking now says what to do instead of failing obscurely.
+    # The chat is the page's: untouched, and the model still in use answers on.
     later = talk(handlers, session, history, "Are you there?")
     assert later[:len(history)] == history and later[len(history)]["content"] == "Are you there?"
-    assert "No model is loaded yet" in titles(later)[-1]
+    assert "TTFT" in titles(later)[-1]
+    later = later[:len(history) + 1]
     monkeypatch.undo()
-    status, *_ = handlers.load(folder, "none", False, None, 512, "en", **NO_PROGRESS)
+    status, *_ = handlers.load(folder, "none", False, None, 1024, "en", **NO_PROGRESS)
     assert "Loaded" in status
     again = answer(handlers, later[:len(history) + 1], session)
     assert "TTFT" in titles(again)[-1] and turns(again)[:3] == turns(later)[:3]

@@ -6,34 +6,24 @@ gr.State); the only shared object is the engine, which serializes GPU work itsel
 
 from __future__ import annotations
 
-import math
 import threading
 import uuid
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import gradio as gr
 
 from models.facade import (
-    Engine, GiB, KVPrecision, LoadOptions, LoadSettings, OverflowPolicy, SamplingDefaults, SamplingSettings,
-    UserFacingError, engine_metrics, internal_error, invalid_text_at, render, sampling_defaults,
+    Engine, GiB, KVPrecision, LoadedModel, LoadOptions, ModelSpec, OverflowPolicy, SamplingDefaults,
+    SamplingSettings, UserFacingError, engine_metrics, internal_error, invalid_text_at, render, sampling_defaults,
 )
 
 from . import chat_history as ch
+from .controls import (  # noqa: F401 - the ranges and readers are the tab's; persist and compare import them here
+    BUDGET_MIN_GIB, CONTEXT_MAX, CONTEXT_MIN, MAX_MESSAGE_CHARS, MAX_NEW_TOKENS_MAX, TEMPERATURE_MAX, TOP_P_MIN,
+    BadNumber, ModelChoice, read_number,
+)
 from .i18n import explain, t
-from .panels import load_report_text, memory_panel_html, metrics_text, plan_text
-
-# Ranges of the numeric controls (the sliders use them too). A CLI value beyond a maximum widens it.
-TEMPERATURE_MAX = 2.0
-TOP_P_MIN = 0.05
-BUDGET_MIN_GIB = 0.5
-CONTEXT_MIN, CONTEXT_MAX = 256, 32768
-MAX_NEW_TOKENS_MAX = 4096
-MAX_MESSAGE_CHARS = 50_000  # longest message accepted (app.py --max-message-chars)
-
-
-class BadNumber(ValueError):
-    """A numeric control's value is not a number or out of its range (the message says which and why)."""
+from .panels import load_report_text, memory_panel_html, metrics_text, plan_text, residents_text
 
 
 def failure_text(error: BaseException, lang: str, where: str) -> str:
@@ -46,32 +36,17 @@ def failure_text(error: BaseException, lang: str, where: str) -> str:
     return explain(internal_error(error, where), lang)
 
 
-def read_number(value, label_key: str, low: float, high: float, lang: str, whole: bool = False) -> float:
-    """`value` as a number in [low, high], or BadNumber naming the control and its range.
-
-    A slider's number box sends what was typed until it loses focus (0, -5, "abc"), and API callers
-    send anything, so every handler that uses a number reads it through here."""
-    try:
-        number = float(value)
-        ok = math.isfinite(number) and low <= number <= high and (not whole or number == int(number))
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        kind = t("whole_number", lang) if whole else t("number", lang)
-        low_s, high_s = (f"{int(low)}", f"{int(high)}") if whole else (f"{low:g}", f"{high:g}")
-        raise BadNumber(t("bad_number", lang, name=t(label_key, lang), kind=kind, low=low_s, high=high_s,
-                          value=str(value)[:40]))
-    return int(number) if whole else number
-
-
 class ChatSession:
-    """One browser tab's private state: its Stop switch, whether it is answering, its KV cache's id."""
+    """One browser tab's private state: its Stop switch, whether it is answering, its KV cache's id, its model."""
 
     def __init__(self) -> None:
         self.stop_event = threading.Event()
         self.id = uuid.uuid4().hex  # names this tab's KV cache in the engine
         self.sampling_model: str | None = None  # the model whose sampling defaults this tab's sliders got
         self.active: threading.Event | None = None  # the Stop switch of the answer streaming now
+        # This tab's own model and quantization (None: the app's default). Set by a load that worked, so a
+        # failed one keeps the previous choice; other tabs never see it (ui/persist.py keeps it in the browser).
+        self.spec: ModelSpec | None = None
 
     @property
     def answering(self) -> bool:
@@ -96,27 +71,6 @@ class ChatSession:
         return self.stop_event
 
 
-@dataclass
-class ModelChoice:
-    """The model controls' values, as the UI holds them."""
-
-    model: str
-    quant: str
-    double_quant: bool = False
-    gpu_budget_gib: float | None = None
-    context_tokens: int = 4096
-    options: LoadOptions = field(default_factory=LoadOptions)
-
-    def load_settings(self, engine: Engine, lang: str = "en", context_max: int = CONTEXT_MAX) -> LoadSettings:
-        """LoadSettings for the engine (the budget only matters on a GPU); BadNumber for a bad number."""
-        budget = None
-        if engine.device == "cuda" and self.gpu_budget_gib not in (None, ""):
-            total = engine.memory().total / GiB
-            budget = read_number(self.gpu_budget_gib, "gpu_budget", BUDGET_MIN_GIB, total, lang)
-        context = read_number(self.context_tokens, "context", CONTEXT_MIN, context_max, lang, whole=True)
-        return LoadSettings.from_user(self.quant, budget, context, self.double_quant, self.options)
-
-
 class ChatHandlers:
     """Everything the chat tab's events do."""
 
@@ -129,9 +83,37 @@ class ChatHandlers:
         self.context_max = context_max
         self.fixed_sampling: tuple[float, float] | None = None  # (temperature, top_p) given on the command line
 
-    def sampling_defaults(self) -> SamplingDefaults:
-        """The chat model's recommended sampling (generation_config.json, else catalog, else the app's)."""
-        loaded = self.engine.loaded
+    def spec_of(self, session: ChatSession | None) -> ModelSpec | None:
+        """The model a tab talks to: its own choice, else the app's default (None: no model at all)."""
+        return (session.spec if session is not None else None) or self.engine.default_spec()
+
+    def model_of(self, session: ChatSession | None) -> LoadedModel | None:
+        """The tab's model if it is in memory now (None: not loaded yet, or unloaded to make room)."""
+        spec = self.spec_of(session)
+        if spec is None:
+            return None
+        if spec.key is not None:
+            return self.engine.resident(spec.key)
+        try:
+            return self.engine.resident(self.engine.model_key(spec.choice, spec.settings))
+        except UserFacingError:  # a choice that no longer resolves (a folder moved): its next answer says why
+            return None
+
+    def _choice_shown(self, session: ChatSession | None) -> tuple[str, str] | None:
+        """(model label, quantization) of the tab's model, for its boxes and status; None without any."""
+        spec = self.spec_of(session)
+        if spec is None:
+            return None
+        loaded = self.engine.resident(spec.key)
+        try:
+            label = loaded.ref.label if loaded is not None else self.engine.resolve(spec.choice).label
+        except UserFacingError:
+            label = spec.choice
+        return label, spec.settings.quant.value
+
+    def sampling_defaults(self, session: ChatSession | None = None) -> SamplingDefaults:
+        """The tab's model's recommended sampling (generation_config.json, else catalog, else the app's)."""
+        loaded = self.model_of(session)
         if loaded is None:
             return sampling_defaults(None)
         return sampling_defaults(getattr(loaded.model, "generation_config", None), loaded.ref.entry)
@@ -143,8 +125,8 @@ class ChatHandlers:
         if self.fixed_sampling is not None:
             temperature, top_p = self.fixed_sampling
             return gr.skip(), gr.skip(), t("sampling_from_cli", lang, temperature=f"{temperature:g}", top_p=f"{top_p:g}")
-        loaded = self.engine.loaded
-        d = self.sampling_defaults()
+        loaded = self.model_of(session)
+        d = self.sampling_defaults(session)
         label = loaded.ref.label if loaded is not None else "–"
         note = t(f"sampling_from_{d.source}", lang, model=label, temperature=f"{d.temperature:g}", top_p=f"{d.top_p:g}")
         if loaded is None or session.sampling_model == label:
@@ -167,15 +149,21 @@ class ChatHandlers:
         return ModelChoice(model, quant, double_quant, budget, context, self.options)
 
     # ----- model controls ------------------------------------------------------------
-    def memory_html(self, lang: str, budget_gib: float | None = None, kv: str = KVPrecision.FULL.value) -> str:
-        """The memory panel now, with the context the memory left allows."""
+    def memory_html(self, lang: str, budget_gib: float | None = None, kv: str = KVPrecision.FULL.value,
+                    session: ChatSession | None = None) -> str:
+        """The memory panel now, with the context the tab's model leaves room for."""
         budget = int(float(budget_gib) * GiB) if budget_gib and self.engine.device == "cuda" else None
         engine = self.engine
         kv = kv or KVPrecision.FULL.value
-        room = engine.context_limit(kv=kv) if engine.loaded else None
-        return memory_panel_html(engine.memory(), lang, engine.loaded, budget, room, engine.session_count(),
-                                 engine.memory_context_tokens(kv=kv) if engine.loaded else None,
-                                 engine_metrics(engine.loaded))
+        loaded = self.model_of(session)
+        room = engine.context_limit(loaded, kv=kv) if loaded else None
+        return memory_panel_html(engine.memory(), lang, loaded, budget, room, engine.session_count(),
+                                 engine.memory_context_tokens(loaded, kv=kv) if loaded else None,
+                                 engine_metrics(loaded))
+
+    def residents_html(self, lang: str) -> str:
+        """What is in memory now and what is being loaded, for every tab (the same for all)."""
+        return residents_text(self.engine.residents_status(), self.engine.device, lang)
 
     def tab_closed(self, request: gr.Request | None = None) -> None:
         """A browser tab was closed or reloaded: free its KV cache (never waits for the GPU)."""
@@ -192,33 +180,38 @@ class ChatHandlers:
             return t("load_failed", lang, error=failure_text(e, lang, "fit check"))
         return plan_text(plan, lang)
 
-    def load(self, model, quant, double_quant, budget, context, lang, progress=gr.Progress()):
-        """Unload the current model, load the chosen one; return (status, memory panel, model box, quant box).
+    def load(self, model, quant, double_quant, budget, context, lang, session: ChatSession | None = None,
+             progress=gr.Progress()):
+        """Load the chosen model for this tab only; return (status, memory panel, model box, quant box).
 
-        After a failed load the model and quantization boxes go back to the model still in use, so
-        they never show a choice that is not the one answering."""
+        Other residents stay while they fit (the least recently used is unloaded otherwise); no other
+        tab's model changes. After a failed load the tab keeps its previous model and the boxes go back
+        to it, so they never show a choice that is not the one answering."""
         choice = self._choice(model, quant, double_quant, budget, context)
         try:
             settings = choice.load_settings(self.engine, lang, self.context_max)
             progress(0, desc=t("loading", lang, model=model, quant=quant))
-            # While it waits its turn, the engine's line is a Message ("another user's model is loading: …").
-            report = self.engine.load(choice.model, settings, progress=lambda f, m: progress(f, desc=explain(m, lang)))
+            # This tab's own model, kept resident next to the others while they fit; while it waits its turn,
+            # the engine's line is a Message ("another user's model is loading: …").
+            report = self.engine.ensure(choice.model, settings, progress=lambda f, m: progress(f, desc=explain(m, lang)))
         except Exception as e:  # noqa: BLE001 - the app stays up; a bug gets an id (failure_text)
             failed = t("load_failed", lang, error=failure_text(e, lang, "load"))
-            loaded = self.engine.loaded
-            if loaded is None:
-                return f"{failed}\n\n{render('no_model', lang)}", self.memory_html(lang, budget), gr.skip(), gr.skip()
-            kept = t("kept_model", lang, model=loaded.ref.label, quant=loaded.settings.quant.value)
-            return (f"{failed}\n\n{kept}", self.memory_html(lang, budget), loaded.ref.label,
-                    loaded.settings.quant.value)
-        return load_report_text(report, lang), self.memory_html(lang, budget), gr.skip(), gr.skip()
+            shown = self._choice_shown(session)
+            if shown is None:
+                return (f"{failed}\n\n{render('no_model', lang)}", self.memory_html(lang, budget, session=session),
+                        gr.skip(), gr.skip())
+            kept = t("kept_model", lang, model=shown[0], quant=shown[1])
+            return f"{failed}\n\n{kept}", self.memory_html(lang, budget, session=session), shown[0], shown[1]
+        if session is not None:
+            session.spec = ModelSpec(choice.model, settings, report.loaded.key)
+        return load_report_text(report, lang), self.memory_html(lang, budget, session=session), gr.skip(), gr.skip()
 
-    def current_model_text(self, lang: str) -> str:
-        """Which model is loaded now."""
-        loaded = self.engine.loaded
-        if loaded is None:
+    def current_model_text(self, lang: str, session: ChatSession | None = None) -> str:
+        """Which model this tab talks to."""
+        shown = self._choice_shown(session)
+        if shown is None:
             return render("no_model", lang)
-        return t("current_model", lang, model=loaded.ref.label, quant=loaded.settings.quant.value)
+        return t("current_model", lang, model=shown[0], quant=shown[1])
 
     # ----- chat ----------------------------------------------------------------------
     def _busy(self, session: ChatSession, lang: str) -> bool:
@@ -281,18 +274,19 @@ class ChatHandlers:
         stop_event = session.new_answer()  # fresh for every answer: an API caller never finds it set
         session.active = stop_event
         try:
-            yield from self._stream_answer(history, system_prompt, sampling, session.id, stop_event, lang, kv, policy)
+            yield from self._stream_answer(history, system_prompt, sampling, session, stop_event, lang, kv, policy)
         finally:
             if session.active is stop_event:
                 session.active = None
 
-    def _stream_answer(self, history: list, system_prompt: str, sampling: SamplingSettings, session_id: str,
+    def _stream_answer(self, history: list, system_prompt: str, sampling: SamplingSettings, session: ChatSession,
                        stop_event: threading.Event, lang: str, kv: str, policy: str) -> Iterator[list]:
         messages = ch.model_messages(history, system_prompt or "")
         history.append({"role": "assistant", "content": ""})
         noticed = False
+        loading_note = None
         try:
-            updates = self.engine.chat(messages, sampling, stop_event, session=session_id,
+            updates = self.engine.chat(messages, sampling, stop_event, session=session.id, spec=self.spec_of(session),
                                        kv=kv or KVPrecision.FULL.value, policy=policy or OverflowPolicy.DROP_OLDEST.value)
             for update in updates:
                 if update.waiting is not None:  # in line for the GPU: say where and why, in the answer's place
@@ -301,6 +295,13 @@ class ChatHandlers:
                     continue
                 if ch.is_ui_only(history[-1]):  # its turn came: the answer replaces the waiting line
                     history[-1] = {"role": "assistant", "content": ""}
+                if update.notice is not None:  # this tab's model being loaded for it: one line, updated in place
+                    if loading_note is None:
+                        loading_note = ch.ui_note("")
+                        history.insert(len(history) - 1, loading_note)
+                    loading_note["metadata"]["title"] = "⏳ " + explain(update.notice, lang)
+                    yield history
+                    continue
                 if update.stats.dropped_messages and not noticed:
                     # Say exactly what the model no longer sees, above the answer it affects.
                     noticed = True

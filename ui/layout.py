@@ -150,12 +150,15 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
                         fit = gr.Markdown(elem_id="fit")
                         load = gr.Button(i18n("load"), elem_id="load")
                         status = gr.Markdown(handlers.current_model_text("en"), elem_id="status")
+                        # The same line in every tab: which models are in memory, and which is being loaded.
+                        residents = gr.Markdown(handlers.residents_html("en"), elem_id="residents")
                         memory = gr.HTML(handlers.memory_html("en", gpu_budget), elem_id="memory")
             with gr.Tab(i18n("tab_compare"), id="compare", elem_id="tab-compare") as compare_tab:
                 build_compare_tab(engine, i18n, lang, budget, context, options)
         timer = gr.Timer(MEMORY_REFRESH_S)
 
         model_inputs = [model, quant, double_quant, budget, context, lang]
+        load_inputs = model_inputs + [session]  # a load is this tab's own: it sets the session's model
         load_outputs = [status, memory, model, quant]  # a failed load sets the boxes back to the model in use
         # After a load (and on page load), the sampling sliders follow the model's recommended values.
         sampling_step = (handlers.apply_sampling_defaults, [session, lang], [temperature, top_p, sampling_note])
@@ -167,7 +170,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
             header = request.headers.get("accept-language") if request is not None else None
             return language_from_header(header)
 
-        def relabel(code: str):
+        def relabel(code: str, session: ChatSession):
             """Every label, placeholder and translated option in language `code`."""
             choices = {  # dropdowns whose option names are translated too
                 "kv_precision": [(t(f"kv_{p.value}", code), p.value) for p in kv_precision_options(engine.device)],
@@ -176,7 +179,7 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
             return [gr.update(label=t(key, code), **({"choices": choices[key]} if key in choices else {}))
                     for key in LABELLED_KEYS] + [
                 gr.update(placeholder=t("message_placeholder", code)),
-                handlers.current_model_text(code),
+                handlers.current_model_text(code, session),
                 _quant_controls(engine, code)[1],
             ] + [gr.update(**{attr: t(key, code)}) for _, attr, key in TEXTS]
 
@@ -191,32 +194,34 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
                  (undo, "value", "undo"), (clear, "value", "clear"), (load, "value", "load"),
                  (settings, "label", "settings")]
         demo.load(pick_language, None, lang, queue=False, api_visibility="private")
-        lang.change(relabel, lang, labelled + [msg, status, quant_info] + [c for c, _, _ in TEXTS], queue=False,
+        lang.change(relabel, [lang, session], labelled + [msg, status, quant_info] + [c for c, _, _ in TEXTS], queue=False,
                     api_visibility="private").then(
             handlers.fit_check, model_inputs, fit, api_visibility="private"
         ).then(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
 
         # ----- model controls --------------------------------------------------------
-        # Only the chat ("answer") is public API; every other event is the page's own: a load switches the
-        # model for every user, so API clients must not reach it (when exposed, --auth guards the page too).
+        # Only the chat ("answer") is public API; every other event is the page's own: a load takes memory
+        # and may unload idle models, so API clients must not reach it (when exposed, --auth guards the page too).
         demo.load(handlers.fit_check, model_inputs, fit, api_visibility="private")
         for control in (double_quant, budget, context):
             control.change(handlers.fit_check, model_inputs, fit, api_visibility="private")
         for dropdown in (model, quant):
             # Switching from a dropdown loads at once (after the fit check says why/how).
             dropdown.input(handlers.fit_check, model_inputs, fit, api_visibility="private").then(
-                handlers.load, model_inputs, load_outputs, api_visibility="private"
+                handlers.load, load_inputs, load_outputs, api_visibility="private"
             ).then(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
-        load.click(handlers.load, model_inputs, load_outputs, api_visibility="private").then(
+        load.click(handlers.load, load_inputs, load_outputs, api_visibility="private").then(
             *sampling_step, queue=False, show_progress="hidden", api_visibility="private")
         start = demo.load(*sampling_step, queue=False, show_progress="hidden", api_visibility="private")
-        timer.tick(handlers.memory_html, [lang, budget, kv_precision], memory, show_progress="hidden", queue=False,
+        timer.tick(handlers.memory_html, [lang, budget, kv_precision, session], memory, show_progress="hidden",
+                   queue=False, api_visibility="private")
+        timer.tick(handlers.residents_html, lang, residents, show_progress="hidden", queue=False,
                    api_visibility="private")
 
         # The browser's saved chat comes back after the page's first step; save_step runs after each chat edit.
         save_step = persist.wire(demo, chatbot, session, lang, model, quant,
                                  [system_prompt, temperature, top_p, max_new, kv_precision, overflow, context, double_quant],
-                                 model_inputs, load_outputs, (handlers.fit_check, model_inputs, fit), start)
+                                 load_inputs, load_outputs, (handlers.fit_check, model_inputs, fit), start)
         saved = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
 
         # ----- chat ------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from models.facade import (
-    EngineMetrics, FitPlan, GenerationStats, GiB, LoadedModel, LoadReport, MemorySnapshot, MiB, Verdict,
+    EngineMetrics, FitPlan, GenerationStats, GiB, LoadedModel, LoadReport, MemorySnapshot, MiB, ResidentModel, Verdict,
     WAIT_SHOWN_S, remote_context, served_by,
 )
 
@@ -60,9 +60,11 @@ def split_text(split: dict, streamed: bool, lang: str) -> str:
 
 
 def load_report_text(report: LoadReport, lang: str) -> str:
-    """What the load did: time, split, predicted vs measured weights, and the unload before it."""
+    """What the load did for this tab: time, split, predicted vs measured weights, and any unload it needed."""
     loaded = report.loaded
-    if served_by(loaded) is not None:
+    if report.reused:  # already in memory (another tab's, or this tab's before): nothing was loaded
+        lines = [t("already_resident", lang, model=loaded.ref.label, quant=loaded.settings.quant.value)]
+    elif served_by(loaded) is not None:
         lines = [t("loaded_remote", lang, model=loaded.ref.location, seconds=loaded.load_seconds,
                    context=remote_context(loaded) or "–")]
     else:
@@ -75,7 +77,19 @@ def load_report_text(report: LoadReport, lang: str) -> str:
     for u in report.unloaded:
         lines.append(t("switched", lang, old=u.model_label, seconds=u.seconds, freed=fmt_bytes(u.freed_bytes),
                        residual=fmt_bytes(u.residual_bytes), switch=report.switch_seconds))
+    lines.append(t("only_this_tab", lang))
     return "\n\n".join(lines)
+
+
+def residents_text(residents: list[ResidentModel], device: str, lang: str) -> str:
+    """'On the GPU now: A (4bit), B (none) · loading C (4bit)…': the same line in every tab."""
+    models = [r.label + (t("resident_remote", lang) if r.where == "remote" else "") for r in residents if not r.loading]
+    loading = [r.label for r in residents if r.loading]
+    text = t("residents_gpu" if device == "cuda" else "residents_cpu", lang,
+             models=t("list_sep", lang).join(models) if models else t("residents_none", lang))
+    for label in loading:
+        text += t("residents_loading", lang, model=label)
+    return text
 
 
 def metrics_text(stats: GenerationStats, lang: str) -> str:
@@ -92,6 +106,10 @@ def metrics_text(stats: GenerationStats, lang: str) -> str:
         waited = t("waited", lang, seconds=f"{stats.waited_s:.1f}")
         if stats.turn_ttft_s is not None:
             turn = t("after_turn", lang, seconds=f"{stats.turn_ttft_s:.2f}")
+    # The model that wrote the answer ends the line (which starts with the wait, if any, then TTFT, as readers
+    # of it expect); it is kept with the chat: saved, exported, imported.
+    if stats.model:
+        extra += t("answered_by", lang, model=stats.model)
     return t("metrics", lang, waited=waited, ttft=ttft, turn=turn, tps=tps, tokens=stats.new_tokens, extra=extra)
 
 

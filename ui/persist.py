@@ -131,10 +131,12 @@ class ChatPersistence:
         note = t("persist_restored", lang, n=len(chat.messages)) if chat.messages else ""
         return [chat.messages] + settings + [chat.model or gr.skip(), chat.quant or gr.skip(), note, True]
 
-    def load_restored(self, saved, model, quant, double_quant, budget, context, lang, progress=gr.Progress()):
-        """Load the saved model choice when it is not the model in use (as picking it would); else nothing."""
+    def load_restored(self, saved, model, quant, double_quant, budget, context, lang, session: ChatSession | None = None,
+                      progress=gr.Progress()):
+        """Make the saved model choice this tab's own again (loading it if it is not in memory, as picking it
+        would); nothing when it is the model the tab talks to already."""
         engine = self.handlers.engine
-        loaded = engine.loaded
+        loaded = self.handlers.model_of(session)
         if not saved or not (saved.get("model") if isinstance(saved, dict) else None):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
@@ -144,11 +146,11 @@ class ChatPersistence:
             same = False  # an unknown or refused model: the load below says why
         if same:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return self.handlers.load(model, quant, double_quant, budget, context, lang, progress=progress)
+        return self.handlers.load(model, quant, double_quant, budget, context, lang, session, progress=progress)
 
     def restore_sampling(self, saved, session: ChatSession):
         """Temperature and top-p as saved, after any load (which would set the model's defaults)."""
-        loaded = self.handlers.engine.loaded
+        loaded = self.handlers.model_of(session)
         if loaded is not None:
             session.sampling_model = loaded.ref.label  # the sliders now hold this tab's own values
         settings = saved.get("settings", {}) if isinstance(saved, dict) else {}
@@ -187,7 +189,7 @@ class ChatPersistence:
             gr.Warning(t("persist_import_failed", lang, error=str(e)))
             return keep + [t("persist_import_failed", lang, error=str(e))]
         note = t("persist_imported", lang, n=len(chat.messages), name=name)
-        loaded = self.handlers.engine.loaded
+        loaded = self.handlers.model_of(session)
         if chat.model and (loaded is None or chat.model != loaded.ref.label or chat.quant != loaded.settings.quant.value):
             current = f"{loaded.ref.label} ({loaded.settings.quant.value})" if loaded else "–"
             note += " " + t("persist_other_model", lang, model=chat.model, quant=chat.quant or "none", current=current)
