@@ -331,25 +331,31 @@ class FastDecoder:
                          past_key_values=self.cache, use_cache=True, logits_to_keep=self._chunk_last)
         return out.logits[:, -1].float()
 
+    def _run_prefill_buckets(self) -> None:
+        """Run every bucket's padded forward once from position 0, each with its own valid last index."""
+        for bucket in (b for b in self.prefill_buckets if b <= self.cache_len):
+            self._set_length(0)
+            self._chunk_positions[:bucket].copy_(self.kv_positions[:bucket])
+            self._chunk_last.fill_(bucket - 1)
+            self._padded_forward(bucket)
+
     def _capture_prefill_graphs(self) -> None:
         """Capture the padded forward of every bucket (warm_up; the caller holds _busy)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        buckets = [b for b in self.prefill_buckets if b <= self.cache_len]
-        for bucket in buckets:
-            self._chunk_positions[:bucket].copy_(self.kv_positions[:bucket])
-            self._chunk_last.fill_(bucket - 1)
         with torch.cuda.stream(side):  # first runs (cuBLAS heuristics, Triton loading) off the capture stream
-            for bucket in buckets:
-                for _ in range(2):
-                    self._set_length(0)
-                    self._padded_forward(bucket)
+            for _ in range(2):
+                self._run_prefill_buckets()
         torch.cuda.current_stream(self.device).wait_stream(side)
+        buckets = [b for b in self.prefill_buckets if b <= self.cache_len]
         # The buckets never run at once and each keeps its output alive: one pool serves them all
         # (its size is the largest bucket's activations plus one layer's dequantized weight).
         pool = torch.cuda.graph_pool_handle()
         for bucket in buckets:
             self._set_length(0)
+            # The graph reads these at each replay; set here so that a capture sees valid indices.
+            self._chunk_positions[:bucket].copy_(self.kv_positions[:bucket])
+            self._chunk_last.fill_(bucket - 1)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self._padded_forward(bucket)
@@ -415,6 +421,7 @@ class FastDecoder:
                 self._capture_prefill_graphs()
             else:
                 self._decode_step(True)
+                self._run_prefill_buckets()  # what the capture runs first, checked without a GPU too
             self._set_length(0)
             self.token_ids = []
         self.compile_seconds = time.perf_counter() - started
