@@ -44,7 +44,10 @@ SHAPES = {"1.8b": "internlm2-chat-1.8b", "7b": "internlm2.5-7b-chat", "qwen7b": 
 LABELS = {"internlm2-chat-1.8b": "1.8B", "internlm2.5-7b-chat": "7B", "qwen2.5-7b-instruct": "Qwen-7B"}
 # path -> (quantization, stream offloaded layers with models/offload.py)
 PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf4": ("4bit", False),
-         "fast-int4": ("int4", False)}
+         "fast-int4": ("int4", False),
+         # The fast path less one of its parts, to tell what each one brings (or breaks):
+         "fast-int4-no-prefill-graphs": ("int4", False),  # prompt chunks unpadded and eager
+         "fast-int4-whole-compile": ("int4", False)}  # the whole forward compiled, not one layer for all
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -149,6 +152,12 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
     runtime = engine.cuda_runtime_bytes()
     bandwidth = copy_bandwidth()
     quant, stream = PATHS[path]
+    from models import fast_decode
+
+    if path == "fast-int4-no-prefill-graphs":
+        fast_decode.PREFILL_BUCKETS = ()
+    if path == "fast-int4-whole-compile":
+        fast_decode.supports_layer_loop = lambda model: False
     h2d = host_to_device_bandwidth()
     settings = LoadSettings(quant=Quant(quant), context_tokens=context, gpu_budget_bytes=int(budget_gib * GiB),
                             stream_offload=stream)
