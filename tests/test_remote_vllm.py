@@ -267,16 +267,22 @@ def test_stop_mid_answer_closes_the_stream_and_the_server_aborts_it(catalog, vll
 def test_chat_tab_answers_from_the_remote_engine(catalog, vllm_url):
     engine = Engine(catalog)
     handlers = ChatHandlers(engine)
-    handlers.load(f"openai:{vllm_url}#{SERVED_NAME}", "none", False, None, 4096, "en", progress=lambda *a, **k: None)
+    tab = ChatSession()  # the tab's own model is the remote one; the app's default stays none
+    status, panel, *_ = handlers.load(f"openai:{vllm_url}#{SERVED_NAME}", "none", False, None, 4096, "en", tab,
+                                      progress=lambda *a, **k: None)
+    assert "Engine KV cache in use:" in panel and engine.default_spec() is None
+    other_tab = list(handlers.answer([{"role": "user", "content": "What is the capital of France?"}], "", 0.0, 1.0,
+                                     48, ChatSession(), "en"))[-1]
+    assert "Paris" not in "".join(m["content"] for m in other_tab)  # no model of its own and no default
     from ui.layout import build_demo
 
     build_demo(engine).close()  # the whole app builds around a remote model (model box, memory panel)
     history = [{"role": "user", "content": "What is the capital of France?"}]
-    *_, last = handlers.answer(history, "", 0.0, 1.0, 48, ChatSession(), "en")
+    *_, last = handlers.answer(history, "", 0.0, 1.0, 48, tab, "en")
     assert "Paris" in last[-2]["content"] and "TTFT" in last[-1]["metadata"]["title"]
     # A chat longer than the server's context: its own message, and the chat is kept.
     history = last + [{"role": "user", "content": "word " * 3000}]
-    *_, last = handlers.answer(history, "", 0.0, 1.0, 48, ChatSession(), "en")
+    *_, last = handlers.answer(history, "", 0.0, 1.0, 48, tab, "en")
     assert last[:len(history)] == history
     assert "maximum context length is 2048 tokens" in last[-1]["metadata"]["title"]
 
