@@ -72,8 +72,13 @@ def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(bro
         page.click("ul[role='listbox'] li:has-text('none')")
         wait_for_status(page, "Loaded smollm2-135m-instruct (none")
         page.click("#settings")
-        page.fill("#settings textarea", "You are a terse assistant.")
-        page.locator("#settings textarea").blur()
+        system_prompt = page.locator("#settings textarea")
+        system_prompt.wait_for(timeout=15_000)
+        # The accordion mounts its controls lazily: text filled in within milliseconds of opening it never
+        # reached Gradio's value (every save then held ""). A person cannot type that fast; let it settle.
+        page.wait_for_timeout(500)
+        system_prompt.fill("You are a terse assistant.")
+        system_prompt.blur()
         box = page.locator("#max-new-tokens input[type='number']")
         box.fill("150")
         box.press("Enter")
