@@ -73,6 +73,19 @@ class _Closed(Exception):
     """The decoder was closed while its step was being compiled."""
 
 
+def _inductor_unless_closed(closed: threading.Event) -> Callable:
+    """torch.compile's Inductor backend, refused once `closed` is set: a decoder unloaded while its step
+    was still being traced skips Inductor (the long part), so its compile thread lets go of the model
+    within seconds. The backend holds only the event: dynamo keeps backends with its cache entries."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        if closed.is_set():
+            raise _Closed()
+        return compile_fx(gm, example_inputs)
+    return backend
+
+
 # ----- attention -------------------------------------------------------------------------
 def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for one query token over the whole static cache; anything else goes to SDPA.
@@ -221,17 +234,21 @@ class FastDecoder:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._forward = self._forward_eager  # swapped for the compiled step when it is ready
         self._busy = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 60.0) -> None:
         """The model is being unloaded: a background compile still running ends without swapping in.
 
-        (A compile cannot be interrupted mid-way: its thread holds the model until tracing and
-        Inductor finish, then drops it; with the on-disk cache that is seconds after a first load.)
+        Its thread holds the model until it ends, so the memory would stay taken after the unload:
+        wait for it (up to `wait_s`). Tracing cannot be interrupted, but Inductor is skipped once
+        closed (_inductor_unless_closed), so that is the tracing's few seconds at most.
         """
-        self._closed = True
+        self._closed.set()
         self.graphs = {}
         self.prefill_graphs = {}
+        thread = self._compile_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait_s)
 
     @property
     def cache_bytes(self) -> int:
@@ -457,7 +474,7 @@ class FastDecoder:
             if self._first_compiled_run.is_set():
                 return compiled(*args)
             with self._busy:
-                if self._closed:
+                if self._closed.is_set():
                     raise _Closed()
                 self._set_length(self.max_context)  # the scratch slot, beyond every answer's context
                 try:
@@ -469,9 +486,8 @@ class FastDecoder:
         return run
 
     def _backend(self):
-        from torch._inductor.compile_fx import compile_fx
-
-        return lambda gm, example_inputs: self._idle_first_run(compile_fx(gm, example_inputs))
+        inductor = _inductor_unless_closed(self._closed)
+        return lambda gm, example_inputs: self._idle_first_run(inductor(gm, example_inputs))
 
     def _compile_once(self) -> Callable:
         if supports_layer_loop(self.model):
@@ -491,7 +507,7 @@ class FastDecoder:
         Its first run (which compiles) writes into the scratch slot through write counters of its
         own, so it needs no idle decoder: nothing an answer reads or advances is touched."""
         loop = LayerLoop(self.model, self.cache)
-        layer_fn = torch.compile(run_layer, fullgraph=True)
+        layer_fn = torch.compile(run_layer, fullgraph=True, backend=_inductor_unless_closed(self._closed))
         positions = self.kv_positions[:self.windows[-1]]
         with torch.inference_mode():
             loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn,
@@ -512,7 +528,7 @@ class FastDecoder:
             try:
                 step = self._compile_once()
             except Exception:  # noqa: BLE001 - e.g. a corrupt or mismatched cache entry: rebuild once
-                if self.compile_cache_dir is None:
+                if self.compile_cache_dir is None or self._closed.is_set():
                     raise
                 log.warning("compiling the decode step failed; retrying with a fresh compile cache", exc_info=True)
                 compile_cache.reset(self.compile_cache_dir)
@@ -520,7 +536,7 @@ class FastDecoder:
                 self._first_compiled_run.clear()
                 step = self._compile_once()
             with self._busy, torch.inference_mode():
-                if self._closed:
+                if self._closed.is_set():
                     raise _Closed()
                 self._forward = step
                 if self.use_graphs:
@@ -528,9 +544,10 @@ class FastDecoder:
                 self._set_length(0)
                 self.token_ids = []
             self.compile_state = "compiled"
-        except _Closed:
-            self.compile_state = "off"
         except Exception as e:  # noqa: BLE001 - the uncompiled step keeps answering
+            if self._closed.is_set():  # unloaded meanwhile (dynamo wraps the backend's _Closed in its own error)
+                self.compile_state = "off"
+                return
             log.warning("the decode step could not be compiled; staying on the uncompiled step", exc_info=True)
             self.compile_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             self.compile_state = "failed"

@@ -347,3 +347,29 @@ def test_one_decoder_layer_is_traced_for_every_layer_and_equals_the_model(tmp_pa
         def update(self, k, v, layer_idx, *args, **kwargs):
             return cache.layers[layer_idx].update(k, v)
     assert traced_graphs(lambda loop: [WholeCache()] * 4) == 4
+
+
+def test_unloading_during_the_background_compile_ends_it_and_lets_go_of_the_model(tiny_llama, monkeypatch):
+    # A switch right after a load finds the step still compiling; the compile thread holds the model, so its
+    # memory would stay taken after the unload. close() waits for the thread, and Inductor (the long part of
+    # a compile) is skipped once closed, so that wait is the tracing's few seconds.
+    import gc
+    import weakref
+
+    import torch._inductor.compile_fx
+    from transformers import AutoModelForCausalLM
+
+    inductor_runs = []
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", lambda gm, _: inductor_runs.append(gm) or gm.forward)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    fast = FastDecoder(model, max_context=128, compile=True)
+    thread = fast.start_background_compile()
+    started = time.perf_counter()
+    fast.close()
+    took = time.perf_counter() - started
+    assert not thread.is_alive() and fast.compile_state == "off" and not fast.compile_error
+    assert not inductor_runs and took < 30, f"close() waited {took:.1f} s for the compile thread"
+    gone = weakref.ref(model)
+    del model, fast, thread
+    gc.collect()
+    assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())][:8]
