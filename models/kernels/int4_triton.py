@@ -42,10 +42,11 @@ if triton is not None:
     # words over threads; every thread then loaded and scaled x for only 4 rows and the s/o pair per
     # word, 9.3 SASS instructions per weight against ~3.5 now: instruction issue, not DRAM, was the
     # limit.) SPLIT > 1 gives a narrow or deep matrix enough programs to fill the GPU.
-    # These 5 of a 126-config sweep (BLOCK_N 32-256, SPLIT 1-64, 1-4 warps, 1 or 3 stages; H200, weights
-    # rotated past L2: bench/int4_gemv_sweep.py, results/int4_gemv_sweep_h200.*) come within 0.1 % of the sweep's best on every
-    # 1.8B/7B linear shape; the 14 tuned before were 10 % slower on average, and each config tried costs
-    # autotune time at a model's first load. The gain is from more programs in flight (SPLIT 32-64).
+    # These 5 of a 126-config sweep (BLOCK_N 32-256, SPLIT 1-64, 1-4 warps, 1 or 3 stages; H200,
+    # weights rotated past L2: bench/int4_gemv_sweep.py) come within 0.1 % of the sweep's best on
+    # every 1.8B/7B linear shape; the 14 tuned before were 10 % slower on average, and each config
+    # costs autotune time at a model's first load. The gain is from more programs in flight (SPLIT
+    # up to 64). Small matrices sit at a ~5 us floor per GEMV whatever the tile (launch + latency).
     _GEMV_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "SPLIT": sp}, num_warps=w, num_stages=1)
         for bn, sp, w in [(256, 16, 4), (256, 32, 4), (256, 64, 4), (64, 16, 1), (64, 32, 1)]
