@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .catalog import ModelShape
+from .kernels.split_k import partial_floats as int4_partial_floats
 from .messages import Message
 from .quant import Quant
 
@@ -24,7 +25,6 @@ NESTED_BLOCK = 256  # double quant: one fp32 absmax per 256 uint8 absmaxes
 INT4_GROUP = 128  # our int4 (models/kernels/int4.py): one bf16 scale + one bf16 offset per 128 weights of a row
 # in_features are padded to whole groups (the padding is stored too).
 INT4_IN_MULTIPLE = INT4_GROUP
-INT4_SPLIT_K = 8  # split-K GEMV workspace: this many fp32 partial sums per output, plus a counter
 # CUDA context right after CUDA init, outside torch's allocator. Used only when the
 # engine could not measure it on the running GPU (H100 + CUDA 13 measured 518 MiB).
 DEFAULT_CUDA_CONTEXT = 512 * MiB
@@ -183,7 +183,7 @@ def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_to
         # and the fast decoder's explicit [T, context] boolean attention mask.
         head = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size
         largest_n = max(largest_out, shape.vocab_size)
-        scratch = max(widest, head) * 2 + INT4_SPLIT_K * largest_n * 4 + largest_n * 4 + t * context_tokens
+        scratch = max(widest, head) * 2 + int4_partial_floats(largest_n) * 4 + largest_n * 4 + t * context_tokens
     else:
         scratch = 0
     cat_transient = 2 * kv_cache_bytes(shape, context_tokens, dtype_size) // shape.num_layers

@@ -62,6 +62,7 @@ def test_int4_linear_equals_the_dequantized_weight_with_bias_and_odd_shapes():
 _INTERPRETER_CHECK = r"""
 import json, sys, torch
 from models.kernels import int4, int4_triton
+from models.kernels.split_k import split_fits
 torch.manual_seed(0)
 shapes = json.loads(sys.argv[1])
 out = []
@@ -73,8 +74,9 @@ for n, k in shapes:
     ref = x.float() @ ref_w.T
     ws = int4.new_workspace(n, "cpu")
     errs = []
-    # SPLIT 3 and 16 leave some programs an uneven or empty share of the groups.
-    for cfg in (None, dict(BLOCK_N=16, SPLIT=1), dict(BLOCK_N=8, SPLIT=3), dict(BLOCK_N=32, SPLIT=16)):
+    # SPLIT 3, 16 and 64 leave some programs an uneven or empty share of the groups.
+    wide = [dict(BLOCK_N=16, SPLIT=64)] if split_fits(64, n) else []
+    for cfg in [None, dict(BLOCK_N=16, SPLIT=1), dict(BLOCK_N=8, SPLIT=3), dict(BLOCK_N=32, SPLIT=16)] + wide:
         y = int4_triton.gemv(x, q, s, o, k, ws, cfg)
         errs.append(float((y.float() - ref).norm() / ref.norm()))
         assert int(ws[1].abs().sum()) == 0, "split-K counters must be left at zero"
@@ -83,6 +85,19 @@ for n, k in shapes:
                                                                      / ref_w.abs().max())})
 print(json.dumps(out))
 """
+
+
+def test_every_split_the_gemv_may_take_fits_the_shared_workspace():
+    """The workspace is sized for the widest linear; a narrower one may split K more (up to 64 ways)."""
+    from models.kernels import split_k
+
+    for widest in (64, 1000, 2048, 14336, 92544, 152064):
+        room = split_k.partial_floats(widest)
+        for n in {8, 64, 1000, 2048, 4096, 14336, 16384, 16385, widest}:
+            fitting = [split for split in range(1, 129) if split <= 16 or (n <= widest and split_k.split_fits(split, n))]
+            assert all(split * n <= room for split in fitting if n <= widest), (widest, n)
+    assert split_k.split_fits(64, 4096) and not split_k.split_fits(64, 16385) and not split_k.split_fits(128, 8)
+    assert split_k.split_fits(16, 92544) and not split_k.split_fits(32, 92544)
 
 
 def test_triton_kernels_equal_the_reference_in_the_interpreter():

@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .split_k import partial_floats
+
 GROUP = 128
 WORDS_PER_GROUP = GROUP // 8  # 16 int32 words hold one group of 128 nibbles
 QUANTIZE_ROWS = 4096  # rows quantized at once: bounds the fp32/int64 temporaries (an lm_head is 92k rows)
@@ -145,12 +147,12 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}, int4"
 
 
-MAX_SPLIT = 16  # the most programs a GEMV splits K over (int4_triton.MAX_SPLIT)
-
-
 def new_workspace(max_out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K scratch for GEMVs with up to `max_out_features` outputs: fp32 partials and zeroed counters."""
-    return (torch.empty(MAX_SPLIT, max_out_features, dtype=torch.float32, device=device),
+    """Split-K scratch for GEMVs with up to `max_out_features` outputs: fp32 partials and zeroed counters.
+
+    The partials are flat: a GEMV splitting K `split` ways over N outputs uses split * N of them,
+    which split_k.split_fits keeps within this size (the GEMV's tile configs are pruned by it)."""
+    return (torch.empty(partial_floats(max_out_features), dtype=torch.float32, device=device),
             torch.zeros(max_out_features, dtype=torch.int32, device=device))
 
 
