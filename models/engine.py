@@ -58,8 +58,8 @@ class Engine:
         # takes its turn in the caller's thread and its worker thread gives it back when the computation ends.
         self._lock = GpuQueue()
         self._residents: OrderedDict[ModelKey, LoadedModel] = OrderedDict()  # least recently used first
-        self._chat_key: ModelKey | None = None  # the app's default model: sessions that chose none talk to it
-        self._chat_spec: tuple[str, LoadSettings] | None = None  # how to load it again if it was evicted
+        # The app's default model (sessions that chose none talk to it), and how to load it again if evicted.
+        self._chat_key, self._chat_spec = None, None
         self._loading: str | None = None  # the model being loaded now, for the status every tab shows
         self._sessions = SessionCacheStore()
         self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget
@@ -98,6 +98,10 @@ class Engine:
     def default_spec(self) -> ModelSpec | None:
         """The app's default model as a choice (what a session that chose none talks to), or None."""
         return ModelSpec(*self._chat_spec, key=self._chat_key) if self._chat_spec is not None else None
+
+    def make_default(self, choice: str, settings: LoadSettings) -> None:
+        """Sessions that chose no model of their own talk to this one from now on (a script's load, like --model)."""
+        self._chat_key, self._chat_spec = self.model_key(choice, settings), (choice, self._with_cache_dir(settings))
 
     def quant_options(self) -> list[QuantOption]:
         """Quantizations with whether each runs on this machine (and why not)."""
@@ -177,10 +181,8 @@ class Engine:
                        gpu_bytes_per_device=less_held(budget.gpu_bytes_per_device, held))
 
     def plan(self, choice: str, settings: LoadSettings, keep: tuple[ModelKey, ...] = ()) -> tuple[ModelRef, FitPlan]:
-        """Will it fit? The plan for a model and settings, before anything is loaded.
-
-        Memory of resident models is counted as given back, except for those in `keep`.
-        """
+        """Will it fit? The plan for a model and settings, before anything is loaded (memory of resident models
+        counted as given back, except for those in `keep`)."""
         ref = self.resolve(choice)
         if ref.kind == "remote":
             return ref, remote_plan(ref, settings)
@@ -264,11 +266,9 @@ class Engine:
 
     def _connect_remote(self, ref: ModelRef, key: ModelKey, settings: LoadSettings,
                         switch: tuple[str, LoadSettings] | None = None) -> LoadReport:
-        """Make a remote engine's model resident; with `switch`, as the Chat tab's model, unloading the others.
-
-        The server is checked first, outside the lock: an unreachable or wrong one leaves
-        everything loaded as it was (and never holds up other users' answers while it times out).
-        """
+        """Make a remote engine's model resident; with `switch`, as the default model, unloading the others. The
+        server is checked first, outside the lock: an unreachable or wrong one leaves everything loaded as it was
+        (and never holds up other users' answers while it times out)."""
         started = time.perf_counter()
         loaded = connect_loaded(ref, settings)
         with self._lock:

@@ -2,6 +2,7 @@
 own model (its label and its answers), both see what is in memory, and each answer names the model that wrote it."""
 
 import json
+import re
 
 import pytest
 
@@ -47,9 +48,11 @@ def test_tab_b_switching_to_4bit_changes_nothing_in_tab_a(browser, app_url, embe
         wait_text(tab_b, "#status", "Only this tab switched")
         assert "Loaded smollm2-135m-instruct" in tab_b.inner_text("#status")
         # Tab A: its own label and model box are unchanged; the shared line (a 1 s timer) shows both models.
-        wait_text(tab_a, "#residents", "smollm2-135m-instruct (4bit)", timeout=15_000)
-        assert "smollm2-135m-instruct (none)" in tab_a.inner_text("#residents")
-        assert tab_a.inner_text("#residents").startswith("In memory now:")
+        # (Once B's load has ended: a tick answered during it said "loading … (4bit)".)
+        tab_a.wait_for_function("(t => t.includes('smollm2-135m-instruct (4bit)') && !t.includes('loading'))"
+                                "(document.querySelector('#residents').innerText)", timeout=15_000)
+        residents = tab_a.inner_text("#residents")  # may start with the timer's pending-time overlay ("0.1s")
+        assert "smollm2-135m-instruct (none)" in residents and re.search(r"^In memory now: ", residents, re.M), residents
         assert "Current model: smollm2-135m-instruct (none)" in tab_a.inner_text("#status")
         assert tab_a.input_value("#quant input") == "none"
         # Each answers with its own model, alternately, and each answer names it.

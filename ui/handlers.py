@@ -187,15 +187,14 @@ class ChatHandlers:
         Other residents stay while they fit (the least recently used is unloaded otherwise); no other
         tab's model changes. After a failed load the tab keeps its previous model and the boxes go back
         to it, so they never show a choice that is not the one answering. Without a session (a script, not
-        a tab) it switches the app's default model, as `--model` does at start."""
+        a tab) the model also becomes the app's default, as `--model` makes it at start."""
         choice = self._choice(model, quant, double_quant, budget, context)
         try:
             settings = choice.load_settings(self.engine, lang, self.context_max)
             progress(0, desc=t("loading", lang, model=model, quant=quant))
             # This tab's own model, kept resident next to the others while they fit; while it waits its turn,
             # the engine's line is a Message ("another user's model is loading: …").
-            load = self.engine.ensure if session is not None else self.engine.load
-            report = load(choice.model, settings, progress=lambda f, m: progress(f, desc=explain(m, lang)))
+            report = self.engine.ensure(choice.model, settings, progress=lambda f, m: progress(f, desc=explain(m, lang)))
         except Exception as e:  # noqa: BLE001 - the app stays up; a bug gets an id (failure_text)
             failed = t("load_failed", lang, error=failure_text(e, lang, "load"))
             shown = self._choice_shown(session)
@@ -206,6 +205,8 @@ class ChatHandlers:
             return f"{failed}\n\n{kept}", self.memory_html(lang, budget, session=session), shown[0], shown[1]
         if session is not None:
             session.spec = ModelSpec(choice.model, settings, report.loaded.key)
+        else:
+            self.engine.make_default(choice.model, settings)
         return load_report_text(report, lang), self.memory_html(lang, budget, session=session), gr.skip(), gr.skip()
 
     def current_model_text(self, lang: str, session: ChatSession | None = None) -> str:
