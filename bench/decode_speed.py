@@ -47,7 +47,8 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          "fast-int4": ("int4", False),
          # The fast path less one of its parts, to tell what each one brings (or breaks):
          "fast-int4-no-prefill-graphs": ("int4", False),  # prompt chunks unpadded and eager
-         "fast-int4-whole-compile": ("int4", False)}  # the whole forward compiled, not one layer for all
+         "fast-int4-whole-compile": ("int4", False),  # the whole forward compiled, not one layer for all
+         "fast-int4-unfused": ("int4", False)}  # q/k/v and gate/up kept as separate GEMVs (7 a layer, not 4)
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -156,6 +157,10 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
 
     if path == "fast-int4-no-prefill-graphs":
         fast_decode.PREFILL_BUCKETS = ()
+    if path == "fast-int4-unfused":
+        from models import fused_projections
+
+        fused_projections.fuse_projections = lambda model: 0
     if path == "fast-int4-whole-compile":
         fast_decode.supports_layer_loop = lambda model: False
     h2d = host_to_device_bandwidth()
@@ -179,7 +184,8 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
                      uncompiled_step_ms=step_ms(loaded.fast))
         loaded.fast.wait_compiled()
         extra.update(full_speed_s=time.perf_counter() - started, compile_state=loaded.fast.compile_status(),
-                     background_compile_s=loaded.fast.background_compile_seconds, warm_compile_cache=warm_cache)
+                     background_compile_s=loaded.fast.background_compile_seconds, warm_compile_cache=warm_cache,
+                     phases={k: round(v, 2) for k, v in loaded.fast.phases.items()})
     runs = []
     # A short first run pays one-off kernel loading; the second (full) run is reported.
     for sampling in (SamplingSettings(max_new_tokens=4, temperature=0), greedy):
@@ -236,6 +242,7 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         row.update(prompt_ttfts(loaded.fast, loaded.tokenizer, long_ids))
         if 512 in loaded.fast.prefill_graphs:
             row["prefill_512_graph_ms"] = prefill_graph_ms(loaded.fast, 512)
+            row["prefill_512_kernels"] = prefill_kernels(loaded.fast, 512)
         # The naive baseline in the same process: the same prompts through the eager (unpadded,
         # uncaptured) multi-token forward, as before prefill graphs.
         buckets, loaded.fast.prefill_buckets = loaded.fast.prefill_buckets, ()
@@ -289,6 +296,26 @@ def prefill_graph_ms(fast, bucket: int, reps: int = 10) -> float:
         fast._set_length(0)
         fast.token_ids = []
     return start.elapsed_time(end) / reps
+
+
+def prefill_kernels(fast, bucket: int = 512, reps: int = 4, n: int = 14) -> list[dict]:
+    """CUDA kernels of one captured `bucket`-token prefill chunk, most time first (per chunk, torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graph, _ = fast.prefill_graphs[bucket]
+    with fast._busy, torch.inference_mode():
+        fast._chunk_positions[:bucket].copy_(fast.kv_positions[:bucket])
+        fast._chunk_last.fill_(bucket - 1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fast._set_length(0)
+                graph.replay()
+            torch.cuda.synchronize()
+        fast._set_length(0)
+        fast.token_ids = []
+    return [{"kernel": e.key[:90], "calls": e.count // reps, "ms_per_chunk": e.device_time_total / 1e3 / reps}
+            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:n]]
 
 
 def zip_prefix(a, b):
@@ -378,11 +405,23 @@ def markdown(path: str) -> str:
                 f"{r['uncompiled_decode_tok_s'] or 0:.0f} | {r['decode_tok_s'] or 0:.0f} | {r['ttft_ms']:.0f}{was('ttft_ms')} | "
                 f"{r['long_ttft_ms']:.0f}{was('long_ttft_ms')} ({r['long_prompt']}) | "
                 f"{r['reused_turn_ttft_ms']:.0f}{was('reused_turn_ttft_ms')} ({r['reused_turn_new_tokens']}) |")
+        phased = [r for r in fast_rows if r.get("phases")]
+        if phased:
+            lines += ["", "Where the ready and full-speed seconds go (load = weights read, fused, quantized onto the GPU):", ""]
+            for r in phased:
+                parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}" for k, v in r["phases"].items())
+                lines.append(f"- {LABELS.get(r['shape'], r['shape'])} {r['path']}: load {r['load_s'] - r['compile_s']:.1f}, "
+                             f"{parts} s")
         graphs = [r for r in fast_rows if "prefill_512_graph_ms" in r]
         if graphs:
             lines += ["", "Device time of one captured 512-token prefill chunk (the TTFT's GPU bound): " + ", ".join(
                 f"{LABELS.get(r['shape'], r['shape'])} {r['prefill_512_graph_ms']:.1f} ms" for r in graphs)]
     for r in rows:
+        if r.get("prefill_512_kernels"):
+            model = LABELS.get(r["shape"], r["shape"])
+            lines += ["", f"Kernels of one captured 512-token prefill chunk, {model} {r['path']}:", "",
+                      "| kernel | calls | ms |", "|---|---|---|"]
+            lines += [f"| `{k['kernel']}` | {k['calls']} | {k['ms_per_chunk']:.2f} |" for k in r["prefill_512_kernels"]]
         if r.get("top_kernels"):
             model = LABELS.get(r["shape"], r["shape"])
             lines += ["", f"Top kernels, {model} {r['path']}, 32 decode steps (+ one 512-token prefill):", "",

@@ -7,7 +7,9 @@
    tile-packed: the previous fast path) and our GEMV. Effective GB/s = weight bytes / time, and its
    fraction of the device copy rate measured in the same process.
 3. Prefill (M = 512, 4096): the same layers as one forward, bf16 cuBLAS vs tinygemm vs our
-   dequantize + cuBLAS.
+   dequantize + cuBLAS. `ours-fused` is ours with q/k/v and gate/up as one linear each (4 GEMVs a
+   layer instead of 7, as the app loads them: models/fused_projections.py).
+4. The floor: what a kernel that does nothing costs in a graph, next to our GEMV on tiny matrices.
 
     python bench/int4_kernels.py [--shapes 7b 1.8b qwen7b] [--out results.jsonl]
 """
@@ -32,6 +34,14 @@ LAYERS = {
     "1.8b": (24, [(2048, 2048), (2048, 1024), (2048, 1024), (2048, 2048), (2048, 8192), (2048, 8192), (8192, 2048)]),
     "qwen7b": (28, [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944), (18944, 3584)]),
 }
+
+
+def fused(linears: list) -> list:
+    """The same layer with q/k/v and gate/up as one linear each (models/fused_projections.py)."""
+    (k, q), (_, kv), _, o, (_, i), _, down = linears
+    return [(k, q + 2 * kv), o, (k, 2 * i), down]
+
+
 CHECK_SHAPES = [(1, 128), (7, 200), (33, 1000), (4096, 4096), (1024, 4096), (4096, 14336), (14336, 4096),
                 (2048, 8192), (92544 // 8, 4096), (513, 3584), (18944, 3584), (3, 64)]
 
@@ -67,6 +77,46 @@ def check(rows: list) -> None:
         print(json.dumps(rows[-1]), flush=True)
 
 
+def launch_floor(rows: list, launches: int = 160) -> None:
+    """What one kernel costs in a CUDA graph when it does (almost) nothing: the floor under every GEMV.
+
+    `launches` kernels back to back in one graph (a 7B decode step ran 224 GEMVs, 128 fused): an
+    empty Triton kernel on 1 and on 528 programs, our GEMV on a 128x128 matrix (one program, no
+    split) and on a 1024x4096 k_proj (2.2 MB, 0.5 us at the copy rate)."""
+    import triton
+
+    from models.kernels import int4, int4_triton
+
+    x = torch.zeros(1, device="cuda")
+    cases = {"empty kernel, 1 program": lambda: _empty_kernel[(1,)](x),
+             "empty kernel, 528 programs": lambda: _empty_kernel[(528,)](x)}
+    for n, k in [(128, 128), (1024, 4096)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        q, s, o = int4.quantize(w)
+        xin = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ws = int4.new_workspace(n, xin.device)
+        int4_triton.gemv(xin, q, s, o, k, ws)  # tune once, outside the graph
+        cases[f"our GEMV {n}x{k}"] = (lambda xin=xin, q=q, s=s, o=o, k=k, ws=ws:
+                                      int4_triton.gemv(xin, q, s, o, k, ws))
+    for name, fn in cases.items():
+        ms = graph_ms(lambda fn=fn: [fn() for _ in range(launches)])
+        rows.append({"floor": name, "launches": launches, "us_per_kernel": round(1e3 * ms / launches, 2),
+                     "triton": triton.__version__})
+        print(json.dumps(rows[-1]), flush=True)
+
+
+try:
+    import triton as _triton
+    import triton.language as _tl
+
+    @_triton.jit
+    def _empty_kernel(x_ptr):
+        """Does nothing: its cost in a graph is the launch and scheduling floor."""
+        pass
+except ImportError:  # a CPU-only torch: this bench needs a GPU anyway
+    _empty_kernel = None
+
+
 def graph_ms(fn, reps: int = 20) -> float:
     """Mean ms of `reps` replays of fn captured as one CUDA graph."""
     side = torch.cuda.Stream()
@@ -98,11 +148,17 @@ def timed_ms(fn, reps: int = 5) -> float:
     return s.elapsed_time(e) / reps
 
 
+def layer_shapes(kind: str, shape: str) -> tuple[int, list]:
+    """(layers, the (K, N) of one layer's linears) for `kind`: ours-fused runs q/k/v and gate/up as one each."""
+    n_layers, linears = LAYERS[shape]
+    return n_layers, fused(linears) if kind == "ours-fused" else linears
+
+
 def build(kind: str, shape: str):
-    """One decode step's linears as modules of `kind` (bf16 | tinygemm | ours)."""
+    """One decode step's linears as modules of `kind` (bf16 | tinygemm | ours | ours-fused)."""
     from models.kernels.int4 import Int4Linear
 
-    n_layers, linears = LAYERS[shape]
+    n_layers, linears = layer_shapes(kind, shape)
     mods = []
     for _ in range(n_layers):
         layer = []
@@ -115,19 +171,19 @@ def build(kind: str, shape: str):
                 wrapper = torch.nn.Sequential(lin)
                 quantize_(wrapper, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
                 lin = wrapper[0]
-            elif kind == "ours":
+            elif kind.startswith("ours"):
                 lin = Int4Linear.from_linear(lin)
             layer.append(lin)
         mods.append(layer)
-    if kind == "ours":
+    if kind.startswith("ours"):
         from models.kernels.int4 import share_workspace
 
         share_workspace(torch.nn.ModuleList([m for layer in mods for m in layer]))
     return mods
 
 
-def step_fn(mods, shape: str, tokens: int):
-    _, linears = LAYERS[shape]
+def step_fn(mods, shape: str, tokens: int, kind: str = "ours"):
+    _, linears = layer_shapes(kind, shape)
     inputs = {k: torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for k, _ in linears}
 
     def run():
@@ -142,7 +198,8 @@ def step_fn(mods, shape: str, tokens: int):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="*", default=["7b", "1.8b", "qwen7b"])
-    p.add_argument("--kinds", nargs="*", default=["bf16", "tinygemm", "ours"])
+    p.add_argument("--kinds", nargs="*", default=["bf16", "tinygemm", "ours", "ours-fused"])
+    p.add_argument("--no-floor", action="store_true", help="skip the per-kernel launch floor")
     p.add_argument("--prefill", nargs="*", type=int, default=[512, 4096])
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -155,6 +212,8 @@ def main() -> None:
     print(json.dumps(head), flush=True)
     rows.append(head)
     check(rows)
+    if not a.no_floor:
+        launch_floor(rows)
     for shape in a.shapes:
         n_layers, linears = LAYERS[shape]
         params = n_layers * sum(k * n for k, n in linears)
@@ -164,7 +223,7 @@ def main() -> None:
                 mods = build(kind, shape)
                 build_s = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                one = step_fn(mods, shape, 1)
+                one = step_fn(mods, shape, 1, kind)
                 one()  # autotunes ours on first call per (N, K)
                 torch.cuda.synchronize()
                 tune_s = time.perf_counter() - t1
@@ -179,7 +238,7 @@ def main() -> None:
                    "build_s": round(build_s, 1), "first_call_s": round(tune_s, 1)}
             for t in a.prefill:
                 try:
-                    row[f"prefill_{t}_ms"] = round(timed_ms(step_fn(mods, shape, t), reps=3), 2)
+                    row[f"prefill_{t}_ms"] = round(timed_ms(step_fn(mods, shape, t, kind), reps=3), 2)
                 except torch.OutOfMemoryError:
                     row[f"prefill_{t}_ms"] = None
                 torch.cuda.empty_cache()
@@ -197,6 +256,11 @@ def main() -> None:
         if "decode_ms" in r:
             print(f"| {r['shape']} | {r['kind']} | {r['decode_ms']} | {r['eff_gbps']} | {r['of_copy']:.0%} | "
                   f"{r.get('prefill_512_ms')} | {r.get('prefill_4096_ms')} |")
+    floors = [r for r in rows if "floor" in r]
+    if floors:
+        print("\n| kernel, back to back in one CUDA graph | us per kernel |\n|---|---|")
+        for r in floors:
+            print(f"| {r['floor']} | {r['us_per_kernel']} |")
     bad = [r for r in rows if r.get("ok") is False]
     print(f"\n{head['gpu']}, copy {head['copy_gbps']} GB/s; checks: {sum(1 for r in rows if r.get('ok'))} ok, "
           f"{len(bad)} failed")

@@ -222,6 +222,7 @@ class FastDecoder:
         # (the prefill runs the uncompiled model: its matmuls are cuBLAS's, nothing to compile).
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compile_seconds = 0.0  # warm_up: capturing the uncompiled step (what a load waits for)
+        self.phases: dict[str, float] = {}  # seconds of each part of warm_up and of the background compile
         self.captures = 0  # graph captures so far (warm-up and the compiled swap only: never per request)
         self.compile_state = "off" if not self.compile_enabled else "pending"  # pending | compiling | compiled | failed
         self.compile_error = ""
@@ -434,8 +435,12 @@ class FastDecoder:
             n = min(8, self.max_context - 4)
             self._prefill(list(range(n)), 0)
             if self.use_graphs:
+                torch.cuda.synchronize(self.device)
+                self.phases["warm_up_first_forward_s"] = time.perf_counter() - started  # GEMV tuning, kernel loads
                 self._capture_graphs(n)
+                self.phases["warm_up_decode_graphs_s"] = time.perf_counter() - started - sum(self.phases.values())
                 self._capture_prefill_graphs()
+                self.phases["warm_up_prefill_graphs_s"] = time.perf_counter() - started - sum(self.phases.values())
             else:
                 self._decode_step(True)
                 self._run_prefill_buckets()  # what the capture runs first, checked without a GPU too
@@ -535,12 +540,15 @@ class FastDecoder:
                 torch._dynamo.reset()
                 self._first_compiled_run.clear()
                 step = self._compile_once()
+            self.phases["compile_trace_and_build_s"] = time.perf_counter() - self._compile_started
             with self._busy, torch.inference_mode():
                 if self._closed.is_set():
                     raise _Closed()
+                waited = time.perf_counter()
                 self._forward = step
                 if self.use_graphs:
                     self._capture_graphs(min(8, self.max_context - 4))
+                self.phases["compile_capture_s"] = time.perf_counter() - waited
                 self._set_length(0)
                 self.token_ids = []
             self.compile_state = "compiled"

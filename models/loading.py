@@ -259,10 +259,12 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         model.generation_config.pad_token_id = tokenizer.eos_token_id
     fast = None
     if settings.quant is Quant.INT4:
+        from .fused_projections import fuse_projections
         from .kernels.int4 import quantize_model
 
         failure = None
         try:
+            fuse_projections(model)  # q/k/v and gate/up as one GEMV each (fused before quantizing: exact)
             quantize_model(model, torch.device("cuda", 0), lambda f, m: _progress(progress, 0.6 + 0.15 * f, m))
             fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress, cache_dir)
         except torch.OutOfMemoryError:

@@ -179,11 +179,13 @@ def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_to
         scratch = t * (shape.intermediate_size + largest_out * 4 + largest_out * 2)
     elif quant is Quant.INT4:
         # A prefill dequantizes one linear at a time into a bf16 temporary for cuBLAS (the
-        # widest: [K, N] of the MLP, or the lm_head's when untied); the split-K GEMV workspace;
-        # and the fast decoder's explicit [T, context] boolean attention mask.
+        # widest: the fused gate/up [K, 2 x intermediate] (fused_projections.py), or the lm_head's
+        # when untied); the split-K GEMV workspace; and the fast decoder's explicit [T, context]
+        # boolean attention mask.
         head = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size
-        largest_n = max(largest_out, shape.vocab_size)
-        scratch = max(widest, head) * 2 + int4_partial_floats(largest_n) * 4 + largest_n * 4 + t * context_tokens
+        fused = max(2 * shape.intermediate_size, qkv) * shape.hidden_size
+        largest_n = max(largest_out, 2 * shape.intermediate_size, qkv, shape.vocab_size)
+        scratch = max(widest, fused, head) * 2 + int4_partial_floats(largest_n) * 4 + largest_n * 4 + t * context_tokens
     else:
         scratch = 0
     cat_transient = 2 * kv_cache_bytes(shape, context_tokens, dtype_size) // shape.num_layers

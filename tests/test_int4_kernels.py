@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.fused_projections import fuse_projections
 from models.kernels import int4
 from models.kernels.int4 import Int4Linear, dequantize_reference, quantize, quantize_model
 
@@ -119,6 +120,7 @@ def tiny_int4(tiny_llama):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    assert fuse_projections(model) > 0  # as the app loads the int4 path
     assert quantize_model(model, torch.device("cpu")) > 0
     return model, tokenizer
 
@@ -196,10 +198,12 @@ import json, sys, threading, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.fast_decode import FastDecoder
 from models.generation import SamplingSettings
+from models.fused_projections import fuse_projections
 from models.kernels.int4 import quantize_model
 folder, cache, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+fuse_projections(model)
 quantize_model(model, torch.device("cpu"))
 fast = FastDecoder(model, max_context=96, compile=True, compile_cache_dir=cache)
 fast.warm_up()
