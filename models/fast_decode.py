@@ -26,7 +26,9 @@ Why each piece:
   which reads a long cache at a fraction of the memory bandwidth.
 - Attention reads only the filled part of the cache: the step takes a window of the first W
   cache positions (W = 512, 1k, 2k, ... up to the whole cache), one CUDA graph per window, and
-  each chunk of tokens replays the smallest window that holds it. Over a 4k cache that read was
+  each chunk of tokens replays the smallest window that holds it. Full-length prompt chunks do
+  the same (a graph per window for the largest bucket): a long prompt's first chunks then
+  attend over 512 or 1k positions, not the whole cache. Over a 4k cache that read was
   ~0.5 ms of a 4.2 ms 7B step whatever the chat's length (bench/results/decode_speed_h200_s15.md).
   The compiled step is compiled once with the window length dynamic, not once per window.
 """
@@ -96,6 +98,8 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
+        if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:  # a windowed prompt chunk
+            key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     window = attention_mask.shape[-1]  # the first `window` cache positions (FastDecoder.windows)
     key, value = key[:, :, :window], value[:, :, :window]
@@ -218,9 +222,9 @@ class FastDecoder:
         self.token_ids: list[int] = []  # tokens whose keys/values the cache holds, in order
         self.reused_tokens = 0  # prompt tokens the last answer took from the cache
         self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}  # (greedy?, window) -> captured step
-        # bucket -> (captured padded forward, its logits): captured once at warm_up, never recaptured
-        # (the prefill runs the uncompiled model: its matmuls are cuBLAS's, nothing to compile).
-        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, window) -> (captured padded forward, its logits): captured once at warm_up, never
+        # recaptured (the prefill runs the uncompiled model: its matmuls are cuBLAS's, nothing to compile).
+        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compile_seconds = 0.0  # warm_up: capturing the uncompiled step (what a load waits for)
         self.phases: dict[str, float] = {}  # seconds of each part of warm_up and of the background compile
         self.captures = 0  # graph captures so far (warm-up and the compiled swap only: never per request)
@@ -318,6 +322,7 @@ class FastDecoder:
             t = chunk.shape[0]
             self._set_length(a)  # a padded chunk advanced the cache's write index past its real tokens
             bucket = self._bucket_for(a, t)
+            window = self._prefill_window_for(bucket, a + bucket) if bucket else 0
             if bucket is None:
                 positions = self.kv_positions[a:a + t]
                 mask = (self.kv_positions[None, :] <= positions[:, None]).view(1, 1, t, -1)  # [1, 1, T, L]
@@ -327,9 +332,9 @@ class FastDecoder:
             self._chunk_ids[0, :t].copy_(chunk)  # the pad keeps whatever ids were there: never attended to
             self._chunk_positions[:bucket].copy_(self.kv_positions[a:a + bucket])
             self._chunk_last.fill_(t - 1)
-            captured = self.prefill_graphs.get(bucket)
+            captured = self.prefill_graphs.get((bucket, window))
             if captured is None:
-                logits = self._padded_forward(bucket)
+                logits = self._padded_forward(bucket, window)
             else:
                 graph, out = captured
                 graph.replay()
@@ -341,21 +346,38 @@ class FastDecoder:
         """The padded length for a chunk of `tokens` written from `start` (None: run it unpadded)."""
         return next((b for b in self.prefill_buckets if b >= tokens and start + b <= self.cache_len), None)
 
-    def _padded_forward(self, bucket: int) -> torch.Tensor:
-        """Logits [1, V] (fp32) of the chunk's last real token; the chunk buffers hold `bucket` tokens."""
+    def _prefill_windows(self, bucket: int) -> list[int]:
+        """Attention windows a chunk padded to `bucket` runs with: every window for the largest bucket
+        (long prompts, whose early chunks need few positions), only the whole cache for the rest
+        (short remainders: their attention is small, and each graph costs capture time at load)."""
+        if bucket != max(self.prefill_buckets, default=bucket):
+            return [self.cache_len]
+        return [w for w in self.windows if w >= bucket] + [self.cache_len]
+
+    def _prefill_window_for(self, bucket: int, end: int) -> int:
+        """The smallest of the bucket's windows holding cache positions 0 .. end-1."""
+        return next(w for w in self._prefill_windows(bucket) if w >= end)
+
+    def _padded_forward(self, bucket: int, window: int) -> torch.Tensor:
+        """Logits [1, V] (fp32) of the chunk's last real token; the chunk buffers hold `bucket` tokens,
+        which attend over the first `window` cache positions."""
         positions = self._chunk_positions[:bucket]
-        mask = (self.kv_positions[None, :] <= positions[:, None]).view(1, 1, bucket, -1)  # [1, 1, T, L]
+        mask = (self.kv_positions[None, :window] <= positions[:, None]).view(1, 1, bucket, window)  # [1, 1, T, W]
         out = self.model(input_ids=self._chunk_ids[:, :bucket], position_ids=positions.view(1, -1), attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=self._chunk_last)
         return out.logits[:, -1].float()
 
+    def _prefill_pairs(self) -> list[tuple[int, int]]:
+        """Every (bucket, window) a prompt chunk can run with: what warm_up captures."""
+        return [(b, w) for b in self.prefill_buckets if b <= self.cache_len for w in self._prefill_windows(b)]
+
     def _run_prefill_buckets(self) -> None:
-        """Run every bucket's padded forward once from position 0, each with its own valid last index."""
-        for bucket in (b for b in self.prefill_buckets if b <= self.cache_len):
+        """Run every (bucket, window)'s padded forward once from position 0, each with its own valid last index."""
+        for bucket, window in self._prefill_pairs():
             self._set_length(0)
             self._chunk_positions[:bucket].copy_(self.kv_positions[:bucket])
             self._chunk_last.fill_(bucket - 1)
-            self._padded_forward(bucket)
+            self._padded_forward(bucket, window)
 
     def _capture_prefill_graphs(self) -> None:
         """Capture the padded forward of every bucket (warm_up; the caller holds _busy)."""
@@ -365,19 +387,18 @@ class FastDecoder:
             for _ in range(2):
                 self._run_prefill_buckets()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        buckets = [b for b in self.prefill_buckets if b <= self.cache_len]
-        # The buckets never run at once and each keeps its output alive: one pool serves them all
+        # The graphs never run at once and each keeps its output alive: one pool serves them all
         # (its size is the largest bucket's activations plus one layer's dequantized weight).
         pool = torch.cuda.graph_pool_handle()
-        for bucket in buckets:
+        for bucket, window in self._prefill_pairs():
             self._set_length(0)
             # The graph reads these at each replay; set here so that a capture sees valid indices.
             self._chunk_positions[:bucket].copy_(self.kv_positions[:bucket])
             self._chunk_last.fill_(bucket - 1)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = self._padded_forward(bucket)
-            self.prefill_graphs[bucket] = (graph, out)
+                out = self._padded_forward(bucket, window)
+            self.prefill_graphs[(bucket, window)] = (graph, out)
             self.captures += 1
         torch.cuda.synchronize(self.device)
 

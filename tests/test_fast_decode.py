@@ -109,7 +109,20 @@ def test_prompts_padded_to_prefill_buckets_give_the_same_answers(tiny):
     assert fast.cache_len == 768
     assert [fast._bucket_for(0, t) for t in (1, 64, 65, 256, 257)] == [64, 64, 256, 256, None]
     assert fast._bucket_for(600, 100) is None and fast._bucket_for(700, 60) == 64  # 956 > 768; 764 fits
+    # Full-length chunks attend over the smallest window holding them; short ones over the whole cache.
+    assert fast._prefill_windows(256) == [512, 704, 768] and fast._prefill_windows(64) == [768]
+    assert [fast._prefill_window_for(256, e) for e in (256, 512, 513, 705)] == [512, 512, 704, 768]
     fast.warm_up()
+    with torch.inference_mode():  # a windowed chunk computes what the whole-cache chunk does
+        fast._set_length(0)
+        fast._chunk_ids[0, :256].copy_(torch.randint(3, 300, (256,), generator=torch.Generator().manual_seed(4)))
+        fast._chunk_positions[:256].copy_(fast.kv_positions[:256])
+        fast._chunk_last.fill_(255)
+        windowed = fast._padded_forward(256, 512)
+        fast._set_length(0)
+        whole = fast._padded_forward(256, 768)
+        torch.testing.assert_close(windowed, whole, rtol=1e-5, atol=1e-5)
+        fast._set_length(0)
     rng = torch.Generator().manual_seed(5)
     for length in (40, 100, 600):  # one padded chunk; one; an unpadded 512 then a padded 88
         ids = torch.randint(3, 300, (length,), generator=rng).tolist()
@@ -287,7 +300,8 @@ def test_captured_prefill_graphs_equal_the_unpadded_forward(engine, tiny_llama):
     from models.fast_decode import PREFILL_BUCKETS
 
     fast = _load_int4(engine, tiny_llama).fast
-    assert sorted(fast.prefill_graphs) == [b for b in PREFILL_BUCKETS if b <= fast.cache_len]
+    assert sorted(fast.prefill_graphs) == sorted(fast._prefill_pairs())
+    assert sorted({b for b, _ in fast.prefill_graphs}) == [b for b in PREFILL_BUCKETS if b <= fast.cache_len]
     rng = torch.Generator().manual_seed(7)
     for length in (40, 100, 250):
         ids = torch.randint(3, 300, (length,), generator=rng).tolist()
