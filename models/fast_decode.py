@@ -42,6 +42,7 @@ from collections import deque
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .answer_stream import AnswerJob, StreamUpdate, TokenSink, stream_answer
 from .generation import SamplingSettings, _device_peak, stream_generate
@@ -90,7 +91,8 @@ def _inductor_unless_closed(closed: threading.Event) -> Callable:
 
 # ----- attention -------------------------------------------------------------------------
 def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for one query token over the whole static cache; anything else goes to SDPA.
+    """Attention for one query token over a window of the static cache; a prompt chunk with a boolean
+    mask goes to _prompt_attention, anything else to transformers' SDPA.
 
     query [B, Hq, 1, D]; key/value [B, Hkv, L, D]; attention_mask bool [B, 1, 1, L] (True = attend).
     Returns [B, 1, Hq, D] like transformers' attention functions.
@@ -98,8 +100,9 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
-        if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:  # a windowed prompt chunk
-            key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
+        if (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1
+                and query.shape[1] % key.shape[1] == 0 and not dropout):
+            return _prompt_attention(query, key, value, attention_mask, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     window = attention_mask.shape[-1]  # the first `window` cache positions (FastDecoder.windows)
     key, value = key[:, :, :window], value[:, :, :window]
@@ -112,6 +115,26 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
     probs = scores.softmax(-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, Hkv, G, D]
     return out.reshape(b, hq, 1, d).transpose(1, 2), None
+
+
+def _prompt_attention(query, key, value, attention_mask, scaling=None):
+    """SDPA for a prompt chunk of T tokens over the first W cache positions, without repeating keys.
+
+    query [B, Hq, T, D]; key/value [B, Hkv, L >= W, D], Hq a multiple of Hkv; attention_mask bool
+    [B, 1, T, W] (True = attend). With a mask, transformers' SDPA path copies every KV head once
+    per query head that shares it (GQA): on a 7B 512-token chunk over a 4k cache, two 35 MB
+    copies a layer, 2.5 of its 27 ms (bench/results/decode_speed_h200_s18_*.md). Instead the G
+    query heads of a KV head are laid end to end as G*T queries of one head (the mask repeated
+    for each), which SDPA runs as plain multi-head attention over the keys as they are.
+    Returns [B, T, Hq, D].
+    """
+    b, hq, t, d = query.shape
+    hkv, window = key.shape[1], attention_mask.shape[-1]
+    g = hq // hkv
+    q = query.reshape(b, hkv, g * t, d)  # head h = kv head h // g, so a KV head's queries are contiguous
+    mask = attention_mask.expand(b, g, t, window).reshape(b, 1, g * t, window)
+    out = F.scaled_dot_product_attention(q, key[:, :, :window], value[:, :, :window], attn_mask=mask, scale=scaling)
+    return out.view(b, hq, t, d).transpose(1, 2).contiguous(), None
 
 
 def use_fast_attention(model) -> None:
@@ -384,8 +407,7 @@ class FastDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # first runs (cuBLAS heuristics, Triton loading) off the capture stream
-            for _ in range(2):
-                self._run_prefill_buckets()
+            self._run_prefill_buckets()
         torch.cuda.current_stream(self.device).wait_stream(side)
         # The graphs never run at once and each keeps its output alive: one pool serves them all
         # (its size is the largest bucket's activations plus one layer's dequantized weight).
@@ -424,7 +446,8 @@ class FastDecoder:
             for greedy in (True, False):
                 for window in self.windows:
                     self.window = window
-                    for _ in range(2):
+                    # One run per shape loads its kernels; the very first runs twice (tuning, lazy inits).
+                    for _ in range(2 if (greedy, window) == (True, self.windows[0]) else 1):
                         self._set_length(n)
                         self.step.zero_()
                         self._decode_step(greedy)

@@ -100,6 +100,28 @@ def test_a_short_remainder_fed_through_the_decode_step_gives_the_same_answers(ti
     assert again.stats.reused_tokens == len(second) - 1 and again.token_ids == a2.token_ids
 
 
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4), (6, 1)])
+def test_prompt_attention_without_repeated_keys_equals_transformers_sdpa(hq, hkv):
+    """A prompt chunk's attention (query heads folded onto their KV head, keys not repeated) equals
+    transformers' SDPA path on the same window, stale keys past it and past each query masked."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from models.fast_decode import _prompt_attention
+
+    torch.manual_seed(0)
+    t, length, window, start, d = 5, 16, 11, 4, 32
+    query = torch.randn(1, hq, t, d)
+    key, value = torch.randn(1, hkv, length, d), torch.randn(1, hkv, length, d)
+    positions = torch.arange(start, start + t)
+    mask = (torch.arange(window)[None, :] <= positions[:, None]).view(1, 1, t, window)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = hq // hkv, True, False
+    want, _ = sdpa_attention_forward(module, query, key[:, :, :window], value[:, :, :window], mask, scaling=0.3)
+    got, _ = _prompt_attention(query, key, value, mask, scaling=0.3)
+    assert got.shape == (1, t, hq, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_prompts_padded_to_prefill_buckets_give_the_same_answers(tiny):
     # What the GPU replays as captured graphs (a prompt chunk padded up to a bucket length),
     # exercised with the eager forward: the pad must change no token, in a first turn, across
