@@ -10,6 +10,10 @@ dev = torch.device("cuda")
 rate = copy_bandwidth(nbytes=1 << 30, reps=10)
 print(f"# {torch.cuda.get_device_name()} copy {rate:.0f} GB/s", flush=True)
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (2048, 2048), (8192, 2048), (2048, 8192)]
+# The fused q/k/v and gate/up layers the app now loads (models/fused_projections.py): 7B, 1.8B, Qwen2.5-7B.
+FUSED = [(6144, 4096), (28672, 4096), (4096, 2048), (16384, 2048), (4608, 3584), (37888, 3584)]
+if len(sys.argv) > 3 and sys.argv[3] == "fused":  # python bench/int4_gemv_sweep.py BUDGET_S OUT.json fused
+    SHAPES = FUSED
 BUDGET_S = float(sys.argv[1]) if len(sys.argv) > 1 else 400
 t0 = time.time()
 grid = [(bn, sp, w, st) for bn in (32, 64, 128, 256) for sp in (1, 2, 4, 8, 16, 32, 64) for w in (1, 2, 4)
