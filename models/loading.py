@@ -11,9 +11,8 @@ copy-on-call hooks.
 from __future__ import annotations
 
 import gc
-import logging
-import threading
 import time
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -37,9 +36,6 @@ if TYPE_CHECKING:
     from .fast_decode import FastDecoder
 
 ProgressFn = Callable[[float, str], None]
-
-
-log = logging.getLogger(__name__)
 
 
 def _not_cast_notice(record: logging.LogRecord) -> bool:
@@ -109,30 +105,6 @@ def _bnb_config(quant: Quant, compute_dtype: torch.dtype, double_quant: bool, of
         bnb_4bit_use_double_quant=double_quant,
         llm_int8_enable_fp32_cpu_offload=offloaded,
     )
-
-
-def _prewarm_int4_kernels(cache_dir: Path) -> threading.Thread | None:
-    """Compile the int4 kernels in a background thread while the weights are read (None without CUDA/Triton).
-
-    A failure there is only logged: the capture compiles what is missing and reports its own error."""
-    from .kernels import int4_triton
-
-    if not (torch.cuda.is_available() and int4_triton.available()):
-        return None
-    from . import compile_cache
-
-    compile_cache.configure(cache_dir)  # the binaries land in the app's cache, where the capture looks
-
-    def run() -> None:
-        try:
-            started = time.perf_counter()
-            count = int4_triton.prewarm(torch.device("cuda", 0))
-            log.info("int4 kernels ready: %d variants in %.1f s", count, time.perf_counter() - started)
-        except Exception:  # noqa: BLE001 - the capture after the load compiles and reports for real
-            log.warning("compiling the int4 kernels ahead of the capture failed", exc_info=True)
-    thread = threading.Thread(target=run, name="int4-kernel-prewarm", daemon=True)
-    thread.start()
-    return thread
 
 
 def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: ModelShape,
@@ -263,7 +235,6 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         # Loaded in bf16 into RAM, then quantized linear by linear onto the GPU (kernels/int4.py):
         # the bf16 model never exists there whole.
         kwargs["device_map"] = "cpu"
-    kernels_ready = _prewarm_int4_kernels(cache_dir) if settings.quant is Quant.INT4 else None
 
     _progress(progress, 0.35, f"Loading weights ({settings.quant.value}, {plan.message})")
     # Out-of-memory cleanup happens after the except block: inside it, the exception's
@@ -292,8 +263,6 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         from .kernels.int4 import quantize_model
 
         failure = None
-        if kernels_ready is not None:
-            kernels_ready.join()
         try:
             fuse_projections(model)  # q/k/v and gate/up as one GEMV each (fused before quantizing: exact)
             quantize_model(model, torch.device("cuda", 0), lambda f, m: _progress(progress, 0.6 + 0.15 * f, m))

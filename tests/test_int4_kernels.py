@@ -84,8 +84,6 @@ for n, k in shapes:
     d = int4_triton.dequantize_t(q, s, o, k, torch.bfloat16)
     out.append({"n": n, "k": k, "gemv": max(errs), "dequant": float((d.float().T - ref_w).abs().max()
                                                                      / ref_w.abs().max())})
-# The loader's prewarm runs every tile config and the dequantize on its shapes (here as interpreted).
-assert int4_triton.prewarm(torch.device("cpu")) == len(int4_triton.PREWARM_SHAPES) * (len(int4_triton._GEMV_CONFIGS) + 1)
 print(json.dumps(out))
 """
 
@@ -214,28 +212,3 @@ fast.wait_compiled(900)
 final = list(fast.stream(tokenizer, ids, SamplingSettings(max_new_tokens=16, temperature=0), threading.Event()))[-1]
 print(json.dumps([fast.compile_state, final.token_ids]))
 """
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_prewarm_compiles_what_model_layers_run():
-    """After the loader's prewarm, layers of other widths and depths (a fused q/k/v over Qwen2.5-7B's 28
-    groups; an lm_head-like N) run every tile config without compiling: milliseconds, not seconds."""
-    import time
-
-    from models.kernels import int4_triton
-
-    int4_triton.prewarm(torch.device("cuda"))
-    for n, k in [(4608, 3584), (9344, 4096)]:
-        q, s, o = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ dequantize_reference(q, s, o, k, torch.float32).T
-        ws = int4.new_workspace(n, x.device)
-        started = time.perf_counter()
-        outs = [int4_triton.gemv(x, q, s, o, k, ws, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
-                for c in int4_triton._GEMV_CONFIGS]
-        int4_triton.dequantize_t(q, s, o, k)
-        torch.cuda.synchronize()
-        assert time.perf_counter() - started < 1.0, "a kernel variant was compiled after the prewarm"
-        for y in outs:
-            assert float((y.float() - ref).norm() / ref.norm()) < 1e-2

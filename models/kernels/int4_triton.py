@@ -210,39 +210,6 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     return y
 
 
-# Shapes whose compile covers every model layer: Triton specializes a kernel on whether each integer
-# argument is a multiple of 16 and on EVEN (N a multiple of BLOCK_N). Real layers have N and K
-# multiples of 16; their group count is (7B's 32, 112) or is not (Qwen2.5-7B's 28, 148) a multiple
-# of 16; and N is a multiple of 256 or, like the 92,544-row lm_head, only of 128.
-PREWARM_SHAPES = ((640, 2048), (512, 1536))  # (N, K): 16 groups, N % 256 = 128; 12 groups, N % 256 = 0
-
-
-def prewarm(device: torch.device) -> int:
-    """Compile (or load from Triton's disk cache) every GEMV tile config and the dequantize kernel on
-    `device`, on small matrices; the number of kernel variants run.
-
-    Why: on a GPU whose Triton cache is empty, compiling these made ~10 of the 15.5 s a 7B's first
-    load spent capturing its step (H200, bench/results/decode_speed_h200_s18.md). The binaries do not
-    depend on the model's shape (only the tuned tile choice does), so the loader runs this while the
-    weights are still being read from disk, and the capture then finds them compiled.
-    """
-    from .int4 import new_workspace, quantize
-
-    ran = 0
-    for n, k in PREWARM_SHAPES:
-        q, s, o = quantize(torch.randn(n, k, device=device, dtype=torch.bfloat16))
-        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        workspace = new_workspace(n, device)
-        for c in _GEMV_CONFIGS:
-            gemv(x, q, s, o, k, workspace, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
-            ran += 1
-        dequantize_t(q, s, o, k)
-        ran += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return ran
-
-
 def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """W.T [K, N] in `dtype`, unpacked on the device: a temporary for a prefill's cuBLAS matmul."""
