@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The H200 runs behind BENCHMARKS.md, as one command each, so that a session spends its device
+# minutes measuring rather than re-deriving the setup.
+#
+# Here (a machine with the package registries):
+#   bash bench/device_run.sh wheels
+#     downloads into .whl/ (ignored; carried with the call) what the GPU image lacks or holds in
+#     another version: transformers (5.17 there, 5.23 here), bitsandbytes (naive-nf4 baseline),
+#     gguf (the embedded model's reader), pytest (the suite's version).
+# There (the device tool's `run`, carry [".whl"]):
+#   bash bench/device_run.sh MODE [MODE ...]
+#     kernels  bench/int4_kernels.py on the 7B and 1.8B shapes: bf16 / tinygemm / ours / ours-fused,
+#              the per-kernel floor, prefill 512
+#     decode   bench/decode_speed.py, the fast path on the three shapes (the 7B twice: the second is
+#              the warm-cache load)
+#     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
+#     sweep    bench/int4_gemv_sweep.py over the fused shapes (about 5 minutes)
+#     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
+#   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
+# Modes run in the order given; one call of the device tool may take 10 minutes, so pair them
+# accordingly (kernels + tests ~3 min; decode ~7 min; naive ~6 min).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "wheels" ]]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || grep -qx '/.whl/' .gitignore || echo /.whl/ >> .git/info/exclude
+  platforms=()
+  for n in 2_39 2_35 2_34 2_31 2_28 2_27 2_24 2_17; do platforms+=(--platform "manylinux_${n}_x86_64"); done
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" --platform manylinux2014_x86_64 --platform any -d .whl \
+    transformers==5.23.0 bitsandbytes==0.50.2 gguf==0.19.0
+  # pytest goes into a target of its own: the image's pytest plugins stay importable beside it.
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any \
+    -d .whl/pytest pytest==9.2.0 pluggy iniconfig
+  ls -la .whl .whl/pytest
+  exit 0
+fi
+
+[[ $# -gt 0 ]] || { sed -n 2,22p "$0"; exit 2; }
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+OUT="${OUT:-out/device}"
+mkdir -p "$OUT"
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  [[ -d .whl/pytest ]] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site-pytest .whl/pytest/*.whl
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The app's caches (compile artifacts, Triton's tuning) in one place for the whole call: a later
+# mode finds what an earlier one built, as a user's second load would.
+export SMALLCHAT_CACHE="${SMALLCHAT_CACHE:-/tmp/smallchat-cache}"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+status=0
+run_mode() {
+  case "$1" in
+    kernels)
+      python3 bench/int4_kernels.py --shapes 7b 1.8b --prefill 512 --out "$OUT/int4_kernels.jsonl" \
+        2>&1 | tee "$OUT/int4_kernels.txt" ;;
+    decode)
+      python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4 1.8b:fast-int4 qwen7b:fast-int4 \
+        --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -60 ;;
+    naive)
+      python3 bench/decode_speed.py --configs 7b:naive-nf4 1.8b:naive-nf4 7b:stream-fp16:32 7b:naive-fp16:16 \
+        --out "$OUT/decode_naive.jsonl" --md "$OUT/decode_naive.md" 2>&1 | tail -60 ;;
+    sweep)
+      python3 bench/int4_gemv_sweep.py 270 "$OUT/int4_gemv_sweep.json" fused 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
+    tests)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_gpu.py tests/test_int4_kernels.py tests/test_fast_decode.py tests/test_fused_projections.py \
+        tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30 ;;
+    *) echo "unknown mode: $1"; return 2 ;;
+  esac
+}
+for mode in "$@"; do  # a failing mode is reported, and the next still runs (device minutes are scarce)
+  echo "=== $mode ($(date -u +%H:%M:%S))"
+  run_mode "$mode" || { echo "=== $mode FAILED"; status=1; }
+done
+exit "$status"
