@@ -10,6 +10,8 @@
    dequantize + cuBLAS. `ours-fused` is ours with q/k/v and gate/up as one linear each (4 GEMVs a
    layer instead of 7, as the app loads them: models/fused_projections.py).
 4. The floor: what a kernel that does nothing costs in a graph, next to our GEMV on tiny matrices.
+5. Tuning: what timing the GEMV's tile configs costs at a model's first load of a shape, as the
+   app times them and with Triton's default, and whether the two pick the same config.
 
     python bench/int4_kernels.py [--shapes 7b 1.8b qwen7b] [--out results.jsonl]
 """
@@ -34,6 +36,9 @@ LAYERS = {
     "1.8b": (24, [(2048, 2048), (2048, 1024), (2048, 1024), (2048, 2048), (2048, 8192), (2048, 8192), (8192, 2048)]),
     "qwen7b": (28, [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944), (18944, 3584)]),
 }
+
+
+VOCAB = {"7b": 92544, "1.8b": 92544, "qwen7b": 152064}  # the lm_head's outputs (an int4 GEMV too)
 
 
 def fused(linears: list) -> list:
@@ -115,6 +120,52 @@ try:
         pass
 except ImportError:  # a CPU-only torch: this bench needs a GPU anyway
     _empty_kernel = None
+
+
+def tuning(rows: list, shapes: list, repeats: int = 3) -> None:
+    """What tuning the GEMV costs at a model's first load, and what it picks, against Triton's default.
+
+    For each (N, K) a fused model runs (its 4 layer linears and the lm_head): every config the app
+    tunes over is timed with Triton's default (25 ms warm-up, 100 ms of runs) as the reference, then
+    `repeats` times as the app times it (int4_triton.time_config). Reported: seconds per shape each
+    way, and how much slower (by the reference) the config the app's timing picked is than the
+    reference's best; 0 % means the same pick.
+    """
+    import triton.testing
+
+    from models.kernels import int4, int4_triton
+    from models.kernels.split_k import split_fits
+
+    for shape in shapes:
+        _, linears = layer_shapes("ours-fused", shape)
+        for k, n in linears + [(linears[0][0], VOCAB[shape])]:
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            q, sc, o = int4.quantize(w)
+            del w
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            ws = int4.new_workspace(n, x.device)
+            configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                       for c in int4_triton._GEMV_CONFIGS if split_fits(c.kwargs["SPLIT"], n)]
+            calls = [lambda c=c: int4_triton.gemv(x, q, sc, o, k, ws, c) for c in configs]
+            for call in calls:  # compiled before any timing, as the app's tuning finds them after the first
+                call()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            reference = [triton.testing.do_bench(call, quantiles=(0.5,))[0] for call in calls]
+            default_s = time.perf_counter() - t0
+            best = min(reference)
+            picks, seconds = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                timed = [int4_triton.time_config(call, (0.5, 0.2, 0.8))[0] for call in calls]
+                seconds.append(time.perf_counter() - t0)
+                picks.append(reference[timed.index(min(timed))] / best - 1)
+            rows.append({"tuning": shape, "n": n, "k": k, "configs": len(configs), "default_s": round(default_s, 3),
+                         "bounded_s": round(sum(seconds) / repeats, 3), "best_us": round(best * 1e3, 2),
+                         "pick_slower_max": round(max(picks), 4), "pick_slower_mean": round(sum(picks) / repeats, 4)})
+            print(json.dumps(rows[-1]), flush=True)
+            del q, sc, o, ws
+            torch.cuda.empty_cache()
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -200,6 +251,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="*", default=["7b", "1.8b", "qwen7b"])
     p.add_argument("--kinds", nargs="*", default=["bf16", "tinygemm", "ours", "ours-fused"])
     p.add_argument("--no-floor", action="store_true", help="skip the per-kernel launch floor")
+    p.add_argument("--no-tuning", action="store_true", help="skip timing the GEMV's tuning at a first load")
     p.add_argument("--prefill", nargs="*", type=int, default=[512, 4096])
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -214,6 +266,8 @@ def main() -> None:
     check(rows)
     if not a.no_floor:
         launch_floor(rows)
+    if not a.no_tuning:
+        tuning(rows, a.shapes)
     for shape in a.shapes:
         n_layers, linears = LAYERS[shape]
         params = n_layers * sum(k * n for k, n in linears)
@@ -261,6 +315,13 @@ def main() -> None:
         print("\n| kernel, back to back in one CUDA graph | us per kernel |\n|---|---|")
         for r in floors:
             print(f"| {r['floor']} | {r['us_per_kernel']} |")
+    tunes = [r for r in rows if "tuning" in r]
+    if tunes:
+        print("\n| shape | N x K | configs | tuning s, Triton's default | tuning s, the app's | pick slower than the best, max (mean) |"
+              "\n|---|---|---|---|---|---|")
+        for r in tunes:
+            print(f"| {r['tuning']} | {r['n']}x{r['k']} | {r['configs']} | {r['default_s']} | {r['bounded_s']} | "
+                  f"{r['pick_slower_max']:.1%} ({r['pick_slower_mean']:.1%}) |")
     bad = [r for r in rows if r.get("ok") is False]
     print(f"\n{head['gpu']}, copy {head['copy_gbps']} GB/s; checks: {sum(1 for r in rows if r.get('ok'))} ok, "
           f"{len(bad)} failed")
