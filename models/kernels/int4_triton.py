@@ -35,14 +35,25 @@ def available() -> bool:
     return triton is not None
 
 
+# float32 bits of 1.0, ORed around a nibble in the mantissa. Passed to the GEMV as a run-time argument,
+# not a constant: with two constants per OR (the exponent and the nibble's mask) ptxas materialised
+# the mask again before almost every OR (0.8 of 4.7 instructions per weight in the sm_90 loop); as
+# an argument 1.0 sits in one register for the whole kernel and each mask is the OR's immediate
+# (3.9 per weight; bench/int4_sass.py counts them without a GPU).
+ONE_BITS = 0x3F800000
+# Multiply-adds as FMAs, asked for explicitly: the loops are written for one FFMA per weight, and
+# Triton announces that its default will turn fusion off (3.10).
+FP_FUSION = True
+
 if triton is not None:
-    ONE = tl.constexpr(0x3F800000)  # float32 bits of 1.0: OR a nibble into the mantissa's top bits
-    # (BLOCK_N output rows, SPLIT of K across programs, warps). A thread holds all 16 words of a
-    # group for BLOCK_N / (32 * warps) output rows (16-byte loads along N), so each x value it loads
-    # and converts serves that many rows: 4-8 here. (An earlier [words x rows] tile spread a group's
-    # words over threads; every thread then loaded and scaled x for only 4 rows and the s/o pair per
-    # word, 9.3 SASS instructions per weight against ~3.5 now: instruction issue, not DRAM, was the
-    # limit.) SPLIT > 1 gives a narrow or deep matrix enough programs to fill the GPU.
+    # (BLOCK_N output rows, SPLIT of K across programs, warps). Triton gives a thread 4 adjacent
+    # output rows (16-byte loads along N) and the group's 16 words, or half of them where BLOCK_N
+    # < 128 x warps puts warps or threads on the words, so each x value it loads and converts
+    # serves 4 rows. (An earlier [words x rows] tile spread a group's words over threads; every
+    # thread then loaded and scaled x for fewer rows and the s/o pair per word, 9.3 SASS
+    # instructions per weight: instruction issue, not DRAM, was the limit. bench/int4_sass.py reads
+    # today's loop without a GPU: 3.8-3.9 per weight on sm_90 with Triton 3.9.) SPLIT > 1 gives a
+    # narrow or deep matrix enough programs to fill the GPU.
     # These 5 of a 126-config sweep (BLOCK_N 32-256, SPLIT 1-64, 1-4 warps, 1 or 3 stages; H200,
     # weights rotated past L2: bench/int4_gemv_sweep.py) come within 0.1 % of the sweep's best on
     # every 1.8B/7B linear shape; the 14 tuned before were 10 % slower on average, and each config
@@ -73,12 +84,12 @@ if triton is not None:
         return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
 
     @triton.jit
-    def _nibble_as_float(words, j: tl.constexpr):
+    def _nibble_as_float(words, j: tl.constexpr, one_bits):
         """1 + q/2**11 or 1 + q/2**7 as float32 for nibble j of each word: no conversion, no subtraction.
 
         The nibble is moved to mantissa bits 12-15 (value 1 + q/2**11) or 16-19 (1 + q/2**7) and
-        the exponent of 1.0 ORed in. Two nibbles share each shift: w << 12 (nibbles 0, 1),
-        w << 8 (2), w (3, 4), w >> 8 (5, 6), w >> 16 (7). The constant 1 is taken out once per
+        the exponent of 1.0 (`one_bits`: ONE_BITS) ORed in. Two nibbles share each shift: w << 12
+        (nibbles 0, 1), w << 8 (2), w (3, 4), w >> 8 (5, 6), w >> 16 (7). The constant 1 is taken out once per
         group from the sum of x (see _gemv_body); because q sits high in the mantissa, that
         subtraction loses ~8 of float32's 24 bits, far below the bf16 output's rounding.
         """
@@ -93,9 +104,9 @@ if triton is not None:
         else:
             v = words >> 16
         if j == 0 or j == 3 or j == 5 or j == 7:  # at bit 12
-            bits = (v & 0xF000) | ONE
+            bits = (v & 0xF000) | one_bits
         else:
-            bits = (v & 0xF0000) | ONE
+            bits = (v & 0xF0000) | one_bits
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
@@ -108,7 +119,7 @@ if triton is not None:
 
     @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % 128 == 0})
     @triton.jit
-    def _gemv_body(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, lock_ptr, N, K, G_COUNT, stride_w, stride_s,
+    def _gemv_body(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, lock_ptr, N, K, G_COUNT, stride_w, stride_s, one_bits,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr):
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,10 +148,10 @@ if triton is not None:
                     xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
                 if j == 0 or j == 3 or j == 5 or j == 7:  # at bit 12: (1 + q/2**11) * 16x = 16x + q x/2**7: the same weight as bit 16's
                     x12 += xj
-                    part += _nibble_as_float(words, j) * (xj * 16.0)[:, None]
+                    part += _nibble_as_float(words, j, one_bits) * (xj * 16.0)[:, None]
                 else:
                     x16 += xj
-                    part += _nibble_as_float(words, j) * xj[:, None]
+                    part += _nibble_as_float(words, j, one_bits) * xj[:, None]
             # part = sum(x at 16) + 16 sum(x at 12) + sum(q x) / 2**7, so
             # sum_k (q*s + o) x = s * sum_k q x + o * sum_k x = 128 s (part - that) + o * sum_k x.
             s12 = tl.sum(x12, axis=0)
@@ -220,11 +231,11 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     args = (x, qweight, scales, offsets, y, workspace[0], workspace[1], n, in_features, groups, qweight.stride(0),
-            scales.stride(0))
+            scales.stride(0), ONE_BITS)
     if config is None:
-        _gemv_kernel[grid](*args)
+        _gemv_kernel[grid](*args, enable_fp_fusion=FP_FUSION)
     else:
-        _gemv_body[grid](*args, **config)
+        _gemv_body[grid](*args, **config, enable_fp_fusion=FP_FUSION)
     return y
 
 
@@ -236,5 +247,5 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Ten
     block_n = 256
     grid = (triton.cdiv(n, block_n), groups)
     _dequant_t_kernel[grid](qweight, scales, offsets, out, n, in_features, groups, qweight.stride(0),
-                            scales.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=4)
+                            scales.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=4, enable_fp_fusion=FP_FUSION)
     return out
