@@ -80,12 +80,12 @@ def _kind(op: str) -> str:
     return op.split(".")[0]
 
 
-def analyse(block_n: int, split: int, num_warps: int, fn=None) -> dict:
+def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=None) -> dict:
     """Instructions per weight in the GEMV's main loop for one tile config, and what they are."""
     from models.kernels import int4_triton
 
-    kernel = compile_for_hopper(fn or int4_triton._gemv_body.fn, {"BLOCK_N": block_n, "SPLIT": split, "EVEN": True},
-                                num_warps)
+    constexprs = {"BLOCK_N": block_n, "SPLIT": split, "EVEN": True, "PREFETCH": prefetch}
+    kernel = compile_for_hopper(fn or int4_triton._gemv_body.fn, constexprs, num_warps)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "gemv.cubin")
         with open(cubin, "wb") as f:
@@ -102,7 +102,7 @@ def analyse(block_n: int, split: int, num_warps: int, fn=None) -> dict:
     kinds: dict[str, int] = {}
     for op, rest in loop:
         kinds[_kind(op)] = kinds.get(_kind(op), 0) + 1
-    return {"block_n": block_n, "split": split, "warps": num_warps, "loop_instructions": len(loop),
+    return {"block_n": block_n, "split": split, "warps": num_warps, "prefetch": prefetch, "loop_instructions": len(loop),
             "weights_per_thread": 8 * words, "per_weight": round(len(loop) / (8 * words), 2),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "layout": f"size {size.groups()}, threads {threads.groups()}, warps {warps.groups()}",
@@ -112,7 +112,7 @@ def analyse(block_n: int, split: int, num_warps: int, fn=None) -> dict:
 def main() -> None:
     """Command-line entry point: a table over tile configs (default: the ones the app tunes over)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="*", help="BLOCK_N,SPLIT,warps (default: the app's tuned configs)")
+    p.add_argument("--configs", nargs="*", help="BLOCK_N,SPLIT,warps[,0 = no prefetch] (default: the app's tuned configs)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     import triton
@@ -120,18 +120,20 @@ def main() -> None:
     from models.kernels import int4_triton
 
     configs = ([tuple(int(v) for v in c.split(",")) for c in a.configs] if a.configs else
-               [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps) for c in int4_triton._GEMV_CONFIGS])
+               [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.kwargs.get("PREFETCH", True))
+                for c in int4_triton._GEMV_CONFIGS])
     lines = [f"Triton {triton.__version__}, sm_90, int4 GEMV main loop (one group of 128 k per iteration)", "",
-             "| BLOCK_N, SPLIT, warps | weight tile layout | instr / weight | registers | stack B | "
+             "| BLOCK_N, SPLIT, warps, prefetch | weight tile layout | instr / weight | registers | stack B | "
              "FFMA | LOP3 | shifts | moves | loads + x converts | FADD + FMUL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for block_n, split, warps in configs:
-        r = analyse(block_n, split, warps)
+    for block_n, split, warps, *rest in configs:
+        prefetch = bool(rest[0]) if rest else True
+        r = analyse(block_n, split, warps, prefetch)
         k, w = r["kinds"], r["weights_per_thread"]
 
         def per(*names: str) -> str:
             return f"{sum(k.get(n, 0) for n in names) / w:.2f}"
-        lines.append(f"| {block_n}, {split}, {warps} | {r['layout']} | **{r['per_weight']}** | {r['registers']} | "
+        lines.append(f"| {block_n}, {split}, {warps}, {'yes' if prefetch else 'no'} | {r['layout']} | **{r['per_weight']}** | {r['registers']} | "
                      f"{r['stack']} | {per('FFMA')} | {per('LOP3')} | {per('shifts')} | {per('moves')} | "
                      f"{per('LDG', 'converts')} | {per('FADD', 'FMUL')} |")
         print(lines[-1], flush=True)

@@ -120,7 +120,7 @@ if triton is not None:
     @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % 128 == 0})
     @triton.jit
     def _gemv_body(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, lock_ptr, N, K, G_COUNT, stride_w, stride_s, one_bits,
-                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True):
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
@@ -130,13 +130,20 @@ if triton is not None:
         g_lo = tl.program_id(1) * g_per
         g_hi = tl.minimum(g_lo + g_per, G_COUNT)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        # The next group's words are loaded before this one's arithmetic: two groups in flight. (A
-        # program whose share is empty, when SPLIT does not divide G_COUNT, loads a real group unused.)
-        nxt = _load_group(w_ptr, tl.minimum(g_lo, G_COUNT - 1), rw, rn, nmask, stride_w, EVEN)
+        # PREFETCH: the next group's words are loaded before this one's arithmetic, two groups in
+        # flight per thread. (A program whose share is empty, when SPLIT does not divide G_COUNT,
+        # loads a real group unused.) Without it a thread holds one group's words: on the tiles
+        # that give a thread all 16 words (BLOCK_N = 128 x warps) that is 72-96 registers instead
+        # of 255, so more warps fit and keep loads in flight instead (bench/int4_sass.py).
+        if PREFETCH:
+            nxt = _load_group(w_ptr, tl.minimum(g_lo, G_COUNT - 1), rw, rn, nmask, stride_w, EVEN)
         for g in range(g_lo, g_hi):
-            words = nxt
-            if g + 1 < g_hi:
-                nxt = _load_group(w_ptr, g + 1, rw, rn, nmask, stride_w, EVEN)
+            if PREFETCH:
+                words = nxt
+                if g + 1 < g_hi:
+                    nxt = _load_group(w_ptr, g + 1, rw, rn, nmask, stride_w, EVEN)
+            else:
+                words = _load_group(w_ptr, g, rw, rn, nmask, stride_w, EVEN)
             part = tl.zeros([16, BLOCK_N], dtype=tl.float32)
             x12 = tl.zeros([16], dtype=tl.float32)  # sum of x over the nibbles at bit 12, per word
             x16 = tl.zeros([16], dtype=tl.float32)  # ... at bit 16
