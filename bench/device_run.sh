@@ -5,7 +5,8 @@
 # Here (a machine with the package registries):
 #   bash bench/device_run.sh wheels
 #     downloads into .whl/ (ignored; carried with the call) what the GPU image lacks or holds in
-#     another version: transformers (5.17 there, 5.23 here), bitsandbytes (naive-nf4 baseline),
+#     another version: transformers (5.17 there, 5.23 here), bitsandbytes (naive-nf4 baseline), torchao
+#     (torch's tinygemm int4, the kernel table's old fast path),
 #     gguf (the embedded model's reader), pytest (the suite's version).
 # There (the device tool's `run`, carry [".whl"]):
 #   bash bench/device_run.sh MODE [MODE ...]
@@ -28,7 +29,7 @@ if [[ "${1:-}" == "wheels" ]]; then
   for n in 2_39 2_35 2_34 2_31 2_28 2_27 2_24 2_17; do platforms+=(--platform "manylinux_${n}_x86_64"); done
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" --platform manylinux2014_x86_64 --platform any -d .whl \
-    transformers==5.23.0 bitsandbytes==0.50.2 gguf==0.19.0
+    transformers==5.23.0 bitsandbytes==0.50.2 gguf==0.19.0 torchao==0.18.0
   # pytest goes into a target of its own: the image's pytest plugins stay importable beside it.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any \
     -d .whl/pytest pytest==9.2.0 pluggy iniconfig
