@@ -58,8 +58,8 @@ class Engine:
         # takes its turn in the caller's thread and its worker thread gives it back when the computation ends.
         self._lock = GpuQueue()
         self._residents: OrderedDict[ModelKey, LoadedModel] = OrderedDict()  # least recently used first
-        # The app's default model (sessions that chose none talk to it), and how to load it again if evicted.
-        self._chat_key, self._chat_spec = None, None
+        self._chat_key: ModelKey | None = None  # the app's default model: sessions that chose none talk to it
+        self._chat_spec: tuple[str, LoadSettings] | None = None  # how to load it again if it was evicted
         self._loading: str | None = None  # the model being loaded now, for the status every tab shows
         self._sessions = SessionCacheStore()
         self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget

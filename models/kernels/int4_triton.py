@@ -25,6 +25,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:  # the CPU build of torch does not bring Triton; int4.py falls back to PyTorch
     triton = None
 
@@ -79,8 +80,6 @@ if triton is not None:
 
     def time_config(kernel_call, quantiles):
         """Triton's do_bench (L2 cleared before each run) over TUNE_REP_MS ms instead of its default 100."""
-        import triton.testing
-
         return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
 
     @triton.jit
