@@ -151,7 +151,8 @@ def tuning(rows: list, shapes: list, repeats: int = 3) -> None:
                 call()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            reference = [triton.testing.do_bench(call, quantiles=(0.5,))[0] for call in calls]
+            # do_bench's default return is the mean (Triton 3.6 returns a float for one quantile, 3.9 a list)
+            reference = [triton.testing.do_bench(call) for call in calls]
             default_s = time.perf_counter() - t0
             best = min(reference)
             picks, seconds = [], []
