@@ -15,7 +15,8 @@
 #     decode   bench/decode_speed.py, the fast path on the three shapes (the 7B twice: the second is
 #              the warm-cache load)
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
-#     sweep    bench/int4_gemv_sweep.py over the fused shapes (165 tiles; up to 7 minutes)
+#     decode-short, sweep-7b: the same, shorter (the 7B and 1.8B loads; the 7B's shapes)
+#     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
 # Modes run in the order given; one call of the device tool may take 10 minutes, so pair them
@@ -64,8 +65,13 @@ run_mode() {
     naive)
       python3 bench/decode_speed.py --configs 7b:naive-nf4 1.8b:naive-nf4 7b:stream-fp16:32 7b:naive-fp16:16 \
         --out "$OUT/decode_naive.jsonl" --md "$OUT/decode_naive.md" 2>&1 | tail -60 ;;
+    decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
+      python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
+        --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
+    sweep-7b)  # the 7B's four linear shapes only (~3.5 minutes)
+      python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     sweep)
-      python3 bench/int4_gemv_sweep.py 420 "$OUT/int4_gemv_sweep.json" fused 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
+      python3 bench/int4_gemv_sweep.py 400 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
     tests)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_gpu.py tests/test_int4_kernels.py tests/test_fast_decode.py tests/test_fused_projections.py \

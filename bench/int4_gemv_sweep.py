@@ -12,8 +12,12 @@ print(f"# {torch.cuda.get_device_name()} copy {rate:.0f} GB/s", flush=True)
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (2048, 2048), (8192, 2048), (2048, 8192)]
 # The fused q/k/v and gate/up layers the app now loads (models/fused_projections.py): 7B, 1.8B, Qwen2.5-7B.
 FUSED = [(6144, 4096), (28672, 4096), (4096, 2048), (16384, 2048), (4608, 3584), (37888, 3584)]
-if len(sys.argv) > 3 and sys.argv[3] == "fused":  # python bench/int4_gemv_sweep.py BUDGET_S OUT.json fused
-    SHAPES = FUSED
+# Every linear of one decode step as the app loads them (fused q/k/v and gate/up, then o and down):
+# 7B, 1.8B, then Qwen2.5-7B (its K = 3584 compiles the tiles again, so it comes last).
+APP = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (4096, 2048), (2048, 2048), (16384, 2048),
+       (2048, 8192), (4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
+if len(sys.argv) > 3:  # python bench/int4_gemv_sweep.py BUDGET_S OUT.json fused|app|7b
+    SHAPES = {"fused": FUSED, "app": APP, "7b": APP[:4]}[sys.argv[3]]
 BUDGET_S = float(sys.argv[1]) if len(sys.argv) > 1 else 400
 t0 = time.time()
 # BLOCK_N up to 512 (a thread then holds all 16 words of a group at 4 warps), and each tile with and
@@ -74,6 +78,19 @@ for n, k in SHAPES:
            and (r["BLOCK_N"], r["SPLIT"], r["num_warps"]) in tuned]
     cb = min(cur, key=lambda r: r["us"]) if cur else None
     print(f"## {n}x{k} ({nbytes/1e6:.1f} MB) best of the app's configs: {cb}", flush=True)
+    # What the app's autotuner picks for this shape (its timing, int4_triton.time_config), and how
+    # that pick does back to back in a graph, as decode runs it.
+    kt.gemv(x, q, s, o, k)
+    torch.cuda.synchronize()
+    pick = kt._gemv_kernel.best_config
+    pick_cfg = (pick.kwargs["BLOCK_N"], pick.kwargs["SPLIT"], pick.num_warps)
+    picked = [r for r in cur if (r["BLOCK_N"], r["SPLIT"], r["num_warps"]) == pick_cfg]
+    if picked and cb:
+        tuned_row = {"tuned_pick": True, "n": n, "k": k, "BLOCK_N": pick_cfg[0], "SPLIT": pick_cfg[1],
+                     "num_warps": pick_cfg[2], "us": picked[0]["us"], "app_best_us": cb["us"],
+                     "sweep_best_us": best["us"] if best else None}
+        results.append(tuned_row)
+        print("   the autotuner's pick:", tuned_row, flush=True)
     for r in top:
         print("  ", r, flush=True)
     print(f"   elapsed {time.time()-t0:.0f} s", flush=True)
