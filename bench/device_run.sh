@@ -15,6 +15,7 @@
 #     decode   bench/decode_speed.py, the fast path on the three shapes (the 7B twice: the second is
 #              the warm-cache load)
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
+#     gemv-tests  the GEMV's GPU tests only
 #     decode-short, sweep-7b: the same, shorter (the 7B and 1.8B loads; the 7B's shapes)
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
@@ -72,6 +73,9 @@ run_mode() {
       python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     sweep)
       python3 bench/int4_gemv_sweep.py 400 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
+    gemv-tests)  # the GEMV's own GPU tests (~1 minute)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_int4_kernels.py 2>&1 | tee "$OUT/gemv_tests.txt" | tail -30 ;;
     tests)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_gpu.py tests/test_int4_kernels.py tests/test_fast_decode.py tests/test_fused_projections.py \
