@@ -8,8 +8,7 @@
    fraction of the device copy rate measured in the same process.
 3. Prefill (M = 512, 4096): the same layers as one forward, bf16 cuBLAS vs tinygemm vs our
    dequantize + cuBLAS. `ours-fused` is ours with q/k/v and gate/up as one linear each (4 GEMVs a
-   layer instead of 7, as the app loads them: models/fused_projections.py); `ours-fused-nopdl` is
-   the same without programmatic dependent launch (int4_triton.USE_PDL).
+   layer instead of 7, as the app loads them: models/fused_projections.py).
 4. The floor: what a kernel that does nothing costs in a graph, next to our GEMV on tiny matrices.
 5. Tuning: what timing the GEMV's tile configs costs at a model's first load of a shape, as the
    app times them and with Triton's default, and whether the two pick the same config.
@@ -30,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
-from models.kernels import int4_triton  # noqa: E402
 
 # (K, N) of one decoder layer's linears: q, k, v, o, gate, up, down.
 LAYERS = {
@@ -206,7 +203,7 @@ def timed_ms(fn, reps: int = 5) -> float:
 def layer_shapes(kind: str, shape: str) -> tuple[int, list]:
     """(layers, the (K, N) of one layer's linears) for `kind`: ours-fused runs q/k/v and gate/up as one each."""
     n_layers, linears = LAYERS[shape]
-    return n_layers, fused(linears) if kind.startswith("ours-fused") else linears
+    return n_layers, fused(linears) if kind == "ours-fused" else linears
 
 
 def build(kind: str, shape: str):
@@ -253,7 +250,7 @@ def step_fn(mods, shape: str, tokens: int, kind: str = "ours"):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="*", default=["7b", "1.8b", "qwen7b"])
-    p.add_argument("--kinds", nargs="*", default=["bf16", "tinygemm", "ours", "ours-fused-nopdl", "ours-fused"])
+    p.add_argument("--kinds", nargs="*", default=["bf16", "tinygemm", "ours", "ours-fused"])
     p.add_argument("--no-floor", action="store_true", help="skip the per-kernel launch floor")
     p.add_argument("--no-tuning", action="store_true", help="skip timing the GEMV's tuning at a first load")
     p.add_argument("--prefill", nargs="*", type=int, default=[512, 4096])
@@ -277,9 +274,6 @@ def main() -> None:
         params = n_layers * sum(k * n for k, n in linears)
         for kind in a.kinds:
             t0 = time.perf_counter()
-            # ours-fused-nopdl: the same kernels launched without programmatic dependent launch
-            # (int4_triton.USE_PDL); a graph keeps the launch attributes it was captured with.
-            int4_triton.USE_PDL = not kind.endswith("-nopdl")
             try:
                 mods = build(kind, shape)
                 build_s = time.perf_counter() - t0

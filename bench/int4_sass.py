@@ -84,7 +84,7 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
     """Instructions per weight in the GEMV's main loop for one tile config, and what they are."""
     from models.kernels import int4_triton
 
-    constexprs = {"BLOCK_N": block_n, "SPLIT": split, "EVEN": True, "PREFETCH": prefetch, "PDL": True}  # as on Hopper
+    constexprs = {"BLOCK_N": block_n, "SPLIT": split, "EVEN": True, "PREFETCH": prefetch}
     kernel = compile_for_hopper(fn or int4_triton._gemv_body.fn, constexprs, num_warps)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "gemv.cubin")

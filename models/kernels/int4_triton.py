@@ -18,7 +18,6 @@ does not re-tune.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -46,13 +45,6 @@ ONE_BITS = 0x3F800000
 # Multiply-adds as FMAs, asked for explicitly: the loops are written for one FFMA per weight, and
 # Triton announces that its default will turn fusion off (3.10).
 FP_FUSION = True
-# Programmatic dependent launch (Hopper and later): each GEMV is launched so that the GPU may start
-# it while the kernel before it (a norm, attention, the SiLU) is still draining. It loads its first
-# group of weights, which nothing before it writes, then waits (griddepcontrol.wait) before it
-# reads x or touches the split-K workspace. A decode step runs 4 GEMVs a layer whose DRAM latency
-# and ramp-up otherwise start only after the previous kernel has fully finished. SMALLCHAT_GEMV_PDL=0
-# turns it off (bench/int4_kernels.py times both).
-USE_PDL = os.environ.get("SMALLCHAT_GEMV_PDL", "1") != "0"
 
 if triton is not None:
     # (BLOCK_N output rows, SPLIT of K across programs, warps). Triton gives a thread 4 adjacent
@@ -127,8 +119,7 @@ if triton is not None:
     @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % 128 == 0})
     @triton.jit
     def _gemv_body(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, lock_ptr, N, K, G_COUNT, stride_w, stride_s, one_bits,
-                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True,
-                   PDL: tl.constexpr = False):
+                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True):
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
@@ -145,8 +136,6 @@ if triton is not None:
         # of 255, so more warps fit and keep loads in flight instead (bench/int4_sass.py).
         if PREFETCH:
             nxt = _load_group(w_ptr, tl.minimum(g_lo, G_COUNT - 1), rw, rn, nmask, stride_w, EVEN)
-        if PDL:  # launched early (USE_PDL): everything below may depend on the kernel before this one
-            tl.extra.cuda.gdc_wait()
         for g in range(g_lo, g_hi):
             if PREFETCH:
                 words = nxt
@@ -249,19 +238,11 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     args = (x, qweight, scales, offsets, y, workspace[0], workspace[1], n, in_features, groups, qweight.stride(0),
             scales.stride(0), ONE_BITS)
-    pdl = USE_PDL and x.is_cuda and _launches_dependents_early(x.device.index)
-    options = dict(enable_fp_fusion=FP_FUSION, PDL=pdl, launch_pdl=pdl)
     if config is None:
-        _gemv_kernel[grid](*args, **options)
+        _gemv_kernel[grid](*args, enable_fp_fusion=FP_FUSION)
     else:
-        _gemv_body[grid](*args, **config, **options)
+        _gemv_body[grid](*args, **config, enable_fp_fusion=FP_FUSION)
     return y
-
-
-@functools.cache
-def _launches_dependents_early(device_index: int | None) -> bool:
-    """This GPU has programmatic dependent launch (compute capability 9.0 and later: Hopper, Blackwell)."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
