@@ -91,23 +91,6 @@ def host_to_device_bandwidth(nbytes: int = 256 * MiB, reps: int = 10) -> float:
     return rate
 
 
-def streamer_copy_rate(streamer, reps: int = 3) -> float:
-    """GB/s of copying the streamer's offloaded layers' host buffers into its first staging slot."""
-    import torch
-
-    slot = streamer.slots[0]
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        for host in streamer.host:
-            slot[:host.numel()].copy_(host, non_blocking=True)
-    end.record()
-    end.synchronize()
-    streamer.filled_with = [-1] * len(streamer.slots)  # the slot's contents changed: the next call refills
-    return reps * streamer.host_bytes / (start.elapsed_time(end) / 1e3) / 1e9
-
-
 def step_ms(fast, window: int | None = None, reps: int = 100) -> float:
     """Mean time of one captured greedy decode step at position 600 (attending over `window`
     cache positions; default: the smallest window that holds 600), timed with events over `reps` replays."""
@@ -249,7 +232,7 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
             # The same copy from the streamer's own buffers (malloc'd, then cudaHostRegister'ed) into
             # its staging slot: if this is slower than h2d_gbps (torch's cudaHostAlloc buffer), the
             # buffers, not the schedule, hold the streamed path under the bus roofline.
-            row["streamer_h2d_gbps"] = streamer_copy_rate(loaded.streamer)
+            row["streamer_h2d_gbps"] = loaded.streamer.copy_rate()
     if loaded.fast is not None:
         row["step_ms"] = step_ms(loaded.fast)
         row["graph_tok_s"] = 1e3 / row["step_ms"]

@@ -58,8 +58,10 @@ class Engine:
         # takes its turn in the caller's thread and its worker thread gives it back when the computation ends.
         self._lock = GpuQueue()
         self._residents: OrderedDict[ModelKey, LoadedModel] = OrderedDict()  # least recently used first
-        self._chat_key: ModelKey | None = None  # the app's default model: sessions that chose none talk to it
-        self._chat_spec: tuple[str, LoadSettings] | None = None  # how to load it again if it was evicted
+        # The app's default model, which sessions that chose none talk to: its key, and how to load it
+        # again if it was evicted. One attribute, so a reader in another thread never pairs the key of
+        # one model with the spec of another (assigning it is atomic).
+        self._default: tuple[ModelKey, tuple[str, LoadSettings]] | None = None
         self._loading: str | None = None  # the model being loaded now, for the status every tab shows
         self._sessions = SessionCacheStore()
         self._kv_budget_override = kv_budget_bytes  # tests and the CLI may cap the KV budget
@@ -81,7 +83,8 @@ class Engine:
     @property
     def loaded(self) -> LoadedModel | None:
         """The app's default model (the one sessions without a choice of their own use), if loaded."""
-        return self._residents.get(self._chat_key) if self._chat_key else None
+        default = self._default
+        return self._residents.get(default[0]) if default else None
 
     def residents(self) -> list[LoadedModel]:
         """Every model in memory, least recently used first."""
@@ -97,11 +100,12 @@ class Engine:
 
     def default_spec(self) -> ModelSpec | None:
         """The app's default model as a choice (what a session that chose none talks to), or None."""
-        return ModelSpec(*self._chat_spec, key=self._chat_key) if self._chat_spec is not None else None
+        default = self._default
+        return ModelSpec(*default[1], key=default[0]) if default is not None else None
 
     def make_default(self, choice: str, settings: LoadSettings) -> None:
         """Sessions that chose no model of their own talk to this one from now on (a script's load, like --model)."""
-        self._chat_key, self._chat_spec = self.model_key(choice, settings), (choice, self._with_cache_dir(settings))
+        self._default = self.model_key(choice, settings), (choice, self._with_cache_dir(settings))
 
     def quant_options(self) -> list[QuantOption]:
         """Quantizations with whether each runs on this machine (and why not)."""
@@ -192,7 +196,7 @@ class Engine:
     def unload(self) -> list[UnloadReport]:
         """Drop every model and give its memory back; report anything left behind."""
         with self._lock.turn(Work("unload")):
-            self._chat_key = self._chat_spec = None
+            self._default = None
             return self._unload_all_locked()
 
     def _unload_locked(self, key: ModelKey) -> UnloadReport:
@@ -243,9 +247,9 @@ class Engine:
             # Planned as if every resident were unloaded, which is what happens next.
             prepared = prepare_load(ref, settings, self._budget(settings, set()), progress)
             unloaded = self._unload_all_locked()
-            self._chat_key = self._chat_spec = None
+            self._default = None
             loaded = self._load_locked(prepared, key, progress)
-            self._chat_key, self._chat_spec = key, (choice, settings)
+            self._default = key, (choice, settings)
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
     def ensure(self, choice: str, settings: LoadSettings, progress: ProgressFn | None = None,
@@ -276,7 +280,7 @@ class Engine:
             loaded.key = key
             self._residents[key] = loaded
             if switch:
-                self._chat_key, self._chat_spec = key, switch
+                self._default = key, switch
             return LoadReport(loaded=loaded, unloaded=unloaded, switch_seconds=time.perf_counter() - started)
 
     def _with_cache_dir(self, settings: LoadSettings) -> LoadSettings:

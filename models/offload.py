@@ -206,6 +206,25 @@ class LayerStreamer:
         """Device memory of the staging slots."""
         return self.slot_bytes * len(self.slots)
 
+    def copy_rate(self, reps: int = 3) -> float:
+        """GB/s of copying every offloaded layer into a staging slot on the copy stream, as decode does (bench).
+
+        Between forwards only: the slots' contents are forgotten, so the next forward refills them.
+        """
+        if self.copy_stream is None:
+            raise RuntimeError("the copy rate is a CUDA measurement")
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.copy_stream):
+            start.record()
+            for _ in range(reps):
+                for host in self.host:
+                    self.slots[0][:host.numel()].copy_(host, non_blocking=True)
+            end.record()
+        end.synchronize()
+        self.filled_with = [-1] * len(self.slots)
+        return reps * self.host_bytes / (start.elapsed_time(end) / 1e3) / 1e9
+
     # ----- run time ----------------------------------------------------------------------
     def _fill(self, j: int) -> None:
         """Issue the copy of layer j into its slot, to start once the slot's previous user is done.

@@ -90,6 +90,10 @@ def test_offload_split_under_a_small_budget_gives_the_same_answer(engine, tmp_pa
     assert streamed.plan.streamed_layers == streamed.split["cpu"] == len(streamer.layers) > loaded.split["cpu"]
     assert answer(engine).token_ids == expected
     assert streamer.copies >= streamed.split["cpu"]
+    # The bench's probe of the streamer's own copy rate overwrites slot 0 between answers: the next
+    # answer must refill it, not compute from another layer's weights.
+    assert streamer.copy_rate(reps=1) > 0
+    assert answer(engine).token_ids == expected
     assert abs(streamed.weights_bytes - streamed.plan.gpu_weights_bytes) <= 64 * 28 + 2 * 256 * 9
 
 

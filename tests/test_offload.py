@@ -125,3 +125,11 @@ def test_weights_on_the_device_count_each_slot_once(tiny_llama):
 def test_no_layers_is_an_error():
     with pytest.raises(ValueError):
         LayerStreamer([], "cpu")
+
+
+def test_the_copy_rate_probe_is_a_cuda_measurement(tiny_llama):
+    """On a CPU there is no copy stream to time: the probe says so instead of timing plain copies."""
+    model = load(tiny_llama)
+    streamer = stream_offloaded_layers(model, ["model.layers.3"], "cpu")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        streamer.copy_rate()

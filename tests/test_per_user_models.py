@@ -190,7 +190,7 @@ def test_without_a_choice_a_session_gets_the_apps_default_model(catalog, tiny_ll
     notices, final = ask(engine, None)
     assert notices == [] and final.stats.model == f"{tiny_llama} (bf16)"
     # Unloaded to make room (another session's model, a comparison): it comes back in the next turn, said there.
-    engine.run_exclusive(lambda: engine._unload_locked(engine._chat_key))
+    engine.run_exclusive(lambda: engine._unload_locked(engine.default_spec().key))
     notices, final = ask(engine, None)
     assert [n.code for n in notices] == ["loading_for_you", "loaded_for_you"]
     assert final.stats.model == f"{tiny_llama} (bf16)" and engine.loaded is not None
