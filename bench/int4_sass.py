@@ -33,8 +33,9 @@ DIVISIBLE_BY_16 = ["x_ptr", "w_ptr", "s_ptr", "o_ptr", "y_ptr", "ws_ptr", "lock_
 _ADDRESS = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_]+(?:\.[A-Z0-9_]+)*)(.*)")
 
 
-def compile_for_hopper(fn, constexprs: dict, num_warps: int, extra_args: dict | None = None):
-    """The Triton kernel `fn` compiled for sm_90 with `constexprs`, as a launch with aligned arguments would."""
+def compile_for_hopper(fn, constexprs: dict, num_warps: int, extra_args: dict | None = None, capability: int = 90):
+    """The Triton kernel `fn` compiled for sm_`capability` (default 90, Hopper) with `constexprs`, as a launch
+    with aligned arguments would."""
     import triton
     import triton.compiler as tc
     from triton.backends.compiler import GPUTarget
@@ -45,7 +46,17 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, extra_args: dict | 
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     source = tc.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": int4_triton.FP_FUSION}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def resource_usage(kernel) -> dict:
+    """Registers per thread and stack bytes (spills) of a compiled kernel, read from its cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1))}
 
 
 def _tool(name: str) -> str:

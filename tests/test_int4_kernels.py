@@ -298,3 +298,25 @@ def test_the_gemv_loop_for_hopper_spends_no_instructions_on_constants():
     assert loop["stack"] == 0, loop  # no spills
     assert per_weight.get("moves", 0) < 0.05, loop
     assert 0.95 < per_weight["FFMA"] < 1.1 and loop["per_weight"] < 4.2, loop
+
+
+@pytest.mark.parametrize("capability", [80, 86, 89])
+def test_the_gemv_compiles_for_ampere_and_ada_without_spilling(capability):
+    """The app tunes over the same tiles on consumer Ampere (sm_86) and Ada (sm_89) as on Hopper:
+    each compiles for them (no GPU needed), within the register file and without spilling to local
+    memory, on full tiles and on ragged ones (EVEN false: a K or N that is not a tile multiple)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter's tile list is not the app's")
+    sys.path.insert(0, str(ROOT))
+    from bench.int4_sass import compile_for_hopper, resource_usage
+    from models.kernels import int4_triton
+
+    configs = int4_triton._GEMV_CONFIGS
+    assert len(configs) >= 3
+    for i, config in enumerate(configs):
+        for even in ([True, False] if i == 0 else [True]):
+            constexprs = {"PREFETCH": True, **config.kwargs, "EVEN": even}  # PREFETCH: the kernel's default
+            kernel = compile_for_hopper(int4_triton._gemv_body.fn, constexprs, config.num_warps, capability=capability)
+            usage = resource_usage(kernel)
+            assert usage["stack"] == 0 and usage["registers"] <= 255, (capability, constexprs, usage)
