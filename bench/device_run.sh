@@ -13,7 +13,7 @@
 #     kernels  bench/int4_kernels.py on the 7B and 1.8B shapes: bf16 / tinygemm / ours / ours-fused,
 #              the per-kernel floor, prefill 512
 #     decode   bench/decode_speed.py, the fast path on the three shapes (the 7B twice: the second is
-#              the warm-cache load)
+#              the warm-cache load) and the naive nf4 generate() baseline in the same run (~8 min)
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
 #     gemv-tests  the GEMV's GPU tests only
 #     decode-short, sweep-7b: the same, shorter (the 7B and 1.8B loads; the 7B's shapes)
@@ -21,7 +21,7 @@
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
 # Modes run in the order given; one call of the device tool may take 10 minutes, so pair them
-# accordingly (kernels + tests ~3 min; decode ~7 min; naive ~6 min).
+# accordingly (kernels ~1.5 min, tests ~4 min; decode ~8 min; naive ~6 min; a fresh machine ~1 min more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,7 +61,7 @@ run_mode() {
       python3 bench/int4_kernels.py --shapes 7b 1.8b --prefill 512 --out "$OUT/int4_kernels.jsonl" \
         2>&1 | tee "$OUT/int4_kernels.txt" ;;
     decode)
-      python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4 1.8b:fast-int4 qwen7b:fast-int4 \
+      python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4 1.8b:fast-int4 qwen7b:fast-int4 7b:naive-nf4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -60 ;;
     naive)
       python3 bench/decode_speed.py --configs 7b:naive-nf4 1.8b:naive-nf4 7b:stream-fp16:32 7b:naive-fp16:16 \
