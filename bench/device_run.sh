@@ -16,6 +16,7 @@
 #              the warm-cache load) and the naive nf4 generate() baseline in the same run (~8 min)
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
 #     gemv-tests  the GEMV's GPU tests only
+#     profile  ncu counters of the 7B's GEMVs, tuned tile against the sweep's best (bench/int4_profile.py)
 #     decode-short, sweep-7b: the same, shorter (the 7B and 1.8B loads; the 7B's shapes)
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
@@ -73,6 +74,12 @@ run_mode() {
       python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     sweep)
       python3 bench/int4_gemv_sweep.py 400 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
+    profile)  # ncu on the 7B's GEMVs: the tuned tile, the sweep's best no-prefetch tiles (~2 minutes)
+      python3 bench/int4_profile.py --configs 256,16,4 512,32,2,0 128,32,2,0 2>&1 | tee "$OUT/int4_profile.txt"
+      ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+        python3 bench/int4_profile.py --ncu-region --configs 256,16,4 512,32,2,0 128,32,2,0 \
+        > "$OUT/int4_gemv_ncu.txt" 2>&1; tail -5 "$OUT/int4_gemv_ncu.txt" ;;
     gemv-tests)  # the GEMV's own GPU tests (~1 minute)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_kernels.py 2>&1 | tee "$OUT/gemv_tests.txt" | tail -30 ;;

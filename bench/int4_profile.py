@@ -5,9 +5,12 @@ turn; the time per call is compared with its bytes over the copy rate. With --nc
 per shape runs between cudaProfilerStart/Stop, for `ncu --profile-from-start off` to read its
 hardware counters (throughput, occupancy, stall reasons).
 
-    python bench/int4_profile.py
+    python bench/int4_profile.py [--configs 256,16,4 512,32,2,0]
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats python bench/int4_profile.py --ncu-region
+
+--configs profiles fixed tiles (BLOCK_N,SPLIT,warps[,0 = no prefetch]) after the tuned one, so that
+ncu shows side by side why one tile reads faster than another (bench/device_run.sh profile).
 """
 
 from __future__ import annotations
@@ -22,17 +25,25 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (4096, 92544)]  # (K, N)
+# (K, N) of the 7B's linears as the app loads them (q/k/v and gate/up fused), and its lm_head.
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 92544)]
 COPIES = 8
 
 
 def main() -> None:
     from bench.int4_kernels import copy_rate
     from models.kernels import int4, int4_triton
+    from models.kernels.split_k import split_fits
 
     p = argparse.ArgumentParser()
     p.add_argument("--ncu-region", action="store_true")
+    p.add_argument("--configs", nargs="*", default=[], help="fixed tiles to run after the tuned one")
     a = p.parse_args()
+    fixed = []
+    for text in a.configs:
+        block_n, split, warps, *rest = (int(v) for v in text.split(","))
+        fixed.append(dict(BLOCK_N=block_n, SPLIT=split, num_warps=warps, num_stages=1,
+                          PREFETCH=bool(rest[0]) if rest else True))
     rate = copy_rate()
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "copy_gbps": round(rate, 1)}), flush=True)
     for k, n in SHAPES:
@@ -41,25 +52,30 @@ def main() -> None:
         ws = int4.new_workspace(n, x.device)
         int4_triton.gemv(x, *packs[0], k, ws)  # tunes this (N, K)
         torch.cuda.synchronize()
-        if a.ncu_region:
-            torch.cuda.cudart().cudaProfilerStart()
-            int4_triton.gemv(x, *packs[1], k, ws)
+        tuned = getattr(int4_triton._gemv_kernel, "best_config", None)
+        for config in [None] + [c for c in fixed if split_fits(c["SPLIT"], n)]:
+            int4_triton.gemv(x, *packs[0], k, ws, config)  # compiled outside the profiled region
             torch.cuda.synchronize()
-            torch.cuda.cudart().cudaProfilerStop()
-            continue
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        reps = 20
-        s.record()
-        for _ in range(reps):
-            for pack in packs:
-                int4_triton.gemv(x, *pack, k, ws)
-        e.record()
-        e.synchronize()
-        us = s.elapsed_time(e) * 1e3 / reps / COPIES
-        nbytes = int4.packed_bytes(n, k)
-        best = getattr(int4_triton._gemv_kernel, "best_config", None)
-        print(json.dumps({"K": k, "N": n, "us": round(us, 2), "floor_us": round(nbytes / rate / 1e3, 2),
-                          "of_copy": round(nbytes / (us * 1e3) / rate, 3), "config": str(best)}), flush=True)
+            if a.ncu_region:
+                torch.cuda.cudart().cudaProfilerStart()
+                int4_triton.gemv(x, *packs[1], k, ws, config)
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
+                print(json.dumps({"K": k, "N": n, "profiled": str(config or tuned)}), flush=True)
+                continue
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            reps = 20
+            s.record()
+            for _ in range(reps):
+                for pack in packs:
+                    int4_triton.gemv(x, *pack, k, ws, config)
+            e.record()
+            e.synchronize()
+            us = s.elapsed_time(e) * 1e3 / reps / COPIES
+            nbytes = int4.packed_bytes(n, k)
+            print(json.dumps({"K": k, "N": n, "us": round(us, 2), "floor_us": round(nbytes / rate / 1e3, 2),
+                              "of_copy": round(nbytes / (us * 1e3) / rate, 3), "config": str(config or tuned)}),
+                  flush=True)
 
 
 if __name__ == "__main__":
