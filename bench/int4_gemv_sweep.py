@@ -1,4 +1,4 @@
-"""GEMV tile sweep on the GPU: every (BLOCK_N, SPLIT, warps, stages, PREFETCH) over 7B/1.8B linear shapes,
+"""GEMV tile sweep on the GPU: every (BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES) over 7B/1.8B linear shapes,
 weights rotated through > L2 so each call reads DRAM; ms per call and fraction of the copy rate."""
 import itertools, json, math, sys, time
 import torch
@@ -20,12 +20,15 @@ if len(sys.argv) > 3:  # python bench/int4_gemv_sweep.py BUDGET_S OUT.json fused
     SHAPES = {"fused": FUSED, "app": APP, "7b": APP[:4]}[sys.argv[3]]
 BUDGET_S = float(sys.argv[1]) if len(sys.argv) > 1 else 400
 t0 = time.time()
-# BLOCK_N up to 512 (a thread then holds all 16 words of a group at 4 warps), and each tile with and
-# without loading one group ahead (PREFETCH: registers against warps in flight, bench/int4_sass.py).
-# Stages > 1 only without PREFETCH (the manual prefetch leaves Triton's pipeliner nothing to do: the
-# session-17 sweep timed both alike); SPLIT 1 and 2 were never near the best (sessions 17-18).
-grid = [(bn, sp, w, st, pf) for bn in (32, 64, 128, 256, 512) for sp in (4, 8, 16, 32, 64) for w in (1, 2, 4)
-        for st in (1, 3) for pf in (True, False) if 1 <= bn // (32 * w) <= 8 and not (pf and st > 1)]
+# Tiles of 64-512 rows over 1-4 warps (a thread holds 1-8 rows' worth of a group's words), each
+# (PREFETCH) loading one group ahead into registers, or (no PREFETCH) not, or with LOOP_STAGES 3-4
+# copying the next groups into shared memory asynchronously (Triton's pipeliner, cp.async): bytes in
+# flight without registers, which lets a program take a longer share of K (SPLIT down to 2) and
+# leaves less split-K reduction. BLOCK_N 32 and SPLIT 1 were never near the best (sessions 17-20).
+TILES = [(bn, w) for bn in (64, 128, 256, 512) for w in (1, 2, 4) if 1 <= bn // (32 * w) <= 8]
+grid = ([(bn, sp, w, 1, True) for bn, w in TILES for sp in (8, 16, 32, 64)]
+        + [(bn, sp, w, 1, False) for bn, w in TILES for sp in (8, 16, 32)]
+        + [(bn, sp, w, st, False) for bn, w in TILES for sp in (2, 4, 8, 16) for st in (3, 4)])
 print(f"# {len(grid)} configs", flush=True)
 results = []
 for n, k in SHAPES:
@@ -43,7 +46,7 @@ for n, k in SHAPES:
     lock = torch.zeros(n, dtype=torch.int32, device=dev)
     best = None
     for bn, sp, wp, st, pf in grid:
-        cfg = {"BLOCK_N": bn, "SPLIT": sp, "num_warps": wp, "num_stages": st, "PREFETCH": pf}
+        cfg = {"BLOCK_N": bn, "SPLIT": sp, "num_warps": wp, "num_stages": 1, "PREFETCH": pf, "LOOP_STAGES": st}
         try:
             y = kt.gemv(x, q, s, o, k, (ws, lock), cfg)
             err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
@@ -74,7 +77,7 @@ for n, k in SHAPES:
             best = row
     top = sorted([r for r in results if (r["n"], r["k"]) == (n, k)], key=lambda r: r["us"])[:6]
     tuned = {(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps) for c in kt._GEMV_CONFIGS}  # what the app tunes over
-    cur = [r for r in results if (r["n"], r["k"]) == (n, k) and r["num_stages"] == 1 and r["PREFETCH"]
+    cur = [r for r in results if (r["n"], r["k"]) == (n, k) and r["LOOP_STAGES"] == 1 and r["PREFETCH"]
            and (r["BLOCK_N"], r["SPLIT"], r["num_warps"]) in tuned]
     cb = min(cur, key=lambda r: r["us"]) if cur else None
     print(f"## {n}x{k} ({nbytes/1e6:.1f} MB) best of the app's configs: {cb}", flush=True)

@@ -42,6 +42,11 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, extra_args: dict | 
 
     from models.kernels import int4_triton
 
+    import inspect
+
+    # Constexprs left out take the kernel's defaults, as a launch that does not name them would.
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty},
+                  **constexprs}
     signature = dict(SIGNATURE, **(extra_args or {}), **{name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     source = tc.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -91,11 +96,13 @@ def _kind(op: str) -> str:
     return op.split(".")[0]
 
 
-def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=None) -> dict:
+def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=None, loop_stages: int = 1) -> dict:
     """Instructions per weight in the GEMV's main loop for one tile config, and what they are."""
     from models.kernels import int4_triton
 
     constexprs = {"BLOCK_N": block_n, "SPLIT": split, "EVEN": True, "PREFETCH": prefetch}
+    if loop_stages != 1:
+        constexprs["LOOP_STAGES"] = loop_stages
     kernel = compile_for_hopper(fn or int4_triton._gemv_body.fn, constexprs, num_warps)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "gemv.cubin")
@@ -113,7 +120,9 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
     kinds: dict[str, int] = {}
     for op, rest in loop:
         kinds[_kind(op)] = kinds.get(_kind(op), 0) + 1
-    return {"block_n": block_n, "split": split, "warps": num_warps, "prefetch": prefetch, "loop_instructions": len(loop),
+    return {"block_n": block_n, "split": split, "warps": num_warps, "prefetch": prefetch, "loop_stages": loop_stages,
+            "shared_bytes": kernel.metadata.shared, "async_copies": len(re.findall(r"\bLDGSTS", sass)),
+            "loop_instructions": len(loop),
             "weights_per_thread": 8 * words, "per_weight": round(len(loop) / (8 * words), 2),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "layout": f"size {size.groups()}, threads {threads.groups()}, warps {warps.groups()}",
@@ -123,7 +132,7 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
 def main() -> None:
     """Command-line entry point: a table over tile configs (default: the ones the app tunes over)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="*", help="BLOCK_N,SPLIT,warps[,0 = no prefetch] (default: the app's tuned configs)")
+    p.add_argument("--configs", nargs="*", help="BLOCK_N,SPLIT,warps[,prefetch 0/1[,loop stages]] (default: the app's tuned configs)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     import triton
@@ -131,21 +140,24 @@ def main() -> None:
     from models.kernels import int4_triton
 
     configs = ([tuple(int(v) for v in c.split(",")) for c in a.configs] if a.configs else
-               [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.kwargs.get("PREFETCH", True))
+               [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.kwargs.get("PREFETCH", True),
+                c.kwargs.get("LOOP_STAGES", 1))
                 for c in int4_triton._GEMV_CONFIGS])
     lines = [f"Triton {triton.__version__}, sm_90, int4 GEMV main loop (one group of 128 k per iteration)", "",
-             "| BLOCK_N, SPLIT, warps, prefetch | weight tile layout | instr / weight | registers | stack B | "
-             "FFMA | LOP3 | shifts | moves | loads + x converts | FADD + FMUL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| BLOCK_N, SPLIT, warps, prefetch, loop stages | weight tile layout | instr / weight | registers | "
+             "stack B | shared KB | cp.async (LDGSTS) | FFMA | LOP3 | shifts | moves | loads + x converts | FADD + FMUL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for block_n, split, warps, *rest in configs:
         prefetch = bool(rest[0]) if rest else True
-        r = analyse(block_n, split, warps, prefetch)
+        stages = rest[1] if len(rest) > 1 else 1
+        r = analyse(block_n, split, warps, prefetch, loop_stages=stages)
         k, w = r["kinds"], r["weights_per_thread"]
 
         def per(*names: str) -> str:
             return f"{sum(k.get(n, 0) for n in names) / w:.2f}"
-        lines.append(f"| {block_n}, {split}, {warps}, {'yes' if prefetch else 'no'} | {r['layout']} | **{r['per_weight']}** | {r['registers']} | "
-                     f"{r['stack']} | {per('FFMA')} | {per('LOP3')} | {per('shifts')} | {per('moves')} | "
+        lines.append(f"| {block_n}, {split}, {warps}, {'yes' if prefetch else 'no'}, {stages} | {r['layout']} | "
+                     f"**{r['per_weight']}** | {r['registers']} | {r['stack']} | {r['shared_bytes'] // 1024} | "
+                     f"{r['async_copies']} | {per('FFMA')} | {per('LOP3')} | {per('shifts')} | {per('moves')} | "
                      f"{per('LDG', 'converts')} | {per('FADD', 'FMUL')} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines)

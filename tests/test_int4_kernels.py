@@ -76,11 +76,12 @@ for n, k in shapes:
     ws = int4.new_workspace(n, device)
     errs = []
     # SPLIT 3, 16 and 64 leave some programs an uneven or empty share of the groups; one tile
-    # loads each group when it uses it (PREFETCH=False) instead of one group ahead; None is the
-    # tuned pick.
+    # loads each group when it uses it (PREFETCH=False) instead of one group ahead, two pipeline
+    # the next groups through shared memory (LOOP_STAGES); None is the tuned pick.
     wide = [dict(BLOCK_N=16, SPLIT=64)] if split_fits(64, n) else []
     for cfg in [None, dict(BLOCK_N=16, SPLIT=1), dict(BLOCK_N=8, SPLIT=3), dict(BLOCK_N=32, SPLIT=16),
-                dict(BLOCK_N=16, SPLIT=3, PREFETCH=False)] + wide:
+                dict(BLOCK_N=16, SPLIT=3, PREFETCH=False), dict(BLOCK_N=32, SPLIT=2, PREFETCH=False, LOOP_STAGES=3),
+                dict(BLOCK_N=64, SPLIT=1, PREFETCH=False, LOOP_STAGES=4, num_warps=2)] + wide:
         y = int4_triton.gemv(x, q, s, o, k, ws, cfg)
         errs.append(float((y.float() - ref).norm() / ref.norm()))
         assert int(ws[1].abs().sum()) == 0, "split-K counters must be left at zero"
@@ -298,6 +299,24 @@ def test_the_gemv_loop_for_hopper_spends_no_instructions_on_constants():
     assert loop["stack"] == 0, loop  # no spills
     assert per_weight.get("moves", 0) < 0.05, loop
     assert 0.95 < per_weight["FFMA"] < 1.1 and loop["per_weight"] < 4.2, loop
+    assert loop["async_copies"] == 0 and loop["shared_bytes"] <= 4096, loop  # PREFETCH: registers, not shared memory
+
+
+def test_loop_stages_keep_the_next_groups_in_flight_through_shared_memory():
+    """LOOP_STAGES > 1 must really pipeline (Triton issues cp.async copies into shared memory),
+    holding fewer registers than loading a group ahead does, without spills, and with the same
+    arithmetic per weight: a Triton that stopped pipelining this loop would fail here, not as an
+    unexplained slowdown on a GPU."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT))
+    from bench.int4_sass import analyse
+
+    ahead = analyse(256, 16, 4)
+    for stages in (3, 4):
+        piped = analyse(256, 4, 4, prefetch=False, loop_stages=stages)
+        assert piped["async_copies"] > 0 and piped["shared_bytes"] >= (stages - 1) * 16 * 256 * 4, piped
+        assert piped["stack"] == 0 and piped["registers"] < ahead["registers"], (piped, ahead)
+        assert piped["per_weight"] < 4.2, piped
 
 
 @pytest.mark.parametrize("capability", [80, 86, 89])

@@ -119,7 +119,7 @@ if triton is not None:
     @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % 128 == 0})
     @triton.jit
     def _gemv_body(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, lock_ptr, N, K, G_COUNT, stride_w, stride_s, one_bits,
-                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True):
+                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True, LOOP_STAGES: tl.constexpr = 1):
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
@@ -134,9 +134,15 @@ if triton is not None:
         # loads a real group unused.) Without it a thread holds one group's words: on the tiles
         # that give a thread all 16 words (BLOCK_N = 128 x warps) that is 72-96 registers instead
         # of 255, so more warps fit and keep loads in flight instead (bench/int4_sass.py).
+        # LOOP_STAGES > 1 (without PREFETCH): Triton's pipeliner copies the words of the next
+        # LOOP_STAGES - 1 groups into shared memory asynchronously (cp.async, LDGSTS), so bytes stay
+        # in flight without holding registers: ~95 registers and 36 KB of shared memory for a
+        # 256-row, 4-warp tile at 3 stages. Only an explicit tl.range(num_stages=...) does this; the
+        # launch option num_stages alone left this loop unpipelined (same SASS at 1 and 3 stages:
+        # the earlier sweeps' "stages" timed the same kernel twice).
         if PREFETCH:
             nxt = _load_group(w_ptr, tl.minimum(g_lo, G_COUNT - 1), rw, rn, nmask, stride_w, EVEN)
-        for g in range(g_lo, g_hi):
+        for g in tl.range(g_lo, g_hi, num_stages=LOOP_STAGES):
             if PREFETCH:
                 words = nxt
                 if g + 1 < g_hi:
