@@ -20,12 +20,12 @@ if len(sys.argv) > 3:  # python bench/int4_gemv_sweep.py BUDGET_S OUT.json fused
     SHAPES = {"fused": FUSED, "app": APP, "7b": APP[:4]}[sys.argv[3]]
 BUDGET_S = float(sys.argv[1]) if len(sys.argv) > 1 else 400
 t0 = time.time()
-# Tiles of 64-512 rows over 1-4 warps (a thread holds 1-8 rows' worth of a group's words), each
+# Tiles of 64-1024 rows over 1-4 warps (a thread holds 1-8 rows' worth of a group's words), each
 # (PREFETCH) loading one group ahead into registers, or (no PREFETCH) not, or with LOOP_STAGES 3-4
 # copying the next groups into shared memory asynchronously (Triton's pipeliner, cp.async): bytes in
 # flight without registers, which lets a program take a longer share of K (SPLIT down to 2) and
 # leaves less split-K reduction. BLOCK_N 32 and SPLIT 1 were never near the best (sessions 17-20).
-TILES = [(bn, w) for bn in (64, 128, 256, 512) for w in (1, 2, 4) if 1 <= bn // (32 * w) <= 8]
+TILES = [(bn, w) for bn in (64, 128, 256, 512, 1024) for w in (1, 2, 4) if 1 <= bn // (32 * w) <= 8]
 grid = ([(bn, sp, w, 1, True) for bn, w in TILES for sp in (8, 16, 32, 64)]
         + [(bn, sp, w, 1, False) for bn, w in TILES for sp in (8, 16, 32)]
         + [(bn, sp, w, st, False) for bn, w in TILES for sp in (2, 4, 8, 16) for st in (3, 4)])
