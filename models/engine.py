@@ -58,9 +58,8 @@ class Engine:
         # takes its turn in the caller's thread and its worker thread gives it back when the computation ends.
         self._lock = GpuQueue()
         self._residents: OrderedDict[ModelKey, LoadedModel] = OrderedDict()  # least recently used first
-        # The app's default model, which sessions that chose none talk to: its key, and how to load it
-        # again if it was evicted. One attribute, so a reader in another thread never pairs the key of
-        # one model with the spec of another (assigning it is atomic).
+        # The app's default model (for sessions that chose none): its key, and how to load it again if evicted.
+        # One attribute, assigned at once, so no reader pairs one model's key with another's spec.
         self._default: tuple[ModelKey, tuple[str, LoadSettings]] | None = None
         self._loading: str | None = None  # the model being loaded now, for the status every tab shows
         self._sessions = SessionCacheStore()
@@ -83,8 +82,7 @@ class Engine:
     @property
     def loaded(self) -> LoadedModel | None:
         """The app's default model (the one sessions without a choice of their own use), if loaded."""
-        default = self._default
-        return self._residents.get(default[0]) if default else None
+        return self._residents.get(default[0]) if (default := self._default) else None
 
     def residents(self) -> list[LoadedModel]:
         """Every model in memory, least recently used first."""
@@ -100,8 +98,7 @@ class Engine:
 
     def default_spec(self) -> ModelSpec | None:
         """The app's default model as a choice (what a session that chose none talks to), or None."""
-        default = self._default
-        return ModelSpec(*default[1], key=default[0]) if default is not None else None
+        return ModelSpec(*default[1], key=default[0]) if (default := self._default) is not None else None
 
     def make_default(self, choice: str, settings: LoadSettings) -> None:
         """Sessions that chose no model of their own talk to this one from now on (a script's load, like --model)."""
