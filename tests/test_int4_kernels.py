@@ -76,12 +76,16 @@ for n, k in shapes:
     ws = int4.new_workspace(n, device)
     errs = []
     # SPLIT 3, 16 and 64 leave some programs an uneven or empty share of the groups; one tile
-    # loads each group when it uses it (PREFETCH=False) instead of one group ahead, two pipeline
-    # the next groups through shared memory (LOOP_STAGES); None is the tuned pick.
+    # loads each group when it uses it (PREFETCH=False) instead of one group ahead, others pipeline
+    # the next groups through shared memory (LOOP_STAGES: the interpreter runs the same loop, so
+    # one is enough there); None is the tuned pick.
     wide = [dict(BLOCK_N=16, SPLIT=64)] if split_fits(64, n) else []
+    piped = [dict(BLOCK_N=16, SPLIT=3, PREFETCH=False, LOOP_STAGES=3)]
+    if device == "cuda":
+        piped += [dict(BLOCK_N=32, SPLIT=2, PREFETCH=False, LOOP_STAGES=3),
+                  dict(BLOCK_N=64, SPLIT=1, PREFETCH=False, LOOP_STAGES=4, num_warps=2)]
     for cfg in [None, dict(BLOCK_N=16, SPLIT=1), dict(BLOCK_N=8, SPLIT=3), dict(BLOCK_N=32, SPLIT=16),
-                dict(BLOCK_N=16, SPLIT=3, PREFETCH=False), dict(BLOCK_N=32, SPLIT=2, PREFETCH=False, LOOP_STAGES=3),
-                dict(BLOCK_N=64, SPLIT=1, PREFETCH=False, LOOP_STAGES=4, num_warps=2)] + wide:
+                dict(BLOCK_N=16, SPLIT=3, PREFETCH=False)] + piped + wide:
         y = int4_triton.gemv(x, q, s, o, k, ws, cfg)
         errs.append(float((y.float() - ref).norm() / ref.norm()))
         assert int(ws[1].abs().sum()) == 0, "split-K counters must be left at zero"
