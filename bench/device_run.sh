@@ -74,11 +74,13 @@ run_mode() {
       python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     sweep)
       python3 bench/int4_gemv_sweep.py 400 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
-    profile)  # ncu on the 7B's GEMVs: the tuned tile, the sweep's best no-prefetch tiles (~2 minutes)
-      python3 bench/int4_profile.py --configs 256,16,4 512,32,2,0 128,32,2,0 2>&1 | tee "$OUT/int4_profile.txt"
+    profile)  # ncu on the 7B's GEMVs: the tuned tile, fixed tiles, and (after sweep-7b) its best per shape (~2 minutes)
+      tiles=(256,16,4 512,32,2,0 256,8,4,0,3)
+      python3 bench/int4_profile.py --best-from "$OUT/int4_gemv_sweep_7b.json" --configs "${tiles[@]}" \
+        2>&1 | tee "$OUT/int4_profile.txt"
       ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
-        python3 bench/int4_profile.py --ncu-region --configs 256,16,4 512,32,2,0 128,32,2,0 \
+        python3 bench/int4_profile.py --ncu-region --best-from "$OUT/int4_gemv_sweep_7b.json" --configs "${tiles[@]}" \
         > "$OUT/int4_gemv_ncu.txt" 2>&1; tail -5 "$OUT/int4_gemv_ncu.txt" ;;
     gemv-tests)  # the GEMV's own GPU tests (~1 minute)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \

@@ -9,8 +9,9 @@ hardware counters (throughput, occupancy, stall reasons).
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats python bench/int4_profile.py --ncu-region
 
---configs profiles fixed tiles (BLOCK_N,SPLIT,warps[,0 = no prefetch]) after the tuned one, so that
-ncu shows side by side why one tile reads faster than another (bench/device_run.sh profile).
+--configs profiles fixed tiles (BLOCK_N,SPLIT,warps[,PREFETCH 0/1[,LOOP_STAGES]]) after the tuned one, so
+that ncu shows side by side why one tile reads faster than another (bench/device_run.sh profile).
+--best-from SWEEP.json adds, per shape, the fastest tile of a bench/int4_gemv_sweep.py run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 92544
 COPIES = 8
 
 
+def sweep_best(path: Path) -> dict:
+    """The fastest tile per (N, K) in a bench/int4_gemv_sweep.py JSON, as a launch config."""
+    keys = ("BLOCK_N", "SPLIT", "num_warps", "num_stages", "PREFETCH", "LOOP_STAGES")
+    best: dict = {}
+    for row in json.loads(path.read_text()):
+        if "tuned_pick" in row:
+            continue
+        shape = (row["n"], row["k"])
+        if shape not in best or row["us"] < best[shape][1]:
+            best[shape] = ({key: row[key] for key in keys}, row["us"])
+    return {shape: config for shape, (config, _) in best.items()}
+
+
 def main() -> None:
     from bench.int4_kernels import copy_rate
     from models.kernels import int4, int4_triton
@@ -38,12 +52,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ncu-region", action="store_true")
     p.add_argument("--configs", nargs="*", default=[], help="fixed tiles to run after the tuned one")
+    p.add_argument("--best-from", type=Path, help="a sweep's JSON: its fastest tile per shape is profiled too")
     a = p.parse_args()
     fixed = []
     for text in a.configs:
         block_n, split, warps, *rest = (int(v) for v in text.split(","))
         fixed.append(dict(BLOCK_N=block_n, SPLIT=split, num_warps=warps, num_stages=1,
-                          PREFETCH=bool(rest[0]) if rest else True))
+                          PREFETCH=bool(rest[0]) if rest else True, LOOP_STAGES=rest[1] if len(rest) > 1 else 1))
+    best = sweep_best(a.best_from) if a.best_from and a.best_from.exists() else {}
     rate = copy_rate()
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "copy_gbps": round(rate, 1)}), flush=True)
     for k, n in SHAPES:
@@ -53,7 +69,8 @@ def main() -> None:
         int4_triton.gemv(x, *packs[0], k, ws)  # tunes this (N, K)
         torch.cuda.synchronize()
         tuned = getattr(int4_triton._gemv_kernel, "best_config", None)
-        for config in [None] + [c for c in fixed if split_fits(c["SPLIT"], n)]:
+        extra = [best[(n, k)]] if (n, k) in best and best[(n, k)] not in fixed else []
+        for config in [None] + [c for c in fixed + extra if split_fits(c["SPLIT"], n)]:
             int4_triton.gemv(x, *packs[0], k, ws, config)  # compiled outside the profiled region
             torch.cuda.synchronize()
             if a.ncu_region:
