@@ -111,9 +111,9 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
         sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     layout = re.search(r"#blocked = #ttg.blocked<\{(.*?)\}>", kernel.asm["ttgir"])
-    size = re.search(r"sizePerThread = \[(\d+), (\d+)\]", layout.group(1))
-    threads = re.search(r"threadsPerWarp = \[(\d+), (\d+)\]", layout.group(1))
-    warps = re.search(r"warpsPerCTA = \[(\d+), (\d+)\]", layout.group(1))
+    fields = [re.search(name + r" = \[([\d, ]+)\]", layout.group(1)) if layout else None
+              for name in ("sizePerThread", "threadsPerWarp", "warpsPerCTA")]
+    size, threads, warps = (f"({f.group(1)})" if f else "?" for f in fields)
     # Words of one group (16 rows x BLOCK_N columns) a thread holds, each carrying 8 weights.
     words = 16 * block_n // (32 * num_warps)
     loop = main_loop(sass)
@@ -125,7 +125,7 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
             "loop_instructions": len(loop),
             "weights_per_thread": 8 * words, "per_weight": round(len(loop) / (8 * words), 2),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "layout": f"size {size.groups()}, threads {threads.groups()}, warps {warps.groups()}",
+            "layout": f"size {size}, threads {threads}, warps {warps}",
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
 
 
