@@ -73,7 +73,7 @@ run_mode() {
     sweep-7b)  # the 7B's four linear shapes only (~3.5 minutes)
       python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     sweep)
-      python3 bench/int4_gemv_sweep.py 400 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
+      python3 bench/int4_gemv_sweep.py 450 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
     profile)  # ncu on the 7B's GEMVs: the tuned tile, fixed tiles, and (after sweep-7b) its best per shape (~2 minutes)
       tiles=(256,16,4 512,32,2,0 256,8,4,0,3)
       python3 bench/int4_profile.py --best-from "$OUT/int4_gemv_sweep_7b.json" --configs "${tiles[@]}" \

@@ -30,6 +30,14 @@ grid = ([(bn, sp, w, 1, True) for bn, w in TILES for sp in (8, 16, 32, 64)]
         + [(bn, sp, w, 1, False) for bn, w in TILES for sp in (8, 16, 32)]
         + [(bn, sp, w, st, False) for bn, w in TILES for sp in (2, 4, 8, 16) for st in (3, 4)])
 print(f"# {len(grid)} configs", flush=True)
+def tile(c):
+    """A tile's identity: (BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES), from a triton.Config or a row."""
+    if isinstance(c, dict):
+        return (c["BLOCK_N"], c["SPLIT"], c["num_warps"], c["PREFETCH"], c["LOOP_STAGES"])
+    return (c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.kwargs.get("PREFETCH", True),
+            c.kwargs.get("LOOP_STAGES", 1))
+
+
 results = []
 for n, k in SHAPES:
     if time.time() - t0 > BUDGET_S:
@@ -76,9 +84,8 @@ for n, k in SHAPES:
         if best is None or row["us"] < best["us"]:
             best = row
     top = sorted([r for r in results if (r["n"], r["k"]) == (n, k)], key=lambda r: r["us"])[:6]
-    tuned = {(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps) for c in kt._GEMV_CONFIGS}  # what the app tunes over
-    cur = [r for r in results if (r["n"], r["k"]) == (n, k) and r["LOOP_STAGES"] == 1 and r["PREFETCH"]
-           and (r["BLOCK_N"], r["SPLIT"], r["num_warps"]) in tuned]
+    tuned = {tile(c) for c in kt._GEMV_CONFIGS}  # what the app tunes over
+    cur = [r for r in results if (r["n"], r["k"]) == (n, k) and "us" in r and "tuned_pick" not in r and tile(r) in tuned]
     cb = min(cur, key=lambda r: r["us"]) if cur else None
     print(f"## {n}x{k} ({nbytes/1e6:.1f} MB) best of the app's configs: {cb}", flush=True)
     # What the app's autotuner picks for this shape (its timing, int4_triton.time_config), and how
@@ -86,11 +93,9 @@ for n, k in SHAPES:
     kt.gemv(x, q, s, o, k)
     torch.cuda.synchronize()
     pick = kt._gemv_kernel.best_config
-    pick_cfg = (pick.kwargs["BLOCK_N"], pick.kwargs["SPLIT"], pick.num_warps)
-    picked = [r for r in cur if (r["BLOCK_N"], r["SPLIT"], r["num_warps"]) == pick_cfg]
+    picked = [r for r in cur if tile(r) == tile(pick)]
     if picked and cb:
-        tuned_row = {"tuned_pick": True, "n": n, "k": k, "BLOCK_N": pick_cfg[0], "SPLIT": pick_cfg[1],
-                     "num_warps": pick_cfg[2], "us": picked[0]["us"], "app_best_us": cb["us"],
+        tuned_row = {"tuned_pick": True, "n": n, "k": k, "tile": tile(pick), "us": picked[0]["us"], "app_best_us": cb["us"],
                      "sweep_best_us": best["us"] if best else None}
         results.append(tuned_row)
         print("   the autotuner's pick:", tuned_row, flush=True)
