@@ -55,14 +55,20 @@ if triton is not None:
     # instructions per weight: instruction issue, not DRAM, was the limit. bench/int4_sass.py reads
     # today's loop without a GPU: 3.8-3.9 per weight on sm_90 with Triton 3.9.) SPLIT > 1 gives a
     # narrow or deep matrix enough programs to fill the GPU.
-    # These 5 of a 126-config sweep (BLOCK_N 32-256, SPLIT 1-64, 1-4 warps, 1 or 3 stages; H200,
-    # weights rotated past L2: bench/int4_gemv_sweep.py) come within 0.1 % of the sweep's best on
-    # every 1.8B/7B linear shape; the 14 tuned before were 10 % slower on average, and each config
-    # costs autotune time at a model's first load. The gain is from more programs in flight (SPLIT
-    # up to 64). Small matrices sit at a ~5 us floor per GEMV whatever the tile (launch + latency).
+    # These 5 tiles (BLOCK_N, SPLIT, warps, PREFETCH) are the 5 of a 165-tile sweep (BLOCK_N 64-1024,
+    # SPLIT 2-64, 1-4 warps, a group prefetched into registers or not, or 3-4 pipeline stages; H200,
+    # weights rotated past L2, back to back in a CUDA graph: bench/int4_gemv_sweep.py) that together
+    # give the least GEMV time per decode step over the 7B, 1.8B and Qwen2.5-7B shapes: within 0-2.5 %
+    # of each shape's own best tile, the 7B's gate/up 5.5 % (bench/results/int4_gemv_sweep_h200_s21.json).
+    # The set tuned before
+    # (256-row tiles at SPLIT 16/32/64 and two 64-row ones) cost 5-6 % more on the 1.8B and Qwen and 2 %
+    # on the 7B. Tiles of 512 rows over 2 warps give a thread 8 rows, so the x values it loads serve
+    # twice as many weights (3.2 SASS instructions per weight instead of 4.0). Five, not more: each tile
+    # costs compile and tuning time at a model's first load. Pipelined tiles (LOOP_STAGES) won nowhere.
     _GEMV_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "SPLIT": sp}, num_warps=w, num_stages=1)
-        for bn, sp, w in [(256, 16, 4), (256, 32, 4), (256, 64, 4), (64, 16, 1), (64, 32, 1)]
+        triton.Config({"BLOCK_N": bn, "SPLIT": sp, "PREFETCH": pf}, num_warps=w, num_stages=1)
+        for bn, sp, w, pf in [(256, 16, 4, True), (128, 64, 2, True), (128, 32, 2, False), (512, 16, 2, False),
+                              (512, 8, 2, False)]
     ]
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter (CPU tests) cannot time configs: one
         _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 16, "SPLIT": 2}, num_warps=1, num_stages=1)]
