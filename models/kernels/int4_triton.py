@@ -60,11 +60,11 @@ if triton is not None:
     # weights rotated past L2, back to back in a CUDA graph: bench/int4_gemv_sweep.py) that together
     # give the least GEMV time per decode step over the 7B, 1.8B and Qwen2.5-7B shapes: within 0-2.5 %
     # of each shape's own best tile, the 7B's gate/up 5.5 % (bench/results/int4_gemv_sweep_h200_s21.json).
-    # The set tuned before
-    # (256-row tiles at SPLIT 16/32/64 and two 64-row ones) cost 5-6 % more on the 1.8B and Qwen and 2 %
-    # on the 7B. Tiles of 512 rows over 2 warps give a thread 8 rows, so the x values it loads serve
-    # twice as many weights (3.2 SASS instructions per weight instead of 4.0). Five, not more: each tile
-    # costs compile and tuning time at a model's first load. Pipelined tiles (LOOP_STAGES) won nowhere.
+    # The set tuned before (256-row tiles at SPLIT 16/32/64 and two 64-row ones) cost 5-6 % more on the
+    # 1.8B and Qwen and 2 % on the 7B. Tiles of 512 rows over 2 warps give a thread 8 rows, so the x
+    # values it loads serve twice as many weights (3.2 SASS instructions per weight instead of 4.0).
+    # Five, not more: each tile costs compile and tuning time at a model's first load. Pipelined tiles
+    # (LOOP_STAGES) won nowhere; a tensor-core version (bench/int4_mma_probe.py) was slower.
     _GEMV_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "SPLIT": sp, "PREFETCH": pf}, num_warps=w, num_stages=1)
         for bn, sp, w, pf in [(256, 16, 4, True), (128, 64, 2, True), (128, 32, 2, False), (512, 16, 2, False),
