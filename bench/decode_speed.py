@@ -48,7 +48,8 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          # The fast path less one of its parts, to tell what each one brings (or breaks):
          "fast-int4-no-prefill-graphs": ("int4", False),  # prompt chunks unpadded and eager
          "fast-int4-whole-compile": ("int4", False),  # the whole forward compiled, not one layer for all
-         "fast-int4-unfused": ("int4", False)}  # q/k/v and gate/up kept as separate GEMVs (7 a layer, not 4)
+         "fast-int4-unfused": ("int4", False),  # q/k/v and gate/up kept as separate GEMVs (7 a layer, not 4)
+         "fast-int4-no-precompile": ("int4", False)}  # the int4 kernels compiled one by one inside the warm-up
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -137,8 +138,10 @@ def top_kernels(fast, tokenizer, ids, n: int = 12) -> list[dict]:
     return rows
 
 
-def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: int, context: int) -> dict:
-    """Load one path for one checkpoint and time TTFT, decode tok/s and peak VRAM."""
+def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: int, context: int,
+            profile_load: str | None = None) -> dict:
+    """Load one path for one checkpoint and time TTFT, decode tok/s and peak VRAM (the load's
+    cProfile to `profile_load` if given)."""
     import torch
 
     from models.catalog import load_catalog
@@ -161,6 +164,10 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         from models import fused_projections
 
         fused_projections.fuse_projections = lambda model: 0
+    if path == "fast-int4-no-precompile":
+        from models.kernels import int4
+
+        int4.start_precompile = lambda model: []
     if path == "fast-int4-whole-compile":
         fast_decode.supports_layer_loop = lambda model: False
     h2d = host_to_device_bandwidth()
@@ -170,7 +177,18 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
 
     warm_cache = compile_cache.size_bytes(engine.cache_dir) > 0
     started = time.perf_counter()
-    loaded = engine.load(folder, settings).loaded
+    if profile_load:  # where a load's seconds go, by function (cProfile: this thread only)
+        import cProfile
+        import io
+        import pstats
+
+        with cProfile.Profile() as prof:
+            loaded = engine.load(folder, settings).loaded
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
+        Path(profile_load).write_text(text.getvalue())
+    else:
+        loaded = engine.load(folder, settings).loaded
     load_s = time.perf_counter() - started  # for the fast path: until the uncompiled step can answer
     ids = torch.randint(0, loaded.shape.vocab_size - 2, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     greedy = SamplingSettings(max_new_tokens=new_tokens, temperature=0)
@@ -353,6 +371,8 @@ def parent(args) -> None:
         cmd = [sys.executable, __file__, "--child", "--folder", str(folder), "--path", path, "--out", args.out,
                "--new-tokens", str(new_tokens), "--prompt", str(args.prompt), "--budget", str(args.budget),
                "--context", str(args.context)]
+        if args.profile_load:
+            cmd += ["--profile-load", f"{args.out}.{key}-{path}.load_profile.txt"]
         t0 = time.perf_counter()
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
@@ -450,7 +470,7 @@ def markdown(path: str) -> str:
 
 def child(args) -> None:
     """One measurement in this (child) process; prints its row as JSON."""
-    row = measure(args.folder, args.path, args.budget, args.prompt, args.new_tokens, args.context)
+    row = measure(args.folder, args.path, args.budget, args.prompt, args.new_tokens, args.context, args.profile_load)
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -473,6 +493,8 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/smallchat-bench")
     p.add_argument("--out", default="decode_speed.jsonl")
     p.add_argument("--md")
+    p.add_argument("--profile-load", nargs="?", const=True, default=None,
+                   help="cProfile each load (parent: a flag; child: the file to write)")
     args = p.parse_args()
     child(args) if args.child else parent(args)
 

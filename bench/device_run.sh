@@ -17,6 +17,7 @@
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
 #     gemv-tests  the GEMV's GPU tests only
 #     profile  ncu counters of the 7B's GEMVs, tuned tile against the sweep's best (bench/int4_profile.py)
+#     warmup   the 7B's cold load with and without the int4 precompile, cProfiled
 #     decode-short, decode-three, sweep-7b: the same, shorter (the 7B and 1.8B loads, and Qwen; the 7B's shapes)
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
@@ -73,6 +74,12 @@ run_mode() {
     decode-three)  # one load each of the three shapes, fast path only (~6 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 qwen7b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
+    warmup)  # the 7B's cold first load with and without the threaded int4 precompile, each from an empty
+             # cache, the load cProfiled (~3 minutes)
+      for variant in fast-int4-no-precompile fast-int4; do
+        SMALLCHAT_CACHE="$(mktemp -d)" python3 bench/decode_speed.py --configs "7b:$variant" --profile-load \
+          --out "$OUT/warmup.jsonl" --md "$OUT/warmup.md" 2>&1 | tail -8
+      done ;;
     sweep-7b)  # the 7B's four linear shapes only (~3.5 minutes)
       python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     sweep)

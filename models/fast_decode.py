@@ -481,11 +481,13 @@ class FastDecoder:
             self._prefill(list(range(n)), 0)
             if self.use_graphs:
                 torch.cuda.synchronize(self.device)
-                self.phases["warm_up_first_forward_s"] = time.perf_counter() - started  # GEMV tuning, kernel loads
-                self._capture_graphs(n)
-                self.phases["warm_up_decode_graphs_s"] = time.perf_counter() - started - sum(self.phases.values())
+                marks = [started, time.perf_counter()]  # first forward: kernel loads, cuBLAS and attention set-up
+                self._capture_graphs(n)  # its first runs tune the GEMV tiles per shape
+                marks.append(time.perf_counter())
                 self._capture_prefill_graphs()
-                self.phases["warm_up_prefill_graphs_s"] = time.perf_counter() - started - sum(self.phases.values())
+                marks.append(time.perf_counter())
+                for name, t0, t1 in zip(("first_forward", "decode_graphs", "prefill_graphs"), marks, marks[1:]):
+                    self.phases[f"warm_up_{name}_s"] = t1 - t0
             else:
                 self._decode_step(True)
                 self._run_prefill_buckets()  # what the capture runs first, checked without a GPU too

@@ -108,15 +108,18 @@ def _bnb_config(quant: Quant, compute_dtype: torch.dtype, double_quant: bool, of
 
 
 def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: ModelShape,
-                         progress: ProgressFn | None, cache_dir: Path):
-    """A FastDecoder with its cache sized to the context and its uncompiled step captured now;
-    the compiled step follows in the background (FastDecoder.start_background_compile)."""
-    from . import compile_cache
+                         progress: ProgressFn | None, cache_dir: Path, precompiling: list):
+    """A FastDecoder with its cache sized to the context and its uncompiled step captured now, once
+    the int4 kernels `precompiling` (int4.start_precompile) are built; the compiled step follows in
+    the background (FastDecoder.start_background_compile)."""
     from .fast_decode import FastDecoder
+    from .kernels import int4_triton
 
-    compile_cache.configure(cache_dir)  # before the first Triton kernel: tuned int4 configs persist too
     _progress(progress, 0.8, "Capturing the decode step (tuning the int4 kernels on a first load)")
     fast = FastDecoder(model, max_context=min(context_tokens, shape.max_context), compile_cache_dir=cache_dir)
+    waited = time.perf_counter()
+    int4_triton.wait_precompiled(precompiling)
+    fast.phases["precompile_wait_s"] = time.perf_counter() - waited
     seconds = fast.warm_up()
     fast.start_background_compile()
     _progress(progress, 0.95, f"Decode step captured in {seconds:.1f} s; compiling it in the background")
@@ -259,14 +262,17 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         model.generation_config.pad_token_id = tokenizer.eos_token_id
     fast = None
     if settings.quant is Quant.INT4:
+        from . import compile_cache
         from .fused_projections import fuse_projections
-        from .kernels.int4 import quantize_model
+        from .kernels.int4 import quantize_model, start_precompile
 
         failure = None
         try:
             fuse_projections(model)  # q/k/v and gate/up as one GEMV each (fused before quantizing: exact)
+            compile_cache.configure(cache_dir)  # before the first Triton compile: kernels and tuned tiles persist
+            precompiling = start_precompile(model)  # the kernels compile while the weights are quantized
             quantize_model(model, torch.device("cuda", 0), lambda f, m: _progress(progress, 0.6 + 0.15 * f, m))
-            fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress, cache_dir)
+            fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress, cache_dir, precompiling)
         except torch.OutOfMemoryError:
             failure = ModelLoadError("fast_decoder_oom", model=ref.label)
         except RuntimeError as e:  # torch.compile / graph capture failed on this GPU or driver

@@ -291,6 +291,52 @@ def test_tuning_a_new_shape_on_the_gpu_is_bounded():
     assert seconds < 3 * bound + 0.2, (seconds, bound)  # the default's 5 x 125 ms would be ~0.8 s and more
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs one tile")
+def test_precompile_plans_one_compile_per_distinct_kernel():
+    """A 7B's five linear shapes share the tiles' specializations except the lm_head, whose 92,544 rows
+    are no multiple of 256 or 512 (EVEN off for those tiles); a K that is no multiple of 16 groups
+    (Qwen's 3,584 = 28 groups) specialises every kernel again."""
+    int4_triton = pytest.importorskip("models.kernels.int4_triton")
+    if not int4_triton.available():
+        pytest.skip("no Triton")
+    tiles = int4_triton._GEMV_CONFIGS
+    seven_b = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+    assert len(int4_triton._compile_jobs(seven_b, torch.bfloat16)) == len(tiles) + 1  # + the dequantize
+    assert len(int4_triton._compile_jobs(seven_b * 2, torch.bfloat16)) == len(tiles) + 1
+    with_head = int4_triton._compile_jobs(seven_b + [(92544, 4096)], torch.bfloat16)
+    head_tiles = int4_triton._fitting_splits(tiles, {"N": 92544})
+    uneven = [c for c in head_tiles if 92544 % c.kwargs["BLOCK_N"]]
+    assert uneven and len(with_head) == len(tiles) + 1 + len(uneven)
+    assert len(int4_triton._compile_jobs(seven_b + [(4608, 3584)], torch.bfloat16)) == 2 * (len(tiles) + 1)
+    assert int4_triton.precompile(seven_b) == [] or torch.cuda.is_available()  # nothing to compile without CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_precompiled_kernels_leave_nothing_to_compile_at_the_first_call():
+    """After precompile (threads, no tensors), the first GEMV and dequantize of a shape compile nothing."""
+    from models.kernels import int4_triton
+
+    n, k = 1000, 1000  # odd sizes: a specialization of its own
+    device = torch.cuda.current_device()
+    gemv_cache = int4_triton._gemv_body.fn.device_caches[device][0]
+    dequant_cache = int4_triton._dequant_t_kernel.device_caches[device][0]
+    gemv_cache.clear(), dequant_cache.clear()  # compiled kernels of earlier tests would answer instead
+    futures = int4_triton.precompile([(n, k)])
+    assert len(futures) == len(int4_triton._GEMV_CONFIGS) + 1
+    assert int4_triton.wait_precompiled(futures) == 0
+    compiled = (len(gemv_cache), len(dequant_cache))
+    assert compiled == (len(int4_triton._GEMV_CONFIGS), 1)
+    q, s, o = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    y = int4_triton.gemv(x, q, s, o, k, int4.new_workspace(n, x.device))
+    d = int4_triton.dequantize_t(q, s, o, k, torch.bfloat16)
+    ref_w = dequantize_reference(q, s, o, k, torch.float32)
+    assert float((y.float() - x.float() @ ref_w.T).norm() / (x.float() @ ref_w.T).norm()) < 1e-2
+    assert torch.allclose(d.float().T, ref_w, atol=1e-2 * float(ref_w.abs().max()))
+    assert (len(gemv_cache), len(dequant_cache)) == compiled
+
+
 def test_the_gemv_loop_for_hopper_spends_no_instructions_on_constants():
     """The GEMV compiled for sm_90 (no GPU needed): ~1 FMA, 1 LOP3 and under 2 more instructions per
     int4 weight in its main loop, and no constant re-materialised (0.8 per weight when 1.0's bits

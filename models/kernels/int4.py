@@ -173,6 +173,25 @@ def packed_bytes(out_features: int, in_features: int) -> int:
     return out_features * (kp // 2 + (kp // GROUP) * 4)
 
 
+def _quantize_targets(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The Linears quantize_model replaces: all but a tied lm_head (the embedding table)."""
+    embedding = model.get_input_embeddings().weight
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight is not embedding]
+
+
+def start_precompile(model: torch.nn.Module) -> list:
+    """Start compiling (in threads) the int4 kernels `model`'s linears will run, before they are quantized.
+
+    Call after the projections are fused (their shapes are final); pass the result to
+    int4_triton.wait_precompiled before the first forward. [] where nothing compiles (no CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    from . import int4_triton
+
+    shapes = [(m.out_features, m.in_features) for _, m in _quantize_targets(model)]
+    return int4_triton.precompile(shapes, model.get_input_embeddings().weight.dtype)  # activations' dtype
+
+
 def quantize_model(model: torch.nn.Module, device: torch.device, progress=None) -> int:
     """Replace every Linear of `model` (an untied lm_head too) with an Int4Linear on `device`; move the rest there.
 
@@ -180,9 +199,7 @@ def quantize_model(model: torch.nn.Module, device: torch.device, progress=None) 
     full-precision model never exists there whole. A tied lm_head stays a plain Linear: it is the
     embedding table, which must stay a lookup. Returns the number of layers quantized.
     """
-    embedding = model.get_input_embeddings().weight
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m.weight is not embedding]
+    targets = _quantize_targets(model)
     for i, (name, linear) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

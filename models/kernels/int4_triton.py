@@ -18,7 +18,9 @@ does not re-tune.
 
 from __future__ import annotations
 
+import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -29,6 +31,7 @@ try:
 except ImportError:  # the CPU build of torch does not bring Triton; int4.py falls back to PyTorch
     triton = None
 
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -268,3 +271,59 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Ten
     _dequant_t_kernel[grid](qweight, scales, offsets, out, n, in_features, groups, qweight.stride(0),
                             scales.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=4, enable_fp_fusion=FP_FUSION)
     return out
+
+
+def _compile_jobs(shapes, dtype: torch.dtype) -> list:
+    """One warm-up call per distinct compiled kernel that GEMVs and dequantizes of these (N, K) shapes need."""
+    seen, jobs = set(), []
+    for n, k in dict.fromkeys(shapes):
+        groups = -(-k // 128)
+        # Triton compiles a kernel per specialization: each int argument is specialised on being 1 or a
+        # multiple of 16, and EVEN on the shape. Shapes that agree share kernels, so each is compiled
+        # once here. (A wrong guess only leaves a compile to the first call, as without precompile.)
+        spec = tuple((v == 1, v % 16 == 0) for v in (n, k, groups))
+        for cfg in _fitting_splits(_GEMV_CONFIGS, {"N": n}):
+            even = n % cfg.kwargs["BLOCK_N"] == 0 and k % 128 == 0
+            if ("gemv", spec, even, str(cfg)) not in seen:
+                seen.add(("gemv", spec, even, str(cfg)))
+                # Dtypes stand in for tensors (Triton's MockTensor): nothing is allocated or launched.
+                args = (dtype, torch.int32, torch.bfloat16, torch.bfloat16, dtype, torch.float32, torch.int32,
+                        n, k, groups, n, n, ONE_BITS)
+                jobs.append(lambda a=args, c=cfg: _gemv_body.warmup(*a, grid=(1,), enable_fp_fusion=FP_FUSION,
+                                                                   **c.all_kwargs()))
+        if ("dequant", spec) not in seen:
+            seen.add(("dequant", spec))
+            args = (torch.int32, torch.bfloat16, torch.bfloat16, dtype, n, k, groups, n, n, n)
+            jobs.append(lambda a=args: _dequant_t_kernel.warmup(*a, grid=(1,), BLOCK_N=256, num_warps=4,
+                                                               enable_fp_fusion=FP_FUSION))
+    return jobs
+
+
+def precompile(shapes, dtype: torch.dtype = torch.bfloat16, workers: int | None = None) -> list[Future]:
+    """Start compiling, in threads, every GEMV tile and the dequantize for these (N, K) shapes; their futures.
+
+    Why: a model's first forward otherwise compiles them one after another inside its warm-up
+    (five tiles and the dequantize, ~0.7 s each on an H200 host). Triton releases the GIL for most
+    of a compile (its passes and ptxas), so threads overlap them, and the loader starts them
+    while the weights are still being quantized. The compiled kernels land in Triton's in-memory
+    and on-disk caches, where the first call finds them. Nothing to do without CUDA (on the CPU the
+    kernels run in Triton's interpreter, which does not compile).
+    """
+    if triton is None or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return []
+    jobs = _compile_jobs(shapes, dtype)
+    pool = ThreadPoolExecutor(max_workers=workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 1)),
+                              thread_name_prefix="int4-precompile")
+    futures = [pool.submit(job) for job in jobs]
+    pool.shutdown(wait=False)  # the threads end when their compiles do
+    return futures
+
+
+def wait_precompiled(futures: list[Future]) -> int:
+    """Wait for precompile's compiles; how many failed (logged: the first call then compiles that kernel itself)."""
+    failed = 0
+    for future in futures:
+        if (error := future.exception()) is not None:
+            failed += 1
+            log.warning("precompiling an int4 kernel failed; it compiles at its first call instead: %s", error)
+    return failed
