@@ -17,6 +17,7 @@
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
 #     gemv-tests  the GEMV's GPU tests only
 #     profile  ncu counters of the 7B's GEMVs, tuned tile against the sweep's best (bench/int4_profile.py)
+#     attention  bench/decode_attention.py: the fused decode attention against the plain form, per layer
 #     warmup   the 7B's cold load with and without the int4 precompile, cProfiled
 #     decode-short, decode-three, sweep-7b: the same, shorter (the 7B and 1.8B loads, and Qwen; the 7B's shapes)
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
@@ -74,6 +75,8 @@ run_mode() {
     decode-three)  # one load each of the three shapes, fast path only (~6 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 qwen7b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
+    attention)  # bench/decode_attention.py: the fused decode attention against the plain form (~1 minute)
+      python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/decode_attention.txt" ;;
     warmup)  # the 7B's cold first load with and without the threaded int4 precompile, each from an empty
              # cache, the load cProfiled (~3 minutes)
       for variant in fast-int4-no-precompile fast-int4; do
@@ -97,7 +100,8 @@ run_mode() {
         tests/test_int4_kernels.py 2>&1 | tee "$OUT/gemv_tests.txt" | tail -30 ;;
     tests)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -x -p no:cacheprovider \
-        tests/test_gpu.py tests/test_int4_kernels.py tests/test_fast_decode.py tests/test_fused_projections.py \
+        tests/test_gpu.py tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_fast_decode.py \
+        tests/test_fused_projections.py \
         tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30 ;;
     *) echo "unknown mode: $1"; return 2 ;;
   esac

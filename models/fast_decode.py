@@ -22,9 +22,9 @@ Why each piece:
 - Prefix reuse: the decoder keeps the token ids its cache holds. A new prompt sharing a prefix
   prefills only the rest; entries beyond the new end are stale, and an explicit attention
   mask (key position <= query position) makes them invisible until they are overwritten.
-- Decode attention is two small matmuls over the cache (query heads grouped per KV head)
-  instead of SDPA: SDPA's masked kernel runs one thread block per head for a single query,
-  which reads a long cache at a fraction of the memory bandwidth.
+- Decode attention is one fused kernel over the cache window, query heads grouped per KV head
+  (models/attention.py), not SDPA, whose masked kernel reads a long cache at a fraction of the
+  memory bandwidth for a single query.
 - Attention reads only the filled part of the cache: the step takes a window of the first W
   cache positions (W = 512, 1k, 2k, ... up to the whole cache), one CUDA graph per window, and
   each chunk of tokens replays the smallest window that holds it. Full-length prompt chunks do
@@ -43,8 +43,8 @@ from collections import deque
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
+from .attention import attach_decode_workspace, use_fast_attention
 from .answer_stream import AnswerJob, StreamUpdate, TokenSink, stream_answer
 from .generation import SamplingSettings, _device_peak, stream_generate
 from .kv_cache import common_prefix_length
@@ -52,7 +52,6 @@ from .layer_step import LayerLoop, run_layer, supports_layer_loop
 from .memory import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
-ATTENTION_NAME = "fast_decode"
 CHUNK_TOKENS = 8  # tokens decoded between two host reads (EOS / Stop checks) on a GPU
 # A new turn after prefix reuse leaves a few prompt tokens to prefill. Up to this many go through
 # the captured one-token step (a few ms each at 7B) instead of an eager multi-token forward,
@@ -91,63 +90,6 @@ def _inductor_unless_closed(closed: threading.Event) -> Callable:
 
 
 # ----- attention -------------------------------------------------------------------------
-def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for one query token over a window of the static cache; a prompt chunk with a boolean
-    mask goes to _prompt_attention, anything else to transformers' SDPA.
-
-    query [B, Hq, 1, D]; key/value [B, Hkv, L, D]; attention_mask bool [B, 1, 1, L] (True = attend).
-    Returns [B, 1, Hq, D] like transformers' attention functions.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
-        if (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1
-                and query.shape[1] % key.shape[1] == 0 and not dropout):
-            return _prompt_attention(query, key, value, attention_mask, scaling)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    window = attention_mask.shape[-1]  # the first `window` cache positions (FastDecoder.windows)
-    key, value = key[:, :, :window], value[:, :, :window]
-    b, hq, _, d = query.shape
-    hkv = key.shape[1]
-    scaling = d**-0.5 if scaling is None else scaling
-    q = query.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]: the query heads that share a KV head
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # [B, Hkv, G, L]
-    scores = scores.masked_fill(~attention_mask.view(b, 1, 1, -1), float("-inf"))
-    probs = scores.softmax(-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [B, Hkv, G, D]
-    return out.reshape(b, hq, 1, d).transpose(1, 2), None
-
-
-def _prompt_attention(query, key, value, attention_mask, scaling=None):
-    """SDPA for a prompt chunk of T tokens over the first W cache positions, without repeating keys.
-
-    query [B, Hq, T, D]; key/value [B, Hkv, L >= W, D], Hq a multiple of Hkv; attention_mask bool
-    [B, 1, T, W] (True = attend). With a mask, transformers' SDPA path copies every KV head once
-    per query head that shares it (GQA): on a 7B 512-token chunk over a 4k cache, two 35 MB
-    copies a layer, 2.5 of its 27 ms (bench/results/decode_speed_h200_s18_*.md). Instead the G
-    query heads of a KV head are laid end to end as G*T queries of one head (the mask repeated
-    for each), which SDPA runs as plain multi-head attention over the keys as they are.
-    Returns [B, T, Hq, D].
-    """
-    b, hq, t, d = query.shape
-    hkv, window = key.shape[1], attention_mask.shape[-1]
-    g = hq // hkv
-    q = query.reshape(b, hkv, g * t, d)  # head h = kv head h // g, so a KV head's queries are contiguous
-    mask = attention_mask.expand(b, g, t, window).reshape(b, 1, g * t, window)
-    out = F.scaled_dot_product_attention(q, key[:, :, :window], value[:, :, :window], attn_mask=mask, scale=scaling)
-    return out.view(b, hq, t, d).transpose(1, 2).contiguous(), None
-
-
-def use_fast_attention(model) -> None:
-    """Route the model's attention through `_decode_attention` (SDPA for every other case)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, _decode_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # masks for the plain generate() path
-    model.config._attn_implementation = ATTENTION_NAME
-
-
 def _fix_dynamic_rope(model, max_context: int) -> int:
     """Dynamic-NTK RoPE changes its frequencies only past the trained length, via a host-side
     branch that a CUDA graph cannot hold. Below that length it is plain RoPE: use that, and cap
@@ -224,6 +166,7 @@ class FastDecoder:
             cache_len = self.cache_len = longest + CACHE_ALIGN
             self.cache = StaticCache(config=config, max_cache_len=cache_len)
             self.cache.early_initialization(1, config.num_key_value_heads, head_dim, dtype, self.device)
+            attach_decode_workspace(model, self.device)
             dev = self.device
             self.kv_positions = torch.arange(cache_len, device=dev)  # [L]
             self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # next input token

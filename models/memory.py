@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .catalog import ModelShape
-from .kernels.split_k import partial_floats as int4_partial_floats
+from .kernels.split_k import attention_partial_floats, partial_floats as int4_partial_floats
 from .messages import Message
 from .quant import Quant
 
@@ -178,14 +178,14 @@ def workspace_bytes(shape: ModelShape, quant: Quant, dtype_size: int, prefill_to
         # LLM.int8: int8 copy of the input, int32 output, fp16 output ([T, out] each).
         scratch = t * (shape.intermediate_size + largest_out * 4 + largest_out * 2)
     elif quant is Quant.INT4:
-        # A prefill dequantizes one linear at a time into a bf16 temporary for cuBLAS (the
-        # widest: the fused gate/up [K, 2 x intermediate] (fused_projections.py), or the lm_head's
-        # when untied); the split-K GEMV workspace; and the fast decoder's explicit [T, context]
-        # boolean attention mask.
+        # A prefill dequantizes one linear at a time into a bf16 temporary for cuBLAS (the widest: the fused
+        # gate/up [K, 2 x intermediate], or the lm_head's when untied); the split-K GEMV's and the fused decode
+        # attention's workspaces (kernels/); and the fast decoder's explicit [T, context] boolean mask.
         head = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size
         fused = max(2 * shape.intermediate_size, qkv) * shape.hidden_size
         largest_n = max(largest_out, 2 * shape.intermediate_size, qkv, shape.vocab_size)
-        scratch = max(widest, fused, head) * 2 + int4_partial_floats(largest_n) * 4 + largest_n * 4 + t * context_tokens
+        kernels = 4 * (int4_partial_floats(largest_n) + largest_n + attention_partial_floats(shape.num_heads, shape.num_kv_heads, hd))
+        scratch = max(widest, fused, head) * 2 + kernels + t * context_tokens
     else:
         scratch = 0
     cat_transient = 2 * kv_cache_bytes(shape, context_tokens, dtype_size) // shape.num_layers

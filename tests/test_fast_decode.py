@@ -106,7 +106,7 @@ def test_prompt_attention_without_repeated_keys_equals_transformers_sdpa(hq, hkv
     transformers' SDPA path on the same window, stale keys past it and past each query masked."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from models.fast_decode import _prompt_attention
+    from models.attention import _prompt_attention
 
     torch.manual_seed(0)
     t, length, window, start, d = 5, 16, 11, 4, 32

@@ -1,0 +1,132 @@
+"""The fused decode attention (models/kernels/decode_attention.py) against the plain matmul-softmax-matmul
+form over many head layouts, windows and positions: in Triton's interpreter on the CPU, compiled on a GPU;
+and how the fast decoder's attention (models/attention.py) routes a decode step to it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.attention import WORKSPACE_ATTR, _decode_attention, attach_decode_workspace
+from models.kernels import decode_attention as fused
+from models.kernels import split_k
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (query heads, KV heads, head dim, cache length, window, position, chunk or None for the app's split)
+SMALL = [
+    (4, 1, 16, 128, 64, 10, None),  # one chunk, most keys masked
+    (8, 2, 32, 256, 192, 191, 64),  # three chunks, all attended
+    (7, 1, 16, 128, 128, 0, 64),  # a group of 7 (Qwen's 28/4) padded to 16 rows; one key: the rest all masked
+    (16, 8, 64, 320, 256, 100, 64),  # chunks after the position: nothing to attend
+    (2, 2, 16, 64, 64, 63, None),  # no grouping
+    (32, 8, 16, 256, 192, 130, 128),  # an uneven last chunk
+]
+GPU = SMALL + [
+    (32, 8, 128, 4160, 512, 300, None),  # InternLM2.5-7B, short chat
+    (32, 8, 128, 4160, 4096, 4000, None),  # ... the whole window
+    (16, 8, 128, 4160, 1024, 1023, None),  # InternLM2-1.8B
+    (28, 4, 128, 4160, 2048, 1500, None),  # Qwen2.5-7B
+    (32, 8, 128, 33000, 32768, 20000, None),  # a window long enough for chunks longer than CHUNK
+    (32, 8, 128, 4160, 4096, 4095, 64),  # the most chunks the workspace holds
+]
+
+_CHECK = r"""
+import json, sys, torch
+from models.kernels import decode_attention as fused
+cases, device = json.loads(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+out = []
+for hq, hkv, d, length, window, pos, chunk in cases:
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, hq, d, device=device).to(dtype)
+        k = torch.randn(1, hkv, length, d, device=device).to(dtype)
+        v = torch.randn(1, hkv, length, d, device=device).to(dtype)
+        k[:, :, pos + 1:] *= 50  # stale entries past the position: large, and invisible
+        v[:, :, pos + 1:] *= 50
+        mask = torch.arange(window, device=device) <= pos
+        ws = fused.new_workspace(hq, hkv, d, device)
+        ref = fused.reference(q.float(), k.float(), v.float(), mask, d ** -0.5)
+        got = fused._run_kernel(q, k, v, mask, d ** -0.5, *ws, chunk=chunk)
+        again = fused._run_kernel(q, k, v, mask, d ** -0.5, *ws, chunk=chunk)  # the counters were reset
+        out.append({"case": [hq, hkv, d, window, pos, chunk], "dtype": str(dtype),
+                    "err": float((got.float() - ref).abs().max() / ref.abs().max()),
+                    "same_again": bool(torch.equal(got, again)), "counters": int(ws[1].abs().sum())})
+print(json.dumps(out))
+"""
+
+
+def _check(cases, device: str, interpret: bool) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", _CHECK, json.dumps(cases), device], capture_output=True, text=True,
+                            env=env, timeout=600, cwd=ROOT)
+    if result.returncode and interpret and "0-dimensional arrays" in result.stderr:
+        pytest.skip("this Triton's interpreter cannot loop to a runtime bound with this NumPy (Triton 3.6); "
+                    "the GPU test runs the same check")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 * len(cases)
+    for row in rows:
+        # fp32: the kernel's order of sums; bf16: the output's rounding and the probabilities in bf16
+        assert row["err"] < (1e-5 if row["dtype"] == "torch.float32" else 1.5e-2), row
+        assert row["same_again"] and row["counters"] == 0, row
+
+
+def test_the_kernel_equals_the_plain_form_in_the_interpreter():
+    """Grouped heads padded to 16 rows, several chunks a head, chunks with nothing to attend, stale keys."""
+    pytest.importorskip("triton")
+    _check(SMALL, "cpu", interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_kernel_equals_the_plain_form_on_the_gpu():
+    """The same check compiled, with the app's real head layouts and windows up to 32k positions."""
+    _check(GPU, "cuda", interpret=False)
+
+
+def test_splits_cover_the_window_within_the_workspace():
+    for window in [64, 128, 192, 512, 4096, 8192, 8256, 32768, 131072]:
+        splits, chunk = fused.splits_for(window)
+        assert splits <= split_k.ATTENTION_MAX_SPLITS and chunk % fused.BLOCK_L == 0 and chunk >= fused.CHUNK
+        assert (splits - 1) * chunk < window <= splits * chunk, (window, splits, chunk)
+    assert fused.splits_for(512) == (4, fused.CHUNK)
+    assert split_k.attention_rows(28, 4) == 16 and split_k.attention_rows(64, 2) == 32 and split_k.attention_rows(1, 1) == 16
+
+
+def test_decode_step_attention_goes_through_the_op_and_equals_the_plain_form():
+    """On the CPU the op is the plain form; a batch of two (no workspace path) gives the same rows."""
+    torch.manual_seed(1)
+    hq, hkv, d, length, window = 8, 2, 16, 96, 64
+
+    class Attention(torch.nn.Module):
+        layer_idx, num_key_value_groups = 0, hq // hkv
+
+    module = Attention()
+    q, k, v = torch.randn(2, hq, 1, d), torch.randn(2, hkv, length, d), torch.randn(2, hkv, length, d)
+    mask = (torch.arange(window) <= 40).view(1, 1, 1, -1).expand(2, 1, 1, window)
+    plain, _ = _decode_attention(module, q, k, v, mask, scaling=0.25)
+    assert plain.shape == (2, 1, hq, d)
+    setattr(module, WORKSPACE_ATTR, fused.new_workspace(hq, hkv, d, "cpu"))
+    one, _ = _decode_attention(module, q[:1], k[:1], v[:1], mask[:1], scaling=0.25)
+    ref = fused.reference(q[:1].view(1, hq, d), k[:1], v[:1], mask[0].view(-1), 0.25)
+    assert torch.equal(one.view(1, hq, d), ref) and torch.equal(one, plain[:1])
+
+
+def test_every_attention_module_shares_one_workspace(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    size = attach_decode_workspace(model, torch.device("cpu"))
+    spaces = [getattr(layer.self_attn, WORKSPACE_ATTR) for layer in model.model.layers]
+    assert len(spaces) == model.config.num_hidden_layers and all(s is spaces[0] for s in spaces)
+    c = model.config
+    assert size == 4 * split_k.attention_partial_floats(c.num_attention_heads, c.num_key_value_heads,
+                                                        c.hidden_size // c.num_attention_heads) + 4 * c.num_key_value_heads
