@@ -56,12 +56,51 @@ def graph_us(fn, layers: int, reps: int = 50) -> float:
     return start.elapsed_time(end) * 1e3 / reps / layers
 
 
+def sweep(args) -> None:
+    """Microseconds per layer of each tile of the fused kernel, per layout and window; the best first."""
+    import itertools
+
+    gpu = torch.cuda.get_device_name()
+    results = []
+    for name, (hq, hkv, layers) in LAYOUTS.items():
+        length = max(args.windows) + 64
+        keys = [torch.randn(1, hkv, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+        values = [torch.randn_like(k) for k in keys]
+        query = torch.randn(1, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        workspace = fused.new_workspace(hq, hkv, HEAD_DIM, "cuda")
+        for window in args.windows:
+            mask = torch.arange(window, device="cuda") < window
+            ref = fused.reference(query, keys[0], values[0], mask, 0.1).float()
+            timed = []
+            for chunk, block, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (2, 4, 8), (1, 2)):
+                if block > chunk or window // chunk > fused.MAX_SPLITS:
+                    continue
+                tile = dict(chunk=chunk, block_l=block, num_warps=warps, num_stages=stages)
+                got = fused._run_kernel(query, keys[0], values[0], mask, 0.1, *workspace, **tile).float()
+                assert float((got - ref).abs().max() / ref.abs().max()) < 2e-2, tile
+                us = graph_us(lambda i: fused._run_kernel(query, keys[i], values[i], mask, 0.1, *workspace, **tile),
+                              layers, reps=20)
+                timed.append((us, tile))
+            timed.sort(key=lambda t: t[0])
+            app = next(us for us, t in timed if t == dict(chunk=fused.splits_for(window)[1], block_l=fused.BLOCK_L,
+                                                          num_warps=fused.NUM_WARPS, num_stages=fused.NUM_STAGES))
+            print(f"{gpu} {name} window {window}: app tile {app:.2f} us; best " +
+                  "; ".join(f"{us:.2f} {t}" for us, t in timed[:5]), flush=True)
+            results.append({"gpu": gpu, "model": name, "window": window, "app_us": app,
+                            "tiles": [{"us": round(us, 2), **t} for us, t in timed]})
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     """Command-line entry point: the table on stdout, rows as JSON to --out."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--out")
+    p.add_argument("--sweep", action="store_true", help="time the kernel's tiles (chunk, block, warps, stages) instead")
     args = p.parse_args()
+    if args.sweep:
+        return sweep(args)
     copy_gbps = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}; copy rate {copy_gbps:.0f} GB/s")

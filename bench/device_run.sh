@@ -18,6 +18,7 @@
 #     gemv-tests  the GEMV's GPU tests only
 #     profile  ncu counters of the 7B's GEMVs, tuned tile against the sweep's best (bench/int4_profile.py)
 #     attention  bench/decode_attention.py: the fused decode attention against the plain form, per layer
+#     attention-sweep  its tiles;  gpu-tests  the GPU-marked kernel and fast-decoder tests only
 #     warmup   the 7B's cold load with and without the int4 precompile, cProfiled
 #     decode-short, decode-three, sweep-7b: the same, shorter (the 7B and 1.8B loads, and Qwen; the 7B's shapes)
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
@@ -77,6 +78,13 @@ run_mode() {
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
     attention)  # bench/decode_attention.py: the fused decode attention against the plain form (~1 minute)
       python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/decode_attention.txt" ;;
+    attention-sweep)  # the fused decode attention's tiles, windows 512 and 4,096 (~2 minutes)
+      python3 bench/decode_attention.py --sweep --windows 512 4096 --out "$OUT/decode_attention_sweep.json" \
+        2>&1 | tee "$OUT/decode_attention_sweep.txt" ;;
+    gpu-tests)  # the GPU-marked tests of the kernels and the fast decoder (~3 minutes)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_fast_decode.py 2>&1 \
+        | tee "$OUT/gpu_tests_fast.txt" | tail -30 ;;
     warmup)  # the 7B's cold first load with and without the threaded int4 precompile, each from an empty
              # cache, the load cProfiled (~3 minutes)
       for variant in fast-int4-no-precompile fast-int4; do

@@ -326,7 +326,7 @@ def test_precompiled_kernels_leave_nothing_to_compile_at_the_first_call():
     assert len(futures) == len(int4_triton._GEMV_CONFIGS) + 1
     assert int4_triton.wait_precompiled(futures) == 0
     compiled = (len(gemv_cache), len(dequant_cache))
-    assert compiled == (len(int4_triton._GEMV_CONFIGS), 1)
+    assert compiled[0] == len(int4_triton._GEMV_CONFIGS) and compiled[1] >= 1
     q, s, o = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     y = int4_triton.gemv(x, q, s, o, k, int4.new_workspace(n, x.device))

@@ -29,6 +29,7 @@ from .split_k import ATTENTION_MAX_SPLITS as MAX_SPLITS, attention_partial_float
 
 BLOCK_L = 64  # keys per inner step
 CHUNK = 128  # keys per program while the window has at most MAX_SPLITS chunks of this size
+NUM_WARPS, NUM_STAGES = 4, 1
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -79,8 +80,9 @@ def _(query, key, value, mask, scaling, partials, counters):
     return torch.empty_like(query)
 
 
-def _run_kernel(query, key, value, mask, scaling, partials, counters, chunk: int | None = None) -> torch.Tensor:
-    """The kernel's launch (`chunk` overrides splits_for's chunk length: tests)."""
+def _run_kernel(query, key, value, mask, scaling, partials, counters, chunk: int | None = None,
+                block_l: int = BLOCK_L, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """The kernel's launch (`chunk` overrides splits_for's chunk length, the rest the tile: tests and bench)."""
     _, hq, d = query.shape
     hkv, window = key.shape[1], mask.shape[-1]
     if key.stride(-1) != 1 or value.stride(-1) != 1 or d & (d - 1) or hq % hkv:
@@ -96,8 +98,8 @@ def _run_kernel(query, key, value, mask, scaling, partials, counters, chunk: int
     _decode_attention_kernel[(hkv, splits)](
         query, key, value, mask.reshape(-1), out, partials, counters, window, keys_per_chunk, splits,
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), float(scaling),
-        GROUP=hq // hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=d, BLOCK_L=BLOCK_L,
-        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4, num_stages=1)
+        GROUP=hq // hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=d, BLOCK_L=block_l,
+        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages)
     return out
 
 
