@@ -85,10 +85,11 @@ run_mode() {
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_fast_decode.py 2>&1 \
         | tee "$OUT/gpu_tests_fast.txt" | tail -30 ;;
-    warmup)  # the 7B's cold first load with and without the threaded int4 precompile, each from an empty
-             # cache, the load cProfiled (~3 minutes)
+    warmup|warmup-profile)  # the 7B's cold first load with and without the threaded int4 precompile, each
+             # from an empty cache (~3 minutes); warmup-profile: each load cProfiled (which slows the eager parts)
+      profile=(); [[ "$1" == warmup-profile ]] && profile=(--profile-load)
       for variant in fast-int4-no-precompile fast-int4; do
-        SMALLCHAT_CACHE="$(mktemp -d)" python3 bench/decode_speed.py --configs "7b:$variant" --profile-load \
+        SMALLCHAT_CACHE="$(mktemp -d)" python3 bench/decode_speed.py --configs "7b:$variant" "${profile[@]}" \
           --out "$OUT/warmup.jsonl" --md "$OUT/warmup.md" 2>&1 | tail -8
       done ;;
     sweep-7b)  # the 7B's four linear shapes only (~3.5 minutes)

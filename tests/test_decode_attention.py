@@ -74,8 +74,10 @@ def _check(cases, device: str, interpret: bool) -> None:
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(rows) == 2 * len(cases)
     for row in rows:
-        # fp32: the kernel's order of sums; bf16: the output's rounding and the probabilities in bf16
-        assert row["err"] < (1e-5 if row["dtype"] == "torch.float32" else 1.5e-2), row
+        # fp32: the kernel's order of sums (on a GPU its dots run in TF32: 10-bit mantissas);
+        # bf16: the output's rounding and the probabilities in bf16
+        fp32_tolerance = 1e-5 if interpret else 3e-3
+        assert row["err"] < (fp32_tolerance if row["dtype"] == "torch.float32" else 1.5e-2), row
         assert row["same_again"] and row["counters"] == 0, row
 
 
@@ -97,7 +99,7 @@ def test_splits_cover_the_window_within_the_workspace():
         splits, chunk = fused.splits_for(window)
         assert splits <= split_k.ATTENTION_MAX_SPLITS and chunk % fused.BLOCK_L == 0 and chunk >= fused.CHUNK
         assert (splits - 1) * chunk < window <= splits * chunk, (window, splits, chunk)
-    assert fused.splits_for(512) == (4, fused.CHUNK)
+    assert fused.splits_for(512) == (4, fused.CHUNK) and fused.splits_for(4096) == (16, fused.LONG_CHUNK)
     assert split_k.attention_rows(28, 4) == 16 and split_k.attention_rows(64, 2) == 32 and split_k.attention_rows(1, 1) == 16
 
 

@@ -27,9 +27,15 @@ except ImportError:  # the CPU build of torch does not bring Triton: the referen
 
 from .split_k import ATTENTION_MAX_SPLITS as MAX_SPLITS, attention_partial_floats, attention_rows
 
-BLOCK_L = 64  # keys per inner step
-CHUNK = 128  # keys per program while the window has at most MAX_SPLITS chunks of this size
-NUM_WARPS, NUM_STAGES = 4, 1
+# The tile, from a sweep of chunk 64/128/256, block 32/64/128, 2/4/8 warps and 1/2 stages over the 7B,
+# 1.8B and Qwen2.5-7B head layouts at windows of 512 and 4,096 (H200, a graph of one step's layers,
+# bench/decode_attention.py --sweep; bench/results/decode_attention_sweep_h200_s22.json): 128-key
+# blocks over 4 warps, 2 stages, won at every layout and window; chunks of 128 keys at 512 positions
+# (7.0-7.7 us a layer, against 7.8-8.8 at 256) and of 256 at 4,096 (16.0-17.9 us, against 20.0-24.2
+# at 128: the last program's merge reads the chunks' partials one after another).
+BLOCK_L = 128  # keys per inner step
+CHUNK, LONG_CHUNK, LONG_WINDOW = 128, 256, 1024  # keys per program: CHUNK up to LONG_WINDOW positions
+NUM_WARPS, NUM_STAGES = 4, 2
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -47,9 +53,9 @@ def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
 
 
 def splits_for(window: int) -> tuple[int, int]:
-    """(chunks per head, keys per chunk) for a window: CHUNK-key chunks, at most MAX_SPLITS of them."""
+    """(chunks per head, keys per chunk) for a window: CHUNK- or LONG_CHUNK-key chunks, at most MAX_SPLITS."""
     per_split = -(-window // MAX_SPLITS)
-    chunk = max(CHUNK, -(-per_split // BLOCK_L) * BLOCK_L)
+    chunk = max(CHUNK if window <= LONG_WINDOW else LONG_CHUNK, -(-per_split // BLOCK_L) * BLOCK_L)
     return -(-window // chunk), chunk
 
 
