@@ -204,6 +204,10 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         extra.update(full_speed_s=time.perf_counter() - started, compile_state=loaded.fast.compile_status(),
                      background_compile_s=loaded.fast.background_compile_seconds, warm_compile_cache=warm_cache,
                      phases={k: round(v, 2) for k, v in loaded.fast.phases.items()})
+        from models.kernels import int4_triton
+
+        if int4_triton.available():  # the GEMV tile tuned (or read from the disk cache) per (N, K)
+            extra["gemv_tiles"] = {str(key[:2]): str(cfg) for key, cfg in int4_triton._gemv_kernel.cache.items()}
     runs = []
     # A short first run pays one-off kernel loading; the second (full) run is reported.
     for sampling in (SamplingSettings(max_new_tokens=4, temperature=0), greedy):
