@@ -169,7 +169,9 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
 
         int4.start_precompile = lambda model: []
     if path == "fast-int4-whole-compile":
-        fast_decode.supports_layer_loop = lambda model: False
+        from models import background_compile
+
+        background_compile.supports_layer_loop = lambda model: False
     h2d = host_to_device_bandwidth()
     settings = LoadSettings(quant=Quant(quant), context_tokens=context, gpu_budget_bytes=int(budget_gib * GiB),
                             stream_offload=stream)

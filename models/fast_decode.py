@@ -12,10 +12,9 @@ Why each piece:
 - Ready in seconds: warm_up captures the *uncompiled* step (a couple of seconds), so a model
   answers right after its load. torch.compile of the same step (one decoder layer compiled for
   all, models/layer_step.py: ~10 s for a 7B on an H200 the first time, ~4 s from the on-disk
-  cache) runs in a background thread (start_background_compile); its first run and the capture of the
-  compiled graphs wait for the decoder to be idle, so an answer never waits for a compile and a
-  compile never runs inside an answer. Inductor's and Triton's caches live under the app's cache
-  (compile_cache_dir), so a later load of the same shape reuses the compiled kernels.
+  cache) runs in a background thread (models/background_compile.py); its first run and the capture
+  of the compiled graphs wait for the decoder to be idle, so an answer never waits for a compile
+  and a compile never runs inside an answer.
 - No sync per token: the step writes its token into `out[step]` on the device and feeds it to
   the next step itself; the host reads ids every `chunk` tokens (and checks EOS and Stop then).
   A few tokens past EOS may be computed and thrown away; their cache entries are never used.
@@ -45,10 +44,10 @@ from typing import Callable, Iterator
 import torch
 
 from .attention import attach_decode_workspace, use_fast_attention
+from .background_compile import BackgroundCompile
 from .answer_stream import AnswerJob, StreamUpdate, TokenSink, stream_answer
 from .generation import SamplingSettings, _device_peak, stream_generate
 from .kv_cache import common_prefix_length
-from .layer_step import LayerLoop, run_layer, supports_layer_loop
 from .memory import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
@@ -65,30 +64,6 @@ PREFILL_BUCKETS = (64, 128, 256, PREFILL_CHUNK)
 STREAM_INTERVAL_S = 0.05  # text updates to the UI at most this often
 CACHE_ALIGN = 64  # static cache length multiple (aligned matmuls in decode attention)
 FIRST_WINDOW = 512  # the smallest attention window; each next one doubles, up to the whole cache
-# While the background compile holds the GIL for long stretches, an answer's eager prefill (which
-# gives the GIL back at every op) waits up to the interpreter's switch interval (5 ms) to get it
-# back each time: a 7B 512-token prefill took 8.5 s instead of 0.14 s on an H200. A shorter
-# interval while compiling bounds that wait.
-COMPILE_SWITCH_INTERVAL_S = 0.0005
-
-
-class _Closed(Exception):
-    """The decoder was closed while its step was being compiled."""
-
-
-def _inductor_unless_closed(closed: threading.Event) -> Callable:
-    """torch.compile's Inductor backend, refused once `closed` is set: a decoder unloaded while its step
-    was still being traced skips Inductor (the long part), so its compile thread lets go of the model
-    within seconds. The backend holds only the event: dynamo keeps backends with its cache entries."""
-    from torch._inductor.compile_fx import compile_fx
-
-    def backend(gm, example_inputs):
-        if closed.is_set():
-            raise _Closed()
-        return compile_fx(gm, example_inputs)
-    return backend
-
-
 # ----- attention -------------------------------------------------------------------------
 def _fix_dynamic_rope(model, max_context: int) -> int:
     """Dynamic-NTK RoPE changes its frequencies only past the trained length, via a host-side
@@ -112,7 +87,7 @@ def attention_windows(cache_len: int) -> list[int]:
 
 
 # ----- the decoder -----------------------------------------------------------------------
-class FastDecoder:
+class FastDecoder(BackgroundCompile):
     """Owns a model's static KV cache and its captured decode step; streams answers fast.
 
     Args:
@@ -438,131 +413,6 @@ class FastDecoder:
             self.token_ids = []
         self.compile_seconds = time.perf_counter() - started
         return self.compile_seconds
-
-    # ----- the background compile -------------------------------------------------------
-    def start_background_compile(self) -> threading.Thread | None:
-        """Compile the step in a background thread and swap it in when ready (None if compile is off).
-
-        The compile itself (tracing, Inductor, Triton) runs beside answers; the compiled step's
-        first run and the capture of its graphs wait until no answer is running.
-        """
-        if not self.compile_enabled or self._compile_thread is not None:
-            return None
-        self.compile_state = "compiling"
-        self._compile_started = time.perf_counter()
-        self._compile_thread = threading.Thread(target=self._compile_and_swap, name="fast-decode-compile", daemon=True)
-        self._compile_thread.start()
-        return self._compile_thread
-
-    def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Block until the background compile has ended (swapped in or failed); whether it ended."""
-        thread = self._compile_thread
-        if thread is not None:
-            thread.join(timeout)
-            return not thread.is_alive()
-        return self.compile_state in ("compiled", "failed", "off")
-
-    def _idle_first_run(self, compiled: Callable) -> Callable:
-        """Wrap Inductor's compiled step: its first run waits for the decoder to be idle and writes
-        its keys/values into the scratch slot; later runs (and graph captures) go straight through."""
-        def run(*args):
-            if self._first_compiled_run.is_set():
-                return compiled(*args)
-            with self._busy:
-                if self._closed.is_set():
-                    raise _Closed()
-                self._set_length(self.max_context)  # the scratch slot, beyond every answer's context
-                try:
-                    return compiled(*args)
-                finally:
-                    self._first_compiled_run.set()
-                    self._set_length(0)
-                    self.token_ids = []  # the next answer prefills again: nothing stale is trusted
-        return run
-
-    def _backend(self):
-        inductor = _inductor_unless_closed(self._closed)
-        return lambda gm, example_inputs: self._idle_first_run(inductor(gm, example_inputs))
-
-    def _compile_once(self) -> Callable:
-        if supports_layer_loop(self.model):
-            return self._compile_layer_once()
-        step = torch.compile(self._forward_eager, fullgraph=True, backend=self._backend())
-        positions = self.kv_positions[:self.windows[-1]]
-        # One compile for every window: its length is a symbol, not a constant (dynamic=False
-        # would compile the step once per window). Everything else keeps its static shape.
-        torch._dynamo.mark_dynamic(positions, 0, min=2, max=positions.shape[0])
-        with torch.inference_mode():
-            step(self._scratch_token, self._scratch_pos, positions)  # traces, compiles, then runs once when idle
-        return step
-
-    def _compile_layer_once(self) -> Callable:
-        """Compile one decoder layer for all (models/layer_step.py); the step runs it per layer.
-
-        Its first run (which compiles) writes into the scratch slot through write counters of its
-        own, so it needs no idle decoder: nothing an answer reads or advances is touched."""
-        loop = LayerLoop(self.model, self.cache)
-        layer_fn = torch.compile(run_layer, fullgraph=True, backend=_inductor_unless_closed(self._closed))
-        positions = self.kv_positions[:self.windows[-1]]
-        with torch.inference_mode():
-            loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn,
-                        loop.scratch_caches(self.max_context), dynamic_window=True)
-        self.compiled_layer_loop = True
-        return lambda token, pos, window: loop.logits(token, pos, window, layer_fn)
-
-    def _compile_and_swap(self) -> None:
-        import sys
-
-        from . import compile_cache
-
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, COMPILE_SWITCH_INTERVAL_S))
-        try:
-            if self.compile_cache_dir is not None:
-                compile_cache.configure(self.compile_cache_dir)
-            try:
-                step = self._compile_once()
-            except Exception:  # noqa: BLE001 - e.g. a corrupt or mismatched cache entry: rebuild once
-                if self.compile_cache_dir is None or self._closed.is_set():
-                    raise
-                log.warning("compiling the decode step failed; retrying with a fresh compile cache", exc_info=True)
-                compile_cache.reset(self.compile_cache_dir)
-                torch._dynamo.reset()
-                self._first_compiled_run.clear()
-                step = self._compile_once()
-            self.phases["compile_trace_and_build_s"] = time.perf_counter() - self._compile_started
-            with self._busy, torch.inference_mode():
-                if self._closed.is_set():
-                    raise _Closed()
-                waited = time.perf_counter()
-                self._forward = step
-                if self.use_graphs:
-                    self._capture_graphs(min(8, self.max_context - 4))
-                self.phases["compile_capture_s"] = time.perf_counter() - waited
-                self._set_length(0)
-                self.token_ids = []
-            self.compile_state = "compiled"
-        except Exception as e:  # noqa: BLE001 - the uncompiled step keeps answering
-            if self._closed.is_set():  # unloaded meanwhile (dynamo wraps the backend's _Closed in its own error)
-                self.compile_state = "off"
-                return
-            log.warning("the decode step could not be compiled; staying on the uncompiled step", exc_info=True)
-            self.compile_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            self.compile_state = "failed"
-        finally:
-            sys.setswitchinterval(interval)
-            self.background_compile_seconds = time.perf_counter() - self._compile_started
-
-    def compile_status(self) -> str:
-        """Which step answers now, in words (for the memory panel and the CLI)."""
-        graph = "CUDA-graph " if self.use_graphs else ""
-        if self.compile_state == "compiling":
-            return f"uncompiled {graph}step; compiling in the background ({time.perf_counter() - self._compile_started:.0f} s)"
-        if self.compile_state == "compiled":
-            return f"compiled {graph}step (compiled in the background in {self.background_compile_seconds:.0f} s)"
-        if self.compile_state == "failed":
-            return f"uncompiled {graph}step (compile failed: {self.compile_error})"
-        return f"uncompiled {graph}step"
 
     # ----- one answer ----------------------------------------------------------------
     def _generate(self, input_ids: list[int], sampling: SamplingSettings, stop_event: threading.Event,
