@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.decode_speed import copy_bandwidth  # noqa: E402
+from bench.int4_kernels import graph_ms  # noqa: E402
 from models.kernels import decode_attention as fused  # noqa: E402
 
 LAYOUTS = {"7B": (32, 8, 32), "1.8B": (16, 8, 24), "Qwen-7B": (28, 4, 28)}  # query heads, KV heads, layers
@@ -34,26 +35,15 @@ HEAD_DIM = 128
 
 def graph_us(fn, layers: int, reps: int = 50) -> float:
     """Microseconds per layer of `fn(layer)` for every layer, captured as one CUDA graph and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            for i in range(layers):
-                fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(layers):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / layers
+    return graph_ms(lambda: [fn(i) for i in range(layers)], reps) * 1e3 / layers
+
+
+def step_inputs(hq: int, hkv: int, layers: int, length: int):
+    """A query, per-layer keys and values of `length` positions (bf16, random) and a workspace."""
+    keys = [torch.randn(1, hkv, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+    values = [torch.randn_like(k) for k in keys]
+    query = torch.randn(1, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    return query, keys, values, fused.new_workspace(hq, hkv, HEAD_DIM, "cuda")
 
 
 def sweep(args) -> None:
@@ -63,11 +53,7 @@ def sweep(args) -> None:
     gpu = torch.cuda.get_device_name()
     results = []
     for name, (hq, hkv, layers) in LAYOUTS.items():
-        length = max(args.windows) + 64
-        keys = [torch.randn(1, hkv, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
-        values = [torch.randn_like(k) for k in keys]
-        query = torch.randn(1, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        workspace = fused.new_workspace(hq, hkv, HEAD_DIM, "cuda")
+        query, keys, values, workspace = step_inputs(hq, hkv, layers, max(args.windows) + 64)
         for window in args.windows:
             mask = torch.arange(window, device="cuda") < window
             ref = fused.reference(query, keys[0], values[0], mask, 0.1).float()
@@ -109,11 +95,7 @@ def main() -> None:
     rows = []
     compiled_reference = torch.compile(fused.reference, dynamic=True)
     for name, (hq, hkv, layers) in LAYOUTS.items():
-        length = max(args.windows) + 64
-        keys = [torch.randn(1, hkv, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
-        values = [torch.randn_like(k) for k in keys]
-        query = torch.randn(1, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        workspace = fused.new_workspace(hq, hkv, HEAD_DIM, "cuda")
+        query, keys, values, workspace = step_inputs(hq, hkv, layers, max(args.windows) + 64)
         scale = HEAD_DIM**-0.5
         for window in args.windows:
             mask = torch.arange(window, device="cuda") < window  # the whole window attended
