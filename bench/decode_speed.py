@@ -218,7 +218,11 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
             loaded.fast.token_ids = []  # no prefix reuse: prefill all 512 tokens
             final = list(loaded.fast.stream(loaded.tokenizer, ids, sampling, threading.Event()))[-1]
         else:
+            if loaded.streamer is not None and sampling is greedy:  # the reported run: time its layer copies
+                loaded.streamer.start_trace()
             final = list(stream_generate(loaded.model, loaded.tokenizer, ids, sampling, threading.Event()))[-1]
+            if loaded.streamer is not None and sampling is greedy:
+                extra["copy_trace"] = loaded.streamer.stop_trace()
         runs.append(final)
     final = runs[-1]
     free, total = torch.cuda.mem_get_info()
@@ -257,6 +261,7 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
             # its staging slot: if this is slower than h2d_gbps (torch's cudaHostAlloc buffer), the
             # buffers, not the schedule, hold the streamed path under the bus roofline.
             row["streamer_h2d_gbps"] = loaded.streamer.copy_rate()
+    row.update(extra)
     if loaded.fast is not None:
         row["step_ms"] = step_ms(loaded.fast)
         row["graph_tok_s"] = 1e3 / row["step_ms"]
@@ -265,7 +270,6 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
                                      threading.Event()))[-1]
         row["agree_with_plain_16"] = sum(1 for _ in zip_prefix(plain.token_ids, final.token_ids))
         row["top_kernels"] = top_kernels(loaded.fast, loaded.tokenizer, ids)
-        row.update(extra)
         long_ids = torch.randint(0, loaded.shape.vocab_size - 2, (context - 96,),
                                  generator=torch.Generator().manual_seed(1)).tolist()
         row.update(prompt_ttfts(loaded.fast, loaded.tokenizer, long_ids))
@@ -429,6 +433,10 @@ def markdown(path: str) -> str:
             lines += ["", f"{LABELS.get(r['shape'], r['shape'])} {r['path']}: host-to-device {r['h2d_gbps']:.1f} GB/s from "
                           f"torch's pinned buffer, {r['streamer_h2d_gbps']:.1f} GB/s from the streamer's registered layer "
                           f"buffers; page-locked: {r['page_locked']}."]
+            trace = r.get("copy_trace") or {}
+            if trace.get("copies"):
+                lines[-1] += (f" During the reported answer: {trace['copies']} layer copies, {trace['gbps_while_copying']:.1f} GB/s "
+                              f"while copying, the bus busy {100 * trace['busy_fraction']:.0f} % of {trace['span_s']:.1f} s.")
     fast_rows = [r for r in rows if "full_speed_s" in r]
     if fast_rows:
         lines += ["", "Fast path from the load (ready = the uncompiled CUDA-graph step answers; full speed = the "

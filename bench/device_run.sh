@@ -15,6 +15,7 @@
 #     decode   bench/decode_speed.py, the fast path on the three shapes (the 7B twice: the second is
 #              the warm-cache load) and the naive nf4 generate() baseline in the same run (~8 min)
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
+#     offload  bench/h2d_probe.py (host buffer kinds), then the 7B streamed fp16 offload against accelerate's
 #     gemv-tests  the GEMV's GPU tests only
 #     profile  ncu counters of the 7B's GEMVs, tuned tile against the sweep's best (bench/int4_profile.py)
 #     attention  bench/decode_attention.py: the fused decode attention against the plain form, per layer
@@ -70,6 +71,10 @@ run_mode() {
     naive)
       python3 bench/decode_speed.py --configs 7b:naive-nf4 1.8b:naive-nf4 7b:stream-fp16:32 7b:naive-fp16:16 \
         --out "$OUT/decode_naive.jsonl" --md "$OUT/decode_naive.md" 2>&1 | tail -60 ;;
+    offload)  # the streamed fp16 offload: host buffer kinds (bench/h2d_probe.py), then the 7B streamed and via accelerate (~5 min)
+      python3 bench/h2d_probe.py --out "$OUT/h2d_probe.json" 2>&1 | tee "$OUT/h2d_probe.txt"
+      python3 bench/decode_speed.py --configs 7b:stream-fp16:32 7b:naive-fp16:16 \
+        --out "$OUT/decode_offload.jsonl" --md "$OUT/decode_offload.md" 2>&1 | tail -30 ;;
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;

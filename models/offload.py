@@ -171,6 +171,7 @@ class LayerStreamer:
         self.free = [torch.cuda.Event() for _ in self.slots] if on_cuda else [None] * n_slots  # compute so far
         self.filled_with = [-1] * n_slots  # index of the layer whose copy was last issued into each slot
         self.copies = 0  # layer copies issued so far (tests, bench)
+        self.trace: list | None = None  # (bytes, start event, end event) per copy while tracing (bench)
         for j, layer in enumerate(self.layers):
             self._bind(j, self.slots[self.slot_of(j)])
             layer.register_forward_pre_hook(self._make_pre_hook(j))
@@ -225,6 +226,27 @@ class LayerStreamer:
         self.filled_with = [-1] * len(self.slots)
         return reps * self.host_bytes / (start.elapsed_time(end) / 1e3) / 1e9
 
+    def start_trace(self) -> None:
+        """Time every layer copy from now on (bench: is the bus busy, and at what rate?)."""
+        self.trace = []
+
+    def stop_trace(self) -> dict:
+        """Stop timing copies; what the traced copies did: rate while copying, and the bus's busy share.
+
+        busy_fraction is the copies' summed time over the span from the first copy's start to the
+        last one's end: below 1, the schedule left the bus idle; a low rate while copying points at
+        the buffers or the link instead.
+        """
+        trace, self.trace = self.trace or [], None
+        if not trace:
+            return {"copies": 0}
+        trace[-1][2].synchronize()
+        busy_ms = sum(start.elapsed_time(end) for _, start, end in trace)
+        span_ms = trace[0][1].elapsed_time(trace[-1][2])
+        nbytes = sum(n for n, _, _ in trace)
+        return {"copies": len(trace), "gb": nbytes / 1e9, "gbps_while_copying": nbytes / (busy_ms / 1e3) / 1e9,
+                "busy_fraction": busy_ms / span_ms, "span_s": span_ms / 1e3}
+
     # ----- run time ----------------------------------------------------------------------
     def _fill(self, j: int) -> None:
         """Issue the copy of layer j into its slot, to start once the slot's previous user is done.
@@ -244,7 +266,13 @@ class LayerStreamer:
         self.free[s].record(torch.cuda.current_stream(self.device))
         self.copy_stream.wait_event(self.free[s])
         with torch.cuda.stream(self.copy_stream):
+            if self.trace is not None:
+                timed = (src.numel(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                self.trace.append(timed)
+                timed[1].record()
             dst.copy_(src, non_blocking=True)
+            if self.trace is not None:
+                timed[2].record()
         self.ready[s].record(self.copy_stream)
 
     def _next(self, j: int) -> int:
