@@ -6,7 +6,10 @@ through the engine with an 8 GiB GPU budget (torch's allocator capped there):
   naive-fp16 / naive-nf4  the app's plain path: generate() + streamer, DynamicCache; an fp16 7B
                           offloads under 8 GiB with accelerate's copy-on-call hooks
   stream-fp16             the same, with offloaded layers page-locked and prefetched one layer
-                          ahead on a copy stream (models/offload.py)
+                          ahead on a copy stream (models/offload.py); its layer copies are timed
+                          (rate while copying, the bus's idle time between copies)
+  stream-fp16-prehook     the same with the earlier schedule: a layer's copy is issued when the host
+                          reaches the layer before it (not as soon as its slot is free)
   fast-int4               our int4 kernels (models/kernels) + FastDecoder: the uncompiled step captured
                           as CUDA graphs at load (ready), the compiled step swapped in from a
                           background compile (full speed); the compile cache persists between the
@@ -43,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {"1.8b": "internlm2-chat-1.8b", "7b": "internlm2.5-7b-chat", "qwen7b": "qwen2.5-7b-instruct"}
 LABELS = {"internlm2-chat-1.8b": "1.8B", "internlm2.5-7b-chat": "7B", "qwen2.5-7b-instruct": "Qwen-7B"}
 # path -> (quantization, stream offloaded layers with models/offload.py)
-PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf4": ("4bit", False),
+PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "stream-fp16-prehook": ("none", True), "naive-nf4": ("4bit", False),
          "fast-int4": ("int4", False),
          # The fast path less one of its parts, to tell what each one brings (or breaks):
          "fast-int4-no-prefill-graphs": ("int4", False),  # prompt chunks unpadded and eager
@@ -192,6 +195,8 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
     else:
         loaded = engine.load(folder, settings).loaded
     load_s = time.perf_counter() - started  # for the fast path: until the uncompiled step can answer
+    if path == "stream-fp16-prehook" and loaded.streamer is not None:  # the schedule before prefetch-after-use
+        loaded.streamer.prefetch_after_use = False
     ids = torch.randint(0, loaded.shape.vocab_size - 2, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     greedy = SamplingSettings(max_new_tokens=new_tokens, temperature=0)
     load_peak = torch.cuda.max_memory_reserved()
@@ -415,9 +420,9 @@ def markdown(path: str) -> str:
     for r in rows:
         model = LABELS.get(r["shape"], r["shape"])
         # Each path against its naive counterpart: streamed fp16 offload against accelerate's.
-        base = fp16 if r["path"] == "stream-fp16" else nf4
+        base = fp16 if r["path"].startswith("stream-fp16") else nf4
         speedup = f"{r['decode_tok_s'] / base[r['shape']]:.1f}×" if base.get(r["shape"]) else "–"
-        if r["path"] == "stream-fp16":
+        if r["path"].startswith("stream-fp16"):
             speedup += " fp16"
         roofline, bound = r.get("bus_roofline_tok_s", r["roofline_tok_s"]), " (bus)" if "bus_roofline_tok_s" in r else ""
         split = r["split"]

@@ -73,7 +73,7 @@ run_mode() {
         --out "$OUT/decode_naive.jsonl" --md "$OUT/decode_naive.md" 2>&1 | tail -60 ;;
     offload)  # the streamed fp16 offload: host buffer kinds (bench/h2d_probe.py), then the 7B streamed and via accelerate (~5 min)
       python3 bench/h2d_probe.py --out "$OUT/h2d_probe.json" 2>&1 | tee "$OUT/h2d_probe.txt"
-      python3 bench/decode_speed.py --configs 7b:stream-fp16:32 7b:naive-fp16:16 \
+      python3 bench/decode_speed.py --configs 7b:stream-fp16:32 7b:stream-fp16-prehook:32 7b:naive-fp16:16 \
         --out "$OUT/decode_offload.jsonl" --md "$OUT/decode_offload.md" 2>&1 | tail -30 ;;
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \

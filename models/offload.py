@@ -23,6 +23,7 @@ slot[s] = uint8[max_j nbytes_j] on the device.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -171,7 +172,8 @@ class LayerStreamer:
         self.free = [torch.cuda.Event() for _ in self.slots] if on_cuda else [None] * n_slots  # compute so far
         self.filled_with = [-1] * n_slots  # index of the layer whose copy was last issued into each slot
         self.copies = 0  # layer copies issued so far (tests, bench)
-        self.trace: list | None = None  # (bytes, start event, end event) per copy while tracing (bench)
+        self.trace: list | None = None  # (bytes, start event, end event, host s) per copy while tracing (bench)
+        self.prefetch_after_use = True  # False: copy a layer only once the host reaches the layer before (bench)
         for j, layer in enumerate(self.layers):
             self._bind(j, self.slots[self.slot_of(j)])
             layer.register_forward_pre_hook(self._make_pre_hook(j))
@@ -241,11 +243,15 @@ class LayerStreamer:
         if not trace:
             return {"copies": 0}
         trace[-1][2].synchronize()
-        busy_ms = sum(start.elapsed_time(end) for _, start, end in trace)
+        busy_ms = sum(t[1].elapsed_time(t[2]) for t in trace)
         span_ms = trace[0][1].elapsed_time(trace[-1][2])
-        nbytes = sum(n for n, _, _ in trace)
+        nbytes = sum(t[0] for t in trace)
+        # Per copy: the bus idle before it (ms) and when the host issued it (ms after the first).
+        gaps = [round(a[2].elapsed_time(b[1]), 3) for a, b in zip(trace, trace[1:])]
         return {"copies": len(trace), "gb": nbytes / 1e9, "gbps_while_copying": nbytes / (busy_ms / 1e3) / 1e9,
-                "busy_fraction": busy_ms / span_ms, "span_s": span_ms / 1e3}
+                "busy_fraction": busy_ms / span_ms, "span_s": span_ms / 1e3, "idle_ms_before": gaps,
+                "issued_ms": [round(1e3 * (t[3] - trace[0][3]), 3) for t in trace[1:]],
+                "host_ms_in_copy_call_max": 1e3 * max(t[4] for t in trace)}
 
     # ----- run time ----------------------------------------------------------------------
     def _fill(self, j: int) -> None:
@@ -267,12 +273,14 @@ class LayerStreamer:
         self.copy_stream.wait_event(self.free[s])
         with torch.cuda.stream(self.copy_stream):
             if self.trace is not None:
-                timed = (src.numel(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                timed = [src.numel(), torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True),
+                         time.perf_counter()]
                 self.trace.append(timed)
                 timed[1].record()
             dst.copy_(src, non_blocking=True)
             if self.trace is not None:
                 timed[2].record()
+                timed.append(time.perf_counter() - timed[3])  # host time inside the copy call
         self.ready[s].record(self.copy_stream)
 
     def _next(self, j: int) -> int:
@@ -289,11 +297,21 @@ class LayerStreamer:
                 self._fill(nxt)
         return pre_hook
 
+    def _next_user(self, j: int) -> int:
+        """The layer that reads layer j's slot next, in call order (wrapping into the next pass)."""
+        n, s = len(self.layers), self.slot_of(j)
+        return next(i % n for i in range(j + 1, j + n + 1) if self.slot_of(i % n) == s)
+
     def _make_post_hook(self, j: int):
         def post_hook(module, args, output):
-            nxt = self._next(j)
-            if self.slot_of(nxt) == self.slot_of(j):  # one slot, or an odd count wrapping around: fill it after use
-                self._fill(nxt)
+            # Layer j's slot is free once its compute (queued just now) is done: queue the copy of
+            # its next user now, gated on the GPU, not on when the CPU reaches that layer. At the
+            # end of a pass this copies the next pass's first layers while the token is sampled
+            # and the GPU-resident layers run, instead of after the host has come back to them.
+            if self.prefetch_after_use:
+                self._fill(self._next_user(j))
+            elif self.slot_of(self._next(j)) == self.slot_of(j):  # one slot, or an odd count wrapping around
+                self._fill(self._next(j))
         return post_hook
 
 

@@ -39,8 +39,9 @@ def reference(tiny_llama):
 
 # Layer copies after n forward passes. Layer j computes from slot j % 2; a layer alone in its
 # slot is copied once and stays there. 3 layers: L1 stays, L0 and L2 take turns in slot 0
-# (L0 is refilled after L2 for the next pass). 4 layers: all four each pass, plus L0's first copy.
-COPIES = {1: lambda n: 1, 2: lambda n: 2, 3: lambda n: 2 + 2 * n, 4: lambda n: 1 + 4 * n}
+# (L0 is refilled after L2 for the next pass). 4 layers: all four each pass, plus L0's and L1's
+# first copies (after the last pass, L0 and L1 are already in for a next one).
+COPIES = {1: lambda n: 1, 2: lambda n: 2, 3: lambda n: 2 + 2 * n, 4: lambda n: 2 + 4 * n}
 
 
 @pytest.mark.parametrize("offloaded", [1, 2, 3, 4])
@@ -53,6 +54,31 @@ def test_streamed_layers_answer_like_the_plain_model(tiny_llama, reference, offl
     assert len(forwards) == 12
     assert streamer.copies == COPIES[offloaded](len(forwards))
     assert len(streamer.slots) == min(2, offloaded)
+
+
+@pytest.mark.parametrize("offloaded", [3, 4])
+def test_a_slot_is_refilled_as_soon_as_its_layer_has_run(tiny_llama, offloaded):
+    # Once a layer has run, its slot is refilled for the next layer that reads it, without waiting
+    # for the host to reach the layer before: at the end of a pass (while the token is sampled
+    # and the GPU-resident layers run) the next pass's first layers are already on their way.
+    model = load(tiny_llama)
+    streamer = stream_offloaded_layers(model, [f"model.layers.{i}" for i in range(4 - offloaded, 4)], "cpu")
+    layers = streamer.layers
+    seen = []
+    for j, layer in enumerate(layers):
+        layer.register_forward_hook(lambda module, args, out, j=j: seen.append((j, list(streamer.filled_with))))
+    with torch.inference_mode():
+        model(torch.tensor([PROMPT]))
+    assert streamer.filled_with == [0, 1]  # L0 and L1 (L1 in its own slot) ready for the next pass
+    for j, filled in seen:
+        assert filled[streamer.slot_of(j)] == streamer._next_user(j)  # refilled by the layer's own hook
+    if offloaded == 4:
+        # The earlier schedule (a copy issued when the host reaches the layer before) leaves the
+        # last layer in its slot: the next pass's second layer waits for the host.
+        streamer.prefetch_after_use = False
+        with torch.inference_mode():
+            model(torch.tensor([PROMPT]))
+        assert streamer.filled_with == [0, 3]
 
 
 def test_layers_share_two_slots_and_keep_one_packed_host_copy(tiny_llama):
