@@ -112,8 +112,8 @@ run_mode() {
     gemv-tests)  # the GEMV's own GPU tests (~1 minute)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_kernels.py 2>&1 | tee "$OUT/gemv_tests.txt" | tail -30 ;;
-    tests)
-      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -x -p no:cacheprovider \
+    tests)  # the whole GPU suite (~6 minutes); TESTS_TIMEOUT (s) cuts it so a call's later modes and files still come back
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout "${TESTS_TIMEOUT:-900}" python3 -m pytest -q -p no:cacheprovider --durations=12 \
         tests/test_gpu.py tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_fast_decode.py \
         tests/test_fused_projections.py \
         tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30 ;;

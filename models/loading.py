@@ -26,7 +26,7 @@ from .integrity import check_safetensors, check_tokenizer_fits
 from .memory import Budget, FitPlan, Verdict
 from .messages import Message
 from .messages import first_line as _first_line
-from .offload import LayerStreamer, stream_offloaded_layers
+from .offload import LayerStreamer, drop_alignment_hooks, stream_offloaded_layers
 from .placement import build_device_map, layers_name, max_memory, plan_for, weights_on_device_bytes
 from .quant import Quant, quant_options, storage_dtype
 from .settings import LoadSettings, ModelLoadError
@@ -257,6 +257,7 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
     if streamed:
         _progress(progress, 0.75, f"Page-locking {len(streamed)} offloaded layers for streaming")
         streamer = stream_offloaded_layers(model, streamed, torch.device("cuda", 0))
+        drop_alignment_hooks(model, "cuda")
     tokenizer = prepared.tokenizer
     if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.eos_token_id

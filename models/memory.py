@@ -16,9 +16,7 @@ from .kernels.split_k import attention_partial_floats, partial_floats as int4_pa
 from .messages import Message
 from .quant import Quant
 
-KiB = 1024
-MiB = 1024**2
-GiB = 1024**3
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quant: one fp32 absmax per 256 uint8 absmaxes
@@ -276,7 +274,9 @@ class FitPlan:
         return tuple(n + (self.cpu_layers + self.disk_layers if d == 0 else 0) for d, n in enumerate(counts))
 
     def layer_device(self, i: int) -> int | str:
-        """Where decoder layer `i` lives: a GPU index, "cpu" or "disk"."""
+        """Where decoder layer `i` lives: a GPU index, "cpu" or "disk" (streamed layers first: offload.py says why)."""
+        if self.streamed_layers and not self.gpu_layers_per_device:
+            return "cpu" if i < self.streamed_layers else 0
         counts = self.gpu_layers_per_device or ((self.gpu_layers,) if self.device == "cuda" else ())
         for gpu, n in enumerate(counts):
             if i < n:

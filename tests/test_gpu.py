@@ -88,6 +88,9 @@ def test_offload_split_under_a_small_budget_gives_the_same_answer(engine, tmp_pa
     streamer = streamed.streamer
     assert streamer is not None and streamer.page_locked and streamer.copy_stream is not None
     assert streamed.plan.streamed_layers == streamed.split["cpu"] == len(streamer.layers) > loaded.split["cpu"]
+    # The streamed layers come first, and no accelerate hook is left to cost host time per call.
+    assert streamer.layers == list(streamed.model.model.layers)[:len(streamer.layers)]
+    assert not [name for name, module in streamed.model.named_modules() if hasattr(module, "_hf_hook")]
     assert answer(engine).token_ids == expected
     assert streamer.copies >= streamed.split["cpu"]
     # The bench's probe of the streamer's own copy rate overwrites slot 0 between answers: the next

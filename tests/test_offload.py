@@ -9,7 +9,7 @@ hook path; the CUDA stream ordering is checked on a GPU in test_gpu.py.
 import pytest
 import torch
 
-from models.offload import ALIGN, LayerStreamer, stream_offloaded_layers
+from models.offload import ALIGN, LayerStreamer, drop_alignment_hooks, stream_offloaded_layers
 
 PROMPT = [5, 17, 33, 2, 9, 41, 7]
 
@@ -105,8 +105,14 @@ def test_accelerate_offload_hooks_are_replaced(tiny_llama, tmp_path, reference):
     model = load(tiny_llama, device_map=device_map, offload_folder=str(tmp_path / "offload"))
     layer = model.model.layers[2]
     assert hasattr(layer, "_hf_hook") and layer.mlp.up_proj.weight.device.type == "meta"
+    assert not drop_alignment_hooks(model, "cpu")  # layers still on disk: accelerate's hooks must stay
+    assert hasattr(model.model.layers[0], "_hf_hook")
     stream_offloaded_layers(model, ["model.layers.1", "model.layers.2", "model.layers.3"], "cpu")
     assert not hasattr(layer, "_hf_hook") and layer.mlp.up_proj.weight.device.type == "cpu"
+    assert greedy(model) == reference
+    # Every weight is now on the compute device: the hooks left on the other modules only cost host time.
+    assert drop_alignment_hooks(model, "cpu")
+    assert not [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
     assert greedy(model) == reference
 
 
