@@ -86,6 +86,9 @@ run_mode() {
     attention-sweep)  # the fused decode attention's tiles, windows 512 and 4,096 (~2 minutes)
       python3 bench/decode_attention.py --sweep --windows 512 4096 --out "$OUT/decode_attention_sweep.json" \
         2>&1 | tee "$OUT/decode_attention_sweep.txt" ;;
+    attention-tests)  # the decode attention's GPU tests only (~1 minute)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_decode_attention.py 2>&1 | tee "$OUT/attention_tests.txt" | tail -15 ;;
     gpu-tests)  # the GPU-marked tests of the kernels and the fast decoder (~3 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_fast_decode.py 2>&1 \
