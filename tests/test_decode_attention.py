@@ -155,8 +155,7 @@ def test_the_kernel_compiles_for_consumer_gpus_within_their_shared_memory(capabi
                  "stride_kh": "i32", "stride_kl": "i32", "stride_vh": "i32", "stride_vl": "i32", "scaling": "fp32"}
     for hq, hkv in [(32, 8), (16, 8), (28, 4), (12, 2), (32, 2)]:  # InternLM2.5-7B, 1.8B, Qwen 7B, 1.5B, InternLM3-8B
         constexprs = {"GROUP": hq // hkv, "ROWS": split_k.attention_rows(hq, hkv), "HEAD_DIM": 128,
-                      "BLOCK_L": fused.BLOCK_L, "DOT_FP32": False, "MAX_SPLITS_P2": triton.next_power_of_2(fused.MAX_SPLITS),
-                      "MERGE_BATCH": fused.MERGE_BATCH}
+                      "BLOCK_L": fused.BLOCK_L, "DOT_FP32": False}
         source = tc.ASTSource(fn=fused._decode_attention_kernel, constexprs=constexprs, attrs={},
                               signature=dict(signature, **{name: "constexpr" for name in constexprs}))
         kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),

@@ -32,12 +32,13 @@ from .split_k import ATTENTION_MAX_SPLITS as MAX_SPLITS, attention_partial_float
 # bench/decode_attention.py --sweep; bench/results/decode_attention_sweep_h200_s22.json): 128-key
 # blocks over 4 warps, 2 stages, won at every layout and window; chunks of 128 keys at 512 positions
 # (7.0-7.7 us a layer, against 7.8-8.8 at 256) and of 256 at 4,096 (16.0-17.9 us, against 20.0-24.2
-# at 128: the last program's merge then read the chunks' partials one after another; it now loads
-# them together, MERGE_BATCH chunks at a time, and the chunk lengths were not swept again).
+# at 128: the last program's merge reads the chunks' partials one after another). A merge that loads
+# them together (the maxima and sums as one tile, the outputs four chunks at a time) was timed in
+# session 23 and was not faster (7B: 7.98 against 7.54 us at 512 positions, 17.87 against 17.69 at
+# 4,096; bench/results/decode_attention_h200_s23_batched_merge.txt): the merge is not what limits it.
 BLOCK_L = 128  # keys per inner step
 CHUNK, LONG_CHUNK, LONG_WINDOW = 128, 256, 1024  # keys per program: CHUNK up to LONG_WINDOW positions
 NUM_WARPS, NUM_STAGES = 4, 2
-MERGE_BATCH = 4  # chunks' outputs the merge loads at once
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -107,8 +108,7 @@ def _run_kernel(query, key, value, mask, scaling, partials, counters, chunk: int
         query, key, value, mask.reshape(-1), out, partials, counters, window, keys_per_chunk, splits,
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), float(scaling),
         GROUP=hq // hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=d, BLOCK_L=block_l,
-        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", MAX_SPLITS_P2=triton.next_power_of_2(MAX_SPLITS),
-        MERGE_BATCH=MERGE_BATCH, num_warps=num_warps, num_stages=num_stages)
+        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -117,8 +117,7 @@ if triton is not None:
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
                                  stride_kh, stride_kl, stride_vh, stride_vl, scaling,
                                  GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, MAX_SPLITS_P2: tl.constexpr,
-                                 MERGE_BATCH: tl.constexpr):
+                                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
         head = tl.program_id(0)
         split = tl.program_id(1)
         rg = tl.arange(0, ROWS)  # query head head * GROUP + rg; rows past GROUP are padding
@@ -164,26 +163,17 @@ if triton is not None:
         tl.debug_barrier()  # every thread's partial is written before the release below
         count = tl.atomic_add(lock_ptr + head, 1, sem="acq_rel", scope="gpu")
         if count == SPLITS - 1:
-            # The merge. Its loads do not depend on each other, so they are issued together: the
-            # chunks' maxima and sums as one [MAX_SPLITS, ROWS] tile, then the outputs MERGE_BATCH
-            # chunks at a time (unrolled). One after another, as first written, each load waited
-            # for the one before: 2 x SPLITS round trips to L2 in the last program of each head.
-            rs = tl.arange(0, MAX_SPLITS_P2)
-            live = (rs < SPLITS)[:, None]
-            stats = ((head * SPLITS + rs)[:, None] * ROWS + rg[None, :]) * (HEAD_DIM + 2) + HEAD_DIM
-            m_parts = tl.load(ws_ptr + stats, mask=live, other=-1e30, cache_modifier=".cg")
-            l_parts = tl.load(ws_ptr + stats + 1, mask=live, other=0.0, cache_modifier=".cg")
-            m_all = tl.max(m_parts, axis=0)
-            l_all = tl.sum(tl.exp(m_parts - m_all[None, :]) * l_parts, axis=0)
+            m_all = tl.full([ROWS], -1e30, dtype=tl.float32)
+            for s_no in range(0, SPLITS):
+                row = ((head * SPLITS + s_no) * ROWS + rg) * (HEAD_DIM + 2)
+                m_all = tl.maximum(m_all, tl.load(ws_ptr + row + HEAD_DIM, cache_modifier=".cg"))
             total = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-            for first in range(0, SPLITS, MERGE_BATCH):
-                for i in tl.static_range(MERGE_BATCH):
-                    row = ((head * SPLITS + first + i) * ROWS + rg) * (HEAD_DIM + 2)
-                    ok = first + i + rg * 0 < SPLITS  # [ROWS]: the batch's tail may run past the last chunk
-                    weight = tl.exp(tl.load(ws_ptr + row + HEAD_DIM, mask=ok, other=-1e30, cache_modifier=".cg")
-                                    - m_all)
-                    total += weight[:, None] * tl.load(ws_ptr + row[:, None] + rd[None, :], mask=ok[:, None],
-                                                       other=0.0, cache_modifier=".cg")
+            l_all = tl.zeros([ROWS], dtype=tl.float32)
+            for s_no in range(0, SPLITS):
+                row = ((head * SPLITS + s_no) * ROWS + rg) * (HEAD_DIM + 2)
+                weight = tl.exp(tl.load(ws_ptr + row + HEAD_DIM, cache_modifier=".cg") - m_all)
+                l_all += weight * tl.load(ws_ptr + row + HEAD_DIM + 1, cache_modifier=".cg")
+                total += weight[:, None] * tl.load(ws_ptr + row[:, None] + rd[None, :], cache_modifier=".cg")
             result = total / l_all[:, None]
             tl.store(out_ptr + (head * GROUP + rg)[:, None] * HEAD_DIM + rd[None, :],
                      result.to(out_ptr.dtype.element_ty), mask=grow[:, None])
