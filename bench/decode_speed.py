@@ -266,6 +266,7 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
             # its staging slot: if this is slower than h2d_gbps (torch's cudaHostAlloc buffer), the
             # buffers, not the schedule, hold the streamed path under the bus roofline.
             row["streamer_h2d_gbps"] = loaded.streamer.copy_rate()
+            row.update(host_breakdown(loaded.model, ids))
     row.update(extra)
     if loaded.fast is not None:
         row["step_ms"] = step_ms(loaded.fast)
@@ -294,6 +295,33 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
                     if k.endswith("ttft_ms")})
         loaded.fast.prefill_buckets = buckets
     return row
+
+
+def host_breakdown(model, ids: list[int], tokens: int = 16) -> dict:
+    """Where an offloaded model's host time goes: generate() called directly (no streaming thread)
+    against the app's path, and a cProfile of the direct call (the bus waits for the host each token)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    prompt = torch.tensor([ids], device=model.get_input_embeddings().weight.device)
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    one, many = timed(1), timed(tokens + 1)
+    with cProfile.Profile() as prof:
+        timed(tokens + 1)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    return {"direct_generate_tok_s": tokens / (many - one), "host_profile": text.getvalue()[-6000:]}
 
 
 def prompt_ttfts(fast, tokenizer, long_ids: list[int]) -> dict:
@@ -438,6 +466,8 @@ def markdown(path: str) -> str:
             lines += ["", f"{LABELS.get(r['shape'], r['shape'])} {r['path']}: host-to-device {r['h2d_gbps']:.1f} GB/s from "
                           f"torch's pinned buffer, {r['streamer_h2d_gbps']:.1f} GB/s from the streamer's registered layer "
                           f"buffers; page-locked: {r['page_locked']}."]
+            if "direct_generate_tok_s" in r:
+                lines[-1] += f" generate() called directly (no streaming thread): {r['direct_generate_tok_s']:.2f} tok/s."
             trace = r.get("copy_trace") or {}
             if trace.get("copies"):
                 lines[-1] += (f" During the reported answer: {trace['copies']} layer copies, {trace['gbps_while_copying']:.1f} GB/s "

@@ -75,6 +75,10 @@ run_mode() {
       python3 bench/h2d_probe.py --out "$OUT/h2d_probe.json" 2>&1 | tee "$OUT/h2d_probe.txt"
       python3 bench/decode_speed.py --configs 7b:stream-fp16:32 7b:stream-fp16-prehook:32 7b:naive-fp16:16 \
         --out "$OUT/decode_offload.jsonl" --md "$OUT/decode_offload.md" 2>&1 | tail -30 ;;
+    offload-profile)  # the streamed 7B only, with the host's share (direct generate(), cProfile) (~2 minutes)
+      python3 bench/decode_speed.py --configs 7b:stream-fp16:32 --out "$OUT/decode_offload.jsonl" \
+        --md "$OUT/decode_offload.md" 2>&1 | tail -12
+      python3 -c "import json; [print(json.loads(l).get('host_profile', '')) for l in open('$OUT/decode_offload.jsonl')]" ;;
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
