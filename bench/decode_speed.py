@@ -225,9 +225,13 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         else:
             if loaded.streamer is not None and sampling is greedy:  # the reported run: time its layer copies
                 loaded.streamer.start_trace()
+                before = allocator_events()
             final = list(stream_generate(loaded.model, loaded.tokenizer, ids, sampling, threading.Event()))[-1]
             if loaded.streamer is not None and sampling is greedy:
                 extra["copy_trace"] = loaded.streamer.stop_trace()
+                # Allocator events during the answer: a retry frees cached memory, which waits for
+                # every stream, the copy stream's layer in flight included.
+                extra["allocator_events"] = {k: v - before[k] for k, v in allocator_events().items()}
         runs.append(final)
     final = runs[-1]
     free, total = torch.cuda.mem_get_info()
@@ -295,6 +299,15 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
                     if k.endswith("ttft_ms")})
         loaded.fast.prefill_buckets = buckets
     return row
+
+
+def allocator_events() -> dict:
+    """torch's caching-allocator counters that mean a wait or a driver call (cumulative)."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc",
+                                         "num_device_free", "num_ooms")}
 
 
 def host_breakdown(model, ids: list[int], tokens: int = 16) -> dict:
@@ -466,6 +479,9 @@ def markdown(path: str) -> str:
             lines += ["", f"{LABELS.get(r['shape'], r['shape'])} {r['path']}: host-to-device {r['h2d_gbps']:.1f} GB/s from "
                           f"torch's pinned buffer, {r['streamer_h2d_gbps']:.1f} GB/s from the streamer's registered layer "
                           f"buffers; page-locked: {r['page_locked']}."]
+            if r.get("allocator_events"):
+                lines[-1] += " Allocator events during the answer: " + ", ".join(
+                    f"{k} {v}" for k, v in r["allocator_events"].items()) + "."
             if "direct_generate_tok_s" in r:
                 lines[-1] += f" generate() called directly (no streaming thread): {r['direct_generate_tok_s']:.2f} tok/s."
             trace = r.get("copy_trace") or {}
