@@ -334,6 +334,12 @@ def host_breakdown(model, ids: list[int], tokens: int = 16) -> dict:
         timed(tokens + 1)
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    if os.environ.get("SMALLCHAT_TRACE_OUT"):  # host and device on one timeline (chrome://tracing, Perfetto)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+            timed(4)
+        trace.export_chrome_trace(os.environ["SMALLCHAT_TRACE_OUT"])
     return {"direct_generate_tok_s": tokens / (many - one), "host_profile": text.getvalue()[-6000:]}
 
 

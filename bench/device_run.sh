@@ -76,8 +76,9 @@ run_mode() {
       python3 bench/decode_speed.py --configs 7b:stream-fp16:32 7b:stream-fp16-prehook:32 7b:naive-fp16:16 \
         --out "$OUT/decode_offload.jsonl" --md "$OUT/decode_offload.md" 2>&1 | tail -30 ;;
     offload-profile)  # the streamed 7B only, with the host's share (direct generate(), cProfile) (~2 minutes)
-      python3 bench/decode_speed.py --configs 7b:stream-fp16:32 --out "$OUT/decode_offload.jsonl" \
-        --md "$OUT/decode_offload.md" 2>&1 | tail -12
+      SMALLCHAT_TRACE_OUT="$OUT/offload_trace.json" python3 bench/decode_speed.py --configs 7b:stream-fp16:32 \
+        --out "$OUT/decode_offload.jsonl" --md "$OUT/decode_offload.md" 2>&1 | tail -12
+      gzip -f "$OUT/offload_trace.json" 2>/dev/null || true
       python3 -c "import json; [print(json.loads(l).get('host_profile', '')) for l in open('$OUT/decode_offload.jsonl')]" ;;
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
