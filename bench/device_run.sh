@@ -80,6 +80,9 @@ run_mode() {
         --out "$OUT/decode_offload.jsonl" --md "$OUT/decode_offload.md" 2>&1 | tail -12
       gzip -f "$OUT/offload_trace.json" 2>/dev/null || true
       python3 -c "import json; [print(json.loads(l).get('host_profile', '')) for l in open('$OUT/decode_offload.jsonl')]" ;;
+    decode-1.8b)  # one load of the 1.8B, fast path (~1.5 minutes)
+      python3 bench/decode_speed.py --configs 1.8b:fast-int4 \
+        --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;

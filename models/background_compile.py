@@ -113,14 +113,13 @@ class BackgroundCompile:
     def _compile_layer_once(self) -> Callable:
         """Compile one decoder layer for all (models/layer_step.py); the step runs it per layer.
 
-        Its first run (which compiles) writes into the scratch slot through write counters of its
-        own, so it needs no idle decoder: nothing an answer reads or advances is touched."""
+        Its first run (which compiles) writes at the scratch position, beyond every answer's
+        context, so it needs no idle decoder: nothing an answer reads or advances is touched."""
         loop = LayerLoop(self.model, self.cache)
         layer_fn = torch.compile(run_layer, fullgraph=True, backend=_inductor_unless_closed(self._closed))
         positions = self.kv_positions[:self.windows[-1]]
         with torch.inference_mode():
-            loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn,
-                        loop.scratch_caches(self.max_context), dynamic_window=True)
+            loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn, dynamic_window=True)
         self.compiled_layer_loop = True
         return lambda token, pos, window: loop.logits(token, pos, window, layer_fn)
 

@@ -14,7 +14,6 @@ and their checkpoints, InternLM2 once converted) take this path; others compile 
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -24,28 +23,52 @@ LAYER_LOOP_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM
 
 
 class LayerCache:
-    """One layer of a StaticCache, seen by that layer's attention as a whole cache (the index is ignored)."""
+    """One layer of a StaticCache, seen by that layer's attention as a whole cache (the index is ignored).
 
-    def __init__(self, layer):
+    With `position` ([1], the token's position) the write goes there and the layer's write counter
+    is left alone: transformers' StaticLayer advances a counter per layer, a one-element kernel in
+    every layer of every step (`..._add_copy_` in an H200 profile), while the decode step already
+    holds the position every layer writes at. (FastDecoder sets the counters before each prompt.)
+    """
+
+    def __init__(self, layer, position: torch.Tensor | None = None):
         self.layer = layer
+        self.position = position
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx=None, cache_kwargs=None):
         """Write this token's keys/values into the layer; the whole layer's keys/values back."""
-        return self.layer.update(key_states, value_states)
+        if self.position is None:
+            return self.layer.update(key_states, value_states)
+        self.layer.keys.index_copy_(2, self.position, key_states)
+        self.layer.values.index_copy_(2, self.position, value_states)
+        return self.layer.keys, self.layer.values
 
 
-def run_layer(layer, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: LayerCache,
-              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """One decoder layer on one token: the function torch.compile compiles once for every layer."""
-    return layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                 position_embeddings=(cos, sin))
+def run_layer(layer, residual: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+              cache: LayerCache, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer on one token, the function torch.compile compiles once for every layer.
+
+    The layer's input is residual + delta and its output the pair (residual, MLP output), whose sum
+    is the layer's output: the last residual add then runs in the next layer's compiled code, fused
+    into its input norm, instead of as a kernel of its own at the end of every layer. The order of
+    the operations is the decoder layer's own (pre-norm Llama / Qwen2 / Mistral / Qwen3 layers).
+    """
+    hidden = residual + delta
+    attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+                              position_ids=position_ids, past_key_values=cache, use_cache=True,
+                              position_embeddings=(cos, sin))
+    hidden = hidden + attn
+    return hidden, layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def supports_layer_loop(model) -> bool:
     """Whether `model`'s forward is the plain embed / layers / norm / lm_head loop this module runs."""
     base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None) or []
     return (type(model).__name__ in LAYER_LOOP_MODELS and hasattr(model, "lm_head")
-            and all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")))
+            and all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+            and all(all(hasattr(layer, name) for name in ("input_layernorm", "self_attn", "post_attention_layernorm",
+                                                          "mlp")) for layer in layers))
 
 
 class LayerLoop:
@@ -53,37 +76,29 @@ class LayerLoop:
 
     def __init__(self, model, cache):
         self.model = model
-        self.caches = [LayerCache(layer) for layer in cache.layers]
-
-    def scratch_caches(self, slot: int) -> list[LayerCache]:
-        """Views of the same cache whose next write goes to `slot`, with write counters of their own.
-
-        The compile's first run writes there, beside a running answer, without touching the
-        counters that answer's step advances."""
-        caches = []
-        for layer in (c.layer for c in self.caches):
-            scratch = copy.copy(layer)  # shares keys/values; the counter is replaced below
-            scratch.cumulative_length = torch.full_like(layer.cumulative_length, slot)
-            torch._dynamo.mark_static_address(scratch.cumulative_length)
-            caches.append(LayerCache(scratch))
-        return caches
+        self.cache_layers = list(cache.layers)
 
     def logits(self, token: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
                layer_fn: Callable = run_layer, caches: list[LayerCache] | None = None,
                dynamic_window: bool = False) -> torch.Tensor:
-        """Logits [1, V] (fp32) of one token at `pos`, attending over the cache `positions` (a window).
+        """Logits [1, V] (fp32) of one token at `pos` ([1]), attending over the cache `positions` (a window).
 
-        `layer_fn` runs each layer (run_layer, or its compiled form). `dynamic_window` marks the
-        window's length as a symbol for the compile (one compiled layer for every window)."""
+        Each layer writes its keys/values at `pos` (the compile's first run passes a scratch
+        position beyond every answer's context, so it can run beside an answer). `layer_fn` runs
+        each layer (run_layer, or its compiled form); `caches` replaces the layers' caches (tests).
+        `dynamic_window` marks the window's length as a symbol for the compile (one compiled layer
+        for every window)."""
         base = self.model.model
-        hidden = base.embed_tokens(token)
+        residual = base.embed_tokens(token)
+        delta = torch.zeros_like(residual)
         position_ids = pos.view(1, 1)
-        cos, sin = base.rotary_emb(hidden, position_ids)
+        cos, sin = base.rotary_emb(residual, position_ids)
         mask = (positions <= pos).view(1, 1, 1, -1)  # stale entries past `pos` are invisible
         if dynamic_window:
             # maybe_: a hint, not a constraint. On an H200 the trace guarded on windows of 129+
             # positions, and mark_dynamic's promise of 2+ failed the compile (every window is 512+).
             torch._dynamo.maybe_mark_dynamic(mask, 3)
-        for layer, cache in zip(base.layers, caches or self.caches):
-            hidden = layer_fn(layer, hidden, mask, position_ids, cache, cos, sin)
-        return self.model.lm_head(base.norm(hidden)[:, -1]).float()
+        caches = caches or [LayerCache(layer, pos) for layer in self.cache_layers]
+        for layer, cache in zip(base.layers, caches):
+            residual, delta = layer_fn(layer, residual, delta, mask, position_ids, cache, cos, sin)
+        return self.model.lm_head(base.norm(residual + delta)[:, -1]).float()

@@ -373,14 +373,20 @@ def test_one_decoder_layer_is_traced_for_every_layer_and_equals_the_model(tmp_pa
                 for layer in cache.layers:
                     layer.cumulative_length.fill_(pos)
                 got = loop.logits(token, at, torch.arange(64), layer_fn, caches)
+                written = [(layer.keys[:, :, pos].clone(), layer.values[:, :, pos].clone()) for layer in cache.layers]
+                if caches is None:  # the loop writes at `at` and leaves transformers' per-layer counters alone
+                    assert all(int(layer.cumulative_length) == pos for layer in cache.layers)
                 for layer in cache.layers:
                     layer.cumulative_length.fill_(pos)
                 want = model(input_ids=token, position_ids=at.view(1, 1), past_key_values=cache, use_cache=True,
                              attention_mask=(torch.arange(64) <= at).view(1, 1, 1, -1), logits_to_keep=1).logits[:, -1]
                 torch.testing.assert_close(got, want.float())
+                for (keys, values), layer in zip(written, cache.layers):  # the model wrote the same at the same place
+                    torch.testing.assert_close(keys, layer.keys[:, :, pos])
+                    torch.testing.assert_close(values, layer.values[:, :, pos])
         return len(graphs)
 
-    assert traced_graphs(lambda loop: loop.caches) == 1
+    assert traced_graphs(lambda loop: None) == 1
 
     class WholeCache:  # the control: transformers' way, the cache picked by the attention's layer_idx
         def update(self, k, v, layer_idx, *args, **kwargs):
