@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MiB = 1 << 20
 
@@ -81,15 +84,9 @@ def time_copies(src: torch.Tensor, dst: torch.Tensor, how: str, reps: int) -> fl
             for stream in streams:
                 main.wait_stream(stream)
 
-    one()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        one()
-    end.record()
-    end.synchronize()
-    return src.numel() * reps / (start.elapsed_time(end) / 1e3) / 1e9
+    from bench.int4_kernels import timed_ms
+
+    return src.numel() / (timed_ms(one, reps) / 1e3) / 1e9
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ carries. Here:
 - a layer's slot is refilled for its next user as soon as the layer has run (gated on the GPU), so
   at the end of a pass the next pass's first two layers copy while the token is sampled;
 - the streamed layers come first in the model (memory.FitPlan.layer_device) and accelerate's hooks
-  go once every weight is on the GPU: after a token the bus waits for the host to come back to the
-  streamed layers (an H200 trace: 35-58 ms per token, the whole of the bus's idle time), and
-  GPU-resident layers before them, each call through a hook, lengthened that wait.
+  go once every weight is on the GPU, so the host comes back to the streamed layers sooner after
+  a token. (An H200 trace of the copies: the bus's only idle time is one gap per token, before the
+  next pass's copies; 35-58 ms with the earlier schedule, 33-43 now: BENCHMARKS.md, session 23.)
 A token then costs about (offloaded bytes / host-to-device bandwidth). On a CPU-only machine the
 same class runs with plain copies and no streams (used by the tests for the bookkeeping).
 
