@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {"1.8b": "internlm2-chat-1.8b", "7b": "internlm2.5-7b-chat", "qwen7b": "qwen2.5-7b-instruct"}
 LABELS = {"internlm2-chat-1.8b": "1.8B", "internlm2.5-7b-chat": "7B", "qwen2.5-7b-instruct": "Qwen-7B"}
 # path -> (quantization, stream offloaded layers with models/offload.py)
-PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "stream-fp16-prehook": ("none", True), "naive-nf4": ("4bit", False),
+PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf4": ("4bit", False),
+         "stream-fp16-prehook": ("none", True),  # streamed, with the schedule before prefetch-after-use
          "fast-int4": ("int4", False),
          # The fast path less one of its parts, to tell what each one brings (or breaks):
          "fast-int4-no-prefill-graphs": ("int4", False),  # prompt chunks unpadded and eager

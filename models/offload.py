@@ -180,6 +180,11 @@ class LayerStreamer:
         self.copies = 0  # layer copies issued so far (tests, bench)
         self.trace: list | None = None  # (bytes, start event, end event, host s) per copy while tracing (bench)
         self.prefetch_after_use = True  # False: copy a layer only once the host reaches the layer before (bench)
+        # The layer that reads layer j's slot next, in call order (wrapping into the next pass): fixed, so
+        # worked out once here rather than in every layer's hook of every token.
+        n = len(self.layers)
+        self.next_user = [next(i % n for i in range(j + 1, j + n + 1) if self.slot_of(i % n) == self.slot_of(j))
+                          for j in range(n)]
         for j, layer in enumerate(self.layers):
             self._bind(j, self.slots[self.slot_of(j)])
             layer.register_forward_pre_hook(self._make_pre_hook(j))
@@ -303,11 +308,6 @@ class LayerStreamer:
                 self._fill(nxt)
         return pre_hook
 
-    def _next_user(self, j: int) -> int:
-        """The layer that reads layer j's slot next, in call order (wrapping into the next pass)."""
-        n, s = len(self.layers), self.slot_of(j)
-        return next(i % n for i in range(j + 1, j + n + 1) if self.slot_of(i % n) == s)
-
     def _make_post_hook(self, j: int):
         def post_hook(module, args, output):
             # Layer j's slot is free once its compute (queued just now) is done: queue the copy of
@@ -315,7 +315,7 @@ class LayerStreamer:
             # end of a pass this copies the next pass's first layers while the token is sampled
             # and the GPU-resident layers run, instead of after the host has come back to them.
             if self.prefetch_after_use:
-                self._fill(self._next_user(j))
+                self._fill(self.next_user[j])
             elif self.slot_of(self._next(j)) == self.slot_of(j):  # one slot, or an odd count wrapping around
                 self._fill(self._next(j))
         return post_hook

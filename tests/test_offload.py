@@ -71,7 +71,7 @@ def test_a_slot_is_refilled_as_soon_as_its_layer_has_run(tiny_llama, offloaded):
         model(torch.tensor([PROMPT]))
     assert streamer.filled_with == [0, 1]  # L0 and L1 (L1 in its own slot) ready for the next pass
     for j, filled in seen:
-        assert filled[streamer.slot_of(j)] == streamer._next_user(j)  # refilled by the layer's own hook
+        assert filled[streamer.slot_of(j)] == streamer.next_user[j]  # refilled by the layer's own hook
     if offloaded == 4:
         # The earlier schedule (a copy issued when the host reaches the layer before) leaves the
         # last layer in its slot: the next pass's second layer waits for the host.
