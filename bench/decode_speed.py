@@ -53,6 +53,8 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          "fast-int4-no-prefill-graphs": ("int4", False),  # prompt chunks unpadded and eager
          "fast-int4-whole-compile": ("int4", False),  # the whole forward compiled, not one layer for all
          "fast-int4-unfused": ("int4", False),  # q/k/v and gate/up kept as separate GEMVs (7 a layer, not 4)
+         # rotation and the cache write as kernels of their own before the decode attention (before session 24)
+         "fast-int4-separate-rotation": ("int4", False),
          "fast-int4-no-precompile": ("int4", False)}  # the int4 kernels compiled one by one inside the warm-up
 MiB, GiB = 1024**2, 1024**3
 
@@ -168,6 +170,10 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         from models import fused_projections
 
         fused_projections.fuse_projections = lambda model: 0
+    if path == "fast-int4-separate-rotation":
+        from models import fused_projections
+
+        fused_projections.decode_step_attention = lambda *args: None
     if path == "fast-int4-no-precompile":
         from models.kernels import int4
 

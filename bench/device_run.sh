@@ -22,6 +22,7 @@
 #     attention-sweep  its tiles;  gpu-tests  the GPU-marked kernel and fast-decoder tests only
 #     warmup   the 7B's cold load with and without the int4 precompile, cProfiled
 #     decode-short, decode-three, sweep-7b: the same, shorter (the 7B and 1.8B loads, and Qwen; the 7B's shapes)
+#     rotation-ab  the 1.8B and 7B, rotation and cache write inside the decode attention or as kernels of their own
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
@@ -89,6 +90,10 @@ run_mode() {
     decode-three)  # one load each of the three shapes, fast path only (~6 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 qwen7b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
+    rotation-ab)  # the 1.8B and 7B with rotation + cache write in the attention kernel, and without (~6 minutes)
+      python3 bench/decode_speed.py --configs 1.8b:fast-int4-separate-rotation 1.8b:fast-int4 \
+        7b:fast-int4-separate-rotation 7b:fast-int4 \
+        --out "$OUT/decode_rotation_ab.jsonl" --md "$OUT/decode_rotation_ab.md" 2>&1 | tail -40 ;;
     attention)  # bench/decode_attention.py: the fused decode attention against the plain form (~1 minute)
       python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/decode_attention.txt" ;;
     attention-sweep)  # the fused decode attention's tiles, windows 512 and 4,096 (~2 minutes)

@@ -4,6 +4,8 @@
   (kernels/decode_attention.py) on CUDA, the plain matmul-softmax-matmul form elsewhere. Both
   group the query heads per KV head: SDPA's masked kernel runs one thread block per head for a
   single query, which reads a long cache at a fraction of the memory bandwidth.
+- A decode step of the layer loop (models/layer_step.py) on a fused q/k/v projection: rotation, the
+  cache write and attention as one kernel (decode_step_attention), two or three kernels fewer a layer.
 - A prompt chunk with a boolean mask: SDPA without repeating keys for grouped-query heads.
 - Anything else: transformers' SDPA.
 """
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import decode_attention as fused
+from .layer_step import LayerCache
 
 ATTENTION_NAME = "fast_decode"
 WORKSPACE_ATTR = "decode_attention_workspace"  # set on each attention module by attach_decode_workspace
@@ -64,6 +67,42 @@ def _prompt_attention(query, key, value, attention_mask, scaling=None):
     mask = attention_mask.expand(b, g, t, window).reshape(b, 1, g * t, window)
     out = F.scaled_dot_product_attention(q, key[:, :, :window], value[:, :, :window], attn_mask=mask, scale=scaling)
     return out.view(b, hq, t, d).transpose(1, 2).contiguous(), None
+
+
+def decode_step_attention(module, hidden_states: torch.Tensor, position_embeddings, attention_mask,
+                          cache) -> torch.Tensor | None:
+    """The attention output [1, 1, Hq * D] of one decode step of a fused Llama/Qwen2 attention module
+    (fused_projections.py) through decode_attention_qkv; None where that path does not apply.
+
+    It applies to one token with a bool window mask, written at the step's position through a
+    layer_step.LayerCache, on a module given the decode workspace, with a full-width rotary embedding and
+    no sliding window. Everything else takes transformers' forward.
+    """
+    position = cache.position if isinstance(cache, LayerCache) else None
+    workspace = getattr(module, WORKSPACE_ATTR, None)
+    cos, sin = position_embeddings
+    if (position is None or workspace is None or hidden_states.shape[:2] != (1, 1)
+            or module.config._attn_implementation != ATTENTION_NAME or getattr(module, "sliding_window", None)
+            or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.shape[2] != 1
+            or cos.shape[-1] != module.head_dim):
+        return None
+    qkv, bias = _without_bias(module.qkv_proj, hidden_states)
+    query_heads = module.config.num_attention_heads
+    out = torch.ops.smallchat.decode_attention_qkv(qkv.reshape(-1), bias, cos.reshape(-1), sin.reshape(-1), position,
+                                                   cache.layer.keys, cache.layer.values, attention_mask.reshape(-1),
+                                                   module.scaling, query_heads, *workspace)
+    return out.view(1, 1, query_heads * module.head_dim)
+
+
+def _without_bias(linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x W^T, the bias) of a Linear or Int4Linear: the kernel adds the bias in fp32 where it rotates, as
+    Inductor fused it there, instead of a bias-add kernel of its own before the opaque op."""
+    bias = getattr(linear, "bias", None)
+    if bias is None:
+        return linear(x), None
+    if isinstance(linear, torch.nn.Linear):
+        return F.linear(x, linear.weight), bias
+    return linear.forward_unbiased(x), bias
 
 
 def use_fast_attention(model) -> None:

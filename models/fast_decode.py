@@ -48,6 +48,7 @@ from .background_compile import BackgroundCompile
 from .answer_stream import AnswerJob, StreamUpdate, TokenSink, stream_answer
 from .generation import SamplingSettings, _device_peak, stream_generate
 from .kv_cache import common_prefix_length
+from .layer_step import LayerLoop, supports_layer_loop
 from .memory import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ class FastDecoder(BackgroundCompile):
             self.cache = StaticCache(config=config, max_cache_len=cache_len)
             self.cache.early_initialization(1, config.num_key_value_heads, head_dim, dtype, self.device)
             attach_decode_workspace(model, self.device)
+            # The uncompiled step runs the layers as the compiled one does (layer_step.py): the same
+            # computation as the model's forward, and a fused attention then rotates, writes its cache
+            # and attends in one op (attention.decode_step_attention).
+            self._layer_loop = LayerLoop(model, self.cache) if supports_layer_loop(model) else None
             dev = self.device
             self.kv_positions = torch.arange(cache_len, device=dev)  # [L]
             self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # next input token
@@ -209,6 +214,8 @@ class FastDecoder(BackgroundCompile):
         `positions` is the window of cache positions attended over (a prefix of kv_positions,
         longer than `pos`); its length sets the attention's read.
         """
+        if self._layer_loop is not None:
+            return self._layer_loop.logits(token, pos, positions)
         mask = (positions <= pos).view(1, 1, 1, -1)  # stale entries past `pos` are invisible
         out = self.model(input_ids=token, position_ids=pos.view(1, 1), attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)

@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from .attention import decode_step_attention
+
 # transformers modules whose forward the fused one reproduces (checked against transformers 5.x).
 # Qwen3 (q/k norms) and InternLM2's remote code are not among them: they keep their own forward.
 FUSABLE_ATTENTION = ("LlamaAttention", "Qwen2Attention")
@@ -41,7 +43,11 @@ def _concatenated(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
 
 
 def _fused_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
-    """transformers' Llama/Qwen2 attention forward, with q/k/v from one fused projection."""
+    """transformers' Llama/Qwen2 attention forward, with q/k/v from one fused projection (a decode step of
+    the layer loop: rotation, cache write and attention in one kernel, attention.decode_step_attention)."""
+    fused = decode_step_attention(self, hidden_states, position_embeddings, attention_mask, past_key_values)
+    if fused is not None:
+        return self.o_proj(fused), None
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query, key, value = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)

@@ -151,7 +151,8 @@ def test_prompts_padded_to_prefill_buckets_give_the_same_answers(tiny):
         fast.token_ids = []
         got = answer(fast, tokenizer, ids, SamplingSettings(max_new_tokens=16, temperature=0))
         assert got.token_ids == generate_greedy(model, ids, 16), length
-        assert int(fast.pos) == length + 15 and int(fast.cache.layers[0].cumulative_length) == length + 15
+        # (the decode step writes at `pos`; transformers' per-layer counters are set before each prompt)
+        assert int(fast.pos) == length + 15
     more = ids + got.token_ids + torch.randint(3, 300, (50,), generator=rng).tolist()  # a new turn: 50+ new
     again = answer(fast, tokenizer, more, SamplingSettings(max_new_tokens=16, temperature=0))
     assert again.stats.reused_tokens == len(ids) + 15

@@ -67,3 +67,82 @@ def test_models_it_does_not_know_are_left_alone():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     assert fuse_projections(model) == 0
+
+
+def _decode_through_layer_loop(model, ids: list[int], layer_fn=None) -> list[torch.Tensor]:
+    """Logits of each of `ids` fed one at a time through the fast decoder's layer loop (models/layer_step.py)."""
+    from transformers import StaticCache
+
+    from models.layer_step import LayerLoop, run_layer
+
+    c = model.config
+    cache = StaticCache(config=c, max_cache_len=64)
+    cache.early_initialization(1, c.num_key_value_heads, c.hidden_size // c.num_attention_heads,
+                               model.model.embed_tokens.weight.dtype, torch.device("cpu"))
+    loop = LayerLoop(model, cache)
+    with torch.inference_mode():
+        return [loop.logits(torch.tensor([[t]]), torch.tensor([pos]), torch.arange(64), layer_fn or run_layer)
+                for pos, t in enumerate(ids)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_decode_step_rotates_writes_and_attends_in_one_op_and_equals_the_model(kind, monkeypatch):
+    """With the decode workspace attached, a fused attention's decode step runs decode_attention_qkv (rotation,
+    bias, cache write, attention: one kernel on CUDA). Each step's logits equal the model's own forward over
+    the whole prefix, uncompiled and compiled by Inductor, and Inductor writes the cache in place (no copy)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from models.attention import attach_decode_workspace, use_fast_attention
+    from models.layer_step import run_layer
+
+    model = _tiny(kind)
+    fuse_projections(model)
+    use_fast_attention(model)
+    attach_decode_workspace(model, torch.device("cpu"))
+    ids = [5, 17, 42, 7, 99, 3]
+    want = [_logits(model, ids[:i + 1])[:, -1] for i in range(len(ids))]
+    calls = _count_op_calls(monkeypatch)
+    for got, expected in zip(_decode_through_layer_loop(model, ids), want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == len(ids) * model.config.num_hidden_layers
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run_layer, fullgraph=True)
+    steps, codes = run_and_get_code(lambda: _decode_through_layer_loop(model, ids, compiled))
+    for got, expected in zip(steps, want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    code = "\n".join(codes)
+    assert "smallchat.decode_attention_qkv" in code
+    assert "copy_(" not in code and "clone" not in code and "index_copy" not in code
+
+
+def _count_op_calls(monkeypatch) -> list:
+    """A list that grows by one at each run of decode_attention_qkv (on the CPU: its plain-PyTorch form)."""
+    from models.kernels import decode_attention
+
+    calls, plain = [], decode_attention.qkv_reference
+    monkeypatch.setattr(decode_attention, "qkv_reference", lambda *a: calls.append(1) or plain(*a))
+    return calls
+
+
+def test_the_quantized_decode_step_adds_the_bias_inside_the_op(monkeypatch):
+    """An Int4Linear q/k/v with a bias (Qwen2) hands the op its unbiased output and the bias: same logits as
+    the quantized model's own forward (bf16)."""
+    from models.attention import attach_decode_workspace, use_fast_attention
+
+    model = _tiny("qwen2")
+    fuse_projections(model)
+    model.to(torch.bfloat16)
+    quantize_model(model, torch.device("cpu"))
+    assert model.model.layers[0].self_attn.qkv_proj.bias is not None
+    ids = [5, 17, 42, 7]
+    want = [_logits(model, ids[:i + 1])[:, -1].float() for i in range(len(ids))]
+    use_fast_attention(model)
+    attach_decode_workspace(model, torch.device("cpu"))
+    calls = _count_op_calls(monkeypatch)
+    steps = _decode_through_layer_loop(model, ids)
+    assert len(calls) == len(ids) * model.config.num_hidden_layers
+    for got, expected in zip(steps, want):
+        # bf16: the op adds the bias and rotates in fp32 and rounds once, the model after each op (measured:
+        # up to 1.3 % of the largest logit; without the bias, far more)
+        assert (got - expected).abs().max() < 0.03 * expected.abs().max()

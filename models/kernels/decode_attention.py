@@ -9,6 +9,11 @@ its partial result in a workspace; the last program of a head to finish (counted
 as the int4 GEMV's split-K does) merges the chunks and writes the output. One kernel, and enough
 programs to read a long window at the memory system's speed.
 
+`decode_attention_qkv` is the same kernel fed by the layer's fused q/k/v projection: its programs
+also add the bias and rotate the query (and the key), and the program whose chunk holds the token's
+position writes the key and value into the cache before reading its chunk, so the layer's rotation
+and cache-write kernels go (the fast decoder's layer loop: models/attention.decode_step_attention).
+
 `decode_attention` is a custom op so torch.compile and CUDA graphs see one node. Without CUDA (or
 Triton) it runs `reference`, the plain form, which is also what the tests compare the kernel with.
 """
@@ -89,6 +94,17 @@ def _(query, key, value, mask, scaling, partials, counters):
     return torch.empty_like(query)
 
 
+def _chunks(hq: int, hkv: int, d: int, window: int, partials, counters, chunk: int | None) -> tuple[int, int]:
+    """(chunks per head, keys per chunk) of a launch (`chunk` overrides splits_for's), checked against the workspace."""
+    splits, keys_per_chunk = splits_for(window)
+    if chunk is not None:
+        keys_per_chunk = chunk
+        splits = -(-window // chunk)
+    if splits > MAX_SPLITS or partials.numel() < attention_partial_floats(hq, hkv, d) or counters.numel() < hkv:
+        raise ValueError(f"decode attention: workspace too small for {hkv} heads x {splits} chunks")
+    return splits, keys_per_chunk
+
+
 def _run_kernel(query, key, value, mask, scaling, partials, counters, chunk: int | None = None,
                 block_l: int = BLOCK_L, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     """The kernel's launch (`chunk` overrides splits_for's chunk length, the rest the tile: tests and bench)."""
@@ -96,12 +112,7 @@ def _run_kernel(query, key, value, mask, scaling, partials, counters, chunk: int
     hkv, window = key.shape[1], mask.shape[-1]
     if key.stride(-1) != 1 or value.stride(-1) != 1 or d & (d - 1) or hq % hkv:
         return reference(query, key, value, mask, scaling)  # layouts the kernel does not take: still right
-    splits, keys_per_chunk = splits_for(window)
-    if chunk is not None:
-        keys_per_chunk = chunk
-        splits = -(-window // chunk)
-    if splits > MAX_SPLITS or partials.numel() < attention_partial_floats(hq, hkv, d) or counters.numel() < hkv:
-        raise ValueError(f"decode attention: workspace too small for {hkv} heads x {splits} chunks")
+    splits, keys_per_chunk = _chunks(hq, hkv, d, window, partials, counters, chunk)
     query = query.contiguous()
     out = torch.empty_like(query)
     _decode_attention_kernel[(hkv, splits)](
@@ -112,19 +123,145 @@ def _run_kernel(query, key, value, mask, scaling, partials, counters, chunk: int
     return out
 
 
+def qkv_reference(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  position: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
+                  query_heads: int) -> torch.Tensor:
+    """decode_attention_qkv in plain PyTorch: the bias add and rotation in fp32, rounded once (as the kernel
+    and Inductor's fused rotation do), k and v written at `position`, then `reference`."""
+    hkv, d = key.shape[1], key.shape[-1]
+    x = qkv.float().view(query_heads + 2 * hkv, d)
+    if bias is not None:
+        x = x + bias.float().view_as(x)
+    q, k, v = x.split([query_heads, hkv, hkv])
+    c, s = cos.float().view(d), sin.float().view(d)
+
+    def turned(t):
+        return t * c + torch.cat([-t[:, d // 2:], t[:, :d // 2]], dim=-1) * s
+    key.index_copy_(2, position, turned(k).to(key.dtype).view(1, hkv, 1, d))
+    value.index_copy_(2, position, v.to(value.dtype).view(1, hkv, 1, d))
+    return reference(turned(q).to(key.dtype).view(1, query_heads, d), key, value, mask, scaling)
+
+
+# The cache's key and value are declared mutated (they are: this token's are written); the workspace is
+# not, as for decode_attention. Inductor writes in place: no copy of the cache (tests/test_decode_attention.py).
+@torch.library.custom_op("smallchat::decode_attention_qkv", mutates_args=("key", "value"))
+def decode_attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                         position: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                         scaling: float, query_heads: int, partials: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One token's attention from its q/k/v projection, in one kernel: q and k rotated, k and v written to
+    the cache at `position`, attention over the window -> [1, Hq, D].
+
+    qkv [(Hq + 2 Hkv) D] (the fused projection's output before its bias), bias like it or None, cos/sin
+    [D], position [1]; key/value [1, Hkv, L, D] (the layer's cache), mask [W] as decode_attention's.
+    Why one kernel: rotating q, rotating and writing k, and writing v were three kernels of ~1 us a layer
+    (an H200 profile of the compiled 1.8B step, bench/results/decode_speed_h200_s23_fewer_kernels_1.8b.jsonl).
+    """
+    if not _triton_ready(qkv) or not _qkv_kernel_takes(qkv, cos, key, value, query_heads):
+        return qkv_reference(qkv, bias, cos, sin, position, key, value, mask, scaling, query_heads)
+    return _run_qkv_kernel(qkv, bias, cos, sin, position, key, value, mask, scaling, query_heads, partials, counters)
+
+
+@decode_attention_qkv.register_fake
+def _(qkv, bias, cos, sin, position, key, value, mask, scaling, query_heads, partials, counters):
+    return qkv.new_empty(1, query_heads, key.shape[-1])
+
+
+def _qkv_kernel_takes(qkv, cos, key, value, query_heads: int) -> bool:
+    hkv, d = key.shape[1], key.shape[-1]
+    return (key.stride(-1) == 1 and value.stride(-1) == 1 and not d & (d - 1) and query_heads % hkv == 0
+            and qkv.is_contiguous() and qkv.numel() == (query_heads + 2 * hkv) * d and cos.numel() == d)
+
+
+def _run_qkv_kernel(qkv, bias, cos, sin, position, key, value, mask, scaling, query_heads, partials, counters,
+                    chunk: int | None = None) -> torch.Tensor:
+    """decode_attention_qkv's launch (`chunk` as _run_kernel's)."""
+    hkv, d, window = key.shape[1], key.shape[-1], mask.shape[-1]
+    splits, keys_per_chunk = _chunks(query_heads, hkv, d, window, partials, counters, chunk)
+    out = qkv.new_empty(1, query_heads, d)
+    _decode_attention_qkv_kernel[(hkv, splits)](
+        qkv, qkv if bias is None else bias.contiguous(), cos.contiguous(), sin.contiguous(), position, key, value,
+        mask.reshape(-1), out, partials, counters, window, keys_per_chunk, splits,
+        key.stride(1), key.stride(2), value.stride(1), value.stride(2), float(scaling),
+        Q_HEADS=query_heads, KV_HEADS=hkv, GROUP=query_heads // hkv, ROWS=attention_rows(query_heads, hkv),
+        HEAD_DIM=d, BLOCK_L=BLOCK_L, DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", HAS_BIAS=bias is not None,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return out
+
+
 if triton is not None:
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
                                  stride_kh, stride_kl, stride_vh, stride_vl, scaling,
                                  GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
+        rg = tl.arange(0, ROWS)  # query head head * GROUP + rg; rows past GROUP are padding
+        rd = tl.arange(0, HEAD_DIM)
+        rows = tl.program_id(0) * GROUP + rg
+        q = tl.load(q_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=(rg < GROUP)[:, None], other=0.0)
+        _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
+                stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32)
+
+    @triton.jit
+    def _rotated(qkv_ptr, bias_ptr, rows, valid, cos, sin, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Rows `rows` of qkv seen as [heads, HEAD_DIM] (+ bias), turned by the rotary embedding, in fp32:
+        x cos + rotate_half(x) sin, where rotate_half(x) = (-x[D/2:], x[:D/2]) (Llama's and Qwen2's form)."""
+        rd = tl.arange(0, HEAD_DIM)
+        partner = (rd + HEAD_DIM // 2) % HEAD_DIM
+        at = rows[:, None] * HEAD_DIM + rd[None, :]
+        turned = rows[:, None] * HEAD_DIM + partner[None, :]
+        x = tl.load(qkv_ptr + at, mask=valid[:, None], other=0.0).to(tl.float32)
+        y = tl.load(qkv_ptr + turned, mask=valid[:, None], other=0.0).to(tl.float32)
+        if HAS_BIAS:  # added in fp32, unrounded, as Inductor fuses the projection's bias add into the rotation
+            x += tl.load(bias_ptr + at, mask=valid[:, None], other=0.0).to(tl.float32)
+            y += tl.load(bias_ptr + turned, mask=valid[:, None], other=0.0).to(tl.float32)
+        return x * cos[None, :] + tl.where((rd < HEAD_DIM // 2)[None, :], -y, y) * sin[None, :]
+
+    @triton.jit
+    def _decode_attention_qkv_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+                                     ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS, stride_kh, stride_kl, stride_vh,
+                                     stride_vl, scaling, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                                     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                     BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, HAS_BIAS: tl.constexpr):
+        head = tl.program_id(0)
+        rg = tl.arange(0, ROWS)
+        rd = tl.arange(0, HEAD_DIM)
+        cos = tl.load(cos_ptr + rd).to(tl.float32)
+        sin = tl.load(sin_ptr + rd).to(tl.float32)
+        # The group's query heads, rotated and rounded to the cache's dtype (what a separate rotation
+        # kernel would hand the attention), then the usual attention over the chunk.
+        q = _rotated(qkv_ptr, bias_ptr, head * GROUP + rg, rg < GROUP, cos, sin, HEAD_DIM, HAS_BIAS)
+        q = q.to(k_ptr.dtype.element_ty)
+        pos = tl.load(pos_ptr)
+        if tl.program_id(1) == pos // CHUNK_KEYS:
+            # The program whose chunk holds the token's position writes its key and value there, then
+            # reads them back with the rest of its chunk (after the barrier: every thread's store is
+            # visible to the block). No other program reads that position: one kernel, no race.
+            one = tl.arange(0, 1)
+            key = _rotated(qkv_ptr, bias_ptr, Q_HEADS + head + one, one < 1, cos, sin, HEAD_DIM, HAS_BIAS)
+            v_at = (Q_HEADS + KV_HEADS + head) * HEAD_DIM + rd
+            value = tl.load(qkv_ptr + v_at).to(tl.float32)
+            if HAS_BIAS:
+                value += tl.load(bias_ptr + v_at).to(tl.float32)
+            tl.store(k_ptr + head * stride_kh + pos * stride_kl + one[:, None] * 0 + rd[None, :],
+                     key.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + head * stride_vh + pos * stride_vl + rd, value.to(v_ptr.dtype.element_ty))
+            tl.debug_barrier()
+        _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
+                stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32)
+
+    @triton.jit
+    def _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
+                stride_kh, stride_kl, stride_vh, stride_vl, scaling,
+                GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
+        """Query rows `q` [ROWS, HEAD_DIM] of KV head program_id(0) over chunk program_id(1); the last
+        program of the head merges the chunks and writes the output."""
         head = tl.program_id(0)
         split = tl.program_id(1)
-        rg = tl.arange(0, ROWS)  # query head head * GROUP + rg; rows past GROUP are padding
+        rg = tl.arange(0, ROWS)
         rd = tl.arange(0, HEAD_DIM)
         rl = tl.arange(0, BLOCK_L)
         grow = rg < GROUP
-        q = tl.load(q_ptr + (head * GROUP + rg)[:, None] * HEAD_DIM + rd[None, :], mask=grow[:, None], other=0.0)
         # Masked scores are a large negative number, not -inf: a chunk whose keys are all masked then
         # keeps finite sums (no inf - inf), and the merge below weighs it by exp(-1e30 - max) = 0.
         m_i = tl.full([ROWS], -1e30, dtype=tl.float32)

@@ -136,12 +136,16 @@ class Int4Linear(torch.nn.Module):
         return cls(qweight, scales, offsets, linear.in_features, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.forward_unbiased(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def forward_unbiased(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T without the bias (for a kernel that adds it where it uses the output)."""
         if self.workspace is None:
             self.workspace = new_workspace(self.out_features, self.qweight.device)
         partials, counters = self.workspace
-        y = torch.ops.smallchat.int4_linear(x, self.qweight, self.scales, self.offsets, self.in_features, partials,
-                                            counters)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return torch.ops.smallchat.int4_linear(x, self.qweight, self.scales, self.offsets, self.in_features,
+                                               partials, counters)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}, int4"
