@@ -258,7 +258,7 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         "peak_gib": peak / GiB, "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
         "runtime_mib": max(runtime, runtime_now) / MiB, "weights_gib": loaded.weights_bytes / GiB,
         "predicted_peak_gib": loaded.plan.predicted_peak_bytes / GiB, "split": loaded.split,
-        "load_s": load_s, "compile_s": loaded.compile_seconds, "copy_gbps": bandwidth,
+        "load_s": load_s, "compile_s": loaded.compile_seconds, "copy_gbps": bandwidth, "int4_stored": loaded.int4_stored,
         "bytes_per_token_gb": bytes_per_token / 1e9, "kv_read_gb": kv_read / 1e9, "roofline_tok_s": roofline,
         "fraction_of_roofline": (final.stats.decode_tokens_per_s or 0) / roofline, "context": context,
         "torch": torch.__version__,
@@ -513,7 +513,8 @@ def markdown(path: str) -> str:
             def was(key: str) -> str:  # the eager prefill's figure in the same process, when measured
                 return f" (eager {r['eager_' + key]:.0f})" if "eager_" + key in r else ""
             lines.append(
-                f"| {model} | {'warm' if r['warm_compile_cache'] else 'cold'} | {r['load_s']:.1f} | {r['full_speed_s']:.1f} | "
+                f"| {model} | {'warm' if r['warm_compile_cache'] else 'cold'}{' + int4 store' if r.get('int4_stored') else ''} | "
+                f"{r['load_s']:.1f} | {r['full_speed_s']:.1f} | "
                 f"{r['uncompiled_decode_tok_s'] or 0:.0f} | {r['decode_tok_s'] or 0:.0f} | {r['ttft_ms']:.0f}{was('ttft_ms')} | "
                 f"{r['long_ttft_ms']:.0f}{was('long_ttft_ms')} ({r['long_prompt']}) | "
                 f"{r['reused_turn_ttft_ms']:.0f}{was('reused_turn_ttft_ms')} ({r['reused_turn_new_tokens']}) |")

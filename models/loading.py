@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from safetensors import SafetensorError
 
-from . import hardware
+from . import hardware, int4_store
 from .catalog import ModelRef, ModelShape
 from .integrity import check_safetensors, check_tokenizer_fits
 from .memory import Budget, FitPlan, Verdict
@@ -45,6 +45,7 @@ def _not_cast_notice(record: logging.LogRecord) -> bool:
 # bitsandbytes logs on every 8-bit matmul that it casts bf16 inputs to fp16 (its CPU path);
 # the cast is expected, and the line would flood the log once per layer per token.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
+log = logging.getLogger(__name__)
 
 
 class NoChatTemplateError(ModelLoadError):
@@ -70,6 +71,7 @@ class LoadedModel:
     streamer: LayerStreamer | None = None  # prefetches CPU-offloaded fp16/bf16 layers; None: none or accelerate's
     compile_seconds: float = 0.0  # the fast decoder's one-off compile + graph capture, inside load_seconds
     weights_bytes_per_device: tuple[int, ...] = ()  # measured per GPU when spread over several; () otherwise
+    int4_stored: bool = False  # the int4 weights came from an earlier load's store (models/int4_store.py)
 
     @property
     def input_device(self) -> torch.device:
@@ -124,6 +126,58 @@ def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: Mod
     fast.start_background_compile()
     _progress(progress, 0.95, f"Decode step captured in {seconds:.1f} s; compiling it in the background")
     return fast
+
+
+def _int4_key(local: LocalModel) -> str | None:
+    """int4_store's key of a checkpoint: its folder, or a hub repo's snapshot in the hub's cache (not fetched)."""
+    location = local.location
+    if local.hub:
+        from huggingface_hub import snapshot_download
+
+        try:
+            location = snapshot_download(location, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached (or no such repo): nothing stored under it either
+            return None
+    return int4_store.store_key(location)
+
+
+def _stored_int4(prepared: "PreparedLoad", cache_dir: Path, key: str, progress: ProgressFn | None):
+    """The int4 model stored at an earlier load of this checkpoint (models/int4_store.py), on the GPU; or None."""
+    from transformers import GenerationConfig
+
+    from .fused_projections import fuse_projections
+
+    if not (int4_store.store_root(cache_dir) / key).is_dir():
+        return None
+    _progress(progress, 0.35, "Loading the int4 weights stored at an earlier load")
+    model = int4_store.load(cache_dir, key, prepared.config, torch.device("cuda", 0),
+                            prepared.settings.trust_remote_code, prepare=fuse_projections)
+    if model is not None:
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(prepared.local.location)
+        except OSError:  # no generation_config.json: what from_pretrained derives from the config
+            model.generation_config = GenerationConfig.from_model_config(prepared.config)
+    return model
+
+
+def _keep_int4(model: torch.nn.Module, cache_dir: Path, key: str) -> None:
+    """Store the freshly quantized `model` for the next load: copied to RAM now, written to disk in a
+    thread (the load does not wait). Skipped, and logged, where the disk lacks room; a failed write is
+    logged and leaves no entry."""
+    import threading
+
+    need = int4_store.stored_bytes(model)
+    if hardware.disk_free(int4_store.store_root(cache_dir)) < need + (1 << 30):
+        log.info("not storing the int4 weights (%.1f GB): not enough free disk", need / 1e9)
+        return
+    snap = int4_store.snapshot(model)
+
+    def write() -> None:
+        try:
+            int4_store.write(snap, cache_dir, key)
+        except OSError:
+            log.warning("storing the int4 weights failed; the next load quantizes again", exc_info=True)
+    threading.Thread(target=write, name="int4-store", daemon=True).start()
 
 
 def _load_config(local: LocalModel, trust_remote_code: bool):
@@ -239,12 +293,16 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         # the bf16 model never exists there whole.
         kwargs["device_map"] = "cpu"
 
-    _progress(progress, 0.35, f"Loading weights ({settings.quant.value}, {plan.message})")
+    int4_key = _int4_key(prepared.local) if settings.quant is Quant.INT4 else None
     # Out-of-memory cleanup happens after the except block: inside it, the exception's
     # traceback still holds the frames (and the half-loaded tensors) we want to free.
     out_of_memory = False
     try:
-        model = AutoModelForCausalLM.from_pretrained(prepared.local.location, **kwargs)
+        stored = _stored_int4(prepared, cache_dir, int4_key, progress) if int4_key else None
+        if stored is None:
+            _progress(progress, 0.35, f"Loading weights ({settings.quant.value}, {plan.message})")
+        model = (stored if stored is not None
+                 else AutoModelForCausalLM.from_pretrained(prepared.local.location, **kwargs))
     except torch.OutOfMemoryError:
         out_of_memory = True
     except (OSError, SafetensorError) as e:  # a file damaged after prepare_load checked it
@@ -269,10 +327,16 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
 
         failure = None
         try:
-            fuse_projections(model)  # q/k/v and gate/up as one GEMV each (fused before quantizing: exact)
             compile_cache.configure(cache_dir)  # before the first Triton compile: kernels and tuned tiles persist
-            precompiling = start_precompile(model)  # the kernels compile while the weights are quantized
-            quantize_model(model, torch.device("cuda", 0), lambda f, m: _progress(progress, 0.6 + 0.15 * f, m))
+            if stored is None:
+                fuse_projections(model)  # q/k/v and gate/up as one GEMV each (fused before quantizing: exact)
+                precompiling = start_precompile(model)  # the kernels compile while the weights are quantized
+                quantize_model(model, torch.device("cuda", 0), lambda f, m: _progress(progress, 0.6 + 0.15 * f, m))
+                int4_key = int4_key or _int4_key(prepared.local)  # a hub model is in the hub's cache now
+                if int4_key:
+                    _keep_int4(model, cache_dir, int4_key)
+            else:
+                precompiling = start_precompile(model)
             fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress, cache_dir, precompiling)
         except torch.OutOfMemoryError:
             failure = ModelLoadError("fast_decoder_oom", model=ref.label)
@@ -292,7 +356,7 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         device=device, plan=plan, load_seconds=time.perf_counter() - prepared.started,
         weights_bytes=weights_on_device_bytes(model, device), split=split,
         fast=fast, compile_seconds=fast.compile_seconds if fast else 0.0, streamer=streamer,
-        weights_bytes_per_device=per_gpu,
+        weights_bytes_per_device=per_gpu, int4_stored=stored is not None,
     )
 
 

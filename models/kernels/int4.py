@@ -184,7 +184,8 @@ def _quantize_targets(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear
 
 
 def start_precompile(model: torch.nn.Module) -> list:
-    """Start compiling (in threads) the int4 kernels `model`'s linears will run, before they are quantized.
+    """Start compiling (in threads) the int4 kernels `model`'s linears will run (before they are quantized,
+    or as restored from models/int4_store.py).
 
     Call after the projections are fused (their shapes are final); pass the result to
     int4_triton.wait_precompiled before the first forward. [] where nothing compiles (no CUDA)."""
@@ -193,6 +194,7 @@ def start_precompile(model: torch.nn.Module) -> list:
     from . import int4_triton
 
     shapes = [(m.out_features, m.in_features) for _, m in _quantize_targets(model)]
+    shapes += [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Int4Linear)]  # stored ones
     return int4_triton.precompile(shapes, model.get_input_embeddings().weight.dtype)  # activations' dtype
 
 
