@@ -5,10 +5,11 @@ on the CPU through Triton's interpreter, on a GPU for real) and timed by bench/i
 
 Why a GEMV of our own: at batch 1 a decode step is a string of matrix-vector products whose cost
 is reading the weights. torch's tinygemm int4 kernel and gemlite's reached ~35 % of the copy rate
-on an H200 (../shared FACTS). The inner loop here does, per 4-bit weight, one AND + OR that turns
-the nibble into the mantissa of a float (0x4B000000 | q<<4j is 2**23 + q*2**4j), one exact float
-subtraction and one FMA: no int-to-float conversion instruction, which runs at a quarter rate and
-made simpler kernels compute-bound. The scale and offset are applied once per 16 words
+on an H200 (../shared FACTS). The inner loop here does, per 4-bit weight, one AND + OR (one LOP3)
+that puts the nibble into the mantissa of a float whose exponent is ORed in with it (1 + q/2**7 or
+16 + q/2**7), and one FMA; the 1s and 16s come out once per group through the sum of x. No
+int-to-float conversion instruction, which runs at a quarter rate and made simpler kernels
+compute-bound. The scale and offset are applied once per 16 words
 (sum_k (q*s + o) x = s * sum_k q x + o * sum_k x).
 
 Tuning: a handful of tile shapes per (N, K), timed once for ~12 ms each (time_config); Triton keeps
@@ -56,7 +57,8 @@ if triton is not None:
     # serves 4 rows. (An earlier [words x rows] tile spread a group's words over threads; every
     # thread then loaded and scaled x for fewer rows and the s/o pair per word, 9.3 SASS
     # instructions per weight: instruction issue, not DRAM, was the limit. bench/int4_sass.py reads
-    # today's loop without a GPU: 3.8-3.9 per weight on sm_90 with Triton 3.9.) SPLIT > 1 gives a
+    # today's loop without a GPU: 3.6-3.7 per weight on sm_90 with Triton 3.9, 3.05 for the 8-row
+    # tiles; bench/results/int4_sass_sm90_triton39_s24.md.) SPLIT > 1 gives a
     # narrow or deep matrix enough programs to fill the GPU.
     # These 5 tiles (BLOCK_N, SPLIT, warps, PREFETCH) are the 5 of a 165-tile sweep (BLOCK_N 64-1024,
     # SPLIT 2-64, 1-4 warps, a group prefetched into registers or not, or 3-4 pipeline stages; H200,
@@ -95,24 +97,25 @@ if triton is not None:
     def _nibble_as_float(words, j: tl.constexpr, one_bits):
         """1 + q/2**11 or 1 + q/2**7 as float32 for nibble j of each word: no conversion, no subtraction.
 
-        The nibble is moved to mantissa bits 12-15 (value 1 + q/2**11) or 16-19 (1 + q/2**7) and
-        the exponent of 1.0 (`one_bits`: ONE_BITS) ORed in. Two nibbles share each shift: w << 12
-        (nibbles 0, 1), w << 8 (2), w (3, 4), w >> 8 (5, 6), w >> 16 (7). The constant 1 is taken out once per
-        group from the sum of x (see _gemv_body); because q sits high in the mantissa, that
-        subtraction loses ~8 of float32's 24 bits, far below the bf16 output's rounding.
+        The nibble is moved to mantissa bits 12-15 (odd j) or 16-19 (even j) and the exponent of 16.0
+        or 1.0 ORed in (`one_bits`: ONE_BITS): 16 + q/2**7 or 1 + q/2**7, the same step of q, so x
+        needs no scaling per nibble position. Two nibbles share each of three
+        shifts: w << 8 (nibbles 1, 2), w (3, 4), w >> 8 (5, 6) and w turned by 16 bits (7, 0: one funnel
+        shift, SHF.L.W, for the two end nibbles that a plain shift would take two for). The constant 1
+        is taken out once per group from the sum of x (see _gemv_body); because q sits high in the
+        mantissa, that subtraction loses ~8 of float32's 24 bits, far below the bf16 output's rounding.
         """
-        if j == 0 or j == 1:
-            v = words << 12
-        elif j == 2:
+        if j == 1 or j == 2:
             v = words << 8
         elif j == 3 or j == 4:
             v = words
         elif j == 5 or j == 6:
             v = words >> 8
         else:
-            v = words >> 16
-        if j == 0 or j == 3 or j == 5 or j == 7:  # at bit 12
-            bits = (v & 0xF000) | one_bits
+            u = words.to(tl.uint32, bitcast=True)
+            v = ((u << 16) | (u >> 16)).to(tl.int32, bitcast=True)
+        if j % 2 == 1:  # at bit 12, with 16.0's exponent: 16 (1 + q/2**11) = 16 + q/2**7, bit 16's step
+            bits = (v & 0xF000) | (one_bits + 0x02000000)  # 4 more in the exponent
         else:
             bits = (v & 0xF0000) | one_bits
         return bits.to(tl.float32, bitcast=True)
@@ -168,12 +171,11 @@ if triton is not None:
                     xj = tl.load(x_ptr + kk).to(tl.float32)
                 else:
                     xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                if j == 0 or j == 3 or j == 5 or j == 7:  # at bit 12: (1 + q/2**11) * 16x = 16x + q x/2**7: the same weight as bit 16's
+                if j % 2 == 1:  # at bit 12: (16 + q/2**7) x
                     x12 += xj
-                    part += _nibble_as_float(words, j, one_bits) * (xj * 16.0)[:, None]
-                else:
+                else:  # at bit 16: (1 + q/2**7) x
                     x16 += xj
-                    part += _nibble_as_float(words, j, one_bits) * xj[:, None]
+                part += _nibble_as_float(words, j, one_bits) * xj[:, None]
             # part = sum(x at 16) + 16 sum(x at 12) + sum(q x) / 2**7, so
             # sum_k (q*s + o) x = s * sum_k q x + o * sum_k x = 128 s (part - that) + o * sum_k x.
             s12 = tl.sum(x12, axis=0)
