@@ -2,9 +2,7 @@
 form over many head layouts, windows and positions: in Triton's interpreter on the CPU, compiled on a GPU;
 and how the fast decoder's attention (models/attention.py) routes a decode step to it."""
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 from models.attention import WORKSPACE_ATTR, _decode_attention, attach_decode_workspace
 from models.kernels import decode_attention as fused
 from models.kernels import split_k
+from tests.kernel_check import run_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,17 +60,7 @@ print(json.dumps(out))
 
 
 def _check(cases, device: str, interpret: bool) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run([sys.executable, "-c", _CHECK, json.dumps(cases), device], capture_output=True, text=True,
-                            env=env, timeout=600, cwd=ROOT)
-    if result.returncode and interpret and "0-dimensional arrays" in result.stderr:
-        pytest.skip("this Triton's interpreter cannot loop to a runtime bound with this NumPy (Triton 3.6); "
-                    "the GPU test runs the same check")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = run_check(_CHECK, cases, device, interpret, old_interpreter_skips=True)
     assert len(rows) == 2 * len(cases)
     for row in rows:
         # fp32: the kernel's order of sums (on a GPU its dots run in TF32: 10-bit mantissas);
@@ -122,17 +111,7 @@ print(json.dumps(out))
 
 
 def _check_qkv(cases, device: str, interpret: bool) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run([sys.executable, "-c", _CHECK_QKV, json.dumps(cases), device], capture_output=True,
-                            text=True, env=env, timeout=600, cwd=ROOT)
-    if result.returncode and interpret and "0-dimensional arrays" in result.stderr:
-        pytest.skip("this Triton's interpreter cannot loop to a runtime bound with this NumPy (Triton 3.6); "
-                    "the GPU test runs the same check")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = run_check(_CHECK_QKV, cases, device, interpret, old_interpreter_skips=True)
     assert len(rows) == 4 * len(cases)
     for row in rows:
         bf16 = row["dtype"] == "torch.bfloat16"

@@ -18,6 +18,7 @@ import torch
 from models.fused_projections import fuse_projections
 from models.kernels import int4
 from models.kernels.int4 import Int4Linear, dequantize_reference, quantize, quantize_model
+from tests.kernel_check import run_check
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 128), (7, 200), (33, 1000), (64, 384), (5, 1000), (130, 2048), (16, 1024), (3, 64), (48, 4096)]  # (N, K)
@@ -107,14 +108,7 @@ loop[(1,)](2)
 
 def _check_kernels(device: str, interpret: bool) -> None:
     """Run _KERNEL_CHECK over SHAPES on `device` in a fresh process and hold every error to bf16's."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, json.dumps(SHAPES), device], capture_output=True,
-                            text=True, env=env, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = run_check(_KERNEL_CHECK, SHAPES, device, interpret)
     assert len(rows) == len(SHAPES)
     for row in rows:  # a bf16 output of an fp32 sum: ~0.3 % relative error
         assert row["gemv"] < 1e-2 and row["dequant"] < 1e-2, row
