@@ -32,8 +32,9 @@ import torch  # noqa: E402
 from api.auth import is_loopback
 from models.facade import (
     APP_TEMPERATURE, APP_TOP_P, Engine, GiB, KVPrecision, LoadOptions, LoadSettings, Quant, SamplingSettings,
-    UserFacingError, default_cache_dir, default_model_roots, engine_metrics, internal_error, is_remote, load_catalog,
-    ModelRoots, parse_quant, quiet_weight_loading_bar, sampling_defaults, served_by,
+    UserFacingError, default_cache_dir, default_model_roots, engine_metrics, file_logger, format_cache_report,
+    internal_error, is_remote, load_catalog, ModelRoots, parse_quant, quiet_weight_loading_bar, sampling_defaults,
+    served_by,
 )
 
 MIN_CONTEXT, MAX_CONTEXT = 128, 1 << 20
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options for both the server and the headless --ask mode."""
     p = argparse.ArgumentParser(description="Chat with small open LLMs on a consumer GPU.")
     p.add_argument("--ask", metavar="QUESTION", help="answer one question headless, print it with metrics, and exit")
+    p.add_argument("--cache-report", action="store_true", help="print what the cache folder holds, part by part, and exit")
     p.add_argument("--model", default="", help="catalog id, local folder, .gguf file, hub id, or a running "
                    "OpenAI-compatible server openai:http://HOST:PORT/v1[#NAME] (default: the embedded model)")
     p.add_argument("--quant", default="none", choices=[q.value for q in Quant],
@@ -359,6 +361,9 @@ def serve(args: argparse.Namespace, engine: Engine) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: headless answer with --ask, headless batch with --compare, else the web app."""
     args = parse_args(argv)
+    if args.cache_report:
+        print(format_cache_report(default_cache_dir()))
+        return 0
     quiet_weight_loading_bar()
     if args.trust_remote_code:
         print(TRUST_WARNING, file=sys.stderr)
@@ -377,20 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # noqa: BLE001 - a bug: its traceback goes to a log file, the user gets its id
         log_path = engine.cache_dir / "logs" / "errors.log"
-        print(f"error: {internal_error(e, 'command line', _file_log(log_path))} ({log_path})", file=sys.stderr)
+        print(f"error: {internal_error(e, 'command line', file_logger(log_path))} ({log_path})", file=sys.stderr)
         return 1
-
-
-def _file_log(path: Path) -> logging.Logger:
-    """A logger that writes bugs' tracebacks to `path` (the CLI's stderr stays for messages)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log = logging.getLogger("smallchat.cli")
-    log.propagate = False
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path) for h in log.handlers):
-        handler = logging.FileHandler(path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-    return log
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .cache_report import folder_bytes
+
 _ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
@@ -49,5 +51,4 @@ def reset(cache_dir: Path) -> None:
 
 def size_bytes(cache_dir: Path) -> int:
     """Bytes every compile cache under `cache_dir` takes on disk (all torch builds and GPUs)."""
-    root = Path(cache_dir) / "compile"
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+    return folder_bytes(Path(cache_dir) / "compile")

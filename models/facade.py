@@ -8,6 +8,7 @@ what is below can be split, renamed or replaced without touching them. It holds:
 - what comes back: StreamUpdate/GenerationStats (answers, with the model that wrote them, any notice for
   the asking session, and Waiting while one waits for the GPU), LoadReport (loads), FitPlan with its
   Verdict (fit checks), MemorySnapshot (the memory panel), ResidentModel (what is in memory, for every tab);
+- format_cache_report: what the cache folder holds, part by part, and what deleting each costs;
 - one error base, UserFacingError (a message code and its values, rendered in any language from
   models/messages.py), and internal_error() for everything else (a bug: logged under an id).
 """
@@ -27,7 +28,8 @@ from .kv_cache import ContextOverflowError, KVPrecision, OverflowPolicy, kv_prec
 from .loading import LoadedModel, NoChatTemplateError
 from .local_answer import ModelEvictedError
 from .memory import GiB, MiB, FitPlan, Verdict
-from .messages import MESSAGES, Message, UserFacingError, internal_error, render
+from .cache_report import format_cache_report
+from .messages import MESSAGES, Message, UserFacingError, file_logger, internal_error, render
 from .model_roots import ModelRoots, OutsideModelRootsError, default_model_roots
 from .process import limit_malloc_arenas, quiet_weight_loading_bar
 from .quant import Quant, QuantOption, parse_quant
@@ -61,6 +63,6 @@ __all__ = [
     "ModelLoadError", "ModelRoots", "ModelSpec", "ResidentModel", "ModelSourceError", "NoChatTemplateError", "OutsideModelRootsError",
     "OverflowPolicy", "Quant", "QuantOption", "SamplingDefaults", "SamplingSettings", "StreamUpdate",
     "UnknownModelError", "UnloadReport", "UserFacingError", "Verdict", "WAIT_SHOWN_S", "Waiting", "default_cache_dir", "default_model_roots",
-    "engine_metrics", "internal_error", "invalid_text_at", "is_remote", "kv_precision_options", "limit_malloc_arenas", "load_catalog", "parse_quant", "quiet_weight_loading_bar",
+    "engine_metrics", "file_logger", "format_cache_report", "internal_error", "invalid_text_at", "is_remote", "kv_precision_options", "limit_malloc_arenas", "load_catalog", "parse_quant", "quiet_weight_loading_bar",
     "remote_context", "render", "sampling_defaults", "served_by",
 ]

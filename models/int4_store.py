@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .cache_report import folder_bytes
 from .kernels.int4 import GROUP, Int4Linear, share_workspace
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def store_key(location: str | Path) -> str | None:
 
 def size_bytes(cache_dir: Path) -> int:
     """Bytes the stored int4 models take on disk."""
-    root = store_root(cache_dir)
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+    return folder_bytes(store_root(cache_dir))
 
 
 def stored_bytes(model: torch.nn.Module) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _ALSO = "or give a local folder, a .gguf file or a hub id like owner/name."
 _ALSO_ZH = "也可以填本地文件夹、.gguf 文件或 owner/name 形式的 hub id。"
@@ -248,3 +249,15 @@ def internal_error(error: BaseException, where: str, log: logging.Logger | None 
     (log or logging.getLogger("smallchat")).error(
         "internal error %s in %s", error_id, where, exc_info=(type(error), error, error.__traceback__))
     return Message("internal_error", {"id": error_id})
+
+
+def file_logger(path: Path) -> logging.Logger:
+    """A logger that writes bugs' tracebacks to `path` (the CLI's stderr stays for messages)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("smallchat.cli")
+    log.propagate = False
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path) for h in log.handlers):
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    return log
