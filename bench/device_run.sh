@@ -104,7 +104,7 @@ run_mode() {
         tests/test_decode_attention.py 2>&1 | tee "$OUT/attention_tests.txt" | tail -15 ;;
     gpu-tests)  # the GPU-marked tests of the kernels and the fast decoder (~3 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_fast_decode.py 2>&1 \
+        tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_fast_decode.py tests/test_int4_store.py 2>&1 \
         | tee "$OUT/gpu_tests_fast.txt" | tail -30 ;;
     warmup|warmup-profile)  # the 7B's cold first load with and without the threaded int4 precompile, each
              # from an empty cache (~3 minutes); warmup-profile: each load cProfiled (which slows the eager parts)
@@ -131,7 +131,7 @@ run_mode() {
     tests)  # the whole GPU suite (~6 minutes); TESTS_TIMEOUT (s) cuts it so a call's later modes and files still come back
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout "${TESTS_TIMEOUT:-900}" python3 -m pytest -q -p no:cacheprovider --durations=12 \
         tests/test_gpu.py tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_fast_decode.py \
-        tests/test_fused_projections.py \
+        tests/test_fused_projections.py tests/test_int4_store.py \
         tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30 ;;
     *) echo "unknown mode: $1"; return 2 ;;
   esac
