@@ -301,8 +301,9 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         stored = _stored_int4(prepared, cache_dir, int4_key, progress) if int4_key else None
         if stored is None:
             _progress(progress, 0.35, f"Loading weights ({settings.quant.value}, {plan.message})")
-        model = (stored if stored is not None
-                 else AutoModelForCausalLM.from_pretrained(prepared.local.location, **kwargs))
+        from_store = stored is not None
+        model = stored if from_store else AutoModelForCausalLM.from_pretrained(prepared.local.location, **kwargs)
+        del stored  # `model` is the only reference: a failure below must be able to free it
     except torch.OutOfMemoryError:
         out_of_memory = True
     except (OSError, SafetensorError) as e:  # a file damaged after prepare_load checked it
@@ -328,16 +329,16 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         failure = None
         try:
             compile_cache.configure(cache_dir)  # before the first Triton compile: kernels and tuned tiles persist
-            if stored is None:
+            if not from_store:
                 fuse_projections(model)  # q/k/v and gate/up as one GEMV each (fused before quantizing: exact)
                 precompiling = start_precompile(model)  # the kernels compile while the weights are quantized
                 quantize_model(model, torch.device("cuda", 0), lambda f, m: _progress(progress, 0.6 + 0.15 * f, m))
-                int4_key = int4_key or _int4_key(prepared.local)  # a hub model is in the hub's cache now
-                if int4_key:
-                    _keep_int4(model, cache_dir, int4_key)
             else:
                 precompiling = start_precompile(model)
             fast = _attach_fast_decoder(model, settings.context_tokens, shape, progress, cache_dir, precompiling)
+            int4_key = int4_key or _int4_key(prepared.local)  # a hub model is in the hub's cache now
+            if int4_key and not from_store:  # kept for the next load (after the warm-up: ready does not wait)
+                _keep_int4(model, cache_dir, int4_key)
         except torch.OutOfMemoryError:
             failure = ModelLoadError("fast_decoder_oom", model=ref.label)
         except RuntimeError as e:  # torch.compile / graph capture failed on this GPU or driver
@@ -356,7 +357,7 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         device=device, plan=plan, load_seconds=time.perf_counter() - prepared.started,
         weights_bytes=weights_on_device_bytes(model, device), split=split,
         fast=fast, compile_seconds=fast.compile_seconds if fast else 0.0, streamer=streamer,
-        weights_bytes_per_device=per_gpu, int4_stored=stored is not None,
+        weights_bytes_per_device=per_gpu, int4_stored=from_store,
     )
 
 
