@@ -73,7 +73,8 @@ def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """The quantized `model`'s tensors copied to the CPU, and its manifest: what `write` stores. (Taken
     before a background write, so that the write holds no GPU memory after the model is unloaded.)"""
     tensors, aliases = _tensors(model)
-    manifest = {"format": FORMAT, "aliases": aliases,
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")  # the activations' dtype
+    manifest = {"format": FORMAT, "dtype": dtype, "aliases": aliases,
                 "int4": {name: {"in_features": m.in_features, "out_features": m.out_features,
                                 "bias": m.bias is not None}
                          for name, m in model.named_modules() if isinstance(m, Int4Linear)}}
@@ -134,8 +135,9 @@ def _load(folder: Path, config, device: torch.device, trust_remote_code: bool, p
     if manifest.get("format") != FORMAT:
         raise ValueError(f"stored format {manifest.get('format')}, expected {FORMAT}")
     with torch.device("meta"):
+        # in the dtype the stored model ran in (from_pretrained's dtype=, which its config then says)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                 dtype=getattr(config, "dtype", None) or torch.bfloat16)
+                                                 dtype=getattr(torch, manifest["dtype"]))
     if prepare is not None:
         prepare(model)
     for name, spec in manifest["int4"].items():

@@ -51,6 +51,7 @@ def test_a_stored_model_computes_what_it_computed(kind, tie, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [int4_store.MANIFEST, int4_store.WEIGHTS]
     back = _restore(model, tmp_path)
     assert back is not None and torch.equal(_logits(back), _logits(model))
+    assert back.config.dtype == back.model.embed_tokens.weight.dtype == torch.bfloat16  # as the model ran
     assert isinstance(back.model.layers[0].self_attn.qkv_proj, Int4Linear)
     assert (back.model.layers[0].self_attn.qkv_proj.bias is not None) == (kind == "qwen2")
     if tie:  # the lm_head is the embedding table, one tensor, as in the model that was stored
