@@ -34,6 +34,22 @@ log = logging.getLogger(__name__)
 COMPILE_SWITCH_INTERVAL_S = 0.0005
 
 
+def _prime_inductor_tracer() -> None:
+    """Run, in this thread, the one torch.fx symbolic trace Inductor makes once per process.
+
+    Why: torch.fx's Tracer.trace patches nn.Module.__call__ for every thread while it runs.
+    Inductor's loop_body traces a dummy graph that way the first time it lowers a kernel; in the
+    compile thread that would send a concurrent answer's module calls into that tracer, which
+    fails them ("module is not installed as a submodule", seen once in CI). Its result is cached,
+    so doing it here, before the compile thread exists and before the first answer, closes that
+    window. The other traces of a compile (make_fx's) pass module calls straight through."""
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+        InterpreterShim._dummy_gm()
+    except (ImportError, AttributeError):  # another torch: nothing of this form to prime
+        log.debug("Inductor's dummy trace not found; nothing to prime", exc_info=True)
+
+
 class _Closed(Exception):
     """The decoder was closed while its step was being compiled."""
 
@@ -62,6 +78,7 @@ class BackgroundCompile:
         """
         if not self.compile_enabled or self._compile_thread is not None:
             return None
+        _prime_inductor_tracer()
         self.compile_state = "compiling"
         self._compile_started = time.perf_counter()
         self._compile_thread = threading.Thread(target=self._compile_and_swap, name="fast-decode-compile", daemon=True)

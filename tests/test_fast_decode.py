@@ -419,3 +419,31 @@ def test_unloading_during_the_background_compile_ends_it_and_lets_go_of_the_mode
     del model, fast, thread
     gc.collect()
     assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())][:8]
+
+
+def test_inductors_one_time_fx_trace_runs_before_the_compile_thread(tiny_llama, monkeypatch):
+    # torch.fx's Tracer patches nn.Module.__call__ for every thread while it traces. Inductor traces a
+    # dummy graph that way once per process; done in the compile thread, it broke an answer's module
+    # call running at that moment (CI, "module is not installed as a submodule"). It must happen in
+    # the thread that starts the compile, before the compile thread exists.
+    import torch._inductor.loop_body as loop_body
+    from transformers import AutoModelForCausalLM
+
+    traced_in = []
+
+    def identity(x):
+        traced_in.append(threading.current_thread().name)
+        return x
+
+    monkeypatch.setattr(loop_body, "identity", identity)
+    loop_body.InterpreterShim._dummy_gm.cache_clear()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+        fast = FastDecoder(model, max_context=64, compile=True)
+        thread = fast.start_background_compile()
+        assert traced_in == [threading.current_thread().name]
+        assert loop_body.InterpreterShim._dummy_gm.cache_info().currsize == 1
+        fast.close()
+        assert not thread.is_alive()
+    finally:
+        loop_body.InterpreterShim._dummy_gm.cache_clear()  # the next compile traces the real identity again
