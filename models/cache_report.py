@@ -14,7 +14,7 @@ from pathlib import Path
 PARTS = (
     ("unpacked", "GGUF models (the embedded one too) unpacked to safetensors", "unpacked again at their next load"),
     ("converted", "InternLM2 checkpoints converted to the Llama layout", "converted again at their next load"),
-    ("int4", "int4 weights stored at a model's first 4bit-fast load",
+    ("int4", "int4 weights stored at a model's first 4bit-fast load (the most recently used few are kept)",
      "the next 4bit-fast load reads the full-precision weights and quantizes them again"),
     ("compile", "compiled decode steps and tuned int4 kernels, per torch build and GPU",
      "the next 4bit-fast load of each shape compiles and tunes again"),

@@ -14,6 +14,9 @@ Keyed by the checkpoint's files (names, sizes, modification times), the format v
 torch version, so a changed checkpoint or a new format never loads stale weights. A folder is
 complete only once its manifest is written last (a crash mid-write leaves no usable entry), and
 an entry that fails to load is deleted and the load quantizes again: never a crash.
+
+Only the KEEP_ENTRIES most recently used entries are kept: a key never matches again once the
+checkpoint or torch changes, so without a bound every upgrade would leave gigabytes behind.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the packed layout or what is stored changes
 WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
 STALE_PARTIAL_S = 3600  # an unfinished write this old was cut short (a write takes seconds)
+# A user comparing sizes switches between two or three int4 models; a 7B's entry is ~4.5 GB.
+KEEP_ENTRIES = 4
 
 
 def store_root(cache_dir: Path) -> Path:
@@ -100,7 +105,25 @@ def write(snap: tuple[dict[str, torch.Tensor], dict], cache_dir: Path, key: str)
         partial.rename(final)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    prune(cache_dir, KEEP_ENTRIES)
     return final
+
+
+def prune(cache_dir: Path, keep: int) -> list[str]:
+    """Delete all but the `keep` most recently used entries (a load or a write marks an entry used);
+    the keys deleted. A folder without a manifest (damaged) counts as the least recently used."""
+    entries = [p for p in store_root(cache_dir).glob("*") if p.is_dir() and not p.name.startswith(".")]
+
+    def last_used(folder: Path) -> float:
+        try:
+            return (folder / MANIFEST).stat().st_mtime
+        except OSError:
+            return float("-inf")
+    gone = sorted(entries, key=last_used, reverse=True)[keep:]
+    for folder in gone:
+        log.info("removing the int4 weights stored in %s: only the %d most recently used are kept", folder, keep)
+        shutil.rmtree(folder, ignore_errors=True)
+    return [folder.name for folder in gone]
 
 
 def save(model: torch.nn.Module, cache_dir: Path, key: str) -> Path:
@@ -118,7 +141,9 @@ def load(cache_dir: Path, key: str, config, device: torch.device, trust_remote_c
     if not (folder / MANIFEST).is_file():
         return None
     try:
-        return _load(folder, config, device, trust_remote_code, prepare)
+        model = _load(folder, config, device, trust_remote_code, prepare)
+        (folder / MANIFEST).touch()  # used now: prune keeps the most recently used entries
+        return model
     except torch.OutOfMemoryError:  # not the entry's fault: the caller says the model does not fit
         raise
     except Exception:  # noqa: BLE001 - a stored entry must never fail a load: quantize again instead

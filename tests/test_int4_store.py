@@ -125,6 +125,24 @@ def test_a_write_cut_short_leaves_no_entry(tmp_path, monkeypatch):
     assert not stale.exists() and _restore(model, tmp_path) is not None
 
 
+def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
+    # A key never matches again once the checkpoint or torch changes: without a bound the store grows forever.
+    monkeypatch.setattr(int4_store, "KEEP_ENTRIES", 3)
+    model = _quantized("llama", False)
+    for age, key in enumerate(["a", "b", "c"]):
+        folder = int4_store.save(model, tmp_path, key)
+        os.utime(folder / int4_store.MANIFEST, (1000 + age, 1000 + age))  # a, then b, then c
+    assert _restore(model, tmp_path, "a") is not None  # a load marks "a" used: "b" is now the oldest
+    damaged = int4_store.store_root(tmp_path) / "d"
+    damaged.mkdir()  # no manifest: the least recently used of all
+    int4_store.save(model, tmp_path, "e")
+    assert sorted(p.name for p in int4_store.store_root(tmp_path).iterdir()) == ["a", "c", "e"]
+    root = int4_store.store_root(tmp_path)
+    os.utime(root / "a" / int4_store.MANIFEST, (2000, 2000))
+    assert int4_store.prune(tmp_path, 1) == ["a", "c"]  # the oldest last: e (just written) stays
+    assert [p.name for p in root.iterdir()] == ["e"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_second_int4_load_comes_from_the_store_and_answers_the_same(catalog, tiny_llama, tmp_path):
