@@ -1,6 +1,11 @@
 """GEMV tile sweep on the GPU: every (BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES) over 7B/1.8B linear shapes,
-weights rotated through > L2 so each call reads DRAM; ms per call and fraction of the copy rate."""
-import itertools, json, math, sys, time
+weights rotated through > L2 so each call reads DRAM; ms per call and fraction of the copy rate.
+
+    python bench/int4_gemv_sweep.py BUDGET_S OUT.json [fused|app|7b] [half2]
+
+half2: the packed-fp16 loop's tiles (HALF2, 4 and 8 rows a thread) against the app's five tuned tiles,
+in the same run."""
+import json, math, sys, time
 import torch
 sys.path.insert(0, ".")
 from models.kernels import int4, int4_triton as kt
@@ -16,7 +21,7 @@ FUSED = [(6144, 4096), (28672, 4096), (4096, 2048), (16384, 2048), (4608, 3584),
 # 7B, 1.8B, then Qwen2.5-7B (its K = 3584 compiles the tiles again, so it comes last).
 APP = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (4096, 2048), (2048, 2048), (16384, 2048),
        (2048, 8192), (4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
-if len(sys.argv) > 3:  # python bench/int4_gemv_sweep.py BUDGET_S OUT.json fused|app|7b
+if len(sys.argv) > 3:
     SHAPES = {"fused": FUSED, "app": APP, "7b": APP[:4]}[sys.argv[3]]
 BUDGET_S = float(sys.argv[1]) if len(sys.argv) > 1 else 400
 t0 = time.time()
@@ -29,13 +34,19 @@ TILES = [(bn, w) for bn in (64, 128, 256, 512, 1024) for w in (1, 2, 4) if 1 <= 
 grid = ([(bn, sp, w, 1, True) for bn, w in TILES for sp in (8, 16, 32, 64)]
         + [(bn, sp, w, 1, False) for bn, w in TILES for sp in (8, 16, 32)]
         + [(bn, sp, w, st, False) for bn, w in TILES for sp in (2, 4, 8, 16) for st in (3, 4)])
+if "half2" in sys.argv[4:]:
+    grid = ([(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, 1, c.kwargs.get("PREFETCH", True), False)
+             for c in kt._GEMV_CONFIGS]
+            + [(bn, sp, w, 1, False, True) for bn, w in TILES if bn // (32 * w) >= 4 for sp in (4, 8, 16, 32)])
+else:
+    grid = [(*row, False) for row in grid]
 print(f"# {len(grid)} configs", flush=True)
 def tile(c):
-    """A tile's identity: (BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES), from a triton.Config or a row."""
+    """A tile's identity: (BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES, HALF2), from a triton.Config or a row."""
     if isinstance(c, dict):
-        return (c["BLOCK_N"], c["SPLIT"], c["num_warps"], c["PREFETCH"], c["LOOP_STAGES"])
+        return (c["BLOCK_N"], c["SPLIT"], c["num_warps"], c["PREFETCH"], c["LOOP_STAGES"], c.get("HALF2", False))
     return (c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.kwargs.get("PREFETCH", True),
-            c.kwargs.get("LOOP_STAGES", 1))
+            c.kwargs.get("LOOP_STAGES", 1), c.kwargs.get("HALF2", False))
 
 
 results = []
@@ -53,8 +64,10 @@ for n, k in SHAPES:
     ws = torch.empty(64, n, dtype=torch.float32, device=dev)
     lock = torch.zeros(n, dtype=torch.int32, device=dev)
     best = None
-    for bn, sp, wp, st, pf in grid:
+    for bn, sp, wp, st, pf, h2 in grid:
         cfg = {"BLOCK_N": bn, "SPLIT": sp, "num_warps": wp, "num_stages": 1, "PREFETCH": pf, "LOOP_STAGES": st}
+        if h2:
+            cfg["HALF2"] = True
         try:
             y = kt.gemv(x, q, s, o, k, (ws, lock), cfg)
             err = (y.float() - ref).abs().max().item() / ref.abs().max().item()

@@ -85,10 +85,12 @@ def main_loop(sass: str) -> list[tuple[str, str]]:
     return [(op, rest) for address, op, rest in rows if loop[0] <= address <= loop[1]]
 
 
-def _kind(op: str) -> str:
+def _kind(op: str, rest: str = "") -> str:
     """What an opcode does here: the IMAD and HFMA2 forms ptxas uses for moves and shifts are named so."""
-    if op.startswith(("MOV", "IMAD.MOV", "HFMA2.MMA")):  # HFMA2.MMA -RZ, RZ, <const>: a constant materialised
+    if op.startswith(("MOV", "IMAD.MOV")):
         return "moves"
+    if op.startswith("HFMA2.MMA"):  # HFMA2.MMA -RZ, RZ, <const> materialises a constant; otherwise a real HFMA2
+        return "moves" if rest.lstrip().split(",")[1:3] == [" -RZ", " RZ"] else "HFMA2"
     if op.startswith(("SHF", "IMAD.SHL")):
         return "shifts"
     if op.startswith(("IMAD.U32", "PRMT")):  # bf16 -> fp32 of x (x << 16, done as x * 0x10000 or a byte permute)
@@ -96,13 +98,16 @@ def _kind(op: str) -> str:
     return op.split(".")[0]
 
 
-def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=None, loop_stages: int = 1) -> dict:
+def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=None, loop_stages: int = 1,
+            half2: bool = False) -> dict:
     """Instructions per weight in the GEMV's main loop for one tile config, and what they are."""
     from models.kernels import int4_triton
 
     constexprs = {"BLOCK_N": block_n, "SPLIT": split, "EVEN": True, "PREFETCH": prefetch}
     if loop_stages != 1:
         constexprs["LOOP_STAGES"] = loop_stages
+    if half2:
+        constexprs["HALF2"] = True
     kernel = compile_for_hopper(fn or int4_triton._gemv_body.fn, constexprs, num_warps)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "gemv.cubin")
@@ -119,7 +124,7 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
     loop = main_loop(sass)
     kinds: dict[str, int] = {}
     for op, rest in loop:
-        kinds[_kind(op)] = kinds.get(_kind(op), 0) + 1
+        kinds[_kind(op, rest)] = kinds.get(_kind(op, rest), 0) + 1
     return {"block_n": block_n, "split": split, "warps": num_warps, "prefetch": prefetch, "loop_stages": loop_stages,
             "shared_bytes": kernel.metadata.shared, "async_copies": len(re.findall(r"\bLDGSTS", sass)),
             "loop_instructions": len(loop),
@@ -132,7 +137,8 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
 def main() -> None:
     """Command-line entry point: a table over tile configs (default: the ones the app tunes over)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="*", help="BLOCK_N,SPLIT,warps[,prefetch 0/1[,loop stages]] (default: the app's tuned configs)")
+    p.add_argument("--configs", nargs="*", help="BLOCK_N,SPLIT,warps[,prefetch 0/1[,loop stages[,half2 0/1]]] "
+                   "(default: the app's tuned configs)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     import triton
@@ -141,24 +147,27 @@ def main() -> None:
 
     configs = ([tuple(int(v) for v in c.split(",")) for c in a.configs] if a.configs else
                [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.kwargs.get("PREFETCH", True),
-                c.kwargs.get("LOOP_STAGES", 1))
+                c.kwargs.get("LOOP_STAGES", 1), c.kwargs.get("HALF2", False))
                 for c in int4_triton._GEMV_CONFIGS])
     lines = [f"Triton {triton.__version__}, sm_90, int4 GEMV main loop (one group of 128 k per iteration)", "",
-             "| BLOCK_N, SPLIT, warps, prefetch, loop stages | weight tile layout | instr / weight | registers | "
-             "stack B | shared KB | cp.async (LDGSTS) | FFMA | LOP3 | shifts | moves | loads + x converts | FADD + FMUL |",
+             "| BLOCK_N, SPLIT, warps, prefetch, loop stages, half2 | weight tile layout | instr / weight | registers | "
+             "stack B | shared KB | cp.async (LDGSTS) | FFMA + HFMA2 | LOP3 | shifts | moves | loads + x converts | "
+             "FADD + FMUL + HADD2 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for block_n, split, warps, *rest in configs:
         prefetch = bool(rest[0]) if rest else True
         stages = rest[1] if len(rest) > 1 else 1
-        r = analyse(block_n, split, warps, prefetch, loop_stages=stages)
+        half2 = bool(rest[2]) if len(rest) > 2 else False
+        r = analyse(block_n, split, warps, prefetch, loop_stages=stages, half2=half2)
         k, w = r["kinds"], r["weights_per_thread"]
 
         def per(*names: str) -> str:
             return f"{sum(k.get(n, 0) for n in names) / w:.2f}"
-        lines.append(f"| {block_n}, {split}, {warps}, {'yes' if prefetch else 'no'}, {stages} | {r['layout']} | "
-                     f"**{r['per_weight']}** | {r['registers']} | {r['stack']} | {r['shared_bytes'] // 1024} | "
-                     f"{r['async_copies']} | {per('FFMA')} | {per('LOP3')} | {per('shifts')} | {per('moves')} | "
-                     f"{per('LDG', 'converts')} | {per('FADD', 'FMUL')} |")
+        lines.append(f"| {block_n}, {split}, {warps}, {'yes' if prefetch else 'no'}, {stages}, {'yes' if half2 else 'no'} "
+                     f"| {r['layout']} | **{r['per_weight']}** | {r['registers']} | {r['stack']} | "
+                     f"{r['shared_bytes'] // 1024} | {r['async_copies']} | {per('FFMA', 'HFMA2')} | {per('LOP3')} | "
+                     f"{per('shifts')} | {per('moves')} | {per('LDG', 'converts', 'F2F', 'F2FP')} | "
+                     f"{per('FADD', 'FMUL', 'HADD2')} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines)
     print("\n" + text)

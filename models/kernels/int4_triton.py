@@ -32,6 +32,9 @@ try:
 except ImportError:  # the CPU build of torch does not bring Triton; int4.py falls back to PyTorch
     triton = None
 
+if triton is not None:
+    from .int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2
+
 log = logging.getLogger(__name__)
 
 
@@ -132,7 +135,7 @@ if triton is not None:
     @triton.jit
     def _gemv_body(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, lock_ptr, N, K, G_COUNT, stride_w, stride_s, one_bits,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True,
-                   LOOP_STAGES: tl.constexpr = 1):
+                   LOOP_STAGES: tl.constexpr = 1, HALF2: tl.constexpr = False, H2_ASM: tl.constexpr = True):
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
@@ -142,6 +145,9 @@ if triton is not None:
         g_lo = tl.program_id(1) * g_per
         g_hi = tl.minimum(g_lo + g_per, G_COUNT)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # HALF2 (models/kernels/int4_half2.py): fp16 pairs of 1.0 made from the run-time one_bits, so
+        # that they sit in a register as one_bits does (see ONE_BITS)
+        h2_one = one_bits - ONE_TO_H2_ONE
         # PREFETCH: the next group's words are loaded before this one's arithmetic, two groups in
         # flight per thread. (A program whose share is empty, when SPLIT does not divide G_COUNT,
         # loads a real group unused.) Without it a thread holds one group's words: on the tiles
@@ -162,31 +168,36 @@ if triton is not None:
                     nxt = _load_group(w_ptr, g + 1, rw, rn, nmask, stride_w, EVEN)
             else:
                 words = _load_group(w_ptr, g, rw, rn, nmask, stride_w, EVEN)
-            part = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-            x12 = tl.zeros([16], dtype=tl.float32)  # sum of x over the nibbles at bit 12, per word
-            x16 = tl.zeros([16], dtype=tl.float32)  # ... at bit 16
-            for j in tl.static_range(8):
-                kk = g * 128 + j * 16 + rw  # k of nibble j of each of the group's words
-                if EVEN:
-                    xj = tl.load(x_ptr + kk).to(tl.float32)
-                else:
-                    xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                if j % 2 == 1:  # at bit 12: (16 + q/2**7) x
-                    x12 += xj
-                else:  # at bit 16: (1 + q/2**7) x
-                    x16 += xj
-                part += _nibble_as_float(words, j, one_bits) * xj[:, None]
-            # part = sum(x at 16) + 16 sum(x at 12) + sum(q x) / 2**7, so
-            # sum_k (q*s + o) x = s * sum_k q x + o * sum_k x = 128 s (part - that) + o * sum_k x.
-            s12 = tl.sum(x12, axis=0)
-            s16 = tl.sum(x16, axis=0)
             if EVEN:
                 s = tl.load(s_ptr + g * stride_s + rn).to(tl.float32)
                 o = tl.load(o_ptr + g * stride_s + rn).to(tl.float32)
             else:
                 s = tl.load(s_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)
                 o = tl.load(o_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)
-            acc += (128.0 * s) * (tl.sum(part, axis=0) - (s16 + 16.0 * s12)) + o * (s12 + s16)
+            if HALF2:
+                dot, sx = group_dot_h2(words, x_ptr, g, rw, K, h2_one, EVEN, H2_ASM)
+                # sum_k q x = 64 (16 dot + 8 sum x'), sum_k x = 64 sum x'
+                acc += (16.0 / H2_X_SCALE_) * s * dot + (8.0 * s + o) * (sx / H2_X_SCALE_)
+            else:
+                part = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+                x12 = tl.zeros([16], dtype=tl.float32)  # sum of x over the nibbles at bit 12, per word
+                x16 = tl.zeros([16], dtype=tl.float32)  # ... at bit 16
+                for j in tl.static_range(8):
+                    kk = g * 128 + j * 16 + rw  # k of nibble j of each of the group's words
+                    if EVEN:
+                        xj = tl.load(x_ptr + kk).to(tl.float32)
+                    else:
+                        xj = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    if j % 2 == 1:  # at bit 12: (16 + q/2**7) x
+                        x12 += xj
+                    else:  # at bit 16: (1 + q/2**7) x
+                        x16 += xj
+                    part += _nibble_as_float(words, j, one_bits) * xj[:, None]
+                # part = sum(x at 16) + 16 sum(x at 12) + sum(q x) / 2**7, so
+                # sum_k (q*s + o) x = s * sum_k q x + o * sum_k x = 128 s (part - that) + o * sum_k x.
+                s12 = tl.sum(x12, axis=0)
+                s16 = tl.sum(x16, axis=0)
+                acc += (128.0 * s) * (tl.sum(part, axis=0) - (s16 + 16.0 * s12)) + o * (s12 + s16)
         partial = acc
         if SPLIT == 1:
             tl.store(y_ptr + rn, partial.to(y_ptr.dtype.element_ty), mask=nmask)
@@ -259,6 +270,8 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     if config is None:
         _gemv_kernel[grid](*args, enable_fp_fusion=FP_FUSION)
     else:
+        if config.get("HALF2"):  # the interpreter runs no PTX: the same fp16 math in plain Triton there
+            config = {"H2_ASM": os.environ.get("TRITON_INTERPRET") != "1", **config}
         _gemv_body[grid](*args, **config, enable_fp_fusion=FP_FUSION)
     return y
 
