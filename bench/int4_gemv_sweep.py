@@ -3,7 +3,7 @@ weights rotated through > L2 so each call reads DRAM; ms per call and fraction o
 
     python bench/int4_gemv_sweep.py BUDGET_S OUT.json [fused|app|7b] [half2]
 
-half2: the packed-fp16 loop's tiles (HALF2, 4 and 8 rows a thread) against the app's five tuned tiles,
+half2: the packed-fp16 loop's tiles (HALF2, 4, 8 and 16 rows a thread) against the app's five tuned tiles,
 in the same run."""
 import json, math, sys, time
 import torch
@@ -37,7 +37,8 @@ grid = ([(bn, sp, w, 1, True) for bn, w in TILES for sp in (8, 16, 32, 64)]
 if "half2" in sys.argv[4:]:
     grid = ([(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, 1, c.kwargs.get("PREFETCH", True), False)
              for c in kt._GEMV_CONFIGS]
-            + [(bn, sp, w, 1, False, True) for bn, w in TILES if bn // (32 * w) >= 4 for sp in (4, 8, 16, 32)])
+            + [(bn, sp, w, 1, False, True) for bn, w in TILES + [(512, 1), (1024, 2)] if bn // (32 * w) >= 4
+               for sp in (4, 8, 16, 32)])  # 4, 8 and 16 rows a thread (16: 2.26 instructions a weight, a few spills)
 else:
     grid = [(*row, False) for row in grid]
 print(f"# {len(grid)} configs", flush=True)

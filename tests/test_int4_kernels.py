@@ -86,10 +86,11 @@ for n, k in shapes:
         piped += [dict(BLOCK_N=32, SPLIT=2, PREFETCH=False, LOOP_STAGES=3),
                   dict(BLOCK_N=64, SPLIT=1, PREFETCH=False, LOOP_STAGES=4, num_warps=2)]
     # HALF2: the packed fp16 loop (inline PTX on a GPU, the same fp16 math in plain Triton in the
-    # interpreter); its 8-row tile on the GPU. A large x (an outlier activation) must stay finite.
+    # interpreter); its 16- and 8-row tiles on the GPU. A large x (an outlier activation) must stay finite.
     half2 = [dict(BLOCK_N=16, SPLIT=3, PREFETCH=False, HALF2=True)]
     if device == "cuda":
-        half2 += [dict(BLOCK_N=512, SPLIT=8, PREFETCH=False, HALF2=True, num_warps=2)]
+        half2 += [dict(BLOCK_N=1024, SPLIT=8, PREFETCH=False, HALF2=True, num_warps=2),  # 16 rows a thread
+                  dict(BLOCK_N=512, SPLIT=8, PREFETCH=False, HALF2=True, num_warps=2)]
     for cfg in [None, dict(BLOCK_N=16, SPLIT=1), dict(BLOCK_N=8, SPLIT=3), dict(BLOCK_N=32, SPLIT=16),
                 dict(BLOCK_N=16, SPLIT=3, PREFETCH=False)] + piped + wide + half2:
         y = int4_triton.gemv(x, q, s, o, k, ws, cfg)

@@ -3,7 +3,7 @@
 Why: the fp32 loop spends ~1 FFMA + 1 LOP3 + 0.5 shift per weight, 3.05 SASS instructions per weight
 on its 8-row tiles, and the large decode GEMVs were found issue-bound on the H200 (BENCHMARKS.md,
 sessions 17-21). Here each word's 8 nibbles become 4 fp16 pairs (a shift and a LOP3 each) weighed by
-4 HFMA2 (inline PTX fma.rn.f16x2): 2.63 per weight on the same tile (bench/int4_sass.py;
+4 HFMA2 (inline PTX fma.rn.f16x2): 2.63 per weight on the same tile, 2.26 at 16 rows (bench/int4_sass.py;
 bench/results/int4_sass_sm90_half2_s25.md). Tiles of 4 rows a thread gain nothing: preparing x (to
 fp16 pairs) is shared by fewer weights there. Not yet among the tuned tiles: to be timed on the GPU
 (bench/device_run.sh half2).
