@@ -17,18 +17,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_check(script: str, cases, device: str, interpret: bool, old_interpreter_skips: bool = False) -> list[dict]:
-    """The JSON rows `script` prints last, run as `python -c script CASES DEVICE`.
+    """The JSON rows `script` prints last, run as `python -c script CASES DEVICE`, one row per case in order.
 
-    `old_interpreter_skips`: Triton 3.6's interpreter cannot loop to a run-time bound with a recent
-    NumPy; such a run is skipped (the GPU test runs the same check) rather than failed."""
+    In the interpreter the cases are shared out over one process per CPU core: it runs on one core,
+    and these checks were the suite's slowest after the soak. `old_interpreter_skips`: Triton 3.6's
+    interpreter cannot loop to a run-time bound with a recent NumPy; such a run is skipped (the GPU
+    test runs the same check) rather than failed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run([sys.executable, "-c", script, json.dumps(cases), device], capture_output=True,
-                            text=True, env=env, timeout=600, cwd=ROOT)
-    if result.returncode and interpret and old_interpreter_skips and "0-dimensional arrays" in result.stderr:
-        pytest.skip("this Triton's interpreter cannot loop to a runtime bound with this NumPy (Triton 3.6); "
-                    "the GPU test runs the same check")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    shards = max(1, min(len(cases), os.cpu_count() or 1)) if interpret else 1
+    runs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(cases[i::shards]), device],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            for i in range(shards)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    per_case: list = [None] * len(cases)  # each case's rows (a script may print several per case)
+    for i, (run, (stdout, stderr)) in enumerate(zip(runs, outputs)):
+        if run.returncode and interpret and old_interpreter_skips and "0-dimensional arrays" in stderr:
+            pytest.skip("this Triton's interpreter cannot loop to a runtime bound with this NumPy (Triton 3.6); "
+                        "the GPU test runs the same check")
+        assert run.returncode == 0, stderr[-3000:]
+        shard_rows, shard_cases = json.loads(stdout.strip().splitlines()[-1]), len(cases[i::shards])
+        assert len(shard_rows) % shard_cases == 0, (len(shard_rows), shard_cases)
+        each = len(shard_rows) // shard_cases
+        per_case[i::shards] = [shard_rows[j * each:(j + 1) * each] for j in range(shard_cases)]
+    return [row for rows in per_case for row in rows]
