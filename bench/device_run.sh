@@ -24,7 +24,8 @@
 #     decode-short, decode-three, sweep-7b: the same, shorter (the 7B and 1.8B loads, and Qwen; the 7B's shapes)
 #     rotation-ab  the 1.8B and 7B, rotation and cache write inside the decode attention or as kernels of their own
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
-#     half2    the packed-fp16 GEMV tiles (HALF2) against the app's five, the 7B's shapes then the rest (~4 minutes)
+#     half2    the packed-fp16 GEMV tiles (HALF2) against the app's five on every shape, then the five tiles
+#              that minimise a step's GEMV time (bench/pick_tiles.py) (~4 minutes)
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
 # Modes run in the order given; one call of the device tool may take 10 minutes, so pair them
@@ -117,7 +118,8 @@ run_mode() {
     sweep-7b)  # the 7B's four linear shapes only (~3.5 minutes)
       python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     half2)
-      python3 bench/int4_gemv_sweep.py 240 "$OUT/int4_gemv_half2.json" app half2 2>&1 | tee "$OUT/int4_gemv_half2.txt" ;;
+      python3 bench/int4_gemv_sweep.py 240 "$OUT/int4_gemv_half2.json" app half2 2>&1 | tee "$OUT/int4_gemv_half2.txt"
+      python3 bench/pick_tiles.py "$OUT/int4_gemv_half2.json" 2>&1 | tee "$OUT/int4_gemv_half2_pick.md" ;;
     sweep)
       python3 bench/int4_gemv_sweep.py 450 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
     profile)  # ncu on the 7B's GEMVs: the tuned tile, fixed tiles, and (after sweep-7b) its best per shape (~2 minutes)
