@@ -63,20 +63,23 @@ if triton is not None:
     # today's loop without a GPU: 3.6-3.7 per weight on sm_90 with Triton 3.9, 3.05 for the 8-row
     # tiles; bench/results/int4_sass_sm90_triton39_s24.md.) SPLIT > 1 gives a
     # narrow or deep matrix enough programs to fill the GPU.
-    # These 5 tiles (BLOCK_N, SPLIT, warps, PREFETCH) are the 5 of a 165-tile sweep (BLOCK_N 64-1024,
-    # SPLIT 2-64, 1-4 warps, a group prefetched into registers or not, or 3-4 pipeline stages; H200,
-    # weights rotated past L2, back to back in a CUDA graph: bench/int4_gemv_sweep.py) that together
-    # give the least GEMV time per decode step over the 7B, 1.8B and Qwen2.5-7B shapes: within 0-2.5 %
-    # of each shape's own best tile, the 7B's gate/up 5.5 % (bench/results/int4_gemv_sweep_h200_s21.json).
-    # The set tuned before (256-row tiles at SPLIT 16/32/64 and two 64-row ones) cost 5-6 % more on the
-    # 1.8B and Qwen and 2 % on the 7B. Tiles of 512 rows over 2 warps give a thread 8 rows, so the x
-    # values it loads serve twice as many weights (3.2 SASS instructions per weight instead of 4.0).
-    # Five, not more: each tile costs compile and tuning time at a model's first load. Pipelined tiles
-    # (LOOP_STAGES) won nowhere; a tensor-core version (bench/int4_mma_probe.py) was slower.
+    # These 5 tiles (BLOCK_N, SPLIT, warps, PREFETCH, HALF2) are the 5 that together give the least
+    # GEMV time per decode step over the 7B, 1.8B and Qwen2.5-7B shapes (bench/pick_tiles.py), chosen
+    # from the packed-fp16 tiles (HALF2: int4_half2.py, 2.6 SASS instructions per weight against 3.05)
+    # and the 5 fp32 tiles tuned before, timed in one run (H200, weights rotated past L2, back to back
+    # in a CUDA graph: bench/int4_gemv_sweep.py ... app half2; bench/results/int4_gemv_half2_h200_s26.*):
+    # 4,234 us of GEMVs over the three models' steps against 4,374 for the fp32 set (-3.2 %), within
+    # 0.1 % of every shape at its own best tile. HALF2 won the 7B's and Qwen's q/k/v (-9 %), o and
+    # gate/up (-4.5 %) and the 1.8B's gate/up (-10 %); the deep down projections (K 8-19k) keep the
+    # fp32 prefetching 128-row tile and the 1.8B's small q/k/v and o the fp32 256-row one. The fp32 set itself came from a 165-tile sweep (BLOCK_N 64-1024,
+    # SPLIT 2-64, 1-4 warps, prefetch or 3-4 pipeline stages; bench/results/int4_gemv_sweep_h200_s21.json),
+    # where pipelined tiles (LOOP_STAGES) won nowhere; a tensor-core version (bench/int4_mma_probe.py)
+    # was slower. Five, not more: each tile costs compile and tuning time at a model's first load.
     _GEMV_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "SPLIT": sp, "PREFETCH": pf}, num_warps=w, num_stages=1)
-        for bn, sp, w, pf in [(256, 16, 4, True), (128, 64, 2, True), (128, 32, 2, False), (512, 16, 2, False),
-                              (512, 8, 2, False)]
+        triton.Config({"BLOCK_N": bn, "SPLIT": sp, "PREFETCH": pf, **({"HALF2": True} if h2 else {})},
+                      num_warps=w, num_stages=1)
+        for bn, sp, w, pf, h2 in [(128, 64, 2, True, False), (256, 16, 4, True, False), (256, 8, 2, False, True),
+                                  (256, 32, 2, False, True), (512, 16, 4, False, True)]
     ]
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter (CPU tests) cannot time configs: one
         _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 16, "SPLIT": 2}, num_warps=1, num_stages=1)]
