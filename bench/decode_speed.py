@@ -220,8 +220,9 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
                      phases={k: round(v, 2) for k, v in loaded.fast.phases.items()})
         from models.kernels import int4_triton
 
-        if int4_triton.available():  # the GEMV tile tuned (or read from the disk cache) per (N, K)
-            extra["gemv_tiles"] = {str(key[:2]): str(cfg) for key, cfg in int4_triton._gemv_kernel.cache.items()}
+        if int4_triton.available():  # each (N, K)'s GEMV tile: timed in a graph (or stored), or Triton's autotuner's
+            extra["gemv_tiles"] = {key: str(int4_triton._GEMV_CONFIGS[tile]) for key, tile in loaded.fast.gemv_tiles.items()}
+            extra["gemv_tiles_autotuned"] = {str(key[:2]): str(cfg) for key, cfg in int4_triton._gemv_kernel.cache.items()}
     runs = []
     # A short first run pays one-off kernel loading; the second (full) run is reported.
     for sampling in (SamplingSettings(max_new_tokens=4, temperature=0), greedy):

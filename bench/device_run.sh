@@ -17,6 +17,7 @@
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
 #     offload  bench/h2d_probe.py (host buffer kinds), then the 7B streamed fp16 offload against accelerate's
 #     gemv-tests  the GEMV's GPU tests only
+#     tiles-tests  the GEMV tile chooser's and the fast decoder's GPU tests only
 #     profile  ncu counters of the 7B's GEMVs, tuned tile against the sweep's best (bench/int4_profile.py)
 #     attention  bench/decode_attention.py: the fused decode attention against the plain form, per layer
 #     attention-sweep  its tiles;  gpu-tests  the GPU-marked kernel and fast-decoder tests only
@@ -89,6 +90,9 @@ run_mode() {
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
+    tiles-tests)  # the tile chooser's and the fast decoder's GPU tests (~1 minute)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_gemv_tiles.py tests/test_fast_decode.py 2>&1 | tee "$OUT/tiles_tests.txt" | tail -15 ;;
     decode-three)  # one load each of the three shapes, fast path only (~6 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 qwen7b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
@@ -106,7 +110,7 @@ run_mode() {
         tests/test_decode_attention.py 2>&1 | tee "$OUT/attention_tests.txt" | tail -15 ;;
     gpu-tests)  # the GPU-marked tests of the kernels and the fast decoder (~3 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_fast_decode.py tests/test_int4_store.py 2>&1 \
+        tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_gemv_tiles.py tests/test_fast_decode.py tests/test_int4_store.py 2>&1 \
         | tee "$OUT/gpu_tests_fast.txt" | tail -30 ;;
     warmup|warmup-profile)  # the 7B's cold first load with and without the threaded int4 precompile, each
              # from an empty cache (~3 minutes); warmup-profile: each load cProfiled (which slows the eager parts)
@@ -132,11 +136,11 @@ run_mode() {
         > "$OUT/int4_gemv_ncu.txt" 2>&1; tail -5 "$OUT/int4_gemv_ncu.txt" ;;
     gemv-tests)  # the GEMV's own GPU tests (~1 minute)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_int4_kernels.py 2>&1 | tee "$OUT/gemv_tests.txt" | tail -30 ;;
+        tests/test_int4_kernels.py tests/test_gemv_tiles.py 2>&1 | tee "$OUT/gemv_tests.txt" | tail -30 ;;
     tests)  # the whole GPU suite (~6 minutes); TESTS_TIMEOUT (s) cuts it so a call's later modes and files still come back
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout "${TESTS_TIMEOUT:-900}" python3 -m pytest -q -p no:cacheprovider --durations=12 \
         tests/test_gpu.py tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_fast_decode.py \
-        tests/test_fused_projections.py tests/test_int4_store.py \
+        tests/test_fused_projections.py tests/test_int4_store.py tests/test_gemv_tiles.py \
         tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30 ;;
     *) echo "unknown mode: $1"; return 2 ;;
   esac

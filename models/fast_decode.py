@@ -174,6 +174,7 @@ class FastDecoder(BackgroundCompile):
         self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compile_seconds = 0.0  # warm_up: capturing the uncompiled step (what a load waits for)
         self.phases: dict[str, float] = {}  # seconds of each part of warm_up and of the background compile
+        self.gemv_tiles: dict[str, int] = {}  # the int4 GEMV tile of each "NxK" (kernels/gemv_tiles.choose_tiles)
         self.captures = 0  # graph captures so far (warm-up and the compiled swap only: never per request)
         self.compile_state = "off" if not self.compile_enabled else "pending"  # pending | compiling | compiled | failed
         self.compile_error = ""

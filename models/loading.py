@@ -114,14 +114,19 @@ def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: Mod
     """A FastDecoder with its cache sized to the context and its uncompiled step captured now, once
     the int4 kernels `precompiling` (int4.start_precompile) are built; the compiled step follows in
     the background (FastDecoder.start_background_compile)."""
+    from . import compile_cache
     from .fast_decode import FastDecoder
     from .kernels import int4_triton
+    from .kernels.gemv_tiles import choose_tiles
 
     _progress(progress, 0.8, "Capturing the decode step (tuning the int4 kernels on a first load)")
     fast = FastDecoder(model, max_context=min(context_tokens, shape.max_context), compile_cache_dir=cache_dir)
     waited = time.perf_counter()
     int4_triton.wait_precompiled(precompiling)
     fast.phases["precompile_wait_s"] = time.perf_counter() - waited
+    timing = time.perf_counter()
+    fast.gemv_tiles = choose_tiles(model, compile_cache.cache_folder(cache_dir) if cache_dir is not None else None)
+    fast.phases["gemv_tiles_s"] = time.perf_counter() - timing
     seconds = fast.warm_up()
     fast.start_background_compile()
     _progress(progress, 0.95, f"Decode step captured in {seconds:.1f} s; compiling it in the background")

@@ -90,17 +90,20 @@ def _triton_ready(x: torch.Tensor) -> bool:
 # declaring the mutation would make torch.compile copy the workspace around every call.
 @torch.library.custom_op("smallchat::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                in_features: int, partials: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+                in_features: int, partials: torch.Tensor, counters: torch.Tensor, tile: int = -1) -> torch.Tensor:
     """y = x @ W.T for the packed int4 weight W [N, K]; x [..., K] -> y [..., N] in x's dtype.
 
-    `partials` and `counters` are the split-K workspace of int4_triton.new_workspace.
+    `partials` and `counters` are the split-K workspace of int4_triton.new_workspace. `tile` is the
+    GEMV tile chosen for this shape (gemv_tiles.choose_tiles; an index of int4_triton._GEMV_CONFIGS),
+    or -1 for Triton's autotuner.
     """
     rows = x.reshape(-1, in_features)
     if _triton_ready(x):
         from . import int4_triton
 
         if rows.shape[0] == 1:
-            y = int4_triton.gemv(rows, qweight, scales, offsets, in_features, (partials, counters))
+            config = int4_triton.tile_config(tile) if tile >= 0 else None
+            y = int4_triton.gemv(rows, qweight, scales, offsets, in_features, (partials, counters), config)
         else:  # W.T [K, N] in a temporary, then cuBLAS
             y = rows @ int4_triton.dequantize_t(qweight, scales, offsets, in_features, x.dtype)
     else:
@@ -109,7 +112,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
 
 
 @int4_linear.register_fake
-def _(x, qweight, scales, offsets, in_features, partials, counters):
+def _(x, qweight, scales, offsets, in_features, partials, counters, tile=-1):
     return x.new_empty(*x.shape[:-1], qweight.shape[1])
 
 
@@ -127,6 +130,7 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("bias", bias)
         # Split-K scratch, shared by every layer of a model (share_workspace); not a weight.
         self.workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tile = -1  # the GEMV tile timed fastest for this shape (gemv_tiles.choose_tiles); -1: Triton's autotuner
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Int4Linear":
@@ -145,7 +149,7 @@ class Int4Linear(torch.nn.Module):
             self.workspace = new_workspace(self.out_features, self.qweight.device)
         partials, counters = self.workspace
         return torch.ops.smallchat.int4_linear(x, self.qweight, self.scales, self.offsets, self.in_features,
-                                               partials, counters)
+                                               partials, counters, self.tile)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}, int4"

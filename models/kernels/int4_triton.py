@@ -279,6 +279,12 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     return y
 
 
+def tile_config(index: int) -> dict:
+    """_GEMV_CONFIGS[index] as gemv()'s `config`: its constexprs and launch options."""
+    tile = _GEMV_CONFIGS[index]
+    return {**tile.kwargs, "num_warps": tile.num_warps, "num_stages": tile.num_stages}
+
+
 def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """W.T [K, N] in `dtype`, unpacked on the device: a temporary for a prefill's cuBLAS matmul."""

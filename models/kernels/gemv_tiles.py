@@ -1,0 +1,151 @@
+"""Each int4 GEMV shape's tile, chosen the way decode runs it, and remembered on disk.
+
+Every candidate tile (int4_triton._GEMV_CONFIGS, those whose split fits the shape) runs the model's
+own layers of that shape back to back in one CUDA graph, as a decode step does, and the fastest per
+call is kept on each layer (Int4Linear.tile), which the GEMV then launches directly.
+
+Why not Triton's autotuner (int4_triton._gemv_kernel): it times one launch at a time, each after
+clearing L2, which is not the regime of a decode step, where a graph runs the GEMVs back to back and
+the launch and the split-K tail of one overlap nothing but the next. On the H200 it picked, for
+Qwen2.5-7B's q/k/v, a tile that takes 15.0 us a call in a graph against 7.87 for the best of the same
+five, and for the 7B's o projection one 11 % slower than the best (bench/results/int4_gemv_half2_h200_s26.txt,
+int4_kernels_h200_s26.txt). Timing in a graph is also cheaper: a few replays instead of 12 ms of
+launches per tile and shape.
+
+The choices are kept in the app's compile-cache folder (one per torch build and GPU), keyed by the
+Triton version and the tile list: a later load of the same shapes picks the same tiles without timing,
+so the compiled step, whose graph holds the tile numbers, is found in the compile cache again. A
+missing, corrupt or mismatched file is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .int4 import Int4Linear, share_workspace
+from .split_k import split_fits
+
+log = logging.getLogger(__name__)
+
+TILES_FILE = "gemv_tiles.json"
+REPLAYS = 5  # timed replays of each tile's graph (after one untimed)
+
+
+def _signature() -> dict:
+    """What the stored choices are only valid for: this Triton and this list of tiles."""
+    from . import int4_triton
+
+    return {"triton": int4_triton.triton.__version__, "tiles": [str(c) for c in int4_triton._GEMV_CONFIGS]}
+
+
+def shape_key(out_features: int, in_features: int) -> str:
+    """The stored choices' key of a GEMV shape: 'NxK'."""
+    return f"{out_features}x{in_features}"
+
+
+def read_choices(path: Path, signature: dict) -> dict[str, int]:
+    """The tiles stored at `path` under `signature`; {} if the file is missing, unreadable or for another signature."""
+    try:
+        stored = json.loads(Path(path).read_text())
+        if stored.get("signature") != signature:
+            return {}
+        return {key: int(tile) for key, tile in stored["choices"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def write_choices(path: Path, signature: dict, choices: dict[str, int]) -> None:
+    """Store `choices` under `signature` at `path` (written whole, then renamed: never half a file)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"signature": signature, "choices": choices}, indent=1))
+        partial.replace(path)
+    except OSError as error:  # a read-only or full cache folder costs the next load a re-timing, nothing more
+        log.warning("could not store the GEMV tile choices in %s: %s", path, error)
+
+
+def candidate_tiles(out_features: int) -> list[int]:
+    """Indices of int4_triton._GEMV_CONFIGS whose split-K partial sums fit the workspace for this many outputs."""
+    from . import int4_triton
+
+    return [i for i, c in enumerate(int4_triton._GEMV_CONFIGS) if split_fits(c.kwargs["SPLIT"], out_features)]
+
+
+def time_tiles(layers: list[Int4Linear], tiles: list[int]) -> dict[int, float]:
+    """Microseconds per GEMV of each tile, over `layers` (one shape) back to back in a CUDA graph."""
+    from . import int4_triton
+
+    first = layers[0]
+    x = torch.randn(1, first.in_features, dtype=torch.bfloat16, device=first.qweight.device)
+    timings = {}
+    for tile in tiles:
+        config = int4_triton.tile_config(tile)
+
+        def run(config=config):
+            for m in layers:
+                int4_triton.gemv(x, m.qweight, m.scales, m.offsets, m.in_features, m.workspace, config)
+
+        side = torch.cuda.Stream()  # the first run (a compile, if precompile missed it) off the capture stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(REPLAYS):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        timings[tile] = start.elapsed_time(end) * 1e3 / (REPLAYS * len(layers))
+        del graph
+    return timings
+
+
+def choose_tiles(model: torch.nn.Module, folder: Path | None) -> dict[str, int]:
+    """Set `tile` on every Int4Linear of `model` (on CUDA) to its shape's fastest; the choices by shape.
+
+    Shapes stored in `folder` (TILES_FILE) are taken from there; the others are timed (time_tiles)
+    and stored. Nothing happens without CUDA or Triton (the layers keep tile -1: the reference or
+    Triton's autotuner runs them).
+    """
+    from . import int4_triton
+
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.qweight.is_cuda]
+    if not layers or not int4_triton.available():
+        return {}
+    if any(m.workspace is None for m in layers):
+        share_workspace(model)
+    by_shape: dict[str, list[Int4Linear]] = {}
+    for m in layers:
+        by_shape.setdefault(shape_key(m.out_features, m.in_features), []).append(m)
+    signature = _signature()
+    path = Path(folder) / TILES_FILE if folder is not None else None
+    stored = read_choices(path, signature) if path is not None else {}
+    choices, timed = {}, False
+    for key, group in by_shape.items():
+        tile = stored.get(key)
+        if tile not in candidate_tiles(group[0].out_features):
+            started = time.perf_counter()
+            timings = time_tiles(group, candidate_tiles(group[0].out_features))
+            tile = min(timings, key=timings.get)
+            timed = True
+            log.info("GEMV %s: tile %d of %s (us per call: %s) in %.2f s", key, tile, sorted(timings),
+                     {t: round(us, 2) for t, us in timings.items()}, time.perf_counter() - started)
+        choices[key] = tile
+        for m in group:
+            m.tile = tile
+    if timed and path is not None:
+        write_choices(path, signature, {**stored, **choices})
+    return choices
