@@ -268,6 +268,7 @@ def _load_int4(engine, folder):
 def test_int4_fast_path_equals_plain_path_on_the_gpu(engine, tiny_llama, _):
     loaded = _load_int4(engine, tiny_llama)
     assert loaded.fast is not None and loaded.fast.graphs and loaded.compile_seconds > 0
+    assert loaded.fast.gemv_tiles  # each shape's GEMV tile was timed in a graph (kernels/gemv_tiles.py)
     assert loaded.fast.wait_compiled(600) and loaded.fast.compile_state == "compiled"
     # (Weight bytes vs the plan are checked at real shapes by bench/decode_speed.py: the tiny
     # model's 64-wide rows are far from the 1024-multiples the formula's padding assumes.)
