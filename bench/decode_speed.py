@@ -286,7 +286,15 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         row["step_ms_whole_cache"] = step_ms(loaded.fast, loaded.fast.windows[-1])  # the pre-window read
         plain = list(stream_generate(loaded.model, loaded.tokenizer, ids, SamplingSettings(max_new_tokens=16, temperature=0),
                                      threading.Event()))[-1]
-        row["agree_with_plain_16"] = sum(1 for _ in zip_prefix(plain.token_ids, final.token_ids))
+        row["agree_with_plain_16"] = agree = sum(1 for _ in zip_prefix(plain.token_ids, final.token_ids))
+        if agree < min(len(plain.token_ids), len(final.token_ids), 16):
+            # Where the two greedy answers part: by how much the plain forward prefers its own token to
+            # the fast path's, against the logits' scale (a near tie is within bf16's ~0.4 % of it).
+            with torch.inference_mode():
+                seq = torch.tensor([ids + plain.token_ids[:agree]], device=loaded.fast.device)
+                logits = loaded.model(seq, use_cache=False).logits[0, -1].float()
+            row["parting_margin"] = (logits[plain.token_ids[agree]] - logits[final.token_ids[agree]]).item()
+            row["parting_logit_scale"] = logits.abs().max().item()
         row["top_kernels"] = top_kernels(loaded.fast, loaded.tokenizer, ids)
         long_ids = torch.randint(0, loaded.shape.vocab_size - 2, (context - 96,),
                                  generator=torch.Generator().manual_seed(1)).tolist()
