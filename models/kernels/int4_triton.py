@@ -84,7 +84,8 @@ if triton is not None:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter (CPU tests) cannot time configs: one
         _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 16, "SPLIT": 2}, num_warps=1, num_stages=1)]
 
-    # Timing the configs on a model's first load of a shape. Triton's default warms each config up
+    # Triton's autotuner: what a GEMV of a layer without a chosen tile runs (Int4Linear.tile -1; a
+    # model's load chooses tiles in a CUDA graph instead, gemv_tiles.py). Triton's default warms each config up
     # for 25 ms and times it for 100 ms on every (N, K): on a fresh H200 that was ~0.22 s per config
     # and shape, 5 configs x 5 shapes, the most of a cold 7B warm-up's excess over a warm one
     # (decode graphs 7.8 s against 1.6 s, first forward 4.8 against 1.1: BENCHMARKS.md, session 18).
