@@ -54,11 +54,15 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 OUT="${OUT:-out/device}"
 mkdir -p "$OUT"
 if [[ -d .whl ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   [[ -d .whl/pytest ]] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site-pytest .whl/pytest/*.whl
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The image's torch has no .pyc files and its folder is not ours to write: without a writable bytecode
+# cache every process compiled torch._dynamo & co. from source again (5.9 s of a profiled second 7B
+# load in session 26, bench/results/store_profile_h200_s26*), which a user's installed torch never pays.
+export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-/tmp/pycache}"
 # The app's caches (compile artifacts, Triton's tuning) in one place for the whole call: a later
 # mode finds what an earlier one built, as a user's second load would.
 export SMALLCHAT_CACHE="${SMALLCHAT_CACHE:-/tmp/smallchat-cache}"
