@@ -17,6 +17,7 @@
 #     naive    bench/decode_speed.py, the naive generate() baselines and the streamed fp16 offload
 #     offload  bench/h2d_probe.py (host buffer kinds), then the 7B streamed fp16 offload against accelerate's
 #     gemv-tests  the GEMV's GPU tests only
+#     switch   dropdown switches between the 7B, 1.8B and Qwen in one app process, the fast path
 #     store-profile  where a second 7B load's seconds go (from the int4 store), cProfiled
 #     tiles-tests  the GEMV tile chooser's and the fast decoder's GPU tests only
 #     profile  ncu counters of the 7B's GEMVs, tuned tile against the sweep's best (bench/int4_profile.py)
@@ -95,6 +96,9 @@ run_mode() {
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
+    switch)  # dropdown switches in one app process: 7B, 1.8B, 7B, 1.8B, Qwen, 7B (bench/switch_speed.py) (~4 minutes)
+      python3 bench/switch_speed.py --sequence 7b 1.8b 7b 1.8b qwen7b 7b \
+        --out "$OUT/switch.jsonl" --md "$OUT/switch.md" 2>&1 | tail -12 ;;
     store-profile)  # two 7B loads, the second from the int4 store, each cProfiled (the file ends up the second's) (~3 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4 --profile-load \
         --out "$OUT/store_profile.jsonl" --md "$OUT/store_profile.md" 2>&1 | tail -8 ;;
