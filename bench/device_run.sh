@@ -26,6 +26,7 @@
 #     warmup   the 7B's cold load with and without the int4 precompile, cProfiled
 #     decode-short, decode-three, sweep-7b: the same, shorter (the 7B and 1.8B loads, and Qwen; the 7B's shapes)
 #     rotation-ab  the 1.8B and 7B, rotation and cache write inside the decode attention or as kernels of their own
+#     half2-stages  the half2 sweep with pipelined (cp.async) HALF2 tiles added, then pick_tiles
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     half2    the packed-fp16 GEMV tiles (HALF2) against the app's five on every shape, then the five tiles
 #              that minimise a step's GEMV time (bench/pick_tiles.py) (~4 minutes)
@@ -136,6 +137,10 @@ run_mode() {
     half2)
       python3 bench/int4_gemv_sweep.py 240 "$OUT/int4_gemv_half2.json" app half2 2>&1 | tee "$OUT/int4_gemv_half2.txt"
       python3 bench/pick_tiles.py "$OUT/int4_gemv_half2.json" 2>&1 | tee "$OUT/int4_gemv_half2_pick.md" ;;
+    half2-stages)  # the same with the HALF2 tiles pipelined (3-4 stages) as well (~8 minutes: a call of its own)
+      python3 bench/int4_gemv_sweep.py 420 "$OUT/int4_gemv_half2_stages.json" app half2 stages 2>&1 \
+        | tee "$OUT/int4_gemv_half2_stages.txt"
+      python3 bench/pick_tiles.py "$OUT/int4_gemv_half2_stages.json" 2>&1 | tee "$OUT/int4_gemv_half2_stages_pick.md" ;;
     sweep)
       python3 bench/int4_gemv_sweep.py 450 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
     profile)  # ncu on the 7B's GEMVs: the tuned tile, fixed tiles, and (after sweep-7b) its best per shape (~2 minutes)

@@ -1,10 +1,10 @@
 """GEMV tile sweep on the GPU: every (BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES) over 7B/1.8B linear shapes,
 weights rotated through > L2 so each call reads DRAM; ms per call and fraction of the copy rate.
 
-    python bench/int4_gemv_sweep.py BUDGET_S OUT.json [fused|app|7b] [half2]
+    python bench/int4_gemv_sweep.py BUDGET_S OUT.json [fused|app|7b] [half2 [stages]]
 
 half2: the packed-fp16 loop's tiles (HALF2, 4, 8 and 16 rows a thread) against the app's five tuned tiles,
-in the same run."""
+in the same run; stages: those tiles with 3-4 pipeline stages (cp.async) as well."""
 import json, math, sys, time
 import torch
 sys.path.insert(0, ".")
@@ -39,6 +39,13 @@ if "half2" in sys.argv[4:]:
              for c in kt._GEMV_CONFIGS]
             + [(bn, sp, w, 1, False, True) for bn, w in TILES + [(512, 1), (1024, 2)] if bn // (32 * w) >= 4
                for sp in (4, 8, 16, 32)])  # 4, 8 and 16 rows a thread (16: 2.26 instructions a weight, a few spills)
+    if "stages" in sys.argv[4:]:
+        # HALF2 with the next groups copied into shared memory (cp.async): the large GEMVs' HALF2 tiles
+        # reached 56-63 % of the copy rate, and the 8-row tile's fewer instructions lost to the 4-row one's
+        # fewer registers (more programs, more bytes in flight), so bytes in flight are what to add
+        # (session 26). 128 registers and 68 KB of shared memory at 512 rows, 4 warps, 3 stages (sm_90 SASS).
+        grid += [(bn, sp, w, st, False, True) for bn, w in TILES if bn // (32 * w) >= 4
+                 for sp in (2, 4, 8, 16) for st in (3, 4)]
 else:
     grid = [(*row, False) for row in grid]
 print(f"# {len(grid)} configs", flush=True)
