@@ -35,8 +35,8 @@ grid = ([(bn, sp, w, 1, True) for bn, w in TILES for sp in (8, 16, 32, 64)]
         + [(bn, sp, w, 1, False) for bn, w in TILES for sp in (8, 16, 32)]
         + [(bn, sp, w, st, False) for bn, w in TILES for sp in (2, 4, 8, 16) for st in (3, 4)])
 if "half2" in sys.argv[4:]:
-    grid = ([(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, 1, c.kwargs.get("PREFETCH", True), False)
-             for c in kt._GEMV_CONFIGS]
+    grid = ([(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.kwargs.get("LOOP_STAGES", 1),
+              c.kwargs.get("PREFETCH", True), c.kwargs.get("HALF2", False)) for c in kt._GEMV_CONFIGS]
             + [(bn, sp, w, 1, False, True) for bn, w in TILES + [(512, 1), (1024, 2)] if bn // (32 * w) >= 4
                for sp in (4, 8, 16, 32)])  # 4, 8 and 16 rows a thread (16: 2.26 instructions a weight, a few spills)
     if "stages" in sys.argv[4:]:
@@ -48,6 +48,7 @@ if "half2" in sys.argv[4:]:
                  for sp in (2, 4, 8, 16) for st in (3, 4)]
 else:
     grid = [(*row, False) for row in grid]
+grid = list(dict.fromkeys(grid))  # the app's tiles may be among the swept ones: each timed once
 print(f"# {len(grid)} configs", flush=True)
 def tile(c):
     """A tile's identity: (BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES, HALF2), from a triton.Config or a row."""
