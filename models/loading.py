@@ -119,7 +119,7 @@ def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: Mod
     from .kernels import int4_triton
     from .kernels.gemv_tiles import choose_tiles
 
-    _progress(progress, 0.8, "Capturing the decode step (tuning the int4 kernels on a first load)")
+    _progress(progress, 0.8, "Choosing the int4 GEMV tiles (timed on a first load of these shapes on this GPU)")
     fast = FastDecoder(model, max_context=min(context_tokens, shape.max_context), compile_cache_dir=cache_dir)
     waited = time.perf_counter()
     int4_triton.wait_precompiled(precompiling)
@@ -127,6 +127,7 @@ def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: Mod
     timing = time.perf_counter()
     fast.gemv_tiles = choose_tiles(model, compile_cache.cache_folder(cache_dir) if cache_dir is not None else None)
     fast.phases["gemv_tiles_s"] = time.perf_counter() - timing
+    _progress(progress, 0.85, "Capturing the decode step")
     seconds = fast.warm_up()
     fast.start_background_compile()
     _progress(progress, 0.95, f"Decode step captured in {seconds:.1f} s; compiling it in the background")
