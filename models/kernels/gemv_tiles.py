@@ -79,12 +79,13 @@ def candidate_tiles(out_features: int) -> list[int]:
     return [i for i, c in enumerate(int4_triton._GEMV_CONFIGS) if split_fits(c.kwargs["SPLIT"], out_features)]
 
 
-def time_tiles(layers: list[Int4Linear], tiles: list[int]) -> dict[int, float]:
-    """Microseconds per GEMV of each tile, over `layers` (one shape) back to back in a CUDA graph."""
+def time_tiles(layers: list[Int4Linear], tiles: list[int], dtype: torch.dtype = torch.bfloat16) -> dict[int, float]:
+    """Microseconds per GEMV of each tile, over `layers` (one shape) back to back in a CUDA graph, for activations
+    of `dtype` (the kernels precompile compiled for the model)."""
     from . import int4_triton
 
     first = layers[0]
-    x = torch.randn(1, first.in_features, dtype=torch.bfloat16, device=first.qweight.device)
+    x = torch.randn(1, first.in_features, dtype=dtype, device=first.qweight.device)
     timings = {}
     for tile in tiles:
         config = int4_triton.tile_config(tile)
@@ -130,6 +131,8 @@ def choose_tiles(model: torch.nn.Module, folder: Path | None) -> dict[str, int]:
     by_shape: dict[str, list[Int4Linear]] = {}
     for m in layers:
         by_shape.setdefault(shape_key(m.out_features, m.in_features), []).append(m)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = embeddings.weight.dtype if embeddings is not None else torch.bfloat16  # the activations' dtype
     signature = _signature()
     path = Path(folder) / TILES_FILE if folder is not None else None
     stored = read_choices(path, signature) if path is not None else {}
@@ -138,7 +141,7 @@ def choose_tiles(model: torch.nn.Module, folder: Path | None) -> dict[str, int]:
         tile = stored.get(key)
         if tile not in candidate_tiles(group[0].out_features):
             started = time.perf_counter()
-            timings = time_tiles(group, candidate_tiles(group[0].out_features))
+            timings = time_tiles(group, candidate_tiles(group[0].out_features), dtype)
             tile = min(timings, key=timings.get)
             timed = True
             log.info("GEMV %s: tile %d of %s (us per call: %s) in %.2f s", key, tile, sorted(timings),
