@@ -65,6 +65,7 @@ export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # cache every process compiled torch._dynamo & co. from source again (5.9 s of a profiled second 7B
 # load in session 26, bench/results/store_profile_h200_s26*), which a user's installed torch never pays.
 export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-/tmp/pycache}"
+unset PYTHONDONTWRITEBYTECODE  # images often set it; the cache above is the point
 # The app's caches (compile artifacts, Triton's tuning) in one place for the whole call: a later
 # mode finds what an earlier one built, as a user's second load would.
 export SMALLCHAT_CACHE="${SMALLCHAT_CACHE:-/tmp/smallchat-cache}"
