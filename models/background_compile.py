@@ -54,17 +54,33 @@ class _Closed(Exception):
     """The decoder was closed while its step was being compiled."""
 
 
-def _inductor_unless_closed(closed: threading.Event) -> Callable:
-    """torch.compile's Inductor backend, refused once `closed` is set: a decoder unloaded while its step
-    was still being traced skips Inductor (the long part), so its compile thread lets go of the model
-    within seconds. The backend holds only the event: dynamo keeps backends with its cache entries."""
+class _CompileThread(threading.Thread):
+    """The thread that compiles one decoder's step; it carries that decoder's `closed` event to the backend."""
+
+    def __init__(self, target: Callable, closed: threading.Event):
+        super().__init__(target=target, name="fast-decode-compile", daemon=True)
+        self.closed = closed
+
+
+def _inductor_unless_closed(gm, example_inputs):
+    """torch.compile's Inductor backend, refused once the compiling decoder is closed.
+
+    A decoder unloaded while its step was still being traced skips Inductor (the long part), so its
+    compile thread lets go of the model within seconds; the decoder is the one whose _CompileThread
+    runs this. Why one module-level function rather than a backend per decoder: dynamo keys its
+    cache entries by backend, so a new backend for every load made every load trace and compile
+    again. With one backend, a second load of a shape already compiled in this process (a user
+    switching back from the dropdown) finds dynamo's entry: no trace, no Inductor, only the
+    guards. Weights are inputs of the compiled layer, not constants (it already serves every layer
+    of a model), so one entry serves every model of that shape; a shape or GEMV tile that differs
+    fails a guard and compiles its own (tests/test_fast_decode.py).
+    """
     from torch._inductor.compile_fx import compile_fx
 
-    def backend(gm, example_inputs):
-        if closed.is_set():
-            raise _Closed()
-        return compile_fx(gm, example_inputs)
-    return backend
+    closed = getattr(threading.current_thread(), "closed", None)
+    if closed is not None and closed.is_set():
+        raise _Closed()
+    return compile_fx(gm, example_inputs)
 
 
 class BackgroundCompile:
@@ -81,7 +97,7 @@ class BackgroundCompile:
         _prime_inductor_tracer()
         self.compile_state = "compiling"
         self._compile_started = time.perf_counter()
-        self._compile_thread = threading.Thread(target=self._compile_and_swap, name="fast-decode-compile", daemon=True)
+        self._compile_thread = _CompileThread(self._compile_and_swap, self._closed)
         self._compile_thread.start()
         return self._compile_thread
 
@@ -112,8 +128,7 @@ class BackgroundCompile:
         return run
 
     def _backend(self):
-        inductor = _inductor_unless_closed(self._closed)
-        return lambda gm, example_inputs: self._idle_first_run(inductor(gm, example_inputs))
+        return lambda gm, example_inputs: self._idle_first_run(_inductor_unless_closed(gm, example_inputs))
 
     def _compile_once(self) -> Callable:
         if supports_layer_loop(self.model):
@@ -133,7 +148,7 @@ class BackgroundCompile:
         Its first run (which compiles) writes at the scratch position, beyond every answer's
         context, so it needs no idle decoder: nothing an answer reads or advances is touched."""
         loop = LayerLoop(self.model, self.cache)
-        layer_fn = torch.compile(run_layer, fullgraph=True, backend=_inductor_unless_closed(self._closed))
+        layer_fn = torch.compile(run_layer, fullgraph=True, backend=_inductor_unless_closed)
         positions = self.kv_positions[:self.windows[-1]]
         with torch.inference_mode():
             loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn, dynamic_window=True)

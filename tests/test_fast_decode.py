@@ -448,3 +448,34 @@ def test_inductors_one_time_fx_trace_runs_before_the_compile_thread(tiny_llama, 
         assert not thread.is_alive()
     finally:
         loop_body.InterpreterShim._dummy_gm.cache_clear()  # the next compile traces the real identity again
+
+
+def test_a_second_load_of_a_compiled_shape_reuses_the_compiled_layer(tmp_path, monkeypatch):
+    # Switching back to a model from the dropdown loads it again. Its step was compiled earlier in this
+    # process, and dynamo keeps that compile keyed by its backend: one backend for every decoder lets
+    # the second load find it (no trace, no Inductor) and still compute with its own weights. A model
+    # of another shape compiles its own.
+    import torch._inductor.compile_fx
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny import write_tiny_llama
+
+    inductor_runs = []
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", lambda gm, _: inductor_runs.append(gm) or gm.forward)
+    torch._dynamo.reset()
+    folders = {"a": write_tiny_llama(tmp_path / "a", seed=1), "a_again": write_tiny_llama(tmp_path / "b", seed=2),
+               "wider": write_tiny_llama(tmp_path / "c", seed=3, hidden_size=96, intermediate_size=160)}
+    tokenizer = AutoTokenizer.from_pretrained(folders["a"])
+    ids = tokenizer("compile once, load twice")["input_ids"]
+    runs_after, answers = {}, {}
+    for key, folder in folders.items():
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        fast = FastDecoder(model, max_context=64, compile=True)
+        fast.start_background_compile()
+        assert fast.wait_compiled(120) and fast.compile_state == "compiled", fast.compile_status()
+        runs_after[key] = len(inductor_runs)
+        answers[key] = answer(fast, tokenizer, ids, SamplingSettings(max_new_tokens=8, temperature=0)).token_ids
+        assert answers[key] == generate_greedy(model, ids, len(answers[key])), key  # its own weights
+        fast.close()
+    assert runs_after == {"a": 1, "a_again": 1, "wider": 2}
+    assert answers["a"] != answers["a_again"]  # two models, not one answer served twice
