@@ -55,6 +55,8 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          "fast-int4-unfused": ("int4", False),  # q/k/v and gate/up kept as separate GEMVs (7 a layer, not 4)
          # rotation and the cache write as kernels of their own before the decode attention (before session 24)
          "fast-int4-separate-rotation": ("int4", False),
+         # the residual add + RMSNorm as kernels of their own, not folded into the GEMVs (before session 27)
+         "fast-int4-separate-norms": ("int4", False),
          "fast-int4-no-precompile": ("int4", False)}  # the int4 kernels compiled one by one inside the warm-up
 MiB, GiB = 1024**2, 1024**3
 
@@ -174,6 +176,10 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         from models import fused_projections
 
         fused_projections.decode_step_attention = lambda *args: None
+    if path == "fast-int4-separate-norms":
+        from models import folded_norms
+
+        folded_norms.folds_norms = lambda model: False
     if path == "fast-int4-no-precompile":
         from models.kernels import int4
 

@@ -114,6 +114,14 @@ run_mode() {
       python3 bench/decode_speed.py --configs 1.8b:fast-int4-separate-rotation 1.8b:fast-int4 \
         7b:fast-int4-separate-rotation 7b:fast-int4 \
         --out "$OUT/decode_rotation_ab.jsonl" --md "$OUT/decode_rotation_ab.md" 2>&1 | tail -40 ;;
+    norms-ab)  # the 1.8B and 7B with the RMSNorms folded into the GEMVs (models/folded_norms.py), and without (~6 minutes)
+      python3 bench/decode_speed.py --configs 1.8b:fast-int4-separate-norms 1.8b:fast-int4 \
+        7b:fast-int4-separate-norms 7b:fast-int4 \
+        --out "$OUT/decode_norms_ab.jsonl" --md "$OUT/decode_norms_ab.md" 2>&1 | tail -40 ;;
+    norms-tests)  # the folded norms' GPU tests, then the fast decoder's (~2 minutes)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_int4_folded_norms.py tests/test_int4_kernels.py tests/test_fast_decode.py 2>&1 \
+        | tee "$OUT/norms_tests.txt" | tail -30 ;;
     attention)  # bench/decode_attention.py: the fused decode attention against the plain form (~1 minute)
       python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/decode_attention.txt" ;;
     attention-sweep)  # the fused decode attention's tiles, windows 512 and 4,096 (~2 minutes)
@@ -124,7 +132,8 @@ run_mode() {
         tests/test_decode_attention.py 2>&1 | tee "$OUT/attention_tests.txt" | tail -15 ;;
     gpu-tests)  # the GPU-marked tests of the kernels and the fast decoder (~3 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_gemv_tiles.py tests/test_fast_decode.py tests/test_int4_store.py 2>&1 \
+        tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_gemv_tiles.py tests/test_fast_decode.py tests/test_int4_store.py \
+        tests/test_int4_folded_norms.py 2>&1 \
         | tee "$OUT/gpu_tests_fast.txt" | tail -30 ;;
     warmup|warmup-profile)  # the 7B's cold first load with and without the threaded int4 precompile, each
              # from an empty cache (~3 minutes); warmup-profile: each load cProfiled (which slows the eager parts)
@@ -159,7 +168,7 @@ run_mode() {
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout "${TESTS_TIMEOUT:-900}" python3 -m pytest -q -p no:cacheprovider --durations=12 \
         tests/test_gpu.py tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_fast_decode.py \
         tests/test_fused_projections.py tests/test_int4_store.py tests/test_gemv_tiles.py \
-        tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30 ;;
+        tests/test_int4_folded_norms.py tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30 ;;
     *) echo "unknown mode: $1"; return 2 ;;
   esac
 }

@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "o_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
              "lock_ptr": "*i32", "N": "i32", "K": "i32", "G_COUNT": "i32", "stride_w": "i32", "stride_s": "i32",
-             "one_bits": "i32"}
-DIVISIBLE_BY_16 = ["x_ptr", "w_ptr", "s_ptr", "o_ptr", "y_ptr", "ws_ptr", "lock_ptr", "N", "K", "stride_w", "stride_s"]
+             "one_bits": "i32", "res_ptr": "*bf16", "gamma_ptr": "*bf16", "h_ptr": "*bf16", "sq_ptr": "*fp32",
+             "n_sq": "i32", "eps": "fp32"}  # the last six: the epilogue's (models/kernels/int4_epilogue.py)
+DIVISIBLE_BY_16 = ["x_ptr", "w_ptr", "s_ptr", "o_ptr", "y_ptr", "ws_ptr", "lock_ptr", "N", "K", "stride_w", "stride_s",
+                   "res_ptr", "gamma_ptr", "h_ptr", "sq_ptr"]
 _ADDRESS = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_]+(?:\.[A-Z0-9_]+)*)(.*)")
 
 
@@ -47,8 +49,9 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, extra_args: dict | 
     # Constexprs left out take the kernel's defaults, as a launch that does not name them would.
     constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty},
                   **constexprs}
-    signature = dict(SIGNATURE, **(extra_args or {}), **{name: "constexpr" for name in constexprs})
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
+    signature = {name: kind for name, kind in SIGNATURE.items() if name in fn.arg_names}  # probes have fewer
+    signature.update(**(extra_args or {}), **{name: "constexpr" for name in constexprs})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16 if name in fn.arg_names}
     source = tc.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": int4_triton.FP_FUSION}
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)

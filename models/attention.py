@@ -79,22 +79,35 @@ def decode_step_attention(module, hidden_states: torch.Tensor, position_embeddin
     no sliding window. Everything else takes transformers' forward.
     """
     position = cache.position if isinstance(cache, LayerCache) else None
-    workspace = getattr(module, WORKSPACE_ATTR, None)
-    cos, sin = position_embeddings
-    if (position is None or workspace is None or hidden_states.shape[:2] != (1, 1)
-            or module.config._attn_implementation != ATTENTION_NAME or getattr(module, "sliding_window", None)
+    cos, _ = position_embeddings
+    if (position is None or not decode_step_applies(module) or hidden_states.shape[:2] != (1, 1)
             or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.shape[2] != 1
             or cos.shape[-1] != module.head_dim):
         return None
-    qkv, bias = _without_bias(module.qkv_proj, hidden_states)
+    qkv, bias = without_bias(module.qkv_proj, hidden_states)
+    return attend_qkv(module, qkv, bias, position_embeddings, attention_mask, cache)
+
+
+def decode_step_applies(module) -> bool:
+    """Whether `module` can run a decode step through decode_attention_qkv (its own parts; the step's
+    inputs are checked by decode_step_attention)."""
+    return (getattr(module, WORKSPACE_ATTR, None) is not None and hasattr(module, "qkv_proj")
+            and module.config._attn_implementation == ATTENTION_NAME and not getattr(module, "sliding_window", None))
+
+
+def attend_qkv(module, qkv: torch.Tensor, bias: torch.Tensor | None, position_embeddings, attention_mask,
+               cache: LayerCache) -> torch.Tensor:
+    """decode_step_attention from the token's q/k/v (without their bias, which is added in the kernel)."""
+    cos, sin = position_embeddings
     query_heads = module.config.num_attention_heads
-    out = torch.ops.smallchat.decode_attention_qkv(qkv.reshape(-1), bias, cos.reshape(-1), sin.reshape(-1), position,
-                                                   cache.layer.keys, cache.layer.values, attention_mask.reshape(-1),
-                                                   module.scaling, query_heads, *workspace)
+    out = torch.ops.smallchat.decode_attention_qkv(qkv.reshape(-1), bias, cos.reshape(-1), sin.reshape(-1),
+                                                   cache.position, cache.layer.keys, cache.layer.values,
+                                                   attention_mask.reshape(-1), module.scaling, query_heads,
+                                                   *getattr(module, WORKSPACE_ATTR))
     return out.view(1, 1, query_heads * module.head_dim)
 
 
-def _without_bias(linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def without_bias(linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x W^T, the bias) of a Linear or Int4Linear: the kernel adds the bias in fp32 where it rotates, as
     Inductor fused it there, instead of a bias-add kernel of its own before the opaque op."""
     bias = getattr(linear, "bias", None)

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from . import compile_cache
-from .layer_step import LayerLoop, run_layer, supports_layer_loop
+from .layer_step import LayerLoop, supports_layer_loop
 
 log = logging.getLogger(__name__)
 # While the background compile holds the GIL for long stretches, an answer's eager prefill (which
@@ -148,7 +148,7 @@ class BackgroundCompile:
         Its first run (which compiles) writes at the scratch position, beyond every answer's
         context, so it needs no idle decoder: nothing an answer reads or advances is touched."""
         loop = LayerLoop(self.model, self.cache)
-        layer_fn = torch.compile(run_layer, fullgraph=True, backend=_inductor_unless_closed)
+        layer_fn = torch.compile(loop.layer_fn, fullgraph=True, backend=_inductor_unless_closed)
         positions = self.kv_positions[:self.windows[-1]]
         with torch.inference_mode():
             loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn, dynamic_window=True)

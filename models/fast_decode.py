@@ -31,6 +31,8 @@ Why each piece:
   attend over 512 or 1k positions, not the whole cache. Over a 4k cache that read was
   ~0.5 ms of a 4.2 ms 7B step whatever the chat's length (bench/results/decode_speed_h200_s15.md).
   The compiled step is compiled once with the window length dynamic, not once per window.
+- On the int4 path each residual add + RMSNorm is folded into the GEMVs before and after it
+  (folded_norms.py): two kernels fewer a layer.
 """
 
 from __future__ import annotations

@@ -72,25 +72,35 @@ def supports_layer_loop(model) -> bool:
 
 
 class LayerLoop:
-    """The one-token forward of a model, layer by layer, over a StaticCache."""
+    """The one-token forward of a model, layer by layer, over a StaticCache.
 
-    def __init__(self, model, cache):
+    With `fold_norms` (default: where folded_norms.folds_norms allows it) its layers run with their
+    RMSNorms folded into the int4 GEMVs (folded_norms.run_layer_folded), else as run_layer."""
+
+    def __init__(self, model, cache, fold_norms: bool | None = None):
+        from .folded_norms import folds_norms, run_layer_folded  # it builds on this module
+
         self.model = model
         self.cache_layers = list(cache.layers)
+        self.folded = folds_norms(model) if fold_norms is None else fold_norms
+        self.layer_fn: Callable = run_layer_folded if self.folded else run_layer  # what a compile compiles
+        base = model.model
+        # the norm each layer's output goes into: the next layer's input norm, the final norm after the last
+        self.next_norms = [layer.input_layernorm for layer in base.layers[1:]] + [base.norm]
 
     def logits(self, token: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
-               layer_fn: Callable = run_layer, caches: list[LayerCache] | None = None,
+               layer_fn: Callable | None = None, caches: list[LayerCache] | None = None,
                dynamic_window: bool = False) -> torch.Tensor:
         """Logits [1, V] (fp32) of one token at `pos` ([1]), attending over the cache `positions` (a window).
 
         Each layer writes its keys/values at `pos` (the compile's first run passes a scratch
         position beyond every answer's context, so it can run beside an answer). `layer_fn` runs
-        each layer (run_layer, or its compiled form); `caches` replaces the layers' caches (tests).
+        each layer (self.layer_fn, or its compiled form); `caches` replaces the layers' caches (tests).
         `dynamic_window` marks the window's length as a symbol for the compile (one compiled layer
         for every window)."""
+        layer_fn = layer_fn or self.layer_fn
         base = self.model.model
         residual = base.embed_tokens(token)
-        delta = torch.zeros_like(residual)
         position_ids = pos.view(1, 1)
         cos, sin = base.rotary_emb(residual, position_ids)
         mask = (positions <= pos).view(1, 1, 1, -1)  # stale entries past `pos` are invisible
@@ -99,6 +109,14 @@ class LayerLoop:
             # positions, and mark_dynamic's promise of 2+ failed the compile (every window is 512+).
             torch._dynamo.maybe_mark_dynamic(mask, 3)
         caches = caches or [LayerCache(layer, pos) for layer in self.cache_layers]
+        if self.folded:
+            from .folded_norms import final_logits, first_input
+
+            h, normed, sums = first_input(residual, base.layers[0].input_layernorm)
+            for layer, cache, norm in zip(base.layers, caches, self.next_norms):
+                h, normed, sums = layer_fn(layer, h, normed, sums, mask, position_ids, cache, cos, sin, norm.weight)
+            return final_logits(self.model, normed, sums)
+        delta = torch.zeros_like(residual)
         for layer, cache in zip(base.layers, caches):
             residual, delta = layer_fn(layer, residual, delta, mask, position_ids, cache, cos, sin)
         return self.model.lm_head(base.norm(residual + delta)[:, -1]).float()

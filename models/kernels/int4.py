@@ -197,9 +197,26 @@ def start_precompile(model: torch.nn.Module) -> list:
         return []
     from . import int4_triton
 
-    shapes = [(m.out_features, m.in_features) for _, m in _quantize_targets(model)]
-    shapes += [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Int4Linear)]  # stored ones
-    return int4_triton.precompile(shapes, model.get_input_embeddings().weight.dtype)  # activations' dtype
+    return int4_triton.precompile(precompile_shapes(model), model.get_input_embeddings().weight.dtype)  # activations'
+
+
+def precompile_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
+    """(N, K) of each linear that is or will be int4, with the norm-folding epilogue decode runs it with, if any."""
+    linears = [(name, m) for name, m in _quantize_targets(model)]
+    linears += [(name, m) for name, m in model.named_modules() if isinstance(m, Int4Linear)]  # stored ones
+    fused = any(name.endswith("qkv_proj") for name, _ in linears)  # only fused projections fold norms
+    return [(m.out_features, m.in_features, *_folded_epilogue(name, fused)) for name, m in linears]
+
+
+def _folded_epilogue(name: str, fused: bool) -> tuple[int, ...]:
+    """The epilogue the decode step runs the linear `name` with when it folds the norms (models/folded_norms.py),
+    in a model with fused projections (`fused`); () if none."""
+    from .int4_epilogue import RESIDUAL_NORM, SCALED
+
+    leaf = name.rpartition(".")[2]
+    if not fused or leaf not in ("qkv_proj", "gate_up_proj", "lm_head", "o_proj", "down_proj"):
+        return ()
+    return (RESIDUAL_NORM,) if leaf in ("o_proj", "down_proj") else (SCALED,)
 
 
 def quantize_model(model: torch.nn.Module, device: torch.device, progress=None) -> int:

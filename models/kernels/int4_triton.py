@@ -33,6 +33,7 @@ except ImportError:  # the CPU build of torch does not bring Triton; int4.py fal
     triton = None
 
 if triton is not None:
+    from .int4_epilogue import STORE, finish_rows
     from .int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,15 @@ if triton is not None:
             return tl.load(ptrs)
         return tl.load(ptrs, mask=nmask[None, :], other=0)
 
+    # res_ptr ... eps: the EPILOGUE's (int4_epilogue.py); a plain GEMV passes y and zeros. n_sq is not
+    # specialized on: it is a model's hidden size over a tile's BLOCK_N, which precompile cannot know.
     @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % 128 == 0})
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_sq"])
     def _gemv_body(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ws_ptr, lock_ptr, N, K, G_COUNT, stride_w, stride_s, one_bits,
+                   res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, eps,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True,
-                   LOOP_STAGES: tl.constexpr = 1, HALF2: tl.constexpr = False, H2_ASM: tl.constexpr = True):
+                   LOOP_STAGES: tl.constexpr = 1, HALF2: tl.constexpr = False, H2_ASM: tl.constexpr = True,
+                   EPILOGUE: tl.constexpr = STORE):
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
@@ -204,7 +209,7 @@ if triton is not None:
                 acc += (128.0 * s) * (tl.sum(part, axis=0) - (s16 + 16.0 * s12)) + o * (s12 + s16)
         partial = acc
         if SPLIT == 1:
-            tl.store(y_ptr + rn, partial.to(y_ptr.dtype.element_ty), mask=nmask)
+            finish_rows(partial, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, pid_n, EPILOGUE)
         else:
             # Split K: each program leaves its partial sums in the workspace; the last of the SPLIT
             # programs of these rows (counted with an atomic) adds them up and resets the counter,
@@ -217,7 +222,7 @@ if triton is not None:
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for part_no in tl.static_range(SPLIT):
                     total += tl.load(ws_ptr + part_no * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + rn, total.to(y_ptr.dtype.element_ty), mask=nmask)
+                finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, pid_n, EPILOGUE)
                 tl.atomic_xchg(lock_ptr + pid_n, 0)
 
     def _fitting_splits(configs, named_args, **kwargs):
@@ -261,23 +266,38 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     `workspace` is int4.new_workspace()'s pair (a temporary one is made if None: not inside a
     CUDA graph). `config` (BLOCK_N, SPLIT, num_warps) runs one tile shape instead of the tuned one.
     """
-    groups, n = scales.shape
-    x = x.contiguous()
+    y = torch.empty(1, scales.shape[1], dtype=x.dtype, device=x.device)
+    workspace = workspace_for(y.shape[1], x.device, workspace)
+    # no epilogue: its pointers are y's, the sums' the fp32 partials' (the types precompile compiled for)
+    launch(x, qweight, scales, offsets, in_features, y, workspace, config, (y, y, y, workspace[0], 0, 0.0))
+    return y
+
+
+def workspace_for(n: int, device: torch.device, workspace: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`workspace` if it serves N outputs, else a new one (a temporary: not inside a CUDA graph)."""
     if workspace is None or workspace[1].numel() < n:
         from .int4 import new_workspace
 
-        workspace = new_workspace(n, x.device)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        workspace = new_workspace(n, device)
+    return workspace
+
+
+def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
+           y: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor], config: dict | None,
+           epilogue_args: tuple, epilogue: int = 0) -> None:
+    """Run the GEMV of x [1, K] into y [1, N] with int4_epilogue's `epilogue` and its arguments
+    (residual, gamma, h, sums of squares, their count, eps); `config` None: Triton's autotuner."""
+    groups, n = scales.shape
+    x = x.contiguous()
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     args = (x, qweight, scales, offsets, y, workspace[0], workspace[1], n, in_features, groups, qweight.stride(0),
-            scales.stride(0), ONE_BITS)
+            scales.stride(0), ONE_BITS, *epilogue_args)
     if config is None:
-        _gemv_kernel[grid](*args, enable_fp_fusion=FP_FUSION)
+        _gemv_kernel[grid](*args, EPILOGUE=epilogue, enable_fp_fusion=FP_FUSION)
     else:
         if config.get("HALF2"):  # the interpreter runs no PTX: the same fp16 math in plain Triton there
             config = {"H2_ASM": os.environ.get("TRITON_INTERPRET") != "1", **config}
-        _gemv_body[grid](*args, **config, enable_fp_fusion=FP_FUSION)
-    return y
+        _gemv_body[grid](*args, **config, EPILOGUE=epilogue, enable_fp_fusion=FP_FUSION)
 
 
 def tile_config(index: int) -> dict:
@@ -299,9 +319,12 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Ten
 
 
 def _compile_jobs(shapes, dtype: torch.dtype) -> list:
-    """One warm-up call per distinct compiled kernel that GEMVs and dequantizes of these (N, K) shapes need."""
+    """One warm-up call per distinct compiled kernel that GEMVs and dequantizes of these shapes need.
+
+    A shape is (N, K), or (N, K, epilogue) for a GEMV that decode runs with that int4_epilogue
+    epilogue as well as plain (plain: the tile timing and any forward outside the decode step)."""
     seen, jobs = set(), []
-    for n, k in dict.fromkeys(shapes):
+    for n, k, *epilogue in dict.fromkeys(shapes):
         groups = -(-k // 128)
         # Triton compiles a kernel per specialization: each int argument is specialised on being 1 or a
         # multiple of 16, and EVEN on the shape. Shapes that agree share kernels, so each is compiled
@@ -309,13 +332,14 @@ def _compile_jobs(shapes, dtype: torch.dtype) -> list:
         spec = tuple((v == 1, v % 16 == 0) for v in (n, k, groups))
         for cfg in _fitting_splits(_GEMV_CONFIGS, {"N": n}):
             even = n % cfg.kwargs["BLOCK_N"] == 0 and k % 128 == 0
-            if ("gemv", spec, even, str(cfg)) not in seen:
-                seen.add(("gemv", spec, even, str(cfg)))
-                # Dtypes stand in for tensors (Triton's MockTensor): nothing is allocated or launched.
-                args = (dtype, torch.int32, torch.bfloat16, torch.bfloat16, dtype, torch.float32, torch.int32,
-                        n, k, groups, n, n, ONE_BITS)
-                jobs.append(lambda a=args, c=cfg: _gemv_body.warmup(*a, grid=(1,), enable_fp_fusion=FP_FUSION,
-                                                                   **c.all_kwargs()))
+            for kind in (STORE, *epilogue):
+                if ("gemv", spec, even, str(cfg), kind) not in seen:
+                    seen.add(("gemv", spec, even, str(cfg), kind))
+                    # Dtypes stand in for tensors (Triton's MockTensor): nothing is allocated or launched.
+                    args = (dtype, torch.int32, torch.bfloat16, torch.bfloat16, dtype, torch.float32, torch.int32,
+                            n, k, groups, n, n, ONE_BITS, dtype, dtype, dtype, torch.float32, 0, 0.0)
+                    jobs.append(lambda a=args, c=cfg, e=kind: _gemv_body.warmup(
+                        *a, grid=(1,), EPILOGUE=e, enable_fp_fusion=FP_FUSION, **c.all_kwargs()))
         if ("dequant", spec) not in seen:
             seen.add(("dequant", spec))
             args = (torch.int32, torch.bfloat16, torch.bfloat16, dtype, n, k, groups, n, n, n)

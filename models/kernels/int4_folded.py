@@ -1,0 +1,112 @@
+"""int4 GEMVs with an RMSNorm folded into them (int4_epilogue.py says why), as custom ops for a decode step.
+
+- int4_linear_residual_norm (o_proj, down_proj): h = residual + x W^T; returns (h, h * gamma, sums of h^2
+  per program column of rows).
+- int4_linear_scaled (qkv, gate/up, lm_head): x W^T * rsqrt(sum(sums) / K + eps) for x = h * gamma.
+Together: the layer's "residual add, RMSNorm, next projection" without a norm kernel between them.
+
+On CUDA both run the Triton GEMV with its epilogue; elsewhere (CPU tests) plain PyTorch with the same
+math, where the sums are one number. The tile is the layer's (gemv_tiles.choose_tiles) or, if none was
+chosen, the first that fits: the sums' count depends on the tile's rows, so Triton's autotuner, which
+picks a tile per call, cannot run these.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .int4 import Int4Linear, _triton_ready, dequantize_reference
+
+
+def _tile(tile: int, out_features: int) -> dict:
+    """The launch config of `tile`, or of the first tile whose split fits when none was chosen (-1)."""
+    from . import int4_triton
+    from .split_k import split_fits
+
+    if tile < 0:
+        tile = next(i for i, c in enumerate(int4_triton._GEMV_CONFIGS) if split_fits(c.kwargs["SPLIT"], out_features))
+    return int4_triton.tile_config(tile)
+
+
+def sums_count(x: torch.Tensor, out_features: int, tile: int) -> int:
+    """How many sums of squares int4_linear_residual_norm returns for an output of `out_features` rows."""
+    if not _triton_ready(x):
+        return 1
+    return -(-out_features // _tile(tile, out_features)["BLOCK_N"])
+
+
+@torch.library.custom_op("smallchat::int4_linear_scaled", mutates_args=())
+def int4_linear_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                       in_features: int, partials: torch.Tensor, counters: torch.Tensor, tile: int,
+                       sums: torch.Tensor, eps: float) -> torch.Tensor:
+    """[1, N] = (x [1, K] @ W.T) * rsqrt(sum(sums) / K + eps): the GEMV after an RMSNorm whose input times
+    its weight is x (int4_linear_residual_norm wrote both)."""
+    rows = x.reshape(1, in_features)
+    if _triton_ready(x):
+        from . import int4_epilogue, int4_triton
+
+        y = torch.empty(1, qweight.shape[1], dtype=x.dtype, device=x.device)
+        int4_triton.launch(rows, qweight, scales, offsets, in_features, y, (partials, counters),
+                           _tile(tile, qweight.shape[1]), (y, y, y, sums, sums.numel(), eps), int4_epilogue.SCALED)
+        return y
+    scale = torch.rsqrt(sums.float().sum() / in_features + eps)
+    y = F.linear(rows.float(), dequantize_reference(qweight, scales, offsets, in_features, torch.float32))
+    return (y * scale).to(x.dtype)
+
+
+@int4_linear_scaled.register_fake
+def _(x, qweight, scales, offsets, in_features, partials, counters, tile, sums, eps):
+    return x.new_empty(1, qweight.shape[1])
+
+
+@torch.library.custom_op("smallchat::int4_linear_residual_norm", mutates_args=())
+def int4_linear_residual_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                              in_features: int, partials: torch.Tensor, counters: torch.Tensor, tile: int,
+                              residual: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, h * gamma, sums of h^2 [C] fp32) for h = residual [1, N] + x [1, K] @ W.T, in the residual's dtype:
+    the GEMV before an RMSNorm with weight `gamma`, and that norm's input for int4_linear_scaled."""
+    rows = x.reshape(1, in_features)
+    n = qweight.shape[1]
+    if _triton_ready(x):
+        from . import int4_epilogue, int4_triton
+
+        normed = torch.empty(1, n, dtype=residual.dtype, device=x.device)
+        h = torch.empty_like(normed)
+        config = _tile(tile, n)
+        sums = torch.empty(-(-n // config["BLOCK_N"]), dtype=torch.float32, device=x.device)
+        int4_triton.launch(rows, qweight, scales, offsets, in_features, normed, (partials, counters), config,
+                           (residual.reshape(1, n), gamma, h, sums, sums.numel(), 0.0), int4_epilogue.RESIDUAL_NORM)
+        return h, normed, sums
+    y = F.linear(rows.float(), dequantize_reference(qweight, scales, offsets, in_features, torch.float32))
+    h = (residual.reshape(1, n).float() + y.to(residual.dtype).float()).to(residual.dtype)
+    hf = h.float()
+    return h, (hf * gamma.float()).to(residual.dtype), hf.square().sum().reshape(1)
+
+
+@int4_linear_residual_norm.register_fake
+def _(x, qweight, scales, offsets, in_features, partials, counters, tile, residual, gamma):
+    n = qweight.shape[1]
+    h = residual.new_empty(1, n)
+    return h, residual.new_empty(1, n), x.new_empty(sums_count(x, n, tile), dtype=torch.float32)
+
+
+def _workspace(linear: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    if linear.workspace is None:
+        from .int4 import new_workspace
+
+        linear.workspace = new_workspace(linear.out_features, linear.qweight.device)
+    return linear.workspace
+
+
+def scaled(linear: Int4Linear, x: torch.Tensor, sums: torch.Tensor, eps: float) -> torch.Tensor:
+    """`linear` (without its bias) on x = h * gamma, scaled as the RMSNorm of h with `sums` (its h^2 sums)."""
+    return torch.ops.smallchat.int4_linear_scaled(x, linear.qweight, linear.scales, linear.offsets, linear.in_features,
+                                                  *_workspace(linear), linear.tile, sums, eps)
+
+
+def residual_norm(linear: Int4Linear, x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor):
+    """(h, h * gamma, sums of h^2) for h = residual + `linear`(x) (a linear without bias)."""
+    return torch.ops.smallchat.int4_linear_residual_norm(x, linear.qweight, linear.scales, linear.offsets,
+                                                         linear.in_features, *_workspace(linear), linear.tile,
+                                                         residual, gamma)
