@@ -4,7 +4,7 @@ Why: each residual add + RMSNorm of a decode step was a kernel of its own, two a
 (kernels/int4_epilogue.py has the figures). Here the GEMV before a norm (o_proj, down_proj) adds its
 output to the residual and writes the norm's input times its weight and the sums of squares; the GEMV
 after it (q/k/v, gate/up, lm_head) applies the norm's scale to its finished rows. A layer of the
-one-token step is then: q/k/v GEMV, attention, o GEMV, gate/up GEMV, SiLU-mul, down GEMV.
+one-token step is then: q/k/v GEMV, attention, o GEMV, gate/up GEMV (with SiLU(gate) * up), down GEMV.
 
 Between layers the step carries (h, normed, sums): the residual stream h, h times the next norm's
 weight, and the sums of h^2 that give that norm's scale. The layer's output feeds the next layer's
@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attend_qkv, decode_step_applies
+from .fused_projections import gate_and_up
 from .kernels.int4 import Int4Linear
 from .kernels.int4_folded import residual_norm, scaled
 from .layer_step import LayerCache
 
 # RMSNorm classes whose forward is weight * (h * rsqrt(mean(h^2) + variance_epsilon)) (transformers 5.x).
 FOLDABLE_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+SILU = ("silu", "swish")  # transformers' names of the activation the gate/up epilogue applies
 
 
 def _unbiased_int4(linear) -> bool:
@@ -70,9 +72,13 @@ def run_layer_folded(layer, h: torch.Tensor, normed: torch.Tensor, sums: torch.T
     qkv = scaled(attention.qkv_proj, normed, sums, layer.input_layernorm.variance_epsilon)
     out = attend_qkv(attention, qkv, attention.qkv_proj.bias, (cos, sin), mask, cache)
     h, normed, sums = residual_norm(attention.o_proj, out.view(1, -1), h, layer.post_attention_layernorm.weight)
-    gate, up = scaled(mlp.gate_up_proj, normed, sums,
-                      layer.post_attention_layernorm.variance_epsilon).split(mlp.intermediate_size, dim=-1)
-    return residual_norm(mlp.down_proj, mlp.act_fn(gate) * up, h, next_weight)
+    eps = layer.post_attention_layernorm.variance_epsilon
+    if mlp.config.hidden_act in SILU:  # SiLU(gate) * up in the GEMV's epilogue too
+        activated = scaled(mlp.gate_up_proj, normed, sums, eps, silu_mul=True)
+    else:
+        gate, up = gate_and_up(scaled(mlp.gate_up_proj, normed, sums, eps))
+        activated = mlp.act_fn(gate) * up
+    return residual_norm(mlp.down_proj, activated, h, next_weight)
 
 
 def final_logits(model, normed: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:

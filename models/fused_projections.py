@@ -29,16 +29,18 @@ FUSABLE_ATTENTION = ("LlamaAttention", "Qwen2Attention")
 FUSABLE_MLP = ("LlamaMLP", "Qwen2MLP")
 
 
-def _concatenated(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
-    """One Linear whose output is the outputs of `linears`, in order (weights and biases concatenated)."""
+def _concatenated(linears: list[torch.nn.Linear], interleave: bool = False) -> torch.nn.Linear:
+    """One Linear whose output is the outputs of `linears`, in order (weights and biases concatenated); with
+    `interleave` (equal widths), row by row instead: output 2i is the first's output i, 2i + 1 the second's."""
     first = linears[0]
     has_bias = any(m.bias is not None for m in linears)
     out = sum(m.out_features for m in linears)
     fused = torch.nn.Linear(first.in_features, out, bias=has_bias, device="meta")
-    fused.weight = torch.nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+    join = (lambda parts: torch.stack(parts, dim=1).flatten(0, 1)) if interleave else torch.cat
+    fused.weight = torch.nn.Parameter(join([m.weight.detach() for m in linears]), requires_grad=False)
     if has_bias:
         biases = [m.bias.detach() if m.bias is not None else first.weight.new_zeros(m.out_features) for m in linears]
-        fused.bias = torch.nn.Parameter(torch.cat(biases), requires_grad=False)
+        fused.bias = torch.nn.Parameter(join(biases), requires_grad=False)
     return fused
 
 
@@ -70,9 +72,18 @@ def _fused_attention_forward(self, hidden_states, position_embeddings, attention
 
 
 def _fused_mlp_forward(self, x):
-    """transformers' gated MLP forward, with gate and up from one fused projection."""
-    gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+    """transformers' gated MLP forward, with gate and up from one fused projection (interleaved rows)."""
+    gate, up = gate_and_up(self.gate_up_proj(x))
     return self.down_proj(self.act_fn(gate) * up)
+
+
+def gate_and_up(fused_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up outputs of a fused gate/up projection, whose rows alternate gate, up (fuse_projections).
+
+    Why interleaved, not gate then up: the decode step's GEMV then finishes each gate next to its up in
+    the same program and applies SiLU(gate) * up there (kernels/int4_epilogue.py)."""
+    pairs = fused_output.unflatten(-1, (-1, 2))
+    return pairs[..., 0], pairs[..., 1]
 
 
 @functools.cache
@@ -109,7 +120,7 @@ def fuse_projections(model: torch.nn.Module) -> int:
             parts = [getattr(module, p, None) for p in ("gate_proj", "up_proj")]
             if not _plain_linears(parts) or parts[0].out_features != parts[1].out_features:
                 continue
-            module.gate_up_proj = _concatenated(parts)
+            module.gate_up_proj = _concatenated(parts, interleave=True)
             module.intermediate_size = parts[0].out_features
             del module.gate_proj, module.up_proj
         else:

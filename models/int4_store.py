@@ -36,7 +36,7 @@ from .kernels.int4 import GROUP, Int4Linear, share_workspace
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the packed layout or what is stored changes
+FORMAT = 2  # bump when the packed layout or what is stored changes (2: gate/up rows interleaved)
 WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
 STALE_PARTIAL_S = 3600  # an unfinished write this old was cut short (a write takes seconds)
 # A user comparing sizes switches between two or three int4 models; a 7B's entry is ~4.5 GB.

@@ -70,10 +70,11 @@ def test_models_it_does_not_know_are_left_alone():
 
 
 def _decode_through_layer_loop(model, ids: list[int], layer_fn=None) -> list[torch.Tensor]:
-    """Logits of each of `ids` fed one at a time through the fast decoder's layer loop (models/layer_step.py)."""
+    """Logits of each of `ids` fed one at a time through the fast decoder's layer loop (models/layer_step.py),
+    each layer run by `layer_fn` (default: the loop's own, with the norms folded on an int4 model)."""
     from transformers import StaticCache
 
-    from models.layer_step import LayerLoop, run_layer
+    from models.layer_step import LayerLoop
 
     c = model.config
     cache = StaticCache(config=c, max_cache_len=64)
@@ -81,7 +82,7 @@ def _decode_through_layer_loop(model, ids: list[int], layer_fn=None) -> list[tor
                                model.model.embed_tokens.weight.dtype, torch.device("cpu"))
     loop = LayerLoop(model, cache)
     with torch.inference_mode():
-        return [loop.logits(torch.tensor([[t]]), torch.tensor([pos]), torch.arange(64), layer_fn or run_layer)
+        return [loop.logits(torch.tensor([[t]]), torch.tensor([pos]), torch.arange(64), layer_fn)
                 for pos, t in enumerate(ids)]
 
 
@@ -142,6 +143,9 @@ def test_the_quantized_decode_step_adds_the_bias_inside_the_op(monkeypatch):
     calls = _count_op_calls(monkeypatch)
     steps = _decode_through_layer_loop(model, ids)
     assert len(calls) == len(ids) * model.config.num_hidden_layers
+    from models.folded_norms import folds_norms
+
+    assert folds_norms(model)  # the step with the norms folded into the GEMVs hands the op the bias too
     for got, expected in zip(steps, want):
         # bf16: the op adds the bias and rotates in fp32 and rounds once, the model after each op (measured:
         # up to 1.3 % of the largest logit; without the bias, far more)

@@ -57,6 +57,13 @@ for n, k in shapes:
         scaled = torch.empty(1, n, dtype=torch.bfloat16, device=device)
         int4_triton.launch(x, q, s, o, k, scaled, ws, config, (scaled, scaled, scaled, sums_in, 5, eps),
                            int4_epilogue.SCALED)
+        activated = torch.full((1, n // 2), float("nan"), dtype=torch.bfloat16, device=device)
+        int4_triton.launch(x, q, s, o, k, activated, ws, config, (activated,) * 3 + (sums_in, 5, eps),
+                           int4_epilogue.SCALED_SILU_MUL)
+        # the rows as gate, up, gate, up, ...: SiLU(gate) * up of the scaled rows, rounded where the model rounds
+        pairs = scaled.float().view(1, n // 2, 2)  # every N here is even, as a fused gate/up is
+        silu = to_bf16(pairs[..., 0] / (1 + torch.exp(-pairs[..., 0]))).float()
+        activated_want = to_bf16(silu * pairs[..., 1])
         # The plain GEMV with the same tile sums the same partials in the same order: the residual add and
         # the norm's input are then exact, bit for bit, in bf16.
         plain = int4_triton.gemv(x, q, s, o, k, ws, config)
@@ -67,6 +74,9 @@ for n, k in shapes:
                      "sums": abs(sums.sum().item() - h.float().square().sum().item()) / h.float().square().sum().item(),
                      "h_vs_reference": ((h.float() - h_ref.float()).abs().max() / h_ref.float().abs().max()).item(),
                      "scaled": ((scaled.float() - scaled_ref).abs().max() / scaled_ref.abs().max()).item(),
+                     # the same scaled rows (the same tile and sums) through SiLU-mul: one bf16 step at most
+                     "silu_mul": ((activated.float() - activated_want.float()).abs().max()
+                                  / activated_want.float().abs().max()).item(),
                      "counters_zero": bool((ws[1] == 0).all())})
     out.append(errs)
 print(json.dumps(out))
@@ -82,7 +92,7 @@ def _check_epilogues(device: str, interpret: bool) -> None:
             where = (n, k, e["config"])
             assert e["counters_zero"], where  # the split-K counters are left for the next call
             assert e["h_exact"] and e["normed_exact"], (where, e)
-            assert e["sums"] < 1e-5, (where, e)
+            assert e["sums"] < 1e-5 and e["silu_mul"] <= 2 ** -7, (where, e)
             # against the dequantized weight: the GEMV's own tolerance (bf16 output, the fp16 loop's sums);
             # h is rounded twice (y, then the sum), each a bf16 step at most (the interpreter truncates)
             assert e["scaled"] < 1e-2 and e["h_vs_reference"] < 2 ** -6, (where, e)
@@ -115,6 +125,9 @@ def test_the_ops_cpu_form_is_the_norm_around_the_linear():
     torch.testing.assert_close(sums, h.square().sum().reshape(1))
     with torch.no_grad():
         torch.testing.assert_close(scaled(q_proj, normed, sums, 1e-5), q_proj(norm(h)), atol=1e-4, rtol=1e-4)
+        gate_up = q_proj(norm(h))  # rows as gate, up, gate, up, ...
+        torch.testing.assert_close(scaled(q_proj, normed, sums, 1e-5, silu_mul=True),
+                                   torch.nn.functional.silu(gate_up[:, 0::2]) * gate_up[:, 1::2], atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +214,7 @@ def test_the_epilogues_compile_without_spilling_and_leave_the_gemv_loop_as_it_wa
     for config in (fp32_tile, half2_tile):
         plain_loop, plain_usage = loop_and_usage(config, int4_epilogue.STORE)
         assert len(plain_loop) > 50
-        for epilogue in (int4_epilogue.SCALED, int4_epilogue.RESIDUAL_NORM):
+        for epilogue in (int4_epilogue.SCALED, int4_epilogue.RESIDUAL_NORM, int4_epilogue.SCALED_SILU_MUL):
             loop, usage = loop_and_usage(config, epilogue)
             where = (capability, config.kwargs, epilogue, usage, plain_usage)
             assert usage["stack"] == 0 and usage["registers"] <= min(255, plain_usage["registers"] + 8), where
@@ -216,7 +229,7 @@ def test_precompile_builds_each_projection_with_the_epilogue_decode_runs_it_with
 
     from models.fused_projections import fuse_projections
     from models.kernels.int4 import precompile_shapes
-    from models.kernels.int4_epilogue import RESIDUAL_NORM, SCALED
+    from models.kernels.int4_epilogue import RESIDUAL_NORM, SCALED, SCALED_SILU_MUL
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     c = model.config
@@ -226,5 +239,5 @@ def test_precompile_builds_each_projection_with_the_epilogue_decode_runs_it_with
     qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * head_dim
     assert set(precompile_shapes(model)) == {
         (qkv, c.hidden_size, SCALED), (c.hidden_size, c.hidden_size, RESIDUAL_NORM),
-        (2 * c.intermediate_size, c.hidden_size, SCALED), (c.hidden_size, c.intermediate_size, RESIDUAL_NORM),
+        (2 * c.intermediate_size, c.hidden_size, SCALED_SILU_MUL), (c.hidden_size, c.intermediate_size, RESIDUAL_NORM),
         (c.vocab_size, c.hidden_size, SCALED)}

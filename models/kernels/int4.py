@@ -211,12 +211,12 @@ def precompile_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
 def _folded_epilogue(name: str, fused: bool) -> tuple[int, ...]:
     """The epilogue the decode step runs the linear `name` with when it folds the norms (models/folded_norms.py),
     in a model with fused projections (`fused`); () if none."""
-    from .int4_epilogue import RESIDUAL_NORM, SCALED
+    from .int4_epilogue import RESIDUAL_NORM, SCALED, SCALED_SILU_MUL
 
+    epilogues = {"qkv_proj": SCALED, "lm_head": SCALED, "gate_up_proj": SCALED_SILU_MUL, "o_proj": RESIDUAL_NORM,
+                 "down_proj": RESIDUAL_NORM}
     leaf = name.rpartition(".")[2]
-    if not fused or leaf not in ("qkv_proj", "gate_up_proj", "lm_head", "o_proj", "down_proj"):
-        return ()
-    return (RESIDUAL_NORM,) if leaf in ("o_proj", "down_proj") else (SCALED,)
+    return (epilogues[leaf],) if fused and leaf in epilogues else ()
 
 
 def quantize_model(model: torch.nn.Module, device: torch.device, progress=None) -> int:

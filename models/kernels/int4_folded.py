@@ -2,7 +2,8 @@
 
 - int4_linear_residual_norm (o_proj, down_proj): h = residual + x W^T; returns (h, h * gamma, sums of h^2
   per program column of rows).
-- int4_linear_scaled (qkv, gate/up, lm_head): x W^T * rsqrt(sum(sums) / K + eps) for x = h * gamma.
+- int4_linear_scaled (qkv, gate/up, lm_head): x W^T * rsqrt(sum(sums) / K + eps) for x = h * gamma; for
+  gate/up, SiLU(gate) * up of that.
 Together: the layer's "residual add, RMSNorm, next projection" without a norm kernel between them.
 
 On CUDA both run the Triton GEMV with its epilogue; elsewhere (CPU tests) plain PyTorch with the same
@@ -39,25 +40,34 @@ def sums_count(x: torch.Tensor, out_features: int, tile: int) -> int:
 @torch.library.custom_op("smallchat::int4_linear_scaled", mutates_args=())
 def int4_linear_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                        in_features: int, partials: torch.Tensor, counters: torch.Tensor, tile: int,
-                       sums: torch.Tensor, eps: float) -> torch.Tensor:
+                       sums: torch.Tensor, eps: float, silu_mul: bool = False) -> torch.Tensor:
     """[1, N] = (x [1, K] @ W.T) * rsqrt(sum(sums) / K + eps): the GEMV after an RMSNorm whose input times
-    its weight is x (int4_linear_residual_norm wrote both)."""
+    its weight is x (int4_linear_residual_norm wrote both). `silu_mul`: W is a fused gate/up whose rows
+    alternate gate, up (fused_projections.py), and the result is SiLU(gate) * up, [1, N / 2]."""
     rows = x.reshape(1, in_features)
+    n = qweight.shape[1]
     if _triton_ready(x):
         from . import int4_epilogue, int4_triton
 
-        y = torch.empty(1, qweight.shape[1], dtype=x.dtype, device=x.device)
+        y = torch.empty(1, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
+        epilogue = int4_epilogue.SCALED_SILU_MUL if silu_mul else int4_epilogue.SCALED
         int4_triton.launch(rows, qweight, scales, offsets, in_features, y, (partials, counters),
-                           _tile(tile, qweight.shape[1]), (y, y, y, sums, sums.numel(), eps), int4_epilogue.SCALED)
+                           _tile(tile, n), (y, y, y, sums, sums.numel(), eps), epilogue)
         return y
     scale = torch.rsqrt(sums.float().sum() / in_features + eps)
     y = F.linear(rows.float(), dequantize_reference(qweight, scales, offsets, in_features, torch.float32))
-    return (y * scale).to(x.dtype)
+    y = (y * scale).to(x.dtype)
+    if silu_mul:
+        from ..fused_projections import gate_and_up
+
+        gate, up = gate_and_up(y)
+        return F.silu(gate) * up
+    return y
 
 
 @int4_linear_scaled.register_fake
-def _(x, qweight, scales, offsets, in_features, partials, counters, tile, sums, eps):
-    return x.new_empty(1, qweight.shape[1])
+def _(x, qweight, scales, offsets, in_features, partials, counters, tile, sums, eps, silu_mul=False):
+    return x.new_empty(1, qweight.shape[1] // 2 if silu_mul else qweight.shape[1])
 
 
 @torch.library.custom_op("smallchat::int4_linear_residual_norm", mutates_args=())
@@ -99,10 +109,11 @@ def _workspace(linear: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
     return linear.workspace
 
 
-def scaled(linear: Int4Linear, x: torch.Tensor, sums: torch.Tensor, eps: float) -> torch.Tensor:
-    """`linear` (without its bias) on x = h * gamma, scaled as the RMSNorm of h with `sums` (its h^2 sums)."""
+def scaled(linear: Int4Linear, x: torch.Tensor, sums: torch.Tensor, eps: float, silu_mul: bool = False) -> torch.Tensor:
+    """`linear` (without its bias) on x = h * gamma, scaled as the RMSNorm of h with `sums` (its h^2 sums);
+    `silu_mul`: then SiLU(gate) * up of a fused gate/up projection."""
     return torch.ops.smallchat.int4_linear_scaled(x, linear.qweight, linear.scales, linear.offsets, linear.in_features,
-                                                  *_workspace(linear), linear.tile, sums, eps)
+                                                  *_workspace(linear), linear.tile, sums, eps, silu_mul)
 
 
 def residual_norm(linear: Int4Linear, x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor):
