@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from . import compile_cache
-from .layer_step import LayerLoop, supports_layer_loop
+from .layer_step import LayerLoop, step_inputs, supports_layer_loop
 
 log = logging.getLogger(__name__)
 # While the background compile holds the GIL for long stretches, an answer's eager prefill (which
@@ -143,17 +143,20 @@ class BackgroundCompile:
         return step
 
     def _compile_layer_once(self) -> Callable:
-        """Compile one decoder layer for all (models/layer_step.py); the step runs it per layer.
+        """Compile one decoder layer for all (models/layer_step.py), and the first layer's inputs
+        (layer_step.step_inputs); the step runs the layer per layer.
 
         Its first run (which compiles) writes at the scratch position, beyond every answer's
         context, so it needs no idle decoder: nothing an answer reads or advances is touched."""
         loop = LayerLoop(self.model, self.cache)
         layer_fn = torch.compile(loop.layer_fn, fullgraph=True, backend=_inductor_unless_closed)
+        inputs_fn = torch.compile(step_inputs, fullgraph=True, backend=_inductor_unless_closed)
         positions = self.kv_positions[:self.windows[-1]]
         with torch.inference_mode():
-            loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn, dynamic_window=True)
+            loop.logits(self._scratch_token, self._scratch_pos, positions, layer_fn, dynamic_window=True,
+                        inputs_fn=inputs_fn)
         self.compiled_layer_loop = True
-        return lambda token, pos, window: loop.logits(token, pos, window, layer_fn)
+        return lambda token, pos, window: loop.logits(token, pos, window, layer_fn, inputs_fn=inputs_fn)
 
     def _compile_and_swap(self) -> None:
         interval = sys.getswitchinterval()

@@ -6,7 +6,7 @@ output to the residual and writes the norm's input times its weight and the sums
 after it (q/k/v, gate/up, lm_head) applies the norm's scale to its finished rows. A layer of the
 one-token step is then: q/k/v GEMV, attention, o GEMV, gate/up GEMV (with SiLU(gate) * up), down GEMV.
 
-Between layers the step carries (h, normed, sums): the residual stream h, h times the next norm's
+Between layers the step carries (h, normed, sums; layer_step.step_inputs makes the first): the residual stream h, h times the next norm's
 weight, and the sums of h^2 that give that norm's scale. The layer's output feeds the next layer's
 input norm (or the model's final norm), so each layer is handed that norm's weight: a tensor input,
 so that one compiled layer still serves every layer (layer_step.py).
@@ -52,13 +52,6 @@ def folds_norms(model) -> bool:
                 and _unbiased_int4(getattr(mlp, "down_proj", None))):
             return False
     return True
-
-
-def first_input(hidden: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h, h * weight, sums of h^2) of the embedded token `hidden` for the first layer's input norm."""
-    h = hidden.reshape(1, -1)
-    hf = h.float()
-    return h, (hf * norm.weight.float()).to(h.dtype), hf.square().sum().reshape(1)
 
 
 def run_layer_folded(layer, h: torch.Tensor, normed: torch.Tensor, sums: torch.Tensor, mask: torch.Tensor,

@@ -90,33 +90,52 @@ class LayerLoop:
 
     def logits(self, token: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
                layer_fn: Callable | None = None, caches: list[LayerCache] | None = None,
-               dynamic_window: bool = False) -> torch.Tensor:
+               dynamic_window: bool = False, inputs_fn: Callable = None) -> torch.Tensor:
         """Logits [1, V] (fp32) of one token at `pos` ([1]), attending over the cache `positions` (a window).
 
         Each layer writes its keys/values at `pos` (the compile's first run passes a scratch
         position beyond every answer's context, so it can run beside an answer). `layer_fn` runs
-        each layer (self.layer_fn, or its compiled form); `caches` replaces the layers' caches (tests).
+        each layer (self.layer_fn, or its compiled form), `inputs_fn` makes the first layer's inputs
+        (step_inputs, or its compiled form); `caches` replaces the layers' caches (tests).
         `dynamic_window` marks the window's length as a symbol for the compile (one compiled layer
         for every window)."""
         layer_fn = layer_fn or self.layer_fn
         base = self.model.model
-        residual = base.embed_tokens(token)
-        position_ids = pos.view(1, 1)
-        cos, sin = base.rotary_emb(residual, position_ids)
-        mask = (positions <= pos).view(1, 1, 1, -1)  # stale entries past `pos` are invisible
         if dynamic_window:
             # maybe_: a hint, not a constraint. On an H200 the trace guarded on windows of 129+
             # positions, and mark_dynamic's promise of 2+ failed the compile (every window is 512+).
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
+        first_norm = base.layers[0].input_layernorm if self.folded else None
+        state, cos, sin, mask = (inputs_fn or step_inputs)(base, token, pos, positions, first_norm)
+        if dynamic_window:
             torch._dynamo.maybe_mark_dynamic(mask, 3)
+        position_ids = pos.view(1, 1)
         caches = caches or [LayerCache(layer, pos) for layer in self.cache_layers]
         if self.folded:
-            from .folded_norms import final_logits, first_input
+            from .folded_norms import final_logits
 
-            h, normed, sums = first_input(residual, base.layers[0].input_layernorm)
             for layer, cache, norm in zip(base.layers, caches, self.next_norms):
-                h, normed, sums = layer_fn(layer, h, normed, sums, mask, position_ids, cache, cos, sin, norm.weight)
-            return final_logits(self.model, normed, sums)
-        delta = torch.zeros_like(residual)
+                state = layer_fn(layer, *state, mask, position_ids, cache, cos, sin, norm.weight)
+            return final_logits(self.model, *state[1:])
         for layer, cache in zip(base.layers, caches):
-            residual, delta = layer_fn(layer, residual, delta, mask, position_ids, cache, cos, sin)
+            state = layer_fn(layer, *state, mask, position_ids, cache, cos, sin)
+        residual, delta = state
         return self.model.lm_head(base.norm(residual + delta)[:, -1]).float()
+
+
+def step_inputs(base, token: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor, first_norm=None):
+    """The first layer's inputs in a one-token step: (state, cos, sin, mask).
+
+    The state is the embedded token as (residual, delta = 0), or with `first_norm` (the first layer's
+    input norm, when the norms are folded: folded_norms.py) as (h, h * its weight, the sum of h^2).
+    A function of its own so that the background compile compiles it beside the layer: run eagerly,
+    the embedding, the rotary embedding's cos and sin, the mask and the first norm's sums were a
+    dozen small kernels one after another in every step."""
+    hidden = base.embed_tokens(token)
+    cos, sin = base.rotary_emb(hidden, pos.view(1, 1))
+    mask = (positions <= pos).view(1, 1, 1, -1)  # stale entries past `pos` are invisible
+    if first_norm is None:
+        return (hidden, torch.zeros_like(hidden)), cos, sin, mask
+    h = hidden.reshape(1, -1)
+    hf = h.float()
+    return (h, (hf * first_norm.weight.float()).to(h.dtype), hf.square().sum().reshape(1)), cos, sin, mask
