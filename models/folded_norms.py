@@ -54,6 +54,20 @@ def folds_norms(model) -> bool:
     return True
 
 
+def mark_epilogues(model) -> None:
+    """Tell each int4 linear the epilogue run_layer_folded runs it with (Int4Linear.epilogue): its tile is timed
+    with it (kernels/gemv_tiles.py)."""
+    from .kernels.int4_epilogue import RESIDUAL_NORM, SCALED, SCALED_SILU_MUL
+
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        attention.qkv_proj.epilogue = SCALED
+        attention.o_proj.epilogue = mlp.down_proj.epilogue = RESIDUAL_NORM
+        mlp.gate_up_proj.epilogue = SCALED_SILU_MUL if mlp.config.hidden_act in SILU else SCALED
+    if isinstance(model.lm_head, Int4Linear):
+        model.lm_head.epilogue = SCALED
+
+
 def run_layer_folded(layer, h: torch.Tensor, normed: torch.Tensor, sums: torch.Tensor, mask: torch.Tensor,
                      position_ids: torch.Tensor, cache: LayerCache, cos: torch.Tensor, sin: torch.Tensor,
                      next_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -78,11 +78,13 @@ class LayerLoop:
     RMSNorms folded into the int4 GEMVs (folded_norms.run_layer_folded), else as run_layer."""
 
     def __init__(self, model, cache, fold_norms: bool | None = None):
-        from .folded_norms import folds_norms, run_layer_folded  # it builds on this module
+        from .folded_norms import folds_norms, mark_epilogues, run_layer_folded  # it builds on this module
 
         self.model = model
         self.cache_layers = list(cache.layers)
         self.folded = folds_norms(model) if fold_norms is None else fold_norms
+        if self.folded:
+            mark_epilogues(model)
         self.layer_fn: Callable = run_layer_folded if self.folded else run_layer  # what a compile compiles
         base = model.model
         # the norm each layer's output goes into: the next layer's input norm, the final norm after the last

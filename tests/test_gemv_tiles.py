@@ -92,3 +92,24 @@ def test_chosen_tiles_fit_compute_the_same_and_are_reused_from_disk(tmp_path, mo
     (tmp_path / gemv_tiles.TILES_FILE).write_text("{broken")
     assert set(gemv_tiles.choose_tiles(_model(shapes[:1]), tmp_path)) == {"1024x1024"}  # re-timed, rewritten
     assert set(json.loads((tmp_path / gemv_tiles.TILES_FILE).read_text())["choices"]) == {"1024x1024"}
+
+
+def test_a_shape_run_with_a_folded_norm_epilogue_is_keyed_apart():
+    from models.kernels.int4_epilogue import RESIDUAL_NORM, SCALED_SILU_MUL
+
+    assert gemv_tiles.shape_key(4096, 4096) == "4096x4096"  # a plain GEMV: the key stored before epilogues
+    assert gemv_tiles.shape_key(4096, 4096, RESIDUAL_NORM) == "4096x4096/2"
+    assert gemv_tiles.shape_key(28672, 4096, SCALED_SILU_MUL) == "28672x4096/3"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiles_are_timed_with_each_layers_epilogue(tmp_path):
+    from models.kernels.int4_epilogue import RESIDUAL_NORM, SCALED, SCALED_SILU_MUL
+
+    model = _model([(2048, 2048)] * 4 + [(16384, 2048)] * 2)
+    for m, epilogue in zip(model, [0, 0, RESIDUAL_NORM, SCALED, SCALED_SILU_MUL, SCALED_SILU_MUL]):
+        m.epilogue = epilogue
+    choices = gemv_tiles.choose_tiles(model, tmp_path)
+    assert set(choices) == {"2048x2048", "2048x2048/2", "2048x2048/1", "16384x2048/3"}
+    assert all(m.tile in gemv_tiles.candidate_tiles(m.out_features) for m in model)

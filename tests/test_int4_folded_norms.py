@@ -10,8 +10,9 @@ import torch
 
 from tests.kernel_check import run_check
 
-# (N, K): a hidden size of 64 ... 1000, ragged N and K among them
-SHAPES = [(64, 128), (48, 200), (130, 256), (96, 1000), (256, 384)]
+# (N, K, RMS of x): a hidden size of 64 ... 1000, ragged N and K among them; x as large as a residual
+# stream's outliers (2e5: the packed-fp16 loop's sums would overflow fp16 if x were not scaled as loaded)
+SHAPES = [(64, 128, 1.0), (48, 200, 0.02), (130, 256, 1.0), (96, 1000, 2e5), (256, 384, 30.0)]
 
 _EPILOGUE_CHECK = r"""
 import json, sys, torch
@@ -33,13 +34,14 @@ def to_bf16(t):  # fp32 to bf16 as the kernel rounds: to nearest even on a GPU; 
 
 
 out = []
-for n, k in shapes:
+for n, k, x_size in shapes:
     q, s, o = int4.quantize(torch.randn(n, k, device=device))
     w = int4.dequantize_reference(q, s, o, k, torch.float32)
-    x = torch.randn(1, k, device=device).bfloat16()
+    # x as the GEMV after a folded norm sees it: h * g, h not normalized (x_size: its RMS)
+    x = (x_size * torch.randn(1, k, device=device)).bfloat16()
     residual = (3 * torch.randn(1, n, device=device)).bfloat16()
     gamma = (1 + 0.3 * torch.randn(n, device=device)).bfloat16()
-    sums_in = torch.rand(5, device=device) * k
+    sums_in = (x.float().square().sum() / 5 * (0.5 + torch.rand(5, device=device))).contiguous()
     eps = 1e-6
     y = x.float() @ w.T
     h_ref = (residual.float() + y.bfloat16().float()).bfloat16()
@@ -86,7 +88,7 @@ print(json.dumps(out))
 def _check_epilogues(device: str, interpret: bool) -> None:
     rows = run_check(_EPILOGUE_CHECK, SHAPES, device, interpret)
     assert len(rows) == len(SHAPES)
-    for (n, k), errs in zip(SHAPES, rows):
+    for (n, k, _), errs in zip(SHAPES, rows):
         assert errs, (n, k)
         for e in errs:
             where = (n, k, e["config"])
@@ -152,6 +154,12 @@ def test_a_decode_step_with_folded_norms_equals_the_unfolded_one(tiny_int4_model
     model, tokenizer = tiny_int4_model
     fast = FastDecoder(model, max_context=128)
     assert folds_norms(model) and fast._layer_loop.folded
+    from models.kernels.int4_epilogue import RESIDUAL_NORM, SCALED, SCALED_SILU_MUL
+
+    layer = model.model.layers[0]  # each linear knows the epilogue its tile is to be timed with
+    assert (layer.self_attn.qkv_proj.epilogue, layer.self_attn.o_proj.epilogue, layer.mlp.gate_up_proj.epilogue,
+            layer.mlp.down_proj.epilogue, model.lm_head.epilogue) == (SCALED, RESIDUAL_NORM, SCALED_SILU_MUL,
+                                                                     RESIDUAL_NORM, SCALED)
     folded, unfolded = fast._layer_loop, LayerLoop(model, fast.cache, fold_norms=False)
     positions = torch.arange(fast.windows[-1])
     with torch.inference_mode():
@@ -217,7 +225,9 @@ def test_the_epilogues_compile_without_spilling_and_leave_the_gemv_loop_as_it_wa
         for epilogue in (int4_epilogue.SCALED, int4_epilogue.RESIDUAL_NORM, int4_epilogue.SCALED_SILU_MUL):
             loop, usage = loop_and_usage(config, epilogue)
             where = (capability, config.kwargs, epilogue, usage, plain_usage)
-            assert usage["stack"] == 0 and usage["registers"] <= min(255, plain_usage["registers"] + 8), where
+            # a few more registers at most (measured: up to 20 on sm_86, for the x scale the packed-fp16
+            # loop takes as an argument); the tile timing times each shape with its epilogue
+            assert usage["stack"] == 0 and usage["registers"] <= min(255, plain_usage["registers"] + 24), where
             assert abs(len(loop) - len(plain_loop)) <= 0.01 * len(plain_loop), (where, len(loop), len(plain_loop))
     # ragged rows, as an lm_head of 92,544 rows has on the 256- and 512-row tiles
     _, usage = loop_and_usage(half2_tile, int4_epilogue.SCALED, even=False)

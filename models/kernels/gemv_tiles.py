@@ -1,8 +1,9 @@
 """Each int4 GEMV shape's tile, chosen the way decode runs it, and remembered on disk.
 
 Every candidate tile (int4_triton._GEMV_CONFIGS, those whose split fits the shape) runs the model's
-own layers of that shape back to back in one CUDA graph, as a decode step does, and the fastest per
-call is kept on each layer (Int4Linear.tile), which the GEMV then launches directly.
+own layers of that shape back to back in one CUDA graph, as a decode step does (with the epilogue the
+step runs them with: Int4Linear.epilogue, int4_epilogue.py), and the fastest per call is kept on each
+layer (Int4Linear.tile), which the GEMV then launches directly.
 
 Why not Triton's autotuner (int4_triton._gemv_kernel): it times one launch at a time, each after
 clearing L2, which is not the regime of a decode step, where a graph runs the GEMVs back to back and
@@ -44,9 +45,9 @@ def _signature() -> dict:
     return {"triton": int4_triton.triton.__version__, "tiles": [str(c) for c in int4_triton._GEMV_CONFIGS]}
 
 
-def shape_key(out_features: int, in_features: int) -> str:
-    """The stored choices' key of a GEMV shape: 'NxK'."""
-    return f"{out_features}x{in_features}"
+def shape_key(out_features: int, in_features: int, epilogue: int = 0) -> str:
+    """The stored choices' key of a GEMV shape: 'NxK', and '/e' for a GEMV run with epilogue e (not 0: a plain store)."""
+    return f"{out_features}x{in_features}" + (f"/{epilogue}" if epilogue else "")
 
 
 def read_choices(path: Path, signature: dict) -> dict[str, int]:
@@ -80,19 +81,21 @@ def candidate_tiles(out_features: int) -> list[int]:
 
 
 def time_tiles(layers: list[Int4Linear], tiles: list[int], dtype: torch.dtype = torch.bfloat16) -> dict[int, float]:
-    """Microseconds per GEMV of each tile, over `layers` (one shape) back to back in a CUDA graph, for activations
-    of `dtype` (the kernels precompile compiled for the model)."""
+    """Microseconds per GEMV of each tile, over `layers` (one shape and epilogue) back to back in a CUDA graph, for
+    activations of `dtype` (the kernels precompile compiled for the model)."""
     from . import int4_triton
+    from .int4_folded import epilogue_call
 
     first = layers[0]
     x = torch.randn(1, first.in_features, dtype=dtype, device=first.qweight.device)
     timings = {}
     for tile in tiles:
         config = int4_triton.tile_config(tile)
+        calls = [epilogue_call(m, x, config) for m in layers]
 
-        def run(config=config):
-            for m in layers:
-                int4_triton.gemv(x, m.qweight, m.scales, m.offsets, m.in_features, m.workspace, config)
+        def run(calls=calls):
+            for call in calls:
+                call()
 
         side = torch.cuda.Stream()  # the first run (a compile, if precompile missed it) off the capture stream
         side.wait_stream(torch.cuda.current_stream())
@@ -130,7 +133,7 @@ def choose_tiles(model: torch.nn.Module, folder: Path | None) -> dict[str, int]:
         share_workspace(model)
     by_shape: dict[str, list[Int4Linear]] = {}
     for m in layers:
-        by_shape.setdefault(shape_key(m.out_features, m.in_features), []).append(m)
+        by_shape.setdefault(shape_key(m.out_features, m.in_features, m.epilogue), []).append(m)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     dtype = embeddings.weight.dtype if embeddings is not None else torch.bfloat16  # the activations' dtype
     signature = _signature()

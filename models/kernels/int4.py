@@ -131,6 +131,9 @@ class Int4Linear(torch.nn.Module):
         # Split-K scratch, shared by every layer of a model (share_workspace); not a weight.
         self.workspace: tuple[torch.Tensor, torch.Tensor] | None = None
         self.tile = -1  # the GEMV tile timed fastest for this shape (gemv_tiles.choose_tiles); -1: Triton's autotuner
+        # The epilogue (int4_epilogue.py) the decode step runs this layer with, when it folds the norms
+        # (folded_norms.py marks it): the tile is timed with it.
+        self.epilogue = 0
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Int4Linear":

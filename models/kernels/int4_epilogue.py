@@ -8,12 +8,15 @@ is g * h * rsqrt(mean(h^2) + eps), and its rsqrt is one number per token, so it 
 - RESIDUAL_NORM, the GEMV before the norm (o_proj, down_proj): adds its rows y to the residual r and
   writes h = r + y (the next residual), h * g (the norm's input, unscaled) and, per program column,
   the sum of h^2 over its rows.
-- SCALED, the GEMV after it (qkv, gate/up, lm_head): reads h * g as its x and multiplies its finished
-  rows by rsqrt(sum of those sums / K + eps): W (g h rsqrt(..)) = rsqrt(..) W (g h).
+- SCALED, the GEMV after it (qkv, gate/up, lm_head): reads h * g as its x and applies the norm's scale
+  rsqrt(sum of those sums / K + eps) (norm_scale): W (g h rsqrt(..)) = rsqrt(..) W (g h). The fp32 loop
+  multiplies its finished rows by it; the packed-fp16 loop (int4_half2.py) multiplies x by it as it
+  loads x, which it scales anyway: h is not normalized, and a model's large activations (1e4 and
+  more in some residual streams) would otherwise overflow its fp16 sums.
 - SCALED_SILU_MUL, for a fused gate/up GEMV whose rows alternate gate, up (fused_projections.py): the
   same scale, then SiLU(gate) * up, written as N / 2 rows: the MLP's activation kernel goes too.
 All run in the program that finishes a column of rows (the only one, or the last of a split K), on
-a few values per row; the GEMV's loop is untouched. Rounding: h is rounded to the activations' dtype
+a few values per row; the GEMV's loop is untouched (the scale of x aside). Rounding: h is rounded to the activations' dtype
 as the model's add does; the norm's output is not rounded before the matmul (the model rounds it to
 bf16 first), a difference of bf16 rounding (tests/test_int4_folded_norms.py).
 """
@@ -28,16 +31,20 @@ SUMS_BLOCK = tl.constexpr(64)  # sums of squares read per step by a SCALED epilo
 
 
 @triton.jit
-def finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, column,
-                EPILOGUE: tl.constexpr):
+def norm_scale(sq_ptr, n_sq, K, eps):
+    """rsqrt(mean of h^2 + eps) of the folded RMSNorm: the n_sq sums of squares at sq_ptr, over K values."""
+    sums = tl.zeros([SUMS_BLOCK], dtype=tl.float32)
+    for start in range(0, n_sq, SUMS_BLOCK):
+        i = start + tl.arange(0, SUMS_BLOCK)
+        sums += tl.load(sq_ptr + i, mask=i < n_sq, other=0.0)
+    return tl.rsqrt(tl.sum(sums, axis=0) / K + eps)
+
+
+@triton.jit
+def finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, scale, column, EPILOGUE: tl.constexpr):
     """Write the finished fp32 rows `total` (rows rn of this program column) as EPILOGUE says."""
     out_ty = y_ptr.dtype.element_ty
-    if EPILOGUE == 1 or EPILOGUE == 3:  # SCALED, SCALED_SILU_MUL
-        sums = tl.zeros([SUMS_BLOCK], dtype=tl.float32)
-        for start in range(0, n_sq, SUMS_BLOCK):
-            i = start + tl.arange(0, SUMS_BLOCK)
-            sums += tl.load(sq_ptr + i, mask=i < n_sq, other=0.0)
-        scale = tl.rsqrt(tl.sum(sums, axis=0) / K + eps)
+    if EPILOGUE == 1 or EPILOGUE == 3:  # SCALED, SCALED_SILU_MUL: `scale` is norm_scale's, or 1 if x had it
         if EPILOGUE == 1:
             tl.store(y_ptr + rn, (total * scale).to(out_ty), mask=nmask)
         else:

@@ -121,3 +121,26 @@ def residual_norm(linear: Int4Linear, x: torch.Tensor, residual: torch.Tensor, g
     return torch.ops.smallchat.int4_linear_residual_norm(x, linear.qweight, linear.scales, linear.offsets,
                                                          linear.in_features, *_workspace(linear), linear.tile,
                                                          residual, gamma)
+
+
+def epilogue_call(linear: Int4Linear, x: torch.Tensor, config: dict):
+    """A call of `linear`'s GEMV on x [1, K] with tile `config` and its epilogue (Int4Linear.epilogue), on inputs
+    made once here: what gemv_tiles times. The norm's sums give a scale of about 1."""
+    from . import int4_epilogue, int4_triton
+
+    n, k = linear.out_features, linear.in_features
+    workspace = int4_triton.workspace_for(n, x.device, linear.workspace)
+    if linear.epilogue == int4_epilogue.STORE:
+        return lambda: int4_triton.gemv(x, linear.qweight, linear.scales, linear.offsets, k, workspace, config)
+    epilogue = linear.epilogue
+    if epilogue == int4_epilogue.RESIDUAL_NORM:
+        y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        residual, gamma, h = torch.zeros_like(y), torch.ones(n, dtype=x.dtype, device=x.device), torch.empty_like(y)
+        sums = torch.empty(-(-n // config["BLOCK_N"]), dtype=torch.float32, device=x.device)
+        args = (residual, gamma, h, sums, sums.numel(), 0.0)
+    else:
+        y = torch.empty(1, n // 2 if epilogue == int4_epilogue.SCALED_SILU_MUL else n, dtype=x.dtype, device=x.device)
+        sums = torch.full((1,), float(k), device=x.device)
+        args = (y, y, y, sums, 1, 1e-6)
+    return lambda: int4_triton.launch(x, linear.qweight, linear.scales, linear.offsets, k, y, workspace, config, args,
+                                      epilogue)

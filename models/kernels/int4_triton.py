@@ -33,7 +33,7 @@ except ImportError:  # the CPU build of torch does not bring Triton; int4.py fal
     triton = None
 
 if triton is not None:
-    from .int4_epilogue import STORE, finish_rows
+    from .int4_epilogue import STORE, finish_rows, norm_scale
     from .int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,13 @@ if triton is not None:
         g_lo = tl.program_id(1) * g_per
         g_hi = tl.minimum(g_lo + g_per, G_COUNT)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # A folded RMSNorm's scale (int4_epilogue.py): the packed-fp16 loop applies it to x as it loads x
+        # (it scales x anyway), which keeps x in fp16's range whatever the size of the unnormalized h;
+        # the fp32 loop to the finished rows, after the loop (computed before it, the scale took a
+        # 128-row tile from 168 to 254 registers on sm_90).
+        x_scale = H2_X_SCALE_
+        if HALF2 and (EPILOGUE == 1 or EPILOGUE == 3):
+            x_scale = H2_X_SCALE_ * norm_scale(sq_ptr, n_sq, K, eps)
         # HALF2 (models/kernels/int4_half2.py): fp16 pairs of 1.0 made from the run-time one_bits, so
         # that they sit in a register as one_bits does (see ONE_BITS)
         h2_one = one_bits - ONE_TO_H2_ONE
@@ -184,7 +191,7 @@ if triton is not None:
                 s = tl.load(s_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)
                 o = tl.load(o_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)
             if HALF2:
-                dot, sx = group_dot_h2(words, x_ptr, g, rw, K, h2_one, EVEN, H2_ASM)
+                dot, sx = group_dot_h2(words, x_ptr, g, rw, K, h2_one, EVEN, H2_ASM, x_scale)
                 # sum_k q x = 64 (16 dot + 8 sum x'), sum_k x = 64 sum x'
                 acc += (16.0 / H2_X_SCALE_) * s * dot + (8.0 * s + o) * (sx / H2_X_SCALE_)
             else:
@@ -208,8 +215,11 @@ if triton is not None:
                 s16 = tl.sum(x16, axis=0)
                 acc += (128.0 * s) * (tl.sum(part, axis=0) - (s16 + 16.0 * s12)) + o * (s12 + s16)
         partial = acc
+        end_scale = 1.0  # the folded norm's scale still to apply to the finished rows
+        if not HALF2 and (EPILOGUE == 1 or EPILOGUE == 3):
+            end_scale = norm_scale(sq_ptr, n_sq, K, eps)
         if SPLIT == 1:
-            finish_rows(partial, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, pid_n, EPILOGUE)
+            finish_rows(partial, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, end_scale, pid_n, EPILOGUE)
         else:
             # Split K: each program leaves its partial sums in the workspace; the last of the SPLIT
             # programs of these rows (counted with an atomic) adds them up and resets the counter,
@@ -222,7 +232,7 @@ if triton is not None:
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for part_no in tl.static_range(SPLIT):
                     total += tl.load(ws_ptr + part_no * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
-                finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, pid_n, EPILOGUE)
+                finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, end_scale, pid_n, EPILOGUE)
                 tl.atomic_xchg(lock_ptr + pid_n, 0)
 
     def _fitting_splits(configs, named_args, **kwargs):
