@@ -9,7 +9,9 @@ QKVParallelLinear / MergedColumnParallelLinear); transformers' Llama and Qwen2 k
 
 How: the full-precision weights are concatenated along the output dimension *before* they are
 quantized, so the int4 weight of the fused layer holds, row for row, exactly what the separate
-ones would (int4 groups run along the input dimension, one output row at a time). The attention
+ones would (int4 groups run along the input dimension, one output row at a time). q/k/v are laid
+end to end; gate and up alternate row by row (gate_and_up), so that the decode step's GEMV finishes
+each gate beside its up and applies the activation there (kernels/int4_epilogue.py). The attention
 and MLP modules get a forward that calls the fused layer and splits its output; otherwise it is
 transformers' own forward, line for line (rotary, cache update, the attention interface).
 """
