@@ -41,10 +41,15 @@ def norm_scale(sq_ptr, n_sq, K, eps):
 
 
 @triton.jit
-def finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, scale, column, EPILOGUE: tl.constexpr):
-    """Write the finished fp32 rows `total` (rows rn of this program column) as EPILOGUE says."""
+def finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, column,
+                EPILOGUE: tl.constexpr, SCALE_ROWS: tl.constexpr):
+    """Write the finished fp32 rows `total` (rows rn of this program column) as EPILOGUE says. SCALE_ROWS: a
+    SCALED epilogue applies the norm's scale here (else the loop applied it to x)."""
     out_ty = y_ptr.dtype.element_ty
-    if EPILOGUE == 1 or EPILOGUE == 3:  # SCALED, SCALED_SILU_MUL: `scale` is norm_scale's, or 1 if x had it
+    if EPILOGUE == 1 or EPILOGUE == 3:  # SCALED, SCALED_SILU_MUL
+        scale = 1.0
+        if SCALE_ROWS:
+            scale = norm_scale(sq_ptr, n_sq, K, eps)
         if EPILOGUE == 1:
             tl.store(y_ptr + rn, (total * scale).to(out_ty), mask=nmask)
         else:

@@ -156,8 +156,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         # A folded RMSNorm's scale (int4_epilogue.py): the packed-fp16 loop applies it to x as it loads x
         # (it scales x anyway), which keeps x in fp16's range whatever the size of the unnormalized h;
-        # the fp32 loop to the finished rows, after the loop (computed before it, the scale took a
-        # 128-row tile from 168 to 254 registers on sm_90).
+        # the fp32 loop to the finished rows, in the program that finishes them (computed before the
+        # loop, the scale took a 128-row tile from 168 to 254 registers on sm_90).
         x_scale = H2_X_SCALE_
         if HALF2 and (EPILOGUE == 1 or EPILOGUE == 3):
             x_scale = H2_X_SCALE_ * norm_scale(sq_ptr, n_sq, K, eps)
@@ -215,11 +215,9 @@ if triton is not None:
                 s16 = tl.sum(x16, axis=0)
                 acc += (128.0 * s) * (tl.sum(part, axis=0) - (s16 + 16.0 * s12)) + o * (s12 + s16)
         partial = acc
-        end_scale = 1.0  # the folded norm's scale still to apply to the finished rows
-        if not HALF2 and (EPILOGUE == 1 or EPILOGUE == 3):
-            end_scale = norm_scale(sq_ptr, n_sq, K, eps)
         if SPLIT == 1:
-            finish_rows(partial, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, end_scale, pid_n, EPILOGUE)
+            finish_rows(partial, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, pid_n,
+                        EPILOGUE, not HALF2)
         else:
             # Split K: each program leaves its partial sums in the workspace; the last of the SPLIT
             # programs of these rows (counted with an atomic) adds them up and resets the counter,
@@ -232,7 +230,8 @@ if triton is not None:
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for part_no in tl.static_range(SPLIT):
                     total += tl.load(ws_ptr + part_no * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
-                finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, end_scale, pid_n, EPILOGUE)
+                finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, pid_n,
+                            EPILOGUE, not HALF2)
                 tl.atomic_xchg(lock_ptr + pid_n, 0)
 
     def _fitting_splits(configs, named_args, **kwargs):
