@@ -282,3 +282,31 @@ def test_each_layer_of_the_folded_step_is_five_ops_and_nothing_between_them(tiny
     layer = ["smallchat.int4_linear_scaled", "smallchat.decode_attention_qkv", "smallchat.int4_linear_residual_norm",
              "smallchat.int4_linear_scaled", "smallchat.int4_linear_residual_norm"]
     assert between == layer * model.config.num_hidden_layers + ["smallchat.int4_linear_scaled"]
+
+
+def test_a_tied_lm_head_takes_the_final_norms_scale_in_plain_pytorch(tiny_llama):
+    # Qwen2.5-1.5B ties its lm_head to the embeddings: it stays a plain Linear on the int4 path (the table
+    # must stay a lookup), so the final norm's scale is applied before it, not in a GEMV epilogue.
+    from transformers import AutoModelForCausalLM
+
+    from models.fast_decode import FastDecoder
+    from models.fused_projections import fuse_projections
+    from models.kernels.int4 import Int4Linear, quantize_model
+    from models.layer_step import LayerLoop
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    fuse_projections(model)
+    quantize_model(model, torch.device("cpu"))
+    assert type(model.lm_head) is torch.nn.Linear and not isinstance(model.lm_head, Int4Linear)
+    fast = FastDecoder(model, max_context=64)
+    assert fast._layer_loop.folded
+    unfolded = LayerLoop(model, fast.cache, fold_norms=False)
+    positions = torch.arange(fast.windows[-1])
+    with torch.inference_mode():
+        for pos, token in ((0, 9), (1, 33)):
+            at = torch.tensor([pos])
+            want = unfolded.logits(torch.tensor([[token]]), at, positions)
+            got = fast._layer_loop.logits(torch.tensor([[token]]), at, positions)
+            torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0)
+            assert int(got.argmax()) == int(want.argmax())
