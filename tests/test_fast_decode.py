@@ -467,7 +467,10 @@ def test_a_second_load_of_a_compiled_shape_reuses_the_compiled_layer(tmp_path, m
                "wider": write_tiny_llama(tmp_path / "c", seed=3, hidden_size=96, intermediate_size=160)}
     tokenizer = AutoTokenizer.from_pretrained(folders["a"])
     ids = tokenizer("compile once, load twice")["input_ids"]
-    runs_after, answers = {}, {}
+    import gc
+    import weakref
+
+    runs_after, answers, models = {}, {}, []
     for key, folder in folders.items():
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         fast = FastDecoder(model, max_context=64, compile=True)
@@ -477,6 +480,10 @@ def test_a_second_load_of_a_compiled_shape_reuses_the_compiled_layer(tmp_path, m
         answers[key] = answer(fast, tokenizer, ids, SamplingSettings(max_new_tokens=8, temperature=0)).token_ids
         assert answers[key] == generate_greedy(model, ids, len(answers[key])), key  # its own weights
         fast.close()
+        models.append(weakref.ref(model))
+        del model, fast
+    gc.collect()
+    assert all(ref() is None for ref in models)  # dynamo's shared entries hold no model: unloading frees it
     # each compile builds two graphs: the layer, and the first layer's inputs (layer_step.step_inputs)
     assert runs_after == {"a": 2, "a_again": 2, "wider": 4}
     assert answers["a"] != answers["a_again"]  # two models, not one answer served twice
