@@ -10,9 +10,10 @@ is g * h * rsqrt(mean(h^2) + eps), and its rsqrt is one number per token, so it 
   the sum of h^2 over its rows.
 - SCALED, the GEMV after it (qkv, gate/up, lm_head): reads h * g as its x and applies the norm's scale
   rsqrt(sum of those sums / K + eps) (norm_scale): W (g h rsqrt(..)) = rsqrt(..) W (g h). The fp32 loop
-  multiplies its finished rows by it; the packed-fp16 loop (int4_half2.py) multiplies x by it as it
-  loads x, which it scales anyway: h is not normalized, and a model's large activations (1e4 and
-  more in some residual streams) would otherwise overflow its fp16 sums.
+  multiplies its finished rows by it; the packed-fp16 loop (int4_half2.py) multiplies x by its power
+  of two as it loads x, which it scales anyway (exact: x stays what it was, in fp16), and the rows
+  by the rest: h is not normalized, and a model's large activations (1e4 and more in some residual
+  streams) would otherwise overflow its fp16 sums.
 - SCALED_SILU_MUL, for a fused gate/up GEMV whose rows alternate gate, up (fused_projections.py): the
   same scale, then SiLU(gate) * up, written as N / 2 rows: the MLP's activation kernel goes too.
 All run in the program that finishes a column of rows (the only one, or the last of a split K), on
@@ -41,13 +42,13 @@ def norm_scale(sq_ptr, n_sq, K, eps):
 
 
 @triton.jit
-def finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, column,
+def finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, row_scale, column,
                 EPILOGUE: tl.constexpr, SCALE_ROWS: tl.constexpr):
-    """Write the finished fp32 rows `total` (rows rn of this program column) as EPILOGUE says. SCALE_ROWS: a
-    SCALED epilogue applies the norm's scale here (else the loop applied it to x)."""
+    """Write the finished fp32 rows `total` (rows rn of this program column) as EPILOGUE says. A SCALED
+    epilogue multiplies them by the norm's scale (SCALE_ROWS) or by `row_scale`, what the loop left of it."""
     out_ty = y_ptr.dtype.element_ty
     if EPILOGUE == 1 or EPILOGUE == 3:  # SCALED, SCALED_SILU_MUL
-        scale = 1.0
+        scale = row_scale
         if SCALE_ROWS:
             scale = norm_scale(sq_ptr, n_sq, K, eps)
         if EPILOGUE == 1:

@@ -158,9 +158,15 @@ if triton is not None:
         # (it scales x anyway), which keeps x in fp16's range whatever the size of the unnormalized h;
         # the fp32 loop to the finished rows, in the program that finishes them (computed before the
         # loop, the scale took a 128-row tile from 168 to 254 registers on sm_90).
+        # Its power of two goes into x's scale (x * 2**e is as exact in fp16 as x: no rounding added), the
+        # rest (1 to 2) onto the finished rows (row_scale).
         x_scale = H2_X_SCALE_
+        row_scale = 1.0
         if HALF2 and (EPILOGUE == 1 or EPILOGUE == 3):
-            x_scale = H2_X_SCALE_ * norm_scale(sq_ptr, n_sq, K, eps)
+            rms_scale = norm_scale(sq_ptr, n_sq, K, eps)
+            power = tl.exp2(tl.floor(tl.log2(rms_scale)))
+            x_scale = H2_X_SCALE_ * power
+            row_scale = rms_scale / power
         # HALF2 (models/kernels/int4_half2.py): fp16 pairs of 1.0 made from the run-time one_bits, so
         # that they sit in a register as one_bits does (see ONE_BITS)
         h2_one = one_bits - ONE_TO_H2_ONE
@@ -216,8 +222,8 @@ if triton is not None:
                 acc += (128.0 * s) * (tl.sum(part, axis=0) - (s16 + 16.0 * s12)) + o * (s12 + s16)
         partial = acc
         if SPLIT == 1:
-            finish_rows(partial, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, pid_n,
-                        EPILOGUE, not HALF2)
+            finish_rows(partial, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, row_scale,
+                        pid_n, EPILOGUE, not HALF2)
         else:
             # Split K: each program leaves its partial sums in the workspace; the last of the SPLIT
             # programs of these rows (counted with an atomic) adds them up and resets the counter,
@@ -230,8 +236,8 @@ if triton is not None:
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for part_no in tl.static_range(SPLIT):
                     total += tl.load(ws_ptr + part_no * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
-                finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, pid_n,
-                            EPILOGUE, not HALF2)
+                finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, row_scale,
+                            pid_n, EPILOGUE, not HALF2)
                 tl.atomic_xchg(lock_ptr + pid_n, 0)
 
     def _fitting_splits(configs, named_args, **kwargs):
