@@ -313,11 +313,13 @@ def test_precompile_plans_one_compile_per_distinct_kernel():
     assert uneven and len(with_head) == len(tiles) + 1 + len(uneven)
     assert len(int4_triton._compile_jobs(seven_b + [(4608, 3584)], torch.bfloat16)) == 2 * (len(tiles) + 1)
     assert int4_triton.precompile(seven_b) == [] or torch.cuda.is_available()  # nothing to compile without CUDA
-    # with the norms folded (models/folded_norms.py) each tile also runs with the two epilogues
-    from models.kernels.int4_epilogue import RESIDUAL_NORM, SCALED
+    # with the norms folded (models/folded_norms.py) each tile runs with the layer's epilogue instead
+    from models.kernels.int4_epilogue import RESIDUAL_NORM, SCALED, SCALED_SILU_MUL
 
-    folded = [(6144, 4096, SCALED), (4096, 4096, RESIDUAL_NORM), (28672, 4096, SCALED), (4096, 14336, RESIDUAL_NORM)]
-    assert len(int4_triton._compile_jobs(folded, torch.bfloat16)) == 3 * len(tiles) + 1
+    folded = [(6144, 4096, SCALED), (4096, 4096, RESIDUAL_NORM), (28672, 4096, SCALED_SILU_MUL),
+              (4096, 14336, RESIDUAL_NORM)]
+    wide = len(int4_triton._fitting_splits(tiles, {"N": 28672}))  # the 64-way split does not fit 28,672 rows
+    assert len(int4_triton._compile_jobs(folded, torch.bfloat16)) == 2 * len(tiles) + wide + 1
 
 
 @pytest.mark.gpu

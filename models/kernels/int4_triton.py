@@ -336,8 +336,8 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Ten
 def _compile_jobs(shapes, dtype: torch.dtype) -> list:
     """One warm-up call per distinct compiled kernel that GEMVs and dequantizes of these shapes need.
 
-    A shape is (N, K), or (N, K, epilogue) for a GEMV that decode runs with that int4_epilogue
-    epilogue as well as plain (plain: the tile timing and any forward outside the decode step)."""
+    A shape is (N, K), or (N, K, epilogue) for a GEMV that decode runs (and its tile is timed) with that
+    int4_epilogue epilogue instead of the plain store."""
     seen, jobs = set(), []
     for n, k, *epilogue in dict.fromkeys(shapes):
         groups = -(-k // 128)
@@ -347,7 +347,7 @@ def _compile_jobs(shapes, dtype: torch.dtype) -> list:
         spec = tuple((v == 1, v % 16 == 0) for v in (n, k, groups))
         for cfg in _fitting_splits(_GEMV_CONFIGS, {"N": n}):
             even = n % cfg.kwargs["BLOCK_N"] == 0 and k % 128 == 0
-            for kind in (STORE, *epilogue):
+            for kind in epilogue or (STORE,):
                 if ("gemv", spec, even, str(cfg), kind) not in seen:
                     seen.add(("gemv", spec, even, str(cfg), kind))
                     # Dtypes stand in for tensors (Triton's MockTensor): nothing is allocated or launched.
