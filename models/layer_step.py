@@ -92,7 +92,7 @@ class LayerLoop:
 
     def logits(self, token: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
                layer_fn: Callable | None = None, caches: list[LayerCache] | None = None,
-               dynamic_window: bool = False, inputs_fn: Callable = None) -> torch.Tensor:
+               dynamic_window: bool = False, inputs_fn: Callable | None = None) -> torch.Tensor:
         """Logits [1, V] (fp32) of one token at `pos` ([1]), attending over the cache `positions` (a window).
 
         Each layer writes its keys/values at `pos` (the compile's first run passes a scratch
