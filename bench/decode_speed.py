@@ -228,7 +228,8 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         loaded.fast.wait_compiled()
         extra.update(full_speed_s=time.perf_counter() - started, compile_state=loaded.fast.compile_status(),
                      background_compile_s=loaded.fast.background_compile_seconds, warm_compile_cache=warm_cache,
-                     phases={k: round(v, 2) for k, v in loaded.fast.phases.items()})
+                     phases={k: round(v, 2) for k, v in loaded.fast.phases.items()},
+                     norms_folded=loaded.fast.norms_folded)  # folded_norms.py (or its fallback: separate kernels)
         from models.kernels import int4_triton
 
         if int4_triton.available():  # each (N, K)'s GEMV tile: timed in a graph (or stored), or Triton's autotuner's

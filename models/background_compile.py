@@ -148,7 +148,7 @@ class BackgroundCompile:
 
         Its first run (which compiles) writes at the scratch position, beyond every answer's
         context, so it needs no idle decoder: nothing an answer reads or advances is touched."""
-        loop = LayerLoop(self.model, self.cache)
+        loop = LayerLoop(self.model, self.cache, fold_norms=self.norms_folded)  # as the uncompiled step runs
         layer_fn = torch.compile(loop.layer_fn, fullgraph=True, backend=_inductor_unless_closed)
         inputs_fn = torch.compile(step_inputs, fullgraph=True, backend=_inductor_unless_closed)
         positions = self.kv_positions[:self.windows[-1]]

@@ -403,6 +403,26 @@ class FastDecoder(BackgroundCompile):
         Call once per model load: requests only replay what was captured. Compiling the step
         is start_background_compile's job, so a load waits seconds, not minutes.
         """
+        try:
+            return self._warm_up_once()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - only the folded step is retried; anything else is raised below
+            if self._layer_loop is None or not self._layer_loop.folded:
+                raise
+            # The norms folded into the GEMVs (folded_norms.py) are the newest kernels of the step: if they
+            # fail on this GPU, the step runs them as separate kernels, as before, rather than not at all.
+            log.warning("the decode step with its norms folded into the int4 GEMVs failed; running them as "
+                        "separate kernels", exc_info=True)
+            self._layer_loop = LayerLoop(self.model, self.cache, fold_norms=False)
+            return self._warm_up_once()
+
+    @property
+    def norms_folded(self) -> bool:
+        """Whether the one-token step runs with its RMSNorms folded into the int4 GEMVs (folded_norms.py)."""
+        return self._layer_loop is not None and self._layer_loop.folded
+
+    def _warm_up_once(self) -> float:
         started = time.perf_counter()
         with self._busy, torch.inference_mode():
             n = min(8, self.max_context - 4)

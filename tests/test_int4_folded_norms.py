@@ -190,9 +190,9 @@ def test_models_without_int4_projections_keep_their_norms(tiny_llama):
     assert not FastDecoder(model, max_context=64)._layer_loop.folded
 
 
-@pytest.mark.parametrize("capability", [90, 86])
+@pytest.mark.parametrize("capability", [90, 89, 86])
 def test_the_epilogues_compile_without_spilling_and_leave_the_gemv_loop_as_it_was(capability):
-    """Hopper and consumer Ampere, compiled here (no GPU needed): with either folded-norm epilogue the GEMV
+    """Hopper, and the 8 GB cards' Ada and Ampere, compiled here (no GPU needed): with either folded-norm epilogue the GEMV
     fits the register file without spilling, and its loop over the weights is the plain GEMV's (as many
     instructions within 1 %: ptxas picks between equivalent forms, IMAD.SHL for SHF.L, differently each time)."""
     pytest.importorskip("triton")
@@ -310,3 +310,28 @@ def test_a_tied_lm_head_takes_the_final_norms_scale_in_plain_pytorch(tiny_llama)
             got = fast._layer_loop.logits(torch.tensor([[token]]), at, positions)
             torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0)
             assert int(got.argmax()) == int(want.argmax())
+
+
+def test_a_folded_step_that_fails_falls_back_to_separate_norms_and_still_answers(tiny_int4_model):
+    # The epilogue kernels are the step's newest: if one fails on a GPU (a compile error, say), the
+    # decoder runs the norms as kernels of their own, as before, instead of failing the load.
+    from models.fast_decode import FastDecoder
+    from models.generation import SamplingSettings
+
+    model, tokenizer = tiny_int4_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an epilogue that does not compile here")
+
+    fast = FastDecoder(model, max_context=64)
+    fast._layer_loop.layer_fn = broken  # the folded layer, as this GPU would run it
+    assert fast.norms_folded
+    fast.warm_up()
+    assert not fast.norms_folded
+    ids = tokenizer("Hello world")["input_ids"]
+    answer = list(fast.stream(tokenizer, ids, SamplingSettings(max_new_tokens=8, temperature=0),
+                              threading.Event()))[-1].token_ids
+    with torch.inference_mode():
+        want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert answer == want
