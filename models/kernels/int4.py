@@ -148,11 +148,15 @@ class Int4Linear(torch.nn.Module):
 
     def forward_unbiased(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T without the bias (for a kernel that adds it where it uses the output)."""
-        if self.workspace is None:
-            self.workspace = new_workspace(self.out_features, self.qweight.device)
-        partials, counters = self.workspace
+        partials, counters = self.split_workspace()
         return torch.ops.smallchat.int4_linear(x, self.qweight, self.scales, self.offsets, self.in_features,
                                                partials, counters, self.tile)
+
+    def split_workspace(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split-K workspace the GEMV runs with: the model's shared one, or one of its own made now."""
+        if self.workspace is None:
+            self.workspace = new_workspace(self.out_features, self.qweight.device)
+        return self.workspace
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}, int4"

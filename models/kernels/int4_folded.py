@@ -101,25 +101,17 @@ def _(x, qweight, scales, offsets, in_features, partials, counters, tile, residu
     return h, residual.new_empty(1, n), x.new_empty(sums_count(x, n, tile), dtype=torch.float32)
 
 
-def _workspace(linear: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    if linear.workspace is None:
-        from .int4 import new_workspace
-
-        linear.workspace = new_workspace(linear.out_features, linear.qweight.device)
-    return linear.workspace
-
-
 def scaled(linear: Int4Linear, x: torch.Tensor, sums: torch.Tensor, eps: float, silu_mul: bool = False) -> torch.Tensor:
     """`linear` (without its bias) on x = h * gamma, scaled as the RMSNorm of h with `sums` (its h^2 sums);
     `silu_mul`: then SiLU(gate) * up of a fused gate/up projection."""
     return torch.ops.smallchat.int4_linear_scaled(x, linear.qweight, linear.scales, linear.offsets, linear.in_features,
-                                                  *_workspace(linear), linear.tile, sums, eps, silu_mul)
+                                                  *linear.split_workspace(), linear.tile, sums, eps, silu_mul)
 
 
 def residual_norm(linear: Int4Linear, x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor):
     """(h, h * gamma, sums of h^2) for h = residual + `linear`(x) (a linear without bias)."""
     return torch.ops.smallchat.int4_linear_residual_norm(x, linear.qweight, linear.scales, linear.offsets,
-                                                         linear.in_features, *_workspace(linear), linear.tile,
+                                                         linear.in_features, *linear.split_workspace(), linear.tile,
                                                          residual, gamma)
 
 
