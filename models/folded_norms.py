@@ -6,8 +6,8 @@ output to the residual and writes the norm's input times its weight and the sums
 after it (q/k/v, gate/up, lm_head) applies the norm's scale to its finished rows. A layer of the
 one-token step is then: q/k/v GEMV, attention, o GEMV, gate/up GEMV (with SiLU(gate) * up), down GEMV.
 
-Between layers the step carries (h, normed, sums; layer_step.step_inputs makes the first): the residual stream h, h times the next norm's
-weight, and the sums of h^2 that give that norm's scale. The layer's output feeds the next layer's
+Between layers the step carries (h, normed, sums): the residual stream h, h times the next norm's
+weight, and the sums of h^2 that give that norm's scale (layer_step.step_inputs makes the first). The layer's output feeds the next layer's
 input norm (or the model's final norm), so each layer is handed that norm's weight: a tensor input,
 so that one compiled layer still serves every layer (layer_step.py).
 
@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attend_qkv, decode_step_applies
-from .fused_projections import gate_and_up
 from .kernels.int4 import Int4Linear
-from .kernels.int4_folded import residual_norm, scaled
+from .kernels.int4_folded import gate_and_up, residual_norm, scaled
 from .layer_step import LayerCache
 
 # RMSNorm classes whose forward is weight * (h * rsqrt(mean(h^2) + variance_epsilon)) (transformers 5.x).

@@ -24,6 +24,7 @@ import sys
 import torch
 
 from .attention import decode_step_attention
+from .kernels.int4_folded import gate_and_up
 
 # transformers modules whose forward the fused one reproduces (checked against transformers 5.x).
 # Qwen3 (q/k norms) and InternLM2's remote code are not among them: they keep their own forward.
@@ -74,18 +75,10 @@ def _fused_attention_forward(self, hidden_states, position_embeddings, attention
 
 
 def _fused_mlp_forward(self, x):
-    """transformers' gated MLP forward, with gate and up from one fused projection (interleaved rows)."""
+    """transformers' gated MLP forward, with gate and up from one fused projection (interleaved rows:
+    gate_and_up says why)."""
     gate, up = gate_and_up(self.gate_up_proj(x))
     return self.down_proj(self.act_fn(gate) * up)
-
-
-def gate_and_up(fused_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate and up outputs of a fused gate/up projection, whose rows alternate gate, up (fuse_projections).
-
-    Why interleaved, not gate then up: the decode step's GEMV then finishes each gate next to its up in
-    the same program and applies SiLU(gate) * up there (kernels/int4_epilogue.py)."""
-    pairs = fused_output.unflatten(-1, (-1, 2))
-    return pairs[..., 0], pairs[..., 1]
 
 
 @functools.cache

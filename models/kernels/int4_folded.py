@@ -34,7 +34,22 @@ def sums_count(x: torch.Tensor, out_features: int, tile: int) -> int:
     """How many sums of squares int4_linear_residual_norm returns for an output of `out_features` rows."""
     if not _triton_ready(x):
         return 1
-    return -(-out_features // _tile(tile, out_features)["BLOCK_N"])
+    return _columns(out_features, _tile(tile, out_features))
+
+
+def _columns(out_features: int, config: dict) -> int:
+    """Program columns of a GEMV over `out_features` rows with tile `config`: one sum of squares each."""
+    return -(-out_features // config["BLOCK_N"])
+
+
+def gate_and_up(fused_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up outputs of a fused gate/up projection, whose rows alternate gate, up
+    (fused_projections.fuse_projections).
+
+    Why interleaved, not gate then up: the decode step's GEMV then finishes each gate next to its up in
+    the same program and applies SiLU(gate) * up there (int4_epilogue.SCALED_SILU_MUL)."""
+    pairs = fused_output.unflatten(-1, (-1, 2))
+    return pairs[..., 0], pairs[..., 1]
 
 
 @torch.library.custom_op("smallchat::int4_linear_scaled", mutates_args=())
@@ -58,8 +73,6 @@ def int4_linear_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     y = F.linear(rows.float(), dequantize_reference(qweight, scales, offsets, in_features, torch.float32))
     y = (y * scale).to(x.dtype)
     if silu_mul:
-        from ..fused_projections import gate_and_up
-
         gate, up = gate_and_up(y)
         return F.silu(gate) * up
     return y
@@ -84,7 +97,7 @@ def int4_linear_residual_norm(x: torch.Tensor, qweight: torch.Tensor, scales: to
         normed = torch.empty(1, n, dtype=residual.dtype, device=x.device)
         h = torch.empty_like(normed)
         config = _tile(tile, n)
-        sums = torch.empty(-(-n // config["BLOCK_N"]), dtype=torch.float32, device=x.device)
+        sums = torch.empty(_columns(n, config), dtype=torch.float32, device=x.device)
         int4_triton.launch(rows, qweight, scales, offsets, in_features, normed, (partials, counters), config,
                            (residual.reshape(1, n), gamma, h, sums, sums.numel(), 0.0), int4_epilogue.RESIDUAL_NORM)
         return h, normed, sums
@@ -128,7 +141,7 @@ def epilogue_call(linear: Int4Linear, x: torch.Tensor, config: dict):
     if epilogue == int4_epilogue.RESIDUAL_NORM:
         y = torch.empty(1, n, dtype=x.dtype, device=x.device)
         residual, gamma, h = torch.zeros_like(y), torch.ones(n, dtype=x.dtype, device=x.device), torch.empty_like(y)
-        sums = torch.empty(-(-n // config["BLOCK_N"]), dtype=torch.float32, device=x.device)
+        sums = torch.empty(_columns(n, config), dtype=torch.float32, device=x.device)
         args = (residual, gamma, h, sums, sums.numel(), 0.0)
     else:
         y = torch.empty(1, n // 2 if epilogue == int4_epilogue.SCALED_SILU_MUL else n, dtype=x.dtype, device=x.device)
