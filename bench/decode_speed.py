@@ -57,7 +57,10 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          "fast-int4-separate-rotation": ("int4", False),
          # the residual add + RMSNorm as kernels of their own, not folded into the GEMVs (before session 27)
          "fast-int4-separate-norms": ("int4", False),
-         "fast-int4-no-precompile": ("int4", False)}  # the int4 kernels compiled one by one inside the warm-up
+         "fast-int4-no-precompile": ("int4", False),  # the int4 kernels compiled one by one inside the warm-up
+         # programmatic dependent launch (models/kernels/pdl.py) at level 1 (early launch) or 2 (+ L2 prefetch);
+         # fast-int4 runs SMALLCHAT_PDL's level (0 unless set)
+         "fast-int4-pdl1": ("int4", False), "fast-int4-pdl2": ("int4", False)}
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -98,6 +101,13 @@ def host_to_device_bandwidth(nbytes: int = 256 * MiB, reps: int = 10) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return rate
+
+
+def pdl_level(model) -> int:
+    """The programmatic-dependent-launch level the model's kernels were launched at (models/kernels/pdl.py)."""
+    from models.kernels import pdl
+
+    return pdl.level(next(model.parameters()).device)
 
 
 def step_ms(fast, window: int | None = None, reps: int = 100) -> float:
@@ -166,6 +176,10 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
     quant, stream = PATHS[path]
     from models import fast_decode
 
+    if path.startswith("fast-int4-pdl"):
+        from models.kernels import pdl
+
+        os.environ[pdl.ENV] = path.removeprefix("fast-int4-pdl")  # read at each launch: before the first
     if path == "fast-int4-no-prefill-graphs":
         fast_decode.PREFILL_BUCKETS = ()
     if path == "fast-int4-unfused":
@@ -229,7 +243,8 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         extra.update(full_speed_s=time.perf_counter() - started, compile_state=loaded.fast.compile_status(),
                      background_compile_s=loaded.fast.background_compile_seconds, warm_compile_cache=warm_cache,
                      phases={k: round(v, 2) for k, v in loaded.fast.phases.items()},
-                     norms_folded=loaded.fast.norms_folded)  # folded_norms.py (or its fallback: separate kernels)
+                     norms_folded=loaded.fast.norms_folded,  # folded_norms.py (or its fallback: separate kernels)
+                     pdl_level=pdl_level(loaded.model))
         from models.kernels import int4_triton
 
         if int4_triton.available():  # each (N, K)'s GEMV tile: timed in a graph (or stored), or Triton's autotuner's

@@ -27,6 +27,8 @@
 #     decode-short, decode-three, sweep-7b: the same, shorter (the 7B and 1.8B loads, and Qwen; the 7B's shapes)
 #     rotation-ab  the 1.8B and 7B, rotation and cache write inside the decode attention or as kernels of their own
 #     half2-stages  the half2 sweep with pipelined (cp.async) HALF2 tiles added, then pick_tiles
+#     pdl-tests  the kernels' and fast decoder's GPU tests with programmatic dependent launch at level 2 (~4 min)
+#     pdl-ab   the 1.8B at PDL levels 0, 1, 2 and the 7B at 0 and 2 (models/kernels/pdl.py) (~7 min)
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     half2    the packed-fp16 GEMV tiles (HALF2) against the app's five on every shape, then the five tiles
 #              that minimise a step's GEMV time (bench/pick_tiles.py) (~4 minutes)
@@ -118,6 +120,14 @@ run_mode() {
       python3 bench/decode_speed.py --configs 1.8b:fast-int4-separate-norms 1.8b:fast-int4 \
         7b:fast-int4-separate-norms 7b:fast-int4 \
         --out "$OUT/decode_norms_ab.jsonl" --md "$OUT/decode_norms_ab.md" 2>&1 | tail -40 ;;
+    pdl-tests)  # every GPU test of the kernels and the fast decoder, the kernels launched early (pdl.py level 2)
+      SMALLCHAT_PDL=2 PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_pdl.py tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_int4_folded_norms.py \
+        tests/test_gemv_tiles.py tests/test_fast_decode.py 2>&1 | tee "$OUT/pdl_tests.txt" | tail -30 ;;
+    pdl-ab)  # decode with programmatic dependent launch off (0), early launch (1), + L2 prefetch (2) (~7 minutes)
+      python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-pdl1 1.8b:fast-int4-pdl2 \
+        7b:fast-int4 7b:fast-int4-pdl2 \
+        --out "$OUT/decode_pdl_ab.jsonl" --md "$OUT/decode_pdl_ab.md" 2>&1 | tail -40 ;;
     norms-tests)  # the folded norms' GPU tests, then the fast decoder's (~2 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_folded_norms.py tests/test_int4_kernels.py tests/test_fast_decode.py 2>&1 \

@@ -116,13 +116,13 @@ def _attach_fast_decoder(model: torch.nn.Module, context_tokens: int, shape: Mod
     the background (FastDecoder.start_background_compile)."""
     from . import compile_cache
     from .fast_decode import FastDecoder
-    from .kernels import int4_triton
+    from .kernels import int4_precompile
     from .kernels.gemv_tiles import choose_tiles
 
     _progress(progress, 0.8, "Choosing the int4 GEMV tiles (timed on a first load of these shapes on this GPU)")
     fast = FastDecoder(model, max_context=min(context_tokens, shape.max_context), compile_cache_dir=cache_dir)
     waited = time.perf_counter()
-    int4_triton.wait_precompiled(precompiling)
+    int4_precompile.wait_precompiled(precompiling)
     fast.phases["precompile_wait_s"] = time.perf_counter() - waited
     timing = time.perf_counter()
     fast.gemv_tiles = choose_tiles(model, compile_cache.cache_folder(cache_dir) if cache_dir is not None else None)

@@ -303,39 +303,41 @@ def test_precompile_plans_one_compile_per_distinct_kernel():
     int4_triton = pytest.importorskip("models.kernels.int4_triton")
     if not int4_triton.available():
         pytest.skip("no Triton")
+    from models.kernels import int4_precompile
+
     tiles = int4_triton._GEMV_CONFIGS
     seven_b = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-    assert len(int4_triton._compile_jobs(seven_b, torch.bfloat16)) == len(tiles) + 1  # + the dequantize
-    assert len(int4_triton._compile_jobs(seven_b * 2, torch.bfloat16)) == len(tiles) + 1
-    with_head = int4_triton._compile_jobs(seven_b + [(92544, 4096)], torch.bfloat16)
+    assert len(int4_precompile.compile_jobs(seven_b, torch.bfloat16)) == len(tiles) + 1  # + the dequantize
+    assert len(int4_precompile.compile_jobs(seven_b * 2, torch.bfloat16)) == len(tiles) + 1
+    with_head = int4_precompile.compile_jobs(seven_b + [(92544, 4096)], torch.bfloat16)
     head_tiles = int4_triton._fitting_splits(tiles, {"N": 92544})
     uneven = [c for c in head_tiles if 92544 % c.kwargs["BLOCK_N"]]
     assert uneven and len(with_head) == len(tiles) + 1 + len(uneven)
-    assert len(int4_triton._compile_jobs(seven_b + [(4608, 3584)], torch.bfloat16)) == 2 * (len(tiles) + 1)
-    assert int4_triton.precompile(seven_b) == [] or torch.cuda.is_available()  # nothing to compile without CUDA
+    assert len(int4_precompile.compile_jobs(seven_b + [(4608, 3584)], torch.bfloat16)) == 2 * (len(tiles) + 1)
+    assert int4_precompile.precompile(seven_b) == [] or torch.cuda.is_available()  # nothing to compile without CUDA
     # with the norms folded (models/folded_norms.py) each tile runs with the layer's epilogue instead
     from models.kernels.int4_epilogue import RESIDUAL_NORM, SCALED, SCALED_SILU_MUL
 
     folded = [(6144, 4096, SCALED), (4096, 4096, RESIDUAL_NORM), (28672, 4096, SCALED_SILU_MUL),
               (4096, 14336, RESIDUAL_NORM)]
     wide = len(int4_triton._fitting_splits(tiles, {"N": 28672}))  # the 64-way split does not fit 28,672 rows
-    assert len(int4_triton._compile_jobs(folded, torch.bfloat16)) == 2 * len(tiles) + wide + 1
+    assert len(int4_precompile.compile_jobs(folded, torch.bfloat16)) == 2 * len(tiles) + wide + 1
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_precompiled_kernels_leave_nothing_to_compile_at_the_first_call():
     """After precompile (threads, no tensors), the first GEMV and dequantize of a shape compile nothing."""
-    from models.kernels import int4_triton
+    from models.kernels import int4_precompile, int4_triton
 
     n, k = 1000, 1000  # odd sizes: a specialization of its own
     device = torch.cuda.current_device()
     gemv_cache = int4_triton._gemv_body.fn.device_caches[device][0]
     dequant_cache = int4_triton._dequant_t_kernel.device_caches[device][0]
     gemv_cache.clear(), dequant_cache.clear()  # compiled kernels of earlier tests would answer instead
-    futures = int4_triton.precompile([(n, k)])
+    futures = int4_precompile.precompile([(n, k)])
     assert len(futures) == len(int4_triton._GEMV_CONFIGS) + 1
-    assert int4_triton.wait_precompiled(futures) == 0
+    assert int4_precompile.wait_precompiled(futures) == 0
     compiled = (len(gemv_cache), len(dequant_cache))
     assert compiled[0] == len(int4_triton._GEMV_CONFIGS) and compiled[1] >= 1
     q, s, o = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))

@@ -30,7 +30,11 @@ try:
 except ImportError:  # the CPU build of torch does not bring Triton: the reference runs
     triton = None
 
+from . import pdl
 from .split_k import ATTENTION_MAX_SPLITS as MAX_SPLITS, attention_partial_floats, attention_rows
+
+if triton is not None:
+    from .pdl import prefetch_l2, start_early, wait_for_earlier
 
 # The tile, from a sweep of chunk 64/128/256, block 32/64/128, 2/4/8 warps and 1/2 stages over the 7B,
 # 1.8B and Qwen2.5-7B head layouts at windows of 512 and 4,096 (H200, a graph of one step's layers,
@@ -119,7 +123,8 @@ def _run_kernel(query, key, value, mask, scaling, partials, counters, chunk: int
         query, key, value, mask.reshape(-1), out, partials, counters, window, keys_per_chunk, splits,
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), float(scaling),
         GROUP=hq // hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=d, BLOCK_L=block_l,
-        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages)
+        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch_options(pdl.level(query.device)))
     return out
 
 
@@ -184,7 +189,7 @@ def _run_qkv_kernel(qkv, bias, cos, sin, position, key, value, mask, scaling, qu
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), float(scaling),
         Q_HEADS=query_heads, KV_HEADS=hkv, GROUP=query_heads // hkv, ROWS=attention_rows(query_heads, hkv),
         HEAD_DIM=d, BLOCK_L=BLOCK_L, DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1", HAS_BIAS=bias is not None,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **pdl.launch_options(pdl.level(qkv.device)))
     return out
 
 
@@ -193,13 +198,32 @@ if triton is not None:
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
                                  stride_kh, stride_kl, stride_vh, stride_vl, scaling,
                                  GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
+                                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr = 0):
+        _begin(k_ptr, v_ptr, W, CHUNK_KEYS, stride_kh, stride_kl, stride_vh, stride_vl, HEAD_DIM, BLOCK_L, PDL)
         rg = tl.arange(0, ROWS)  # query head head * GROUP + rg; rows past GROUP are padding
         rd = tl.arange(0, HEAD_DIM)
         rows = tl.program_id(0) * GROUP + rg
         q = tl.load(q_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=(rg < GROUP)[:, None], other=0.0)
         _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
                 stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32)
+
+    @triton.jit
+    def _begin(k_ptr, v_ptr, W, CHUNK_KEYS, stride_kh, stride_kl, stride_vh, stride_vl, HEAD_DIM: tl.constexpr,
+               BLOCK_L: tl.constexpr, PDL: tl.constexpr):
+        """A program's start under programmatic dependent launch (pdl.py): let the next kernel launch; at
+        level 2 ask the L2 for this chunk's keys and values (earlier steps wrote them: constant now; the
+        one this step writes is written through the L2 all the same); then wait for the kernels before."""
+        start_early(PDL)
+        if PDL == 2:
+            lo = tl.program_id(1) * CHUNK_KEYS
+            hi = tl.minimum(lo + CHUNK_KEYS, W)
+            lines = tl.arange(0, HEAD_DIM // 64) * 64  # a 128-byte line holds 64 bf16 of a key
+            head = tl.program_id(0)
+            for start in range(lo, hi, BLOCK_L):
+                pos = tl.minimum(start + tl.arange(0, BLOCK_L), hi - 1)
+                prefetch_l2(k_ptr + head * stride_kh + pos[:, None] * stride_kl + lines[None, :])
+                prefetch_l2(v_ptr + head * stride_vh + pos[:, None] * stride_vl + lines[None, :])
+        wait_for_earlier(PDL)
 
     @triton.jit
     def _rotated(qkv_ptr, bias_ptr, rows, valid, cos, sin, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -221,7 +245,9 @@ if triton is not None:
                                      ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS, stride_kh, stride_kl, stride_vh,
                                      stride_vl, scaling, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                                      GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                     BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, HAS_BIAS: tl.constexpr):
+                                     BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                     PDL: tl.constexpr = 0):
+        _begin(k_ptr, v_ptr, W, CHUNK_KEYS, stride_kh, stride_kl, stride_vh, stride_vl, HEAD_DIM, BLOCK_L, PDL)
         head = tl.program_id(0)
         rg = tl.arange(0, ROWS)
         rd = tl.arange(0, HEAD_DIM)

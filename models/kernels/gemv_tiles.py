@@ -14,7 +14,7 @@ int4_kernels_h200_s26.txt). Timing in a graph is also cheaper: a few replays ins
 launches per tile and shape.
 
 The choices are kept in the app's compile-cache folder (one per torch build and GPU), keyed by the
-Triton version and the tile list: a later load of the same shapes picks the same tiles without timing,
+Triton version, the tile list and the launch (models/kernels/pdl.py): a later load of the same shapes picks the same tiles without timing,
 so the compiled step, whose graph holds the tile numbers, is found in the compile cache again. A
 missing, corrupt or mismatched file is ignored and rewritten.
 """
@@ -38,11 +38,13 @@ TILES_FILE = "gemv_tiles.json"
 REPLAYS = 5  # timed replays of each tile's graph (after one untimed)
 
 
-def _signature() -> dict:
-    """What the stored choices are only valid for: this Triton and this list of tiles."""
-    from . import int4_triton
+def _signature(device: torch.device) -> dict:
+    """What the stored choices are only valid for: this Triton, this list of tiles, and how the GEMVs are
+    launched on `device` (pdl.py: an early launch overlaps the GEMVs timed back to back)."""
+    from . import int4_triton, pdl
 
-    return {"triton": int4_triton.triton.__version__, "tiles": [str(c) for c in int4_triton._GEMV_CONFIGS]}
+    return {"triton": int4_triton.triton.__version__, "tiles": [str(c) for c in int4_triton._GEMV_CONFIGS],
+            "pdl": pdl.level(device)}
 
 
 def shape_key(out_features: int, in_features: int, epilogue: int = 0) -> str:
@@ -136,7 +138,7 @@ def choose_tiles(model: torch.nn.Module, folder: Path | None) -> dict[str, int]:
         by_shape.setdefault(shape_key(m.out_features, m.in_features, m.epilogue), []).append(m)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     dtype = embeddings.weight.dtype if embeddings is not None else torch.bfloat16  # the activations' dtype
-    signature = _signature()
+    signature = _signature(layers[0].qweight.device)
     path = Path(folder) / TILES_FILE if folder is not None else None
     stored = read_choices(path, signature) if path is not None else {}
     choices, timed = {}, False

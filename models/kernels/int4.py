@@ -199,12 +199,12 @@ def start_precompile(model: torch.nn.Module) -> list:
     or as restored from models/int4_store.py).
 
     Call after the projections are fused (their shapes are final); pass the result to
-    int4_triton.wait_precompiled before the first forward. [] where nothing compiles (no CUDA)."""
+    int4_precompile.wait_precompiled before the first forward. [] where nothing compiles (no CUDA)."""
     if not torch.cuda.is_available():
         return []
-    from . import int4_triton
+    from . import int4_precompile
 
-    return int4_triton.precompile(precompile_shapes(model), model.get_input_embeddings().weight.dtype)  # activations'
+    return int4_precompile.precompile(precompile_shapes(model), model.get_input_embeddings().weight.dtype)  # activations'
 
 
 def precompile_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:

@@ -19,9 +19,7 @@ does not re-tune.
 
 from __future__ import annotations
 
-import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -35,8 +33,9 @@ except ImportError:  # the CPU build of torch does not bring Triton; int4.py fal
 if triton is not None:
     from .int4_epilogue import STORE, finish_rows, norm_scale
     from .int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2
+    from .pdl import PREFETCH_GROUPS, prefetch_l2, start_early, wait_for_earlier
 
-log = logging.getLogger(__name__)
+from . import pdl
 
 
 def available() -> bool:
@@ -144,7 +143,8 @@ if triton is not None:
                    res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, eps,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True,
                    LOOP_STAGES: tl.constexpr = 1, HALF2: tl.constexpr = False, H2_ASM: tl.constexpr = True,
-                   EPILOGUE: tl.constexpr = STORE):
+                   EPILOGUE: tl.constexpr = STORE, PDL: tl.constexpr = 0):
+        start_early(PDL)  # programmatic dependent launch (pdl.py): the next kernel may start now
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
@@ -153,6 +153,17 @@ if triton is not None:
         g_per = tl.cdiv(G_COUNT, SPLIT)
         g_lo = tl.program_id(1) * g_per
         g_hi = tl.minimum(g_lo + g_per, G_COUNT)
+        if PDL == 2:  # before the wait, only the weights (constant in decode): the L2 starts on the first groups
+            _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, tl.minimum(g_hi, g_lo + PREFETCH_GROUPS), pid_n, N,
+                            stride_w, stride_s, BLOCK_N)
+        # PREFETCH: the next group's words are loaded before this one's arithmetic, two groups in
+        # flight per thread. (A program whose share is empty, when SPLIT does not divide G_COUNT,
+        # loads a real group unused.) Without it a thread holds one group's words: on the tiles
+        # that give a thread all 16 words (BLOCK_N = 128 x warps) that is 72-96 registers instead
+        # of 255, so more warps fit and keep loads in flight instead (bench/int4_sass.py).
+        if PREFETCH:
+            nxt = _load_group(w_ptr, tl.minimum(g_lo, G_COUNT - 1), rw, rn, nmask, stride_w, EVEN)
+        wait_for_earlier(PDL)  # x, the norm's sums, the residual and the workspace: written by earlier kernels
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         # A folded RMSNorm's scale (int4_epilogue.py): the packed-fp16 loop applies it to x as it loads x
         # (it scales x anyway), which keeps x in fp16's range whatever the size of the unnormalized h;
@@ -170,19 +181,12 @@ if triton is not None:
         # HALF2 (models/kernels/int4_half2.py): fp16 pairs of 1.0 made from the run-time one_bits, so
         # that they sit in a register as one_bits does (see ONE_BITS)
         h2_one = one_bits - ONE_TO_H2_ONE
-        # PREFETCH: the next group's words are loaded before this one's arithmetic, two groups in
-        # flight per thread. (A program whose share is empty, when SPLIT does not divide G_COUNT,
-        # loads a real group unused.) Without it a thread holds one group's words: on the tiles
-        # that give a thread all 16 words (BLOCK_N = 128 x warps) that is 72-96 registers instead
-        # of 255, so more warps fit and keep loads in flight instead (bench/int4_sass.py).
         # LOOP_STAGES > 1 (without PREFETCH): Triton's pipeliner copies the words of the next
         # LOOP_STAGES - 1 groups into shared memory asynchronously (cp.async, LDGSTS), so bytes stay
         # in flight without holding registers: ~95 registers and 36 KB of shared memory for a
         # 256-row, 4-warp tile at 3 stages. Only an explicit tl.range(num_stages=...) does this; the
         # launch option num_stages alone left this loop unpipelined (same SASS at 1 and 3 stages:
         # the earlier sweeps' "stages" timed the same kernel twice).
-        if PREFETCH:
-            nxt = _load_group(w_ptr, tl.minimum(g_lo, G_COUNT - 1), rw, rn, nmask, stride_w, EVEN)
         for g in tl.range(g_lo, g_hi, num_stages=LOOP_STAGES):
             if PREFETCH:
                 words = nxt
@@ -239,6 +243,18 @@ if triton is not None:
                 finish_rows(total, rn, nmask, y_ptr, res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, K, eps, row_scale,
                             pid_n, EPILOGUE, not HALF2)
                 tl.atomic_xchg(lock_ptr + pid_n, 0)
+
+    @triton.jit
+    def _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, g_hi, pid_n, N, stride_w, stride_s, BLOCK_N: tl.constexpr):
+        """Ask the L2 for groups g_lo..g_hi-1 of this program's columns: their words (one pointer per
+        128-byte line, clamped inside the row) and scales and offsets (a line holds 64 of each)."""
+        word_lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, max(BLOCK_N // 32, 1)) * 32, N - 1)
+        pair_lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, max(BLOCK_N // 64, 1)) * 64, N - 1)
+        rw = tl.arange(0, 16)
+        for g in range(g_lo, g_hi):
+            prefetch_l2(w_ptr + (g * 16 + rw)[:, None] * stride_w + word_lines[None, :])
+            prefetch_l2(s_ptr + g * stride_s + pair_lines)
+            prefetch_l2(o_ptr + g * stride_s + pair_lines)
 
     def _fitting_splits(configs, named_args, **kwargs):
         """The configs whose split-K partial sums fit the workspace (int4.new_workspace) for this N."""
@@ -307,12 +323,13 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     args = (x, qweight, scales, offsets, y, workspace[0], workspace[1], n, in_features, groups, qweight.stride(0),
             scales.stride(0), ONE_BITS, *epilogue_args)
+    options = pdl.launch_options(pdl.level(x.device))
     if config is None:
-        _gemv_kernel[grid](*args, EPILOGUE=epilogue, enable_fp_fusion=FP_FUSION)
+        _gemv_kernel[grid](*args, EPILOGUE=epilogue, enable_fp_fusion=FP_FUSION, **options)
     else:
         if config.get("HALF2"):  # the interpreter runs no PTX: the same fp16 math in plain Triton there
             config = {"H2_ASM": os.environ.get("TRITON_INTERPRET") != "1", **config}
-        _gemv_body[grid](*args, **config, EPILOGUE=epilogue, enable_fp_fusion=FP_FUSION)
+        _gemv_body[grid](*args, **config, EPILOGUE=epilogue, enable_fp_fusion=FP_FUSION, **options)
 
 
 def tile_config(index: int) -> dict:
@@ -331,63 +348,3 @@ def dequantize_t(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Ten
     _dequant_t_kernel[grid](qweight, scales, offsets, out, n, in_features, groups, qweight.stride(0),
                             scales.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=4, enable_fp_fusion=FP_FUSION)
     return out
-
-
-def _compile_jobs(shapes, dtype: torch.dtype) -> list:
-    """One warm-up call per distinct compiled kernel that GEMVs and dequantizes of these shapes need.
-
-    A shape is (N, K), or (N, K, epilogue) for a GEMV that decode runs (and its tile is timed) with that
-    int4_epilogue epilogue instead of the plain store."""
-    seen, jobs = set(), []
-    for n, k, *epilogue in dict.fromkeys(shapes):
-        groups = -(-k // 128)
-        # Triton compiles a kernel per specialization: each int argument is specialised on being 1 or a
-        # multiple of 16, and EVEN on the shape. Shapes that agree share kernels, so each is compiled
-        # once here. (A wrong guess only leaves a compile to the first call, as without precompile.)
-        spec = tuple((v == 1, v % 16 == 0) for v in (n, k, groups))
-        for cfg in _fitting_splits(_GEMV_CONFIGS, {"N": n}):
-            even = n % cfg.kwargs["BLOCK_N"] == 0 and k % 128 == 0
-            for kind in epilogue or (STORE,):
-                if ("gemv", spec, even, str(cfg), kind) not in seen:
-                    seen.add(("gemv", spec, even, str(cfg), kind))
-                    # Dtypes stand in for tensors (Triton's MockTensor): nothing is allocated or launched.
-                    args = (dtype, torch.int32, torch.bfloat16, torch.bfloat16, dtype, torch.float32, torch.int32,
-                            n, k, groups, n, n, ONE_BITS, dtype, dtype, dtype, torch.float32, 0, 0.0)
-                    jobs.append(lambda a=args, c=cfg, e=kind: _gemv_body.warmup(
-                        *a, grid=(1,), EPILOGUE=e, enable_fp_fusion=FP_FUSION, **c.all_kwargs()))
-        if ("dequant", spec) not in seen:
-            seen.add(("dequant", spec))
-            args = (torch.int32, torch.bfloat16, torch.bfloat16, dtype, n, k, groups, n, n, n)
-            jobs.append(lambda a=args: _dequant_t_kernel.warmup(*a, grid=(1,), BLOCK_N=256, num_warps=4,
-                                                               enable_fp_fusion=FP_FUSION))
-    return jobs
-
-
-def precompile(shapes, dtype: torch.dtype = torch.bfloat16, workers: int | None = None) -> list[Future]:
-    """Start compiling, in threads, every GEMV tile and the dequantize for these (N, K) shapes; their futures.
-
-    Why: a model's first forward otherwise compiles them one after another inside its warm-up
-    (five tiles and the dequantize, ~0.7 s each on an H200 host). Triton releases the GIL for most
-    of a compile (its passes and ptxas), so threads overlap them, and the loader starts them
-    while the weights are still being quantized. The compiled kernels land in Triton's in-memory
-    and on-disk caches, where the first call finds them. Nothing to do without CUDA (on the CPU the
-    kernels run in Triton's interpreter, which does not compile).
-    """
-    if triton is None or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return []
-    jobs = _compile_jobs(shapes, dtype)
-    pool = ThreadPoolExecutor(max_workers=workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 1)),
-                              thread_name_prefix="int4-precompile")
-    futures = [pool.submit(job) for job in jobs]
-    pool.shutdown(wait=False)  # the threads end when their compiles do
-    return futures
-
-
-def wait_precompiled(futures: list[Future]) -> int:
-    """Wait for precompile's compiles; how many failed (logged: the first call then compiles that kernel itself)."""
-    failed = 0
-    for future in futures:
-        if (error := future.exception()) is not None:
-            failed += 1
-            log.warning("precompiling an int4 kernel failed; it compiles at its first call instead: %s", error)
-    return failed
