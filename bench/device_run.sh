@@ -120,10 +120,13 @@ run_mode() {
       python3 bench/decode_speed.py --configs 1.8b:fast-int4-separate-norms 1.8b:fast-int4 \
         7b:fast-int4-separate-norms 7b:fast-int4 \
         --out "$OUT/decode_norms_ab.jsonl" --md "$OUT/decode_norms_ab.md" 2>&1 | tail -40 ;;
-    pdl-tests)  # every GPU test of the kernels and the fast decoder, the kernels launched early (pdl.py level 2)
+    pdl-tests)  # tests/test_pdl.py whole (its compiled-code checks under this image's Triton too), then every GPU
+                # test of the kernels and the fast decoder with the kernels launched early (pdl.py level 2)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py 2>&1 \
+        | tee "$OUT/pdl_tests.txt" | tail -15
       SMALLCHAT_PDL=2 PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_pdl.py tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_int4_folded_norms.py \
-        tests/test_gemv_tiles.py tests/test_fast_decode.py 2>&1 | tee "$OUT/pdl_tests.txt" | tail -30 ;;
+        tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_int4_folded_norms.py \
+        tests/test_gemv_tiles.py tests/test_fast_decode.py 2>&1 | tee -a "$OUT/pdl_tests.txt" | tail -30 ;;
     pdl-ab)  # decode with programmatic dependent launch off (0), early launch (1), + L2 prefetch (2) (~7 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-pdl1 1.8b:fast-int4-pdl2 \
         7b:fast-int4 7b:fast-int4-pdl2 \
