@@ -31,7 +31,7 @@ def test_without_a_capable_gpu_every_kernel_launches_plainly(monkeypatch):
     whatever is asked; on Hopper what is asked."""
     monkeypatch.delenv(pdl.ENV, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(pdl, "triton", pdl.triton or object())  # the logic, also where Triton is missing
+    monkeypatch.setattr(pdl, "gdc_wait", pdl.gdc_wait or object())  # the logic, also where Triton is missing
     hopper = {0: True, 1: False}
     monkeypatch.setattr(pdl, "_has_dependent_launch", lambda index: hopper[index])
     cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)

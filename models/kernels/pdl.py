@@ -43,9 +43,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # no Triton (the CPU build of torch), or one without grid dependency control
+except ImportError:  # the CPU build of torch does not bring Triton
     triton = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without grid dependency control: level() says 0, the kernels launch plainly
+    gdc_launch_dependents = gdc_wait = None
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def requested() -> int:
 
 def level(device: torch.device) -> int:
     """The level the kernels launched on `device` run at: requested() where the GPU and Triton have it, else 0."""
-    if triton is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return OFF
     wanted = requested()
     return wanted if wanted and _has_dependent_launch(device.index) else OFF
