@@ -25,13 +25,13 @@ from pathlib import Path
 LAYERS = {(6144, 4096): 32, (4096, 4096): 32, (28672, 4096): 32, (4096, 14336): 32,
           (4096, 2048): 24, (2048, 2048): 24, (16384, 2048): 24, (2048, 8192): 24,
           (4608, 3584): 28, (3584, 3584): 28, (37888, 3584): 28, (3584, 18944): 28}
-TILE_KEYS = ("BLOCK_N", "SPLIT", "num_warps", "PREFETCH", "LOOP_STAGES", "HALF2")
+TILE_KEYS = ("BLOCK_N", "SPLIT", "num_warps", "PREFETCH", "LOOP_STAGES", "HALF2", "L2_AHEAD")
 EXHAUSTIVE_LIMIT = 2_000_000  # sets to try one by one; beyond that, greedy then single swaps
 
 
 def tile_of(row: dict) -> tuple:
-    """A sweep row's tile: BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES, HALF2."""
-    defaults = {"PREFETCH": True, "LOOP_STAGES": 1, "HALF2": False}
+    """A sweep row's tile: BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES, HALF2, L2_AHEAD."""
+    defaults = {"PREFETCH": True, "LOOP_STAGES": 1, "HALF2": False, "L2_AHEAD": 0}
     return tuple(row.get(key, defaults.get(key)) for key in TILE_KEYS)
 
 
@@ -77,12 +77,14 @@ def choose(table: dict, count: int, layers: dict = LAYERS) -> tuple:
 
 def config_line(tile: tuple) -> str:
     """The tile as the triton.Config that int4_triton._GEMV_CONFIGS lists."""
-    block_n, split, warps, prefetch, stages, half2 = tile
+    block_n, split, warps, prefetch, stages, half2, ahead = tile
     kwargs = {"BLOCK_N": block_n, "SPLIT": split, "PREFETCH": prefetch}
     if stages != 1:
         kwargs["LOOP_STAGES"] = stages
     if half2:
         kwargs["HALF2"] = True
+    if ahead:
+        kwargs["L2_AHEAD"] = ahead
     return f"triton.Config({kwargs}, num_warps={warps}, num_stages=1)"
 
 

@@ -27,26 +27,31 @@ def test_the_pair_that_covers_the_shapes_best_is_chosen(exhaustive, monkeypatch)
         monkeypatch.setattr(pick_tiles, "EXHAUSTIVE_LIMIT", 0)
     timings = pick_tiles.timings(_rows(table) + [{"tuned_pick": True, "n": 100, "k": 100, "us": 0.1}])
     layers = {shape: 1 for shape in table}
-    assert pick_tiles.choose(timings, 1, layers) == ((256, 16, 2, False, 1, True),)
-    assert pick_tiles.choose(timings, 2, layers) == tuple(sorted([(512, 8, 2, False, 1, False),
-                                                                  (128, 32, 2, False, 1, False)]))
+    assert pick_tiles.choose(timings, 1, layers) == ((256, 16, 2, False, 1, True, 0),)
+    assert pick_tiles.choose(timings, 2, layers) == tuple(sorted([(512, 8, 2, False, 1, False, 0),
+                                                                  (128, 32, 2, False, 1, False, 0)]))
 
 
 def test_a_tile_a_shape_did_not_run_counts_as_never_winning():
-    table = {(1, 1): {(64, 1, 1, False, 1, False): 5.0}, (2, 1): {(128, 1, 1, False, 1, False): 5.0}}
-    assert pick_tiles.step_us([(64, 1, 1, False, 1, False)], table, {}) == float("inf")
-    assert pick_tiles.step_us([(64, 1, 1, False, 1, False), (128, 1, 1, False, 1, False)], table, {}) == 10.0
+    table = {(1, 1): {(64, 1, 1, False, 1, False, 0): 5.0}, (2, 1): {(128, 1, 1, False, 1, False, 0): 5.0}}
+    assert pick_tiles.step_us([(64, 1, 1, False, 1, False, 0)], table, {}) == float("inf")
+    assert pick_tiles.step_us([(64, 1, 1, False, 1, False, 0), (128, 1, 1, False, 1, False, 0)], table, {}) == 10.0
 
 
 def test_on_the_h200_sweep_the_chosen_five_are_no_worse_than_the_apps_and_print_as_configs():
     rows = json.loads((ROOT / "bench" / "results" / "int4_gemv_sweep_h200_s21.json").read_text())
     table = pick_tiles.timings(rows)
-    current = [(256, 16, 4, True, 1, False), (128, 64, 2, True, 1, False), (128, 32, 2, False, 1, False),
-               (512, 16, 2, False, 1, False), (512, 8, 2, False, 1, False)]  # session 21's pick
+    current = [(256, 16, 4, True, 1, False, 0), (128, 64, 2, True, 1, False, 0), (128, 32, 2, False, 1, False, 0),
+               (512, 16, 2, False, 1, False, 0), (512, 8, 2, False, 1, False, 0)]  # session 21's pick
     chosen = pick_tiles.choose(table, 5)
     assert len(chosen) == 5
     assert pick_tiles.step_us(chosen, table, pick_tiles.LAYERS) <= pick_tiles.step_us(current, table, pick_tiles.LAYERS)
-    line = pick_tiles.config_line((512, 8, 2, False, 1, True))
+    line = pick_tiles.config_line((512, 8, 2, False, 1, True, 0))
     assert line == "triton.Config({'BLOCK_N': 512, 'SPLIT': 8, 'PREFETCH': False, 'HALF2': True}, num_warps=2, num_stages=1)"
+    ahead = pick_tiles.config_line((256, 8, 2, False, 1, True, 4))  # asking the L2 4 groups ahead
+    assert ahead == ("triton.Config({'BLOCK_N': 256, 'SPLIT': 8, 'PREFETCH': False, 'HALF2': True, 'L2_AHEAD': 4}, "
+                     "num_warps=2, num_stages=1)")
+    assert pick_tiles.tile_of({"BLOCK_N": 256, "SPLIT": 8, "num_warps": 2, "PREFETCH": False, "HALF2": True,
+                               "L2_AHEAD": 4}) == (256, 8, 2, False, 1, True, 4)
     text = pick_tiles.report(table, chosen, tuple(current))
     assert text.count("\n| ") == len(table) and "current 4450" in text  # a row per shape; session 21 had 4,449

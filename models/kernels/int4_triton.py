@@ -143,7 +143,7 @@ if triton is not None:
                    res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, eps,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True,
                    LOOP_STAGES: tl.constexpr = 1, HALF2: tl.constexpr = False, H2_ASM: tl.constexpr = True,
-                   EPILOGUE: tl.constexpr = STORE, PDL: tl.constexpr = 0):
+                   EPILOGUE: tl.constexpr = STORE, PDL: tl.constexpr = 0, L2_AHEAD: tl.constexpr = 0):
         start_early(PDL)  # programmatic dependent launch (pdl.py): the next kernel may start now
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,9 +153,13 @@ if triton is not None:
         g_per = tl.cdiv(G_COUNT, SPLIT)
         g_lo = tl.program_id(1) * g_per
         g_hi = tl.minimum(g_lo + g_per, G_COUNT)
-        if PDL == 2:  # before the wait, only the weights (constant in decode): the L2 starts on the first groups
-            _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, tl.minimum(g_hi, g_lo + PREFETCH_GROUPS), pid_n, N,
-                            stride_w, stride_s, BLOCK_N)
+        # L2_AHEAD > 0: the loop asks the L2 for the group L2_AHEAD ahead of the one it loads (prefetch_l2):
+        # bytes in flight from the DRAM without registers or shared memory (HALF2 tiles that load the next
+        # group into registers spill: 255 registers; bench/int4_gemv_sweep.py ... ahead times it). The first
+        # groups are asked for here, before the wait: weights are constant in decode (pdl.py, level 2 too).
+        if PDL == 2 or L2_AHEAD > 0:
+            _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, tl.minimum(g_hi, g_lo + max(L2_AHEAD, PREFETCH_GROUPS)),
+                            pid_n, N, stride_w, stride_s, BLOCK_N)
         # PREFETCH: the next group's words are loaded before this one's arithmetic, two groups in
         # flight per thread. (A program whose share is empty, when SPLIT does not divide G_COUNT,
         # loads a real group unused.) Without it a thread holds one group's words: on the tiles
@@ -188,6 +192,9 @@ if triton is not None:
         # launch option num_stages alone left this loop unpipelined (same SASS at 1 and 3 stages:
         # the earlier sweeps' "stages" timed the same kernel twice).
         for g in tl.range(g_lo, g_hi, num_stages=LOOP_STAGES):
+            if L2_AHEAD > 0:  # clamped: the share's last group is asked for again near its end, harmlessly
+                _prefetch_group(w_ptr, s_ptr, o_ptr, tl.minimum(g + L2_AHEAD, g_hi - 1), pid_n, N, stride_w, stride_s,
+                                BLOCK_N)
             if PREFETCH:
                 words = nxt
                 if g + 1 < g_hi:
@@ -245,16 +252,20 @@ if triton is not None:
                 tl.atomic_xchg(lock_ptr + pid_n, 0)
 
     @triton.jit
-    def _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, g_hi, pid_n, N, stride_w, stride_s, BLOCK_N: tl.constexpr):
-        """Ask the L2 for groups g_lo..g_hi-1 of this program's columns: their words (one pointer per
-        128-byte line, clamped inside the row) and scales and offsets (a line holds 64 of each)."""
+    def _prefetch_group(w_ptr, s_ptr, o_ptr, g, pid_n, N, stride_w, stride_s, BLOCK_N: tl.constexpr):
+        """Ask the L2 for group g of this program's columns: its words (one pointer per 128-byte line,
+        clamped inside the row) and scales and offsets (a line holds 64 of each)."""
         word_lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, max(BLOCK_N // 32, 1)) * 32, N - 1)
         pair_lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, max(BLOCK_N // 64, 1)) * 64, N - 1)
-        rw = tl.arange(0, 16)
+        prefetch_l2(w_ptr + (g * 16 + tl.arange(0, 16))[:, None] * stride_w + word_lines[None, :])
+        prefetch_l2(s_ptr + g * stride_s + pair_lines)
+        prefetch_l2(o_ptr + g * stride_s + pair_lines)
+
+    @triton.jit
+    def _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, g_hi, pid_n, N, stride_w, stride_s, BLOCK_N: tl.constexpr):
+        """Ask the L2 for groups g_lo..g_hi-1 of this program's columns (_prefetch_group)."""
         for g in range(g_lo, g_hi):
-            prefetch_l2(w_ptr + (g * 16 + rw)[:, None] * stride_w + word_lines[None, :])
-            prefetch_l2(s_ptr + g * stride_s + pair_lines)
-            prefetch_l2(o_ptr + g * stride_s + pair_lines)
+            _prefetch_group(w_ptr, s_ptr, o_ptr, g, pid_n, N, stride_w, stride_s, BLOCK_N)
 
     def _fitting_splits(configs, named_args, **kwargs):
         """The configs whose split-K partial sums fit the workspace (int4.new_workspace) for this N."""
