@@ -144,7 +144,8 @@ def qkv_reference(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tenso
         return t * c + torch.cat([-t[:, d // 2:], t[:, :d // 2]], dim=-1) * s
     key.index_copy_(2, position, turned(k).to(key.dtype).view(1, hkv, 1, d))
     value.index_copy_(2, position, v.to(value.dtype).view(1, hkv, 1, d))
-    return reference(turned(q).to(key.dtype).view(1, query_heads, d), key, value, mask, scaling)
+    causal = mask & (torch.arange(mask.shape[-1], device=mask.device) <= position)  # nothing after the token
+    return reference(turned(q).to(key.dtype).view(1, query_heads, d), key, value, causal, scaling)
 
 
 # The cache's key and value are declared mutated (they are: this token's are written); the workspace is
@@ -157,7 +158,8 @@ def decode_attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torc
     the cache at `position`, attention over the window -> [1, Hq, D].
 
     qkv [(Hq + 2 Hkv) D] (the fused projection's output before its bias), bias like it or None, cos/sin
-    [D], position [1]; key/value [1, Hkv, L, D] (the layer's cache), mask [W] as decode_attention's.
+    [D], position [1]; key/value [1, Hkv, L, D] (the layer's cache), mask [W] as decode_attention's, where
+    positions after `position` are never attended (causal: the kernel does not read their keys).
     Why one kernel: rotating q, rotating and writing k, and writing v were three kernels of ~1 us a layer
     (an H200 profile of the compiled 1.8B step, bench/results/decode_speed_h200_s23_fewer_kernels_1.8b.jsonl).
     """
@@ -204,7 +206,7 @@ if triton is not None:
         rd = tl.arange(0, HEAD_DIM)
         rows = tl.program_id(0) * GROUP + rg
         q = tl.load(q_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=(rg < GROUP)[:, None], other=0.0)
-        _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
+        _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, W, CHUNK_KEYS, SPLITS,
                 stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32)
 
     @triton.jit
@@ -272,16 +274,18 @@ if triton is not None:
                      key.to(k_ptr.dtype.element_ty))
             tl.store(v_ptr + head * stride_vh + pos * stride_vl + rd, value.to(v_ptr.dtype.element_ty))
             tl.debug_barrier()
-        _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
+        # Causal: nothing after the token's position is read, whatever the mask (a window's chunks past it
+        # load no keys: up to half of a window, which grows in powers of two, in a long chat).
+        _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, pos + 1, CHUNK_KEYS, SPLITS,
                 stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32)
 
     @triton.jit
-    def _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,
+    def _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, END, CHUNK_KEYS, SPLITS,
                 stride_kh, stride_kl, stride_vh, stride_vl, scaling,
                 GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
-        """Query rows `q` [ROWS, HEAD_DIM] of KV head program_id(0) over chunk program_id(1); the last
-        program of the head merges the chunks and writes the output."""
+        """Query rows `q` [ROWS, HEAD_DIM] of KV head program_id(0) over chunk program_id(1), positions before
+        END (<= W) only; the last program of the head merges the chunks and writes the output."""
         head = tl.program_id(0)
         split = tl.program_id(1)
         rg = tl.arange(0, ROWS)
@@ -294,7 +298,7 @@ if triton is not None:
         l_i = tl.zeros([ROWS], dtype=tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
         lo = split * CHUNK_KEYS
-        hi = tl.minimum(lo + CHUNK_KEYS, W)
+        hi = tl.minimum(tl.minimum(lo + CHUNK_KEYS, W), END)  # a chunk past END keeps its empty partial
         if DOT_FP32:  # Triton's interpreter (CPU tests) multiplies in float32
             q = q.to(tl.float32)
         for start in range(lo, hi, BLOCK_L):
