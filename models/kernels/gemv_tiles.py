@@ -14,9 +14,9 @@ int4_kernels_h200_s26.txt). Timing in a graph is also cheaper: a few replays ins
 launches per tile and shape.
 
 The choices are kept in the app's compile-cache folder (one per torch build and GPU), keyed by the
-Triton version, the tile list and the launch (models/kernels/pdl.py): a later load of the same shapes picks the same tiles without timing,
-so the compiled step, whose graph holds the tile numbers, is found in the compile cache again. A
-missing, corrupt or mismatched file is ignored and rewritten.
+Triton version, the tile list and the launch level (models/kernels/pdl.py): a later load of the same
+shapes picks the same tiles without timing, so the compiled step, whose graph holds the tile numbers,
+is found in the compile cache again. A missing, corrupt or mismatched file is ignored and rewritten.
 """
 
 from __future__ import annotations
