@@ -178,6 +178,58 @@ def test_decode_step_attention_goes_through_the_op_and_equals_the_plain_form():
     assert torch.equal(one.view(1, hq, d), ref) and torch.equal(one, plain[:1])
 
 
+def test_the_fused_attention_is_precompiled_for_the_model_that_will_run_it(tiny_llama):
+    """A model with fused q/k/v projections names its attention layout (heads, KV heads, head dim, bias) to the
+    precompile, which plans two compiles of the q/k/v kernel (the two specializations its windows take);
+    one without fused projections plans none. Nothing is compiled without CUDA."""
+    from transformers import AutoModelForCausalLM
+
+    from models.fused_projections import fuse_projections
+    from models.kernels import int4, int4_precompile
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert int4.attention_layout(model) is None
+    fuse_projections(model)
+    config = model.config
+    layout = int4.attention_layout(model)
+    assert layout == (config.num_attention_heads, config.num_key_value_heads,
+                      config.hidden_size // config.num_attention_heads, False)
+    if fused.triton is not None:
+        assert len(fused.qkv_compile_jobs(*layout, torch.bfloat16)) == 2
+    if not torch.cuda.is_available():
+        assert int4_precompile.precompile([(64, 64)], torch.bfloat16, layout) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_after_the_precompile_the_first_decode_steps_compile_no_attention_kernel():
+    """The precompile's guess of the q/k/v kernel's specializations is the launch's: for the 7B's heads, a
+    step at a 512-position window and one at 4,096 find their kernels compiled."""
+    from models.kernels import int4_precompile
+
+    device = torch.cuda.current_device()
+    cache = fused._decode_attention_qkv_kernel.device_caches[device][0]
+    cache.clear()
+    hq, hkv, d, length = 32, 8, 128, 4160
+    futures = int4_precompile.precompile([], torch.bfloat16, (hq, hkv, d, False))
+    assert len(futures) == 2 and int4_precompile.wait_precompiled(futures) == 0
+    compiled = len(cache)
+    assert compiled == 2
+    key = torch.randn(1, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn_like(key)
+    ws = fused.new_workspace(hq, hkv, d, key.device)
+    angle = torch.rand(d // 2, device="cuda")
+    cos = torch.cat([angle.cos()] * 2).bfloat16()
+    sin = torch.cat([angle.sin()] * 2).bfloat16()
+    for window, pos in [(512, 300), (4096, 3000)]:
+        qkv = torch.randn((hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+        mask = torch.arange(window, device="cuda") <= pos
+        fused._run_qkv_kernel(qkv, None, cos, sin, torch.tensor([pos], device="cuda"), key, value, mask, d ** -0.5,
+                              hq, *ws)
+    torch.cuda.synchronize()
+    assert len(cache) == compiled, "a decode step compiled an attention kernel the precompile did not"
+
+
 def test_every_attention_module_shares_one_workspace(tiny_llama):
     from transformers import AutoModelForCausalLM
 

@@ -195,6 +195,33 @@ def _run_qkv_kernel(qkv, bias, cos, sin, position, key, value, mask, scaling, qu
     return out
 
 
+def qkv_compile_jobs(query_heads: int, kv_heads: int, head_dim: int, has_bias: bool, dtype: torch.dtype,
+                     pdl_level: int = pdl.OFF) -> list:
+    """Warm-up calls that compile decode_attention_qkv's kernel as a model's decode step will launch it (no
+    tensors: dtypes stand in for them), for int4_precompile to run in threads while the weights load.
+
+    Triton compiles a kernel per specialization of its int arguments (1, a multiple of 16, or other): every
+    window, chunk and stride the step uses is a multiple of 16 (windows of 512+, 128- or 256-key chunks,
+    head_dim 64+), and the number of chunks is one of 4-8 (windows up to 2k) or 16+ (4k and more): two
+    kernels. A wrong guess only leaves the compile to the first call."""
+    if triton is None:
+        return []
+    kernel = _decode_attention_qkv_kernel
+    cache_len = 4096 + 64  # any multiple of 64 specializes the strides alike
+    jobs = []
+    for window in (512, 4096):
+        splits, keys_per_chunk = splits_for(window)
+        args = (dtype, dtype, dtype, dtype, torch.int64, dtype, dtype, torch.bool, dtype, torch.float32, torch.int32,
+                window, keys_per_chunk, splits, cache_len * head_dim, head_dim, cache_len * head_dim, head_dim,
+                head_dim ** -0.5)
+        constexprs = dict(Q_HEADS=query_heads, KV_HEADS=kv_heads, GROUP=query_heads // kv_heads,
+                          ROWS=attention_rows(query_heads, kv_heads), HEAD_DIM=head_dim, BLOCK_L=BLOCK_L,
+                          DOT_FP32=False, HAS_BIAS=has_bias, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                          **pdl.launch_options(pdl_level))
+        jobs.append(lambda a=args, c=constexprs: kernel.warmup(*a, grid=(1,), **c))
+    return jobs
+
+
 if triton is not None:
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, CHUNK_KEYS, SPLITS,

@@ -204,7 +204,20 @@ def start_precompile(model: torch.nn.Module) -> list:
         return []
     from . import int4_precompile
 
-    return int4_precompile.precompile(precompile_shapes(model), model.get_input_embeddings().weight.dtype)  # activations'
+    dtype = model.get_input_embeddings().weight.dtype  # the activations'
+    return int4_precompile.precompile(precompile_shapes(model), dtype, attention_layout(model))
+
+
+def attention_layout(model: torch.nn.Module) -> tuple[int, int, int, bool] | None:
+    """(query heads, KV heads, head dim, q/k/v bias) of a model whose decode step runs the fused q/k/v attention
+    (its projections fused: models/fused_projections.py); None otherwise."""
+    fused = next((m.qkv_proj for m in model.modules() if hasattr(m, "qkv_proj")), None)
+    config = getattr(model, "config", None)
+    if fused is None or config is None or not getattr(config, "num_attention_heads", 0):
+        return None
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, fused.bias is not None
 
 
 def precompile_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:

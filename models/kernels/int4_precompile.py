@@ -1,7 +1,10 @@
-"""The int4 kernels a model will run, compiled in threads while its weights are still being loaded.
+"""The Triton kernels a model's fast path will run (int4 GEMVs, dequantize, the q/k/v decode attention),
+compiled in threads while its weights are still being loaded.
 
 Why: a model's first forward otherwise compiles them one after another inside its warm-up (five
-tiles and the dequantize, ~0.7 s each on an H200 host). Triton releases the GIL for most of a
+tiles and the dequantize, ~0.7 s each on an H200 host; the decode attention's two kernels were left to
+the first decode steps: a cold 7B's capture of its decode graphs took 4.3 s against 1.3 s warm,
+bench/results/store_profile_h200_s26.md). Triton releases the GIL for most of a
 compile (its passes and ptxas), so threads overlap them, and the loader starts them while the
 weights are still being quantized or read. The compiled kernels land in Triton's in-memory and
 on-disk caches, where the first call finds them.
@@ -55,13 +58,20 @@ def compile_jobs(shapes, dtype: torch.dtype, pdl_level: int = pdl.OFF) -> list:
     return jobs
 
 
-def precompile(shapes, dtype: torch.dtype = torch.bfloat16, workers: int | None = None) -> list[Future]:
-    """Start compiling, in threads, every GEMV tile and the dequantize for these (N, K) shapes; their futures.
+def precompile(shapes, dtype: torch.dtype = torch.bfloat16, attention: tuple[int, int, int, bool] | None = None,
+               workers: int | None = None) -> list[Future]:
+    """Start compiling, in threads, every GEMV tile and the dequantize for these (N, K) shapes, and the q/k/v
+    decode attention for `attention` (int4.attention_layout) if given; their futures.
 
     Nothing to do without CUDA (on the CPU the kernels run in Triton's interpreter, which does not compile)."""
     if not int4_triton.available() or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return []
-    jobs = compile_jobs(shapes, dtype, pdl.level(torch.device("cuda", torch.cuda.current_device())))
+    level = pdl.level(torch.device("cuda", torch.cuda.current_device()))
+    jobs = compile_jobs(shapes, dtype, level)
+    if attention is not None:
+        from .decode_attention import qkv_compile_jobs
+
+        jobs += qkv_compile_jobs(*attention, dtype, level)
     pool = ThreadPoolExecutor(max_workers=workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 1)),
                               thread_name_prefix="int4-precompile")
     futures = [pool.submit(job) for job in jobs]
