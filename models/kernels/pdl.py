@@ -29,7 +29,7 @@ Safety: a kernel waits before it reads what an earlier kernel wrote and before i
 (the split-K workspace and counters are shared by every GEMV of a model), and every program waits
 unconditionally, so a kernel's end still implies the end of all before it. Plain kernels around them
 (Inductor's, torch's) keep stream order. Only compute capability 9.0+ has the instructions; Ampere
-and Ada (the 8 GB cards) and Triton's interpreter run level 0.
+and Ada (most 8 GB cards) and Triton's interpreter run level 0.
 """
 
 from __future__ import annotations
@@ -57,8 +57,13 @@ OFF, EARLY, EARLY_PREFETCH = 0, 1, 2
 
 
 def requested() -> int:
-    """The level SMALLCHAT_PDL asks for (0, 1 or 2; anything else is 0, logged)."""
-    value = os.environ.get(ENV, "0").strip() or "0"
+    """The level SMALLCHAT_PDL asks for (0, 1 or 2; anything else is 0, logged once)."""
+    return _parse(os.environ.get(ENV, "0"))
+
+
+@functools.cache  # read at every launch: a bad value is logged once, not at every kernel
+def _parse(value: str) -> int:
+    value = value.strip() or "0"
     if value in ("0", "1", "2"):
         return int(value)
     log.warning("%s=%r is not 0, 1 or 2: launching without programmatic dependent launch", ENV, value)
