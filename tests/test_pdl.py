@@ -162,7 +162,7 @@ def test_an_early_decode_attention_waits_before_it_reads_the_step():
                     reason="needs a Hopper (or later) GPU")
 @pytest.mark.parametrize("level", [1, 2])
 def test_a_chain_of_early_kernels_in_a_graph_computes_what_plain_launches_do(monkeypatch, level):
-    """A layer's kernels as decode runs them, each reading the one before: a torch copy writes x, GEMVs of
+    """A layer's kernels as decode runs them, each reading the one before: a torch kernel writes x, GEMVs of
     two tiles (a prefetching fp32 one, a packed-fp16 one), the q/k/v GEMV, the attention (which writes the
     cache at the step's position), the o GEMV. Captured in a CUDA graph with early launches, replayed with a
     new x and position each time: every output equals the plain launches' on the same inputs."""
@@ -183,7 +183,7 @@ def test_a_chain_of_early_kernels_in_a_graph_computes_what_plain_launches_do(mon
     cos, sin = torch.randn(d, device=dev, dtype=torch.bfloat16), torch.randn(d, device=dev, dtype=torch.bfloat16)
 
     def layer(source, position, key, value, x):
-        x.copy_(source)
+        torch.mul(source, 2.0, out=x)  # a kernel (as the step's first-norm sums are), not a memcpy: see below
         h = x
         outputs = []
         for i, (q, s, o) in enumerate(weights[:3]):
@@ -226,3 +226,37 @@ def test_a_chain_of_early_kernels_in_a_graph_computes_what_plain_launches_do(mon
         for got, want in zip(outputs, expected):
             assert torch.equal(got, want), (step, float((got.float() - want.float()).abs().max()))
         assert torch.equal(key, plain_key) and torch.equal(value, plain_value), step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a Hopper (or later) GPU")
+def test_an_early_gemv_right_after_a_device_copy_in_a_graph_reads_the_copy(monkeypatch):
+    """A GEMV launched early (level 2) whose x comes from a device-to-device copy (a memcpy node in the graph,
+    not a kernel): the graph captures, and every replay sees the new x."""
+    from models.kernels import int4, int4_triton
+    from models.kernels.int4 import dequantize_reference, quantize
+
+    monkeypatch.setenv(pdl.ENV, "2")
+    torch.manual_seed(0)
+    n = k = 2048
+    q, s, o = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5)
+    w = dequantize_reference(q, s, o, k, torch.float32)
+    ws = int4.new_workspace(n, torch.device("cuda"))
+    source = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty_like(source)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.copy_(source)
+        int4_triton.gemv(x, q, s, o, k, ws, int4_triton.tile_config(0))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.copy_(source)
+        y = int4_triton.gemv(x, q, s, o, k, ws, int4_triton.tile_config(0))
+    for _ in range(10):
+        source.normal_()
+        graph.replay()
+        ref = source.float() @ w.T
+        assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
