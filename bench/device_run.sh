@@ -128,6 +128,9 @@ run_mode() {
       SMALLCHAT_PDL=2 PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_kernels.py tests/test_decode_attention.py tests/test_int4_folded_norms.py \
         tests/test_gemv_tiles.py tests/test_fast_decode.py 2>&1 | tee -a "$OUT/pdl_tests.txt" | tail -30 ;;
+    pdl-attention-tests)  # the decode attention's and the fast decoder's GPU tests at PDL level 2 (~2 minutes)
+      SMALLCHAT_PDL=2 PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_decode_attention.py tests/test_fast_decode.py 2>&1 | tee "$OUT/pdl_attention_tests.txt" | tail -15 ;;
     pdl-ab)  # decode with programmatic dependent launch off (0), early launch (1), + L2 prefetch (2) (~7 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-pdl1 1.8b:fast-int4-pdl2 \
         7b:fast-int4 7b:fast-int4-pdl2 \

@@ -155,6 +155,15 @@ def test_an_early_decode_attention_waits_before_it_reads_the_step():
             assert any("prefetch.global.L2" in line for line in early) == (level == 2), (fn, level)
             usage = resource_usage(kernel)
             assert usage["stack"] <= plain["stack"] and usage["registers"] <= plain["registers"] + 8, (fn, level, usage)
+    # a head narrower than a 128-byte line (the tests' tiny models): the prefetch asks for one line a key
+    # (its first version asked for none there, a zero-length arange, and failed to compile on the H200)
+    fn, consts = fused._decode_attention_qkv_kernel, dict(constexprs, HEAD_DIM=32, Q_HEADS=32, KV_HEADS=8, PDL=2,
+                                                            HAS_BIAS=True)
+    source = tc.ASTSource(fn=fn, constexprs=consts, attrs={},
+                          signature=dict(qkv_signature, **{name: "constexpr" for name in consts}))
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": fused.NUM_WARPS, "num_stages": fused.NUM_STAGES})
+    assert any("prefetch.global.L2" in line for line in _before_the_wait(kernel.asm["ptx"]))
 
 
 @pytest.mark.gpu

@@ -246,7 +246,7 @@ if triton is not None:
         if PDL == 2:
             lo = tl.program_id(1) * CHUNK_KEYS
             hi = tl.minimum(lo + CHUNK_KEYS, W)
-            lines = tl.arange(0, HEAD_DIM // 64) * 64  # a 128-byte line holds 64 bf16 of a key
+            lines = tl.arange(0, max(HEAD_DIM // 64, 1)) * 64  # a 128-byte line holds 64 bf16 of a key
             head = tl.program_id(0)
             for start in range(lo, hi, BLOCK_L):
                 pos = tl.minimum(start + tl.arange(0, BLOCK_L), hi - 1)
