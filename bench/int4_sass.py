@@ -67,6 +67,15 @@ def resource_usage(kernel) -> dict:
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1))}
 
 
+def sass_of(kernel) -> str:
+    """The SASS (cuobjdump -sass) of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        return subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+
+
 def _tool(name: str) -> str:
     import triton
 
@@ -112,12 +121,7 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
     if half2:
         constexprs["HALF2"] = True
     kernel = compile_for_hopper(fn or int4_triton._gemv_body.fn, constexprs, num_warps)
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "gemv.cubin")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    sass, usage = sass_of(kernel), resource_usage(kernel)
     layout = re.search(r"#blocked = #ttg.blocked<\{(.*?)\}>", kernel.asm["ttgir"])
     fields = [re.search(name + r" = \[([\d, ]+)\]", layout.group(1)) if layout else None
               for name in ("sizePerThread", "threadsPerWarp", "warpsPerCTA")]
@@ -132,7 +136,7 @@ def analyse(block_n: int, split: int, num_warps: int, prefetch: bool = True, fn=
             "shared_bytes": kernel.metadata.shared, "async_copies": len(re.findall(r"\bLDGSTS", sass)),
             "loop_instructions": len(loop),
             "weights_per_thread": 8 * words, "per_weight": round(len(loop) / (8 * words), 2),
-            "registers": int(re.search(r"REG:(\d+)", usage).group(1)), "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "registers": usage["registers"], "stack": usage["stack"],
             "layout": f"size {size}, threads {threads}, warps {warps}",
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
 

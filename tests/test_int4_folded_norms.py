@@ -197,25 +197,19 @@ def test_the_epilogues_compile_without_spilling_and_leave_the_gemv_loop_as_it_wa
     instructions within 1 %: ptxas picks between equivalent forms, IMAD.SHL for SHF.L, differently each time)."""
     pytest.importorskip("triton")
     import os
-    import subprocess
     import sys
-    import tempfile
     from pathlib import Path
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter's tile list is not the app's")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.int4_sass import _tool, compile_for_hopper, main_loop, resource_usage
+    from bench.int4_sass import compile_for_hopper, main_loop, resource_usage, sass_of
     from models.kernels import int4_epilogue, int4_triton
 
     def loop_and_usage(config, epilogue, even=True):
         constexprs = {"PREFETCH": True, **config.kwargs, "EVEN": even, "EPILOGUE": epilogue}
         kernel = compile_for_hopper(int4_triton._gemv_body.fn, constexprs, config.num_warps, capability=capability)
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = os.path.join(tmp, "gemv.cubin")
-            Path(cubin).write_bytes(kernel.asm["cubin"])
-            sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        return [op for op, _ in main_loop(sass)], resource_usage(kernel)
+        return [op for op, _ in main_loop(sass_of(kernel))], resource_usage(kernel)
 
     fp32_tile = next(c for c in int4_triton._GEMV_CONFIGS if not c.kwargs.get("HALF2"))
     half2_tile = next(c for c in int4_triton._GEMV_CONFIGS if c.kwargs.get("HALF2"))

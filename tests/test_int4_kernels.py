@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -395,18 +394,13 @@ def test_asking_the_l2_ahead_holds_no_registers_and_adds_little_to_the_loop():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("compiles for a GPU")
     sys.path.insert(0, str(ROOT))
-    from bench.int4_sass import _tool, compile_for_hopper, main_loop, resource_usage
+    from bench.int4_sass import compile_for_hopper, main_loop, resource_usage, sass_of
     from models.kernels import int4_triton
 
     def compiled(config, ahead):
         kernel = compile_for_hopper(int4_triton._gemv_body.fn, {"PREFETCH": True, **config.kwargs, "EVEN": True,
                                                                 "L2_AHEAD": ahead}, config.num_warps)
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = os.path.join(tmp, "gemv.cubin")
-            with open(cubin, "wb") as f:
-                f.write(kernel.asm["cubin"])
-            sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        return [op for op, _ in main_loop(sass)], resource_usage(kernel)
+        return [op for op, _ in main_loop(sass_of(kernel))], resource_usage(kernel)
 
     for config in int4_triton._GEMV_CONFIGS[:3]:  # both loops: two fp32 tiles, a packed-fp16 one
         plain_loop, plain = compiled(config, 0)

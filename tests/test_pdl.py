@@ -5,9 +5,7 @@ of early-launched kernels in a CUDA graph computing what the plain launches comp
 import logging
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,15 +62,9 @@ def _compiled_gpu_code():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("compiles for a GPU")
     sys.path.insert(0, str(ROOT))
-    from bench.int4_sass import _tool, compile_for_hopper, main_loop, resource_usage
+    from bench.int4_sass import compile_for_hopper, main_loop, resource_usage, sass_of
 
-    def sass(kernel) -> str:
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = Path(tmp) / "kernel.cubin"
-            cubin.write_bytes(kernel.asm["cubin"])
-            return subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                                  check=True).stdout
-    return compile_for_hopper, sass, resource_usage, main_loop
+    return compile_for_hopper, sass_of, resource_usage, main_loop
 
 
 def _before_the_wait(ptx: str) -> list[str]:
