@@ -182,6 +182,17 @@ run_mode() {
         --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
         python3 bench/int4_profile.py --ncu-region --best-from "$OUT/int4_gemv_sweep_7b.json" --configs "${tiles[@]}" \
         > "$OUT/int4_gemv_ncu.txt" 2>&1; tail -5 "$OUT/int4_gemv_ncu.txt" ;;
+    profile-half2)  # ncu on the 7B's GEMVs with the app's tiles, packed-fp16 ones included, and on the q/k/v attention (~4 minutes)
+      tiles=(256,32,2,0,1,1 512,16,4,0,1,1 256,8,2,0,1,1 128,64,2)
+      python3 bench/int4_profile.py --configs "${tiles[@]}" 2>&1 | tee "$OUT/int4_profile_half2.txt"
+      ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+        python3 bench/int4_profile.py --ncu-region --configs "${tiles[@]}" \
+        > "$OUT/int4_gemv_ncu_half2.txt" 2>&1; tail -5 "$OUT/int4_gemv_ncu_half2.txt"
+      python3 bench/attention_profile.py 2>&1 | tee "$OUT/attention_profile.txt"
+      ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats --section SchedulerStats \
+        python3 bench/attention_profile.py --ncu-region > "$OUT/attention_ncu.txt" 2>&1; tail -5 "$OUT/attention_ncu.txt" ;;
     gemv-tests)  # the GEMV's own GPU tests (~1 minute)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_kernels.py tests/test_gemv_tiles.py 2>&1 | tee "$OUT/gemv_tests.txt" | tail -30 ;;

@@ -9,7 +9,7 @@ hardware counters (throughput, occupancy, stall reasons).
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats python bench/int4_profile.py --ncu-region
 
---configs profiles fixed tiles (BLOCK_N,SPLIT,warps[,PREFETCH 0/1[,LOOP_STAGES]]) after the tuned one, so
+--configs profiles fixed tiles (BLOCK_N,SPLIT,warps[,PREFETCH 0/1[,LOOP_STAGES[,HALF2 0/1]]]) after the tuned one, so
 that ncu shows side by side why one tile reads faster than another (bench/device_run.sh profile).
 --best-from SWEEP.json adds, per shape, the fastest tile of a bench/int4_gemv_sweep.py run.
 """
@@ -40,7 +40,9 @@ def sweep_best(path: Path) -> dict:
             continue
         shape = (row["n"], row["k"])
         if shape not in best or row["us"] < best[shape][1]:
-            best[shape] = ({key: row[key] for key in keys}, row["us"])
+            config = {key: row[key] for key in keys}
+            config.update({key: row[key] for key in ("HALF2", "L2_AHEAD") if row.get(key)})
+            best[shape] = (config, row["us"])
     return {shape: config for shape, (config, _) in best.items()}
 
 
@@ -59,6 +61,8 @@ def main() -> None:
         block_n, split, warps, *rest = (int(v) for v in text.split(","))
         fixed.append(dict(BLOCK_N=block_n, SPLIT=split, num_warps=warps, num_stages=1,
                           PREFETCH=bool(rest[0]) if rest else True, LOOP_STAGES=rest[1] if len(rest) > 1 else 1))
+        if len(rest) > 2 and rest[2]:
+            fixed[-1]["HALF2"] = True
     best = sweep_best(a.best_from) if a.best_from and a.best_from.exists() else {}
     rate = copy_rate()
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "copy_gbps": round(rate, 1)}), flush=True)
