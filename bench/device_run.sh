@@ -193,6 +193,8 @@ run_mode() {
       ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats --section SchedulerStats \
         python3 bench/attention_profile.py --ncu-region > "$OUT/attention_ncu.txt" 2>&1; tail -5 "$OUT/attention_ncu.txt" ;;
+    sample)  # the next token from the logits alone, greedy against top-p sampled (bench/sample_speed.py) (~30 s)
+      python3 bench/sample_speed.py 2>&1 | tee "$OUT/sample_speed.txt" ;;
     gemv-tests)  # the GEMV's own GPU tests (~1 minute)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_kernels.py tests/test_gemv_tiles.py 2>&1 | tee "$OUT/gemv_tests.txt" | tail -30 ;;

@@ -52,6 +52,7 @@ from .generation import SamplingSettings, _device_peak, stream_generate
 from .kv_cache import common_prefix_length
 from .layer_step import LayerLoop, supports_layer_loop
 from .memory import PREFILL_CHUNK
+from .token_sampling import next_token
 
 log = logging.getLogger(__name__)
 CHUNK_TOKENS = 8  # tokens decoded between two host reads (EOS / Stop checks) on a GPU
@@ -226,15 +227,7 @@ class FastDecoder(BackgroundCompile):
 
     def _sample(self, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
         """Next token id [1], on the device: argmax, or temperature + top-p sampling."""
-        if greedy:
-            return logits.argmax(-1)
-        sorted_logits, order = (logits / self.temperature).sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Keep the smallest set of tokens whose mass reaches top_p (the first is always kept).
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > self.top_p, 0.0)
-        # argmax(p / Exp(1)) is a draw from p (normalization not needed), with no host sync.
-        choice = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
-        return order.gather(-1, choice).view(1)
+        return next_token(logits, greedy, self.temperature, self.top_p)
 
     def _decode_step(self, greedy: bool) -> None:
         """One token: forward, sample, and advance every buffer, all on the device."""

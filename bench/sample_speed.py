@@ -1,0 +1,48 @@
+"""The decode step's last op alone: the next token from one row of logits, greedy against top-p sampled.
+
+The app samples by default (temperature 0.7, top-p 0.9); decode_speed's step figures are greedy. Per
+vocabulary (InternLM2's 92,544, Qwen2.5's 151,936), models/token_sampling.next_token is captured in a
+CUDA graph and replayed (microseconds a token), and its kernels are listed (torch.profiler).
+
+    python bench/sample_speed.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.int4_kernels import graph_ms  # noqa: E402
+from models.token_sampling import next_token  # noqa: E402
+
+VOCABS = {"internlm2": 92544, "qwen2.5": 151936}
+
+
+def main() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    print(json.dumps({"gpu": torch.cuda.get_device_name()}), flush=True)
+    temperature = torch.full((1,), 0.7, device="cuda")
+    top_p = torch.full((1,), 0.9, device="cuda")
+    for name, vocab in VOCABS.items():
+        logits = torch.randn(1, vocab, device="cuda") * 4
+        for greedy in (True, False):
+            us = graph_ms(lambda: next_token(logits, greedy, temperature, top_p), 200) * 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    next_token(logits, greedy, temperature, top_p)
+                torch.cuda.synchronize()
+            kernels = [{"kernel": e.key[:70], "calls": e.count // 10, "us": round(e.device_time_total / 10, 2)}
+                       for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total) if e.device_time_total]
+            print(json.dumps({"vocab": name, "size": vocab, "greedy": greedy, "us_in_graph": round(us, 2),
+                              "kernels": kernels}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
