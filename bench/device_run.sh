@@ -27,7 +27,6 @@
 #     decode-short, decode-three, sweep-7b: the same, shorter (the 7B and 1.8B loads, and Qwen; the 7B's shapes)
 #     rotation-ab  the 1.8B and 7B, rotation and cache write inside the decode attention or as kernels of their own
 #     half2-stages  the half2 sweep with pipelined (cp.async) HALF2 tiles added, then pick_tiles
-#     half2-ahead  the half2 sweep with tiles that ask the L2 for the group 2 or 4 ahead (L2_AHEAD), then pick_tiles
 #     pdl-tests  the kernels' and fast decoder's GPU tests with programmatic dependent launch at level 2 (~4 min)
 #     pdl-ab   the 1.8B at PDL levels 0, 1, 2 and the 7B at 0 and 2 (models/kernels/pdl.py) (~7 min)
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
@@ -168,10 +167,6 @@ run_mode() {
       python3 bench/int4_gemv_sweep.py 420 "$OUT/int4_gemv_half2_stages.json" app half2 stages 2>&1 \
         | tee "$OUT/int4_gemv_half2_stages.txt"
       python3 bench/pick_tiles.py "$OUT/int4_gemv_half2_stages.json" 2>&1 | tee "$OUT/int4_gemv_half2_stages_pick.md" ;;
-    half2-ahead)  # the same with L2_AHEAD tiles (prefetch.global.L2, 2 or 4 groups ahead) (~8 minutes: a call of its own)
-      python3 bench/int4_gemv_sweep.py 420 "$OUT/int4_gemv_half2_ahead.json" app half2 ahead 2>&1 \
-        | tee "$OUT/int4_gemv_half2_ahead.txt"
-      python3 bench/pick_tiles.py "$OUT/int4_gemv_half2_ahead.json" 2>&1 | tee "$OUT/int4_gemv_half2_ahead_pick.md" ;;
     sweep)
       python3 bench/int4_gemv_sweep.py 450 "$OUT/int4_gemv_sweep.json" app 2>&1 | tee "$OUT/int4_gemv_sweep.txt" ;;
     profile)  # ncu on the 7B's GEMVs: the tuned tile, fixed tiles, and (after sweep-7b) its best per shape (~2 minutes)

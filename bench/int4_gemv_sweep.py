@@ -1,11 +1,12 @@
 """GEMV tile sweep on the GPU: every (BLOCK_N, SPLIT, warps, PREFETCH, LOOP_STAGES) over 7B/1.8B linear shapes,
 weights rotated through > L2 so each call reads DRAM; ms per call and fraction of the copy rate.
 
-    python bench/int4_gemv_sweep.py BUDGET_S OUT.json [fused|app|7b] [half2 [stages] [ahead]]
+    python bench/int4_gemv_sweep.py BUDGET_S OUT.json [fused|app|7b] [half2 [stages]]
 
 half2: the packed-fp16 loop's tiles (HALF2, 4, 8 and 16 rows a thread) against the app's five tuned tiles,
-in the same run; stages: those tiles with 3-4 pipeline stages (cp.async) as well; ahead: the app's tiles
-and the 4-row HALF2 tiles asking the L2 for the group 2 or 4 ahead (L2_AHEAD)."""
+in the same run; stages: those tiles with 3-4 pipeline stages (cp.async) as well. (A row's last field is
+the L2 look-ahead that session 29 timed and removed from the kernel: always 0 now, kept so that rows and
+bench/pick_tiles.py read the old results alike.)"""
 import json, math, sys, time
 import torch
 sys.path.insert(0, ".")
@@ -50,14 +51,6 @@ if "half2" in sys.argv[4:]:
 else:
     grid = [(*row, False) for row in grid]
 grid = [(*row, 0) for row in grid]
-if "ahead" in sys.argv[4:]:
-    # Bytes in flight without registers: the loop asks the L2 for a later group (prefetch.global.L2), where
-    # loading it into registers spilled the HALF2 tiles (255 registers) and cp.async needs shared memory.
-    grid += [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps, c.kwargs.get("LOOP_STAGES", 1),
-              c.kwargs.get("PREFETCH", True), c.kwargs.get("HALF2", False), ahead)
-             for c in kt._GEMV_CONFIGS for ahead in (2, 4)]
-    grid += [(bn, sp, w, 1, False, True, ahead) for bn, w in TILES if bn // (32 * w) == 4
-             for sp in (4, 8, 16, 32) for ahead in (2, 4)]
 grid = list(dict.fromkeys(grid))  # the app's tiles may be among the swept ones: each timed once
 print(f"# {len(grid)} configs", flush=True)
 def tile(c):
@@ -84,12 +77,10 @@ for n, k in SHAPES:
     ws = torch.empty(64, n, dtype=torch.float32, device=dev)
     lock = torch.zeros(n, dtype=torch.int32, device=dev)
     best = None
-    for bn, sp, wp, st, pf, h2, ahead in grid:
+    for bn, sp, wp, st, pf, h2, _ahead in grid:
         cfg = {"BLOCK_N": bn, "SPLIT": sp, "num_warps": wp, "num_stages": 1, "PREFETCH": pf, "LOOP_STAGES": st}
         if h2:
             cfg["HALF2"] = True
-        if ahead:
-            cfg["L2_AHEAD"] = ahead
         try:
             y = kt.gemv(x, q, s, o, k, (ws, lock), cfg)
             err = (y.float() - ref).abs().max().item() / ref.abs().max().item()

@@ -91,9 +91,6 @@ for n, k in shapes:
     if device == "cuda":
         half2 += [dict(BLOCK_N=1024, SPLIT=8, PREFETCH=False, HALF2=True, num_warps=2),  # 16 rows a thread
                   dict(BLOCK_N=512, SPLIT=8, PREFETCH=False, HALF2=True, num_warps=2)]
-        # L2_AHEAD: the loop asks the L2 for a later group (PTX, so on a GPU only): ragged N, uneven shares
-        half2 += [dict(BLOCK_N=256, SPLIT=3, PREFETCH=False, HALF2=True, num_warps=2, L2_AHEAD=2),
-                  dict(BLOCK_N=32, SPLIT=16, L2_AHEAD=4)]
     for cfg in [None, dict(BLOCK_N=16, SPLIT=1), dict(BLOCK_N=8, SPLIT=3), dict(BLOCK_N=32, SPLIT=16),
                 dict(BLOCK_N=16, SPLIT=3, PREFETCH=False)] + piped + wide + half2:
         y = int4_triton.gemv(x, q, s, o, k, ws, cfg)
@@ -384,32 +381,6 @@ def test_loop_stages_keep_the_next_groups_in_flight_through_shared_memory():
         assert piped["async_copies"] > 0 and piped["shared_bytes"] >= (stages - 1) * 16 * 256 * 4, piped
         assert piped["stack"] == 0 and piped["registers"] < ahead["registers"], (piped, ahead)
         assert piped["per_weight"] < 4.2, piped
-
-
-def test_asking_the_l2_ahead_holds_no_registers_and_adds_little_to_the_loop():
-    """L2_AHEAD > 0: the loop asks the L2 for the group that many ahead (prefetch.global.L2, SASS CCTL) each
-    time round, with no registers added on the packed-fp16 tiles (where loading the next group into registers
-    spills) and no spills on any app tile, for a few instructions a group (20-23 of a 940-1,760-instruction loop on sm_90)."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("compiles for a GPU")
-    sys.path.insert(0, str(ROOT))
-    from bench.int4_sass import compile_for_hopper, main_loop, resource_usage, sass_of
-    from models.kernels import int4_triton
-
-    def compiled(config, ahead):
-        kernel = compile_for_hopper(int4_triton._gemv_body.fn, {"PREFETCH": True, **config.kwargs, "EVEN": True,
-                                                                "L2_AHEAD": ahead}, config.num_warps)
-        return [op for op, _ in main_loop(sass_of(kernel))], resource_usage(kernel)
-
-    for config in int4_triton._GEMV_CONFIGS[:3]:  # both loops: two fp32 tiles, a packed-fp16 one
-        plain_loop, plain = compiled(config, 0)
-        loop, usage = compiled(config, 4)
-        assert not any(op.startswith("CCTL") for op in plain_loop)
-        assert any(op.startswith("CCTL") for op in loop), config  # the L2 prefetch, inside the loop
-        assert usage["stack"] == 0 and len(loop) - len(plain_loop) < 0.03 * len(plain_loop), (config, usage)
-        if config.kwargs.get("HALF2"):
-            assert usage["registers"] <= plain["registers"] + 8, (config, usage, plain)
 
 
 @pytest.mark.parametrize("capability", [80, 86, 89])

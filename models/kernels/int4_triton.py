@@ -143,7 +143,7 @@ if triton is not None:
                    res_ptr, gamma_ptr, h_ptr, sq_ptr, n_sq, eps,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr = True,
                    LOOP_STAGES: tl.constexpr = 1, HALF2: tl.constexpr = False, H2_ASM: tl.constexpr = True,
-                   EPILOGUE: tl.constexpr = STORE, PDL: tl.constexpr = 0, L2_AHEAD: tl.constexpr = 0):
+                   EPILOGUE: tl.constexpr = STORE, PDL: tl.constexpr = 0):
         start_early(PDL)  # programmatic dependent launch (pdl.py): the next kernel may start now
         pid_n = tl.program_id(0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,12 +153,11 @@ if triton is not None:
         g_per = tl.cdiv(G_COUNT, SPLIT)
         g_lo = tl.program_id(1) * g_per
         g_hi = tl.minimum(g_lo + g_per, G_COUNT)
-        # L2_AHEAD > 0: the loop asks the L2 for the group L2_AHEAD ahead of the one it loads (prefetch_l2):
-        # bytes in flight from the DRAM without registers or shared memory (HALF2 tiles that load the next
-        # group into registers spill: 255 registers; bench/int4_gemv_sweep.py ... ahead times it). The first
-        # groups are asked for here, before the wait: weights are constant in decode (pdl.py, level 2 too).
-        if PDL == 2 or L2_AHEAD > 0:
-            _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, tl.minimum(g_hi, g_lo + max(L2_AHEAD, PREFETCH_GROUPS)),
+        # PDL level 2 asks the L2 for the first groups before the wait: weights are constant in decode (pdl.py).
+        # (Asking it for a later group inside the loop as well, 2 or 4 ahead, was timed on the H200 in session
+        # 29: 8-27 % slower on every GEMV of 9 MB and more; BENCHMARKS.md. Removed.)
+        if PDL == 2:
+            _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, tl.minimum(g_hi, g_lo + PREFETCH_GROUPS),
                             pid_n, N, stride_w, stride_s, BLOCK_N)
         # PREFETCH: the next group's words are loaded before this one's arithmetic, two groups in
         # flight per thread. (A program whose share is empty, when SPLIT does not divide G_COUNT,
@@ -192,9 +191,6 @@ if triton is not None:
         # launch option num_stages alone left this loop unpipelined (same SASS at 1 and 3 stages:
         # the earlier sweeps' "stages" timed the same kernel twice).
         for g in tl.range(g_lo, g_hi, num_stages=LOOP_STAGES):
-            if L2_AHEAD > 0:  # clamped: the share's last group is asked for again near its end, harmlessly
-                _prefetch_group(w_ptr, s_ptr, o_ptr, tl.minimum(g + L2_AHEAD, g_hi - 1), pid_n, N, stride_w, stride_s,
-                                BLOCK_N)
             if PREFETCH:
                 words = nxt
                 if g + 1 < g_hi:
