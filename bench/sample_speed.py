@@ -1,8 +1,9 @@
 """The decode step's last op alone: the next token from one row of logits, greedy against top-p sampled.
 
 The app samples by default (temperature 0.7, top-p 0.9); decode_speed's step figures are greedy. Per
-vocabulary (InternLM2's 92,544, Qwen2.5's 151,936), models/token_sampling.next_token is captured in a
-CUDA graph and replayed (microseconds a token), and its kernels are listed (torch.profiler).
+vocabulary (InternLM2's 92,544, Qwen2.5's 151,936), models/token_sampling.next_token and `plain` (the
+form it replaced: torch's argmax, and sort + softmax + cumsum) are captured in CUDA graphs and replayed
+(microseconds a token), and their kernels are listed (torch.profiler).
 
     python bench/sample_speed.py
 """
@@ -24,6 +25,17 @@ from models.token_sampling import next_token  # noqa: E402
 VOCABS = {"internlm2": 92544, "qwen2.5": 151936}
 
 
+def plain(logits: torch.Tensor, greedy: bool, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The baseline: the next token as the fast decoder drew it until session 29."""
+    if greedy:
+        return logits.argmax(-1)
+    sorted_logits, order = (logits / temperature).sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+    choice = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
+    return order.gather(-1, choice).view(1)
+
+
 def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -33,15 +45,16 @@ def main() -> None:
     for name, vocab in VOCABS.items():
         logits = torch.randn(1, vocab, device="cuda") * 4
         for greedy in (True, False):
-            us = graph_ms(lambda: next_token(logits, greedy, temperature, top_p), 200) * 1e3
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    next_token(logits, greedy, temperature, top_p)
-                torch.cuda.synchronize()
-            kernels = [{"kernel": e.key[:70], "calls": e.count // 10, "us": round(e.device_time_total / 10, 2)}
-                       for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total) if e.device_time_total]
-            print(json.dumps({"vocab": name, "size": vocab, "greedy": greedy, "us_in_graph": round(us, 2),
-                              "kernels": kernels}), flush=True)
+            for name_of_form, form in (("plain", plain), ("next_token", next_token)):
+                us = graph_ms(lambda: form(logits, greedy, temperature, top_p), 200) * 1e3
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        form(logits, greedy, temperature, top_p)
+                    torch.cuda.synchronize()
+                kernels = [{"kernel": e.key[:70], "calls": e.count // 10, "us": round(e.device_time_total / 10, 2)}
+                           for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total) if e.device_time_total]
+                print(json.dumps({"vocab": name, "size": vocab, "greedy": greedy, "form": name_of_form,
+                                  "us_in_graph": round(us, 2), "kernels": kernels}), flush=True)
 
 
 if __name__ == "__main__":
