@@ -21,12 +21,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.int4_kernels import graph_ms  # noqa: E402
+from bench.decode_attention import HEAD_DIM, LAYOUTS, graph_us  # noqa: E402
 from models.kernels import decode_attention as fused  # noqa: E402
 
-LAYOUTS = {"7B": (32, 8, 32), "1.8B": (16, 8, 24)}  # query heads, KV heads, layers
 CASES = [(600, 1024), (3000, 4096)]  # (token position, window)
-HEAD_DIM, CACHE = 128, 4096 + 64
+CACHE = 4096 + 64
+SHAPES = ("7B", "1.8B")  # of bench/decode_attention.py's head layouts
 
 
 def layer_inputs(hq: int, hkv: int, position: int, window: int) -> dict:
@@ -47,7 +47,8 @@ def main() -> None:
     p.add_argument("--ncu-region", action="store_true")
     a = p.parse_args()
     print(json.dumps({"gpu": torch.cuda.get_device_name()}), flush=True)
-    for name, (hq, hkv, layers) in LAYOUTS.items():
+    for name in SHAPES:
+        hq, hkv, layers = LAYOUTS[name]
         workspace = fused.new_workspace(hq, hkv, HEAD_DIM, "cuda")
         for position, window in CASES:
             inputs = [layer_inputs(hq, hkv, position, window) for _ in range(layers)]
@@ -62,7 +63,7 @@ def main() -> None:
                 torch.cuda.cudart().cudaProfilerStop()
                 print(json.dumps({"layout": name, "position": position, "window": window, "profiled": True}), flush=True)
                 continue
-            us = graph_ms(lambda: [fn() for fn in run], 50) * 1e3 / layers
+            us = graph_us(lambda i: run[i](), layers)
             splits, chunk = fused.splits_for(window)
             print(json.dumps({"layout": name, "position": position, "window": window, "chunks": splits,
                               "keys_per_chunk": chunk, "us_per_layer": round(us, 2)}), flush=True)
