@@ -46,6 +46,7 @@ def _not_cast_notice(record: logging.LogRecord) -> bool:
 # the cast is expected, and the line would flood the log once per layer per token.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_notice)
 log = logging.getLogger(__name__)
+STORE_WRITER_THREAD = "int4-store"  # the thread writing a freshly quantized model to the int4 store
 
 
 class NoChatTemplateError(ModelLoadError):
@@ -183,7 +184,7 @@ def _keep_int4(model: torch.nn.Module, cache_dir: Path, key: str) -> None:
             int4_store.write(snap, cache_dir, key)
         except OSError:
             log.warning("storing the int4 weights failed; the next load quantizes again", exc_info=True)
-    threading.Thread(target=write, name="int4-store", daemon=True).start()
+    threading.Thread(target=write, name=STORE_WRITER_THREAD, daemon=True).start()
 
 
 def _load_config(local: LocalModel, trust_remote_code: bool):
