@@ -32,6 +32,7 @@
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     half2    the packed-fp16 GEMV tiles (HALF2) against the app's five on every shape, then the five tiles
 #              that minimise a step's GEMV time (bench/pick_tiles.py) (~4 minutes)
+#     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
 # Modes run in the order given; one call of the device tool may take 10 minutes, so pair them
@@ -146,6 +147,11 @@ run_mode() {
     attention-tests)  # the decode attention's GPU tests only (~1 minute)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_decode_attention.py 2>&1 | tee "$OUT/attention_tests.txt" | tail -15 ;;
+    persistent)  # bench/persistent_probe.py: a layer's GEMVs as one persistent kernel with grid barriers, against
+      # separate launches; its GPU test first (a barrier that never ends hangs: both are cut at their limits) (~3 min)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_persistent_probe.py 2>&1 | tee "$OUT/persistent_tests.txt" | tail -15
+      timeout 300 python3 bench/persistent_probe.py --out "$OUT/persistent_probe.jsonl" 2>&1 | tee "$OUT/persistent_probe.txt" ;;
     gpu-tests)  # the GPU-marked tests of the kernels and the fast decoder (~3 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_gemv_tiles.py tests/test_fast_decode.py tests/test_int4_store.py \
