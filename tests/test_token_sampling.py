@@ -59,3 +59,19 @@ def test_given_the_same_random_numbers_it_draws_what_the_sort_softmax_form_drew(
         ours = next_token(logits, False, temperature, top_p)
         torch.manual_seed(seed)
         assert ours.tolist() == plain(logits, False, temperature, top_p).tolist(), seed
+
+
+def test_the_two_step_argmax_candidate_finds_the_argmax():
+    """bench/sample_speed.two_step_argmax (a greedy candidate to time) against torch's argmax: vocabularies that
+    are and are not a multiple of its 128-logit rows, the largest logit in the padded last row and at 0."""
+    from bench.sample_speed import two_step_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (92544, 151936, 1000, 129, 128):
+        for _ in range(5):
+            logits = torch.randn(1, vocab, generator=gen)
+            assert two_step_argmax(logits).item() == logits.argmax(-1).item()
+        for where in (0, vocab - 1):
+            logits = torch.zeros(1, vocab)
+            logits[0, where] = 1.0
+            assert two_step_argmax(logits).item() == where
