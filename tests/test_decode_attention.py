@@ -12,7 +12,7 @@ import torch
 from models.attention import WORKSPACE_ATTR, _decode_attention, attach_decode_workspace
 from models.kernels import decode_attention as fused
 from models.kernels import split_k
-from tests.kernel_check import run_check
+from tests.kernel_check import on_every_core, run_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +242,7 @@ def test_every_attention_module_shares_one_workspace(tiny_llama):
                                                         c.hidden_size // c.num_attention_heads) + 4 * c.num_key_value_heads
 
 
-@pytest.mark.parametrize("capability", [80, 86, 89, 90])
+@pytest.mark.parametrize("capability", [86, 89, 90])  # the 8 GB cards' Ampere and Ada, and Hopper
 def test_the_kernel_compiles_for_consumer_gpus_within_their_shared_memory(capability):
     """The app's tile compiles for Ampere, Ada and Hopper (no GPU needed), for every head grouping, in
     less shared memory than a consumer card gives a block (99 KiB on sm_86/89). It runs at the
@@ -263,15 +263,19 @@ def test_the_kernel_compiles_for_consumer_gpus_within_their_shared_memory(capabi
                  "stride_kh": "i32", "stride_kl": "i32", "stride_vh": "i32", "stride_vl": "i32", "scaling": "fp32"}
     qkv_signature = {"qkv_ptr": "*bf16", "bias_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64",
                      **{name: kind for name, kind in signature.items() if name != "q_ptr"}}
+    cases = []
     for hq, hkv in [(32, 8), (16, 8), (28, 4), (12, 2), (32, 2)]:  # InternLM2.5-7B, 1.8B, Qwen 7B, 1.5B, InternLM3-8B
         constexprs = {"GROUP": hq // hkv, "ROWS": split_k.attention_rows(hq, hkv), "HEAD_DIM": 128,
                       "BLOCK_L": fused.BLOCK_L, "DOT_FP32": False, "PDL": 0}  # no dependent launch before Hopper
         qkv_constexprs = dict(constexprs, Q_HEADS=hq, KV_HEADS=hkv, HAS_BIAS=hkv == 4)  # the q/k/v form; Qwen's bias
-        for fn, sig, consts in [(fused._decode_attention_kernel, signature, constexprs),
-                                (fused._decode_attention_qkv_kernel, qkv_signature, qkv_constexprs)]:
-            source = tc.ASTSource(fn=fn, constexprs=consts, attrs={},
-                                  signature=dict(sig, **{name: "constexpr" for name in consts}))
-            kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                                    options={"num_warps": fused.NUM_WARPS, "num_stages": fused.NUM_STAGES})
-            usage = resource_usage(kernel)
-            assert kernel.metadata.shared <= 99 * 1024 and usage["stack"] <= 64, (fn, capability, hq, hkv, usage)
+        cases += [(fused._decode_attention_kernel, signature, constexprs),
+                  (fused._decode_attention_qkv_kernel, qkv_signature, qkv_constexprs)]
+
+    def compiled(case):
+        fn, sig, consts = case
+        source = tc.ASTSource(fn=fn, constexprs=consts, attrs={}, signature=dict(sig, **{name: "constexpr" for name in consts}))
+        kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                options={"num_warps": fused.NUM_WARPS, "num_stages": fused.NUM_STAGES})
+        return kernel.metadata.shared, resource_usage(kernel)
+    for (fn, _, consts), (shared, usage) in zip(cases, on_every_core(compiled, cases)):
+        assert shared <= 99 * 1024 and usage["stack"] <= 64, (fn, capability, consts, usage)

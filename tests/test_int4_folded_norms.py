@@ -205,6 +205,7 @@ def test_the_epilogues_compile_without_spilling_and_leave_the_gemv_loop_as_it_wa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.int4_sass import compile_for_hopper, main_loop, resource_usage, sass_of
     from models.kernels import int4_epilogue, int4_triton
+    from tests.kernel_check import on_every_core
 
     def loop_and_usage(config, epilogue, even=True):
         constexprs = {"PREFETCH": True, **config.kwargs, "EVEN": even, "EPILOGUE": epilogue}
@@ -213,18 +214,22 @@ def test_the_epilogues_compile_without_spilling_and_leave_the_gemv_loop_as_it_wa
 
     fp32_tile = next(c for c in int4_triton._GEMV_CONFIGS if not c.kwargs.get("HALF2"))
     half2_tile = next(c for c in int4_triton._GEMV_CONFIGS if c.kwargs.get("HALF2"))
+    epilogues = (int4_epilogue.SCALED, int4_epilogue.RESIDUAL_NORM, int4_epilogue.SCALED_SILU_MUL)
+    cases = [(config, epilogue, True) for config in (fp32_tile, half2_tile)
+             for epilogue in (int4_epilogue.STORE, *epilogues)]
+    cases.append((half2_tile, int4_epilogue.SCALED, False))  # ragged rows, as a 92,544-row lm_head has on these tiles
+    compiled = dict(zip(cases, on_every_core(lambda case: loop_and_usage(*case), cases)))
     for config in (fp32_tile, half2_tile):
-        plain_loop, plain_usage = loop_and_usage(config, int4_epilogue.STORE)
+        plain_loop, plain_usage = compiled[config, int4_epilogue.STORE, True]
         assert len(plain_loop) > 50
-        for epilogue in (int4_epilogue.SCALED, int4_epilogue.RESIDUAL_NORM, int4_epilogue.SCALED_SILU_MUL):
-            loop, usage = loop_and_usage(config, epilogue)
+        for epilogue in epilogues:
+            loop, usage = compiled[config, epilogue, True]
             where = (capability, config.kwargs, epilogue, usage, plain_usage)
             # a few more registers at most (measured: up to 20 on sm_86, for the x scale the packed-fp16
             # loop takes as an argument); the tile timing times each shape with its epilogue
             assert usage["stack"] == 0 and usage["registers"] <= min(255, plain_usage["registers"] + 24), where
             assert abs(len(loop) - len(plain_loop)) <= 0.01 * len(plain_loop), (where, len(loop), len(plain_loop))
-    # ragged rows, as an lm_head of 92,544 rows has on the 256- and 512-row tiles
-    _, usage = loop_and_usage(half2_tile, int4_epilogue.SCALED, even=False)
+    _, usage = compiled[cases[-1]]
     assert usage["stack"] == 0 and usage["registers"] <= 255, usage
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.kernels import pdl
+from tests.kernel_check import on_every_core
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,16 +87,21 @@ def test_an_early_gemv_touches_only_its_weights_before_its_wait():
     compile_for_hopper, sass, resource_usage, main_loop = _compiled_gpu_code()
     from models.kernels import int4_epilogue, int4_triton
 
-    for config in int4_triton._GEMV_CONFIGS:
+    def compiled(case):
+        config, level = case
         # the epilogue that reads most before the loop: the norm's scale (packed fp16), the residual (fp32)
         epilogue = int4_epilogue.SCALED if config.kwargs.get("HALF2") else int4_epilogue.RESIDUAL_NORM
-        constexprs = {"PREFETCH": True, **config.kwargs, "EVEN": True, "EPILOGUE": epilogue}
-        plain = compile_for_hopper(int4_triton._gemv_body.fn, {**constexprs, "PDL": 0}, config.num_warps)
-        assert "griddepcontrol" not in plain.asm["ptx"]
-        plain_loop, plain_usage = main_loop(sass(plain)), resource_usage(plain)
+        constexprs = {"PREFETCH": True, **config.kwargs, "EVEN": True, "EPILOGUE": epilogue, "PDL": level}
+        kernel = compile_for_hopper(int4_triton._gemv_body.fn, constexprs, config.num_warps)
+        return epilogue, kernel.asm["ptx"], main_loop(sass(kernel)), resource_usage(kernel)
+    cases = [(config, level) for config in int4_triton._GEMV_CONFIGS for level in (0, 1, 2)]
+    kernels = dict(zip(cases, on_every_core(compiled, cases)))
+    for config in int4_triton._GEMV_CONFIGS:
+        epilogue, plain_ptx, plain_loop, plain_usage = kernels[config, 0]
+        assert "griddepcontrol" not in plain_ptx
         for level in (1, 2):
-            kernel = compile_for_hopper(int4_triton._gemv_body.fn, {**constexprs, "PDL": level}, config.num_warps)
-            early = _before_the_wait(kernel.asm["ptx"])
+            _, ptx, loop, usage = kernels[config, level]
+            early = _before_the_wait(ptx)
             where = (config.kwargs, epilogue, level)
             assert not [line for line in early if re.search(r"\b(st|atom|red)\.", line)], where
             loads = [line for line in early if re.search(r"\bld\.global", line)]
@@ -103,9 +109,7 @@ def test_an_early_gemv_touches_only_its_weights_before_its_wait():
             assert (len(loads) > 0) == config.kwargs["PREFETCH"] and len(loads) <= 16, (where, loads)
             prefetches = [line for line in early if "prefetch.global.L2" in line]
             assert (len(prefetches) > 0) == (level == 2), where
-            usage = resource_usage(kernel)
             assert usage["stack"] == 0 and usage["registers"] <= plain_usage["registers"] + 8, (where, usage)
-            loop = main_loop(sass(kernel))
             assert abs(len(loop) - len(plain_loop)) <= 0.01 * len(plain_loop), (where, len(loop), len(plain_loop))
 
 
