@@ -56,41 +56,83 @@ def vllm_venv() -> None:
     print(f"\nvLLM venv check/setup {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
-@contextlib.contextmanager
-def serving(command: list[str], port: int, log_path: Path, env: dict):
-    """Run a vLLM server command until it serves /v1/models on 127.0.0.1:port; stop it (and its children) after."""
-    url = f"http://127.0.0.1:{port}/v1"
-    with log_path.open("w") as log:
-        # Its own session, so the server and the engine-core process it forks are stopped together.
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                start_new_session=True)
-        try:
-            launched = time.perf_counter()
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"vLLM exited with code {proc.returncode} before serving; log tail:\n"
-                                + "\n".join(log_path.read_text().splitlines()[-30:]))
-                try:
-                    if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.perf_counter() - launched > START_TIMEOUT_S:
-                    pytest.fail(f"vLLM did not serve /v1/models within {START_TIMEOUT_S:.0f} s; log tail:\n"
-                                + "\n".join(log_path.read_text().splitlines()[-30:]))
-                time.sleep(1)
-            print(f"\nvLLM ready {time.perf_counter() - launched:.1f} s after start: {' '.join(command[:3])}",
-                  file=sys.stderr)
-            yield url
-        finally:
+class VllmServer:
+    """A vLLM server command, started in its own session (the server and the engine-core process it forks
+    stop together); ready() waits until it serves /v1/models on 127.0.0.1:port, stop() ends it."""
+
+    def __init__(self, command: list[str], port: int, log_path: Path, env: dict):
+        self.command, self.log_path, self.url = command, log_path, f"http://127.0.0.1:{port}/v1"
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                     start_new_session=True)
+        self.launched = time.perf_counter()
+        self._ready = False
+
+    def ready(self) -> str:
+        """Its /v1 URL once it serves (a test failure with the log's tail if it exits or takes too long)."""
+        while not self._ready:
+            if self.proc.poll() is not None:
+                pytest.fail(f"vLLM exited with code {self.proc.returncode} before serving; log tail:\n" + self._tail())
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
+                self._ready = httpx.get(f"{self.url}/models", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                pass
+            if not self._ready:
+                if time.perf_counter() - self.launched > START_TIMEOUT_S:
+                    pytest.fail(f"vLLM did not serve /v1/models within {START_TIMEOUT_S:.0f} s; log tail:\n" + self._tail())
+                time.sleep(1)
+            else:
+                print(f"\nvLLM ready {time.perf_counter() - self.launched:.1f} s after start: {' '.join(self.command[:3])}",
+                      file=sys.stderr)
+        return self.url
+
+    def _tail(self) -> str:
+        return "\n".join(self.log_path.read_text().splitlines()[-30:])
+
+    def stop(self) -> None:
+        """Stop the server and its children (again: nothing)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
             except ProcessLookupError:
                 pass
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+@contextlib.contextmanager
+def serving(command: list[str], port: int, log_path: Path, env: dict):
+    """Run a vLLM server command until it serves; its /v1 URL; stopped after."""
+    server = VllmServer(command, port, log_path, env)
+    try:
+        yield server.ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def internlm2_vllm(vllm_venv, tmp_path_factory):
+    """(folder, its VllmServer): a tiny InternLM2 checkpoint and vLLM serving it through scripts/serve_vllm.sh,
+    which hands vLLM the Llama-format folder our conversion writes (no remote code). Started, not awaited:
+    vllm_url starts it first when a test of the session will use it, so that the two servers' start-ups
+    (~35 and ~45 s on CI's two cores, one after the other) overlap."""
+    from internlm2_fixture import TINY_INTERNLM2, write_internlm2_checkpoint
+
+    work = tmp_path_factory.mktemp("internlm2-vllm")
+    # head_dim 64: vLLM's CPU attention has no kernel for the fixture's default 16.
+    folder = write_internlm2_checkpoint(work / "tiny-internlm2",
+                                        shape_kwargs={**TINY_INTERNLM2, "hidden_size": 256, "intermediate_size": 512})
+    port = free_port()
+    command = ["bash", str(ROOT / "scripts" / "serve_vllm.sh"), str(folder), "--port", str(port), "--name", "tiny-internlm2",
+               "--", "--max-model-len", "512", "--enforce-eager", "--dtype", "float32"]
+    env = {"VLLM_VENV": str(ROOT / ".venv-vllm"), "APP_PY": sys.executable, "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    server = VllmServer(command, port, work / "server.log", env)
+    yield folder, server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +144,8 @@ def vllm_url(catalog, tmp_path_factory, request):
         yield os.environ["SMALLCHAT_VLLM_URL"].rstrip("/")
         return
     request.getfixturevalue("vllm_venv")
+    if any("internlm2_vllm" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("internlm2_vllm")  # starting now, beside this one
     folder = resolve_local(catalog.resolve("")).location  # the app's cache: unpacked on first use
     port = free_port()
     with serving(["bash", str(SCRIPT), "serve", str(port), SERVED_NAME], port,
@@ -379,28 +423,22 @@ def test_cli_ask_and_compare_with_the_remote_engine(vllm_url, tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_serves_our_internlm2_conversion_and_answers_like_the_local_engine(catalog, vllm_venv, tmp_path):
+def test_vllm_serves_our_internlm2_conversion_and_answers_like_the_local_engine(catalog, internlm2_vllm):
     """scripts/serve_vllm.sh hands vLLM the Llama-format folder our InternLM2 conversion writes (no remote code)."""
-    from internlm2_fixture import TINY_INTERNLM2, write_internlm2_checkpoint
-
-    # head_dim 64: vLLM's CPU attention has no kernel for the fixture's default 16.
-    folder = write_internlm2_checkpoint(tmp_path / "tiny-internlm2",
-                                        shape_kwargs={**TINY_INTERNLM2, "hidden_size": 256, "intermediate_size": 512})
+    folder, server = internlm2_vllm
     chat = [{"role": "user", "content": "The capital of France is"}]
     greedy = SamplingSettings(max_new_tokens=12, temperature=0.0)
     engine = Engine(catalog)
     engine.load(str(folder), LoadSettings(context_tokens=512))
     local = list(engine.chat(chat, greedy, threading.Event()))[-1]
-    port = free_port()
-    command = ["bash", str(ROOT / "scripts" / "serve_vllm.sh"), str(folder), "--port", str(port), "--name", "tiny-internlm2",
-               "--", "--max-model-len", "512", "--enforce-eager", "--dtype", "float32"]
-    env = {"VLLM_VENV": str(ROOT / ".venv-vllm"), "APP_PY": sys.executable, "HF_HUB_OFFLINE": "1",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with serving(command, port, tmp_path / "server.log", env) as url:
-        served = (tmp_path / "server.log").read_text().splitlines()[0]
+    try:
+        url = server.ready()
+        served = server.log_path.read_text().splitlines()[0]
         assert "/converted/" in served and "as tiny-internlm2" in served  # vLLM got the converted Llama folder
         engine.load(f"openai:{url}#tiny-internlm2", LoadSettings())
         remote = list(engine.chat(chat, greedy, threading.Event()))[-1]
+    finally:
+        server.stop()  # not idle beside the tests after this one
     # Same weights, same template, greedy: the same tokens from vLLM as from transformers.
     assert (remote.text, remote.stats.prompt_tokens, remote.stats.new_tokens) == \
         (local.text, local.stats.prompt_tokens, local.stats.new_tokens)
