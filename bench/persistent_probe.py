@@ -14,9 +14,10 @@ Each phase reads the first K of the previous phase's output as its x (the layer'
 without the attention and SiLU between). The persistent kernel splits each phase into (row tile, K
 slice) items dealt round-robin to its programs; each item's fp32 partial sums are added into the
 phase's output with atomics (zeroed before the launch), so a phase needs no second pass, only the
-barrier. Rows: separate launches (the app's GEMV, Triton-autotuned tile per shape, in a CUDA graph),
-one persistent launch per layer, one for all layers, each with and without asking the L2 for the
-next phase's first weights. Every variant runs over several layers' weights (past the L2) and is
+barrier. Rows: separate launches (the app's GEMV, Triton-autotuned tile per shape, in a CUDA graph);
+the persistent kernel's code launched once per phase (kernel boundaries, no barrier: what the barrier
+itself changes); one launch per layer and one for all layers, each with and without asking the L2 for
+the next phase's first weights. Every variant runs over several layers' weights (past the L2) and is
 checked against a plain-PyTorch chain. Also a barrier alone, and an empty kernel's boundary.
 
     python bench/persistent_probe.py [--shapes 1.8b 7b] [--layers 8] [--out results.jsonl]
@@ -134,11 +135,11 @@ def _phase_weights(layer, p, w0, s0, o0, n0, k0, split0, w1, s1, o1, n1, k1, spl
 
 
 @triton.jit
-def _layers_kernel(x_ptr, out_ptr, bar_ptr, first_layer, layers,
+def _layers_kernel(x_ptr, out_ptr, bar_ptr, first_step, steps,
                    w0, s0, o0, n0, k0, split0, w1, s1, o1, n1, k1, split1,
                    w2, s2, o2, n2, k2, split2, w3, s3, o3, n3, k3, split3, one_bits,
                    BLOCK_N: tl.constexpr, ASK_NEXT: tl.constexpr, ASM: tl.constexpr):
-    """Layers first_layer .. first_layer + layers - 1, each the chain of 4 GEMV phases, barriers between.
+    """Steps first_step .. first_step + steps - 1 of the layers' chains (step = 4 layer + phase), barriers between.
 
     Phase p of layer l writes out[l, offset_p : offset_p + n_p] (out: fp32 [L, n0 + n1 + n2 + n3], zeroed)
     and reads the first k_p of the phase before (the layer before's last phase for p = 0; x for the first
@@ -149,7 +150,7 @@ def _layers_kernel(x_ptr, out_ptr, bar_ptr, first_layer, layers,
     programs = tl.num_programs(0)
     h2_one = one_bits - ONE_TO_H2_ONE
     row = n0 + n1 + n2 + n3
-    for step in range(first_layer * 4, (first_layer + layers) * 4):
+    for step in range(first_step, first_step + steps):
         layer = step // 4
         p = step % 4
         w, s, o, n, k, split = _phase_weights(layer, p, w0, s0, o0, n0, k0, split0, w1, s1, o1, n1, k1, split1,
@@ -163,13 +164,13 @@ def _layers_kernel(x_ptr, out_ptr, bar_ptr, first_layer, layers,
         else:
             x = out - _pick(p, 0, n0, n1, n2)
         _phase(x, w, s, o, out, n, k, split, h2_one, BLOCK_N, ASM)
-        if step + 1 < (first_layer + layers) * 4:
+        if step + 1 < first_step + steps:
             if ASK_NEXT:
                 nw, ns, no, nn, nk, nsplit = _phase_weights((step + 1) // 4, (step + 1) % 4, w0, s0, o0, n0, k0, split0,
                                                             w1, s1, o1, n1, k1, split1, w2, s2, o2, n2, k2, split2,
                                                             w3, s3, o3, n3, k3, split3)
                 _ask_first(nw, ns, no, nn, nk, nsplit, BLOCK_N)
-            _grid_sync(bar_ptr, (step + 1 - first_layer * 4) * programs)
+            _grid_sync(bar_ptr, (step + 1 - first_step) * programs)
 
 
 def random_chain(linears: list[tuple[int, int]], layers: int, device: str, seed: int = 0) -> list[tuple]:
@@ -207,18 +208,18 @@ def split_for(n: int, k: int, programs: int, block_n: int) -> int:
 
 
 def run_persistent(x: torch.Tensor, chain: list[tuple], out: torch.Tensor, bar: torch.Tensor, programs: int,
-                   first_layer: int, layers: int, block_n: int, warps: int, ask_next: bool,
+                   first_step: int, steps: int, block_n: int, warps: int, ask_next: bool,
                    splits: list[int] | None = None) -> None:
     """Launch _layers_kernel over `programs` programs (every one must be resident at once on a GPU);
     `splits`: each phase's K slices (default split_for's)."""
-    args, options = _launch(x, chain, out, bar, programs, first_layer, layers, block_n, warps, ask_next, splits)
+    args, options = _launch(x, chain, out, bar, programs, first_step, steps, block_n, warps, ask_next, splits)
     _layers_kernel[(programs,)](*args, **options)
 
 
-def _launch(x, chain, out, bar, programs, first_layer, layers, block_n, warps, ask_next, splits=None):
+def _launch(x, chain, out, bar, programs, first_step, steps, block_n, warps, ask_next, splits=None):
     """_layers_kernel's arguments and launch options."""
     splits = splits or [split_for(n, k, programs, block_n) for *_, k, n in chain]
-    args = [x, out, bar, first_layer, layers]
+    args = [x, out, bar, first_step, steps]
     for (w, s, o, k, n), split in zip(chain, splits):
         args += [w, s, o, n, k, split]
     options = {"BLOCK_N": block_n, "ASK_NEXT": ask_next, "ASM": os.environ.get("TRITON_INTERPRET") != "1",
@@ -229,7 +230,7 @@ def _launch(x, chain, out, bar, programs, first_layer, layers, block_n, warps, a
 def resident_programs(x, chain, out, bar, block_n: int, warps: int, ask_next: bool) -> tuple[int, dict]:
     """How many programs of this kernel the GPU holds at once (a grid barrier over more would never end),
     and its registers and shared memory: compiled, not launched."""
-    args, options = _launch(x, chain, out, bar, 1, 0, 1, block_n, warps, ask_next)
+    args, options = _launch(x, chain, out, bar, 1, 0, PHASES, block_n, warps, ask_next)
     kernel = _layers_kernel.warmup(*args, grid=(1,), **options)
     kernel._init_handles()  # loaded: Triton reads the registers and spills as it loads the binary
     props = torch.cuda.get_device_properties(x.device)
@@ -241,16 +242,19 @@ def resident_programs(x, chain, out, bar, block_n: int, warps: int, ask_next: bo
     return per_sm * props.multi_processor_count, usage
 
 
-def persistent_step(x, chain, out, bar, programs: int, layers: int, per_layer: bool, block_n: int, warps: int,
+def persistent_step(x, chain, out, bar, programs: int, layers: int, phases_per_launch: int, block_n: int, warps: int,
                     ask_next: bool):
-    """A step's chain as persistent launches: one per layer, or one for all; zeroing the outputs and counter first."""
-    launches = [(layer, 1) for layer in range(layers)] if per_layer else [(0, layers)]
+    """A step's chain as launches of the persistent kernel, each running `phases_per_launch` phases (1: a
+    kernel boundary after every phase, as today; 4: one launch a layer; 4 x layers: one for the step);
+    zeroing the outputs and the barrier counter first."""
+    steps = PHASES * layers
+    launches = [(first, min(phases_per_launch, steps - first)) for first in range(0, steps, phases_per_launch)]
 
     def run():
         out.zero_()
-        for first_layer, count in launches:
+        for first_step, count in launches:
             bar.zero_()  # each launch counts its own barriers from 0
-            run_persistent(x, chain, out, bar, programs, first_layer, count, block_n, warps, ask_next)
+            run_persistent(x, chain, out, bar, programs, first_step, count, block_n, warps, ask_next)
     return run
 
 
@@ -317,18 +321,21 @@ def main() -> None:
         got = torch.stack([torch.cat([y.view(-1).float() for y in separate()[i * PHASES:(i + 1) * PHASES]])
                            for i in range(a.layers)])
         record("separate launches (app GEMV, autotuned tiles)", ms, got)
-        for per_layer in (True, False):
+        launches = {1: "one launch per phase (the same code, kernel boundaries)", PHASES: "one launch per layer",
+                    PHASES * a.layers: "one launch for all layers"}
+        for phases_per_launch, variant in launches.items():
             for block_n, warps in ((256, 2), (128, 1), (512, 4)):
                 for programs in (sms, 2 * sms, 4 * sms):
-                    for ask_next in (False, True):
+                    for ask_next in (False, True) if phases_per_launch > 1 else (False,):
                         fits, usage = resident_programs(x, chain, out, bar, block_n, warps, ask_next)
                         if programs > fits:
                             print(f"skipped: {programs} programs of {block_n} rows, {warps} warps; {fits} fit {usage}")
                             continue
-                        step = persistent_step(x, chain, out, bar, programs, a.layers, per_layer, block_n, warps, ask_next)
+                        step = persistent_step(x, chain, out, bar, programs, a.layers, phases_per_launch, block_n, warps,
+                                               ask_next)
                         ms = graph_ms(step)
                         step()
-                        record(f"persistent, one launch {'per layer' if per_layer else 'for all layers'}", ms, out.clone(),
+                        record(variant, ms, out.clone(),
                                block_n=block_n, warps=warps, programs=programs, ask_next=ask_next,
                                splits=[split_for(n, k, programs, block_n) for k, n in linears], **usage)
         del chain

@@ -15,7 +15,7 @@ import json, sys, torch
 from bench import persistent_probe as probe
 cases, device = json.loads(sys.argv[1]), sys.argv[2]
 out = []
-for linears, layers, programs, block_n, warps, per_layer, ask_next, splits in cases:
+for linears, layers, programs, block_n, warps, phases_per_launch, ask_next, splits in cases:
     linears = [tuple(l) for l in linears]
     chain = probe.random_chain(linears, layers, device)
     x = torch.randn(linears[0][0], generator=torch.Generator().manual_seed(1)).to(device)
@@ -23,10 +23,10 @@ for linears, layers, programs, block_n, warps, per_layer, ask_next, splits in ca
     got = torch.full((layers, sum(n for _, n in linears)), float("nan"), device=device)
     bar = torch.zeros(1, dtype=torch.int32, device=device)
     if splits is None:
-        probe.persistent_step(x, chain, got, bar, programs, layers, per_layer, block_n, warps, ask_next)()
+        probe.persistent_step(x, chain, got, bar, programs, layers, phases_per_launch, block_n, warps, ask_next)()
     else:  # chosen slices, some uneven or empty (3 slices of 4 groups: 2, 2, 0)
         got.zero_()
-        probe.run_persistent(x, chain, got, bar, programs, 0, layers, block_n, warps, ask_next, splits)
+        probe.run_persistent(x, chain, got, bar, programs, 0, 4 * layers, block_n, warps, ask_next, splits)
     err = float(((got - want).abs().max() / want.abs().max()).item())
     out.append({"err": err, "barriers": int(bar.item()), "finite": bool(torch.isfinite(got).all())})
 print(json.dumps(out))
@@ -43,16 +43,19 @@ def _check(cases, device: str, interpret: bool, tolerance: float) -> list[dict]:
 
 
 def test_the_persistent_chain_equals_plain_pytorch_in_the_interpreter():
-    """Every phase of two layers, in one launch and one per layer, with K split 1-4 ways (an empty slice too)."""
+    """Every phase of two layers, in one launch, one per layer and one per phase, with K split 1-4 ways (an
+    empty slice too)."""
     pytest.importorskip("triton")
     cases = [
-        [TINY, 2, 1, 16, 1, False, False, None],
-        [TINY, 2, 1, 16, 1, True, False, None],
-        [TINY, 2, 1, 32, 1, False, False, [2, 1, 4, 3]],
+        [TINY, 2, 1, 16, 1, 8, False, None],
+        [TINY, 2, 1, 16, 1, 4, False, None],
+        [TINY, 2, 1, 16, 1, 1, False, None],
+        [TINY, 2, 1, 32, 1, 8, False, [2, 1, 4, 3]],
     ]
     rows = _check(cases, "cpu", interpret=True, tolerance=1e-2)
-    # one barrier after each phase but the launch's last: 4 phases x 2 layers - 1, a one-program grid
-    assert rows[0]["barriers"] == 7 and rows[1]["barriers"] == 3 and rows[2]["barriers"] == 7
+    # one barrier after each phase but the launch's last (a one-program grid): 4 phases x 2 layers - 1 in one
+    # launch, 3 in the last of two, none in a launch of one phase
+    assert [row["barriers"] for row in rows] == [7, 3, 0, 7]
 
 
 @pytest.mark.gpu
@@ -64,10 +67,11 @@ def test_the_persistent_chain_equals_plain_pytorch_on_the_gpu():
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     real = fused(LAYERS["1.8b"][1])
-    cases = [[TINY, 2, 4, 16, 1, False, True, None], [real, 2, sms, 256, 2, False, True, None],
-             [real, 2, 2 * sms, 128, 1, True, False, None], [real, 3, sms, 512, 4, False, False, None]]
+    cases = [[TINY, 2, 4, 16, 1, 8, True, None], [real, 2, sms, 256, 2, 8, True, None],
+             [real, 2, 2 * sms, 128, 1, 4, False, None], [real, 3, sms, 512, 4, 12, False, None],
+             [real, 2, 4 * sms, 256, 2, 1, False, None]]
     rows = _check(cases, "cuda", interpret=False, tolerance=1e-2)
-    assert [row["barriers"] for row in rows] == [4 * 7, sms * 7, 2 * sms * 3, sms * 11]
+    assert [row["barriers"] for row in rows] == [4 * 7, sms * 7, 2 * sms * 3, sms * 11, 0]
 
 
 def test_the_persistent_kernel_compiles_for_hopper_without_spills():
