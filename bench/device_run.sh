@@ -32,6 +32,7 @@
 #     sweep    bench/int4_gemv_sweep.py over every linear shape of a step (165 tiles; up to 8 minutes)
 #     half2    the packed-fp16 GEMV tiles (HALF2) against the app's five on every shape, then the five tiles
 #              that minimise a step's GEMV time (bench/pick_tiles.py) (~4 minutes)
+#     store-stall  a decode-like host loop beside the int4 store's writer thread (the first-load decode dips)
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
@@ -194,6 +195,8 @@ run_mode() {
       ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats --section SchedulerStats \
         python3 bench/attention_profile.py --ncu-region > "$OUT/attention_ncu.txt" 2>&1; tail -5 "$OUT/attention_ncu.txt" ;;
+    store-stall)  # bench/store_write_stall.py: a decode-like host loop beside the int4 store's writer (CPU only, ~30 s)
+      python3 bench/store_write_stall.py --gb 4 2>&1 | tee "$OUT/store_write_stall.txt" ;;
     sample)  # the next token from the logits alone, greedy against top-p sampled (bench/sample_speed.py) (~30 s)
       python3 bench/sample_speed.py 2>&1 | tee "$OUT/sample_speed.txt" ;;
     gemv-tests)  # the GEMV's own GPU tests (~1 minute)

@@ -190,3 +190,12 @@ def test_a_hub_model_is_keyed_by_its_snapshot_in_the_hub_cache(tmp_path, monkeyp
     key = _int4_key(LocalModel("org/tiny", "", hub=True))
     assert key is not None and key == int4_store.store_key(snapshot)
     assert _int4_key(LocalModel("org/not-cached", "", hub=True)) is None  # looked up offline: never fetched
+
+
+def test_the_store_write_stall_bench_runs_a_loop_beside_the_real_writer():
+    """bench/store_write_stall.py: the loop runs while int4_store.write stores a snapshot (a small one here)."""
+    from bench.store_write_stall import measure
+
+    rows = measure(0.02, 1.0, idle_s=0.3)
+    assert [row["writing"] for row in rows] == [False, True, False]
+    assert all(row["steps_per_s"] > 0 and row["worst_step_ms"] >= 1.0 for row in rows), rows
