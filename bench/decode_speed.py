@@ -256,6 +256,8 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
     # run: sessions 28-29 saw a first load's streamed decode 30 % under its own graph step, with the
     # writer the suspect (it holding the GIL while the loop enqueues replays). Repeated below once it ends.
     extra["store_writing_during_decode"] = store_writer_alive()
+    # and every other thread alive then (a first load may leave others behind: precompiles, tile timing)
+    extra["threads_during_decode"] = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
     # A short first run pays one-off kernel loading; the second (full) run is reported.
     for sampling in (SamplingSettings(max_new_tokens=4, temperature=0), greedy):
         torch.cuda.synchronize()
