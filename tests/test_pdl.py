@@ -141,15 +141,14 @@ def test_an_early_decode_attention_waits_before_it_reads_the_step():
         def compiled(level):
             source = tc.ASTSource(fn=fn, constexprs={**consts, "PDL": level}, attrs=aligned,
                                   signature=dict(sig, **{name: "constexpr" for name in {**consts, "PDL": level}}))
-            return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": fused.NUM_WARPS, "num_stages": fused.NUM_STAGES})
-        plain = resource_usage(compiled(0))
-        for level in (1, 2):
-            kernel = compiled(level)
-            early = _before_the_wait(kernel.asm["ptx"])
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": fused.NUM_WARPS, "num_stages": fused.NUM_STAGES})
+            return kernel.asm["ptx"], resource_usage(kernel)
+        (_, plain), *early_ones = on_every_core(compiled, [0, 1, 2])
+        for level, (ptx, usage) in zip((1, 2), early_ones):
+            early = _before_the_wait(ptx)
             assert not [line for line in early if re.search(r"\b(ld\.global|st\.|atom\.|red\.)", line)], (fn, level)
             assert any("prefetch.global.L2" in line for line in early) == (level == 2), (fn, level)
-            usage = resource_usage(kernel)
             assert usage["stack"] <= plain["stack"] and usage["registers"] <= plain["registers"] + 8, (fn, level, usage)
     # a head narrower than a 128-byte line (the tests' tiny models): the prefetch asks for one line a key
     # (its first version asked for none there, a zero-length arange, and failed to compile on the H200)
