@@ -40,18 +40,31 @@ def set_number(page, elem_id: str, value: int) -> None:
     raise AssertionError(f"#{elem_id} kept {box.input_value()!r} instead of {value}")
 
 
+_RECORD_PANES = """() => {
+  const panes = ['a', 'b'].map(side => document.querySelector('#compare-pane-' + side));
+  window.__paneStates = [];
+  const record = () => {
+    const state = panes.map(pane => pane.innerText);
+    const last = window.__paneStates[window.__paneStates.length - 1];
+    if (!last || last[0] !== state[0] || last[1] !== state[1]) window.__paneStates.push(state);
+  };
+  for (const pane of panes) {
+    new MutationObserver(record).observe(pane, {childList: true, subtree: true, characterData: true});
+  }
+}"""
+
+
 def test_a_and_b_stream_side_by_side_with_metrics(page):
     pick(page, "compare-quant-a", "none")
     pick(page, "compare-quant-b", "4bit")
     page.fill("#compare-prompt textarea", "What is the capital of France?")
+    # Every state the two panes pass through, recorded by the page itself as the DOM changes: polling
+    # from here missed steps when the CPU was busy (a short answer could appear whole between two polls).
+    page.evaluate(_RECORD_PANES)
     page.click("#compare-run")
-    seen = []
-    deadline = time.time() + 120
-    while time.time() < deadline and "tok/s" not in page.inner_text("#compare-metrics-b"):
-        state = (page.inner_text("#compare-pane-a"), page.inner_text("#compare-pane-b"))
-        if not seen or seen[-1] != state:
-            seen.append(state)
-        time.sleep(0.08)  # the browser shares the CPU with the model: don't poll it to death
+    page.wait_for_function("document.querySelector('#compare-metrics-b').innerText.includes('tok/s')",
+                           timeout=120_000)
+    seen = [tuple(state) for state in page.evaluate("window.__paneStates")]
     a, b = page.inner_text("#compare-pane-a"), page.inner_text("#compare-pane-b")
     assert "Paris" in a and "Paris" in b
     # A streams first (B waits), then B streams: both in several steps.
