@@ -83,3 +83,29 @@ def browser():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield browser
         browser.close()
+
+
+# Installed in a page by watch_texts: every distinct combination of the elements' texts, appended as the DOM
+# changes (the page records a streamed answer's every step; polling from the test missed steps on a busy CPU).
+_WATCH_TEXTS = """(selectors) => {
+  const elements = selectors.map(selector => document.querySelector(selector));
+  window.__textStates = [];
+  const record = () => {
+    const state = elements.map(element => element.innerText);
+    const last = window.__textStates[window.__textStates.length - 1];
+    if (!last || state.some((text, i) => text !== last[i])) window.__textStates.push(state);
+  };
+  for (const element of elements) {
+    new MutationObserver(record).observe(element, {childList: true, subtree: true, characterData: true});
+  }
+}"""
+
+
+def watch_texts(page, *selectors: str) -> None:
+    """Start recording, in the page, every state the elements' texts pass through (watched_texts reads them)."""
+    page.evaluate(_WATCH_TEXTS, list(selectors))
+
+
+def watched_texts(page) -> list[tuple[str, ...]]:
+    """The states recorded since watch_texts, oldest first: one text per selector."""
+    return [tuple(state) for state in page.evaluate("window.__textStates")]

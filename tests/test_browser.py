@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from conftest import watch_texts, watched_texts
+
 pytestmark = pytest.mark.slow
 @pytest.fixture()
 def page(browser, app_url):
@@ -41,12 +43,10 @@ def panel_weights_mib(page) -> float:
 
 
 def test_message_streams_a_reply_with_metrics(page):
+    watch_texts(page, "#chatbot")  # every state the chat passes through, recorded by the page
     send(page, "What is the capital of France?")
-    seen = set()
-    deadline = time.time() + 60
-    while time.time() < deadline and "TTFT" not in chat_text(page):
-        seen.add(chat_text(page))
-        time.sleep(0.05)
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=60_000)
+    seen = {text for text, in watched_texts(page)}
     final = chat_text(page)
     assert "Paris" in final and "TTFT" in final and "tok/s" in final
     partial = {s for s in seen if "What is the capital" in s and s != final}

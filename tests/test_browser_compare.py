@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from conftest import watch_texts, watched_texts
+
 pytestmark = pytest.mark.slow
 @pytest.fixture()
 def page(browser, app_url):
@@ -40,31 +42,17 @@ def set_number(page, elem_id: str, value: int) -> None:
     raise AssertionError(f"#{elem_id} kept {box.input_value()!r} instead of {value}")
 
 
-_RECORD_PANES = """() => {
-  const panes = ['a', 'b'].map(side => document.querySelector('#compare-pane-' + side));
-  window.__paneStates = [];
-  const record = () => {
-    const state = panes.map(pane => pane.innerText);
-    const last = window.__paneStates[window.__paneStates.length - 1];
-    if (!last || last[0] !== state[0] || last[1] !== state[1]) window.__paneStates.push(state);
-  };
-  for (const pane of panes) {
-    new MutationObserver(record).observe(pane, {childList: true, subtree: true, characterData: true});
-  }
-}"""
-
-
 def test_a_and_b_stream_side_by_side_with_metrics(page):
     pick(page, "compare-quant-a", "none")
     pick(page, "compare-quant-b", "4bit")
     page.fill("#compare-prompt textarea", "What is the capital of France?")
     # Every state the two panes pass through, recorded by the page itself as the DOM changes: polling
     # from here missed steps when the CPU was busy (a short answer could appear whole between two polls).
-    page.evaluate(_RECORD_PANES)
+    watch_texts(page, "#compare-pane-a", "#compare-pane-b")
     page.click("#compare-run")
     page.wait_for_function("document.querySelector('#compare-metrics-b').innerText.includes('tok/s')",
                            timeout=120_000)
-    seen = [tuple(state) for state in page.evaluate("window.__paneStates")]
+    seen = watched_texts(page)
     a, b = page.inner_text("#compare-pane-a"), page.inner_text("#compare-pane-b")
     assert "Paris" in a and "Paris" in b
     # A streams first (B waits), then B streams: both in several steps.
