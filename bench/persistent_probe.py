@@ -365,6 +365,12 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['variant']} | {tile} | {r.get('programs', '–')} | {r.get('ask_next', '–')} | "
                          f"{r['us_per_layer']:.2f} | {100 * r['of_copy']:.0f} % | {base / r['us_per_layer']:.2f} | "
                          f"{r['max_rel_error']:.4f} |")
+        best = {}  # each variant's fastest row
+        for r in mine:
+            if r["variant"] not in best or r["us_per_layer"] < best[r["variant"]]["us_per_layer"]:
+                best[r["variant"]] = r
+        lines += ["", "Best of each: " + "; ".join(f"{variant} {r['us_per_layer']:.2f} us ({base / r['us_per_layer']:.2f}×)"
+                                                 for variant, r in best.items())]
     return "\n".join(lines)
 
 
