@@ -34,6 +34,7 @@
 #              that minimise a step's GEMV time (bench/pick_tiles.py) (~4 minutes)
 #     store-stall  a decode-like host loop beside the int4 store's writer thread (the first-load decode dips)
 #     prefill-1024  the 7B's prompts in chunks of 1,024 tokens against 512 (the 4k TTFT's margin)
+#     persistent-layer  whole decoder layers (attention, norms, SiLU inside) as one persistent kernel
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
@@ -157,6 +158,12 @@ run_mode() {
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_persistent_probe.py 2>&1 | tee "$OUT/persistent_tests.txt" | tail -15
       timeout 300 python3 bench/persistent_probe.py --out "$OUT/persistent_probe.jsonl" 2>&1 | tee "$OUT/persistent_probe.txt" ;;
+    persistent-layer)  # bench/persistent_layer.py: whole layers as one persistent kernel against the app's kernels;
+      # its GPU test first (a barrier that never ends hangs: both are cut at their limits) (~4 min)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_persistent_layer.py 2>&1 | tee "$OUT/persistent_layer_tests.txt" | tail -15
+      timeout 300 python3 bench/persistent_layer.py --out "$OUT/persistent_layer.jsonl" 2>&1 \
+        | tee "$OUT/persistent_layer.txt" ;;
     gpu-tests)  # the GPU-marked tests of the kernels and the fast decoder (~3 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_decode_attention.py tests/test_int4_kernels.py tests/test_gemv_tiles.py tests/test_fast_decode.py tests/test_int4_store.py \

@@ -233,9 +233,14 @@ def resident_programs(x, chain, out, bar, block_n: int, warps: int, ask_next: bo
     """How many programs of this kernel the GPU holds at once (a grid barrier over more would never end),
     and its registers and shared memory: compiled, not launched."""
     args, options = _launch(x, chain, out, bar, 1, 0, PHASES, block_n, warps, ask_next)
-    kernel = _layers_kernel.warmup(*args, grid=(1,), **options)
+    return programs_that_fit(_layers_kernel.warmup(*args, grid=(1,), **options), warps, x.device)
+
+
+def programs_that_fit(kernel, warps: int, device) -> tuple[int, dict]:
+    """How many programs of a compiled (not launched) kernel the GPU holds at once, and its registers,
+    spills and shared memory."""
     kernel._init_handles()  # loaded: Triton reads the registers and spills as it loads the binary
-    props = torch.cuda.get_device_properties(x.device)
+    props = torch.cuda.get_device_properties(device)
     registers = getattr(props, "regs_per_multiprocessor", 65536)
     shared = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     per_sm = min(registers // (-(-kernel.n_regs // 8) * 8 * 32 * warps),

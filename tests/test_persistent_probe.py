@@ -108,14 +108,15 @@ def test_the_persistent_kernel_compiles_for_hopper_without_spills():
         assert ("prefetch.global.L2" in ptx) == ask_next
 
 
-def test_the_random_chain_keeps_its_size_through_the_benchs_eight_layers():
+def test_the_random_chain_keeps_its_size_through_the_benchs_layers():
     """The packed-fp16 loop takes x in fp16's range (|x| < 4e6 after its 2**-6 scale): the bench's weights keep
-    each phase's output about its input's size over 8 layers of a real shape (biased weights grew ~800x a layer)."""
+    each phase's output about its input's size through the layers of a real shape (biased weights grew ~800x a
+    layer: three layers show it; the bench runs eight)."""
     from bench import persistent_probe as probe
     from bench.int4_kernels import LAYERS, fused
 
     linears = fused(LAYERS["1.8b"][1])
-    chain = probe.random_chain(linears, 8, "cpu")
-    out = probe.reference(torch.randn(linears[0][0], generator=torch.Generator().manual_seed(0)), chain, 8)
+    chain = probe.random_chain(linears, 3, "cpu")
+    out = probe.reference(torch.randn(linears[0][0], generator=torch.Generator().manual_seed(0)), chain, 3)
     sizes = out.abs().amax(1)
     assert sizes.max() < 20 and sizes.min() > 0.2, sizes

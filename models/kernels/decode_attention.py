@@ -233,8 +233,9 @@ if triton is not None:
         rd = tl.arange(0, HEAD_DIM)
         rows = tl.program_id(0) * GROUP + rg
         q = tl.load(q_ptr + rows[:, None] * HEAD_DIM + rd[None, :], mask=(rg < GROUP)[:, None], other=0.0)
-        _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, W, CHUNK_KEYS, SPLITS,
-                stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32)
+        attend_chunk(q, tl.program_id(0), tl.program_id(1), k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr,
+                     W, W, CHUNK_KEYS, SPLITS, stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS,
+                     HEAD_DIM, BLOCK_L, DOT_FP32)
 
     @triton.jit
     def _begin(k_ptr, v_ptr, W, CHUNK_KEYS, stride_kh, stride_kl, stride_vh, stride_vl, HEAD_DIM: tl.constexpr,
@@ -255,7 +256,7 @@ if triton is not None:
         wait_for_earlier(PDL)
 
     @triton.jit
-    def _rotated(qkv_ptr, bias_ptr, rows, valid, cos, sin, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def rotated_rows(qkv_ptr, bias_ptr, rows, valid, cos, sin, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Rows `rows` of qkv seen as [heads, HEAD_DIM] (+ bias), turned by the rotary embedding, in fp32:
         x cos + rotate_half(x) sin, where rotate_half(x) = (-x[D/2:], x[:D/2]) (Llama's and Qwen2's form)."""
         rd = tl.arange(0, HEAD_DIM)
@@ -284,37 +285,46 @@ if triton is not None:
         sin = tl.load(sin_ptr + rd).to(tl.float32)
         # The group's query heads, rotated and rounded to the cache's dtype (what a separate rotation
         # kernel would hand the attention), then the usual attention over the chunk.
-        q = _rotated(qkv_ptr, bias_ptr, head * GROUP + rg, rg < GROUP, cos, sin, HEAD_DIM, HAS_BIAS)
+        q = rotated_rows(qkv_ptr, bias_ptr, head * GROUP + rg, rg < GROUP, cos, sin, HEAD_DIM, HAS_BIAS)
         q = q.to(k_ptr.dtype.element_ty)
         pos = tl.load(pos_ptr)
         if tl.program_id(1) == pos // CHUNK_KEYS:
-            # The program whose chunk holds the token's position writes its key and value there, then
-            # reads them back with the rest of its chunk (after the barrier: every thread's store is
-            # visible to the block). No other program reads that position: one kernel, no race.
-            one = tl.arange(0, 1)
-            key = _rotated(qkv_ptr, bias_ptr, Q_HEADS + head + one, one < 1, cos, sin, HEAD_DIM, HAS_BIAS)
-            v_at = (Q_HEADS + KV_HEADS + head) * HEAD_DIM + rd
-            value = tl.load(qkv_ptr + v_at).to(tl.float32)
-            if HAS_BIAS:
-                value += tl.load(bias_ptr + v_at).to(tl.float32)
-            tl.store(k_ptr + head * stride_kh + pos * stride_kl + one[:, None] * 0 + rd[None, :],
-                     key.to(k_ptr.dtype.element_ty))
-            tl.store(v_ptr + head * stride_vh + pos * stride_vl + rd, value.to(v_ptr.dtype.element_ty))
-            tl.debug_barrier()
+            write_token(qkv_ptr, bias_ptr, k_ptr, v_ptr, head, pos, cos, sin, stride_kh, stride_kl, stride_vh,
+                        stride_vl, Q_HEADS, KV_HEADS, HEAD_DIM, HAS_BIAS)
         # Causal: nothing after the token's position is read, whatever the mask (a window's chunks past it
         # load no keys: up to half of a window, which grows in powers of two, in a long chat).
-        _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, pos + 1, CHUNK_KEYS, SPLITS,
-                stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32)
+        attend_chunk(q, head, tl.program_id(1), k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, pos + 1,
+                     CHUNK_KEYS, SPLITS, stride_kh, stride_kl, stride_vh, stride_vl, scaling, GROUP, ROWS,
+                     HEAD_DIM, BLOCK_L, DOT_FP32)
 
     @triton.jit
-    def _attend(q, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, END, CHUNK_KEYS, SPLITS,
+    def write_token(qkv_ptr, bias_ptr, k_ptr, v_ptr, head, pos, cos, sin, stride_kh, stride_kl, stride_vh, stride_vl,
+                    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """KV head `head`'s key (rotated) and value of this token, from qkv, into the cache at `pos`.
+
+        Run by the program whose chunk holds the position, which then reads them back with the rest of its
+        chunk (after the barrier here: every thread's store is visible to the block). No other program
+        reads that position: one kernel, no race."""
+        rd = tl.arange(0, HEAD_DIM)
+        one = tl.arange(0, 1)
+        key = rotated_rows(qkv_ptr, bias_ptr, Q_HEADS + head + one, one < 1, cos, sin, HEAD_DIM, HAS_BIAS)
+        v_at = (Q_HEADS + KV_HEADS + head) * HEAD_DIM + rd
+        value = tl.load(qkv_ptr + v_at).to(tl.float32)
+        if HAS_BIAS:
+            value += tl.load(bias_ptr + v_at).to(tl.float32)
+        tl.store(k_ptr + head * stride_kh + pos * stride_kl + one[:, None] * 0 + rd[None, :],
+                 key.to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + head * stride_vh + pos * stride_vl + rd, value.to(v_ptr.dtype.element_ty))
+        tl.debug_barrier()
+
+    @triton.jit
+    def attend_chunk(q, head, split, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, END, CHUNK_KEYS, SPLITS,
                 stride_kh, stride_kl, stride_vh, stride_vl, scaling,
                 GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
-        """Query rows `q` [ROWS, HEAD_DIM] of KV head program_id(0) over chunk program_id(1), positions before
-        END (<= W) only; the last program of the head merges the chunks and writes the output."""
-        head = tl.program_id(0)
-        split = tl.program_id(1)
+        """Query rows `q` [ROWS, HEAD_DIM] of KV head `head` over chunk `split` (a kernel passes its program
+        ids; a persistent kernel the item it is on), positions before END (<= W) only; the last program of
+        the head merges the chunks and writes the output."""
         rg = tl.arange(0, ROWS)
         rd = tl.arange(0, HEAD_DIM)
         rl = tl.arange(0, BLOCK_L)
