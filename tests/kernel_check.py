@@ -51,5 +51,8 @@ def on_every_core(work, cases) -> list:
     where one took 5.7, on a 2-core machine like CI's)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from models.kernels.triton_threads import serialize_source_parsing
+
+    serialize_source_parsing()  # CPython 3.11's ast.parse is not thread-safe (triton_threads.py)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(work, cases))

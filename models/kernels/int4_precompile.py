@@ -66,6 +66,9 @@ def precompile(shapes, dtype: torch.dtype = torch.bfloat16, attention: tuple[int
     Nothing to do without CUDA (on the CPU the kernels run in Triton's interpreter, which does not compile)."""
     if not int4_triton.available() or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return []
+    from .triton_threads import serialize_source_parsing
+
+    serialize_source_parsing()  # the compiles below run in threads at once
     level = pdl.level(torch.device("cuda", torch.cuda.current_device()))
     jobs = compile_jobs(shapes, dtype, level)
     if attention is not None:
