@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench.persistent_probe import _grid_sync, _pick, random_chain, split_for  # noqa: E402
+from bench.persistent_probe import _grid_sync, _pick, gemv_items, random_chain, split_for  # noqa: E402
 from models.kernels import decode_attention  # noqa: E402
 from models.kernels.decode_attention import attend_chunk, rotated_rows, write_token  # noqa: E402
 from models.kernels.int4 import dequantize_reference  # noqa: E402
-from models.kernels.int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2  # noqa: E402
+from models.kernels.int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE  # noqa: E402
 from models.kernels.int4_triton import ONE_BITS  # noqa: E402
 from models.kernels.split_k import attention_rows  # noqa: E402
 
@@ -79,41 +79,6 @@ def _copy_share(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
-
-
-@triton.jit
-def _gemv_items(x_ptr, x_scale, w_ptr, s_ptr, o_ptr, y_ptr, N, K, split, h2_one, silu, act_ptr, tile_lock_ptr,
-                BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """y += W (x * x_scale / H2_X_SCALE) over this program's (row tile, K slice) items, fp32 atomics into y.
-    With `silu`, the last slice of a tile to arrive (an acq_rel counter per tile, reset by it) writes
-    act[i] = SiLU(gate_i) * up_i for the tile's rows: its first half gates, its second half the ups."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    groups = K // 128
-    tiles = N // BLOCK_N
-    g_per = tl.cdiv(groups, split)
-    rw = tl.arange(0, 16)
-    for item in range(pid, tiles * split, programs):
-        tile = item % tiles
-        rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        g_lo = (item // tiles) * g_per
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for g in range(g_lo, tl.minimum(g_lo + g_per, groups)):
-            words = tl.load(w_ptr + (g * 16 + rw)[:, None] * N + rn[None, :])
-            s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-            o = tl.load(o_ptr + g * N + rn).to(tl.float32)
-            dot, sx = group_dot_h2(words, x_ptr, g, rw, K, h2_one, True, ASM, x_scale)
-            acc += (16.0 / H2_X_SCALE_) * s * dot + (8.0 * s + o) * (sx / H2_X_SCALE_)
-        tl.atomic_add(y_ptr + rn, acc, sem="relaxed", scope="gpu")
-        if silu:
-            tl.debug_barrier()  # every thread's adds are issued before the release below
-            count = tl.atomic_add(tile_lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if count == split - 1:
-                j = tl.arange(0, BLOCK_N // 2)
-                gate = tl.load(y_ptr + tile * BLOCK_N + j, cache_modifier=".cg")
-                up = tl.load(y_ptr + tile * BLOCK_N + BLOCK_N // 2 + j, cache_modifier=".cg")
-                tl.store(act_ptr + tile * (BLOCK_N // 2) + j, gate / (1.0 + tl.exp(-gate)) * up)
-                tl.atomic_xchg(tile_lock_ptr + tile, 0)
 
 
 @triton.jit
@@ -188,7 +153,7 @@ def _layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, 
             x_scale = tl.full([], H2_X_SCALE_, tl.float32)
             if slot == 0 or slot == 2:  # the RMSNorm before q/k/v and before gate/up, on load
                 x_scale = H2_X_SCALE_ * _inverse_rms(x, H, eps, 1024)
-            _gemv_items(x, x_scale, w, s, o, y, n, k, split, h2_one, slot == 2, act, tile_lock_ptr, BLOCK_N, ASM)
+            gemv_items(x, x_scale, w, s, o, y, n, k, split, h2_one, slot == 2, act, tile_lock_ptr, BLOCK_N, ASM)
             if slot == 2:
                 _copy_share(h_mid, h_ptr + (layer + 1) * H, H, 1024)
         if step + 1 < (first_layer + layers) * 5:

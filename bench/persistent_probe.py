@@ -74,9 +74,13 @@ def _barriers_only(bar_ptr, count):
 
 
 @triton.jit
-def _phase(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, split, h2_one, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """y += W x for this program's items of the phase: (row tile, K slice) pairs dealt round-robin over the
-    grid. N must be a multiple of BLOCK_N and K of 128 (the probe's shapes are). y is fp32, zeroed before."""
+def gemv_items(x_ptr, x_scale, w_ptr, s_ptr, o_ptr, y_ptr, N, K, split, h2_one, silu, act_ptr, tile_lock_ptr,
+               BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """y += W (x * x_scale / H2_X_SCALE) for this program's items of the phase: (row tile, K slice) pairs dealt
+    round-robin over the grid, fp32 atomics into y (zeroed before). N must be a multiple of BLOCK_N and K of
+    128 (the benches' shapes are). With `silu` (persistent_layer's gate/up), the last slice of a tile to
+    arrive (an acq_rel counter per tile, reset by it) writes act[i] = SiLU(gate_i) * up_i for the tile's
+    rows: its first half gates, its second half the ups."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     groups = K // 128
@@ -84,16 +88,26 @@ def _phase(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, split, h2_one, BLOCK_N: tl.c
     g_per = tl.cdiv(groups, split)
     rw = tl.arange(0, 16)
     for item in range(pid, tiles * split, programs):
-        rn = (item % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile = item % tiles
+        rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         g_lo = (item // tiles) * g_per
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g in range(g_lo, tl.minimum(g_lo + g_per, groups)):
             words = tl.load(w_ptr + (g * 16 + rw)[:, None] * N + rn[None, :])
             s = tl.load(s_ptr + g * N + rn).to(tl.float32)
             o = tl.load(o_ptr + g * N + rn).to(tl.float32)
-            dot, sx = group_dot_h2(words, x_ptr, g, rw, K, h2_one, True, ASM)
+            dot, sx = group_dot_h2(words, x_ptr, g, rw, K, h2_one, True, ASM, x_scale)
             acc += (16.0 / H2_X_SCALE_) * s * dot + (8.0 * s + o) * (sx / H2_X_SCALE_)
         tl.atomic_add(y_ptr + rn, acc, sem="relaxed", scope="gpu")
+        if silu:
+            tl.debug_barrier()  # every thread's adds are issued before the release below
+            count = tl.atomic_add(tile_lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if count == split - 1:
+                j = tl.arange(0, BLOCK_N // 2)
+                gate = tl.load(y_ptr + tile * BLOCK_N + j, cache_modifier=".cg")
+                up = tl.load(y_ptr + tile * BLOCK_N + BLOCK_N // 2 + j, cache_modifier=".cg")
+                tl.store(act_ptr + tile * (BLOCK_N // 2) + j, gate / (1.0 + tl.exp(-gate)) * up)
+                tl.atomic_xchg(tile_lock_ptr + tile, 0)
 
 
 @triton.jit
@@ -163,7 +177,7 @@ def _layers_kernel(x_ptr, out_ptr, bar_ptr, first_step, steps,
             x = out - n3  # the layer before's last phase
         else:
             x = out - _pick(p, 0, n0, n1, n2)
-        _phase(x, w, s, o, out, n, k, split, h2_one, BLOCK_N, ASM)
+        gemv_items(x, H2_X_SCALE_, w, s, o, out, n, k, split, h2_one, False, out, bar_ptr, BLOCK_N, ASM)
         if step + 1 < first_step + steps:
             if ASK_NEXT:
                 nw, ns, no, nn, nk, nsplit = _phase_weights((step + 1) // 4, (step + 1) % 4, w0, s0, o0, n0, k0, split0,
