@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import hardware, int4_store
+from .bnb_cpu import keep_unpackable_layers_unpacked
 from .catalog import ModelRef, ModelShape
 from .integrity import check_safetensors, check_tokenizer_fits
 from .memory import Budget, FitPlan, Verdict
@@ -319,6 +320,8 @@ def load_prepared(prepared: PreparedLoad, progress: ProgressFn | None = None) ->
         free_cuda_memory()
         raise ModelLoadError("oom_load", model=ref.label, quant=settings.quant.value)
     model.eval()
+    if settings.quant is Quant.NF4:
+        keep_unpackable_layers_unpacked(model)  # odd shapes on AVX512-BF16 CPUs (models/bnb_cpu.py)
     streamer = None
     if streamed:
         _progress(progress, 0.75, f"Page-locking {len(streamed)} offloaded layers for streaming")

@@ -144,3 +144,39 @@ def test_bad_numbers_from_an_api_caller_are_refused_not_internal_errors(tiny_lla
     handlers = ChatHandlers(Engine(load_catalog()))
     verdict = handlers.fit_check(str(tiny_llama), "3bit", False, None, 512, "en")
     assert "Unknown quantization '3bit'" in verdict and not INTERNAL.search(verdict)
+
+
+def test_odd_4bit_shapes_skip_bitsandbytes_cpu_repacking_and_regular_ones_keep_it(odd_shape_llama):
+    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first forward, which fails for an
+    intermediate size of 160; the load turns the repacking off for those layers only (models/bnb_cpu.py).
+    The flag is forced here so the test holds on any CPU: the failure is a reshape before any kernel."""
+    import torch
+    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from models.bnb_cpu import keep_unpackable_layers_unpacked, packs_on_cpu
+
+    assert packs_on_cpu(128, 64, 64) and not packs_on_cpu(64, 160, 64) and not packs_on_cpu(100, 64, 64)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+    def load_with_repacking_forced():
+        model = AutoModelForCausalLM.from_pretrained(odd_shape_llama, quantization_config=config, dtype=torch.bfloat16)
+        linears = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        for module in linears:
+            module.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on an AVX512-BF16 CPU
+        return model.eval(), linears
+
+    ids = torch.tensor([[1, 2, 3]])
+    model, _ = load_with_repacking_forced()
+    with pytest.raises(RuntimeError, match="invalid for input of size"), torch.no_grad():
+        model(ids)  # the bug, as bitsandbytes has it
+    model, linears = load_with_repacking_forced()
+    odd = [m for m in linears if not packs_on_cpu(m.out_features, m.in_features, 64)]
+    assert odd and keep_unpackable_layers_unpacked(model) == len(odd)
+    assert all(not m.support_avx512bf16_for_cpu for m in odd)
+    assert all(m.support_avx512bf16_for_cpu for m in linears if m not in odd)  # regular shapes keep the fast path
+    for module in linears:  # the regular ones' packed kernel needs a CPU that has AVX512-BF16
+        module.support_avx512bf16_for_cpu = module.support_avx512bf16_for_cpu and has_avx512bf16()
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
