@@ -20,6 +20,15 @@ os.environ.setdefault("SMALLCHAT_CACHE", str(ROOT / ".cache" / "smallchat"))
 from net import free_port  # noqa: E402
 from tiny import write_tiny_llama  # noqa: E402
 
+# Files that take longest run first: with `-n 2 --dist loadfile` (the README's command) a process takes
+# files in collection order, and the soak's ~100 s started last would leave the other process idle.
+LONGEST_FIRST = ("test_soak.py",)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Collect the longest test files first (a stable sort: the rest keep their order)."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
+
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
