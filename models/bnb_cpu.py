@@ -5,7 +5,7 @@ into a CPU-friendly layout at its first forward. That repacking assumes the outp
 multiple of 32 and the input features a multiple of the quantization block (64), and fails with a
 reshape error otherwise ("shape '[64, 2]' is invalid for input of size 160" for an intermediate size of
 160). Such a layer still runs on bitsandbytes' plain path, so the fix is to skip the repacking for it
-only; layers with regular shapes keep the faster packed kernel.
+only; layers with regular shapes keep the packed kernel.
 """
 
 from __future__ import annotations
