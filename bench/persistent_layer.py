@@ -1,26 +1,14 @@
 """Probe, second step: whole decoder layers' one-token steps as one persistent kernel, against the app's kernels.
 
 bench/persistent_probe.py asks whether a layer's four GEMVs run faster as one launch with grid barriers.
-This asks what a whole layer costs that way, if they do: fused q/k/v, attention (rotation, cache write,
-chunks and their merge: models/kernels/decode_attention's code, run per item), o, fused gate/up, down,
-with the RMSNorms, the SiLU and the residual adds inside the same launch (BENCHMARKS.md, session 30: the
-plan). Five phases a layer, a barrier over the grid after each:
-
-  0 q/k/v   x = the residual h, normalised as it is loaded (each program takes h's RMS from the L2)
-  1 attn    items (KV head, chunk) as decode_attention_qkv's programs; also copies h into h_mid
-  2 o       x = the attention output; fp32 atomics add W_o x into h_mid (the residual add)
-  3 gate/up x = h_mid normalised; the last K slice of each row tile to arrive writes SiLU(gate) * up
-            (gate and up rows interleaved by halves of a tile); also copies h_mid into the next h
-  4 down    x = SiLU(gate) * up; atomics add W_d x into the next h
-
-Every phase writes a buffer of its own layer (qkv, attn, gu, act, h_mid, h per layer), zeroed before the
-launch, so no program ever reads a line another wrote earlier in the launch at the same address (no stale
-L1). RMSNorm weights are taken as folded into the weights (the app folds them): the norm is 1/RMS.
+This asks what a whole layer costs that way: models/kernels/persistent_layer.py's kernel (the one the app
+runs with SMALLCHAT_PERSISTENT=1; its docstring has the five phases), over random weights in the app's
+layout (gate and up rows alternating, the norms' weights applied on load, the residual in fp32).
 
 Rows: the app's kernels one after another per layer in a CUDA graph (int4 GEMVs and the fused q/k/v
 attention, without the epilogues the app folds into them); the persistent kernel, one launch per layer
-and one for all layers. Both checked against plain PyTorch (decode_attention.qkv_reference and dequantized
-weights).
+(as the app launches it) and one for all layers (weights stacked by layer). Both checked against plain
+PyTorch (decode_attention.qkv_reference and dequantized weights).
 
     python bench/persistent_layer.py [--shapes 1.8b 7b] [--layers 8] [--position 600] [--out results.jsonl]
 """
@@ -38,126 +26,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from bench.persistent_probe import _grid_sync, _pick, gemv_items, random_chain, split_for  # noqa: E402
+from bench.persistent_probe import random_chain  # noqa: E402
 from models.kernels import decode_attention  # noqa: E402
-from models.kernels.decode_attention import attend_chunk, rotated_rows, write_token  # noqa: E402
 from models.kernels.int4 import dequantize_reference  # noqa: E402
-from models.kernels.int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE  # noqa: E402
 from models.kernels.int4_triton import ONE_BITS  # noqa: E402
+from models.kernels.persistent_layer import BLOCK_L, TILES, layer_kernel, split_for  # noqa: E402
 from models.kernels.split_k import attention_rows  # noqa: E402
 
-PHASES = 5
 HEAD_DIM = 128
-# Keys per step of the attention's inner loop: 64, not the app kernel's 128. In one kernel with the GEMVs
-# (4 warps) a 128-key step spilled 328 bytes on sm_90; 64 spills nothing (255 registers: 2 programs an SM).
-BLOCK_L = 64
-# (rows, warps) of the GEMV phases: the app's 512- and 256-row tiles at the 4 warps the attention needs
-# (at 2 warps its key and value tiles spill 2.6 KB).
-TILES = ((512, 4), (256, 4))
 EPS = 1e-6
 # (hidden, query heads, KV heads, intermediate) of the app's InternLM2 shapes
 SHAPES = {"1.8b": (2048, 16, 8, 8192), "7b": (4096, 32, 8, 14336)}
-
-
-@triton.jit
-def _inverse_rms(h_ptr, H, eps, BLOCK: tl.constexpr):
-    """1 / RMS(h[0:H]): every program reads h (a few KB, from the L2) after the barrier that completed it."""
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, H, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        v = tl.load(h_ptr + offs, mask=offs < H, other=0.0)
-        total += v * v
-    return 1.0 / tl.sqrt(tl.sum(total, axis=0) / H + eps)
-
-
-@triton.jit
-def _copy_share(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    """dst[0:n] = src[0:n], shared out over the grid."""
-    for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
-
-
-@triton.jit
-def _attention_items(qkv_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, cos_ptr, sin_ptr, pos, W,
-                     CHUNK_KEYS, SPLITS, stride_kh, stride_kl, scaling, Q_HEADS: tl.constexpr,
-                     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-                     DOT_FP32: tl.constexpr):
-    """decode_attention_qkv's programs as items (KV head, chunk) of this program: the group's queries rotated,
-    the token's key and value written by the item whose chunk holds the position, the chunk attended, and
-    the last chunk of a head to finish merging them into out."""
-    GROUP: tl.constexpr = Q_HEADS // KV_HEADS
-    rg = tl.arange(0, ROWS)
-    rd = tl.arange(0, HEAD_DIM)
-    cos = tl.load(cos_ptr + rd).to(tl.float32)
-    sin = tl.load(sin_ptr + rd).to(tl.float32)
-    for item in range(tl.program_id(0), KV_HEADS * SPLITS, tl.num_programs(0)):
-        head = item % KV_HEADS
-        split = item // KV_HEADS
-        q = rotated_rows(qkv_ptr, qkv_ptr, head * GROUP + rg, rg < GROUP, cos, sin, HEAD_DIM, False)
-        q = q.to(k_ptr.dtype.element_ty)
-        if split == pos // CHUNK_KEYS:
-            write_token(qkv_ptr, qkv_ptr, k_ptr, v_ptr, head, pos, cos, sin, stride_kh, stride_kl, stride_kh,
-                        stride_kl, Q_HEADS, KV_HEADS, HEAD_DIM, False)
-        attend_chunk(q, head, split, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, lock_ptr, W, pos + 1, CHUNK_KEYS,
-                     SPLITS, stride_kh, stride_kl, stride_kh, stride_kl, scaling, GROUP, ROWS, HEAD_DIM, BLOCK_L,
-                     DOT_FP32)
-
-
-@triton.jit
-def _layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, ws_ptr, lock_ptr, tile_lock_ptr,
-                  k_ptr, v_ptr, mask_ptr, cos_ptr, sin_ptr, pos, first_layer, layers,
-                  wq, sq, oq, wo, so, oo, wg, sg, og, wd, sd, od, H, I, split_q, split_o, split_g, split_d,
-                  W, CHUNK_KEYS, SPLITS, cache_len, scaling, one_bits, eps,
-                  Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """Layers first_layer .. first_layer + layers - 1, five phases each (the module's docstring), barriers between.
-
-    Per layer l: h [l] in, h [l + 1] out (h: [L + 1, H]); hmid, qkv, attn, gu, act [L, ...]; the caches
-    [L, KV_HEADS, cache_len, HEAD_DIM]. Weights stacked by layer as persistent_probe's random_chain makes them."""
-    programs = tl.num_programs(0)
-    h2_one = one_bits - ONE_TO_H2_ONE
-    QKV_N: tl.constexpr = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
-    ATTN_K: tl.constexpr = Q_HEADS * HEAD_DIM
-    stride_kh = cache_len * HEAD_DIM
-    for step in range(first_layer * 5, (first_layer + layers) * 5):
-        layer = step // 5
-        p = step % 5
-        h_in = h_ptr + layer * H
-        h_mid = hmid_ptr + layer * H
-        qkv = qkv_ptr + layer * QKV_N
-        attn = attn_ptr + layer * ATTN_K
-        gu = gu_ptr + layer * 2 * I
-        act = act_ptr + layer * I
-        if p == 1:
-            cache = layer * KV_HEADS * stride_kh
-            _attention_items(qkv, k_ptr + cache, v_ptr + cache, mask_ptr, attn, ws_ptr, lock_ptr, cos_ptr, sin_ptr,
-                             pos, W, CHUNK_KEYS, SPLITS, stride_kh, HEAD_DIM, scaling, Q_HEADS, KV_HEADS, ROWS,
-                             HEAD_DIM, BLOCK_L, DOT_FP32)
-            _copy_share(h_in, h_mid, H, 1024)
-        else:
-            slot = tl.where(p > 1, p - 1, p)  # phases 0, 2, 3, 4: GEMV slots 0, 1, 2, 3
-            n = _pick(slot, QKV_N, H, 2 * I, H)
-            k = _pick(slot, H, ATTN_K, H, I)
-            words = layer * (k // 8) * n
-            pairs = layer * (k // 128) * n
-            w = _pick(slot, wq, wo, wg, wd) + words
-            s = _pick(slot, sq, so, sg, sd) + pairs
-            o = _pick(slot, oq, oo, og, od) + pairs
-            split = _pick(slot, split_q, split_o, split_g, split_d)
-            x = _pick(slot, h_in, attn, h_mid, act)
-            y = _pick(slot, qkv, h_mid, gu, h_ptr + (layer + 1) * H)
-            x_scale = tl.full([], H2_X_SCALE_, tl.float32)
-            if slot == 0 or slot == 2:  # the RMSNorm before q/k/v and before gate/up, on load
-                x_scale = H2_X_SCALE_ * _inverse_rms(x, H, eps, 1024)
-            gemv_items(x, x_scale, w, s, o, y, n, k, split, h2_one, slot == 2, act, tile_lock_ptr, BLOCK_N, ASM)
-            if slot == 2:
-                _copy_share(h_mid, h_ptr + (layer + 1) * H, H, 1024)
-        if step + 1 < (first_layer + layers) * 5:
-            _grid_sync(bar_ptr, (step + 1 - first_layer * 5) * programs)
 
 
 def layer_linears(shape: str) -> list[tuple[int, int]]:
@@ -168,8 +47,8 @@ def layer_linears(shape: str) -> list[tuple[int, int]]:
 
 def make_problem(dims: tuple[int, int, int, int], layers: int, cache_len: int, position: int, device: str,
                  seed: int = 0) -> dict:
-    """Random weights, caches (stale entries past the position large: never to be attended), a residual h
-    and the step's rotation, for `layers` layers of (hidden, query heads, KV heads, intermediate)."""
+    """Random weights, norm weights, caches (stale entries past the position large: never to be attended), a
+    residual h and the step's rotation, for `layers` layers of (hidden, query heads, KV heads, intermediate)."""
     hidden, hq, hkv, inter = dims
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(layers, hkv, cache_len, HEAD_DIM, generator=gen)
@@ -178,11 +57,15 @@ def make_problem(dims: tuple[int, int, int, int], layers: int, cache_len: int, p
     values[:, :, position:] *= 50
     freqs = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
     angles = torch.cat([position * freqs, position * freqs])
+    gammas = (1 + 0.2 * torch.randn(2, layers, hidden, generator=gen)).to(torch.bfloat16)
     return {"dims": dims, "layers": layers, "cache_len": cache_len, "position": position,
             "chain": random_chain(layer_linears(dims), layers, device, seed),
             "keys": keys.to(torch.bfloat16).to(device), "values": values.to(torch.bfloat16).to(device),
-            "h": torch.randn(hidden, generator=gen).to(device),
-            "cos": angles.cos().to(device), "sin": angles.sin().to(device)}
+            "h": torch.randn(hidden, generator=gen).to(device), "gamma_in": gammas[0].to(device),
+            "gamma_post": gammas[1].to(device), "ones": torch.ones(max(hidden, hq * HEAD_DIM, inter),
+                                                                   dtype=torch.bfloat16, device=device),
+            "cos": angles.cos().to(device), "sin": angles.sin().to(device),
+            "pos": torch.tensor([position], device=device)}
 
 
 def window_for(position: int, cache_len: int) -> int:
@@ -193,10 +76,8 @@ def window_for(position: int, cache_len: int) -> int:
     return min(window, cache_len)
 
 
-def reference(problem: dict, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h after the layers, the caches after them) in plain PyTorch; gate/up rows interleaved by halves of
-    `block_n`-row tiles, as the kernel reads them."""
-    hidden, hq, hkv, inter = problem["dims"]
+def reference(problem: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h after the layers, the caches after them) in plain PyTorch; gate/up rows alternate, as the app's."""
     keys, values = problem["keys"].clone(), problem["values"].clone()
     position = torch.tensor([problem["position"]], device=keys.device)
     window = window_for(problem["position"], problem["cache_len"])
@@ -207,16 +88,16 @@ def reference(problem: dict, block_n: int) -> tuple[torch.Tensor, torch.Tensor, 
         w, s, o, k, _ = problem["chain"][slot]
         return dequantize_reference(w[layer], s[layer], o[layer], k, torch.float32) @ x
 
-    def normed(x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.square().mean() + EPS)
+    def normed(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean() + EPS) * gamma.float()
     for layer in range(problem["layers"]):
-        qkv = linear(0, layer, normed(h))
+        qkv = linear(0, layer, normed(h, problem["gamma_in"][layer]))
         attn = decode_attention.qkv_reference(qkv, None, problem["cos"], problem["sin"], position,
                                               keys[layer:layer + 1], values[layer:layer + 1], mask, HEAD_DIM ** -0.5,
-                                              hq)
+                                              problem["dims"][1])
         h = h + linear(1, layer, attn.float().view(-1))
-        gate, up = linear(2, layer, normed(h)).view(-1, 2, block_n // 2).unbind(1)
-        h = h + linear(3, layer, (torch.nn.functional.silu(gate) * up).reshape(-1))
+        gate, up = linear(2, layer, normed(h, problem["gamma_post"][layer])).view(-1, 2).unbind(1)
+        h = h + linear(3, layer, torch.nn.functional.silu(gate) * up)
     return h, keys, values
 
 
@@ -254,16 +135,17 @@ def run_layers(problem: dict, bufs: dict, keys: torch.Tensor, values: torch.Tens
 
     def launch(first: int, count: int, grid: int, warmup: bool = False):
         args = (bufs["h"], bufs["hmid"], bufs["qkv"], bufs["attn"], bufs["gu"], bufs["act"], bufs["bar"], bufs["ws"],
-                bufs["locks"], bufs["tile_locks"], keys, values, mask, problem["cos"], problem["sin"], position, first,
-                count, *weights, hidden, inter, *splits, window, chunk_keys, chunk_splits, cache_len, HEAD_DIM ** -0.5,
-                ONE_BITS, EPS)
+                bufs["locks"], bufs["tile_locks"], keys, values, mask, problem["cos"], problem["sin"], problem["pos"],
+                bufs["qkv"], problem["gamma_in"], problem["gamma_post"], problem["ones"], first, count, *weights,
+                hidden, inter, *splits, window, chunk_keys, chunk_splits, cache_len, HEAD_DIM ** -0.5, ONE_BITS, EPS)
         options = dict(Q_HEADS=hq, KV_HEADS=hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=HEAD_DIM, BLOCK_L=block_l,
-                       DOT_FP32=interpret, BLOCK_N=block_n, ASM=not interpret, num_warps=warps, num_stages=1)
+                       DOT_FP32=interpret, BLOCK_N=block_n, ASM=not interpret, HAS_BIAS=False, num_warps=warps,
+                       num_stages=1)
         if warmup:
-            return _layer_kernel.warmup(*args, grid=(grid,), **options)
-        _layer_kernel[(grid,)](*args, **options)
+            return layer_kernel.warmup(*args, grid=(grid,), **options)
+        layer_kernel[(grid,)](*args, **options)
     if check_fit and not interpret:  # a grid barrier over more programs than the GPU holds at once never ends
-        from bench.persistent_probe import programs_that_fit
+        from models.kernels.persistent_layer import programs_that_fit
 
         fits, usage = programs_that_fit(launch(0, layers, 1, warmup=True), warps, keys.device)
         if programs > fits:
@@ -341,7 +223,7 @@ def main() -> None:
         keys, values = problem["keys"].clone(), problem["values"].clone()
         emit("the app's kernels one by one (no epilogues)", graph_ms(separate_step(problem, keys, values)), None)
         for block_n, warps in TILES:
-            want, want_keys, _ = reference(problem, block_n)
+            want, want_keys, _ = reference(problem)
             bufs = buffers(problem)
             for programs in (sms, 2 * sms, 4 * sms):
                 for per_layer in (True, False):

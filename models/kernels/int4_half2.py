@@ -67,10 +67,11 @@ def _add_h2(a, b):
 
 
 @triton.jit
-def _x_h2(x_ptr, g, p: tl.constexpr, rw, K, EVEN: tl.constexpr, x_scale):
+def _x_h2(x_ptr, g, p: tl.constexpr, rw, K, EVEN: tl.constexpr, x_scale, gamma_ptr, GAMMA: tl.constexpr):
     """x' = x * x_scale (float32) at the k of nibbles p and p + 4 of the group's words. With x_scale =
     H2_X_SCALE it is the same number in fp16 (a bf16 scaled by a power of 2), so sums are taken of these;
-    a GEMV after a folded RMSNorm passes H2_X_SCALE times the norm's scale (int4_epilogue.py)."""
+    a GEMV after a folded RMSNorm passes H2_X_SCALE times the norm's scale (int4_epilogue.py). With GAMMA,
+    x' is also multiplied by gamma[k] (a norm's weight, applied as x is loaded: persistent_layer.py)."""
     k_lo = g * 128 + p * 16 + rw
     if EVEN:
         lo = tl.load(x_ptr + k_lo)
@@ -78,7 +79,16 @@ def _x_h2(x_ptr, g, p: tl.constexpr, rw, K, EVEN: tl.constexpr, x_scale):
     else:
         lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
         hi = tl.load(x_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0)
-    return lo.to(tl.float32) * x_scale, hi.to(tl.float32) * x_scale
+    lo = lo.to(tl.float32) * x_scale
+    hi = hi.to(tl.float32) * x_scale
+    if GAMMA:
+        if EVEN:
+            lo *= tl.load(gamma_ptr + k_lo).to(tl.float32)
+            hi *= tl.load(gamma_ptr + k_lo + 64).to(tl.float32)
+        else:
+            lo *= tl.load(gamma_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+            hi *= tl.load(gamma_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
@@ -97,17 +107,18 @@ def _pair_h2(words, p: tl.constexpr, h2_one):
 
 
 @triton.jit
-def group_dot_h2(words, x_ptr, g, rw, K, h2_one, EVEN: tl.constexpr, ASM: tl.constexpr, x_scale=H2_X_SCALE_):
-    """(sum over the group's k of (q - 8)/16 x', sum of x') per column; x' = x * x_scale in fp16.
+def group_dot_h2(words, x_ptr, g, rw, K, h2_one, EVEN: tl.constexpr, ASM: tl.constexpr, x_scale=H2_X_SCALE_,
+                 gamma_ptr=None, GAMMA: tl.constexpr = False):
+    """(sum over the group's k of (q - 8)/16 x', sum of x') per column; x' = x * x_scale (* gamma[k]) in fp16.
 
     Each word's chain of four HFMA2 starts from -1.5 times the sum of its four x' per half, so it adds
     up (1 + q/16 - 1.5) x' = (q - 8)/16 x': centred, small terms, what fp16 sums best. Those starts
     are shared by every column of the thread, and their fp16 rounding is taken back in fp32. The
     words' chains are then summed as fp16 pairs (a HADD2 each) and the two halves in fp32."""
-    x0l, x0h = _x_h2(x_ptr, g, 0, rw, K, EVEN, x_scale)
-    x1l, x1h = _x_h2(x_ptr, g, 1, rw, K, EVEN, x_scale)
-    x2l, x2h = _x_h2(x_ptr, g, 2, rw, K, EVEN, x_scale)
-    x3l, x3h = _x_h2(x_ptr, g, 3, rw, K, EVEN, x_scale)
+    x0l, x0h = _x_h2(x_ptr, g, 0, rw, K, EVEN, x_scale, gamma_ptr, GAMMA)
+    x1l, x1h = _x_h2(x_ptr, g, 1, rw, K, EVEN, x_scale, gamma_ptr, GAMMA)
+    x2l, x2h = _x_h2(x_ptr, g, 2, rw, K, EVEN, x_scale, gamma_ptr, GAMMA)
+    x3l, x3h = _x_h2(x_ptr, g, 3, rw, K, EVEN, x_scale, gamma_ptr, GAMMA)
     sum_lo = x0l + x1l + x2l + x3l
     sum_hi = x0h + x1h + x2h + x3h
     start_lo = (-1.5 * sum_lo).to(tl.float16)
