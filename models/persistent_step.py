@@ -1,0 +1,156 @@
+"""The int4 one-token step with each decoder layer as one persistent kernel (kernels/persistent_layer.py): opt-in.
+
+Why: the step it replaces (layer_step.LayerLoop with folded norms) is five kernels a layer, and their fixed
+costs hold the 1.8B at 21 % of its roofline (BENCHMARKS.md, session 29). Here a layer is one launch whose
+programs stay resident through q/k/v, attention, o, gate/up and down. It stays opt-in (SMALLCHAT_PERSISTENT=1)
+until a GPU run of bench/decode_speed.py (path fast-int4-persistent) shows it faster than the default step.
+
+The step: the token's embedding and rotation in PyTorch, one launch per layer, then the final norm and
+lm_head as the folded step runs them (folded_norms.final_logits). The residual stream stays in fp32 between
+the layers (the default step rounds it to bf16 at every add), so logits agree within bf16 rounding, not bit
+for bit. One memset a step zeroes what the kernel accumulates into with atomics (q/k/v, gate/up) and the
+layers' barrier counters.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV = "SMALLCHAT_PERSISTENT"
+HEAD_DIM = 128  # the attention phase's head size (every catalog model's)
+BLOCK_N, WARPS = 256, 4  # the GEMV phases' rows per tile, and the warps the attention phase needs (no spills)
+
+
+def requested() -> bool:
+    """Whether the environment asks for the persistent step (SMALLCHAT_PERSISTENT=1)."""
+    return os.environ.get(ENV, "0") == "1"
+
+
+def why_not(model) -> str | None:
+    """Why `model`'s step cannot run as persistent layers, or None if it can."""
+    from .folded_norms import SILU, folds_norms
+    from .kernels.int4 import _triton_ready
+
+    if not folds_norms(model):
+        return "needs the int4 fast path with fused projections and foldable norms"
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim != HEAD_DIM or config.hidden_act not in SILU:
+        return f"needs heads of {HEAD_DIM} and SiLU (has {head_dim} and {config.hidden_act})"
+    weight = model.model.layers[0].mlp.down_proj.qweight
+    if not (_triton_ready(weight) or (os.environ.get("TRITON_INTERPRET") == "1" and weight.device.type == "cpu")):
+        return "needs Triton on a CUDA GPU"
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            if linear.in_features % 128 or linear.out_features % BLOCK_N:
+                return f"needs widths in multiples of {BLOCK_N} and inputs of 128 ({linear.out_features} x {linear.in_features})"
+    return None
+
+
+def _cooperative_launch() -> bool:
+    """Whether this Triton launches a grid as cooperative on request (its CUDA options know the flag)."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+class PersistentLayers:
+    """A model's one-token step over a StaticCache as one persistent kernel launch per layer; `logits` is the step."""
+
+    def __init__(self, model, cache):
+        from .kernels.decode_attention import new_workspace
+        from .kernels.split_k import attention_rows
+
+        reason = why_not(model)
+        if reason:
+            raise ValueError(f"persistent layers: {reason}")
+        self.model = model
+        base = model.model
+        config = model.config
+        self.layers = list(base.layers)
+        self.caches = list(cache.layers)
+        device = self.layers[0].mlp.down_proj.qweight.device
+        self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        self.hidden = config.hidden_size
+        self.inter = self.layers[0].mlp.down_proj.in_features
+        self.q_heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.rows = attention_rows(self.q_heads, self.kv_heads)
+        self.has_bias = self.layers[0].self_attn.qkv_proj.bias is not None
+        self.eps = self.layers[0].input_layernorm.variance_epsilon
+        count, qkv_n = len(self.layers), (self.q_heads + 2 * self.kv_heads) * HEAD_DIM
+        # Zeroed every step in one memset: the barrier counters (int32), then q/k/v and gate/up (fp32 bits).
+        self.zeroed = torch.zeros(count + count * (qkv_n + 2 * self.inter), dtype=torch.int32, device=device)
+        self.bars = self.zeroed[:count]
+        floats = self.zeroed[count:].view(torch.float32)
+        self.qkv = floats[:count * qkv_n].view(count, qkv_n)
+        self.gate_up = floats[count * qkv_n:].view(count, 2 * self.inter)
+        self.h = torch.zeros(count + 1, self.hidden, device=device)  # the residual stream into and out of each layer
+        self.h_mid = torch.zeros(count, self.hidden, device=device)
+        self.attn = torch.zeros(count, self.q_heads * HEAD_DIM, device=device)
+        self.act = torch.zeros(count, self.inter, device=device)
+        self.workspace, self.locks = new_workspace(self.q_heads, self.kv_heads, HEAD_DIM, device)
+        self.tile_locks = torch.zeros(2 * self.inter // BLOCK_N, dtype=torch.int32, device=device)
+        # Causality comes from the position (the kernel reads no key after it): every window's mask is all True.
+        self.mask = torch.ones(self.caches[0].keys.shape[2], dtype=torch.bool, device=device)
+        norm_dtype = self.layers[0].input_layernorm.weight.dtype
+        self.ones = torch.ones(max(self.hidden, self.q_heads * HEAD_DIM, self.inter), dtype=norm_dtype, device=device)
+        self.programs = 1 if self.interpret else self._programs(device)
+
+    def _launch_args(self, index: int, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, window: int):
+        """layer_kernel's arguments and options for layer `index` (its tensors, first_layer 0) over `window`."""
+        from .kernels.decode_attention import splits_for
+        from .kernels.int4_triton import ONE_BITS
+        from .kernels.persistent_layer import BLOCK_L, split_for
+
+        layer, cache = self.layers[index], self.caches[index]
+        attention, mlp = layer.self_attn, layer.mlp
+        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        splits, chunk_keys = splits_for(window)
+        bias = attention.qkv_proj.bias if self.has_bias else self.qkv[index]
+        args = (self.h[index], self.h_mid[index], self.qkv[index], self.attn[index], self.gate_up[index],
+                self.act[index], self.bars[index:], self.workspace, self.locks, self.tile_locks, cache.keys,
+                cache.values, self.mask, cos, sin, pos, bias, layer.input_layernorm.weight,
+                layer.post_attention_layernorm.weight, self.ones, 0, 1,
+                *[t for linear in linears for t in (linear.qweight, linear.scales, linear.offsets)],
+                self.hidden, self.inter,
+                *[split_for(linear.out_features, linear.in_features, self.programs, BLOCK_N) for linear in linears],
+                window, chunk_keys, splits, cache.keys.shape[2], attention.scaling, ONE_BITS, self.eps)
+        options = dict(Q_HEADS=self.q_heads, KV_HEADS=self.kv_heads, ROWS=self.rows, HEAD_DIM=HEAD_DIM,
+                       BLOCK_L=BLOCK_L, DOT_FP32=self.interpret, BLOCK_N=BLOCK_N, ASM=not self.interpret,
+                       HAS_BIAS=self.has_bias, num_warps=WARPS, num_stages=1)
+        if not self.interpret and _cooperative_launch():
+            # The driver then refuses a grid that does not fit at once, where a grid barrier would hang.
+            options["launch_cooperative_grid"] = True
+        return args, options
+
+    def _programs(self, device) -> int:
+        """The most programs the GPU holds at once (compiles the kernel once, for the largest window)."""
+        from .kernels.persistent_layer import layer_kernel, programs_that_fit
+
+        self.programs = 1  # the splits' argument only: the compiled kernel is the same for any count
+        cos = torch.ones(HEAD_DIM, dtype=self.ones.dtype, device=device)
+        pos = torch.zeros(1, dtype=torch.long, device=device)
+        args, options = self._launch_args(0, cos, cos, pos, self.mask.numel() - 64)
+        fits, _ = programs_that_fit(layer_kernel.warmup(*args, grid=(1,), **options), WARPS, device)
+        return fits
+
+    def logits(self, token: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] (fp32) of one token at `pos` ([1]), attending over the window `positions`; each layer
+        writes the token's keys and values at `pos`. The same contract as LayerLoop.logits."""
+        from .folded_norms import final_logits
+        from .kernels.persistent_layer import layer_kernel
+
+        base = self.model.model
+        hidden = base.embed_tokens(token)
+        cos, sin = base.rotary_emb(hidden, pos.view(1, 1))
+        cos, sin = cos.reshape(-1), sin.reshape(-1)
+        self.zeroed.zero_()
+        self.h[0].copy_(hidden.view(-1))
+        for index in range(len(self.layers)):
+            args, options = self._launch_args(index, cos, sin, pos, positions.shape[0])
+            layer_kernel[(self.programs,)](*args, **options)
+        h = self.h[-1]
+        normed = (h * base.norm.weight.float()).to(hidden.dtype).view(1, -1)
+        return final_logits(self.model, normed, h.square().sum().reshape(1))
