@@ -210,8 +210,12 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
 
 
 def split_for(n: int, k: int, programs: int, block_n: int) -> int:
-    """K slices per row tile so that a phase has about one item per program (at most one slice per group)."""
-    return max(1, min(k // 128, -(-programs // -(-n // block_n))))
+    """K slices per row tile: as many as keep a phase's items within one per program (at most one per group).
+
+    Rounded down, not up: items are dealt round-robin, so more items than programs make some program run
+    two (the 7B's gate/up, 112 tiles over 264 programs: 2 slices of 16 groups, against 3 slices of 11
+    groups whose 336 items give some programs 22 groups)."""
+    return max(1, min(k // 128, programs // (n // block_n)))
 
 
 def programs_that_fit(kernel, warps: int, device) -> tuple[int, dict]:
