@@ -14,10 +14,12 @@ layers' barrier counters.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
+log = logging.getLogger(__name__)
 ENV = "SMALLCHAT_PERSISTENT"
 HEAD_DIM = 128  # the attention phase's head size (every catalog model's)
 BLOCK_N, WARPS = 256, 4  # the GEMV phases' rows per tile, and the warps the attention phase needs (no spills)
@@ -96,6 +98,7 @@ class PersistentLayers:
         self.mask = torch.ones(self.caches[0].keys.shape[2], dtype=torch.bool, device=device)
         norm_dtype = self.layers[0].input_layernorm.weight.dtype
         self.ones = torch.ones(max(self.hidden, self.q_heads * HEAD_DIM, self.inter), dtype=norm_dtype, device=device)
+        self.cooperative = False  # launched as a cooperative grid (_programs decides on a GPU)
         self.programs = 1 if self.interpret else self._programs(device)
 
     def _launch_args(self, index: int, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, window: int):
@@ -120,20 +123,33 @@ class PersistentLayers:
         options = dict(Q_HEADS=self.q_heads, KV_HEADS=self.kv_heads, ROWS=self.rows, HEAD_DIM=HEAD_DIM,
                        BLOCK_L=BLOCK_L, DOT_FP32=self.interpret, BLOCK_N=BLOCK_N, ASM=not self.interpret,
                        HAS_BIAS=self.has_bias, num_warps=WARPS, num_stages=1)
-        if not self.interpret and _cooperative_launch():
-            # The driver then refuses a grid that does not fit at once, where a grid barrier would hang.
+        if self.cooperative:
             options["launch_cooperative_grid"] = True
         return args, options
 
     def _programs(self, device) -> int:
-        """The most programs the GPU holds at once (compiles the kernel once, for the largest window)."""
+        """The most programs the GPU holds at once (compiles the kernel once, for the largest window); and whether
+        a cooperative launch of them can be captured in a CUDA graph (sets self.cooperative)."""
         from .kernels.persistent_layer import layer_kernel, programs_that_fit
 
         self.programs = 1  # the splits' argument only: the compiled kernel is the same for any count
         cos = torch.ones(HEAD_DIM, dtype=self.ones.dtype, device=device)
         pos = torch.zeros(1, dtype=torch.long, device=device)
         args, options = self._launch_args(0, cos, cos, pos, self.mask.numel() - 64)
-        fits, _ = programs_that_fit(layer_kernel.warmup(*args, grid=(1,), **options), WARPS, device)
+        if _cooperative_launch():
+            options["launch_cooperative_grid"] = True
+        fits, usage = programs_that_fit(layer_kernel.warmup(*args, grid=(1,), **options), WARPS, device)
+        # A cooperative grid is one the driver refuses, rather than starts, if it does not fit at once (where a
+        # grid barrier would wait for ever). Tried in a capture, which records the launch and runs nothing.
+        if _cooperative_launch():
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    layer_kernel[(fits,)](*args, **options)
+                self.cooperative = True
+            except Exception as e:  # noqa: BLE001 - then the grid's size alone keeps it resident
+                log.warning("persistent layers: a cooperative launch cannot be captured here (%s)", e)
+        log.info("persistent layers: %d programs (%s), cooperative launch: %s", fits, usage, self.cooperative)
         return fits
 
     def logits(self, token: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
