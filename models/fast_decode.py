@@ -421,7 +421,12 @@ class FastDecoder(BackgroundCompile):
             return self._warm_up_once()
         except torch.OutOfMemoryError:
             raise
-        except Exception:  # noqa: BLE001 - only the folded step is retried; anything else is raised below
+        except Exception:  # noqa: BLE001 - only the opt-in and folded steps are retried; anything else is raised below
+            if self._persistent is not None:  # the opt-in step (persistent_step.py) failed: the default one runs
+                log.warning("the persistent-layer decode step failed; running the default step", exc_info=True)
+                self._persistent = None
+                self.graphs = {}
+                return self._warm_up_once()
             if self._layer_loop is None or not self._layer_loop.folded:
                 raise
             # The norms folded into the GEMVs (folded_norms.py) are the newest kernels of the step: if they
@@ -430,6 +435,12 @@ class FastDecoder(BackgroundCompile):
                         "separate kernels", exc_info=True)
             self._layer_loop = LayerLoop(self.model, self.cache, fold_norms=False)
             return self._warm_up_once()
+
+    def compile_status(self) -> str:
+        """Which step answers now, in words (for the memory panel and the CLI)."""
+        if self._persistent is not None:
+            return f"persistent-layer {'CUDA-graph ' if self.use_graphs else ''}step ({self._persistent.programs} programs)"
+        return super().compile_status()
 
     @property
     def norms_folded(self) -> bool:

@@ -50,7 +50,8 @@ for arch, hidden, inter, hq, hkv in cases:
     fuse_projections(model)
     quantize_model(model, torch.device(device))
     fast = FastDecoder(model, max_context=128, persistent=True, compile=False)
-    row = {"persistent": fast._persistent is not None, "errors": [], "same_argmax": []}
+    row = {"persistent": fast._persistent is not None and fast.compile_status().startswith("persistent-layer"),
+           "errors": [], "same_argmax": []}
     folded = LayerLoop(model, fast.cache)
     keys = [c.keys.clone() for c in fast.cache.layers]
     values = [c.values.clone() for c in fast.cache.layers]
@@ -135,3 +136,37 @@ def _greedy(n: int):
     from models.generation import SamplingSettings
 
     return SamplingSettings(max_new_tokens=n, temperature=0)
+
+
+def test_a_persistent_step_that_fails_at_warm_up_leaves_the_default_step_answering(tiny_llama, monkeypatch, caplog):
+    """A fault injected into the opt-in step (its kernel failing on some GPU): the load's warm-up logs it and the
+    default step answers; the status line says which step runs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models import persistent_step
+    from models.fast_decode import FastDecoder
+    from models.fused_projections import fuse_projections
+    from models.kernels.int4 import quantize_model
+
+    class Failing:
+        programs = 1
+
+        def __init__(self, model, cache):
+            pass
+
+        def logits(self, *args):
+            raise RuntimeError("injected: the kernel failed to launch")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    fuse_projections(model)
+    quantize_model(model, torch.device("cpu"))
+    monkeypatch.setattr(persistent_step, "why_not", lambda model: None)
+    monkeypatch.setattr(persistent_step, "PersistentLayers", Failing)
+    fast = FastDecoder(model, max_context=64, persistent=True)
+    assert fast.compile_status().startswith("persistent-layer step")
+    with caplog.at_level("WARNING"):
+        fast.warm_up()
+    assert "persistent-layer decode step failed" in caplog.text and "injected" in caplog.text
+    assert fast._persistent is None and not fast.compile_status().startswith("persistent")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert list(fast.stream(tokenizer, [1, 2, 3], _greedy(4), threading.Event()))[-1].token_ids
