@@ -105,13 +105,13 @@ class FastDecoder(BackgroundCompile):
         compile_cache_dir: the app's cache folder; compiled kernels are kept under it (compile_cache).
         prefill_buckets: chunk lengths prompts are padded to (default PREFILL_BUCKETS with CUDA graphs,
             each captured at warm_up; none otherwise: an unpadded forward is as fast without graphs).
-        persistent: run the one-token step as persistent layers (persistent_step.py) where the model allows;
-            default: the SMALLCHAT_PERSISTENT environment variable (off).
+        persistent: run the one-token step as persistent layers (persistent_step.py) where the model allows:
+            True or "layer" (a launch a layer), "step" (one launch); default: SMALLCHAT_PERSISTENT (off).
     """
 
     def __init__(self, model, max_context: int, compile: bool | None = None, chunk: int | None = None,
                  replay_prefill_max: int | None = None, compile_cache_dir=None,
-                 prefill_buckets: tuple[int, ...] | None = None, persistent: bool | None = None):
+                 prefill_buckets: tuple[int, ...] | None = None, persistent: bool | str | None = None):
         from transformers import StaticCache
 
         self.model = model
@@ -232,19 +232,20 @@ class FastDecoder(BackgroundCompile):
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    def _persistent_layers(self, wanted: bool | None):
-        """The step as persistent layers (persistent_step.py) where asked for (`wanted`, default: SMALLCHAT_PERSISTENT)
-        and possible; else None, logged if it was asked for."""
+    def _persistent_layers(self, wanted: bool | str | None):
+        """The step as persistent layers (persistent_step.py) where asked for (`wanted`: True or "layer", "step";
+        default: SMALLCHAT_PERSISTENT) and possible; else None, logged if it was asked for."""
         from . import persistent_step
 
-        if not (persistent_step.requested() if wanted is None else wanted):
+        mode = persistent_step.requested() if wanted is None else "layer" if wanted is True else wanted or None
+        if mode is None:
             return None
         reason = "the model's forward is not a plain layer loop" if self._layer_loop is None else (
             persistent_step.why_not(self.model))
         if reason:
             log.warning("persistent layers asked for, not used: %s", reason)
             return None
-        return persistent_step.PersistentLayers(self.model, self.cache)
+        return persistent_step.PersistentLayers(self.model, self.cache, mode)
 
     def _sample(self, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
         """Next token id [1], on the device: argmax, or temperature + top-p sampling."""
@@ -439,7 +440,8 @@ class FastDecoder(BackgroundCompile):
     def compile_status(self) -> str:
         """Which step answers now, in words (for the memory panel and the CLI)."""
         if self._persistent is not None:
-            return f"persistent-layer {'CUDA-graph ' if self.use_graphs else ''}step ({self._persistent.programs} programs)"
+            launches = "one launch a step" if self._persistent.mode == "step" else "one launch a layer"
+            return f"persistent-layer {'CUDA-graph ' if self.use_graphs else ''}step ({launches}, {self._persistent.programs} programs)"
         return super().compile_status()
 
     @property

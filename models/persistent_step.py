@@ -25,9 +25,13 @@ HEAD_DIM = 128  # the attention phase's head size (every catalog model's)
 BLOCK_N, WARPS = 256, 4  # the GEMV phases' rows per tile, and the warps the attention phase needs (no spills)
 
 
-def requested() -> bool:
-    """Whether the environment asks for the persistent step (SMALLCHAT_PERSISTENT=1)."""
-    return os.environ.get(ENV, "0") == "1"
+MODES = ("layer", "step")  # SMALLCHAT_PERSISTENT=1 or layer: a launch a layer; step: one launch for the step
+
+
+def requested() -> str | None:
+    """The persistent step the environment asks for (SMALLCHAT_PERSISTENT: 1 or layer, step), or None."""
+    value = os.environ.get(ENV, "0").strip().lower()
+    return "layer" if value == "1" else value if value in MODES else None
 
 
 def why_not(model) -> str | None:
@@ -59,16 +63,23 @@ def _cooperative_launch() -> bool:
 
 
 class PersistentLayers:
-    """A model's one-token step over a StaticCache as one persistent kernel launch per layer; `logits` is the step."""
+    """A model's one-token step over a StaticCache as persistent kernel launches; `logits` is the step.
 
-    def __init__(self, model, cache):
+    mode "layer": one launch a layer, each given its layer's tensors. "step": one launch for every layer, which
+    finds each layer's tensors through a table of their addresses (the layers' weights and caches are separate
+    tensors), so the step pays one kernel boundary instead of one a layer."""
+
+    def __init__(self, model, cache, mode: str = "layer"):
         from .kernels.decode_attention import new_workspace
         from .kernels.split_k import attention_rows
 
         reason = why_not(model)
         if reason:
             raise ValueError(f"persistent layers: {reason}")
+        if mode not in MODES:
+            raise ValueError(f"persistent layers: mode {mode!r} is not one of {MODES}")
         self.model = model
+        self.mode = mode
         base = model.model
         config = model.config
         self.layers = list(base.layers)
@@ -98,31 +109,42 @@ class PersistentLayers:
         self.mask = torch.ones(self.caches[0].keys.shape[2], dtype=torch.bool, device=device)
         norm_dtype = self.layers[0].input_layernorm.weight.dtype
         self.ones = torch.ones(max(self.hidden, self.q_heads * HEAD_DIM, self.inter), dtype=norm_dtype, device=device)
+        self.table = torch.tensor([[t.data_ptr() for t in self._layer_tensors(i)] for i in range(count)],
+                                  dtype=torch.int64, device=device)
         self.cooperative = False  # launched as a cooperative grid (_programs decides on a GPU)
         self.programs = 1 if self.interpret else self._programs(device)
 
+    def _layer_tensors(self, index: int) -> list[torch.Tensor]:
+        """Layer `index`'s tensors in the order of the kernel's table columns (persistent_layer.TABLE_COLUMNS)."""
+        layer, cache = self.layers[index], self.caches[index]
+        attention, mlp = layer.self_attn, layer.mlp
+        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        bias = attention.qkv_proj.bias if self.has_bias else self.qkv[index]  # never read without a bias
+        return [*[t for linear in linears for t in (linear.qweight, linear.scales, linear.offsets)], cache.keys,
+                cache.values, bias, layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+
     def _launch_args(self, index: int, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, window: int):
-        """layer_kernel's arguments and options for layer `index` (its tensors, first_layer 0) over `window`."""
+        """layer_kernel's arguments and options: for layer `index` (its tensors, first_layer 0) in mode "layer";
+        for every layer from the table in mode "step" (layer 0's tensors then only type the pointers)."""
         from .kernels.decode_attention import splits_for
         from .kernels.int4_triton import ONE_BITS
         from .kernels.persistent_layer import BLOCK_L, split_for
 
-        layer, cache = self.layers[index], self.caches[index]
-        attention, mlp = layer.self_attn, layer.mlp
-        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        step = self.mode == "step"
+        at = 0 if step else index
+        tensors = self._layer_tensors(at)
+        weights, (keys, values, bias, gamma_in, gamma_post) = tensors[:12], tensors[12:]
+        mlp = self.layers[0].mlp
+        shapes = [(w.shape[1], w.shape[0] * 8) for w in weights[::3]]  # (N, K) of q/k/v, o, gate/up, down
         splits, chunk_keys = splits_for(window)
-        bias = attention.qkv_proj.bias if self.has_bias else self.qkv[index]
-        args = (self.h[index], self.h_mid[index], self.qkv[index], self.attn[index], self.gate_up[index],
-                self.act[index], self.bars[index:], self.workspace, self.locks, self.tile_locks, cache.keys,
-                cache.values, self.mask, cos, sin, pos, bias, layer.input_layernorm.weight,
-                layer.post_attention_layernorm.weight, self.ones, 0, 1,
-                *[t for linear in linears for t in (linear.qweight, linear.scales, linear.offsets)],
-                self.hidden, self.inter,
-                *[split_for(linear.out_features, linear.in_features, self.programs, BLOCK_N) for linear in linears],
-                window, chunk_keys, splits, cache.keys.shape[2], attention.scaling, ONE_BITS, self.eps)
+        args = (self.h[at], self.h_mid[at], self.qkv[at], self.attn[at], self.gate_up[at], self.act[at],
+                self.bars[at:], self.workspace, self.locks, self.tile_locks, keys, values, self.mask, cos, sin, pos,
+                bias, gamma_in, gamma_post, self.ones, self.table, 0, len(self.layers) if step else 1, *weights,
+                self.hidden, mlp.down_proj.in_features, *[split_for(n, k, self.programs, BLOCK_N) for n, k in shapes],
+                window, chunk_keys, splits, keys.shape[2], self.layers[0].self_attn.scaling, ONE_BITS, self.eps)
         options = dict(Q_HEADS=self.q_heads, KV_HEADS=self.kv_heads, ROWS=self.rows, HEAD_DIM=HEAD_DIM,
                        BLOCK_L=BLOCK_L, DOT_FP32=self.interpret, BLOCK_N=BLOCK_N, ASM=not self.interpret,
-                       HAS_BIAS=self.has_bias, num_warps=WARPS, num_stages=1)
+                       HAS_BIAS=self.has_bias, TABLE=step, num_warps=WARPS, num_stages=1)
         if self.cooperative:
             options["launch_cooperative_grid"] = True
         return args, options
@@ -164,7 +186,7 @@ class PersistentLayers:
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         self.zeroed.zero_()
         self.h[0].copy_(hidden.view(-1))
-        for index in range(len(self.layers)):
+        for index in range(1 if self.mode == "step" else len(self.layers)):
             args, options = self._launch_args(index, cos, sin, pos, positions.shape[0])
             layer_kernel[(self.programs,)](*args, **options)
         h = self.h[-1]

@@ -1,6 +1,7 @@
 """The one-token step as persistent layers (models/persistent_step.py) against the default folded step, on quantized
 tiny models with 128-wide heads: a Llama, and a Qwen2 whose q/k/v has a bias. In Triton's interpreter on the CPU
-(one program: the only grid that passes a barrier there), compiled on a GPU. Logits agree within bf16 rounding
+(one program: the only grid that passes a barrier there), compiled on a GPU; a launch a layer, and one for
+the whole step (the layers' tensors found through a table of addresses). Logits agree within bf16 rounding
 (the persistent step keeps the residual in fp32), step after step over the keys and values the steps wrote, and
 greedy answers through FastDecoder take the model's own greedy choice at every token, up to rounding."""
 
@@ -11,8 +12,8 @@ import torch
 
 from tests.kernel_check import run_check
 
-# (architecture, hidden, intermediate, query heads, KV heads): heads of 128, widths in multiples of 256
-CASES = [["llama", 256, 512, 2, 1], ["qwen2", 256, 512, 4, 2]]
+# (architecture, hidden, intermediate, query heads, KV heads, launches): heads of 128, widths in multiples of 256
+CASES = [["llama", 256, 512, 2, 1, "layer"], ["llama", 256, 512, 2, 1, "step"], ["qwen2", 256, 512, 4, 2, "step"]]
 
 _CHECK = r"""
 import json, sys, tempfile, threading, torch
@@ -27,7 +28,7 @@ from models.layer_step import LayerLoop
 
 cases, device = json.loads(sys.argv[1]), sys.argv[2]
 out = []
-for arch, hidden, inter, hq, hkv in cases:
+for arch, hidden, inter, hq, hkv, mode in cases:
     folder = Path(tempfile.mkdtemp())
     tokenizer = write_tokenizer(folder)
     shape = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
@@ -49,8 +50,9 @@ for arch, hidden, inter, hq, hkv in cases:
     model = model.to(torch.bfloat16).to(device).eval()
     fuse_projections(model)
     quantize_model(model, torch.device(device))
-    fast = FastDecoder(model, max_context=128, persistent=True, compile=False)
-    row = {"persistent": fast._persistent is not None and fast.compile_status().startswith("persistent-layer"),
+    fast = FastDecoder(model, max_context=128, persistent=mode, compile=False)
+    row = {"persistent": fast._persistent is not None and fast._persistent.mode == mode
+                         and fast.compile_status().startswith("persistent-layer"),
            "errors": [], "same_argmax": []}
     folded = LayerLoop(model, fast.cache)
     keys = [c.keys.clone() for c in fast.cache.layers]
@@ -124,7 +126,7 @@ def test_the_persistent_step_is_off_unless_asked_for_and_says_why_it_cannot_run(
     assert not persistent_step.requested()
     assert FastDecoder(model, max_context=64)._persistent is None
     monkeypatch.setenv(persistent_step.ENV, "1")
-    assert persistent_step.requested()
+    assert persistent_step.requested() == "layer"
     with caplog.at_level("WARNING"):
         fast = FastDecoder(model, max_context=64)
     assert fast._persistent is None and "persistent layers asked for, not used: needs the int4 fast path" in caplog.text
@@ -149,9 +151,9 @@ def test_a_persistent_step_that_fails_at_warm_up_leaves_the_default_step_answeri
     from models.kernels.int4 import quantize_model
 
     class Failing:
-        programs = 1
+        programs, mode = 1, "layer"
 
-        def __init__(self, model, cache):
+        def __init__(self, model, cache, mode):
             pass
 
         def logits(self, *args):

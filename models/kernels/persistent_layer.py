@@ -150,19 +150,36 @@ def _attention_items(qkv_ptr, bias_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr,
                      DOT_FP32)
 
 
+# Columns of a step's pointer table (one row of addresses a layer, int64): 0-11 the four GEMVs' weights, scales
+# and offsets; 12 and 13 the layer's key and value caches; 14 its q/k/v bias; 15 and 16 its two norms' weights.
+# (The kernel writes the numbers out: Triton's interpreter cannot add a global constexpr to an int.)
+TABLE_COLUMNS = 17
+
+
+@triton.jit
+def _layer_ptr(table_ptr, layer, column, base, offset, TABLE: tl.constexpr):
+    """Layer `layer`'s pointer: from the table's row (typed as `base`), or `base` + `offset` (stacked layers)."""
+    if TABLE:
+        return tl.load(table_ptr + layer * 17 + column).to(base.dtype)
+    else:
+        return base + offset
+
+
 @triton.jit
 def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, ws_ptr, lock_ptr, tile_lock_ptr,
                  k_ptr, v_ptr, mask_ptr, cos_ptr, sin_ptr, pos_ptr, bias_ptr, gamma_in_ptr, gamma_post_ptr, ones_ptr,
-                 first_layer, layers, wq, sq, oq, wo, so, oo, wg, sg, og, wd, sd, od, H, I,
+                 table_ptr, first_layer, layers, wq, sq, oq, wo, so, oo, wg, sg, og, wd, sd, od, H, I,
                  split_q, split_o, split_g, split_d, W, CHUNK_KEYS, SPLITS, cache_len, scaling, one_bits, eps,
                  Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, TABLE: tl.constexpr = False):
     """Layers first_layer .. first_layer + layers - 1, five phases each (the module's docstring), barriers between.
 
-    Per layer l: h[l] in, h[l + 1] out (h: fp32 [L + 1, H]); hmid, qkv, attn, gu, act fp32 [L, ...], zeroed;
-    the caches [L, KV_HEADS, cache_len, HEAD_DIM]; the weights, the q/k/v bias and the norms' weights stacked
-    by layer (the app launches one layer at a time with first_layer 0 and each layer's own tensors).
+    Per layer l: h[l] in, h[l + 1] out (h: fp32 [L + 1, H]); hmid, qkv, attn, gu, act fp32 [L, ...], zeroed.
+    The caches [L, KV_HEADS, cache_len, HEAD_DIM], the weights, the q/k/v bias and the norms' weights are
+    stacked by layer, or (TABLE) at the addresses of row l of table_ptr (int64 [L, TABLE_COLUMNS]), the
+    pointer arguments then only giving their types: the app's layers own separate tensors, so it launches
+    the whole step from a table, or one layer at a time with first_layer 0 and that layer's tensors.
     pos_ptr holds the token's position; the window is the first W cache positions, in chunks of CHUNK_KEYS."""
     programs = tl.num_programs(0)
     h2_one = one_bits - ONE_TO_H2_ONE
@@ -179,7 +196,9 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
         attn = attn_ptr + layer * ATTN_K
         if p == 1:
             cache = layer * KV_HEADS * stride_kh
-            _attention_items(qkv, bias_ptr + layer * QKV_N, k_ptr + cache, v_ptr + cache, mask_ptr, attn, ws_ptr,
+            _attention_items(qkv, _layer_ptr(table_ptr, layer, 14, bias_ptr, layer * QKV_N, TABLE),
+                             _layer_ptr(table_ptr, layer, 12, k_ptr, cache, TABLE),
+                             _layer_ptr(table_ptr, layer, 13, v_ptr, cache, TABLE), mask_ptr, attn, ws_ptr,
                              lock_ptr, cos_ptr, sin_ptr, pos, W, CHUNK_KEYS, SPLITS, stride_kh, HEAD_DIM, scaling,
                              Q_HEADS, KV_HEADS, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32, HAS_BIAS)
             copy_share(h_in, h_mid, H, 1024)
@@ -194,13 +213,15 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
             gamma = ones_ptr
             if slot == 0:  # the RMSNorms before q/k/v and before gate/up, on load
                 x_scale = H2_X_SCALE_ * inverse_rms(x, H, eps, 1024)
-                gamma = gamma_in_ptr + layer * H
+                gamma = _layer_ptr(table_ptr, layer, 15, gamma_in_ptr, layer * H, TABLE)
             elif slot == 2:
                 x_scale = H2_X_SCALE_ * inverse_rms(x, H, eps, 1024)
-                gamma = gamma_post_ptr + layer * H
-            gemv_items(x, x_scale, gamma, pick(slot, wq, wo, wg, wd) + words, pick(slot, sq, so, sg, sd) + pairs,
-                       pick(slot, oq, oo, og, od) + pairs, pick(slot, qkv, h_mid, gu_ptr + layer * 2 * I,
-                                                                h_ptr + (layer + 1) * H),
+                gamma = _layer_ptr(table_ptr, layer, 16, gamma_post_ptr, layer * H, TABLE)
+            w = _layer_ptr(table_ptr, layer, 3 * slot, pick(slot, wq, wo, wg, wd), words, TABLE)
+            scales = _layer_ptr(table_ptr, layer, 3 * slot + 1, pick(slot, sq, so, sg, sd), pairs, TABLE)
+            offsets = _layer_ptr(table_ptr, layer, 3 * slot + 2, pick(slot, oq, oo, og, od), pairs, TABLE)
+            gemv_items(x, x_scale, gamma, w, scales, offsets,
+                       pick(slot, qkv, h_mid, gu_ptr + layer * 2 * I, h_ptr + (layer + 1) * H),
                        n, k, pick(slot, split_q, split_o, split_g, split_d), h2_one, slot == 2,
                        act_ptr + layer * I, tile_lock_ptr, BLOCK_N, ASM, True)
             if slot == 2:
