@@ -1,15 +1,16 @@
-"""The int4 one-token step with each decoder layer as one persistent kernel (kernels/persistent_layer.py): opt-in.
+"""The int4 one-token step as persistent kernels (kernels/persistent_layer.py), a launch a layer or one a step: opt-in.
 
 Why: the step it replaces (layer_step.LayerLoop with folded norms) is five kernels a layer, and their fixed
-costs hold the 1.8B at 21 % of its roofline (BENCHMARKS.md, session 29). Here a layer is one launch whose
-programs stay resident through q/k/v, attention, o, gate/up and down. It stays opt-in (SMALLCHAT_PERSISTENT=1)
-until a GPU run of bench/decode_speed.py (path fast-int4-persistent) shows it faster than the default step.
+costs hold the 1.8B at 21 % of its roofline (BENCHMARKS.md, session 29). Here the programs of one launch stay
+resident through a layer's q/k/v, attention, o, gate/up and down (or through every layer, in mode "step").
+It stays opt-in (SMALLCHAT_PERSISTENT=1, layer or step) until a GPU run of bench/decode_speed.py (paths
+fast-int4-persistent and fast-int4-persistent-step) shows it faster than the default step.
 
-The step: the token's embedding and rotation in PyTorch, one launch per layer, then the final norm and
+The step: the token's embedding and rotation in PyTorch, the persistent launches, then the final norm and
 lm_head as the folded step runs them (folded_norms.final_logits). The residual stream stays in fp32 between
 the layers (the default step rounds it to bf16 at every add), so logits agree within bf16 rounding, not bit
 for bit. One memset a step zeroes what the kernel accumulates into with atomics (q/k/v, gate/up) and the
-layers' barrier counters.
+barrier counters.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import torch
 
 log = logging.getLogger(__name__)
 ENV = "SMALLCHAT_PERSISTENT"
-HEAD_DIM = 128  # the attention phase's head size (every catalog model's)
-BLOCK_N, WARPS = 256, 4  # the GEMV phases' rows per tile, and the warps the attention phase needs (no spills)
-
-
 MODES = ("layer", "step")  # SMALLCHAT_PERSISTENT=1 or layer: a launch a layer; step: one launch for the step
+HEAD_DIM = 128  # the attention phase's head size (every catalog model's)
+BLOCK_N, WARPS = 256, 4  # the GEMV phases' rows per tile; 4 warps: at 2 the attention's key and value tiles spill
+
 
 
 def requested() -> str | None:
