@@ -108,10 +108,11 @@ run_mode() {
         --out "$OUT/decode_prefill_1024.jsonl" --md "$OUT/decode_prefill_1024.md" 2>&1 | tail -40 ;;
     persistent-decode)  # the persistent step's GPU tests, then the 1.8B with persistent layers (a launch a layer, one a
       # step) and with the default step (~9 minutes); timeouts: a grid barrier that never opens hangs its kernel
-      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_persistent_step.py tests/test_persistent_layer.py 2>&1 | tee "$OUT/persistent_step_tests.txt" | tail -15
-      timeout 400 python3 bench/decode_speed.py --configs 1.8b:fast-int4-persistent 1.8b:fast-int4-persistent-step \
-        1.8b:fast-int4 --out "$OUT/decode_persistent.jsonl" --md "$OUT/decode_persistent.md" 2>&1 | tail -40 ;;
+      timeout 430 python3 bench/decode_speed.py --configs 1.8b:fast-int4-persistent 1.8b:fast-int4-persistent-step \
+        1.8b:fast-int4 1.8b:naive-nf4:16 --out "$OUT/decode_persistent.jsonl" --md "$OUT/decode_persistent.md" 2>&1 \
+        | tail -40 ;;
     persistent-decode-7b)  # the 7B with persistent layers (one launch a step, a launch a layer) and the default (~6 min)
       timeout 500 python3 bench/decode_speed.py --configs 7b:fast-int4-persistent-step 7b:fast-int4 \
         7b:fast-int4-persistent --out "$OUT/decode_persistent_7b.jsonl" --md "$OUT/decode_persistent_7b.md" 2>&1 | tail -40 ;;
