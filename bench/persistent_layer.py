@@ -16,6 +16,7 @@ PyTorch (decode_attention.qkv_reference and dequantized weights).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -30,8 +31,9 @@ from bench.persistent_probe import random_chain  # noqa: E402
 from models.kernels import decode_attention  # noqa: E402
 from models.kernels.int4 import dequantize_reference  # noqa: E402
 from models.kernels.int4_triton import ONE_BITS  # noqa: E402
-from models.kernels.persistent_layer import BLOCK_L, TILES, layer_kernel, split_for  # noqa: E402
+from models.kernels.persistent_layer import BLOCK_L, TILES, layer_kernel, split_for, units_in  # noqa: E402
 from models.kernels.split_k import attention_rows  # noqa: E402
+from models.persistent_step import PREFETCH_MB  # noqa: E402
 
 HEAD_DIM = 128
 EPS = 1e-6
@@ -120,9 +122,10 @@ def buffers(problem: dict) -> dict:
 
 def run_layers(problem: dict, bufs: dict, keys: torch.Tensor, values: torch.Tensor, programs: int, per_layer: bool,
                block_n: int, warps: int, splits: list[int] | None = None, check_fit: bool = False,
-               block_l: int = BLOCK_L) -> None:
-    """The layers through _layer_kernel: one launch for all, or one per layer. bufs["h"][-hidden:] is the result.
-    `check_fit` first compiles the kernel and refuses a grid larger than the GPU holds at once (on a GPU)."""
+               block_l: int = BLOCK_L, prefetch_mb: float = 0.0) -> None:
+    """The layers through layer_kernel: one launch for all, or one per layer. bufs["h"][-hidden:] is the result.
+    `check_fit` first compiles the kernel and refuses a grid larger than the GPU holds at once (on a GPU);
+    `prefetch_mb`: o's and gate/up's weights the attention phase's idle programs ask the L2 for."""
     hidden, hq, hkv, inter = problem["dims"]
     layers, cache_len, position = problem["layers"], problem["cache_len"], problem["position"]
     window = window_for(position, cache_len)
@@ -137,7 +140,8 @@ def run_layers(problem: dict, bufs: dict, keys: torch.Tensor, values: torch.Tens
         args = (bufs["h"], bufs["hmid"], bufs["qkv"], bufs["attn"], bufs["gu"], bufs["act"], bufs["bar"], bufs["ws"],
                 bufs["locks"], bufs["tile_locks"], keys, values, mask, problem["cos"], problem["sin"], problem["pos"],
                 bufs["qkv"], problem["gamma_in"], problem["gamma_post"], problem["ones"], bufs["bar"], first, count, *weights,
-                hidden, inter, *splits, window, chunk_keys, chunk_splits, cache_len, HEAD_DIM ** -0.5, ONE_BITS, EPS)
+                hidden, inter, *splits, window, chunk_keys, chunk_splits, cache_len, HEAD_DIM ** -0.5, ONE_BITS, EPS,
+                units_in(prefetch_mb, block_n))
         options = dict(Q_HEADS=hq, KV_HEADS=hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=HEAD_DIM, BLOCK_L=block_l,
                        DOT_FP32=interpret, BLOCK_N=block_n, ASM=not interpret, HAS_BIAS=False, num_warps=warps,
                        num_stages=1)
@@ -225,21 +229,23 @@ def main() -> None:
         for block_n, warps in TILES:
             want, want_keys, _ = reference(problem)
             bufs = buffers(problem)
-            for programs in (sms, 2 * sms, 4 * sms):
-                for per_layer in (True, False):
-                    keys, values = problem["keys"].clone(), problem["values"].clone()
-                    try:
-                        run_layers(problem, bufs, keys, values, programs, per_layer, block_n, warps, check_fit=True)
-                        torch.cuda.synchronize()
-                    except Exception as e:  # noqa: BLE001 - a tile that cannot compile or fit: reported, not fatal
-                        print(f"skipped {block_n}/{warps}/{programs}: {type(e).__name__}: {e}"[:300], flush=True)
-                        continue
-                    got = bufs["h"][-hidden:]
-                    error = ((got - want).abs().max() / want.abs().max()).item()
-                    keys_error = (keys.float() - want_keys.float()).abs().max().item()
-                    ms = graph_ms(lambda: run_layers(problem, bufs, keys, values, programs, per_layer, block_n, warps))
-                    emit(f"persistent, one launch {'per layer' if per_layer else 'for all layers'}", ms, error,
-                         block_n=block_n, warps=warps, programs=programs, cache_error=keys_error)
+            for programs, per_layer, prefetch in itertools.product((sms, 2 * sms), (True, False), (0.0, PREFETCH_MB)):
+                keys, values = problem["keys"].clone(), problem["values"].clone()
+                try:
+                    run_layers(problem, bufs, keys, values, programs, per_layer, block_n, warps, check_fit=True,
+                               prefetch_mb=prefetch)
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001 - a tile that cannot compile or fit: reported, not fatal
+                    print(f"skipped {block_n}/{warps}/{programs}: {type(e).__name__}: {e}"[:300], flush=True)
+                    continue
+                got = bufs["h"][-hidden:]
+                error = ((got - want).abs().max() / want.abs().max()).item()
+                keys_error = (keys.float() - want_keys.float()).abs().max().item()
+                ms = graph_ms(lambda: run_layers(problem, bufs, keys, values, programs, per_layer, block_n, warps,
+                                                 prefetch_mb=prefetch))
+                emit(f"persistent, one launch {'per layer' if per_layer else 'for all layers'}"
+                     f"{f', L2 asked for {prefetch:.0f} MB' if prefetch else ''}", ms, error,
+                     block_n=block_n, warps=warps, programs=programs, cache_error=keys_error, prefetch_mb=prefetch)
         problem = bufs = keys = values = None
         torch.cuda.empty_cache()
     if a.out:

@@ -25,6 +25,9 @@ ENV = "SMALLCHAT_PERSISTENT"
 MODES = ("layer", "step")  # SMALLCHAT_PERSISTENT=1 or layer: a launch a layer; step: one launch for the step
 HEAD_DIM = 128  # the attention phase's head size (every catalog model's)
 BLOCK_N, WARPS = 256, 4  # the GEMV phases' rows per tile; 4 warps: at 2 the attention's key and value tiles spill
+# Weights of o and gate/up the attention phase's idle programs ask the L2 for (persistent_layer.prefetch_idle):
+# all of a 1.8B layer's (20 MB), a part of a 7B's, well within the 50 MB L2 of an H100 or H200.
+PREFETCH_MB = 24
 
 
 
@@ -128,7 +131,7 @@ class PersistentLayers:
         for every layer from the table in mode "step" (layer 0's tensors then only type the pointers)."""
         from .kernels.decode_attention import splits_for
         from .kernels.int4_triton import ONE_BITS
-        from .kernels.persistent_layer import BLOCK_L, split_for
+        from .kernels.persistent_layer import BLOCK_L, split_for, units_in
 
         step = self.mode == "step"
         at = 0 if step else index
@@ -141,7 +144,8 @@ class PersistentLayers:
                 self.bars[at:], self.workspace, self.locks, self.tile_locks, keys, values, self.mask, cos, sin, pos,
                 bias, gamma_in, gamma_post, self.ones, self.table, 0, len(self.layers) if step else 1, *weights,
                 self.hidden, mlp.down_proj.in_features, *[split_for(n, k, self.programs, BLOCK_N) for n, k in shapes],
-                window, chunk_keys, splits, keys.shape[2], self.layers[0].self_attn.scaling, ONE_BITS, self.eps)
+                window, chunk_keys, splits, keys.shape[2], self.layers[0].self_attn.scaling, ONE_BITS, self.eps,
+                units_in(PREFETCH_MB, BLOCK_N))
         options = dict(Q_HEADS=self.q_heads, KV_HEADS=self.kv_heads, ROWS=self.rows, HEAD_DIM=HEAD_DIM,
                        BLOCK_L=BLOCK_L, DOT_FP32=self.interpret, BLOCK_N=BLOCK_N, ASM=not self.interpret,
                        HAS_BIAS=self.has_bias, TABLE=step, num_warps=WARPS, num_stages=1)

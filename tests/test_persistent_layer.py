@@ -17,12 +17,13 @@ import json, sys, torch
 from bench import persistent_layer as layer
 cases, device = json.loads(sys.argv[1]), sys.argv[2]
 out = []
-for dims, layers, cache_len, position, programs, per_layer, block_n, warps in cases:
+for dims, layers, cache_len, position, programs, per_layer, block_n, warps, *prefetch in cases:
     problem = layer.make_problem(tuple(dims), layers, cache_len, position, device)
     want, want_keys, want_values = layer.reference(problem)
     bufs = layer.buffers(problem)
     keys, values = problem["keys"].clone(), problem["values"].clone()
-    layer.run_layers(problem, bufs, keys, values, programs, per_layer, block_n, warps, check_fit=True)
+    layer.run_layers(problem, bufs, keys, values, programs, per_layer, block_n, warps, check_fit=True,
+                     prefetch_mb=prefetch[0] if prefetch else 0.0)
     got = bufs["h"][-dims[0]:]
     out.append({"err": float(((got - want).abs().max() / want.abs().max()).item()),
                 "keys": float((keys.float() - want_keys.float()).abs().max().item()),
@@ -54,13 +55,16 @@ def test_the_persistent_layer_equals_plain_pytorch_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_persistent_layer_equals_plain_pytorch_on_the_gpu():
-    """The 1.8B's layer shape at position 600 (window 1,024, chunks of 128), the whole grid resident."""
+    """The 1.8B's layer shape at position 600 (window 1,024, chunks of 128), the whole grid resident; the 7B's with
+    the attention phase's idle programs asking the L2 for o's and gate/up's weights."""
     from bench.persistent_layer import SHAPES
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = _check([[TINY, 2, 512, 300, 4, False, 16, 4], [SHAPES["1.8b"], 2, 4160, 600, sms, False, 512, 4],
-                   [SHAPES["1.8b"], 2, 4160, 600, 2 * sms, True, 256, 4]], "cuda", interpret=False)
-    assert [row["barriers"] for row in rows] == [4 * 9, sms * 9, 2 * sms * 4]
+                   [SHAPES["1.8b"], 2, 4160, 600, 2 * sms, True, 256, 4],
+                   [SHAPES["7b"], 2, 4160, 600, 2 * sms, False, 256, 4, 24.0]],  # idle programs asking the L2
+                  "cuda", interpret=False)
+    assert [row["barriers"] for row in rows] == [4 * 9, sms * 9, 2 * sms * 4, 2 * sms * 9]
 
 
 def test_the_persistent_layer_compiles_for_hopper_without_spills():

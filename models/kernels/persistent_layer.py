@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .decode_attention import attend_chunk, rotated_rows, write_token
 from .int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2
+from .int4_triton import _prefetch_group
 
 PHASES = 5  # per layer; the kernel writes the number out (a global constexpr breaks Triton's interpreter)
 # Keys per step of the attention's inner loop: 64, not the app kernel's 128. In one kernel with the GEMVs
@@ -37,6 +38,11 @@ BLOCK_L = 64
 # (rows, warps) of the GEMV phases: the app's 512- and 256-row tiles at the 4 warps the attention needs
 # (at 2 warps its key and value tiles spill 2.6 KB).
 TILES = ((512, 4), (256, 4))
+
+
+def units_in(megabytes: float, block_n: int) -> int:
+    """The (group, row tile) units of weights (16 rows of words, a scale and an offset per row) in `megabytes`."""
+    return int(megabytes * 2**20) // (68 * block_n)
 
 
 @triton.jit
@@ -106,6 +112,25 @@ def gemv_items(x_ptr, x_scale, gamma_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, spli
 
 
 @triton.jit
+def prefetch_idle(busy, w_ptr, s_ptr, o_ptr, N, K, split, max_units, BLOCK_N: tl.constexpr):
+    """Programs from `busy` on (idle in this phase) ask the L2 for a later GEMV phase's weights, shared out over
+    them: up to `max_units` (group, row tile) units, taken as the first groups of every item of that phase (its
+    K split `split`), so that a partial prefetch shortens every item alike, and so the phase. Why: the
+    attention phase is a latency chain that leaves the DRAM idle and most programs without an item."""
+    idle = tl.num_programs(0) - busy
+    tiles = N // BLOCK_N
+    groups = K // 128
+    g_per = tl.cdiv(groups, split)
+    items = tiles * split
+    units = tl.minimum(max_units, g_per * items)
+    for unit in range(tl.program_id(0) - busy, units, idle):
+        rest = unit % items
+        g = (rest // tiles) * g_per + unit // items
+        if g < groups:
+            _prefetch_group(w_ptr, s_ptr, o_ptr, g, rest % tiles, N, N, N, BLOCK_N)
+
+
+@triton.jit
 def inverse_rms(h_ptr, H, eps, BLOCK: tl.constexpr):
     """1 / RMS(h[0:H]): every program reads h (a few KB, from the L2) after the barrier that completed it."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -170,7 +195,7 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
                  k_ptr, v_ptr, mask_ptr, cos_ptr, sin_ptr, pos_ptr, bias_ptr, gamma_in_ptr, gamma_post_ptr, ones_ptr,
                  table_ptr, first_layer, layers, wq, sq, oq, wo, so, oo, wg, sg, og, wd, sd, od, H, I,
                  split_q, split_o, split_g, split_d, W, CHUNK_KEYS, SPLITS, cache_len, scaling, one_bits, eps,
-                 Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 prefetch_units, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, TABLE: tl.constexpr = False):
     """Layers first_layer .. first_layer + layers - 1, five phases each (the module's docstring), barriers between.
@@ -202,6 +227,19 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
                              lock_ptr, cos_ptr, sin_ptr, pos, W, CHUNK_KEYS, SPLITS, stride_kh, HEAD_DIM, scaling,
                              Q_HEADS, KV_HEADS, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32, HAS_BIAS)
             copy_share(h_in, h_mid, H, 1024)
+            # The programs without an attention item ask the L2 for o's weights and then gate/up's, within
+            # prefetch_units (group, tile) units in all (0: none), while the attention leaves the DRAM idle.
+            items = KV_HEADS * SPLITS
+            if tl.program_id(0) >= items:
+                o_units = tl.cdiv(ATTN_K // 128, split_o) * split_o * (H // BLOCK_N)  # what o's prefetch takes
+                prefetch_idle(items, _layer_ptr(table_ptr, layer, 3, wo, layer * (ATTN_K // 8) * H, TABLE),
+                              _layer_ptr(table_ptr, layer, 4, so, layer * (ATTN_K // 128) * H, TABLE),
+                              _layer_ptr(table_ptr, layer, 5, oo, layer * (ATTN_K // 128) * H, TABLE), H, ATTN_K,
+                              split_o, prefetch_units, BLOCK_N)
+                prefetch_idle(items, _layer_ptr(table_ptr, layer, 6, wg, layer * (H // 8) * 2 * I, TABLE),
+                              _layer_ptr(table_ptr, layer, 7, sg, layer * (H // 128) * 2 * I, TABLE),
+                              _layer_ptr(table_ptr, layer, 8, og, layer * (H // 128) * 2 * I, TABLE), 2 * I, H,
+                              split_g, prefetch_units - o_units, BLOCK_N)
         else:
             slot = tl.where(p > 1, p - 1, p)  # phases 0, 2, 3, 4: GEMV slots 0, 1, 2, 3
             n = pick(slot, QKV_N, H, 2 * I, H)
