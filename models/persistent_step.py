@@ -25,9 +25,10 @@ ENV = "SMALLCHAT_PERSISTENT"
 MODES = ("layer", "step")  # SMALLCHAT_PERSISTENT=1 or layer: a launch a layer; step: one launch for the step
 HEAD_DIM = 128  # the attention phase's head size (every catalog model's)
 BLOCK_N, WARPS = 256, 4  # the GEMV phases' rows per tile; 4 warps: at 2 the attention's key and value tiles spill
-# Weights of o and gate/up the attention phase's idle programs ask the L2 for (persistent_layer.prefetch_idle):
-# all of a 1.8B layer's (20 MB), a part of a 7B's, well within the 50 MB L2 of an H100 or H200.
-PREFETCH_MB = 24
+# Weights the idle programs ask the L2 for while the DRAM idles (persistent_layer.prefetch_idle): o's and
+# gate/up's in the attention phase, then down's in o's. All of a 1.8B layer's (29 MB), a part of a 7B's
+# (gate/up's first groups), within the 50 MB L2 of an H100 or H200.
+PREFETCH_MB = 32
 
 
 

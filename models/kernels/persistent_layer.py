@@ -112,6 +112,12 @@ def gemv_items(x_ptr, x_scale, gamma_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, spli
 
 
 @triton.jit
+def _units(K, N, split, max_units, BLOCK_N: tl.constexpr):
+    """The units prefetch_idle asks for of a GEMV (N x K, K split `split`) within `max_units` (0 if negative)."""
+    return tl.maximum(tl.minimum(max_units, tl.cdiv(K // 128, split) * split * (N // BLOCK_N)), 0)
+
+
+@triton.jit
 def prefetch_idle(busy, w_ptr, s_ptr, o_ptr, N, K, split, max_units, BLOCK_N: tl.constexpr):
     """Programs from `busy` on (idle in this phase) ask the L2 for a later GEMV phase's weights, shared out over
     them: up to `max_units` (group, row tile) units, taken as the first groups of every item of that phase (its
@@ -122,7 +128,7 @@ def prefetch_idle(busy, w_ptr, s_ptr, o_ptr, N, K, split, max_units, BLOCK_N: tl
     groups = K // 128
     g_per = tl.cdiv(groups, split)
     items = tiles * split
-    units = tl.minimum(max_units, g_per * items)
+    units = _units(K, N, split, max_units, BLOCK_N)
     for unit in range(tl.program_id(0) - busy, units, idle):
         rest = unit % items
         g = (rest // tiles) * g_per + unit // items
@@ -228,10 +234,11 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
                              Q_HEADS, KV_HEADS, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32, HAS_BIAS)
             copy_share(h_in, h_mid, H, 1024)
             # The programs without an attention item ask the L2 for o's weights and then gate/up's, within
-            # prefetch_units (group, tile) units in all (0: none), while the attention leaves the DRAM idle.
+            # prefetch_units (group, tile) units in all (0: none), while the attention leaves the DRAM idle;
+            # o's idle programs ask for down's with what is left.
             items = KV_HEADS * SPLITS
             if tl.program_id(0) >= items:
-                o_units = tl.cdiv(ATTN_K // 128, split_o) * split_o * (H // BLOCK_N)  # what o's prefetch takes
+                o_units = _units(ATTN_K, H, split_o, prefetch_units, BLOCK_N)  # what o's prefetch takes
                 prefetch_idle(items, _layer_ptr(table_ptr, layer, 3, wo, layer * (ATTN_K // 8) * H, TABLE),
                               _layer_ptr(table_ptr, layer, 4, so, layer * (ATTN_K // 128) * H, TABLE),
                               _layer_ptr(table_ptr, layer, 5, oo, layer * (ATTN_K // 128) * H, TABLE), H, ATTN_K,
@@ -264,6 +271,15 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
                        act_ptr + layer * I, tile_lock_ptr, BLOCK_N, ASM, True)
             if slot == 2:
                 copy_share(h_mid, h_ptr + (layer + 1) * H, H, 1024)
+            elif slot == 1 and tl.program_id(0) >= (H // BLOCK_N) * split_o:
+                # o's idle programs: down's weights, within what the attention phase's prefetch left of the units
+                taken = _units(ATTN_K, H, split_o, prefetch_units, BLOCK_N)
+                taken += _units(H, 2 * I, split_g, prefetch_units - taken, BLOCK_N)
+                prefetch_idle((H // BLOCK_N) * split_o,
+                              _layer_ptr(table_ptr, layer, 9, wd, layer * (I // 8) * H, TABLE),
+                              _layer_ptr(table_ptr, layer, 10, sd, layer * (I // 128) * H, TABLE),
+                              _layer_ptr(table_ptr, layer, 11, od, layer * (I // 128) * H, TABLE), H, I,
+                              split_d, prefetch_units - taken, BLOCK_N)
         if step + 1 < (first_layer + layers) * 5:
             grid_sync(bar_ptr, (step + 1 - first_layer * 5) * programs)
 
