@@ -44,8 +44,8 @@ def two_step_argmax(logits: torch.Tensor, greedy: bool = True, temperature=None,
     vocab = logits.shape[-1]
     rows = torch.nn.functional.pad(logits.view(-1), (0, -vocab % 128), value=float("-inf")).view(-1, 128)
     best, column = rows.max(-1)
-    row = best.argmax()
-    return (row * 128 + column[row]).view(1)
+    row = best.argmax().view(1)
+    return row * 128 + column.gather(0, row)  # gather, not column[row]: indexing by a tensor syncs (no capture)
 
 
 def main() -> None:
