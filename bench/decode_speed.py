@@ -61,9 +61,7 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          # programmatic dependent launch (models/kernels/pdl.py) at level 1 (early launch) or 2 (+ L2 prefetch);
          # fast-int4 runs SMALLCHAT_PDL's level (0 unless set)
          "fast-int4-pdl1": ("int4", False), "fast-int4-pdl2": ("int4", False),
-         "fast-int4-prefill-1024": ("int4", False),  # prompt chunks of 1,024 tokens, not PREFILL_CHUNK's 512
-         # the one-token step as persistent kernels (models/persistent_step.py): a launch a layer, or one a step
-         "fast-int4-persistent": ("int4", False), "fast-int4-persistent-step": ("int4", False)}
+         "fast-int4-prefill-1024": ("int4", False)}  # prompt chunks of 1,024 tokens, not PREFILL_CHUNK's 512
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -195,11 +193,6 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         for module in (memory, memory_split, fast_decode, generation):
             module.PREFILL_CHUNK = 1024
         fast_decode.PREFILL_BUCKETS = (*fast_decode.PREFILL_BUCKETS, 1024)
-    if path.startswith("fast-int4-persistent"):
-        from models import persistent_step
-
-        # read as the fast decoder is made, at the load
-        os.environ[persistent_step.ENV] = "step" if path.endswith("-step") else "layer"
     if path == "fast-int4-no-prefill-graphs":
         fast_decode.PREFILL_BUCKETS = ()
     if path == "fast-int4-unfused":

@@ -36,8 +36,6 @@
 #     prefill-1024  the 7B's prompts in chunks of 1,024 tokens against 512 (the 4k TTFT's margin)
 #     persistent-layer  whole decoder layers (attention, norms, SiLU inside) as one persistent kernel
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
-#     persistent-decode, persistent-decode-7b  the app's step as persistent layers (SMALLCHAT_PERSISTENT) against
-#              the default step, the 1.8B (with the GPU tests) and the 7B
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
 # Modes run in the order given; one call of the device tool may take 10 minutes, so pair them
@@ -106,16 +104,6 @@ run_mode() {
     prefill-1024)  # the 7B with prompt chunks of 1,024 tokens against today's 512, TTFT at 512 and 4,000 (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4-prefill-1024 \
         --out "$OUT/decode_prefill_1024.jsonl" --md "$OUT/decode_prefill_1024.md" 2>&1 | tail -40 ;;
-    persistent-decode)  # the persistent step's GPU tests, then the 1.8B with persistent layers (a launch a layer, one a
-      # step) and with the default step (~9 minutes); timeouts: a grid barrier that never opens hangs its kernel
-      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_persistent_step.py tests/test_persistent_layer.py 2>&1 | tee "$OUT/persistent_step_tests.txt" | tail -15
-      timeout 430 python3 bench/decode_speed.py --configs 1.8b:fast-int4-persistent 1.8b:fast-int4-persistent-step \
-        1.8b:fast-int4 1.8b:naive-nf4:16 --out "$OUT/decode_persistent.jsonl" --md "$OUT/decode_persistent.md" 2>&1 \
-        | tail -40 ;;
-    persistent-decode-7b)  # the 7B with persistent layers (one launch a step, a launch a layer) and the default (~6 min)
-      timeout 500 python3 bench/decode_speed.py --configs 7b:fast-int4-persistent-step 7b:fast-int4 \
-        7b:fast-int4-persistent --out "$OUT/decode_persistent_7b.jsonl" --md "$OUT/decode_persistent_7b.md" 2>&1 | tail -40 ;;
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;

@@ -1,13 +1,13 @@
 """Probe, second step: whole decoder layers' one-token steps as one persistent kernel, against the app's kernels.
 
 bench/persistent_probe.py asks whether a layer's four GEMVs run faster as one launch with grid barriers.
-This asks what a whole layer costs that way: models/kernels/persistent_layer.py's kernel (the one the app
-runs with SMALLCHAT_PERSISTENT=1; its docstring has the five phases), over random weights in the app's
-layout (gate and up rows alternating, the norms' weights applied on load, the residual in fp32).
+This asks what a whole layer costs that way: bench/persistent_kernels.py's kernel (its docstring has the
+five phases), over random weights in the app's layout (gate and up rows alternating, the norms' weights
+applied on load, the residual in fp32).
 
 Rows: the app's kernels one after another per layer in a CUDA graph (int4 GEMVs and the fused q/k/v
 attention, without the epilogues the app folds into them); the persistent kernel, one launch per layer
-(as the app launches it) and one for all layers (weights stacked by layer). Both checked against plain
+(each layer's own tensors) and one for all layers (weights stacked by layer). Both checked against plain
 PyTorch (decode_attention.qkv_reference and dequantized weights).
 
     python bench/persistent_layer.py [--shapes 1.8b 7b] [--layers 8] [--position 600] [--out results.jsonl]
@@ -31,9 +31,8 @@ from bench.persistent_probe import random_chain  # noqa: E402
 from models.kernels import decode_attention  # noqa: E402
 from models.kernels.int4 import dequantize_reference  # noqa: E402
 from models.kernels.int4_triton import ONE_BITS  # noqa: E402
-from models.kernels.persistent_layer import BLOCK_L, TILES, layer_kernel, split_for, units_in  # noqa: E402
+from bench.persistent_kernels import BLOCK_L, PREFETCH_MB, TILES, layer_kernel, split_for, units_in  # noqa: E402
 from models.kernels.split_k import attention_rows  # noqa: E402
-from models.persistent_step import PREFETCH_MB  # noqa: E402
 
 HEAD_DIM = 128
 EPS = 1e-6
@@ -149,7 +148,7 @@ def run_layers(problem: dict, bufs: dict, keys: torch.Tensor, values: torch.Tens
             return layer_kernel.warmup(*args, grid=(grid,), **options)
         layer_kernel[(grid,)](*args, **options)
     if check_fit and not interpret:  # a grid barrier over more programs than the GPU holds at once never ends
-        from models.kernels.persistent_layer import programs_that_fit
+        from bench.persistent_kernels import programs_that_fit
 
         fits, usage = programs_that_fit(launch(0, layers, 1, warmup=True), warps, keys.device)
         if programs > fits:

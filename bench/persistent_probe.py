@@ -45,8 +45,8 @@ import triton.language as tl  # noqa: E402
 from models.kernels.int4 import dequantize_reference  # noqa: E402
 from models.kernels.int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE  # noqa: E402
 from models.kernels.int4_triton import ONE_BITS, _prefetch_share  # noqa: E402
-from models.kernels.persistent_layer import gemv_items, pick as _pick, programs_that_fit, split_for  # noqa: E402
-from models.kernels.persistent_layer import grid_sync as _grid_sync  # noqa: E402
+from bench.persistent_kernels import gemv_items, pick as _pick, programs_that_fit, split_for  # noqa: E402
+from bench.persistent_kernels import grid_sync as _grid_sync  # noqa: E402
 
 PHASES = 4  # fused q/k/v, o, fused gate/up, down
 

@@ -105,13 +105,11 @@ class FastDecoder(BackgroundCompile):
         compile_cache_dir: the app's cache folder; compiled kernels are kept under it (compile_cache).
         prefill_buckets: chunk lengths prompts are padded to (default PREFILL_BUCKETS with CUDA graphs,
             each captured at warm_up; none otherwise: an unpadded forward is as fast without graphs).
-        persistent: run the one-token step as persistent layers (persistent_step.py) where the model allows:
-            True or "layer" (a launch a layer), "step" (one launch); default: SMALLCHAT_PERSISTENT (off).
     """
 
     def __init__(self, model, max_context: int, compile: bool | None = None, chunk: int | None = None,
                  replay_prefill_max: int | None = None, compile_cache_dir=None,
-                 prefill_buckets: tuple[int, ...] | None = None, persistent: bool | str | None = None):
+                 prefill_buckets: tuple[int, ...] | None = None):
         from transformers import StaticCache
 
         self.model = model
@@ -152,9 +150,6 @@ class FastDecoder(BackgroundCompile):
             # computation as the model's forward, and a fused attention then rotates, writes its cache
             # and attends in one op (attention.decode_step_attention).
             self._layer_loop = LayerLoop(model, self.cache) if supports_layer_loop(model) else None
-            self._persistent = self._persistent_layers(persistent)
-            if self._persistent is not None:  # its step is Triton kernels already: nothing to compile
-                self.compile_enabled = False
             dev = self.device
             self.kv_positions = torch.arange(cache_len, device=dev)  # [L]
             self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # next input token
@@ -223,29 +218,12 @@ class FastDecoder(BackgroundCompile):
         `positions` is the window of cache positions attended over (a prefix of kv_positions,
         longer than `pos`); its length sets the attention's read.
         """
-        if self._persistent is not None:
-            return self._persistent.logits(token, pos, positions)
         if self._layer_loop is not None:
             return self._layer_loop.logits(token, pos, positions)
         mask = (positions <= pos).view(1, 1, 1, -1)  # stale entries past `pos` are invisible
         out = self.model(input_ids=token, position_ids=pos.view(1, 1), attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
-
-    def _persistent_layers(self, wanted: bool | str | None):
-        """The step as persistent layers (persistent_step.py) where asked for (`wanted`: True or "layer", "step";
-        default: SMALLCHAT_PERSISTENT) and possible; else None, logged if it was asked for."""
-        from . import persistent_step
-
-        mode = persistent_step.requested() if wanted is None else "layer" if wanted is True else wanted or None
-        if mode is None:
-            return None
-        reason = "the model's forward is not a plain layer loop" if self._layer_loop is None else (
-            persistent_step.why_not(self.model))
-        if reason:
-            log.warning("persistent layers asked for, not used: %s", reason)
-            return None
-        return persistent_step.PersistentLayers(self.model, self.cache, mode)
 
     def _sample(self, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
         """Next token id [1], on the device: argmax, or temperature + top-p sampling."""
@@ -422,12 +400,7 @@ class FastDecoder(BackgroundCompile):
             return self._warm_up_once()
         except torch.OutOfMemoryError:
             raise
-        except Exception:  # noqa: BLE001 - only the opt-in and folded steps are retried; anything else is raised below
-            if self._persistent is not None:  # the opt-in step (persistent_step.py) failed: the default one runs
-                log.warning("the persistent-layer decode step failed; running the default step", exc_info=True)
-                self._persistent = None
-                self.graphs = {}
-                return self._warm_up_once()
+        except Exception:  # noqa: BLE001 - only the folded step is retried; anything else is raised below
             if self._layer_loop is None or not self._layer_loop.folded:
                 raise
             # The norms folded into the GEMVs (folded_norms.py) are the newest kernels of the step: if they
@@ -436,13 +409,6 @@ class FastDecoder(BackgroundCompile):
                         "separate kernels", exc_info=True)
             self._layer_loop = LayerLoop(self.model, self.cache, fold_norms=False)
             return self._warm_up_once()
-
-    def compile_status(self) -> str:
-        """Which step answers now, in words (for the memory panel and the CLI)."""
-        if self._persistent is not None:
-            launches = "one launch a step" if self._persistent.mode == "step" else "one launch a layer"
-            return f"persistent-layer {'CUDA-graph ' if self.use_graphs else ''}step ({launches}, {self._persistent.programs} programs)"
-        return super().compile_status()
 
     @property
     def norms_folded(self) -> bool:

@@ -80,7 +80,7 @@ def test_the_persistent_layer_compiles_for_hopper_without_spills():
     from triton.backends.compiler import GPUTarget
 
     from bench.int4_sass import resource_usage
-    from models.kernels import persistent_layer as layer
+    from bench import persistent_kernels as layer
     from models.kernels.split_k import attention_rows
     from tests.kernel_check import on_every_core
 

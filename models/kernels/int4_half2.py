@@ -71,7 +71,7 @@ def _x_h2(x_ptr, g, p: tl.constexpr, rw, K, EVEN: tl.constexpr, x_scale, gamma_p
     """x' = x * x_scale (float32) at the k of nibbles p and p + 4 of the group's words. With x_scale =
     H2_X_SCALE it is the same number in fp16 (a bf16 scaled by a power of 2), so sums are taken of these;
     a GEMV after a folded RMSNorm passes H2_X_SCALE times the norm's scale (int4_epilogue.py). With GAMMA,
-    x' is also multiplied by gamma[k] (a norm's weight, applied as x is loaded: persistent_layer.py)."""
+    x' is also multiplied by gamma[k] (a norm's weight, applied as x is loaded: bench/persistent_kernels.py)."""
     k_lo = g * 128 + p * 16 + rw
     if EVEN:
         lo = tl.load(x_ptr + k_lo)

@@ -1,4 +1,4 @@
-"""A decoder layer's one-token step as one persistent Triton kernel: an opt-in, to be timed against the app's kernels.
+"""A decoder layer's one-token step as one persistent Triton kernel, in the app's weight layout: measured slower.
 
 Why: the int4 decode step is five kernels a layer (q/k/v GEMV, attention, o, gate/up, down), and each
 carries a fixed cost no tile removes: the small GEMVs take 8-10 us for 2-3 us of bytes, every boundary
@@ -17,9 +17,12 @@ barrier over the grid between them:
 
 The norms' weights are applied as x is loaded (int4_half2.group_dot_h2's gamma); the residual stream
 stays fp32. Each phase writes a buffer of its own, zeroed before the launch, so no program reads a line
-written earlier in the launch at the same address. Opt-in (SMALLCHAT_PERSISTENT=1: persistent_step.py)
-until a GPU run shows it faster (bench/persistent_layer.py); the GPU launches it as a cooperative grid,
-which the driver refuses, rather than hangs, if the grid does not fit at once.
+written earlier in the launch at the same address.
+
+Measured on an NVIDIA H100 (BENCHMARKS.md, session 32): slower than the app's five kernels a layer at every
+tile, grid and launch mode (the 1.8B's layer 0.97x at best in bench/persistent_layer.py, 0.86x as the app's
+step), so the app does not run it. Session 32's commits before this file moved here (models/persistent_step.py,
+git history) ran it as the app's decode step, captured in CUDA graphs, as a cooperative grid.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_attention import attend_chunk, rotated_rows, write_token
-from .int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2
-from .int4_triton import _prefetch_group
+from models.kernels.decode_attention import attend_chunk, rotated_rows, write_token
+from models.kernels.int4_half2 import H2_X_SCALE_, ONE_TO_H2_ONE, group_dot_h2
+from models.kernels.int4_triton import _prefetch_group
 
 PHASES = 5  # per layer; the kernel writes the number out (a global constexpr breaks Triton's interpreter)
 # Keys per step of the attention's inner loop: 64, not the app kernel's 128. In one kernel with the GEMVs
@@ -38,6 +41,10 @@ BLOCK_L = 64
 # (rows, warps) of the GEMV phases: the app's 512- and 256-row tiles at the 4 warps the attention needs
 # (at 2 warps its key and value tiles spill 2.6 KB).
 TILES = ((512, 4), (256, 4))
+# Weights the idle programs ask the L2 for while the DRAM idles (prefetch_idle): o's and gate/up's in the
+# attention phase, then down's in o's. All of a 1.8B layer's (29 MB), a part of a 7B's (gate/up's first
+# groups), within the 50 MB L2 of an H100 or H200.
+PREFETCH_MB = 32
 
 
 def units_in(megabytes: float, block_n: int) -> int:
