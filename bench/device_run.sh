@@ -104,6 +104,9 @@ run_mode() {
     prefill-512)  # the 7B with prompt chunks of 1,024 tokens (the default) against 512, TTFT at 512 and 4,000 (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4-prefill-512 \
         --out "$OUT/decode_prefill_512.jsonl" --md "$OUT/decode_prefill_512.md" 2>&1 | tail -40 ;;
+    decode-7b)  # one load of the 7B (decode, TTFT at 512 and 4,000 tokens, the reused turn) (~2.5 minutes)
+      python3 bench/decode_speed.py --configs 7b:fast-int4 --out "$OUT/decode_7b.jsonl" --md "$OUT/decode_7b.md" \
+        2>&1 | tail -20 ;;
     decode-short)  # one load each of the 7B and the 1.8B (~4 minutes)
       python3 bench/decode_speed.py --configs 7b:fast-int4 1.8b:fast-int4 \
         --out "$OUT/decode_speed.jsonl" --md "$OUT/decode_speed.md" 2>&1 | tail -40 ;;
