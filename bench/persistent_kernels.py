@@ -188,36 +188,20 @@ def _attention_items(qkv_ptr, bias_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr,
                      DOT_FP32)
 
 
-# Columns of a step's pointer table (one row of addresses a layer, int64): 0-11 the four GEMVs' weights, scales
-# and offsets; 12 and 13 the layer's key and value caches; 14 its q/k/v bias; 15 and 16 its two norms' weights.
-# (The kernel writes the numbers out: Triton's interpreter cannot add a global constexpr to an int.)
-TABLE_COLUMNS = 17
-
-
-@triton.jit
-def _layer_ptr(table_ptr, layer, column, base, offset, TABLE: tl.constexpr):
-    """Layer `layer`'s pointer: from the table's row (typed as `base`), or `base` + `offset` (stacked layers)."""
-    if TABLE:
-        return tl.load(table_ptr + layer * 17 + column).to(base.dtype)
-    else:
-        return base + offset
-
-
 @triton.jit
 def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, ws_ptr, lock_ptr, tile_lock_ptr,
                  k_ptr, v_ptr, mask_ptr, cos_ptr, sin_ptr, pos_ptr, bias_ptr, gamma_in_ptr, gamma_post_ptr, ones_ptr,
-                 table_ptr, first_layer, layers, wq, sq, oq, wo, so, oo, wg, sg, og, wd, sd, od, H, I,
+                 first_layer, layers, wq, sq, oq, wo, so, oo, wg, sg, og, wd, sd, od, H, I,
                  split_q, split_o, split_g, split_d, W, CHUNK_KEYS, SPLITS, cache_len, scaling, one_bits, eps,
                  prefetch_units, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, TABLE: tl.constexpr = False):
+                 HAS_BIAS: tl.constexpr):
     """Layers first_layer .. first_layer + layers - 1, five phases each (the module's docstring), barriers between.
 
     Per layer l: h[l] in, h[l + 1] out (h: fp32 [L + 1, H]); hmid, qkv, attn, gu, act fp32 [L, ...], zeroed.
     The caches [L, KV_HEADS, cache_len, HEAD_DIM], the weights, the q/k/v bias and the norms' weights are
-    stacked by layer, or (TABLE) at the addresses of row l of table_ptr (int64 [L, TABLE_COLUMNS]), the
-    pointer arguments then only giving their types: the app's layers own separate tensors, so it launches
-    the whole step from a table, or one layer at a time with first_layer 0 and that layer's tensors.
+    stacked by layer (session 32's app step, whose layers own separate tensors, launched a layer at a time
+    with first_layer 0, or read the layers' addresses from a table: git history).
     pos_ptr holds the token's position; the window is the first W cache positions, in chunks of CHUNK_KEYS."""
     programs = tl.num_programs(0)
     h2_one = one_bits - ONE_TO_H2_ONE
@@ -234,9 +218,7 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
         attn = attn_ptr + layer * ATTN_K
         if p == 1:
             cache = layer * KV_HEADS * stride_kh
-            _attention_items(qkv, _layer_ptr(table_ptr, layer, 14, bias_ptr, layer * QKV_N, TABLE),
-                             _layer_ptr(table_ptr, layer, 12, k_ptr, cache, TABLE),
-                             _layer_ptr(table_ptr, layer, 13, v_ptr, cache, TABLE), mask_ptr, attn, ws_ptr,
+            _attention_items(qkv, bias_ptr + layer * QKV_N, k_ptr + cache, v_ptr + cache, mask_ptr, attn, ws_ptr,
                              lock_ptr, cos_ptr, sin_ptr, pos, W, CHUNK_KEYS, SPLITS, stride_kh, HEAD_DIM, scaling,
                              Q_HEADS, KV_HEADS, ROWS, HEAD_DIM, BLOCK_L, DOT_FP32, HAS_BIAS)
             copy_share(h_in, h_mid, H, 1024)
@@ -246,14 +228,10 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
             items = KV_HEADS * SPLITS
             if tl.program_id(0) >= items:
                 o_units = _units(ATTN_K, H, split_o, prefetch_units, BLOCK_N)  # what o's prefetch takes
-                prefetch_idle(items, _layer_ptr(table_ptr, layer, 3, wo, layer * (ATTN_K // 8) * H, TABLE),
-                              _layer_ptr(table_ptr, layer, 4, so, layer * (ATTN_K // 128) * H, TABLE),
-                              _layer_ptr(table_ptr, layer, 5, oo, layer * (ATTN_K // 128) * H, TABLE), H, ATTN_K,
-                              split_o, prefetch_units, BLOCK_N)
-                prefetch_idle(items, _layer_ptr(table_ptr, layer, 6, wg, layer * (H // 8) * 2 * I, TABLE),
-                              _layer_ptr(table_ptr, layer, 7, sg, layer * (H // 128) * 2 * I, TABLE),
-                              _layer_ptr(table_ptr, layer, 8, og, layer * (H // 128) * 2 * I, TABLE), 2 * I, H,
-                              split_g, prefetch_units - o_units, BLOCK_N)
+                prefetch_idle(items, wo + layer * (ATTN_K // 8) * H, so + layer * (ATTN_K // 128) * H,
+                              oo + layer * (ATTN_K // 128) * H, H, ATTN_K, split_o, prefetch_units, BLOCK_N)
+                prefetch_idle(items, wg + layer * (H // 8) * 2 * I, sg + layer * (H // 128) * 2 * I,
+                              og + layer * (H // 128) * 2 * I, 2 * I, H, split_g, prefetch_units - o_units, BLOCK_N)
         else:
             slot = tl.where(p > 1, p - 1, p)  # phases 0, 2, 3, 4: GEMV slots 0, 1, 2, 3
             n = pick(slot, QKV_N, H, 2 * I, H)
@@ -265,14 +243,12 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
             gamma = ones_ptr
             if slot == 0:  # the RMSNorms before q/k/v and before gate/up, on load
                 x_scale = H2_X_SCALE_ * inverse_rms(x, H, eps, 1024)
-                gamma = _layer_ptr(table_ptr, layer, 15, gamma_in_ptr, layer * H, TABLE)
+                gamma = gamma_in_ptr + layer * H
             elif slot == 2:
                 x_scale = H2_X_SCALE_ * inverse_rms(x, H, eps, 1024)
-                gamma = _layer_ptr(table_ptr, layer, 16, gamma_post_ptr, layer * H, TABLE)
-            w = _layer_ptr(table_ptr, layer, 3 * slot, pick(slot, wq, wo, wg, wd), words, TABLE)
-            scales = _layer_ptr(table_ptr, layer, 3 * slot + 1, pick(slot, sq, so, sg, sd), pairs, TABLE)
-            offsets = _layer_ptr(table_ptr, layer, 3 * slot + 2, pick(slot, oq, oo, og, od), pairs, TABLE)
-            gemv_items(x, x_scale, gamma, w, scales, offsets,
+                gamma = gamma_post_ptr + layer * H
+            gemv_items(x, x_scale, gamma, pick(slot, wq, wo, wg, wd) + words, pick(slot, sq, so, sg, sd) + pairs,
+                       pick(slot, oq, oo, og, od) + pairs,
                        pick(slot, qkv, h_mid, gu_ptr + layer * 2 * I, h_ptr + (layer + 1) * H),
                        n, k, pick(slot, split_q, split_o, split_g, split_d), h2_one, slot == 2,
                        act_ptr + layer * I, tile_lock_ptr, BLOCK_N, ASM, True)
@@ -282,11 +258,8 @@ def layer_kernel(h_ptr, hmid_ptr, qkv_ptr, attn_ptr, gu_ptr, act_ptr, bar_ptr, w
                 # o's idle programs: down's weights, within what the attention phase's prefetch left of the units
                 taken = _units(ATTN_K, H, split_o, prefetch_units, BLOCK_N)
                 taken += _units(H, 2 * I, split_g, prefetch_units - taken, BLOCK_N)
-                prefetch_idle((H // BLOCK_N) * split_o,
-                              _layer_ptr(table_ptr, layer, 9, wd, layer * (I // 8) * H, TABLE),
-                              _layer_ptr(table_ptr, layer, 10, sd, layer * (I // 128) * H, TABLE),
-                              _layer_ptr(table_ptr, layer, 11, od, layer * (I // 128) * H, TABLE), H, I,
-                              split_d, prefetch_units - taken, BLOCK_N)
+                prefetch_idle((H // BLOCK_N) * split_o, wd + layer * (I // 8) * H, sd + layer * (I // 128) * H,
+                              od + layer * (I // 128) * H, H, I, split_d, prefetch_units - taken, BLOCK_N)
         if step + 1 < (first_layer + layers) * 5:
             grid_sync(bar_ptr, (step + 1 - first_layer * 5) * programs)
 

@@ -138,7 +138,7 @@ def run_layers(problem: dict, bufs: dict, keys: torch.Tensor, values: torch.Tens
     def launch(first: int, count: int, grid: int, warmup: bool = False):
         args = (bufs["h"], bufs["hmid"], bufs["qkv"], bufs["attn"], bufs["gu"], bufs["act"], bufs["bar"], bufs["ws"],
                 bufs["locks"], bufs["tile_locks"], keys, values, mask, problem["cos"], problem["sin"], problem["pos"],
-                bufs["qkv"], problem["gamma_in"], problem["gamma_post"], problem["ones"], bufs["bar"], first, count, *weights,
+                bufs["qkv"], problem["gamma_in"], problem["gamma_post"], problem["ones"], first, count, *weights,
                 hidden, inter, *splits, window, chunk_keys, chunk_splits, cache_len, HEAD_DIM ** -0.5, ONE_BITS, EPS,
                 units_in(prefetch_mb, block_n))
         options = dict(Q_HEADS=hq, KV_HEADS=hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=HEAD_DIM, BLOCK_L=block_l,

@@ -86,8 +86,7 @@ def test_the_persistent_layer_compiles_for_hopper_without_spills():
 
     pointers = {"bar_ptr": "*i32", "lock_ptr": "*i32", "tile_lock_ptr": "*i32", "k_ptr": "*bf16", "v_ptr": "*bf16",
                 "mask_ptr": "*i1", "pos_ptr": "*i64", "bias_ptr": "*bf16", "gamma_in_ptr": "*bf16",
-                "gamma_post_ptr": "*bf16", "ones_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
-                "table_ptr": "*i64"}
+                "gamma_post_ptr": "*bf16", "ones_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16"}
 
     def kind(name: str) -> str:
         if re.fullmatch(r"w[qogd]", name):
@@ -99,17 +98,15 @@ def test_the_persistent_layer_compiles_for_hopper_without_spills():
         return "fp32" if name in ("scaling", "eps") else "i32"
 
     def usage(case):
-        (hq, hkv, bias), (block_n, warps), table = case
+        (hq, hkv, bias), (block_n, warps) = case
         constexprs = dict(Q_HEADS=hq, KV_HEADS=hkv, ROWS=attention_rows(hq, hkv), HEAD_DIM=128,
-                          BLOCK_L=layer.BLOCK_L, DOT_FP32=False, BLOCK_N=block_n, ASM=True, HAS_BIAS=bias,
-                          TABLE=table)
+                          BLOCK_L=layer.BLOCK_L, DOT_FP32=False, BLOCK_N=block_n, ASM=True, HAS_BIAS=bias)
         signature = {name: "constexpr" if name in constexprs else kind(name) for name in layer.layer_kernel.arg_names}
         source = tc.ASTSource(fn=layer.layer_kernel, constexprs=constexprs, signature=signature, attrs={})
         return resource_usage(triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                              options={"num_warps": warps, "num_stages": 1}))
     # the 1.8B's and 7B's heads; Qwen2.5-7B's, whose q/k/v has a bias
-    cases = [(heads, tile, False) for heads in ((16, 8, False), (32, 8, False), (28, 4, True)) for tile in layer.TILES]
-    cases += [((16, 8, False), tile, True) for tile in layer.TILES]  # the whole step's launch, from a pointer table
+    cases = [(heads, tile) for heads in ((16, 8, False), (32, 8, False), (28, 4, True)) for tile in layer.TILES]
     for case, used in zip(cases, on_every_core(usage, cases)):
         # 255 registers a thread (the attention's): a few values may go to the stack (8-32 bytes with the norms'
         # weights loaded in the GEMVs), not the kilobytes a 128-key attention step or 2 warps spilled

@@ -82,12 +82,8 @@ def _x_h2(x_ptr, g, p: tl.constexpr, rw, K, EVEN: tl.constexpr, x_scale, gamma_p
     lo = lo.to(tl.float32) * x_scale
     hi = hi.to(tl.float32) * x_scale
     if GAMMA:
-        if EVEN:
-            lo *= tl.load(gamma_ptr + k_lo).to(tl.float32)
-            hi *= tl.load(gamma_ptr + k_lo + 64).to(tl.float32)
-        else:
-            lo *= tl.load(gamma_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
-            hi *= tl.load(gamma_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0).to(tl.float32)
+        lo *= tl.load(gamma_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+        hi *= tl.load(gamma_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0).to(tl.float32)
     return lo, hi
 
 
