@@ -36,6 +36,7 @@
 #     prefill-512  the 7B's prompts in chunks of 1,024 tokens (the default) against 512 (the 4k TTFT's margin)
 #     persistent-layer  whole decoder layers (attention, norms, SiLU inside) as one persistent kernel
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
+#     mma      the tensor-core GEMV (int4_mma.py): its GPU tests, then against the app's Triton tiles per shape
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
 # Modes run in the order given; one call of the device tool may take 10 minutes, so pair them
@@ -179,6 +180,11 @@ run_mode() {
         SMALLCHAT_CACHE="$(mktemp -d)" python3 bench/decode_speed.py --configs "7b:$variant" "${profile[@]}" \
           --out "$OUT/warmup.jsonl" --md "$OUT/warmup.md" 2>&1 | tail -8
       done ;;
+    mma)  # the tensor-core GEMV (models/kernels/int4_mma.py): its GPU tests, then against the app's Triton tiles on
+          # every linear shape of a step (bench/int4_mma_gemv.py) (~4 minutes)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_int4_mma.py 2>&1 | tee "$OUT/mma_tests.txt" | tail -15
+      timeout 400 python3 bench/int4_mma_gemv.py "$OUT/int4_mma_gemv.json" 2>&1 | tee "$OUT/int4_mma_gemv.txt" ;;
     sweep-7b)  # the 7B's four linear shapes only (~3.5 minutes)
       python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     half2)

@@ -1,0 +1,112 @@
+"""The tensor-core GEMV (models/kernels/int4_mma.py) against the app's Triton GEMV, on every linear shape of a step.
+
+    python bench/int4_mma_gemv.py [OUT.json] [7b|app]
+
+Per shape, in one process on one GPU: the device copy rate (the roofline), each of the app's five Triton
+tiles and every (warps, groups in flight, split) of the mma kernel, each checked against the plain
+dequantize-then-matmul reference and timed back to back in a CUDA graph over copies of the weights that
+together pass the L2 (every call reads DRAM, as decode does). Prints a table: µs and fraction of the copy
+rate of the app's best tile and of the mma kernel's best, and their ratio."""
+import json
+import math
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+from bench.decode_speed import copy_bandwidth  # noqa: E402
+from models.kernels import int4, int4_mma, int4_triton as kt  # noqa: E402
+
+# Every linear of one decode step as the app loads them (fused q/k/v, o, fused gate/up, down): the 7B, the
+# 1.8B, then Qwen2.5-7B (bench/int4_gemv_sweep.py's APP).
+APP = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (4096, 2048), (2048, 2048), (16384, 2048),
+       (2048, 8192), (4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
+
+
+def graph_us(call, copies: int) -> float:
+    """µs per call of `call(i)` over i = 0..copies-1, captured in one CUDA graph and replayed 3 times."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for i in range(2):
+            call(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            call(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (3 * copies)
+
+
+def main() -> None:
+    out_path = sys.argv[1] if len(sys.argv) > 1 else "/dev/null"
+    shapes = APP[:4] if "7b" in sys.argv[2:] else APP
+    dev = torch.device("cuda")
+    rate = copy_bandwidth(nbytes=1 << 30, reps=10)
+    print(f"# {torch.cuda.get_device_name()}: copy {rate:.0f} GB/s; torch {torch.__version__}", flush=True)
+    t0 = time.time()
+    variants = [(w, st, sp) for w in (2, 4, 8) for st in (2, 3) for sp in (1, 2, 4, 8, 16, 32, 64)]
+    rows = []
+    print("| N x K | MB | app best tile µs (of copy) | mma best µs (of copy) | mma config | app / mma |")
+    print("|---|---|---|---|---|---|")
+    for n, k in shapes:
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        q, s, o = int4.quantize(w)
+        del w
+        nbytes = q.numel() * 4 + 2 * s.numel() * 2
+        copies = max(2, math.ceil((400 << 20) / nbytes))
+        qs = [q.clone() for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        ref = x.float() @ int4.dequantize_reference(q, s, o, k, torch.float32).T
+        ws = torch.empty(64 * n, dtype=torch.float32, device=dev)
+        counters = torch.zeros(n, dtype=torch.int32, device=dev)
+        shape_rows = []
+        for index in range(len(kt._GEMV_CONFIGS)):
+            config = kt.tile_config(index)
+            try:
+                us = graph_us(lambda i: kt.gemv(x, qs[i], s, o, k, (ws.view(64, n), counters), config), copies)
+            except Exception as error:  # a tile whose split the workspace cannot take: not the app's either
+                print("  triton tile", config, "failed:", str(error)[:100], flush=True)
+                continue
+            shape_rows.append({"n": n, "k": k, "kernel": "triton", "config": config, "us": round(us, 2)})
+        for warps, stages, split in variants:
+            if split > 1 and -(-k // 128) < split:
+                continue
+            y = torch.empty(1, n, dtype=torch.bfloat16, device=dev)
+            try:
+                got = int4_mma.gemv(x, q, s, o, k, (ws, counters), warps, stages, split)
+                err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+                if err > 1e-2:
+                    print(f"  BAD mma {n}x{k} warps {warps} stages {stages} split {split}: rel err {err:.4f}", flush=True)
+                    continue
+                us = graph_us(lambda i: int4_mma.gemv(x, qs[i], s, o, k, (ws, counters), warps, stages, split, y),
+                              copies)
+            except Exception as error:
+                print(f"  mma {n}x{k} warps {warps} stages {stages} split {split} failed: {str(error)[:160]}", flush=True)
+                continue
+            shape_rows.append({"n": n, "k": k, "kernel": "mma", "config": {"warps": warps, "stages": stages,
+                               "split": split}, "us": round(us, 2), "rel_err": err})
+        for row in shape_rows:
+            row["of_copy"] = round(nbytes / (row["us"] * 1e-6) / 1e9 / rate, 3)
+        rows += shape_rows
+        app = min((r for r in shape_rows if r["kernel"] == "triton"), key=lambda r: r["us"], default=None)
+        mma = min((r for r in shape_rows if r["kernel"] == "mma"), key=lambda r: r["us"], default=None)
+        if app and mma:
+            print(f"| {n} x {k} | {nbytes / 1e6:.1f} | {app['us']} ({app['of_copy']:.0%}) | {mma['us']} "
+                  f"({mma['of_copy']:.0%}) | {mma['config']} | {app['us'] / mma['us']:.2f}x |", flush=True)
+        qs.clear()
+        torch.cuda.empty_cache()
+    print(f"# {time.time() - t0:.0f} s", flush=True)
+    json.dump({"gpu": torch.cuda.get_device_name(), "copy_gbps": rate, "rows": rows}, open(out_path, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""A batch-1 int4 GEMV on the tensor cores' mma.sync, written in CUDA C++ and compiled at run time (NVRTC).
+
+Why: the Triton GEMV (int4_triton.py) spends 2.3-2.6 SASS instructions per weight, and on an H200 that
+is most of the issue slots the copy rate would need (BENCHMARKS.md, sessions 21-29). Here the
+multiply-adds go to the tensor cores, where an m16n8k16 mma takes 8 weights a thread in one
+instruction; what the CUDA cores still do per word of 8 weights is 4 LOP3 and a shift (fp16 magic
+numbers, below). Triton cannot emit mma.sync on Hopper (it picks wgmma, whose operands go through
+shared memory and whose waits serialised session 21's tensor-core probe), hence CUDA C++.
+NVRTC and the driver API come with every CUDA build of torch (torch.cuda._compile_kernel), so a user
+needs no compiler. Ampere and later (mma.sync m16n8k16 is sm_80+).
+
+The numbers: a word's nibbles j and j + 4 (bits 4j and 16 + 4j) masked in place and ORed into fp16's
+1024.0 give the pair (1024 + q, 1024 + q') for j = 0, 2 (after one shift by 8 for j = 2) and
+(1024 + 16 q, 1024 + 16 q') for j = 1, 3, all exact. The mma multiplies them by x' = x / 64 (x / 1024
+for j odd) in fp16, exact for a bf16 x, and sums in fp32; the 1024s come out per group through the
+sum of those x': sum_k q x = 64 (C - 1024 sum x'). The fp32 sum then holds ~7 bits fewer of q x than
+a centred one would, ~16 bits of it: far below the bf16 output's rounding.
+
+Layout: a warp owns 32 output rows (8 lanes x 4 adjacent rows, one 16-byte load each) and every lane
+c = lane % 4 owns words c, c + 4, c + 8, c + 12 of each group; one mma tile is 16 of the warp's rows
+x the 16 k of one word index's 4 nibble pairs. x, turned into the B operand's fp16 pairs, is staged
+in shared memory once per block (its K range), where every lane reads its 4 pairs with one 16-byte
+load per word index. Every column of B holds the same x, so every column of C holds the dot.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ float bf16_to_f32(u16 v) { return __uint_as_float(((u32)v) << 16); }
+__device__ __forceinline__ u16 f32_to_f16(float v) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
+__device__ __forceinline__ float f16_to_f32(u16 h) { float v; asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h)); return v; }
+__device__ __forceinline__ u16 f32_to_bf16(float v) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
+
+// (w & mask) | magic in one LOP3. magic (fp16 1024.0 in both halves) is a kernel argument, so that it sits in a
+// register: with both as constants ptxas spends an AND and an OR (one immediate an instruction).
+__device__ __forceinline__ u32 lop3(u32 w, u32 mask, u32 magic) {
+  u32 d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "r"(mask), "r"(magic)); return d;
+}
+// (1024 + q, 1024 + q') for the nibbles at bits 0-3 and 16-19; (1024 + 16 q, 1024 + 16 q') for bits 4-7 and 20-23.
+#define LO(w) lop3((w), 0x000F000Fu, magic)
+#define HI(w) lop3((w), 0x00F000F0u, magic)
+
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One word index of a group for the lane's 4 rows: words w[0..3] (rows 4r .. 4r+3), B pairs xf.
+// Tile 0 takes rows 4r (as mma row r) and 4r + 1 (as row r + 8); tile 1 rows 4r + 2, 4r + 3.
+__device__ __forceinline__ void word_step(float* t0, float* t1, uint4 w, uint4 xf, u32 magic) {
+  u32 w0s = w.x >> 8, w1s = w.y >> 8, w2s = w.z >> 8, w3s = w.w >> 8;
+  mma(t0, LO(w.x), LO(w.y), HI(w.x), HI(w.y), xf.x, xf.y);
+  mma(t0, LO(w0s), LO(w1s), HI(w0s), HI(w1s), xf.z, xf.w);
+  mma(t1, LO(w.z), LO(w.w), HI(w.z), HI(w.w), xf.x, xf.y);
+  mma(t1, LO(w2s), LO(w3s), HI(w2s), HI(w3s), xf.z, xf.w);
+}
+
+// y [N] (bf16) = x [K] (bf16) @ W.T for int4_.py's format; grid (ceil(N / (32 WARPS)), split), WARPS warps a block.
+// Dynamic shared memory: g_per * (256 + 256 + 8) bytes (x' in k order, B fragments, two sums per group).
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ scales,
+              const u16* __restrict__ offsets, u16* __restrict__ y, float* __restrict__ ws,
+              int* __restrict__ counters, int N, int K, int G, int split, u32 magic) {
+  extern __shared__ uint4 smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = lane >> 2, c = lane & 3;
+  const int g_per = (G + split - 1) / split;
+  const int g_lo = blockIdx.y * g_per;
+  const int ng = max(min(g_lo + g_per, G) - g_lo, 0);
+  const int nq = N >> 2;                                  // 16-byte columns (4 rows each)
+  const int quad = (blockIdx.x * WARPS + warp) * 8 + r;
+  const bool quad_ok = quad < nq;
+  const uint4* wp = qw + (size_t)(g_lo * 16 + c) * nq + (quad_ok ? quad : nq - 1);
+  const size_t word_stride = (size_t)4 * nq;              // 4 word indices on: the lane's next word
+  const size_t group_stride = (size_t)16 * nq;
+
+  // The first STAGES groups' words in flight before x is staged (weights do not depend on x).
+  uint4 buf[STAGES][4];
+#pragma unroll
+  for (int i = 0; i < STAGES; ++i)
+    if (i < ng) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) buf[i][s] = __ldg(wp + i * group_stride + s * word_stride);
+    }
+
+  // Stage x: x' in fp16 in k order (a 16-byte piece = 8 k of one nibble position j), then the B fragments.
+  u16* xs = (u16*)smem;                                   // [ng * 128]
+  uint4* frags = smem + g_per * 16;                       // [ng * 16]: (group, word index 4s + c)
+  float2* sums = (float2*)(smem + g_per * 32);            // [ng]: (1024 sum x', 64 sum x / 64...)
+  const int pieces = ng * 16;
+  for (int p0 = 0; p0 < pieces; p0 += WARPS * 32) {       // whole warps: the shuffles below need them
+    const int p = p0 + tid;
+    float add1024 = 0.f, add_x = 0.f;
+    if (p < pieces) {
+      const int k0 = g_lo * 128 + p * 8;
+      const int j = (p >> 1) & 7;                         // nibble position of these k (16 k per j)
+      const float sc = (j & 1) ? (1.f / 1024.f) : (1.f / 64.f);
+      u32 packed[4];
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        float v0 = k0 + e < K ? bf16_to_f32(x[k0 + e]) : 0.f;
+        float v1 = k0 + e + 1 < K ? bf16_to_f32(x[k0 + e + 1]) : 0.f;
+        u16 h0 = f32_to_f16(v0 * sc), h1 = f32_to_f16(v1 * sc);
+        float f0 = f16_to_f32(h0), f1 = f16_to_f32(h1);
+        add1024 += f0 + f1;                               // what the 1024s of the mma's A add, / 1024
+        add_x += (f0 + f1) * ((j & 1) ? 16.f : 1.f);      // x / 64 for the offset's sum
+        packed[e >> 1] = (u32)h0 | ((u32)h1 << 16);
+      }
+      ((uint4*)xs)[p] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+#pragma unroll
+    for (int m = 8; m >= 1; m >>= 1) {                    // a group's 16 pieces are 16 adjacent threads
+      add1024 += __shfl_xor_sync(0xffffffffu, add1024, m);
+      add_x += __shfl_xor_sync(0xffffffffu, add_x, m);
+    }
+    if (p < pieces && (p & 15) == 0) sums[p >> 4] = make_float2(1024.f * add1024, 64.f * add_x);
+  }
+  __syncthreads();
+  for (int f = tid; f < pieces; f += WARPS * 32) {        // fragment (group gl, word i): x' at k = 16 j + i
+    const int gl = f >> 4, i = f & 15;
+    const u16* xg = xs + gl * 128 + i;
+    frags[f] = make_uint4((u32)xg[0] | ((u32)xg[64] << 16), (u32)xg[16] | ((u32)xg[80] << 16),
+                          (u32)xg[32] | ((u32)xg[96] << 16), (u32)xg[48] | ((u32)xg[112] << 16));
+  }
+  __syncthreads();
+
+  // The lane finishes row 4 quad + c: tile 0's C row r (c = 0) or r + 8 (c = 1), tile 1's likewise.
+  const int row = (quad_ok ? quad : nq - 1) * 4 + c;
+  const uint4* next = wp + STAGES * group_stride;         // the next group to load (running pointers: no
+  const u16* sp = scales + (size_t)g_lo * N + row;        // 64-bit products in the loop)
+  const u16* op = offsets + (size_t)g_lo * N + row;
+  float acc = 0.f;
+#pragma unroll 1
+  for (int gi = 0; gi < ng; gi += STAGES) {
+#pragma unroll
+    for (int i = 0; i < STAGES; ++i) {
+      const int gl = gi + i;
+      if (gl < ng) {
+        uint4 cur[4];
+#pragma unroll
+        for (int s = 0; s < 4; ++s) cur[s] = buf[i][s];
+        if (gl + STAGES < ng) {
+#pragma unroll
+          for (int s = 0; s < 4; ++s) buf[i][s] = __ldg(next + s * word_stride);
+        }
+        next += group_stride;
+        const float sc = bf16_to_f32(__ldg(sp)), of = bf16_to_f32(__ldg(op));
+        sp += N;
+        op += N;
+        float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) word_step(t0, t1, cur[s], frags[gl * 16 + s * 4 + c], magic);
+        const float dot = c == 0 ? t0[0] : c == 1 ? t0[2] : c == 2 ? t1[0] : t1[2];
+        const float2 sm = sums[gl];
+        acc += sc * (64.f * dot - sm.x * 64.f) + of * sm.y;
+      }
+    }
+  }
+
+  if (split == 1) {
+    if (quad_ok) y[row] = f32_to_bf16(acc);
+    return;
+  }
+  // Split K: partial sums meet in the workspace; the last block of this column of blocks adds them up.
+  if (quad_ok) ws[(size_t)blockIdx.y * N + row] = acc;
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  if (tid == 0) last = atomicAdd(counters + blockIdx.x, 1) == split - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (quad_ok) {
+    float total = 0.f;
+    for (int part = 0; part < split; ++part) total += __ldcg(ws + (size_t)part * N + row);
+    y[row] = f32_to_bf16(total);
+  }
+  if (tid == 0) counters[blockIdx.x] = 0;
+}
+"""
+
+MAGIC = 0x64006400  # fp16 1024.0 in both halves (passed as an argument: see lop3 in SOURCE)
+# Shared memory a block needs per group of its K range: x' (256 B), B fragments (256 B), two fp32 sums.
+SMEM_PER_GROUP = 256 + 256 + 8
+
+
+def available(device: torch.device) -> bool:
+    """CUDA with mma.sync m16n8k16 (compute capability 8.0+) and torch's NVRTC kernel compiler."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+            and hasattr(torch.cuda, "_compile_kernel"))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(warps: int, stages: int, capability: tuple[int, int]):
+    """The kernel compiled for (warps a block, groups in flight a lane) on this GPU's architecture."""
+    source = f"#define WARPS {warps}\n#define STAGES {stages}\n" + SOURCE
+    return torch.cuda._compile_kernel(source, "int4_mma_gemv", compute_capability=f"{capability[0]}{capability[1]}",
+                                      nvcc_options=["-std=c++17"])
+
+
+def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
+         workspace: tuple[torch.Tensor, torch.Tensor], warps: int = 4, stages: int = 2, split: int = 1,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [1, N] = x [1, K] @ W.T (bf16) on the tensor cores; N must be a multiple of 4.
+
+    `workspace` is int4.new_workspace's (partials, counters) pair: split * N partials, and a counter a block column."""
+    groups, n = scales.shape
+    if n % 4 or x.dtype != torch.bfloat16:
+        raise ValueError(f"int4_mma.gemv needs N % 4 == 0 and bf16 activations (N {n}, {x.dtype})")
+    partials, counters = workspace
+    blocks = -(-n // (32 * warps))
+    if split > 1 and (partials.numel() < split * n or counters.numel() < blocks):
+        raise ValueError(f"the workspace holds {partials.numel()} partials; split {split} x N {n} needs more")
+    y = out if out is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
+    kernel = _kernel(warps, stages, torch.cuda.get_device_capability(x.device))
+    g_per = -(-groups // split)
+    smem = g_per * SMEM_PER_GROUP
+    if smem >= 48 * 1024:
+        kernel.set_shared_memory_config(smem)
+    kernel(grid=(blocks, split, 1), block=(32 * warps, 1, 1),
+           args=[x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC],
+           shared_mem=smem)
+    return y
