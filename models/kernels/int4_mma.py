@@ -6,8 +6,8 @@ multiply-adds go to the tensor cores, where an m16n8k16 mma takes 8 weights a th
 instruction; what the CUDA cores still do per word of 8 weights is 4 LOP3 and a shift (fp16 magic
 numbers, below). Triton cannot emit mma.sync on Hopper (it picks wgmma, whose operands go through
 shared memory and whose waits serialised session 21's tensor-core probe), hence CUDA C++.
-NVRTC and the driver API come with every CUDA build of torch (torch.cuda._compile_kernel), so a user
-needs no compiler. Ampere and later (mma.sync m16n8k16 is sm_80+).
+NVRTC comes with every CUDA build of torch and the driver with the GPU (nvrtc.py), so a user needs no
+compiler. Ampere and later (mma.sync m16n8k16 is sm_80+).
 
 The numbers: a word's nibbles j and j + 4 (bits 4j and 16 + 4j) masked in place and ORed into fp16's
 1024.0 give the pair (1024 + q, 1024 + q') for j = 0, 2 (after one shift by 8 for j = 2) and
@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from . import nvrtc
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -194,16 +196,15 @@ SMEM_PER_GROUP = 256 + 256 + 8
 
 def available(device: torch.device) -> bool:
     """CUDA with mma.sync m16n8k16 (compute capability 8.0+) and torch's NVRTC kernel compiler."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-            and hasattr(torch.cuda, "_compile_kernel"))
+    return device.type == "cuda" and torch.version.cuda is not None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(warps: int, stages: int, capability: tuple[int, int]):
-    """The kernel compiled for (warps a block, groups in flight a lane) on this GPU's architecture."""
+def _kernel(warps: int, stages: int, device: torch.device) -> nvrtc.Kernel:
+    """The kernel for (warps a block, groups in flight a lane), compiled for this GPU's architecture and loaded."""
     source = f"#define WARPS {warps}\n#define STAGES {stages}\n" + SOURCE
-    return torch.cuda._compile_kernel(source, "int4_mma_gemv", compute_capability=f"{capability[0]}{capability[1]}",
-                                      nvcc_options=["-std=c++17"])
+    cubin = nvrtc.compile_cubin(source, "int4_mma_gemv", torch.cuda.get_device_capability(device), ("-std=c++17",))
+    return nvrtc.Kernel(cubin, "int4_mma_gemv", device)
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
@@ -220,12 +221,8 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     if split > 1 and (partials.numel() < split * n or counters.numel() < blocks):
         raise ValueError(f"the workspace holds {partials.numel()} partials; split {split} x N {n} needs more")
     y = out if out is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
-    kernel = _kernel(warps, stages, torch.cuda.get_device_capability(x.device))
-    g_per = -(-groups // split)
-    smem = g_per * SMEM_PER_GROUP
-    if smem >= 48 * 1024:
-        kernel.set_shared_memory_config(smem)
-    kernel(grid=(blocks, split, 1), block=(32 * warps, 1, 1),
-           args=[x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC],
-           shared_mem=smem)
+    kernel = _kernel(warps, stages, x.device if x.device.index is not None else torch.device("cuda", 0))
+    smem = -(-groups // split) * SMEM_PER_GROUP
+    kernel((blocks, split, 1), (32 * warps, 1, 1),
+           [x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC], smem)
     return y

@@ -1,0 +1,91 @@
+"""Compile CUDA C++ at run time (NVRTC) and launch it on torch's current stream (the CUDA driver API), via ctypes.
+
+Why our own: torch.cuda._compile_kernel wants a CUDA toolkit's headers (it raises without CUDA_HOME, which a
+user's pip-installed torch does not have), and a kernel that includes no headers needs none. NVRTC comes
+with every CUDA build of torch (the nvidia-cuda-nvrtc package beside it), the driver with the GPU.
+Launches are plain cuLaunchKernel calls on torch's current stream, so CUDA graphs capture them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+import torch
+
+
+def _nvrtc() -> ctypes.CDLL:
+    """libnvrtc of torch's CUDA major version: by its soname (torch may have loaded it), else from the nvidia
+    packages beside torch; its builtins library is loaded first, from the same folder, so NVRTC finds it."""
+    major = int(torch.version.cuda.split(".")[0])
+    try:
+        return ctypes.CDLL(f"libnvrtc.so.{major}")
+    except OSError:
+        pass
+    for root in sys.path:
+        for lib in sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", f"libnvrtc.so.{major}*"))):
+            for builtins in glob.glob(os.path.join(os.path.dirname(lib), f"libnvrtc-builtins.so.{major}*")):
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(lib)
+    raise OSError(f"NVRTC (libnvrtc.so.{major}) was not found")
+
+
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"{what} failed with CUDA error {result}")
+
+
+def compile_cubin(source: str, name: str, capability: tuple[int, int], options: tuple[str, ...] = ()) -> bytes:
+    """The cubin of `source` (no #includes) for sm_XY; a compile error raises with NVRTC's log."""
+    lib = _nvrtc()
+    program = ctypes.c_void_p()
+    _check(lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), f"{name}.cu".encode(), 0, None, None),
+           "nvrtcCreateProgram")
+    try:
+        flags = [f"--gpu-architecture=sm_{capability[0]}{capability[1]}".encode(), *(o.encode() for o in options)]
+        result = lib.nvrtcCompileProgram(program, len(flags), (ctypes.c_char_p * len(flags))(*flags))
+        size = ctypes.c_size_t()
+        if result != 0:
+            lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(program, log)
+            raise RuntimeError(f"NVRTC could not compile {name}:\n{log.value.decode(errors='replace')}")
+        _check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check(lib.nvrtcGetCUBIN(program, cubin), "nvrtcGetCUBIN")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+class Kernel:
+    """A compiled kernel of a loaded module, launched on torch's current stream."""
+
+    def __init__(self, cubin: bytes, name: str, device: torch.device):
+        self._driver = _driver()
+        with torch.cuda.device(device):
+            torch.cuda.current_stream(device)  # makes torch's (primary) context current on this thread
+            self._module = ctypes.c_void_p()
+            _check(self._driver.cuModuleLoadData(ctypes.byref(self._module), cubin), "cuModuleLoadData")
+            self._function = ctypes.c_void_p()
+            _check(self._driver.cuModuleGetFunction(ctypes.byref(self._function), self._module, name.encode()),
+                   "cuModuleGetFunction")
+        self._shared_limit = 48 * 1024
+
+    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared_mem: int = 0) -> None:
+        """Launch with `args`: tensors as their data pointers, ints as 32-bit ints, floats as fp32."""
+        if shared_mem > self._shared_limit:  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(self._driver.cuFuncSetAttribute(self._function, 8, shared_mem), "cuFuncSetAttribute")
+            self._shared_limit = shared_mem
+        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+                  else ctypes.c_float(a) if isinstance(a, float) else ctypes.c_int(a) for a in args]
+        pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        _check(self._driver.cuLaunchKernel(self._function, *grid, *block, shared_mem, stream, pointers, None),
+               "cuLaunchKernel")
