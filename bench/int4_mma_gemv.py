@@ -53,7 +53,9 @@ def main() -> None:
     rate = copy_bandwidth(nbytes=1 << 30, reps=10)
     print(f"# {torch.cuda.get_device_name()}: copy {rate:.0f} GB/s; torch {torch.__version__}", flush=True)
     t0 = time.time()
-    variants = [(w, st, sp) for w in (2, 4, 8) for st in (2, 3) for sp in (1, 2, 4, 8, 16, 32, 64)]
+    variants = [(w, st, sp, False) for w in (2, 4, 8) for st in (2, 3) for sp in (1, 2, 4, 8, 16, 32, 64)]
+    if torch.cuda.get_device_capability() >= (9, 0):  # split K within a thread-block cluster
+        variants += [(w, st, sp, True) for w in (2, 4, 8) for st in (2, 3) for sp in (2, 4, 8)]
     rows = []
     print("| N x K | MB | app best tile µs (of copy) | mma best µs (of copy) | mma config | app / mma |")
     print("|---|---|---|---|---|---|")
@@ -77,28 +79,36 @@ def main() -> None:
                 print("  triton tile", config, "failed:", str(error)[:100], flush=True)
                 continue
             shape_rows.append({"n": n, "k": k, "kernel": "triton", "config": config, "us": round(us, 2)})
-        for warps, stages, split in variants:
+        checked = kt.gemv(x, q, s, o, k, (ws.view(64, n), counters), kt.tile_config(1)).float()
+        triton_err = ((checked - ref).abs().max() / ref.abs().max()).item()
+        for warps, stages, split, cluster in variants:
             if split > 1 and -(-k // 128) < split:
                 continue
             y = torch.empty(1, n, dtype=torch.bfloat16, device=dev)
             try:
-                got = int4_mma.gemv(x, q, s, o, k, (ws, counters), warps, stages, split)
+                got = int4_mma.gemv(x, q, s, o, k, (ws, counters), warps, stages, split, cluster=cluster)
                 err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
                 if err > 1e-2:
-                    print(f"  BAD mma {n}x{k} warps {warps} stages {stages} split {split}: rel err {err:.4f}", flush=True)
+                    print(f"  BAD mma {n}x{k} warps {warps} stages {stages} split {split} cluster {cluster}: rel err "
+                          f"{err:.4f} (the Triton tile's {triton_err:.4f}; mma against Triton "
+                          f"{((got.float() - checked).abs().max() / checked.abs().max()).item():.4f})", flush=True)
                     continue
-                us = graph_us(lambda i: int4_mma.gemv(x, qs[i], s, o, k, (ws, counters), warps, stages, split, y),
-                              copies)
+                us = graph_us(lambda i: int4_mma.gemv(x, qs[i], s, o, k, (ws, counters), warps, stages, split, y,
+                                                      cluster), copies)
             except Exception as error:
                 print(f"  mma {n}x{k} warps {warps} stages {stages} split {split} failed: {str(error)[:160]}", flush=True)
                 continue
             shape_rows.append({"n": n, "k": k, "kernel": "mma", "config": {"warps": warps, "stages": stages,
-                               "split": split}, "us": round(us, 2), "rel_err": err})
+                               "split": split, "cluster": cluster}, "us": round(us, 2), "rel_err": err})
         for row in shape_rows:
             row["of_copy"] = round(nbytes / (row["us"] * 1e-6) / 1e9 / rate, 3)
         rows += shape_rows
         app = min((r for r in shape_rows if r["kernel"] == "triton"), key=lambda r: r["us"], default=None)
         mma = min((r for r in shape_rows if r["kernel"] == "mma"), key=lambda r: r["us"], default=None)
+        plain = min((r for r in shape_rows if r["kernel"] == "mma" and not r["config"]["cluster"]),
+                    key=lambda r: r["us"], default=None)
+        if plain and mma is not plain:
+            print(f"  (best without a cluster: {plain['us']} µs, {plain['config']})")
         if app and mma:
             print(f"| {n} x {k} | {nbytes / 1e6:.1f} | {app['us']} ({app['of_copy']:.0%}) | {mma['us']} "
                   f"({mma['of_copy']:.0%}) | {mma['config']} | {app['us'] / mma['us']:.2f}x |", flush=True)

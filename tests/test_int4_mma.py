@@ -11,7 +11,7 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and int4_mma.available(t
 
 # (N, K): N a multiple of 4 (what the kernel takes), not always of a warp's 32 rows; K in and out of whole groups.
 SHAPES = [(4, 128), (36, 200), (100, 1000), (256, 64), (260, 2048), (1028, 4096), (4096, 14336), (6144, 4096),
-          (92, 3584), (512, 300)]
+          (92, 3584), (512, 300), (37888, 3584)]
 
 
 def _case(n, k, seed=0):
@@ -40,6 +40,10 @@ def test_mma_gemv_matches_the_reference_over_tiles_and_splits(n, k):
                 # bf16 output rounding is 2**-9 of the largest value; the kernel's fp32 sums add far less
                 assert err < 6e-3, (n, k, warps, stages, split, err)
                 assert int(workspace[1].abs().sum()) == 0  # counters left at zero for the next call
+                if 2 <= split <= 8 and torch.cuda.get_device_capability() >= (9, 0):
+                    y = int4_mma.gemv(x, q, s, o, k, workspace, warps, stages, split, cluster=True)
+                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                    assert err < 6e-3, (n, k, warps, stages, split, "cluster", err)
 
 
 @gpu

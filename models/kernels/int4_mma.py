@@ -67,7 +67,12 @@ __device__ __forceinline__ void word_step(float* t0, float* t1, uint4 w, uint4 x
 
 // y [N] (bf16) = x [K] (bf16) @ W.T for int4_.py's format; grid (ceil(N / (32 WARPS)), split), WARPS warps a block.
 // Dynamic shared memory: g_per * (256 + 256 + 8) bytes (x' in k order, B fragments, two sums per group).
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+#if CLUSTER > 1
+#define CLUSTER_DIMS __cluster_dims__(1, CLUSTER, 1)
+#else
+#define CLUSTER_DIMS
+#endif
+extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS
 int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ scales,
               const u16* __restrict__ offsets, u16* __restrict__ y, float* __restrict__ ws,
               int* __restrict__ counters, int N, int K, int G, int split, u32 magic) {
@@ -171,6 +176,30 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
     if (quad_ok) y[row] = f32_to_bf16(acc);
     return;
   }
+#if CLUSTER > 1
+  // Split K over the blocks of a thread-block cluster (sm_90): they meet in the first one's shared memory
+  // (distributed shared memory) behind a cluster barrier, instead of global memory, a fence and an atomic.
+  __shared__ float part[WARPS * 32];
+  part[tid] = acc;
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  u32 rank;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  if (rank == 0 && quad_ok) {
+    u32 local;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(local) : "l"(part + tid));
+    float total = acc;
+    for (u32 peer = 1; peer < CLUSTER; ++peer) {
+      u32 remote; float v;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(peer));
+      asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+      total += v;
+    }
+    y[row] = f32_to_bf16(total);
+  }
+  // no block may leave while the first still reads its shared memory
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  return;
+#endif
   // Split K: partial sums meet in the workspace; the last block of this column of blocks adds them up.
   if (quad_ok) ws[(size_t)blockIdx.y * N + row] = acc;
   __threadfence();
@@ -200,17 +229,21 @@ def available(device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(warps: int, stages: int, device: torch.device) -> nvrtc.Kernel:
-    """The kernel for (warps a block, groups in flight a lane), compiled for this GPU's architecture and loaded."""
-    source = f"#define WARPS {warps}\n#define STAGES {stages}\n" + SOURCE
+def _kernel(warps: int, stages: int, cluster: int, device: torch.device) -> nvrtc.Kernel:
+    """The kernel for (warps a block, groups in flight a lane, blocks of a cluster splitting K), compiled for this
+    GPU's architecture and loaded."""
+    source = f"#define WARPS {warps}\n#define STAGES {stages}\n#define CLUSTER {cluster}\n" + SOURCE
     cubin = nvrtc.compile_cubin(source, "int4_mma_gemv", torch.cuda.get_device_capability(device), ("-std=c++17",))
     return nvrtc.Kernel(cubin, "int4_mma_gemv", device)
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
          workspace: tuple[torch.Tensor, torch.Tensor], warps: int = 4, stages: int = 2, split: int = 1,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, cluster: bool = False) -> torch.Tensor:
     """y [1, N] = x [1, K] @ W.T (bf16) on the tensor cores; N must be a multiple of 4.
+
+    `cluster` (sm_90, split 2-8): the split-K blocks of a row range form a thread-block cluster and add their
+    partial sums in shared memory (the workspace is not used).
 
     `workspace` is int4.new_workspace's (partials, counters) pair: split * N partials, and a counter a block column."""
     groups, n = scales.shape
@@ -221,7 +254,10 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     if split > 1 and (partials.numel() < split * n or counters.numel() < blocks):
         raise ValueError(f"the workspace holds {partials.numel()} partials; split {split} x N {n} needs more")
     y = out if out is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
-    kernel = _kernel(warps, stages, x.device if x.device.index is not None else torch.device("cuda", 0))
+    if cluster and not 2 <= split <= 8:
+        raise ValueError(f"a cluster holds 2 to 8 blocks, not split {split}")
+    device = x.device if x.device.index is not None else torch.device("cuda", 0)
+    kernel = _kernel(warps, stages, split if cluster else 1, device)
     smem = -(-groups // split) * SMEM_PER_GROUP
     kernel((blocks, split, 1), (32 * warps, 1, 1),
            [x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC], smem)
