@@ -61,7 +61,8 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          # programmatic dependent launch (models/kernels/pdl.py) at level 1 (early launch) or 2 (+ L2 prefetch);
          # fast-int4 runs SMALLCHAT_PDL's level (0 unless set)
          "fast-int4-pdl1": ("int4", False), "fast-int4-pdl2": ("int4", False),
-         "fast-int4-prefill-512": ("int4", False)}  # prompt chunks of 512 tokens, not PREFILL_CHUNK's 1,024
+         "fast-int4-prefill-512": ("int4", False),  # prompt chunks of 512 tokens, not PREFILL_CHUNK's 1,024
+         "fast-int4-triton-gemv": ("int4", False)}  # the GEMV tiles chosen among Triton's only, not int4_mma's too  # prompt chunks of 512 tokens, not PREFILL_CHUNK's 1,024
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -190,6 +191,10 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         for module in (memory, memory_split, fast_decode, generation):
             module.PREFILL_CHUNK = 512
         fast_decode.PREFILL_BUCKETS = tuple(b for b in fast_decode.PREFILL_BUCKETS if b <= 512)
+    if path == "fast-int4-triton-gemv":
+        from models.kernels import int4_mma
+
+        os.environ[int4_mma.ENV] = "0"
     if path == "fast-int4-no-prefill-graphs":
         fast_decode.PREFILL_BUCKETS = ()
     if path == "fast-int4-unfused":
@@ -258,7 +263,7 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         from models.kernels import int4_triton
 
         if int4_triton.available():  # each (N, K)'s GEMV tile: timed in a graph (or stored), or Triton's autotuner's
-            extra["gemv_tiles"] = {key: str(int4_triton._GEMV_CONFIGS[tile]) for key, tile in loaded.fast.gemv_tiles.items()}
+            extra["gemv_tiles"] = {key: str(int4_triton.tile_config(tile)) for key, tile in loaded.fast.gemv_tiles.items()}
             extra["gemv_tiles_autotuned"] = {str(key[:2]): str(cfg) for key, cfg in int4_triton._gemv_kernel.cache.items()}
     runs = []
     # Whether the int4 store's writer thread (loading._keep_int4) was still writing during the reported

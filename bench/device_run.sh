@@ -185,6 +185,13 @@ run_mode() {
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_mma.py 2>&1 | tee "$OUT/mma_tests.txt" | tail -15
       timeout 400 python3 bench/int4_mma_gemv.py "$OUT/int4_mma_gemv.json" 2>&1 | tee "$OUT/int4_mma_gemv.txt" ;;
+    mma-tests)  # the GPU tests of the GEMVs, their tiles and epilogues, and the fast decoder (~3 minutes)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_int4_mma.py tests/test_int4_folded_norms.py tests/test_gemv_tiles.py tests/test_int4_kernels.py \
+        tests/test_fast_decode.py 2>&1 | tee "$OUT/mma_gpu_tests.txt" | tail -25 ;;
+    mma-ab)  # the 7B and the 1.8B with the GEMV tiles chosen among Triton's and int4_mma's, and Triton's only (~8 min)
+      python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4-triton-gemv 1.8b:fast-int4 \
+        1.8b:fast-int4-triton-gemv --out "$OUT/decode_mma_ab.jsonl" --md "$OUT/decode_mma_ab.md" 2>&1 | tail -30 ;;
     sweep-7b)  # the 7B's four linear shapes only (~3.5 minutes)
       python3 bench/int4_gemv_sweep.py 200 "$OUT/int4_gemv_sweep_7b.json" 7b 2>&1 | tee "$OUT/int4_gemv_sweep_7b.txt" ;;
     half2)

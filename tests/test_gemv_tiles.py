@@ -70,7 +70,7 @@ def test_chosen_tiles_fit_compute_the_same_and_are_reused_from_disk(tmp_path, mo
     assert set(choices) == {"1024x1024", "3000x1000", "37888x3584"}
     for m in model:
         assert m.tile == choices[gemv_tiles.shape_key(m.out_features, m.in_features)]
-        assert m.tile in gemv_tiles.candidate_tiles(m.out_features)
+        assert m.tile in gemv_tiles.candidate_tiles(m.out_features, m.qweight.device)
         x = torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ dequantize_reference(m.qweight, m.scales, m.offsets, m.in_features, torch.float32).T
         y = m(x).float()
@@ -112,4 +112,4 @@ def test_tiles_are_timed_with_each_layers_epilogue(tmp_path):
         m.epilogue = epilogue
     choices = gemv_tiles.choose_tiles(model, tmp_path)
     assert set(choices) == {"2048x2048", "2048x2048/2", "2048x2048/1", "16384x2048/3"}
-    assert all(m.tile in gemv_tiles.candidate_tiles(m.out_features) for m in model)
+    assert all(m.tile in gemv_tiles.candidate_tiles(m.out_features, m.qweight.device) for m in model)

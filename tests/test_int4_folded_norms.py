@@ -16,15 +16,15 @@ SHAPES = [(64, 128, 1.0), (48, 200, 0.02), (130, 256, 1.0), (96, 1000, 2e5), (25
 
 _EPILOGUE_CHECK = r"""
 import json, sys, torch
-from models.kernels import int4, int4_epilogue, int4_triton
+from models.kernels import int4, int4_epilogue, int4_mma, int4_triton
 from models.kernels.split_k import split_fits
 torch.manual_seed(0)
 shapes, device = json.loads(sys.argv[1]), sys.argv[2]
 if device == "cpu":  # the interpreter: small tiles, split and not, and the packed-fp16 loop
     configs = [dict(BLOCK_N=16, SPLIT=2), dict(BLOCK_N=32, SPLIT=1), dict(BLOCK_N=16, SPLIT=3, HALF2=True)]
     configs = [dict(c, num_warps=1, num_stages=1) for c in configs]
-else:  # the app's tiles
-    configs = [int4_triton.tile_config(i) for i in range(len(int4_triton._GEMV_CONFIGS))]
+else:  # the app's tiles: Triton's, and the tensor-core GEMV's (int4_mma.py) where the GPU has them
+    configs = [int4_triton.tile_config(i) for i in range(int4_triton.tile_count())]
 
 
 def to_bf16(t):  # fp32 to bf16 as the kernel rounds: to nearest even on a GPU; Triton's interpreter truncates
@@ -49,6 +49,8 @@ for n, k, x_size in shapes:
     errs = []
     for config in configs:
         if not split_fits(config["SPLIT"], n):
+            continue
+        if "MMA" in config and not int4_mma.tile_fits(config["MMA"], n, torch.device(device)):
             continue
         ws = int4.new_workspace(n, device)
         normed = torch.empty(1, n, dtype=torch.bfloat16, device=device)

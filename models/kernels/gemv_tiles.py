@@ -41,9 +41,10 @@ REPLAYS = 5  # timed replays of each tile's graph (after one untimed)
 def _signature(device: torch.device) -> dict:
     """What the stored choices are only valid for: this Triton, this list of tiles, and how the GEMVs are
     launched on `device` (pdl.py: an early launch overlaps the GEMVs timed back to back)."""
-    from . import int4_triton, pdl
+    from . import int4_mma, int4_triton, pdl
 
     return {"triton": int4_triton.triton.__version__, "tiles": [str(c) for c in int4_triton._GEMV_CONFIGS],
+            "mma_tiles": [list(t) for t in int4_mma.TILES] if int4_mma.offered(device) else [],
             "pdl": pdl.level(device)}
 
 
@@ -75,11 +76,18 @@ def write_choices(path: Path, signature: dict, choices: dict[str, int]) -> None:
         log.warning("could not store the GEMV tile choices in %s: %s", path, error)
 
 
-def candidate_tiles(out_features: int) -> list[int]:
-    """Indices of int4_triton._GEMV_CONFIGS whose split-K partial sums fit the workspace for this many outputs."""
-    from . import int4_triton
+def candidate_tiles(out_features: int, device: torch.device | None = None) -> list[int]:
+    """Indices (int4_triton.tile_config) of the tiles that run a GEMV of this many outputs: those of
+    int4_triton._GEMV_CONFIGS whose split-K partial sums fit the workspace, then, on a `device` that has
+    them, the tensor-core GEMV's (int4_mma.tile_fits)."""
+    from . import int4_mma, int4_triton
 
-    return [i for i, c in enumerate(int4_triton._GEMV_CONFIGS) if split_fits(c.kwargs["SPLIT"], out_features)]
+    triton_tiles = [i for i, c in enumerate(int4_triton._GEMV_CONFIGS) if split_fits(c.kwargs["SPLIT"], out_features)]
+    if device is None:
+        return triton_tiles
+    first = len(int4_triton._GEMV_CONFIGS)
+    return triton_tiles + [first + i for i, tile in enumerate(int4_mma.TILES)
+                           if int4_mma.tile_fits(tile, out_features, device)]
 
 
 def time_tiles(layers: list[Int4Linear], tiles: list[int], dtype: torch.dtype = torch.bfloat16) -> dict[int, float]:
@@ -144,9 +152,10 @@ def choose_tiles(model: torch.nn.Module, folder: Path | None) -> dict[str, int]:
     choices, timed = {}, False
     for key, group in by_shape.items():
         tile = stored.get(key)
-        if tile not in candidate_tiles(group[0].out_features):
+        candidates = candidate_tiles(group[0].out_features, group[0].qweight.device)
+        if tile not in candidates:
             started = time.perf_counter()
-            timings = time_tiles(group, candidate_tiles(group[0].out_features), dtype)
+            timings = time_tiles(group, candidates, dtype)
             tile = min(timings, key=timings.get)
             timed = True
             log.info("GEMV %s: tile %d of %s (us per call: %s) in %.2f s", key, tile, sorted(timings),

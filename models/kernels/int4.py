@@ -94,7 +94,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     """y = x @ W.T for the packed int4 weight W [N, K]; x [..., K] -> y [..., N] in x's dtype.
 
     `partials` and `counters` are the split-K workspace of int4_triton.new_workspace. `tile` is the
-    GEMV tile chosen for this shape (gemv_tiles.choose_tiles; an index of int4_triton._GEMV_CONFIGS),
+    GEMV tile chosen for this shape (gemv_tiles.choose_tiles; an index for int4_triton.tile_config),
     or -1 for Triton's autotuner.
     """
     rows = x.reshape(-1, in_features)

@@ -26,6 +26,7 @@ load per word index. Every column of B holds the same x, so every column of C ho
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -67,6 +68,50 @@ __device__ __forceinline__ void word_step(float* t0, float* t1, uint4 w, uint4 x
 
 // y [N] (bf16) = x [K] (bf16) @ W.T for int4_.py's format; grid (ceil(N / (32 WARPS)), split), WARPS warps a block.
 // Dynamic shared memory: g_per * (256 + 256 + 8) bytes (x' in k order, B fragments, two sums per group).
+// The finished rows, as int4_epilogue.py's EPILOGUE says (the same math and roundings as its Triton
+// finish_rows): 0 store; 1 SCALED, times the folded RMSNorm's rsqrt(sum(sq) / K + eps); 3 SCALED_SILU_MUL, then
+// SiLU(gate) * up of the row pairs (gate, up) into row / 2; 2 RESIDUAL_NORM, h = res + y, y = h * gamma, and
+// the block's sum of h^2 into sq[blockIdx.x]. Every thread of the block calls it (shuffles, a block reduction).
+__device__ __forceinline__ void finish(float total, int row, bool ok, int tid, int lane, int warp, u16* y,
+                                       const u16* res, const u16* gamma, u16* h, float* sq, int n_sq, int K,
+                                       float eps, int epilogue) {
+  if (epilogue == 1 || epilogue == 3) {
+    float sum = 0.f;
+    for (int i = 0; i < n_sq; ++i) sum += __ldcg(sq + i);
+    const float scaled = total * rsqrtf(sum / K + eps);
+    if (epilogue == 1) {
+      if (ok) y[row] = f32_to_bf16(scaled);
+    } else {
+      const float rounded = bf16_to_f32(f32_to_bf16(scaled));
+      const float up = __shfl_down_sync(0xffffffffu, rounded, 1);  // rows alternate gate, up: lanes c, c + 1
+      const float silu = bf16_to_f32(f32_to_bf16(rounded / (1.f + __expf(-rounded))));
+      if (ok && (row & 1) == 0) y[row >> 1] = f32_to_bf16(silu * up);
+    }
+  } else if (epilogue == 2) {
+    const float yv = bf16_to_f32(f32_to_bf16(total));     // the model adds its o/down output rounded to bf16
+    float hv = 0.f;
+    if (ok) {
+      hv = bf16_to_f32(f32_to_bf16(bf16_to_f32(res[row]) + yv));
+      h[row] = f32_to_bf16(hv);
+      y[row] = f32_to_bf16(hv * bf16_to_f32(gamma[row]));
+    }
+    float square = hv * hv;
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) square += __shfl_xor_sync(0xffffffffu, square, m);
+    __shared__ float warp_sums[WARPS];
+    if (lane == 0) warp_sums[warp] = square;
+    __syncthreads();
+    if (tid == 0) {
+      float block = 0.f;
+#pragma unroll
+      for (int i = 0; i < WARPS; ++i) block += warp_sums[i];
+      sq[blockIdx.x] = block;
+    }
+  } else if (ok) {
+    y[row] = f32_to_bf16(total);
+  }
+}
+
 #if CLUSTER > 1
 #define CLUSTER_DIMS __cluster_dims__(1, CLUSTER, 1)
 #else
@@ -75,7 +120,8 @@ __device__ __forceinline__ void word_step(float* t0, float* t1, uint4 w, uint4 x
 extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS
 int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ scales,
               const u16* __restrict__ offsets, u16* __restrict__ y, float* __restrict__ ws,
-              int* __restrict__ counters, int N, int K, int G, int split, u32 magic) {
+              int* __restrict__ counters, int N, int K, int G, int split, u32 magic, const u16* res,
+              const u16* gamma, u16* h, float* sq, int n_sq, float eps, int epilogue) {
   extern __shared__ uint4 smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = lane >> 2, c = lane & 3;
@@ -98,18 +144,36 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
       for (int s = 0; s < 4; ++s) buf[i][s] = __ldg(wp + i * group_stride + s * word_stride);
     }
 
+  // x's scale in fp16 (sigma, a power of two): the block's largest |x| times sigma near 2**15, so that x' = x sigma
+  // (x sigma / 16 at odd nibble positions) keeps all of a bf16's bits down to 2**-24 of that largest value.
+  __shared__ float warp_max[WARPS];
+  const int pieces = ng * 16;
+  float largest = 0.f;
+  for (int p = tid; p < pieces; p += WARPS * 32) {
+    const int k0 = g_lo * 128 + p * 8;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) largest = fmaxf(largest, k0 + e < K ? fabsf(bf16_to_f32(x[k0 + e])) : 0.f);
+  }
+#pragma unroll
+  for (int m = 16; m >= 1; m >>= 1) largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, m));
+  if (lane == 0) warp_max[warp] = largest;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < WARPS; ++i) largest = fmaxf(largest, warp_max[i]);
+  const float sigma = largest > 0.f ? exp2f(floorf(log2f(32768.f / largest))) : 1.f;
+  const float inv_sigma = 1.f / sigma;
+
   // Stage x: x' in fp16 in k order (a 16-byte piece = 8 k of one nibble position j), then the B fragments.
   u16* xs = (u16*)smem;                                   // [ng * 128]
   uint4* frags = smem + g_per * 16;                       // [ng * 16]: (group, word index 4s + c)
-  float2* sums = (float2*)(smem + g_per * 32);            // [ng]: (1024 sum x', 64 sum x / 64...)
-  const int pieces = ng * 16;
+  float2* sums = (float2*)(smem + g_per * 32);            // [ng]: (1024 sum x', sum x)
   for (int p0 = 0; p0 < pieces; p0 += WARPS * 32) {       // whole warps: the shuffles below need them
     const int p = p0 + tid;
     float add1024 = 0.f, add_x = 0.f;
     if (p < pieces) {
       const int k0 = g_lo * 128 + p * 8;
       const int j = (p >> 1) & 7;                         // nibble position of these k (16 k per j)
-      const float sc = (j & 1) ? (1.f / 1024.f) : (1.f / 64.f);
+      const float sc = (j & 1) ? sigma * (1.f / 16.f) : sigma;
       u32 packed[4];
 #pragma unroll
       for (int e = 0; e < 8; e += 2) {
@@ -118,7 +182,7 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
         u16 h0 = f32_to_f16(v0 * sc), h1 = f32_to_f16(v1 * sc);
         float f0 = f16_to_f32(h0), f1 = f16_to_f32(h1);
         add1024 += f0 + f1;                               // what the 1024s of the mma's A add, / 1024
-        add_x += (f0 + f1) * ((j & 1) ? 16.f : 1.f);      // x / 64 for the offset's sum
+        add_x += (f0 + f1) * ((j & 1) ? 16.f : 1.f);      // x sigma, for the offset's sum
         packed[e >> 1] = (u32)h0 | ((u32)h1 << 16);
       }
       ((uint4*)xs)[p] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
@@ -128,7 +192,7 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
       add1024 += __shfl_xor_sync(0xffffffffu, add1024, m);
       add_x += __shfl_xor_sync(0xffffffffu, add_x, m);
     }
-    if (p < pieces && (p & 15) == 0) sums[p >> 4] = make_float2(1024.f * add1024, 64.f * add_x);
+    if (p < pieces && (p & 15) == 0) sums[p >> 4] = make_float2(1024.f * add1024, add_x * inv_sigma);
   }
   __syncthreads();
   for (int f = tid; f < pieces; f += WARPS * 32) {        // fragment (group gl, word i): x' at k = 16 j + i
@@ -167,13 +231,13 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
         for (int s = 0; s < 4; ++s) word_step(t0, t1, cur[s], frags[gl * 16 + s * 4 + c], magic);
         const float dot = c == 0 ? t0[0] : c == 1 ? t0[2] : c == 2 ? t1[0] : t1[2];
         const float2 sm = sums[gl];
-        acc += sc * (64.f * dot - sm.x * 64.f) + of * sm.y;
+        acc += sc * (dot - sm.x) * inv_sigma + of * sm.y;
       }
     }
   }
 
   if (split == 1) {
-    if (quad_ok) y[row] = f32_to_bf16(acc);
+    finish(acc, row, quad_ok, tid, lane, warp, y, res, gamma, h, sq, n_sq, K, eps, epilogue);
     return;
   }
 #if CLUSTER > 1
@@ -184,7 +248,7 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
   u32 rank;
   asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  if (rank == 0 && quad_ok) {
+  if (rank == 0) {
     u32 local;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(local) : "l"(part + tid));
     float total = acc;
@@ -194,7 +258,7 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
       asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
       total += v;
     }
-    y[row] = f32_to_bf16(total);
+    finish(total, row, quad_ok, tid, lane, warp, y, res, gamma, h, sq, n_sq, K, eps, epilogue);
   }
   // no block may leave while the first still reads its shared memory
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -209,11 +273,9 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
   __syncthreads();
   if (!last) return;
   __threadfence();
-  if (quad_ok) {
-    float total = 0.f;
-    for (int part = 0; part < split; ++part) total += __ldcg(ws + (size_t)part * N + row);
-    y[row] = f32_to_bf16(total);
-  }
+  float total = 0.f;
+  for (int part = 0; part < split; ++part) total += __ldcg(ws + (size_t)part * N + row);
+  finish(total, row, quad_ok, tid, lane, warp, y, res, gamma, h, sq, n_sq, K, eps, epilogue);
   if (tid == 0) counters[blockIdx.x] = 0;
 }
 """
@@ -223,18 +285,72 @@ MAGIC = 0x64006400  # fp16 1024.0 in both halves (passed as an argument: see lop
 SMEM_PER_GROUP = 256 + 256 + 8
 
 
+# The tiles the app may choose for a shape (gemv_tiles times them beside int4_triton's five): (warps a block,
+# groups in flight a lane, split of K, split within a thread-block cluster). The best per shape on the H200
+# (bench/int4_mma_gemv.py; bench/results/int4_mma_gemv_h200_s33.txt): global splits of 16 and 32 for the deep
+# and the square matrices, cluster splits of 2-8 for the wide ones.
+TILES = [(4, 2, 16, False), (4, 3, 16, False), (4, 3, 32, False), (4, 2, 2, True), (4, 2, 4, True), (2, 2, 8, True)]
+
+
 def available(device: torch.device) -> bool:
-    """CUDA with mma.sync m16n8k16 (compute capability 8.0+) and torch's NVRTC kernel compiler."""
+    """CUDA with mma.sync m16n8k16 (compute capability 8.0+)."""
     return device.type == "cuda" and torch.version.cuda is not None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+ENV = "SMALLCHAT_MMA_GEMV"  # "0": the tile chooser offers only Triton's tiles (an A/B of this kernel)
+
+
+def offered(device: torch.device) -> bool:
+    """Whether the tile chooser offers this kernel's tiles on `device`: it runs there and ENV does not turn it off."""
+    return os.environ.get(ENV, "1") != "0" and available(device)
+
+
+def tile_fits(tile: tuple[int, int, int, bool], out_features: int, device: torch.device) -> bool:
+    """`tile` runs here for N = out_features: 4 | N, mma.sync, a cluster only on sm_90+, a split that fits the
+    workspace (split_k.split_fits)."""
+    from .split_k import split_fits
+
+    warps, stages, split, cluster = tile
+    return (out_features % 4 == 0 and offered(device) and split_fits(split, out_features)
+            and (not cluster or torch.cuda.get_device_capability(device) >= (9, 0)))
+
+
+def config(tile: tuple[int, int, int, bool]) -> dict:
+    """A tile as int4_triton.launch's `config`: MMA, and the rows a block finishes (BLOCK_N) and SPLIT, which the
+    folded norms' sums count and the workspace check read."""
+    warps, stages, split, cluster = tile
+    return {"MMA": tile, "BLOCK_N": 32 * warps, "SPLIT": split}
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(warps: int, stages: int, cluster: int, device: torch.device) -> nvrtc.Kernel:
     """The kernel for (warps a block, groups in flight a lane, blocks of a cluster splitting K), compiled for this
-    GPU's architecture and loaded."""
+    GPU's architecture (or read from the cubin cache) and loaded."""
     source = f"#define WARPS {warps}\n#define STAGES {stages}\n#define CLUSTER {cluster}\n" + SOURCE
-    cubin = nvrtc.compile_cubin(source, "int4_mma_gemv", torch.cuda.get_device_capability(device), ("-std=c++17",))
-    return nvrtc.Kernel(cubin, "int4_mma_gemv", device)
+    return nvrtc.load_kernel(source, "int4_mma_gemv", device, ("-std=c++17",))
+
+
+def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
+           y: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor], tile: tuple[int, int, int, bool],
+           epilogue_args: tuple = (), epilogue: int = 0) -> None:
+    """Run the GEMV of x [1, K] (bf16) into y with `tile` and int4_epilogue's `epilogue` and its arguments
+    (residual, gamma, h, sums of squares, their count, eps), as int4_triton.launch does."""
+    warps, stages, split, cluster = tile
+    groups, n = scales.shape
+    if n % 4 or x.dtype != torch.bfloat16:
+        raise ValueError(f"int4_mma needs N % 4 == 0 and bf16 activations (N {n}, {x.dtype})")
+    if cluster and not 2 <= split <= 8:
+        raise ValueError(f"a cluster holds 2 to 8 blocks, not split {split}")
+    partials, counters = workspace
+    blocks = -(-n // (32 * warps))
+    if split > 1 and not cluster and (partials.numel() < split * n or counters.numel() < blocks):
+        raise ValueError(f"the workspace holds {partials.numel()} partials; split {split} x N {n} needs more")
+    res, gamma, h, sums, n_sums, eps = epilogue_args or (y, y, y, partials, 0, 0.0)
+    device = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    kernel = _kernel(warps, stages, split if cluster else 1, device)
+    kernel((blocks, split, 1), (32 * warps, 1, 1),
+           [x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC,
+            res, gamma, h, sums, n_sums, float(eps), epilogue], -(-groups // split) * SMEM_PER_GROUP)
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
@@ -242,23 +358,9 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: 
          out: torch.Tensor | None = None, cluster: bool = False) -> torch.Tensor:
     """y [1, N] = x [1, K] @ W.T (bf16) on the tensor cores; N must be a multiple of 4.
 
+    `workspace` is int4.new_workspace's (partials, counters) pair: split * N partials, and a counter a block column.
     `cluster` (sm_90, split 2-8): the split-K blocks of a row range form a thread-block cluster and add their
-    partial sums in shared memory (the workspace is not used).
-
-    `workspace` is int4.new_workspace's (partials, counters) pair: split * N partials, and a counter a block column."""
-    groups, n = scales.shape
-    if n % 4 or x.dtype != torch.bfloat16:
-        raise ValueError(f"int4_mma.gemv needs N % 4 == 0 and bf16 activations (N {n}, {x.dtype})")
-    partials, counters = workspace
-    blocks = -(-n // (32 * warps))
-    if split > 1 and (partials.numel() < split * n or counters.numel() < blocks):
-        raise ValueError(f"the workspace holds {partials.numel()} partials; split {split} x N {n} needs more")
-    y = out if out is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
-    if cluster and not 2 <= split <= 8:
-        raise ValueError(f"a cluster holds 2 to 8 blocks, not split {split}")
-    device = x.device if x.device.index is not None else torch.device("cuda", 0)
-    kernel = _kernel(warps, stages, split if cluster else 1, device)
-    smem = -(-groups // split) * SMEM_PER_GROUP
-    kernel((blocks, split, 1), (32 * warps, 1, 1),
-           [x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC], smem)
+    partial sums in shared memory (the workspace is not used)."""
+    y = out if out is not None else torch.empty(1, scales.shape[1], dtype=x.dtype, device=x.device)
+    launch(x, qweight, scales, offsets, in_features, y, workspace, (warps, stages, split, cluster))
     return y

@@ -330,6 +330,11 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     args = (x, qweight, scales, offsets, y, workspace[0], workspace[1], n, in_features, groups, qweight.stride(0),
             scales.stride(0), ONE_BITS, *epilogue_args)
+    if config is not None and "MMA" in config:  # a tile of the tensor-core GEMV (int4_mma.py)
+        from . import int4_mma
+
+        int4_mma.launch(x, qweight, scales, offsets, in_features, y, workspace, config["MMA"], epilogue_args, epilogue)
+        return
     options = pdl.launch_options(pdl.level(x.device))
     if config is None:
         _gemv_kernel[grid](*args, EPILOGUE=epilogue, enable_fp_fusion=FP_FUSION, **options)
@@ -339,8 +344,20 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
         _gemv_body[grid](*args, **config, EPILOGUE=epilogue, enable_fp_fusion=FP_FUSION, **options)
 
 
+def tile_count() -> int:
+    """How many tiles a GEMV may be given: _GEMV_CONFIGS's, then the tensor-core GEMV's (int4_mma.TILES)."""
+    from . import int4_mma
+
+    return len(_GEMV_CONFIGS) + len(int4_mma.TILES)
+
+
 def tile_config(index: int) -> dict:
-    """_GEMV_CONFIGS[index] as gemv()'s `config`: its constexprs and launch options."""
+    """Tile `index` as gemv()'s `config`: _GEMV_CONFIGS[index]'s constexprs and launch options, or past them
+    int4_mma.TILES[index - 5] (int4_mma.config)."""
+    if index >= len(_GEMV_CONFIGS):
+        from . import int4_mma
+
+        return int4_mma.config(int4_mma.TILES[index - len(_GEMV_CONFIGS)])
     tile = _GEMV_CONFIGS[index]
     return {**tile.kwargs, "num_warps": tile.num_warps, "num_stages": tile.num_stages}
 

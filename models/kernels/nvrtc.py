@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
+import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
+
+
+log = logging.getLogger(__name__)
 
 
 def _nvrtc() -> ctypes.CDLL:
@@ -89,3 +95,37 @@ class Kernel:
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         _check(self._driver.cuLaunchKernel(self._function, *grid, *block, shared_mem, stream, pointers, None),
                "cuLaunchKernel")
+
+
+def cache_folder() -> Path | None:
+    """Where compiled cubins are kept: beside Triton's cache in the app's compile cache (compile_cache.configure
+    points TRITON_CACHE_DIR there, so they are counted and reset with it); None when it is not configured."""
+    triton_cache = os.environ.get("TRITON_CACHE_DIR")
+    return Path(triton_cache).parent / "nvrtc" if triton_cache else None
+
+
+def load_kernel(source: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:
+    """`name` of `source` compiled for `device`, from the cubin cache when it holds it (a later load of the app
+    compiles nothing), else compiled now and stored. A cubin that does not load is compiled again."""
+    capability = torch.cuda.get_device_capability(device)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _nvrtc().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    key = hashlib.sha256(repr((source, name, options, capability, major.value, minor.value)).encode()).hexdigest()
+    folder = cache_folder()
+    path = folder / f"{name}-{key[:24]}.cubin" if folder is not None else None
+    if path is not None and path.is_file():
+        try:
+            return Kernel(path.read_bytes(), name, device)
+        except (OSError, RuntimeError) as error:
+            log.warning("the cached cubin %s did not load (%s): compiling it again", path, error)
+    cubin = compile_cubin(source, name, capability, options)
+    kernel = Kernel(cubin, name, device)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_bytes(cubin)
+            partial.replace(path)
+        except OSError as error:  # a read-only cache costs the next load a compile, nothing more
+            log.warning("could not store the cubin in %s: %s", path, error)
+    return kernel
