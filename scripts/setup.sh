@@ -27,6 +27,9 @@ if [ "${1:-}" = "--dev" ]; then
   # The int4 kernel tests run Triton's interpreter on the CPU. CUDA builds of torch bring their
   # own Triton; the CPU build has none, so add one (3.9: its interpreter works with numpy 2.4).
   .venv/bin/python -c "import triton" 2>/dev/null || "${PIP[@]}" triton==3.9.0
+  # The tensor-core GEMV's CUDA source is compiled (NVRTC, no GPU needed) for Ampere, Ada and Hopper by the
+  # tests; CUDA builds of torch bring NVRTC, the CPU build does not.
+  .venv/bin/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && "${PIP[@]}" nvidia-cuda-nvrtc==13.0.88
   if ! command -v chromium >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -1,10 +1,15 @@
 """The tensor-core int4 GEMV (models/kernels/int4_mma.py) against the plain dequantize-then-matmul reference
 over many shapes, tiles and splits of K (a GPU with compute capability 8.0+; skipped cleanly elsewhere)."""
 
+import os
+import re
+import subprocess
+import tempfile
+
 import pytest
 import torch
 
-from models.kernels import int4, int4_mma
+from models.kernels import gemv_tiles, int4, int4_mma, nvrtc
 
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and int4_mma.available(torch.device("cuda"))),
                          reason="needs a CUDA GPU of compute capability 8.0+ and torch's NVRTC compiler")
@@ -79,3 +84,56 @@ def test_mma_gemv_refuses_what_it_cannot_do():
 
 def test_mma_gemv_is_not_offered_without_a_gpu():
     assert not int4_mma.available(torch.device("cpu"))
+
+
+def _nvrtc_13():
+    try:
+        nvrtc._nvrtc(13)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _nvrtc_13(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0)])
+def test_the_cuda_source_compiles_for_ampere_ada_and_hopper_without_spills(capability):
+    """Every tile's kernel builds for the consumer cards (sm_86, sm_89) it was never run on, and for the A100 and
+    H100/H200, with no register spills (a spill would put the words in flight on the stack)."""
+    from models.kernels import int4_triton
+
+    tool = os.path.join(os.path.dirname(int4_triton.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for warps, stages, split, cluster in int4_mma.TILES:
+        if cluster and capability < (9, 0):
+            continue
+        source = f"#define WARPS {warps}\n#define STAGES {stages}\n#define CLUSTER {split if cluster else 1}\n"
+        cubin = nvrtc.compile_cubin(source + int4_mma.SOURCE, "int4_mma_gemv", capability, ("-std=c++17",), 13)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+        assert stack == 0 and registers <= 128, (capability, warps, stages, split, cluster, usage)
+
+
+@pytest.mark.skipif(not _nvrtc_13(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
+def test_a_compile_error_says_what_nvrtc_said():
+    with pytest.raises(RuntimeError, match="undefined_thing"):
+        nvrtc.compile_cubin('extern "C" __global__ void k() { undefined_thing(); }', "k", (9, 0), (), 13)
+
+
+def test_the_chooser_takes_a_tensor_core_tile_only_when_clearly_faster():
+    from models.kernels import int4_triton
+
+    first = len(int4_triton._GEMV_CONFIGS)
+    assert gemv_tiles.fastest({0: 10.0, 1: 9.0, first: 8.9}) == 1  # 1 % faster: within the margin, Triton's
+    assert gemv_tiles.fastest({0: 10.0, 1: 9.0, first: 8.0, first + 1: 8.5}) == first  # 11 % faster: taken
+    assert gemv_tiles.fastest({0: 10.0, 1: 9.0}) == 1
+    assert gemv_tiles.fastest({first: 8.0}) == first  # nothing of Triton's to compare with
+
+
+def test_no_tensor_core_tile_is_offered_without_a_gpu_or_when_turned_off(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not any(int4_mma.tile_fits(t, 4096, cpu) for t in int4_mma.TILES)
+    assert gemv_tiles.candidate_tiles(4096, cpu) == gemv_tiles.candidate_tiles(4096)
+    monkeypatch.setenv(int4_mma.ENV, "0")
+    assert not int4_mma.offered(torch.device("cuda", 0))

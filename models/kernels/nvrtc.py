@@ -22,10 +22,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _nvrtc() -> ctypes.CDLL:
-    """libnvrtc of torch's CUDA major version: by its soname (torch may have loaded it), else from the nvidia
-    packages beside torch; its builtins library is loaded first, from the same folder, so NVRTC finds it."""
-    major = int(torch.version.cuda.split(".")[0])
+def _nvrtc(major: int | None = None) -> ctypes.CDLL:
+    """libnvrtc of CUDA `major` (torch's by default): by its soname (torch may have loaded it), else from the nvidia
+    packages on sys.path; its builtins library is loaded first, from the same folder, so NVRTC finds it."""
+    major = major or int(torch.version.cuda.split(".")[0])
     try:
         return ctypes.CDLL(f"libnvrtc.so.{major}")
     except OSError:
@@ -47,9 +47,11 @@ def _check(result: int, what: str) -> None:
         raise RuntimeError(f"{what} failed with CUDA error {result}")
 
 
-def compile_cubin(source: str, name: str, capability: tuple[int, int], options: tuple[str, ...] = ()) -> bytes:
-    """The cubin of `source` (no #includes) for sm_XY; a compile error raises with NVRTC's log."""
-    lib = _nvrtc()
+def compile_cubin(source: str, name: str, capability: tuple[int, int], options: tuple[str, ...] = (),
+                  cuda_major: int | None = None) -> bytes:
+    """The cubin of `source` (no #includes) for sm_XY, by the NVRTC of CUDA `cuda_major` (torch's by default); a
+    compile error raises with NVRTC's log."""
+    lib = _nvrtc(cuda_major)
     program = ctypes.c_void_p()
     _check(lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), f"{name}.cu".encode(), 0, None, None),
            "nvrtcCreateProgram")
