@@ -11,10 +11,11 @@ compiler. Ampere and later (mma.sync m16n8k16 is sm_80+).
 
 The numbers: a word's nibbles j and j + 4 (bits 4j and 16 + 4j) masked in place and ORed into fp16's
 1024.0 give the pair (1024 + q, 1024 + q') for j = 0, 2 (after one shift by 8 for j = 2) and
-(1024 + 16 q, 1024 + 16 q') for j = 1, 3, all exact. The mma multiplies them by x' = x / 64 (x / 1024
-for j odd) in fp16, exact for a bf16 x, and sums in fp32; the 1024s come out per group through the
-sum of those x': sum_k q x = 64 (C - 1024 sum x'). The fp32 sum then holds ~7 bits fewer of q x than
-a centred one would, ~16 bits of it: far below the bf16 output's rounding.
+(1024 + 16 q, 1024 + 16 q') for j = 1, 3, all exact. The mma multiplies them by x' = x sigma (x sigma / 16
+for j odd) in fp16, sigma a power of two chosen per block from its largest |x| (exact for a bf16 x), and
+sums in fp32; the 1024s come out per group through the sum of those x': sum_k q x = (C - 1024 sum x') /
+sigma. The fp32 sum then holds ~7 bits fewer of q x than a centred one would, ~16 bits of it: far below
+the bf16 output's rounding.
 
 Layout: a warp owns 32 output rows (8 lanes x 4 adjacent rows, one 16-byte load each) and every lane
 c = lane % 4 owns words c, c + 4, c + 8, c + 12 of each group; one mma tile is 16 of the warp's rows
@@ -66,8 +67,6 @@ __device__ __forceinline__ void word_step(float* t0, float* t1, uint4 w, uint4 x
   mma(t1, LO(w2s), LO(w3s), HI(w2s), HI(w3s), xf.z, xf.w);
 }
 
-// y [N] (bf16) = x [K] (bf16) @ W.T for int4_.py's format; grid (ceil(N / (32 WARPS)), split), WARPS warps a block.
-// Dynamic shared memory: g_per * (256 + 256 + 8) bytes (x' in k order, B fragments, two sums per group).
 // The finished rows, as int4_epilogue.py's EPILOGUE says (the same math and roundings as its Triton
 // finish_rows): 0 store; 1 SCALED, times the folded RMSNorm's rsqrt(sum(sq) / K + eps); 3 SCALED_SILU_MUL, then
 // SiLU(gate) * up of the row pairs (gate, up) into row / 2; 2 RESIDUAL_NORM, h = res + y, y = h * gamma, and
@@ -117,6 +116,8 @@ __device__ __forceinline__ void finish(float total, int row, bool ok, int tid, i
 #else
 #define CLUSTER_DIMS
 #endif
+// y [N] (bf16) = x [K] (bf16) @ W.T for int4.py's format; grid (ceil(N / (32 WARPS)), split), WARPS warps a block.
+// Dynamic shared memory: g_per * (256 + 256 + 8) bytes (x' in k order, B fragments, two sums per group).
 extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS
 int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ scales,
               const u16* __restrict__ offsets, u16* __restrict__ y, float* __restrict__ ws,
