@@ -51,6 +51,33 @@ def test_mma_gemv_matches_the_reference_over_tiles_and_splits(n, k):
                     assert err < 6e-3, (n, k, warps, stages, split, "cluster", err)
 
 
+def test_tiled_words_sit_where_the_kernel_reads_them():
+    """tile_words' layout against the kernel's TILED addressing: uint4 ((tile * G + g) * 16 + i) * 8 + r holds
+    int4.py's words (g * 16 + i, columns 32 tile + 4 r .. + 3)."""
+    groups, n = 3, 96
+    words = torch.arange(groups * 16 * n, dtype=torch.int32).view(groups * 16, n)
+    tiled = int4_mma.tile_words(words).reshape(-1, 4)  # as uint4
+    for tile in range(n // 32):
+        for g in range(groups):
+            for i in range(16):
+                for r in range(8):
+                    columns = slice(32 * tile + 4 * r, 32 * tile + 4 * r + 4)
+                    assert torch.equal(tiled[((tile * groups + g) * 16 + i) * 8 + r], words[g * 16 + i, columns])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(96, 1000), (6144, 4096), (4096, 14336)])
+def test_tiled_words_give_the_same_rows(n, k):
+    x, q, s, o, ref = _case(n, k)
+    workspace = int4.new_workspace(n, x.device)
+    tiled = int4_mma.tile_words(q)
+    for stages in (2, 4):
+        for split in (1, 4):
+            plain = int4_mma.gemv(x, q, s, o, k, workspace, 4, stages, split)
+            assert torch.equal(int4_mma.gemv(x, tiled, s, o, k, workspace, 4, stages, split, tiled=True), plain)
+
+
 @gpu
 @pytest.mark.gpu
 def test_mma_gemv_handles_large_activations_and_replays_in_a_graph():
@@ -102,17 +129,18 @@ def test_the_cuda_source_compiles_for_ampere_ada_and_hopper_without_spills(capab
     from models.kernels import int4_triton
 
     tool = os.path.join(os.path.dirname(int4_triton.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    for warps, stages, split, cluster in int4_mma.TILES:
+    for warps, stages, split, cluster, tiled in [(*tile, False) for tile in int4_mma.TILES] + [(4, 4, 1, False, True)]:
         if cluster and capability < (9, 0):
             continue
         source = f"#define WARPS {warps}\n#define STAGES {stages}\n#define CLUSTER {split if cluster else 1}\n"
+        source += f"#define TILED {int(tiled)}\n"
         cubin = nvrtc.compile_cubin(source + int4_mma.SOURCE, "int4_mma_gemv", capability, ("-std=c++17",), 13)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-        assert stack == 0 and registers <= 128, (capability, warps, stages, split, cluster, usage)
+        assert stack == 0 and registers <= 128, (capability, warps, stages, split, cluster, tiled, usage)
 
 
 @pytest.mark.skipif(not _nvrtc_13(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")

@@ -132,9 +132,17 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
   const int nq = N >> 2;                                  // 16-byte columns (4 rows each)
   const int quad = (blockIdx.x * WARPS + warp) * 8 + r;
   const bool quad_ok = quad < nq;
+#if TILED
+  // The words re-laid as [N / 32][G][16][32] (tile_words): a warp's group is 2 KB in one piece and each of its
+  // loads 512 contiguous bytes, against 4 pieces of 128 bytes N * 4 bytes apart in int4.py's layout.
+  const int warp_tile = min(blockIdx.x * WARPS + warp, (N >> 5) - 1);
+  const uint4* wp = qw + ((size_t)(warp_tile * G + g_lo) * 16 + c) * 8 + r;
+  const size_t word_stride = 32, group_stride = 128;
+#else
   const uint4* wp = qw + (size_t)(g_lo * 16 + c) * nq + (quad_ok ? quad : nq - 1);
   const size_t word_stride = (size_t)4 * nq;              // 4 word indices on: the lane's next word
   const size_t group_stride = (size_t)16 * nq;
+#endif
 
   // The first STAGES groups' words in flight before x is staged (weights do not depend on x).
   uint4 buf[STAGES][4];
@@ -324,18 +332,20 @@ def config(tile: tuple[int, int, int, bool]) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(warps: int, stages: int, cluster: int, device: torch.device) -> nvrtc.Kernel:
-    """The kernel for (warps a block, groups in flight a lane, blocks of a cluster splitting K), compiled for this
-    GPU's architecture (or read from the cubin cache) and loaded."""
-    source = f"#define WARPS {warps}\n#define STAGES {stages}\n#define CLUSTER {cluster}\n" + SOURCE
+def _kernel(warps: int, stages: int, cluster: int, device: torch.device, tiled: bool = False) -> nvrtc.Kernel:
+    """The kernel for (warps a block, groups in flight a lane, blocks of a cluster splitting K; `tiled`: words as
+    tile_words lays them), compiled for this GPU's architecture (or read from the cubin cache) and loaded."""
+    source = f"#define WARPS {warps}\n#define STAGES {stages}\n#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n"
+    source += SOURCE
     return nvrtc.load_kernel(source, "int4_mma_gemv", device, ("-std=c++17",))
 
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
            y: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor], tile: tuple[int, int, int, bool],
-           epilogue_args: tuple = (), epilogue: int = 0) -> None:
+           epilogue_args: tuple = (), epilogue: int = 0, tiled: bool = False) -> None:
     """Run the GEMV of x [1, K] (bf16) into y with `tile` and int4_epilogue's `epilogue` and its arguments
-    (residual, gamma, h, sums of squares, their count, eps), as int4_triton.launch does."""
+    (residual, gamma, h, sums of squares, their count, eps), as int4_triton.launch does. `tiled`: qweight is
+    tile_words' layout (a bench probe: the app keeps int4.py's)."""
     warps, stages, split, cluster = tile
     groups, n = scales.shape
     if n % 4 or x.dtype != torch.bfloat16:
@@ -348,20 +358,29 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
         raise ValueError(f"the workspace holds {partials.numel()} partials; split {split} x N {n} needs more")
     res, gamma, h, sums, n_sums, eps = epilogue_args or (y, y, y, partials, 0, 0.0)
     device = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    kernel = _kernel(warps, stages, split if cluster else 1, device)
+    if tiled and n % 32:
+        raise ValueError(f"tiled words need N % 32 == 0 (N {n})")
+    kernel = _kernel(warps, stages, split if cluster else 1, device, tiled)
     kernel((blocks, split, 1), (32 * warps, 1, 1),
            [x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC,
             res, gamma, h, sums, n_sums, float(eps), epilogue], -(-groups // split) * SMEM_PER_GROUP)
 
 
+def tile_words(qweight: torch.Tensor) -> torch.Tensor:
+    """int4.py's words [Kp/8, N] re-laid as [N/32, G, 16, 32] (N % 32 == 0): each warp's group of words in one
+    2 KB piece. A bench probe (bench/int4_mma_gemv.py): does the DRAM read faster in whole pieces?"""
+    rows, n = qweight.shape
+    return qweight.view(rows // 16, 16, n // 32, 32).permute(2, 0, 1, 3).contiguous()
+
+
 def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
          workspace: tuple[torch.Tensor, torch.Tensor], warps: int = 4, stages: int = 2, split: int = 1,
-         out: torch.Tensor | None = None, cluster: bool = False) -> torch.Tensor:
+         out: torch.Tensor | None = None, cluster: bool = False, tiled: bool = False) -> torch.Tensor:
     """y [1, N] = x [1, K] @ W.T (bf16) on the tensor cores; N must be a multiple of 4.
 
     `workspace` is int4.new_workspace's (partials, counters) pair: split * N partials, and a counter a block column.
     `cluster` (sm_90, split 2-8): the split-K blocks of a row range form a thread-block cluster and add their
-    partial sums in shared memory (the workspace is not used)."""
+    partial sums in shared memory (the workspace is not used). `tiled`: qweight is tile_words(...)'s."""
     y = out if out is not None else torch.empty(1, scales.shape[1], dtype=x.dtype, device=x.device)
-    launch(x, qweight, scales, offsets, in_features, y, workspace, (warps, stages, split, cluster))
+    launch(x, qweight, scales, offsets, in_features, y, workspace, (warps, stages, split, cluster), tiled=tiled)
     return y
