@@ -360,6 +360,8 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
     device = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     if tiled and n % 32:
         raise ValueError(f"tiled words need N % 32 == 0 (N {n})")
+    if any(t.stride() != (n, 1) for t in ((scales, offsets) if tiled else (qweight, scales, offsets))):
+        raise ValueError("int4_mma reads the packed tensors as contiguous [rows, N]")
     kernel = _kernel(warps, stages, split if cluster else 1, device, tiled)
     kernel((blocks, split, 1), (32 * warps, 1, 1),
            [x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC,

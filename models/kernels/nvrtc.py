@@ -61,9 +61,9 @@ def compile_cubin(source: str, name: str, capability: tuple[int, int], options: 
         size = ctypes.c_size_t()
         if result != 0:
             lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(program, log)
-            raise RuntimeError(f"NVRTC could not compile {name}:\n{log.value.decode(errors='replace')}")
+            text = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(program, text)
+            raise RuntimeError(f"NVRTC could not compile {name}:\n{text.value.decode(errors='replace')}")
         _check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)), "nvrtcGetCUBINSize")
         cubin = ctypes.create_string_buffer(size.value)
         _check(lib.nvrtcGetCUBIN(program, cubin), "nvrtcGetCUBIN")
