@@ -37,6 +37,8 @@
 #     persistent-layer  whole decoder layers (attention, norms, SiLU inside) as one persistent kernel
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
 #     mma      the tensor-core GEMV (int4_mma.py): its GPU tests, then against the app's Triton tiles per shape
+#     mma-ab   the 7B and 1.8B decoding with and without its tiles;  mma-profile  ncu of its tiles and Triton's
+#     mma-tests  the GPU tests of the GEMVs, their tiles and epilogues, and the fast decoder
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
 # Modes run in the order given; one call of the device tool may take 10 minutes, so pair them
@@ -185,6 +187,13 @@ run_mode() {
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_mma.py 2>&1 | tee "$OUT/mma_tests.txt" | tail -15
       timeout 400 python3 bench/int4_mma_gemv.py "$OUT/int4_mma_gemv.json" 2>&1 | tee "$OUT/int4_mma_gemv.txt" ;;
+    mma-profile)  # ncu on the 7B's GEMVs: the app's Triton tiles against the tensor-core GEMV's (~2 minutes)
+      mma=(4,2,16,0 4,2,2,1 4,3,16,0 4,4,8,0)
+      python3 bench/int4_profile.py --configs 256,8,2,0,1,1 --mma "${mma[@]}" 2>&1 | tee "$OUT/mma_profile.txt"
+      ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+        python3 bench/int4_profile.py --ncu-region --configs 256,8,2,0,1,1 --mma "${mma[@]}" \
+        > "$OUT/mma_ncu.txt" 2>&1; tail -5 "$OUT/mma_ncu.txt" ;;
     mma-tests)  # the GPU tests of the GEMVs, their tiles and epilogues, and the fast decoder (~3 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_mma.py tests/test_int4_folded_norms.py tests/test_gemv_tiles.py tests/test_int4_kernels.py \

@@ -12,6 +12,8 @@ hardware counters (throughput, occupancy, stall reasons).
 --configs profiles fixed tiles (BLOCK_N,SPLIT,warps[,PREFETCH 0/1[,LOOP_STAGES[,HALF2 0/1]]]) after the tuned one, so
 that ncu shows side by side why one tile reads faster than another (bench/device_run.sh profile).
 --best-from SWEEP.json adds, per shape, the fastest tile of a bench/int4_gemv_sweep.py run.
+--mma profiles tiles of the tensor-core GEMV (models/kernels/int4_mma.py) as well: warps,stages,split,cluster 0/1
+(bench/device_run.sh mma-profile).
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ def main() -> None:
     p.add_argument("--ncu-region", action="store_true")
     p.add_argument("--configs", nargs="*", default=[], help="fixed tiles to run after the tuned one")
     p.add_argument("--best-from", type=Path, help="a sweep's JSON: its fastest tile per shape is profiled too")
+    p.add_argument("--mma", nargs="*", default=[], help="tensor-core GEMV tiles: warps,stages,split,cluster")
     a = p.parse_args()
-    fixed = []
+    from models.kernels import int4_mma
+
+    fixed = [int4_mma.config((w, st, sp, bool(cl))) for w, st, sp, cl in (map(int, t.split(",")) for t in a.mma)]
     for text in a.configs:
         block_n, split, warps, *rest = (int(v) for v in text.split(","))
         fixed.append(dict(BLOCK_N=block_n, SPLIT=split, num_warps=warps, num_stages=1,
