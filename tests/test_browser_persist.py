@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import Error as PlaywrightError
 
 from net import free_port
 
@@ -43,6 +44,20 @@ def open_page(context, url: str):
     page.goto(url)
     page.wait_for_selector("#message textarea", timeout=60_000)
     return page
+
+
+def reload(page) -> None:
+    """The browser's reload, as a person presses it. Right after a restart the page's own reconnect may start a
+    navigation of its own, which aborts the reload ("net::ERR_ABORTED; frame was detached", seen once in CI):
+    then it is pressed again, as a person would, up to three times."""
+    for attempt in range(3):
+        try:
+            page.reload()
+            return
+        except PlaywrightError as error:
+            if attempt == 2 or "ERR_ABORTED" not in str(error):
+                raise
+            page.wait_for_timeout(1_000)
 
 
 def chat_text(page) -> str:
@@ -104,7 +119,7 @@ def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(bro
         server.wait(timeout=30)
 
         server = start_app(port, tmp_path / "app.log")  # starts with the embedded model in bf16 again
-        page.reload()
+        reload(page)
         page.wait_for_selector("#message textarea", timeout=60_000)
         page.wait_for_function("document.querySelector('#persist-note').innerText.includes('Restored your chat')",
                                timeout=60_000)
