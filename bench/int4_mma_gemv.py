@@ -16,34 +16,13 @@ import torch
 
 sys.path.insert(0, ".")
 from bench.decode_speed import copy_bandwidth  # noqa: E402
+from bench.int4_mma_probe import graph_us  # noqa: E402  (µs per call, replayed as one CUDA graph)
 from models.kernels import int4, int4_mma, int4_triton as kt  # noqa: E402
 
 # Every linear of one decode step as the app loads them (fused q/k/v, o, fused gate/up, down): the 7B, the
 # 1.8B, then Qwen2.5-7B (bench/int4_gemv_sweep.py's APP).
 APP = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (4096, 2048), (2048, 2048), (16384, 2048),
        (2048, 8192), (4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
-
-
-def graph_us(call, copies: int) -> float:
-    """µs per call of `call(i)` over i = 0..copies-1, captured in one CUDA graph and replayed 3 times."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for i in range(2):
-            call(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            call(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (3 * copies)
 
 
 def main() -> None:
