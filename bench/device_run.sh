@@ -38,6 +38,7 @@
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
 #     mma      the tensor-core GEMV (int4_mma.py): its GPU tests, then against the app's Triton tiles per shape
 #     mma-ab   the 7B and 1.8B decoding with and without its tiles;  mma-profile  ncu of its tiles and Triton's
+#     pdl-chain  a layer's kernels with early launches, Triton's GEMV tiles against the tensor-core GEMV's
 #     mma-tests  the GPU tests of the GEMVs, their tiles and epilogues, and the fast decoder
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
 #   Results land in $OUT (the device tool brings them back); without $OUT, in out/device/.
@@ -198,6 +199,11 @@ run_mode() {
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_int4_mma.py tests/test_int4_folded_norms.py tests/test_gemv_tiles.py tests/test_int4_kernels.py \
         tests/test_fast_decode.py 2>&1 | tee "$OUT/mma_gpu_tests.txt" | tail -25 ;;
+    pdl-chain)  # early launches with the tensor-core GEMV: test_pdl's GPU tests, then a layer's chain of kernels at
+                # levels 0-2 with Triton's, int4_mma's or all tiles (bench/pdl_chain.py) (~3 minutes)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_pdl.py 2>&1 | tee "$OUT/pdl_chain_tests.txt" | tail -8
+      timeout 360 python3 bench/pdl_chain.py --out "$OUT/pdl_chain.jsonl" 2>&1 | tee "$OUT/pdl_chain.txt" ;;
     mma-ab)  # the 7B and the 1.8B with the GEMV tiles chosen among Triton's and int4_mma's, and Triton's only (~8 min)
       python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4-triton-gemv 1.8b:fast-int4 \
         1.8b:fast-int4-triton-gemv --out "$OUT/decode_mma_ab.jsonl" --md "$OUT/decode_mma_ab.md" 2>&1 | tail -30 ;;

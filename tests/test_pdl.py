@@ -165,11 +165,13 @@ def test_an_early_decode_attention_waits_before_it_reads_the_step():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a Hopper (or later) GPU")
 @pytest.mark.parametrize("level", [1, 2])
-def test_a_chain_of_early_kernels_in_a_graph_computes_what_plain_launches_do(monkeypatch, level):
+@pytest.mark.parametrize("kernel", ["triton", "mma"])
+def test_a_chain_of_early_kernels_in_a_graph_computes_what_plain_launches_do(monkeypatch, level, kernel):
     """A layer's kernels as decode runs them, each reading the one before: a torch kernel writes x, GEMVs of
-    two tiles (a prefetching fp32 one, a packed-fp16 one), the q/k/v GEMV, the attention (which writes the
-    cache at the step's position), the o GEMV. Captured in a CUDA graph with early launches, replayed with a
-    new x and position each time: every output equals the plain launches' on the same inputs."""
+    two tiles (Triton: a prefetching fp32 one, a packed-fp16 one; int4_mma: a global split of K and a
+    cluster's), the q/k/v GEMV, the attention (which writes the cache at the step's position), the o GEMV.
+    Captured in a CUDA graph with early launches, replayed with a new x and position each time: every output
+    equals the plain launches' on the same inputs."""
     from models.kernels import decode_attention as fused
     from models.kernels import int4, int4_triton
     from models.kernels.int4 import quantize
@@ -182,6 +184,13 @@ def test_a_chain_of_early_kernels_in_a_graph_computes_what_plain_launches_do(mon
     weights = [quantize(torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5)
                for n, k in [(hidden, hidden), (hidden, hidden), ((hq + 2 * hkv) * d, hidden), (hidden, hq * d)]]
     tiles = [fp32_tile, half2_tile, half2_tile, fp32_tile]
+    if kernel == "mma":
+        from models.kernels import int4_mma
+
+        first = len(int4_triton._GEMV_CONFIGS)
+        split_tile = first + next(i for i, t in enumerate(int4_mma.TILES) if not t[3])
+        cluster_tile = first + next(i for i, t in enumerate(int4_mma.TILES) if t[3])
+        tiles = [split_tile, cluster_tile, cluster_tile, split_tile]
     ws = int4.new_workspace(max(w[1].shape[1] for w in weights), dev)
     attention_ws = fused.new_workspace(hq, hkv, d, dev)
     cos, sin = torch.randn(d, device=dev, dtype=torch.bfloat16), torch.randn(d, device=dev, dtype=torch.bfloat16)

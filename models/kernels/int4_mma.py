@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from . import nvrtc
+from . import nvrtc, pdl
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -124,6 +124,9 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
               int* __restrict__ counters, int N, int K, int G, int split, u32 magic, const u16* res,
               const u16* gamma, u16* h, float* sq, int n_sq, float eps, int epilogue) {
   extern __shared__ uint4 smem[];
+#if PDL  // programmatic dependent launch (pdl.py): the next kernel may start now; this one waits below
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = lane >> 2, c = lane & 3;
   const int g_per = (G + split - 1) / split;
@@ -152,6 +155,9 @@ int4_mma_gemv(const u16* __restrict__ x, const uint4* __restrict__ qw, const u16
 #pragma unroll
       for (int s = 0; s < 4; ++s) buf[i][s] = __ldg(wp + i * group_stride + s * word_stride);
     }
+#if PDL  // all that follows reads or writes what earlier kernels wrote (x, the epilogue's inputs, the workspace)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 
   // x's scale in fp16 (sigma, a power of two): the block's largest |x| times sigma near 2**15, so that x' = x sigma
   // (x sigma / 16 at odd nibble positions) keeps all of a bf16's bits down to 2**-24 of that largest value.
@@ -331,13 +337,18 @@ def config(tile: tuple[int, int, int, bool]) -> dict:
     return {"MMA": tile, "BLOCK_N": 32 * warps, "SPLIT": split}
 
 
+def source_for(warps: int, stages: int, cluster: int, tiled: bool = False, dependent: bool = False) -> str:
+    """SOURCE for (warps a block, groups in flight a lane, blocks of a cluster splitting K; `tiled`: words as
+    tile_words lays them; `dependent`: launched early, its first weights loaded before its griddepcontrol.wait)."""
+    return (f"#define WARPS {warps}\n#define STAGES {stages}\n#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n"
+            f"#define PDL {int(dependent)}\n{SOURCE}")
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(warps: int, stages: int, cluster: int, device: torch.device, tiled: bool = False) -> nvrtc.Kernel:
-    """The kernel for (warps a block, groups in flight a lane, blocks of a cluster splitting K; `tiled`: words as
-    tile_words lays them), compiled for this GPU's architecture (or read from the cubin cache) and loaded."""
-    source = f"#define WARPS {warps}\n#define STAGES {stages}\n#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n"
-    source += SOURCE
-    return nvrtc.load_kernel(source, "int4_mma_gemv", device, ("-std=c++17",))
+def _kernel(warps: int, stages: int, cluster: int, device: torch.device, tiled: bool, dependent: bool) -> nvrtc.Kernel:
+    """source_for's kernel compiled for this GPU's architecture (or read from the cubin cache) and loaded."""
+    return nvrtc.load_kernel(source_for(warps, stages, cluster, tiled, dependent), "int4_mma_gemv", device,
+                             ("-std=c++17",))
 
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
@@ -362,10 +373,11 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
         raise ValueError(f"tiled words need N % 32 == 0 (N {n})")
     if any(t.stride() != (n, 1) for t in ((scales, offsets) if tiled else (qweight, scales, offsets))):
         raise ValueError("int4_mma reads the packed tensors as contiguous [rows, N]")
-    kernel = _kernel(warps, stages, split if cluster else 1, device, tiled)
+    dependent = pdl.level(device) > pdl.OFF
+    kernel = _kernel(warps, stages, split if cluster else 1, device, tiled, dependent)
     kernel((blocks, split, 1), (32 * warps, 1, 1),
            [x.contiguous(), qweight, scales, offsets, y, partials, counters, n, in_features, groups, split, MAGIC,
-            res, gamma, h, sums, n_sums, float(eps), epilogue], -(-groups // split) * SMEM_PER_GROUP)
+            res, gamma, h, sums, n_sums, float(eps), epilogue], -(-groups // split) * SMEM_PER_GROUP, dependent)
 
 
 def tile_words(qweight: torch.Tensor) -> torch.Tensor:

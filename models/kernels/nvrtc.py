@@ -3,7 +3,8 @@
 Why our own: torch.cuda._compile_kernel wants a CUDA toolkit's headers (it raises without CUDA_HOME, which a
 user's pip-installed torch does not have), and a kernel that includes no headers needs none. NVRTC comes
 with every CUDA build of torch (the nvidia-cuda-nvrtc package beside it), the driver with the GPU.
-Launches are plain cuLaunchKernel calls on torch's current stream, so CUDA graphs capture them.
+Launches are plain cuLaunchKernel calls on torch's current stream, so CUDA graphs capture them; a dependent
+launch (programmatic dependent launch, pdl.py) goes through cuLaunchKernelEx with its attribute.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def _nvrtc(major: int | None = None) -> ctypes.CDLL:
 
 def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
 def _check(result: int, what: str) -> None:
@@ -86,8 +99,10 @@ class Kernel:
                    "cuModuleGetFunction")
         self._shared_limit = 48 * 1024
 
-    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared_mem: int = 0) -> None:
-        """Launch with `args`: tensors as their data pointers, ints as 32-bit ints, floats as fp32."""
+    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared_mem: int = 0,
+                 dependent: bool = False) -> None:
+        """Launch with `args`: tensors as their data pointers, ints as 32-bit ints, floats as fp32. `dependent`: it
+        may start while the kernel before it runs (its griddepcontrol.wait orders what it reads; pdl.py)."""
         if shared_mem > self._shared_limit:  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             _check(self._driver.cuFuncSetAttribute(self._function, 8, shared_mem), "cuFuncSetAttribute")
             self._shared_limit = shared_mem
@@ -95,6 +110,14 @@ class Kernel:
                   else ctypes.c_float(a) if isinstance(a, float) else ctypes.c_int(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        if dependent:
+            attribute = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+            attribute.value[0] = 1
+            launch = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, stream,
+                                   ctypes.pointer(attribute), 1)
+            _check(self._driver.cuLaunchKernelEx(ctypes.byref(launch), self._function, pointers, None),
+                   "cuLaunchKernelEx")
+            return
         _check(self._driver.cuLaunchKernel(self._function, *grid, *block, shared_mem, stream, pointers, None),
                "cuLaunchKernel")
 
