@@ -38,6 +38,7 @@
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
 #     mma      the tensor-core GEMV (int4_mma.py): its GPU tests, then against the app's Triton tiles per shape
 #     mma-ab   the 7B and 1.8B decoding with and without its tiles;  mma-profile  ncu of its tiles and Triton's
+#     cluster  the cluster decode attention against the Triton one: GPU tests, per layer;  cluster-ab  end to end
 #     pdl-chain  a layer's kernels with early launches, Triton's GEMV tiles against the tensor-core GEMV's
 #     mma-tests  the GPU tests of the GEMVs, their tiles and epilogues, and the fast decoder
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
@@ -204,6 +205,17 @@ run_mode() {
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_pdl.py 2>&1 | tee "$OUT/pdl_chain_tests.txt" | tail -8
       timeout 360 python3 bench/pdl_chain.py --out "$OUT/pdl_chain.jsonl" 2>&1 | tee "$OUT/pdl_chain.txt" ;;
+    cluster)  # the cluster decode attention (attention_cluster.py): its GPU tests and the Triton kernel's, then both
+              # per layer over the catalog's head layouts and windows (bench/attention_cluster.py) (~3 minutes)
+      PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_attention_cluster.py tests/test_decode_attention.py tests/test_pdl.py 2>&1 \
+        | tee "$OUT/cluster_tests.txt" | tail -12
+      timeout 300 python3 bench/attention_cluster.py --out "$OUT/attention_cluster.jsonl" 2>&1 \
+        | tee "$OUT/attention_cluster.txt" ;;
+    cluster-ab)  # the 1.8B and the 7B decoding with the cluster attention and with the Triton one (~5 minutes)
+      python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-triton-attention 7b:fast-int4 \
+        7b:fast-int4-triton-attention --out "$OUT/decode_cluster_ab.jsonl" --md "$OUT/decode_cluster_ab.md" 2>&1 \
+        | tail -30 ;;
     mma-ab)  # the 7B and the 1.8B with the GEMV tiles chosen among Triton's and int4_mma's, and Triton's only (~8 min)
       python3 bench/decode_speed.py --configs 7b:fast-int4 7b:fast-int4-triton-gemv 1.8b:fast-int4 \
         1.8b:fast-int4-triton-gemv --out "$OUT/decode_mma_ab.jsonl" --md "$OUT/decode_mma_ab.md" 2>&1 | tail -30 ;;

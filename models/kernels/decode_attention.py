@@ -30,7 +30,7 @@ try:
 except ImportError:  # the CPU build of torch does not bring Triton: the reference runs
     triton = None
 
-from . import pdl
+from . import attention_cluster, pdl
 from .split_k import ATTENTION_MAX_SPLITS as MAX_SPLITS, attention_partial_floats, attention_rows
 
 if triton is not None:
@@ -48,6 +48,7 @@ if triton is not None:
 BLOCK_L = 128  # keys per inner step
 CHUNK, LONG_CHUNK, LONG_WINDOW = 128, 256, 1024  # keys per program: CHUNK up to LONG_WINDOW positions
 NUM_WARPS, NUM_STAGES = 4, 2
+CLUSTER_ENV = "SMALLCHAT_CLUSTER_ATTENTION"  # "0": Hopper runs this Triton kernel too (attention_cluster.py's A/B)
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -165,6 +166,9 @@ def decode_attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torc
     """
     if not _triton_ready(qkv) or not _qkv_kernel_takes(qkv, cos, key, value, query_heads):
         return qkv_reference(qkv, bias, cos, sin, position, key, value, mask, scaling, query_heads)
+    if os.environ.get(CLUSTER_ENV, "1") != "0" and attention_cluster.takes(qkv, bias, cos, position, key, value, mask,
+                                                                          query_heads):
+        return attention_cluster.attention_qkv(qkv, bias, cos, sin, position, key, value, mask, scaling, query_heads)
     return _run_qkv_kernel(qkv, bias, cos, sin, position, key, value, mask, scaling, query_heads, partials, counters)
 
 

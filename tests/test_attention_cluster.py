@@ -1,0 +1,139 @@
+"""The cluster decode attention (models/kernels/attention_cluster.py): compiled on the CPU, checked on a Hopper GPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from models.kernels import attention_cluster, decode_attention, nvrtc
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+D = 128
+
+
+def _nvrtc_13():
+    try:
+        nvrtc._nvrtc(13)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _nvrtc_13(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
+@pytest.mark.parametrize("group", [1, 2, 4, 7, 16])
+def test_the_kernel_compiles_for_hopper_without_spills(group):
+    """Every group size the catalog's models have (1.8B 2, 7B 4, Qwen2.5-7B 7, InternLM3 16), with and without
+    the q/k/v bias and the early launch: no stack (a spill would put the rows in flight in local memory)."""
+    from models.kernels import int4_triton
+
+    tool = os.path.join(os.path.dirname(int4_triton.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for bias, dependent in [(False, False), (True, True)]:
+        cubin = nvrtc.compile_cubin(attention_cluster.source_for(group, D, bias, dependent), "attention_cluster",
+                                    (9, 0), ("-std=c++17",), 13)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        assert re.search(r"STACK:(\d+)", usage).group(1) == "0", (group, bias, usage)
+    assert attention_cluster.shared_bytes(16, D) <= 227 * 1024
+
+
+def _case(hq, hkv, length, pos, bias, generator):
+    width = (hq + 2 * hkv) * D
+    qkv = torch.randn(width, device="cuda", generator=generator).to(torch.bfloat16)
+    b = (0.3 * torch.randn(width, device="cuda", generator=generator)).to(torch.bfloat16) if bias else None
+    angle = torch.rand(D // 2, device="cuda", generator=generator) * 6.28
+    cos, sin = (torch.cat([f(angle)] * 2).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    k = torch.randn(1, hkv, length, D, device="cuda", generator=generator).to(torch.bfloat16)
+    v = torch.randn(1, hkv, length, D, device="cuda", generator=generator).to(torch.bfloat16)
+    k[:, :, pos + 1:] *= 50  # stale entries past the position: large, and never to be read
+    v[:, :, pos + 1:] *= 50
+    return qkv, b, cos, sin, k, v
+
+
+def test_it_takes_no_cpu_tensors_and_no_other_dtypes():
+    qkv = torch.zeros((16 + 16) * D, dtype=torch.bfloat16)
+    key = torch.zeros(1, 8, 64, D, dtype=torch.bfloat16)
+    args = (qkv, None, torch.zeros(D, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.long), key, key.clone(),
+            torch.ones(64, dtype=torch.bool), 16)
+    assert not attention_cluster.takes(*args)
+    assert not attention_cluster.available(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper (or later) GPU")
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8), (28, 4), (12, 2), (32, 2), (8, 8)])
+def test_it_matches_the_plain_form_and_writes_the_token(heads):
+    """Against decode_attention.qkv_reference over windows, positions (the first, inside the first share, the
+    window's last), masks with holes and the q/k/v bias: the output within bf16's rounding of q and k (as the
+    Triton kernel's test), the token's key and value written at its position, nothing else of the cache
+    touched, and the same bits when run again."""
+    hq, hkv = heads
+    gen = torch.Generator(device="cuda").manual_seed(hq * 100 + hkv)
+    for window, pos, bias, holes in [(512, 0, False, False), (512, 5, True, False), (512, 511, False, True),
+                                     (1024, 600, True, True), (2048, 1500, False, False), (4096, 4095, True, True),
+                                     (4096, 77, False, True)]:
+        qkv, b, cos, sin, k, v = _case(hq, hkv, window + 64, pos, bias, gen)
+        mask = torch.ones(window, dtype=torch.bool, device="cuda")
+        if holes:  # padding the model never attends to (never the token itself)
+            mask[torch.randperm(window, device="cuda", generator=gen)[: window // 5]] = False
+            mask[pos] = True
+        position = torch.tensor([pos], device="cuda")
+        assert attention_cluster.takes(qkv, b, cos, position, k, v, mask, hq)
+        k_ref, v_ref = k.float(), v.float()
+        ref = decode_attention.qkv_reference(qkv.float(), None if b is None else b.float(), cos.float(), sin.float(),
+                                             position, k_ref, v_ref, mask, D ** -0.5, hq)
+        before_k, before_v = k.clone(), v.clone()
+        got = attention_cluster.attention_qkv(qkv, b, cos, sin, position, k, v, mask, D ** -0.5, hq)
+        again = attention_cluster.attention_qkv(qkv, b, cos, sin, position, k, v, mask, D ** -0.5, hq)
+        where = (heads, window, pos, bias, holes)
+        assert float((got.float() - ref).abs().max() / ref.abs().max()) < 2e-2, where
+        assert torch.equal(got, again), where
+        for cache, want in ((k, k_ref), (v, v_ref)):
+            assert float((cache[:, :, pos].float() - want[:, :, pos]).abs().max() / want[:, :, pos].abs().max()) < 2**-7
+        others = torch.ones(window + 64, dtype=torch.bool, device="cuda")
+        others[pos] = False
+        assert torch.equal(k[:, :, others], before_k[:, :, others]) and torch.equal(v[:, :, others], before_v[:, :, others])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper (or later) GPU")
+def test_the_step_op_runs_it_in_a_graph_as_the_position_moves(monkeypatch):
+    """decode_attention_qkv (the op the decode step calls) takes this kernel on Hopper; captured once in a CUDA
+    graph and replayed at 20 positions it equals the Triton kernel it replaces (SMALLCHAT_CLUSTER_ATTENTION=0)
+    on the same inputs, cache writes included, up to rounding."""
+    hq, hkv, window = 16, 8, 1024
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    qkv, b, cos, sin, k, v = _case(hq, hkv, window + 64, window - 1, True, gen)
+    k.normal_(generator=gen)
+    v.normal_(generator=gen)
+    mask = torch.ones(window, dtype=torch.bool, device="cuda")
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+    ws = decode_attention.new_workspace(hq, hkv, D, "cuda")
+    k_triton, v_triton = k.clone(), v.clone()
+
+    def step(key, value):
+        return decode_attention.decode_attention_qkv(qkv, b, cos, sin, position, key, value, mask, D ** -0.5, hq, *ws)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(k.clone(), v.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(k, v)
+    for n in range(20):
+        position.fill_(3 + 50 * n)
+        qkv.normal_(generator=gen)
+        graph.replay()
+        monkeypatch.setenv(decode_attention.CLUSTER_ENV, "0")
+        want = step(k_triton, v_triton)
+        monkeypatch.delenv(decode_attention.CLUSTER_ENV)
+        assert float((out.float() - want.float()).abs().max() / want.float().abs().max()) < 2e-2, n
+        for mine, theirs in ((k, k_triton), (v, v_triton)):  # the same rotation, up to how each rounds its fp32
+            assert float((mine.float() - theirs.float()).abs().max()) <= 2**-7 * float(theirs.float().abs().max()), n
