@@ -219,9 +219,12 @@ attention_cluster(const u16* qkv, const u16* bias, const u16* cs, const u16* sn,
 LOG2E = 1.4426950408889634
 WARPS = 8  # a block's warps: 256 keys in flight a round
 CLUSTER = 8  # blocks a KV head (the portable cluster size)
-# Windows up to this many positions take this kernel; longer ones decode_attention.py's, whose chunks spread a
-# long cache over more blocks than a cluster has (the crossover measured by bench/decode_attention.py --cluster).
-MAX_WINDOW = 4096
+# Where it is taken, from bench/attention_cluster.py on an H100 (bench/results/attention_cluster_h100_s34.txt), µs a
+# layer against the Triton kernel: groups of 2 (1.8B) 1.35-1.67x faster at windows of 512-8,192, groups of 4 (7B)
+# 1.04x at 512 and 1.20-1.37x from 1,024; groups of 6-7 (Qwen2.5, 2-4 KV heads) 0.68-1.04x and 16 (InternLM3, 2 KV
+# heads) 0.49-0.71x: a lane's scores cost GROUP x 128 multiply-adds, and a model with few KV heads fills few SMs.
+MAX_GROUP = 4
+MAX_WINDOW = 8192  # the longest window measured
 
 
 def available(device: torch.device) -> bool:
@@ -231,14 +234,14 @@ def available(device: torch.device) -> bool:
 
 def takes(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, position: torch.Tensor, key: torch.Tensor,
           value: torch.Tensor, mask: torch.Tensor, query_heads: int) -> bool:
-    """Whether this kernel runs the step: Hopper, bf16 throughout, head_dim 128 (every catalog model's), at most MAX_WINDOW positions,
-    a group of up to 16 query heads a KV head, contiguous rows of 16-byte-aligned keys and values."""
+    """Whether this kernel runs the step: Hopper, bf16 throughout, head_dim 128 (every catalog model's), at most
+    MAX_WINDOW positions, at most MAX_GROUP query heads a KV head, contiguous rows of 16-byte-aligned keys and values."""
     hkv, d = key.shape[1], key.shape[-1]
     tensors = [qkv, cos, key, value] + ([bias] if bias is not None else [])
     return (qkv.is_cuda and available(qkv.device) and all(t.dtype == torch.bfloat16 for t in tensors)
-            and d == 128 and query_heads % hkv == 0 and query_heads // hkv <= 16
-            and position.dtype == torch.int64 and mask.dtype == torch.bool and mask.shape[-1] <= MAX_WINDOW and key.stride(-1) == 1
-            and value.stride(-1) == 1 and all(t.data_ptr() % 16 == 0 and t.stride(2) % 8 == 0 for t in (key, value)))
+            and d == 128 and query_heads % hkv == 0 and query_heads // hkv <= MAX_GROUP
+            and position.dtype == torch.int64 and mask.dtype == torch.bool and mask.shape[-1] <= MAX_WINDOW
+            and key.stride(-1) == 1 and value.stride(-1) == 1 and all(t.data_ptr() % 16 == 0 and t.stride(2) % 8 == 0 for t in (key, value)))
 
 
 def source_for(group: int, head_dim: int, has_bias: bool, dependent: bool, warps: int = WARPS,
