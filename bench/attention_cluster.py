@@ -48,6 +48,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
+    p.add_argument("--variants", nargs="*", default=[], metavar="WARPS,CLUSTER",
+                   help="also time the cluster kernel with these (warps a block, blocks a KV head)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -66,6 +68,10 @@ def main() -> None:
                         qkv, bias, cos, sin, position, keys[i], values[i], mask, scale, hq, *ws),
                     "cluster": lambda i: attention_cluster.attention_qkv(
                         qkv, bias, cos, sin, position, keys[i], values[i], mask, scale, hq)}
+                for variant in a.variants:
+                    warps, cluster = map(int, variant.split(","))
+                    kernels[f"cluster_{warps}x{cluster}"] = lambda i, w=warps, c=cluster: attention_cluster.attention_qkv(
+                        qkv, bias, cos, sin, position, keys[i], values[i], mask, scale, hq, w, c)
                 k_ref, v_ref = keys[0].clone(), values[0].clone()
                 ref = decode_attention.qkv_reference(qkv, bias, cos, sin, position, k_ref, v_ref, mask, scale, hq)
                 row = {"gpu": gpu, "layout": name, "window": window, "position": pos}
@@ -82,11 +88,14 @@ def main() -> None:
         torch.cuda.empty_cache()
     if a.out:
         Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print("| layout | window | position | Triton µs a layer | cluster µs | × | errors (Triton / cluster) | taken |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = [f"cluster_{v.replace(',', 'x')}" for v in a.variants]
+    print("| layout | window | position | Triton µs a layer | cluster µs | × | errors (Triton / cluster) | taken |"
+          + "".join(f" {e} µs |" for e in extra))
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(extra))
     for r in rows:
         print(f"| {r['layout']} | {r['window']} | {r['position']} | {r['triton_us']} | {r.get('cluster_us', '–')} | "
-              f"{r.get('speedup', '–')} | {r['triton_err']} / {r.get('cluster_err', '–')} | {r['taken']} |")
+              f"{r.get('speedup', '–')} | {r['triton_err']} / {r.get('cluster_err', '–')} | {r['taken']} |"
+              + "".join(f" {r.get(e + '_us', '–')} |" for e in extra))
 
 
 if __name__ == "__main__":

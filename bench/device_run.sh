@@ -212,6 +212,10 @@ run_mode() {
         | tee "$OUT/cluster_tests.txt" | tail -12
       timeout 300 python3 bench/attention_cluster.py --out "$OUT/attention_cluster.jsonl" 2>&1 \
         | tee "$OUT/attention_cluster.txt" ;;
+    cluster-tiles)  # the cluster attention's block shapes (warps a block x blocks a KV head) on the 1.8B and 7B (~2 min)
+      timeout 400 python3 bench/attention_cluster.py --layouts 1.8B 7B Qwen-7B --windows 512 1024 2048 4096 \
+        --variants 4,8 16,8 8,4 4,4 16,4 --out "$OUT/attention_cluster_tiles.jsonl" 2>&1 \
+        | tee "$OUT/attention_cluster_tiles.txt" | tail -30 ;;
     cluster-ab)  # the 1.8B and the 7B decoding with the cluster attention and with the Triton one (~5 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-triton-attention 7b:fast-int4 \
         7b:fast-int4-triton-attention --out "$OUT/decode_cluster_ab.jsonl" --md "$OUT/decode_cluster_ab.md" 2>&1 \

@@ -257,23 +257,25 @@ def shared_bytes(group: int, head_dim: int, warps: int = WARPS) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(group: int, head_dim: int, has_bias: bool, dependent: bool, device: torch.device) -> nvrtc.Kernel:
-    return nvrtc.load_kernel(source_for(group, head_dim, has_bias, dependent), "attention_cluster", device,
-                             ("-std=c++17",))
+def _kernel(group: int, head_dim: int, has_bias: bool, dependent: bool, warps: int, cluster: int,
+            device: torch.device) -> nvrtc.Kernel:
+    return nvrtc.load_kernel(source_for(group, head_dim, has_bias, dependent, warps, cluster), "attention_cluster",
+                             device, ("-std=c++17",))
 
 
 def attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                   position: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
-                  query_heads: int) -> torch.Tensor:
-    """decode_attention.decode_attention_qkv's result [1, Hq, D] by this kernel (`takes` must hold)."""
+                  query_heads: int, warps: int = WARPS, cluster: int = CLUSTER) -> torch.Tensor:
+    """decode_attention.decode_attention_qkv's result [1, Hq, D] by this kernel (`takes` must hold; `warps` and
+    `cluster`, a block's warps and a KV head's blocks, for the bench)."""
     hkv, d = key.shape[1], key.shape[-1]
     group = query_heads // hkv
     device = qkv.device if qkv.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     dependent = pdl.level(device) > pdl.OFF
     out = qkv.new_empty(1, query_heads, d)
-    kernel = _kernel(group, d, bias is not None, dependent, device)
-    kernel((CLUSTER, hkv, 1), (32 * WARPS, 1, 1),
+    kernel = _kernel(group, d, bias is not None, dependent, warps, cluster, device)
+    kernel((cluster, hkv, 1), (32 * warps, 1, 1),
            [qkv.contiguous(), qkv if bias is None else bias.contiguous(), cos.contiguous(), sin.contiguous(),
             position, key, value, mask.reshape(-1), out, mask.shape[-1], key.stride(1), key.stride(2), value.stride(1),
-            value.stride(2), float(scaling * LOG2E), query_heads, hkv], shared_bytes(group, d), dependent)
+            value.stride(2), float(scaling * LOG2E), query_heads, hkv], shared_bytes(group, d, warps), dependent)
     return out
