@@ -218,6 +218,11 @@ attention_cluster(const u16* qkv, const u16* bias, const u16* cs, const u16* sn,
 
 LOG2E = 1.4426950408889634
 WARPS = 8  # a block's warps: 256 keys in flight a round
+# Windows longer than this take 16 warps a block (bench/results/attention_cluster_tiles_h100_s34.txt: at 4,096
+# positions 1.8B 11.4-12.9 against 12.4-13.5 us, 7B 13.9-15.9 against 15.4-16.7; at 2,048 and less 8 warps are as
+# fast or faster, 4 or 8 blocks a KV head slower everywhere). With 16 warps a group of 4 spills 24 bytes a thread
+# (128 registers at 512 threads) and is still the faster.
+LONG_WINDOW, LONG_WARPS = 2048, 16
 CLUSTER = 8  # blocks a KV head (the portable cluster size)
 # Where it is taken, from bench/attention_cluster.py on an H100 (bench/results/attention_cluster_h100_s34.txt), µs a
 # layer against the Triton kernel: groups of 2 (1.8B) 1.35-1.67x faster at windows of 512-8,192, groups of 4 (7B)
@@ -263,12 +268,18 @@ def _kernel(group: int, head_dim: int, has_bias: bool, dependent: bool, warps: i
                              device, ("-std=c++17",))
 
 
+def warps_for(window: int) -> int:
+    """A block's warps for a window of `window` positions (WARPS, or LONG_WARPS past LONG_WINDOW)."""
+    return LONG_WARPS if window > LONG_WINDOW else WARPS
+
+
 def attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                   position: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
-                  query_heads: int, warps: int = WARPS, cluster: int = CLUSTER) -> torch.Tensor:
+                  query_heads: int, warps: int | None = None, cluster: int = CLUSTER) -> torch.Tensor:
     """decode_attention.decode_attention_qkv's result [1, Hq, D] by this kernel (`takes` must hold; `warps` and
-    `cluster`, a block's warps and a KV head's blocks, for the bench)."""
+    `cluster`, a block's warps and a KV head's blocks, for the bench: warps_for's by default)."""
     hkv, d = key.shape[1], key.shape[-1]
+    warps = warps or warps_for(mask.shape[-1])
     group = query_heads // hkv
     device = qkv.device if qkv.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     dependent = pdl.level(device) > pdl.OFF
