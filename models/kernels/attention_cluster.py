@@ -44,29 +44,29 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
   return v;
 }
-// Row `row` of qkv viewed as [heads, D], dimension d, plus its bias, rotated: x cos + rotate_half(x) sin in fp32.
-__device__ __forceinline__ float rotated(const u16* qkv, const u16* bias, const u16* cs, const u16* sn, int row, int d) {
+// Row `row` of src viewed as [rows, D], dimension d, plus row `brow` of the bias, rotated: x cos + rotate_half(x) sin in
+// fp32. (src: the q/k/v projection's output in global memory, or its rows in shared memory: generic addressing.)
+__device__ __forceinline__ float rotated(const u16* src, const u16* bias, const u16* cs, const u16* sn, int row, int brow,
+                                         int d) {
   const int partner = (d + D / 2) % D;
-  float x = bf(qkv[row * D + d]), y = bf(qkv[row * D + partner]);
+  float x = bf(src[row * D + d]), y = bf(src[row * D + partner]);
 #if HAS_BIAS
-  x += bf(bias[row * D + d]);
-  y += bf(bias[row * D + partner]);
+  x += bf(bias[brow * D + d]);
+  y += bf(bias[brow * D + partner]);
 #endif
   return x * bf(cs[d]) + (d < D / 2 ? -y : y) * bf(sn[d]);
 }
 
-// out [Hq, D] = attention of the token at *pos over positions [0, min(*pos + 1, W)) where mask is set; grid
-// (CLUSTER, KV heads), a cluster a KV head. Dynamic shared memory: (GROUP + WARPS GROUP + GROUP) D + 2 (WARPS + 1)
-// GROUP floats.
-extern "C" __global__ void __launch_bounds__(WARPS * 32) __cluster_dims__(CLUSTER, 1, 1)
-attention_cluster(const u16* qkv, const u16* bias, const u16* cs, const u16* sn, const long long* pos_ptr, u16* kc,
-                  u16* vc, const unsigned char* mask, u16* out, int W, int skh, int skl, int svh, int svl,
-                  float scale_log2, int q_heads, int kv_heads) {
-#if PDL
-  asm volatile("griddepcontrol.launch_dependents;");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-  extern __shared__ float smem[];
+// Dynamic shared memory a block of attend_head takes: (GROUP + WARPS GROUP + GROUP) D + 2 (WARPS + 1) GROUP floats.
+#define ATTEND_FLOATS ((2 + WARPS) * GROUP * D + 2 * (WARPS + 1) * GROUP)
+
+// out [Hq, D] = attention of the token at pos over positions [0, min(pos + 1, W)) where mask is set, for KV head
+// `head`, by the CLUSTER blocks of its cluster (this one is `rank`). src holds the token's q rows (src_q .. + GROUP),
+// k row (src_k) and v row (src_v), before their bias (the bias's rows are the projection's: its layout is
+// [Hq q rows, Hkv k rows, Hkv v rows]).
+__device__ __forceinline__ void attend_head(const u16* src, int src_q, int src_k, int src_v, const u16* bias,
+    const u16* cs, const u16* sn, int pos, u16* kc, u16* vc, const unsigned char* mask, u16* out, int W, int skh,
+    int skl, int svh, int svl, float scale_log2, int q_heads, int kv_heads, int head, u32 rank, float* smem) {
   float* qs = smem;                          // [GROUP][D]: q rotated, rounded, times scale * log2(e)
   float* wacc = qs + GROUP * D;              // [WARPS][GROUP][D]
   float* cta_acc = wacc + WARPS * GROUP * D; // [GROUP][D]
@@ -74,24 +74,20 @@ attention_cluster(const u16* qkv, const u16* bias, const u16* cs, const u16* sn,
   float* wl = wm + WARPS * GROUP;            // [WARPS][GROUP]
   float* cta_m = wl + WARPS * GROUP;         // [GROUP]
   float* cta_l = cta_m + GROUP;              // [GROUP]
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, head = blockIdx.y;
-  u32 rank;
-  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  const int pos = (int)*pos_ptr;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_keys = min(pos + 1, W);
   const int share = (n_keys + CLUSTER - 1) / CLUSTER;
   const int lo = min((int)rank * share, n_keys), hi = min(lo + share, n_keys);
 
   for (int i = tid; i < GROUP * D; i += WARPS * 32)
-    qs[i] = bf(to_bf(rotated(qkv, bias, cs, sn, head * GROUP + i / D, i % D))) * scale_log2;
+    qs[i] = bf(to_bf(rotated(src, bias, cs, sn, src_q + i / D, head * GROUP + i / D, i % D))) * scale_log2;
   if (lo <= pos && pos < hi) {               // this block's share holds the token: write its key and value first
     for (int d = tid; d < D; d += WARPS * 32) {
-      kc[(size_t)head * skh + (size_t)pos * skl + d] = to_bf(rotated(qkv, bias, cs, sn, q_heads + head, d));
-      const int v_at = (q_heads + kv_heads + head) * D + d;
+      kc[(size_t)head * skh + (size_t)pos * skl + d] = to_bf(rotated(src, bias, cs, sn, src_k, q_heads + head, d));
 #if HAS_BIAS
-      vc[(size_t)head * svh + (size_t)pos * svl + d] = to_bf(bf(qkv[v_at]) + bf(bias[v_at]));
+      vc[(size_t)head * svh + (size_t)pos * svl + d] = to_bf(bf(src[src_v * D + d]) + bf(bias[(q_heads + kv_heads + head) * D + d]));
 #else
-      vc[(size_t)head * svh + (size_t)pos * svl + d] = qkv[v_at];
+      vc[(size_t)head * svh + (size_t)pos * svl + d] = src[src_v * D + d];
 #endif
     }
   }
@@ -216,6 +212,26 @@ attention_cluster(const u16* qkv, const u16* bias, const u16* cs, const u16* sn,
 }
 """
 
+# The kernel of decode_attention_qkv's contract: q/k/v from the projection's output in global memory. Grid (CLUSTER,
+# KV heads), a cluster a KV head.
+ENTRY = r"""
+extern "C" __global__ void __launch_bounds__(WARPS * 32) __cluster_dims__(CLUSTER, 1, 1)
+attention_cluster(const u16* qkv, const u16* bias, const u16* cs, const u16* sn, const long long* pos_ptr, u16* kc,
+                  u16* vc, const unsigned char* mask, u16* out, int W, int skh, int skl, int svh, int svl,
+                  float scale_log2, int q_heads, int kv_heads) {
+#if PDL
+  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  extern __shared__ float smem[];
+  const int head = blockIdx.y;
+  u32 rank;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  attend_head(qkv, head * GROUP, q_heads + head, q_heads + kv_heads + head, bias, cs, sn, (int)*pos_ptr, kc, vc, mask,
+              out, W, skh, skl, svh, svl, scale_log2, q_heads, kv_heads, head, rank, smem);
+}
+"""
+
 LOG2E = 1.4426950408889634
 WARPS = 8  # a block's warps: 256 keys in flight a round
 # Windows longer than this take 16 warps a block (bench/results/attention_cluster_tiles_h100_s34.txt: at 4,096
@@ -253,7 +269,7 @@ def source_for(group: int, head_dim: int, has_bias: bool, dependent: bool, warps
                cluster: int = CLUSTER) -> str:
     """SOURCE for `group` query heads a KV head of `head_dim`, with or without the q/k/v bias, launched early or not."""
     return (f"#define GROUP {group}\n#define HEAD_DIM {head_dim}\n#define HAS_BIAS {int(has_bias)}\n"
-            f"#define PDL {int(dependent)}\n#define WARPS {warps}\n#define CLUSTER {cluster}\n{SOURCE}")
+            f"#define PDL {int(dependent)}\n#define WARPS {warps}\n#define CLUSTER {cluster}\n{SOURCE}{ENTRY}")
 
 
 def shared_bytes(group: int, head_dim: int, warps: int = WARPS) -> int:
