@@ -21,6 +21,8 @@ import functools
 import torch
 
 from . import attention_cluster, int4_mma, nvrtc, pdl
+from .decode_attention import decode_attention_qkv
+from .int4_folded import int4_linear_scaled
 from .mma_fragments import FRAGMENTS
 
 KERNEL = r"""
@@ -188,10 +190,10 @@ def qkv_attention(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             and sums.dtype == torch.float32:
         return launch(x, qweight, scales, offsets, sums, eps, bias, cos, sin, position, key, value, mask, scaling,
                       query_heads)
-    qkv = torch.ops.smallchat.int4_linear_scaled(x, qweight, scales, offsets, in_features, split_partials,
-                                                 split_counters, tile, sums, eps, False)
-    return torch.ops.smallchat.decode_attention_qkv(qkv.reshape(-1), bias, cos, sin, position, key, value, mask,
-                                                    scaling, query_heads, partials, counters)
+    qkv = int4_linear_scaled(x, qweight, scales, offsets, in_features, split_partials, split_counters, tile, sums, eps,
+                             False)
+    return decode_attention_qkv(qkv.reshape(-1), bias, cos, sin, position, key, value, mask, scaling, query_heads,
+                                partials, counters)
 
 
 @qkv_attention.register_fake
