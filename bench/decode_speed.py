@@ -64,9 +64,7 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          "fast-int4-prefill-512": ("int4", False),  # prompt chunks of 512 tokens, not PREFILL_CHUNK's 1,024
          "fast-int4-triton-gemv": ("int4", False),  # the GEMV tiles chosen among Triton's only, not int4_mma's too
          # the decode attention as the Triton kernel on Hopper too, not the cluster kernel (attention_cluster.py)
-         "fast-int4-triton-attention": ("int4", False),
-         # the q/k/v GEMV and the attention as two kernels, not attention_qkv.py's one (on Hopper)
-         "fast-int4-separate-qkv": ("int4", False)}
+         "fast-int4-triton-attention": ("int4", False)}
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -195,10 +193,6 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         for module in (memory, memory_split, fast_decode, generation):
             module.PREFILL_CHUNK = 512
         fast_decode.PREFILL_BUCKETS = tuple(b for b in fast_decode.PREFILL_BUCKETS if b <= 512)
-    if path == "fast-int4-separate-qkv":
-        from models.kernels import attention_qkv
-
-        os.environ[attention_qkv.ENV] = "0"
     if path == "fast-int4-triton-attention":
         from models.kernels import decode_attention
 

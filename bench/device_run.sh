@@ -38,7 +38,8 @@
 #     persistent  a layer's four GEMVs as one persistent kernel with grid barriers against separate launches
 #     mma      the tensor-core GEMV (int4_mma.py): its GPU tests, then against the app's Triton tiles per shape
 #     mma-ab   the 7B and 1.8B decoding with and without its tiles;  mma-profile  ncu of its tiles and Triton's
-#     cluster  the cluster decode attention against the Triton one: GPU tests, per layer;  cluster-ab  end to end
+#     cluster  the cluster decode attention against the Triton one: GPU tests, per layer;  cluster-ab  end to end;
+#              cluster-tiles  its block shapes;  fused  the q/k/v GEMV + attention as one kernel (a probe), per layer
 #     pdl-chain  a layer's kernels with early launches, Triton's GEMV tiles against the tensor-core GEMV's
 #     mma-tests  the GPU tests of the GEMVs, their tiles and epilogues, and the fast decoder
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
@@ -216,15 +217,12 @@ run_mode() {
       timeout 400 python3 bench/attention_cluster.py --layouts 1.8B 7B Qwen-7B --windows 512 1024 2048 4096 \
         --variants 4,8 16,8 8,4 4,4 16,4 --out "$OUT/attention_cluster_tiles.jsonl" 2>&1 \
         | tee "$OUT/attention_cluster_tiles.txt" | tail -30 ;;
-    fused)  # the q/k/v GEMV + attention as one kernel (attention_qkv.py): its GPU tests and the folded-norm and fast
-            # decoder's, then per layer against the two kernels (bench/qkv_attention.py) (~3 minutes)
+    fused)  # probe: the q/k/v GEMV + attention as one kernel (bench/qkv_attention_kernel.py): its GPU tests and the
+            # folded-norm and fast decoder's, then per layer against the two kernels (bench/qkv_attention.py) (~3 min)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_attention_qkv.py tests/test_attention_cluster.py tests/test_int4_folded_norms.py \
         tests/test_fast_decode.py 2>&1 | tee "$OUT/fused_tests.txt" | tail -15
       timeout 240 python3 bench/qkv_attention.py --out "$OUT/qkv_attention.jsonl" 2>&1 | tee "$OUT/qkv_attention.txt" ;;
-    fused-ab)  # the 1.8B and 7B decoding with the fused q/k/v + attention kernel and without (~5 minutes)
-      python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-separate-qkv 7b:fast-int4 \
-        7b:fast-int4-separate-qkv --out "$OUT/decode_fused_ab.jsonl" --md "$OUT/decode_fused_ab.md" 2>&1 | tail -30 ;;
     cluster-ab)  # the 1.8B and the 7B decoding with the cluster attention and with the Triton one (~5 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-triton-attention 7b:fast-int4 \
         7b:fast-int4-triton-attention --out "$OUT/decode_cluster_ab.jsonl" --md "$OUT/decode_cluster_ab.md" 2>&1 \

@@ -1,4 +1,4 @@
-"""A layer's q/k/v GEMV and attention as one kernel (attention_qkv.py) against the two kernels it replaces.
+"""A layer's q/k/v GEMV and attention as one kernel (bench/qkv_attention_kernel.py) against the two kernels it replaces.
 
 Per head layout (1.8B 2048 / 16 / 8, 7B 4096 / 32 / 8) and window, one CUDA graph runs the op for every layer of a
 step, each layer with weights and a cache of its own (as decode does: they do not fit in the L2), and is replayed.
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.int4_kernels import graph_ms  # noqa: E402
-from models.kernels import attention_qkv, decode_attention, int4_triton  # noqa: E402
+from bench import qkv_attention_kernel as attention_qkv  # noqa: E402
+from models.kernels import decode_attention, int4_triton  # noqa: E402
 from models.kernels.int4 import new_workspace, quantize  # noqa: E402
 
 LAYOUTS = {"1.8B": (2048, 16, 8, 24), "7B": (4096, 32, 8, 32)}  # hidden, query heads, KV heads, layers

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import WORKSPACE_ATTR, decode_step_applies
-from .kernels.attention_qkv import qkv_attention
+from .attention import attend_qkv, decode_step_applies
 from .kernels.int4 import Int4Linear
 from .kernels.int4_folded import gate_and_up, residual_norm, scaled
 from .layer_step import LayerCache
@@ -76,7 +75,8 @@ def run_layer_folded(layer, h: torch.Tensor, normed: torch.Tensor, sums: torch.T
     `next_weight` is the weight of the norm that reads this layer's output (the next layer's input norm,
     or the model's final norm). The operations are run_layer's, in its order."""
     attention, mlp = layer.self_attn, layer.mlp
-    out = projected_attention(attention, normed, sums, layer.input_layernorm.variance_epsilon, cos, sin, mask, cache)
+    qkv = scaled(attention.qkv_proj, normed, sums, layer.input_layernorm.variance_epsilon)
+    out = attend_qkv(attention, qkv, attention.qkv_proj.bias, (cos, sin), mask, cache)
     h, normed, sums = residual_norm(attention.o_proj, out.view(1, -1), h, layer.post_attention_layernorm.weight)
     eps = layer.post_attention_layernorm.variance_epsilon
     if mlp.config.hidden_act in SILU:  # SiLU(gate) * up in the GEMV's epilogue too
@@ -85,19 +85,6 @@ def run_layer_folded(layer, h: torch.Tensor, normed: torch.Tensor, sums: torch.T
         gate, up = gate_and_up(scaled(mlp.gate_up_proj, normed, sums, eps))
         activated = mlp.act_fn(gate) * up
     return residual_norm(mlp.down_proj, activated, h, next_weight)
-
-
-def projected_attention(attention, normed: torch.Tensor, sums: torch.Tensor, eps: float, cos: torch.Tensor,
-                        sin: torch.Tensor, mask: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-    """The attention output [1, 1, Hq * D] of the token from its input norm's (normed, sums): the q/k/v GEMV and the
-    attention as one op (kernels/attention_qkv.py: one kernel on Hopper, else the two kernels)."""
-    linear = attention.qkv_proj
-    query_heads = attention.config.num_attention_heads
-    out = qkv_attention(
-        normed, linear.qweight, linear.scales, linear.offsets, linear.in_features, *linear.split_workspace(),
-        linear.tile, sums, eps, linear.bias, cos.reshape(-1), sin.reshape(-1), cache.position, cache.layer.keys,
-        cache.layer.values, mask.reshape(-1), attention.scaling, query_heads, *getattr(attention, WORKSPACE_ATTR))
-    return out.view(1, 1, query_heads * attention.head_dim)
 
 
 def final_logits(model, normed: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The fused q/k/v projection + attention (models/kernels/attention_qkv.py): compiled on the CPU, checked on Hopper."""
+"""The fused q/k/v projection + attention (bench/qkv_attention_kernel.py, a probe the app does not run): compiled on the CPU, checked on Hopper."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import tempfile
 import pytest
 import torch
 
-from models.kernels import attention_qkv, decode_attention, nvrtc
+from bench import qkv_attention_kernel as attention_qkv
+from models.kernels import decode_attention, nvrtc
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 D = 128

@@ -254,11 +254,10 @@ def test_precompile_builds_each_projection_with_the_epilogue_decode_runs_it_with
         (c.vocab_size, c.hidden_size, SCALED)}
 
 
-def test_each_layer_of_the_folded_step_is_four_ops_and_nothing_between_them(tiny_int4_model):
-    """On a Hopper GPU each op is one kernel: q/k/v (scaled) with the attention (rotation, cache write;
-    kernels/attention_qkv.py), o (+ residual and norm), gate/up (scaled, SiLU * up), down (+ residual and norm);
-    the lm_head (scaled) after the last layer. Nothing else computes between them: no norm, residual add or
-    activation kernel, only views."""
+def test_each_layer_of_the_folded_step_is_five_ops_and_nothing_between_them(tiny_int4_model):
+    """On a GPU each op is one kernel: q/k/v (scaled), attention (rotation, cache write), o (+ residual and
+    norm), gate/up (scaled, SiLU * up), down (+ residual and norm); the lm_head (scaled) after the last layer.
+    Nothing else computes between them: no norm, residual add or activation kernel, only views."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from models.fast_decode import FastDecoder
@@ -281,8 +280,8 @@ def test_each_layer_of_the_folded_step_is_four_ops_and_nothing_between_them(tiny
         fast._layer_loop.logits(torch.tensor([[5]]), torch.tensor([3]), torch.arange(fast.windows[-1]))
     ours = [i for i, name in enumerate(ops.names) if name.startswith("smallchat.")]
     between = [name for name in ops.names[ours[0]:ours[-1] + 1] if name not in views]
-    layer = ["smallchat.qkv_attention", "smallchat.int4_linear_residual_norm", "smallchat.int4_linear_scaled",
-             "smallchat.int4_linear_residual_norm"]
+    layer = ["smallchat.int4_linear_scaled", "smallchat.decode_attention_qkv", "smallchat.int4_linear_residual_norm",
+             "smallchat.int4_linear_scaled", "smallchat.int4_linear_residual_norm"]
     assert between == layer * model.config.num_hidden_layers + ["smallchat.int4_linear_scaled"]
 
 

@@ -1,6 +1,7 @@
 """CUDA C++ pieces of the int4 kernels on the tensor cores (mma.sync m16n8k16), shared by int4_mma.py's GEMV and
-attention_qkv.py's fused q/k/v projection: conversions, the nibbles-to-fp16 LOP3 (int4_mma.py's docstring has the
-numbers), the mma, one word index's step over a lane's 4 rows, and x staged in shared memory as the B fragments.
+bench/qkv_attention_kernel.py's fused q/k/v projection (a probe): conversions, the nibbles-to-fp16 LOP3
+(int4_mma.py's docstring has the numbers), the mma, one word index's step over a lane's 4 rows, and x staged in
+shared memory as the B fragments.
 Sources that include FRAGMENTS define WARPS (a block's warps) first.
 """
 

@@ -1,4 +1,11 @@
-"""A decode layer's q/k/v projection and attention as one kernel: a thread-block cluster per KV head (Hopper).
+"""Probe: a decode layer's q/k/v projection and attention as one kernel, a thread-block cluster per KV head (Hopper).
+
+Measured slower than the two kernels it would replace, so the app does not run it (BENCHMARKS.md, session 34: on an
+H100 the 1.8B's layer 16.3 against 14.4 us, the 7B's 27.6 against 18.6, end to end 887 against 925 and 345 against
+395 tok/s). What limits it: the projection's weights are read by only CLUSTER x KV heads blocks (64 for both models),
+each warp a K split of up to three 32-row tiles, two groups of words in flight at a time: six to eight dependent DRAM
+round trips where the GEMV kernel's hundreds of blocks have one or two. It stays here, with its bench
+(bench/qkv_attention.py) and GPU tests, for a later attempt (more blocks a head, all of a warp's words in flight).
 
 Why: a layer of the one-token step was five kernels (q/k/v GEMV, attention, o, gate/up, down), and what keeps decode
 under the bandwidth roofline is each kernel's fixed cost: its launch, its first DRAM latency, its split-K tail
@@ -20,10 +27,10 @@ import functools
 
 import torch
 
-from . import attention_cluster, int4_mma, nvrtc, pdl
-from .decode_attention import decode_attention_qkv
-from .int4_folded import int4_linear_scaled
-from .mma_fragments import FRAGMENTS
+from models.kernels import attention_cluster, int4_mma, nvrtc, pdl
+from models.kernels.decode_attention import decode_attention_qkv
+from models.kernels.int4_folded import int4_linear_scaled
+from models.kernels.mma_fragments import FRAGMENTS
 
 KERNEL = r"""
 #define KS WARPS                       // K splits of a row tile: one a warp
@@ -176,7 +183,7 @@ ENV = "SMALLCHAT_FUSED_QKV"  # "0": the q/k/v GEMV and the attention as two kern
 
 # The cache's key and value are written (this token's); the GEMV and attention workspaces are left as they were
 # (decode_attention_qkv's reasoning).
-@torch.library.custom_op("smallchat::qkv_attention", mutates_args=("key", "value"))
+@torch.library.custom_op("smallchat_bench::qkv_attention", mutates_args=("key", "value"))
 def qkv_attention(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int,
                   split_partials: torch.Tensor, split_counters: torch.Tensor, tile: int, sums: torch.Tensor, eps: float,
                   bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, position: torch.Tensor,
