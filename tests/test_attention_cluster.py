@@ -2,47 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
-
 import pytest
 import torch
 
-from models.kernels import attention_cluster, decode_attention, nvrtc
+from models.kernels import attention_cluster, decode_attention
+from tests.cuda_compile import nvrtc_13_installed, registers_and_stack
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 D = 128
 
 
-def _nvrtc_13():
-    try:
-        nvrtc._nvrtc(13)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _nvrtc_13(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
+@pytest.mark.skipif(not nvrtc_13_installed(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
 @pytest.mark.parametrize("group", [1, 2, 4, 7])
 def test_the_kernel_compiles_for_hopper_without_spills(group):
     """Group sizes the catalog's models have (1.8B 2, 7B 4, Qwen2.5-7B 7), with and without the q/k/v bias and the
     early launch, and the long windows' 16 warps where the step takes them: no stack (a spill would put the rows in flight in local memory)."""
-    from models.kernels import int4_triton
-
-    tool = os.path.join(os.path.dirname(int4_triton.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     builds = [(False, False, 8), (True, True, 8)] + ([(True, False, 16)] if group <= attention_cluster.MAX_GROUP else [])
     for bias, dependent, warps in builds:
-        cubin = nvrtc.compile_cubin(attention_cluster.source_for(group, D, bias, dependent, warps),
-                                    "attention_cluster", (9, 0), ("-std=c++17",), 13)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cubin)
-            f.flush()
-            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+        _, stack = registers_and_stack(attention_cluster.source_for(group, D, bias, dependent, warps),
+                                       "attention_cluster", (9, 0))
         # 16 warps cap a thread at 128 registers: a group of 4 spills 24 bytes there (timed, and still faster)
-        assert stack == 0 or (warps == 16 and group >= 4 and stack <= 32), (group, bias, warps, usage)
+        assert stack == 0 or (warps == 16 and group >= 4 and stack <= 32), (group, bias, warps, stack)
     assert attention_cluster.shared_bytes(16, D) <= 227 * 1024
 
 

@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
-
 import pytest
 import torch
 
 from bench import qkv_attention_kernel as attention_qkv
-from models.kernels import decode_attention, nvrtc
+from models.kernels import decode_attention
+from tests.cuda_compile import nvrtc_13_installed, registers_and_stack
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 D = 128
 
 
-def _nvrtc_13():
-    try:
-        nvrtc._nvrtc(13)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _nvrtc_13(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
+@pytest.mark.skipif(not nvrtc_13_installed(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_the_kernel_compiles_for_hopper_without_spills(group):
-    from models.kernels import int4_triton
-
-    tool = os.path.join(os.path.dirname(int4_triton.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     for bias, dependent, warps in [(False, False, 8), (True, True, 8), (False, False, 16)]:
-        cubin = nvrtc.compile_cubin(attention_qkv.source_for(group, bias, dependent, warps), "qkv_attention", (9, 0),
-                                    ("-std=c++17",), 13)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cubin)
-            f.flush()
-            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        assert re.search(r"STACK:(\d+)", usage).group(1) == "0", (group, bias, warps, usage)
+        _, stack = registers_and_stack(attention_qkv.source_for(group, bias, dependent, warps), "qkv_attention", (9, 0))
+        assert stack == 0, (group, bias, warps, stack)
     assert attention_qkv.shared_bytes(group, 4096 // 128, 16) <= 227 * 1024
 
 

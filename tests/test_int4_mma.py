@@ -1,15 +1,11 @@
 """The tensor-core int4 GEMV (models/kernels/int4_mma.py) against the plain dequantize-then-matmul reference
 over many shapes, tiles and splits of K (a GPU with compute capability 8.0+; skipped cleanly elsewhere)."""
 
-import os
-import re
-import subprocess
-import tempfile
-
 import pytest
 import torch
 
 from models.kernels import gemv_tiles, int4, int4_mma, nvrtc
+from tests.cuda_compile import nvrtc_13_installed, registers_and_stack
 
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and int4_mma.available(torch.device("cuda"))),
                          reason="needs a CUDA GPU of compute capability 8.0+ and torch's NVRTC compiler")
@@ -113,22 +109,11 @@ def test_mma_gemv_is_not_offered_without_a_gpu():
     assert not int4_mma.available(torch.device("cpu"))
 
 
-def _nvrtc_13():
-    try:
-        nvrtc._nvrtc(13)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _nvrtc_13(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
+@pytest.mark.skipif(not nvrtc_13_installed(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
 @pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0)])
 def test_the_cuda_source_compiles_for_ampere_ada_and_hopper_without_spills(capability):
     """Every tile's kernel builds for the consumer cards (sm_86, sm_89) it was never run on, and for the A100 and
     H100/H200, with no register spills (a spill would put the words in flight on the stack)."""
-    from models.kernels import int4_triton
-
-    tool = os.path.join(os.path.dirname(int4_triton.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     variants = [(*tile, False, False) for tile in int4_mma.TILES] + [(4, 4, 1, False, True, False)]
     if capability >= (9, 0):  # early launches (griddepcontrol) are Hopper's
         variants += [(*tile, False, True) for tile in int4_mma.TILES]
@@ -136,16 +121,11 @@ def test_the_cuda_source_compiles_for_ampere_ada_and_hopper_without_spills(capab
         if cluster and capability < (9, 0):
             continue
         source = int4_mma.source_for(warps, stages, split if cluster else 1, tiled, dependent)
-        cubin = nvrtc.compile_cubin(source, "int4_mma_gemv", capability, ("-std=c++17",), 13)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cubin)
-            f.flush()
-            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-        assert stack == 0 and registers <= 128, (capability, warps, stages, split, cluster, tiled, dependent, usage)
+        registers, stack = registers_and_stack(source, "int4_mma_gemv", capability)
+        assert stack == 0 and registers <= 128, (capability, warps, stages, split, cluster, tiled, dependent, registers)
 
 
-@pytest.mark.skipif(not _nvrtc_13(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
+@pytest.mark.skipif(not nvrtc_13_installed(), reason="NVRTC 13 is not installed (scripts/setup.sh --dev installs it)")
 def test_a_compile_error_says_what_nvrtc_said():
     with pytest.raises(RuntimeError, match="undefined_thing"):
         nvrtc.compile_cubin('extern "C" __global__ void k() { undefined_thing(); }', "k", (9, 0), (), 13)
