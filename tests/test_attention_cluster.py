@@ -16,7 +16,8 @@ D = 128
 @pytest.mark.parametrize("group", [1, 2, 4, 7])
 def test_the_kernel_compiles_for_hopper_without_spills(group):
     """Group sizes the catalog's models have (1.8B 2, 7B 4, Qwen2.5-7B 7), with and without the q/k/v bias and the
-    early launch, and the long windows' 16 warps where the step takes them: no stack (a spill would put the rows in flight in local memory)."""
+    early launch, and the long windows' 16 warps where the step takes them: no stack (a spill would put the rows in
+    flight in local memory)."""
     builds = [(False, False, 8), (True, True, 8)] + ([(True, False, 16)] if group <= attention_cluster.MAX_GROUP else [])
     for bias, dependent, warps in builds:
         _, stack = registers_and_stack(attention_cluster.source_for(group, D, bias, dependent, warps),
@@ -121,3 +122,19 @@ def test_the_step_op_runs_it_in_a_graph_as_the_position_moves(monkeypatch):
         assert float((out.float() - want.float()).abs().max() / want.float().abs().max()) < 2e-2, n
         for mine, theirs in ((k, k_triton), (v, v_triton)):  # the same rotation, up to how each rounds its fp32
             assert float((mine.float() - theirs.float()).abs().max()) <= 2**-7 * float(theirs.float().abs().max()), n
+
+
+def test_the_load_precompiles_the_block_shapes_the_step_will_launch(monkeypatch):
+    """int4_precompile's jobs for a head layout the step gives this kernel: one compile a block shape (short and long
+    windows) with the layout's group, bias and launch mode; none for a layout it leaves to Triton."""
+    calls = []
+    monkeypatch.setattr(attention_cluster, "available", lambda device: True)
+    monkeypatch.setattr(attention_cluster, "_kernel", lambda *key: calls.append(key))
+    device = torch.device("cuda", 0)
+    for job in attention_cluster.compile_jobs(32, 8, D, True, torch.bfloat16, 2, device):
+        job()
+    assert calls == [(4, D, True, True, attention_cluster.WARPS, attention_cluster.CLUSTER, device),
+                     (4, D, True, True, attention_cluster.LONG_WARPS, attention_cluster.CLUSTER, device)]
+    assert attention_cluster.compile_jobs(28, 4, D, True, torch.bfloat16, 0, device) == []  # a group of 7
+    assert attention_cluster.compile_jobs(16, 8, 64, False, torch.bfloat16, 0, device) == []
+    assert attention_cluster.compile_jobs(16, 8, D, False, torch.float16, 0, device) == []

@@ -1,4 +1,5 @@
-"""The fused q/k/v projection + attention (bench/qkv_attention_kernel.py, a probe the app does not run): compiled on the CPU, checked on Hopper."""
+"""The fused q/k/v projection + attention (bench/qkv_attention_kernel.py, a probe the app does not run): compiled
+on the CPU, checked on Hopper."""
 
 from __future__ import annotations
 

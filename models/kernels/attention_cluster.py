@@ -85,7 +85,8 @@ __device__ __forceinline__ void attend_head(const u16* src, int src_q, int src_k
     for (int d = tid; d < D; d += WARPS * 32) {
       kc[(size_t)head * skh + (size_t)pos * skl + d] = to_bf(rotated(src, bias, cs, sn, src_k, q_heads + head, d));
 #if HAS_BIAS
-      vc[(size_t)head * svh + (size_t)pos * svl + d] = to_bf(bf(src[src_v * D + d]) + bf(bias[(q_heads + kv_heads + head) * D + d]));
+      const float v_biased = bf(src[src_v * D + d]) + bf(bias[(q_heads + kv_heads + head) * D + d]);
+      vc[(size_t)head * svh + (size_t)pos * svl + d] = to_bf(v_biased);
 #else
       vc[(size_t)head * svh + (size_t)pos * svl + d] = src[src_v * D + d];
 #endif
@@ -262,7 +263,8 @@ def takes(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, posit
     return (qkv.is_cuda and available(qkv.device) and all(t.dtype == torch.bfloat16 for t in tensors)
             and d == 128 and query_heads % hkv == 0 and query_heads // hkv <= MAX_GROUP
             and position.dtype == torch.int64 and mask.dtype == torch.bool and mask.shape[-1] <= MAX_WINDOW
-            and key.stride(-1) == 1 and value.stride(-1) == 1 and all(t.data_ptr() % 16 == 0 and t.stride(2) % 8 == 0 for t in (key, value)))
+            and key.stride(-1) == 1 and value.stride(-1) == 1
+            and all(t.data_ptr() % 16 == 0 and t.stride(2) % 8 == 0 for t in (key, value)))
 
 
 def source_for(group: int, head_dim: int, has_bias: bool, dependent: bool, warps: int = WARPS,
@@ -282,6 +284,20 @@ def _kernel(group: int, head_dim: int, has_bias: bool, dependent: bool, warps: i
             device: torch.device) -> nvrtc.Kernel:
     return nvrtc.load_kernel(source_for(group, head_dim, has_bias, dependent, warps, cluster), "attention_cluster",
                              device, ("-std=c++17",))
+
+
+def compile_jobs(query_heads: int, kv_heads: int, head_dim: int, has_bias: bool, dtype: torch.dtype, pdl_level: int,
+                 device: torch.device) -> list:
+    """Calls that compile (or read from the cubin cache) the kernels a decode step of this head layout will launch
+    on `device`, one for each block shape warps_for gives: for int4_precompile to run in threads while the weights
+    load, so that the first decode step compiles nothing. None where the step does not take this kernel."""
+    group = query_heads // max(kv_heads, 1)
+    if not (available(device) and dtype == torch.bfloat16 and head_dim == 128 and query_heads % kv_heads == 0
+            and group <= MAX_GROUP):
+        return []
+    dependent = pdl_level > pdl.OFF
+    return [lambda w=warps: _kernel(group, head_dim, has_bias, dependent, w, CLUSTER, device)
+            for warps in (WARPS, LONG_WARPS)]
 
 
 def warps_for(window: int) -> int:

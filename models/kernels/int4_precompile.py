@@ -61,7 +61,8 @@ def compile_jobs(shapes, dtype: torch.dtype, pdl_level: int = pdl.OFF) -> list:
 def precompile(shapes, dtype: torch.dtype = torch.bfloat16, attention: tuple[int, int, int, bool] | None = None,
                workers: int | None = None) -> list[Future]:
     """Start compiling, in threads, every GEMV tile and the dequantize for these (N, K) shapes, and the q/k/v
-    decode attention for `attention` (int4.attention_layout) if given; their futures.
+    decode attention for `attention` (int4.attention_layout) if given (Triton's, and on Hopper the cluster
+    kernel's); their futures.
 
     Nothing to do without CUDA (on the CPU the kernels run in Triton's interpreter, which does not compile)."""
     if not int4_triton.available() or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
@@ -72,9 +73,11 @@ def precompile(shapes, dtype: torch.dtype = torch.bfloat16, attention: tuple[int
     level = pdl.level(torch.device("cuda", torch.cuda.current_device()))
     jobs = compile_jobs(shapes, dtype, level)
     if attention is not None:
+        from . import attention_cluster
         from .decode_attention import qkv_compile_jobs
 
         jobs += qkv_compile_jobs(*attention, dtype, level)
+        jobs += attention_cluster.compile_jobs(*attention, dtype, level, torch.device("cuda", torch.cuda.current_device()))
     pool = ThreadPoolExecutor(max_workers=workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 1)),
                               thread_name_prefix="int4-precompile")
     futures = [pool.submit(job) for job in jobs]
