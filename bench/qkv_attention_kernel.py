@@ -1,11 +1,14 @@
 """Probe: a decode layer's q/k/v projection and attention as one kernel, a thread-block cluster per KV head (Hopper).
 
-Measured slower than the two kernels it would replace, so the app does not run it (BENCHMARKS.md, session 34: on an
-H100 the 1.8B's layer 16.3 against 14.4 us, the 7B's 27.6 against 18.6, end to end 887 against 925 and 345 against
-395 tok/s). What limits it: the projection's weights are read by only CLUSTER x KV heads blocks (64 for both models),
+Version 1 measured slower than the two kernels it would replace, so the app does not run it (BENCHMARKS.md, session
+34: on an H100 the 1.8B's layer 16.3 against 14.4 us, the 7B's 27.6 against 18.6, end to end 887 against 925 and 345 against
+395 tok/s). What limited it: the projection's weights were read by only CLUSTER x KV heads blocks (64 for both models),
 each warp a K split of up to three 32-row tiles, two groups of words in flight at a time: six to eight dependent DRAM
-round trips where the GEMV kernel's hundreds of blocks have one or two. It stays here, with its bench
-(bench/qkv_attention.py) and GPU tests, for a later attempt (more blocks a head, all of a warp's words in flight).
+round trips where the GEMV kernel's hundreds of blocks have one or two.
+
+Version 2 (this file; built after session 34's device time, not yet timed): 16 warps a block, and every word, scale
+and offset of a block's share asked for before x is staged (up to 24 16-byte words a lane): one DRAM latency for the
+projection. `device_run.sh fused` times it against the two kernels, with its GPU tests.
 
 Why: a layer of the one-token step was five kernels (q/k/v GEMV, attention, o, gate/up, down), and what keeps decode
 under the bandwidth roofline is each kernel's fixed cost: its launch, its first DRAM latency, its split-K tail
@@ -32,10 +35,13 @@ from models.kernels.decode_attention import decode_attention_qkv
 from models.kernels.int4_folded import int4_linear_scaled
 from models.kernels.mma_fragments import FRAGMENTS
 
+WARPS = 16  # a block's warps (version 2; version 1 ran attention_cluster.warps_for's 8 or 16)
+
 KERNEL = r"""
 #define KS WARPS                       // K splits of a row tile: one a warp
 #define HEAD_ROWS ((GROUP + 2) * D)    // the head's rows of the projection: its q heads', its key's, its value's
 #define TILES (HEAD_ROWS / 32)
+#define MY_TILES ((TILES + CLUSTER - 1) / CLUSTER)   // the most tiles a block of the cluster takes
 
 // The projection's row for row j of the head's rows (q heads, then the key, then the value).
 __device__ __forceinline__ int projection_row(int j, int head, int q_heads, int kv_heads) {
@@ -63,43 +69,50 @@ qkv_attention(const u16* x, const uint4* qw, const u16* scales, const u16* offse
   u16* rows_mine = (u16*)((char*)smem + stage_bytes);
   u16* rows_all = rows_mine + HEAD_ROWS;
   float* part = (float*)(rows_all + HEAD_ROWS);                        // [KS][my_tiles * 32]
-  float* attend_smem = part + KS * ((TILES + CLUSTER - 1) / CLUSTER) * 32;
+  float* attend_smem = part + KS * MY_TILES * 32;
 
+  // Each warp: its K split (GPW groups) of every tile of this block; a lane holds 4 rows' words (one 16-byte load a
+  // word index). Version 2: every word, scale and offset of the block's share is asked for before x is staged, so
+  // the share costs one DRAM latency, not one per tile and pair of groups (version 1, measured: session 34).
+  const int nq = N >> 2, r = lane >> 2, c = lane & 3;
+  const int g_lo = min(warp * GPW, G), ng = min(g_lo + GPW, G) - g_lo;
+  uint4 words[MY_TILES][GPW][4];
+  u16 scale[MY_TILES][GPW], offset[MY_TILES][GPW];
+#pragma unroll
+  for (int t = 0; t < MY_TILES; ++t) {
+    const int tile = min((int)rank + t * CLUSTER, TILES - 1);          // past the block's tiles: clamped, unused
+    const int quad = projection_row(tile * 32, head, q_heads, kv_heads) / 4 + r;
+    const uint4* wp = qw + (size_t)(g_lo * 16 + c) * nq + quad;
+#pragma unroll
+    for (int i = 0; i < GPW; ++i) {
+      const int gi = min(i, max(ng - 1, 0));                           // clamped: in bounds, unused past ng
+      const int gl = min(g_lo + gi, G - 1);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) words[t][i][s] = __ldg(wp + (size_t)gi * 16 * nq + s * 4 * nq);
+      scale[t][i] = __ldg(scales + (size_t)gl * N + quad * 4 + c);
+      offset[t][i] = __ldg(offsets + (size_t)gl * N + quad * 4 + c);
+    }
+  }
   float inv_sigma;
   stage_x(x, K, 0, G, G, smem, inv_sigma);
   const uint4* frags = smem + G * 16;
   const float2* sums = (const float2*)(smem + G * 32);
-
-  // Each warp: its K split of every tile of this block. A lane holds 4 rows' words (one 16-byte load a word index).
-  const int nq = N >> 2, r = lane >> 2, c = lane & 3;
-  const int g_per = (G + KS - 1) / KS, g_lo = min(warp * g_per, G), ng = min(g_lo + g_per, G) - g_lo;
-  for (int t = 0; t < my_tiles; ++t) {
-    const int tile = (int)rank + t * CLUSTER;
-    const int quad = projection_row(tile * 32, head, q_heads, kv_heads) / 4 + r;
-    const uint4* wp = qw + (size_t)(g_lo * 16 + c) * nq + quad;
-    const int row = quad * 4 + c;
+#pragma unroll
+  for (int t = 0; t < MY_TILES; ++t) {
     float acc = 0.f;
-    for (int g0 = 0; g0 < ng; g0 += 2) {                               // two groups' words in flight
-      uint4 w[2][4];
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < GPW; ++i) {
+      if (i < ng) {
+        const int gl = g_lo + i;
+        float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int s = 0; s < 4; ++s) w[i][s] = g0 + i < ng ? __ldg(wp + (size_t)(g0 + i) * 16 * nq + s * 4 * nq) : w[0][s];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int gl = g_lo + g0 + i;
-        if (g0 + i < ng) {
-          float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-          for (int s = 0; s < 4; ++s) word_step(t0, t1, w[i][s], frags[gl * 16 + s * 4 + c], magic);
-          const float dot = c == 0 ? t0[0] : c == 1 ? t0[2] : c == 2 ? t1[0] : t1[2];
-          const float2 sm = sums[gl];
-          acc += bf16_to_f32(__ldg(scales + (size_t)gl * N + row)) * (dot - sm.x) * inv_sigma
-                 + bf16_to_f32(__ldg(offsets + (size_t)gl * N + row)) * sm.y;
-        }
+        for (int s = 0; s < 4; ++s) word_step(t0, t1, words[t][i][s], frags[gl * 16 + s * 4 + c], magic);
+        const float dot = c == 0 ? t0[0] : c == 1 ? t0[2] : c == 2 ? t1[0] : t1[2];
+        const float2 sm = sums[gl];
+        acc += bf16_to_f32(scale[t][i]) * (dot - sm.x) * inv_sigma + bf16_to_f32(offset[t][i]) * sm.y;
       }
     }
-    part[warp * my_tiles * 32 + t * 32 + r * 4 + c] = acc;
+    if (t < my_tiles) part[warp * my_tiles * 32 + t * 32 + r * 4 + c] = acc;
   }
   __syncthreads();
   // The rows: the splits summed in order, scaled as the folded input norm's RMSNorm (int4_epilogue.SCALED), rounded.
@@ -128,10 +141,11 @@ qkv_attention(const u16* x, const uint4* qw, const u16* scales, const u16* offse
 """
 
 
-def source_for(group: int, has_bias: bool, dependent: bool, warps: int) -> str:
-    """The kernel for `group` query heads a KV head (head_dim 128), the q/k/v bias or not, launched early or not."""
+def source_for(group: int, has_bias: bool, dependent: bool, warps: int, groups: int) -> str:
+    """The kernel for `group` query heads a KV head (head_dim 128), the q/k/v bias or not, launched early or not,
+    `warps` a block, over a K of `groups` groups of 128 (a warp's share of them, GPW, sizes its registers)."""
     defines = (f"#define GROUP {group}\n#define HEAD_DIM 128\n#define HAS_BIAS {int(has_bias)}\n#define PDL {int(dependent)}\n"
-               f"#define WARPS {warps}\n#define CLUSTER {attention_cluster.CLUSTER}\n#define STAGES 2\n")
+               f"#define WARPS {warps}\n#define CLUSTER {attention_cluster.CLUSTER}\n#define GPW {-(-groups // warps)}\n")
     return defines + FRAGMENTS + attention_cluster.SOURCE + KERNEL
 
 
@@ -154,8 +168,9 @@ def takes(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None, cos
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(group: int, has_bias: bool, dependent: bool, warps: int, device: torch.device) -> nvrtc.Kernel:
-    return nvrtc.load_kernel(source_for(group, has_bias, dependent, warps), "qkv_attention", device, ("-std=c++17",))
+def _kernel(group: int, has_bias: bool, dependent: bool, warps: int, groups: int, device: torch.device) -> nvrtc.Kernel:
+    return nvrtc.load_kernel(source_for(group, has_bias, dependent, warps, groups), "qkv_attention", device,
+                             ("-std=c++17",))
 
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, sums: torch.Tensor,
@@ -165,11 +180,11 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
     hkv, k = key.shape[1], x.numel()
     groups, n = scales.shape
     group = query_heads // hkv
-    warps = attention_cluster.warps_for(mask.shape[-1])
+    warps = WARPS  # version 2: 16 warps, twice the words in flight of 8
     device = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     dependent = pdl.level(device) > pdl.OFF
     out = x.new_empty(1, query_heads, 128)
-    kernel = _kernel(group, bias is not None, dependent, warps, device)
+    kernel = _kernel(group, bias is not None, dependent, warps, groups, device)
     kernel((attention_cluster.CLUSTER, hkv, 1), (32 * warps, 1, 1),
            [x.contiguous(), qweight, scales, offsets, n, k, groups, int4_mma.MAGIC, sums, sums.numel(), float(eps),
             x if bias is None else bias.contiguous(), cos.contiguous(), sin.contiguous(), position, key, value,
