@@ -237,8 +237,9 @@ LOG2E = 1.4426950408889634
 WARPS = 8  # a block's warps: 256 keys in flight a round
 # Windows longer than this take 16 warps a block (bench/results/attention_cluster_tiles_h100_s34.txt: at 4,096
 # positions 1.8B 11.4-12.9 against 12.4-13.5 us, 7B 13.9-15.9 against 15.4-16.7; at 2,048 and less 8 warps are as
-# fast or faster, 4 or 8 blocks a KV head slower everywhere). With 16 warps a group of 4 spills 24 bytes a thread
-# (128 registers at 512 threads) and is still the faster.
+# fast or faster; 4 blocks a KV head tie or win by up to 5 % at 512 positions and lose from 1,024 on, so CLUSTER
+# stays 8). With 16 warps a group of 4 spills 24 bytes a thread (128 registers at 512 threads) and is still the
+# faster.
 LONG_WINDOW, LONG_WARPS = 2048, 16
 CLUSTER = 8  # blocks a KV head (the portable cluster size)
 # Where it is taken, from bench/attention_cluster.py on an H100 (bench/results/attention_cluster_h100_s34.txt), µs a
