@@ -138,3 +138,21 @@ def test_the_load_precompiles_the_block_shapes_the_step_will_launch(monkeypatch)
     assert attention_cluster.compile_jobs(28, 4, D, True, torch.bfloat16, 0, device) == []  # a group of 7
     assert attention_cluster.compile_jobs(16, 8, 64, False, torch.bfloat16, 0, device) == []
     assert attention_cluster.compile_jobs(16, 8, D, False, torch.float16, 0, device) == []
+
+
+def test_a_kernel_that_cannot_be_built_leaves_the_step_to_triton(monkeypatch, caplog):
+    """No NVRTC, or a compile or module load that fails: `builds` says so (logged once), so `takes` is false and the
+    step runs the Triton kernel instead of raising; a kernel that builds is taken."""
+    attention_cluster.builds.cache_clear()
+    device = torch.device("cuda", 0)
+
+    def no_nvrtc(*key):
+        raise OSError("NVRTC (libnvrtc.so.13) was not found")
+    monkeypatch.setattr(attention_cluster, "_kernel", no_nvrtc)
+    with caplog.at_level("WARNING", logger=attention_cluster.__name__):
+        assert not attention_cluster.builds(2, D, False, False, 8, device)
+        assert not attention_cluster.builds(2, D, False, False, 8, device)
+    assert sum("Triton kernel runs instead" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(attention_cluster, "_kernel", lambda *key: object())
+    assert attention_cluster.builds(2, D, False, False, 16, device)
+    attention_cluster.builds.cache_clear()

@@ -19,10 +19,13 @@ and value are written at its position before they are read back, positions after
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from . import nvrtc, pdl
+
+log = logging.getLogger(__name__)
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -265,7 +268,25 @@ def takes(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, posit
             and d == 128 and query_heads % hkv == 0 and query_heads // hkv <= MAX_GROUP
             and position.dtype == torch.int64 and mask.dtype == torch.bool and mask.shape[-1] <= MAX_WINDOW
             and key.stride(-1) == 1 and value.stride(-1) == 1
-            and all(t.data_ptr() % 16 == 0 and t.stride(2) % 8 == 0 for t in (key, value)))
+            and all(t.data_ptr() % 16 == 0 and t.stride(2) % 8 == 0 for t in (key, value))
+            and builds(query_heads // hkv, d, bias is not None, pdl.level(_device(qkv)) > pdl.OFF,
+                       warps_for(mask.shape[-1]), _device(qkv)))
+
+
+def _device(t: torch.Tensor) -> torch.device:
+    return t.device if t.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def builds(group: int, head_dim: int, has_bias: bool, dependent: bool, warps: int, device: torch.device) -> bool:
+    """Whether this kernel compiles and loads here (NVRTC found, the compile and the module load succeed): if not,
+    that is logged once and the step keeps the Triton kernel rather than failing."""
+    try:
+        _kernel(group, head_dim, has_bias, dependent, warps, CLUSTER, device)
+        return True
+    except (OSError, RuntimeError) as error:
+        log.warning("the cluster decode attention cannot run here, the Triton kernel runs instead: %s", error)
+        return False
 
 
 def source_for(group: int, head_dim: int, has_bias: bool, dependent: bool, warps: int = WARPS,
@@ -314,7 +335,7 @@ def attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tenso
     hkv, d = key.shape[1], key.shape[-1]
     warps = warps or warps_for(mask.shape[-1])
     group = query_heads // hkv
-    device = qkv.device if qkv.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    device = _device(qkv)
     dependent = pdl.level(device) > pdl.OFF
     out = qkv.new_empty(1, query_heads, d)
     kernel = _kernel(group, d, bias is not None, dependent, warps, cluster, device)
