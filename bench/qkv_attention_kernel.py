@@ -181,7 +181,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
     groups, n = scales.shape
     group = query_heads // hkv
     warps = WARPS  # version 2: 16 warps, twice the words in flight of 8
-    device = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    device = nvrtc.device_of(x)
     dependent = pdl.level(device) > pdl.OFF
     out = x.new_empty(1, query_heads, 128)
     kernel = _kernel(group, bias is not None, dependent, warps, groups, device)

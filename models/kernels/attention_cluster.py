@@ -269,12 +269,8 @@ def takes(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, posit
             and position.dtype == torch.int64 and mask.dtype == torch.bool and mask.shape[-1] <= MAX_WINDOW
             and key.stride(-1) == 1 and value.stride(-1) == 1
             and all(t.data_ptr() % 16 == 0 and t.stride(2) % 8 == 0 for t in (key, value))
-            and builds(query_heads // hkv, d, bias is not None, pdl.level(_device(qkv)) > pdl.OFF,
-                       warps_for(mask.shape[-1]), _device(qkv)))
-
-
-def _device(t: torch.Tensor) -> torch.device:
-    return t.device if t.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+            and builds(query_heads // hkv, d, bias is not None, pdl.level(nvrtc.device_of(qkv)) > pdl.OFF,
+                       warps_for(mask.shape[-1]), nvrtc.device_of(qkv)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,7 +331,7 @@ def attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tenso
     hkv, d = key.shape[1], key.shape[-1]
     warps = warps or warps_for(mask.shape[-1])
     group = query_heads // hkv
-    device = _device(qkv)
+    device = nvrtc.device_of(qkv)
     dependent = pdl.level(device) > pdl.OFF
     out = qkv.new_empty(1, query_heads, d)
     kernel = _kernel(group, d, bias is not None, dependent, warps, cluster, device)

@@ -282,7 +282,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
     if split > 1 and not cluster and (partials.numel() < split * n or counters.numel() < blocks):
         raise ValueError(f"the workspace holds {partials.numel()} partials; split {split} x N {n} needs more")
     res, gamma, h, sums, n_sums, eps = epilogue_args or (y, y, y, partials, 0, 0.0)
-    device = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    device = nvrtc.device_of(x)
     if tiled and n % 32:
         raise ValueError(f"tiled words need N % 32 == 0 (N {n})")
     if any(t.stride() != (n, 1) for t in ((scales, offsets) if tiled else (qweight, scales, offsets))):

@@ -122,6 +122,11 @@ class Kernel:
                "cuLaunchKernel")
 
 
+def device_of(t: torch.Tensor) -> torch.device:
+    """The CUDA device `t` is on, with its index (a bare "cuda" means the current one): the kernel caches' key."""
+    return t.device if t.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def cache_folder() -> Path | None:
     """Where compiled cubins are kept: beside Triton's cache in the app's compile cache (compile_cache.configure
     points TRITON_CACHE_DIR there, so they are counted and reset with it); None when it is not configured."""
