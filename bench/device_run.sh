@@ -40,6 +40,7 @@
 #     mma-ab   the 7B and 1.8B decoding with and without its tiles;  mma-profile  ncu of its tiles and Triton's
 #     cluster  the cluster decode attention against the Triton one: GPU tests, per layer;  cluster-ab  end to end;
 #              cluster-tiles  its block shapes;  fused  the q/k/v GEMV + attention as one kernel (a probe), per layer
+#     l2-prefetch  a layer's kernels with the weights ahead asked of the L2 by a second stream
 #     pdl-chain  a layer's kernels with early launches, Triton's GEMV tiles against the tensor-core GEMV's
 #     mma-tests  the GPU tests of the GEMVs, their tiles and epilogues, and the fast decoder
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
@@ -223,6 +224,9 @@ run_mode() {
         tests/test_attention_qkv.py tests/test_attention_cluster.py tests/test_int4_folded_norms.py \
         tests/test_fast_decode.py 2>&1 | tee "$OUT/fused_tests.txt" | tail -15
       timeout 240 python3 bench/qkv_attention.py --out "$OUT/qkv_attention.jsonl" 2>&1 | tee "$OUT/qkv_attention.txt" ;;
+    l2-prefetch)  # a layer's kernel chain with a second stream asking the L2 for the weights ahead of them, per
+                  # budget and way of asking (bench/l2_prefetch.py) (~3 minutes)
+      timeout 400 python3 bench/l2_prefetch.py --out "$OUT/l2_prefetch.jsonl" 2>&1 | tee "$OUT/l2_prefetch.txt" ;;
     cluster-ab)  # the 1.8B and the 7B decoding with the cluster attention and with the Triton one (~5 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-triton-attention 7b:fast-int4 \
         7b:fast-int4-triton-attention --out "$OUT/decode_cluster_ab.jsonl" --md "$OUT/decode_cluster_ab.md" 2>&1 \
