@@ -26,9 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.persistent_layer import HEAD_DIM, SHAPES, layer_linears, make_problem, window_for  # noqa: E402
-from models.kernels import decode_attention, int4_triton, nvrtc  # noqa: E402
-from models.kernels.int4 import new_workspace, packed_bytes  # noqa: E402
+from bench.pdl_chain import chain_step, slot_us  # noqa: E402
+from bench.persistent_layer import HEAD_DIM, SHAPES, layer_linears, make_problem  # noqa: E402
+from models.kernels import int4_triton, nvrtc  # noqa: E402
+from models.kernels.int4 import packed_bytes  # noqa: E402
 
 SOURCE = r"""
 // Block row y asks for range y of the table (address, bytes); its threads stride over it in pieces of PIECE bytes.
@@ -84,66 +85,36 @@ def weight_pieces(problem: dict, piece_bytes: int) -> list[list[tuple[int, torch
     return kernels
 
 
-def chain_step(problem: dict, keys: torch.Tensor, values: torch.Tensor, tiles: list[int], prefetch=None):
+def prefetching_step(problem: dict, keys: torch.Tensor, values: torch.Tensor, tiles: list[int], prefetch=None):
     """bench/pdl_chain.py's chain of the layers' kernels; with `prefetch` (kernel, mode, budget bytes, pieces), a
     second stream asks the L2 for the weights up to `budget` bytes past the end of each kernel as it starts."""
-    hidden, hq, hkv, inter = problem["dims"]
-    chain = problem["chain"]
-    window = window_for(problem["position"], problem["cache_len"])
-    mask = torch.ones(window, dtype=torch.bool, device=keys.device)
-    workspace = new_workspace(max(n for *_, n in chain), keys.device)
-    partials, counters = decode_attention.new_workspace(hq, hkv, HEAD_DIM, keys.device)
-    h = problem["h"].to(torch.bfloat16).view(1, -1)
-    cos, sin = problem["cos"].to(torch.bfloat16), problem["sin"].to(torch.bfloat16)
-    configs = [int4_triton.tile_config(t) for t in tiles]
-    outs = [torch.empty(1, n, dtype=torch.bfloat16, device=keys.device) for *_, n in chain]
+    if prefetch is None:
+        return chain_step(problem, keys, values, tiles)
+    kernel, mode, budget, kernels = prefetch
+    ends, total = [], 0
+    for pieces in kernels:
+        total += sum(p.numel() for _, p in pieces)
+        ends.append(total)
+    # issues[i]: the pieces asked for as kernel i starts (those starting before its end + budget, not yet asked)
+    issues, asked = [], 0
+    flat = [p for pieces in kernels for p in pieces]
+    for end in ends:
+        mine = []
+        while asked < len(flat) and flat[asked][0] < end + budget:
+            mine.append(flat[asked][1])
+            asked += 1
+        issues.append(None if not mine else (
+            torch.tensor([[v.data_ptr(), v.numel()] for v in mine], dtype=torch.int64, device=keys.device),
+            max(v.numel() for v in mine)))
     side = torch.cuda.Stream(keys.device)
-    if prefetch is not None:
-        kernel, mode, budget, kernels = prefetch
-        ends, total = [], 0
-        for pieces in kernels:
-            total += sum(p.numel() for _, p in pieces)
-            ends.append(total)
-        # issues[i]: the pieces asked for as kernel i starts (those starting before its end + budget, not yet asked)
-        issues, asked = [], 0
-        flat = [p for pieces in kernels for p in pieces]
-        for end in ends:
-            mine = []
-            while asked < len(flat) and flat[asked][0] < end + budget:
-                mine.append(flat[asked][1])
-                asked += 1
-            issues.append(None if not mine else (
-                torch.tensor([[v.data_ptr(), v.numel()] for v in mine], dtype=torch.int64, device=keys.device),
-                max(v.numel() for v in mine)))
 
     def ask(index: int) -> None:
-        if prefetch is None or issues[index] is None:
+        if issues[index] is None:
             return
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             ask_l2(kernel, mode, *issues[index])
-
-    def run():
-        x = h
-        index = 0
-        for layer in range(problem["layers"]):
-            for slot, (w, s, o, k, n) in enumerate(chain):
-                if slot == 1:  # attention between q/k/v and o
-                    ask(index)
-                    index += 1
-                    x = decode_attention.decode_attention_qkv(
-                        x.view(-1), None, cos, sin, problem["pos"], keys[layer:layer + 1], values[layer:layer + 1],
-                        mask, HEAD_DIM ** -0.5, hq, partials, counters).view(1, -1)
-                ask(index)
-                index += 1
-                y = outs[slot]
-                int4_triton.launch(x[:, :k], w[layer], s[layer], o[layer], k, y, workspace, configs[slot],
-                                   (y, y, y, workspace[0], 0, 0.0))
-                x = y
-        if prefetch is not None:
-            torch.cuda.current_stream().wait_stream(side)
-        return x
-    return run
+    return chain_step(problem, keys, values, tiles, ask, lambda: torch.cuda.current_stream().wait_stream(side))
 
 
 def main() -> None:
@@ -158,7 +129,6 @@ def main() -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from bench.int4_kernels import copy_rate, graph_ms
-    from bench.pdl_chain import slot_us
     from models.kernels import int4_mma
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -184,7 +154,7 @@ def main() -> None:
         for mode, mb in variants:
             keys, values = problem["keys"].clone(), problem["values"].clone()
             prefetch = None if mode is None else (kernels[mode], mode, int(mb * 2**20), pieces)
-            step = chain_step(problem, keys, values, tiles, prefetch)
+            step = prefetching_step(problem, keys, values, tiles, prefetch)
             out = step().clone()
             torch.cuda.synchronize()
             same = None if base is None else bool(torch.equal(out, base))

@@ -29,8 +29,9 @@ from models.kernels import decode_attention, int4_triton, pdl  # noqa: E402
 from models.kernels.int4 import new_workspace, packed_bytes  # noqa: E402
 
 
-def chain_step(problem: dict, keys: torch.Tensor, values: torch.Tensor, tiles: list[int]):
-    """The layers' kernels one after another, slot s's GEMV with tile index tiles[s] (int4_triton.tile_config)."""
+def chain_step(problem: dict, keys: torch.Tensor, values: torch.Tensor, tiles: list[int], before=None, after=None):
+    """The layers' kernels one after another, slot s's GEMV with tile index tiles[s] (int4_triton.tile_config).
+    `before(i)` runs before the step's i-th kernel (q/k/v, attention, o, gate/up, down a layer), `after()` at its end."""
     hidden, hq, hkv, inter = problem["dims"]
     chain = problem["chain"]
     window = window_for(problem["position"], problem["cache_len"])
@@ -44,16 +45,25 @@ def chain_step(problem: dict, keys: torch.Tensor, values: torch.Tensor, tiles: l
 
     def run():
         x = h
+        index = 0
         for layer in range(problem["layers"]):
             for slot, (w, s, o, k, n) in enumerate(chain):
                 if slot == 1:  # attention between q/k/v and o
+                    if before is not None:
+                        before(index)
+                    index += 1
                     x = decode_attention.decode_attention_qkv(
                         x.view(-1), None, cos, sin, problem["pos"], keys[layer:layer + 1], values[layer:layer + 1],
                         mask, HEAD_DIM ** -0.5, hq, partials, counters).view(1, -1)
+                if before is not None:
+                    before(index)
+                index += 1
                 y = outs[slot]
                 int4_triton.launch(x[:, :k], w[layer], s[layer], o[layer], k, y, workspace, configs[slot],
                                    (y, y, y, workspace[0], 0, 0.0))
                 x = y
+        if after is not None:
+            after()
         return x
     return run
 
