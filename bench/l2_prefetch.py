@@ -49,10 +49,12 @@ def chain_weights(problem: dict) -> list[list[torch.Tensor]]:
 
 def prefetching_step(problem: dict, keys: torch.Tensor, values: torch.Tensor, tiles: list[int], ahead=None):
     """bench/pdl_chain.py's chain of the layers' kernels; with `ahead` (an l2_ahead.L2Ahead over chain_weights), each
-    kernel first forks its stream and asks the L2 for the weights after it."""
+    GEMV first forks its stream and asks the L2 for the weights after it (the attention asks nothing, as in the app,
+    where only the GEMV ops ask)."""
     if ahead is None:
         return chain_step(problem, keys, values, tiles)
-    return chain_step(problem, keys, values, tiles, ahead.ask, ahead.join)
+    gemvs = [bool(tensors) for tensors in chain_weights(problem)]
+    return chain_step(problem, keys, values, tiles, lambda i: ahead.ask(i) if gemvs[i] else None, ahead.join)
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 ENV = "SMALLCHAT_L2_AHEAD_MB"
 PIECE = 1 << 20  # bytes of one asked range: the budget's granularity
-THREADS = 128
 
 SOURCE = r"""
 // Block row y asks the L2 for range y of `table`: its address, then its bytes (low 32 bits) and, in bit 62, whether
@@ -87,6 +86,13 @@ def bulk_for(capability: tuple[int, int]) -> bool:
 def step_bytes(bulk: bool) -> int:
     """Bytes a thread asks for at a time: one bulk prefetch, or one load's 256-byte L2 fetch."""
     return 16384 if bulk else 256
+
+
+def launch_shape(bulk: bool) -> tuple[int, int]:
+    """(blocks, threads) a range is asked with. Bulk: one warp, whose 32 lanes issue its 64 prefetches; small, so
+    that it finds room on an SM beside a GEMV that holds most of its registers. Loads: 4,096 threads, one load each,
+    since a thread waits for its load before its next."""
+    return (1, 32) if bulk else (PIECE // (128 * step_bytes(bulk)), 128)
 
 
 def source_for(bulk: bool) -> str:
@@ -203,4 +209,5 @@ def ask_on(stream: int, table: torch.Tensor, bulk: bool | None = None) -> None:
     side.wait_stream(torch.cuda.current_stream(device))
     bulk = bulk_for(torch.cuda.get_device_capability(device)) if bulk is None else bulk
     with torch.cuda.stream(side):
-        _kernel(bulk, device)((-(-PIECE // (THREADS * step_bytes(bulk))), table.shape[0], 1), (THREADS, 1, 1), [table])
+        blocks, threads = launch_shape(bulk)
+        _kernel(bulk, device)((blocks, table.shape[0], 1), (threads, 1, 1), [table])
