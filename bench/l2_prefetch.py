@@ -32,7 +32,8 @@ from bench.persistent_layer import HEAD_DIM, SHAPES, layer_linears, make_problem
 from models.kernels import int4_triton, l2_ahead  # noqa: E402
 from models.kernels.int4 import packed_bytes  # noqa: E402
 
-MODES = {"bulk": (True, False), "bulk-evict-last": (True, True), "load256": (False, False)}  # (bulk, evict_last)
+# (bulk, evict_last); evict-last last: lines it leaves at that priority could hold the L2 for a mode after it
+MODES = {"bulk": (True, False), "load256": (False, False), "bulk-evict-last": (True, True)}
 
 
 def chain_weights(problem: dict) -> list[list[torch.Tensor]]:
