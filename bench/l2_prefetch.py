@@ -6,8 +6,9 @@ latency for its first weights, and the small ones (the 1.8B's q/k/v and o: 6.7 M
 of the copy rate. Meanwhile the DRAM idles: during the attention (~7-9 µs a layer, 2.5 MB) and in every kernel's
 ramp and tail. Here a second stream in the same CUDA graph asks the L2 (50 MB on the H100 and H200) for the weights
 of the kernels ahead, up to `budget` bytes past the end of the kernel running, so that those kernels find them in
-the L2 (models/kernels/l2_ahead.py, as the app's step would). Three ways of asking: `cp.async.bulk.prefetch.L2`
-(Hopper's bulk copy engine, one instruction for 16 KB), the same at the L2's evict-last priority, and plain loads
+the L2 (models/kernels/l2_ahead.py, as the app's step would). Ways of asking: `cp.async.bulk.prefetch.L2` (Hopper's
+bulk copy engine, one instruction for 16 KB) with or without the plan's capacity rule, at the L2's evict-last
+priority (no capacity rule: what survives a 7B's 59 MB gate/up), and plain loads
 with a 256-byte L2 fetch (`ld.global.L2::256B`, what Ampere and Ada would run). The chain is
 bench/pdl_chain.py's (its tiles chosen among Triton's and int4_mma's, timed alone), 8 layers of random weights, one
 CUDA graph; every variant's output is checked bit for bit against the chain without prefetch.
@@ -32,8 +33,10 @@ from bench.persistent_layer import HEAD_DIM, SHAPES, layer_linears, make_problem
 from models.kernels import int4_triton, l2_ahead  # noqa: E402
 from models.kernels.int4 import packed_bytes  # noqa: E402
 
-# (bulk, evict_last); evict-last last: lines it leaves at that priority could hold the L2 for a mode after it
-MODES = {"bulk": (True, False), "load256": (False, False), "bulk-evict-last": (True, True)}
+# (bulk, evict_last, capped: a kernel asks only where its weights and the budget fit 3/4 of the L2, l2_ahead.plan);
+# evict-last last: lines it leaves at that priority could hold the L2 for a mode after it
+MODES = {"bulk": (True, False, True), "bulk-uncapped": (True, False, False), "load256": (False, False, True),
+         "bulk-evict-last": (True, True, False)}
 
 
 def chain_weights(problem: dict) -> list[list[torch.Tensor]]:
@@ -92,8 +95,9 @@ def main() -> None:
         base = None
         for mode, mb in variants:
             keys, values = problem["keys"].clone(), problem["values"].clone()
-            ahead = None if mode is None else l2_ahead.L2Ahead(weights, int(mb * 2**20), device, MODES[mode][1],
-                                                               MODES[mode][0])
+            bulk, evict_last, capped = MODES.get(mode, (None, None, None))
+            ahead = None if mode is None else l2_ahead.L2Ahead(weights, int(mb * 2**20), device, evict_last, bulk,
+                                                               -1 if capped else None)
             step = prefetching_step(problem, keys, values, tiles, ahead)
             out = step().clone()
             torch.cuda.synchronize()

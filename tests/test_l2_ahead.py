@@ -30,17 +30,21 @@ def test_each_kernel_asks_once_a_cycle_for_what_starts_within_the_budget_after_i
     layer = [[rng.randint(1, 4) for _ in range(rng.randint(1, 5))] if slot != 1 else [] for slot in range(5)]
     sizes = layer * rng.randint(2, 6) + ([[rng.randint(1, 4)] * rng.randint(5, 20)] if rng.random() < 0.5 else [])
     budget = rng.randint(0, 30)
-    asks = l2_ahead.plan(sizes, budget)
+    capacity = rng.choice([None, rng.randint(5, 60)])
+    asks = l2_ahead.plan(sizes, budget, capacity)
     starts, ends, total = _starts_and_ends(sizes)
+    # the kernels that may ask: their own bytes and the budget fit the L2's capacity
+    asking = [i for i, pieces in enumerate(sizes) if capacity is None or sum(pieces) + budget <= capacity]
     budget = min(budget, total // 2)
     asked = [piece for ask in asks for piece in ask]
     assert len(asked) == len(set(asked))  # nothing asked twice a cycle
     for i, ask in enumerate(asks):
+        assert not ask or i in asking
         for k, p in ask:
             assert k != i  # never the kernel's own weights: it reads them itself
             assert (starts[(k, p)] - ends[i]) % total < budget  # within the budget after the kernel starting
-    # everything that starts within the budget after some kernel's end is asked by one of them
-    want = {piece for piece, start in starts.items() for end in ends if (start - end) % total < budget}
+    # everything that starts within the budget after an asking kernel's end is asked by one of them
+    want = {piece for piece, start in starts.items() for i in asking if (start - ends[i]) % total < budget}
     assert set(asked) == want
 
 
@@ -55,6 +59,10 @@ def test_a_small_cycle_asks_as_worked_out_by_hand():
     assert l2_ahead.plan(sizes, 1) == [[(2, 0)], [], [(3, 0)], [(4, 0)], [(0, 0)]]
     # four bytes ahead (half the cycle): the last kernel asks into the next cycle
     assert l2_ahead.plan(sizes, 4) == [[(2, 2), (3, 0)], [], [(4, 0), (0, 0)], [(0, 1), (2, 0)], [(2, 1)]]
+    # an L2 of 3 bytes to count on: the 3-byte kernel and its byte ahead do not fit, so it asks nothing
+    assert l2_ahead.plan(sizes, 1, capacity=3) == [[(2, 0)], [], [], [(4, 0)], [(0, 0)]]
+    # of 2: the attention (no weights of its own) asks what the 2-byte kernel before it could not
+    assert l2_ahead.plan(sizes, 1, capacity=2) == [[], [(2, 0)], [], [], [(0, 0)]]
 
 
 def test_pieces_are_views_of_the_weights_in_order():

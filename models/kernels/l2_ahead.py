@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 ENV = "SMALLCHAT_L2_AHEAD_MB"
 PIECE = 1 << 20  # bytes of one asked range: the budget's granularity
+# The share of the L2 a kernel's own weights and what it asks for may fill (plan); the rest is the KV cache's, the
+# activations', and slack for the L2's replacement, which is not a strict LRU.
+CAPACITY = 0.75
 
 SOURCE = r"""
 // Block row y asks the L2 for range y of `table`: its address, then its bytes (low 32 bits) and, in bit 62, whether
@@ -129,11 +132,15 @@ def budget_bytes(device: torch.device) -> int:
     return int(min(mb * 2**20, torch.cuda.get_device_properties(device).L2_cache_size // 2))
 
 
-def plan(sizes: list[list[int]], budget: int) -> list[list[tuple[int, int]]]:
+def plan(sizes: list[list[int]], budget: int, capacity: int | None = None) -> list[list[tuple[int, int]]]:
     """What a cycle of kernels asks for as each starts, in a step that repeats: for kernel i, the (kernel, piece)
     indices of the pieces (sizes[k][p] bytes, in the order read) that start before the end of kernel i plus
     `budget`, counting on into the next cycle, and after kernel i's own: a kernel never asks for what it is about
-    to read itself. Each piece is asked once a cycle; the budget is at most half a cycle."""
+    to read itself. Each piece is asked once a cycle; the budget is at most half a cycle.
+
+    A kernel whose own bytes and the budget exceed `capacity` (bytes of the L2 to count on) asks for nothing:
+    what it asked for would be pushed out of the L2 by its own weights streaming through before it is read (a 7B's
+    gate/up is 59 MB). The kernels after it ask instead."""
     flat = [(k, p) for k, pieces in enumerate(sizes) for p in range(len(pieces))]
     lengths = [sizes[k][p] for k, p in flat]
     total = sum(lengths)
@@ -146,6 +153,8 @@ def plan(sizes: list[list[int]], budget: int) -> list[list[tuple[int, int]]]:
     frontier = 0  # the next piece (of the three cycles) not yet asked for
     for cycle in range(2):
         for i, end in enumerate(ends):
+            if capacity is not None and sum(sizes[i]) + budget > capacity:
+                continue
             end += cycle * total
             frontier = max(frontier, bisect.bisect_left(starts, end))  # not kernel i's own pieces
             while frontier < len(starts) and starts[frontier] < end + budget:
@@ -172,12 +181,15 @@ class L2Ahead:
         budget: bytes asked for past the end of the GEMV starting (budget_bytes).
         device: their CUDA device.
         evict_last: ask at the L2's evict-last priority (for the bench: what survives a large GEMV between).
-        bulk: ask with bulk prefetches (True) or loads (False); by default bulk_for the device (for the bench)."""
+        bulk: ask with bulk prefetches (True) or loads (False); by default bulk_for the device (for the bench).
+        capacity: the L2's bytes to count on (plan); by default CAPACITY of the device's L2, None: no limit."""
 
     def __init__(self, kernels: list[list[torch.Tensor]], budget: int, device: torch.device, evict_last: bool = False,
-                 bulk: bool | None = None):
+                 bulk: bool | None = None, capacity: int | None = -1):
         pieces = [pieces_of(tensors) for tensors in kernels]
-        asks = plan([[v.numel() for v in views] for views in pieces], budget)
+        if capacity == -1:
+            capacity = int(CAPACITY * torch.cuda.get_device_properties(device).L2_cache_size)
+        asks = plan([[v.numel() for v in views] for views in pieces], budget, capacity)
         rows = max((len(a) for a in asks), default=0)
         self.stream = torch.cuda.Stream(device)
         self.bulk = bulk
