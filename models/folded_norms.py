@@ -109,7 +109,7 @@ def ask_l2_ahead(model, device: torch.device):
     if ahead is not None and ahead.tables[0] is None:
         ahead = None
     for gemv, table in zip(gemvs, ahead.tables if ahead is not None else []):
-        gemv.l2_ahead = (table, ahead.stream.cuda_stream)
+        gemv.l2_ahead = table
     model.smallchat_l2_ahead = ahead
     return ahead
 

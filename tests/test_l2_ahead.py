@@ -127,7 +127,7 @@ def test_a_cpu_step_asks_nothing_and_its_gemvs_are_left_as_they_were(tiny_llama,
     assert ask_l2_ahead(model, torch.device("cpu")) is None
     gemvs = decode_gemvs(model)
     assert len(gemvs) == 4 * model.config.num_hidden_layers + 1  # q/k/v, o, gate/up, down a layer; lm_head
-    assert all(g.l2_ahead == (None, 0) for g in gemvs)
+    assert all(g.l2_ahead is None for g in gemvs)
 
 
 def _gpu_int4_model(tiny_llama):
@@ -160,7 +160,7 @@ def test_asking_ahead_changes_no_bit_of_the_step_eager_in_a_graph_or_compiled(ti
         fast = FastDecoder(model, max_context=128, compile=False)
         assert (fast._layer_loop.l2_ahead is not None) == (mb == "1") and fast._layer_loop.folded
         if mb == "1":  # every GEMV of the step asks, with a table of the same shape (one compiled layer for all)
-            tables = [g.l2_ahead[0] for g in decode_gemvs(model)]
+            tables = [g.l2_ahead for g in decode_gemvs(model)]
             assert all(t is not None and t.shape == tables[0].shape for t in tables)
         fast.warm_up()  # captures the step's graphs, with the second stream forked and joined in each
         positions = torch.arange(fast.windows[-1], device="cuda")

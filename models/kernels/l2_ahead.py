@@ -191,7 +191,7 @@ class L2Ahead:
             capacity = int(CAPACITY * torch.cuda.get_device_properties(device).L2_cache_size)
         asks = plan([[v.numel() for v in views] for views in pieces], budget, capacity)
         rows = max((len(a) for a in asks), default=0)
-        self.stream = torch.cuda.Stream(device)
+        self.stream = side_stream(device)
         self.bulk = bulk
         flag = EVICT_LAST if evict_last else 0
         # One table per GEMV, all of the same rows (unused rows ask for 0 bytes): a compiled layer's inputs then have
@@ -206,18 +206,25 @@ class L2Ahead:
     def ask(self, index: int) -> None:
         """Fork the second stream here and ask the L2 for what GEMV `index` of the cycle asks for as it starts."""
         if self.tables[index] is not None:
-            ask_on(self.stream.cuda_stream, self.tables[index], self.bulk)
+            ask_on(self.tables[index], self.bulk)
 
     def join(self) -> None:
         """The step's stream waits for the second one (a CUDA graph's capture must end with both joined)."""
         torch.cuda.current_stream().wait_stream(self.stream)
 
 
-def ask_on(stream: int, table: torch.Tensor, bulk: bool | None = None) -> None:
-    """Fork the stream whose handle is `stream` from the current one here, and ask the L2 for `table`'s ranges on
-    it (what a decode GEMV op does first: int4_folded.py), with bulk prefetches or loads (bulk_for by default)."""
+@functools.lru_cache(maxsize=None)
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the L2 is asked on, one a GPU: a step's ops find it from their table's device, so that no stream
+    handle enters a compiled graph (a second load of the same shape then reuses the compiled layer)."""
+    return torch.cuda.Stream(device)
+
+
+def ask_on(table: torch.Tensor, bulk: bool | None = None) -> None:
+    """Fork the side stream from the current one here, and ask the L2 for `table`'s ranges on it (what a decode GEMV
+    op does first: int4_folded.py), with bulk prefetches or loads (bulk_for by default)."""
     device = nvrtc.device_of(table)
-    side = torch.cuda.ExternalStream(stream, device=device)
+    side = side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     bulk = bulk_for(torch.cuda.get_device_capability(device)) if bulk is None else bulk
     with torch.cuda.stream(side):
