@@ -104,6 +104,8 @@ def ask_l2_ahead(model, device: torch.device):
     if hasattr(model, "smallchat_l2_ahead"):
         return model.smallchat_l2_ahead
     budget = l2_ahead.budget_bytes(device)
+    if budget and not l2_ahead.builds(device):
+        budget = 0
     gemvs = decode_gemvs(model)
     ahead = l2_ahead.L2Ahead([[g.scales, g.offsets, g.qweight] for g in gemvs], budget, device) if budget else None
     if ahead is not None and ahead.tables[0] is None:

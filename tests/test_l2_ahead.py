@@ -113,21 +113,46 @@ def test_the_kernel_compiles_for_each_gpu_it_runs_on_and_keeps_its_loads(capabil
         assert sass.count("LDG.E.NA.LTC") == 2  # the 16-byte loads that fetch 128-256 bytes into the L2
 
 
-def test_a_cpu_step_asks_nothing_and_its_gemvs_are_left_as_they_were(tiny_llama, monkeypatch):
+@pytest.fixture(scope="module")
+def cpu_int4_model(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from models.folded_norms import ask_l2_ahead, decode_gemvs
     from models.fused_projections import fuse_projections
     from models.kernels.int4 import quantize_model
 
-    monkeypatch.setenv(l2_ahead.ENV, "16")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
     fuse_projections(model)
     quantize_model(model, torch.device("cpu"))
+    return model
+
+
+def test_a_cpu_step_asks_nothing_and_its_gemvs_are_left_as_they_were(cpu_int4_model, monkeypatch):
+    from models.folded_norms import ask_l2_ahead, decode_gemvs
+
+    model = cpu_int4_model
+    monkeypatch.setenv(l2_ahead.ENV, "16")
+    monkeypatch.delattr(model, "smallchat_l2_ahead", raising=False)
     assert ask_l2_ahead(model, torch.device("cpu")) is None
     gemvs = decode_gemvs(model)
     assert len(gemvs) == 4 * model.config.num_hidden_layers + 1  # q/k/v, o, gate/up, down a layer; lm_head
     assert all(g.l2_ahead is None for g in gemvs)
+
+
+def test_a_kernel_that_cannot_be_built_leaves_the_step_without_asks(cpu_int4_model, monkeypatch, caplog):
+    from models.folded_norms import ask_l2_ahead
+
+    def no_nvrtc(bulk, device):
+        raise OSError("NVRTC (libnvrtc.so.13) was not found")
+    monkeypatch.setattr(l2_ahead, "budget_bytes", lambda device: 16 << 20)
+    monkeypatch.setattr(l2_ahead, "_kernel", no_nvrtc)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delattr(cpu_int4_model, "smallchat_l2_ahead", raising=False)
+    l2_ahead.builds.cache_clear()
+    try:
+        assert ask_l2_ahead(cpu_int4_model, torch.device("cpu")) is None
+        assert "cannot be asked ahead" in caplog.text and "libnvrtc" in caplog.text
+    finally:
+        l2_ahead.builds.cache_clear()
 
 
 def _gpu_int4_model(tiny_llama):

@@ -108,6 +108,18 @@ def _kernel(bulk: bool, device: torch.device) -> nvrtc.Kernel:
     return nvrtc.load_kernel(source_for(bulk), "l2_ahead", device)
 
 
+@functools.lru_cache(maxsize=None)
+def builds(device: torch.device) -> bool:
+    """Whether the kernel compiles and loads on `device` (NVRTC found, compile and load succeed): if not, that is
+    logged once and the step does not ask ahead, rather than failing."""
+    try:
+        _kernel(bulk_for(torch.cuda.get_device_capability(device)), device)
+        return True
+    except (OSError, RuntimeError) as error:
+        log.warning("the L2 cannot be asked ahead here (%s): the decode step runs without it", error)
+        return False
+
+
 def compile_jobs(device: torch.device) -> list:
     """The call that compiles (or reads from the cubin cache) the kernel a step asks with on `device`, for
     int4_precompile's threads; none where the step does not ask the L2 ahead."""
