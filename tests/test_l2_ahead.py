@@ -204,3 +204,32 @@ def test_asking_ahead_changes_no_bit_of_the_step_eager_in_a_graph_or_compiled(ti
     for want, got in zip(results["0"][0] + [results["0"][1]], results["1"][0] + [results["1"][1]]):
         assert torch.equal(want, got)
     assert results["0"][2] == results["1"][2]
+
+
+def test_one_compiled_layer_serves_every_layer_with_its_own_tables(cpu_int4_model):
+    """The tables are inputs of the compiled layer, not constants: no layer compiles again, and none asks with
+    another's table."""
+    from models.fast_decode import FastDecoder
+    from models.folded_norms import decode_gemvs
+
+    model = cpu_int4_model
+    gemvs = decode_gemvs(model)
+    inputs = []
+
+    def backend(graph_module, example_inputs):
+        inputs.append([n.name for n in graph_module.graph.nodes if n.op == "placeholder" and "l2_ahead" in n.name])
+        return graph_module.forward
+    try:
+        for i, gemv in enumerate(gemvs):
+            gemv.l2_ahead = torch.full((4, 2), i, dtype=torch.int64)
+        fast = FastDecoder(model, max_context=64, compile=False)
+        loop = fast._layer_loop
+        torch._dynamo.reset()
+        compiled = torch.compile(loop.layer_fn, fullgraph=True, backend=backend)
+        with torch.inference_mode():
+            loop.logits(torch.tensor([[5]]), torch.tensor([3]), torch.arange(fast.windows[-1]), compiled)
+    finally:
+        for gemv in gemvs:
+            gemv.l2_ahead = None
+        torch._dynamo.reset()
+    assert len(inputs) == 1 and len(inputs[0]) == 4  # one graph for the 4 layers; q/k/v, o, gate/up, down's tables
