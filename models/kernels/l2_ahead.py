@@ -24,6 +24,7 @@ import functools
 import itertools
 import logging
 import os
+import threading
 
 import torch
 
@@ -186,7 +187,7 @@ def pieces_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class L2Ahead:
-    """A cycle of GEMVs' weights asked of the L2 ahead of them, on a stream of its own (the module docstring).
+    """A cycle of GEMVs' weights asked of the L2 ahead of them, on the side stream (the module docstring).
 
     Args:
         kernels: per GEMV of the cycle, in order, the tensors it reads (scales, offsets, words).
@@ -203,7 +204,7 @@ class L2Ahead:
             capacity = int(CAPACITY * torch.cuda.get_device_properties(device).L2_cache_size)
         asks = plan([[v.numel() for v in views] for views in pieces], budget, capacity)
         rows = max((len(a) for a in asks), default=0)
-        self.stream = side_stream(device)
+        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         self.bulk = bulk
         flag = EVICT_LAST if evict_last else 0
         # One table per GEMV, all of the same rows (unused rows ask for 0 bytes): a compiled layer's inputs then have
@@ -221,14 +222,20 @@ class L2Ahead:
             ask_on(self.tables[index], self.bulk)
 
     def join(self) -> None:
-        """The step's stream waits for the second one (a CUDA graph's capture must end with both joined)."""
-        torch.cuda.current_stream().wait_stream(self.stream)
+        """The step's stream waits for this thread's side stream (a CUDA graph's capture must end with both joined)."""
+        torch.cuda.current_stream(self.device).wait_stream(side_stream(self.device))
 
 
-@functools.lru_cache(maxsize=None)
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream the L2 is asked on, one a GPU: a step's ops find it from their table's device, so that no stream
-    handle enters a compiled graph (a second load of the same shape then reuses the compiled layer)."""
+    """The stream the L2 is asked on, one for each GPU and thread. The ops find it from their table's device, so no
+    stream handle is baked into a compiled graph (a second load of the same shape reuses the compiled layer). One a
+    thread: a thread capturing a CUDA graph (a load's warm-up) must not share it with a thread running a step eagerly
+    (another model's background compile); a capture would take in the other thread's launches."""
+    return _side_stream(device, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=64)
+def _side_stream(device: torch.device, thread: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
