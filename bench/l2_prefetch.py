@@ -33,7 +33,7 @@ from bench.persistent_layer import HEAD_DIM, SHAPES, layer_linears, make_problem
 from models.kernels import int4_triton, l2_ahead  # noqa: E402
 from models.kernels.int4 import packed_bytes  # noqa: E402
 
-# (bulk, evict_last, capped: a kernel asks only where its weights and the budget fit 3/4 of the L2, l2_ahead.plan);
+# (bulk, evict_last, capped: a kernel asks for at most 3/4 of the L2 less its own weights, l2_ahead.plan);
 # evict-last last: lines it leaves at that priority could hold the L2 for a mode after it
 MODES = {"bulk": (True, False, True), "bulk-uncapped": (True, False, False), "load256": (False, False, True),
          "bulk-evict-last": (True, True, False)}

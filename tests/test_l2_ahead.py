@@ -33,18 +33,17 @@ def test_each_kernel_asks_once_a_cycle_for_what_starts_within_the_budget_after_i
     capacity = rng.choice([None, rng.randint(5, 60)])
     asks = l2_ahead.plan(sizes, budget, capacity)
     starts, ends, total = _starts_and_ends(sizes)
-    # the kernels that may ask: their own bytes and the budget fit the L2's capacity
-    asking = [i for i, pieces in enumerate(sizes) if capacity is None or sum(pieces) + budget <= capacity]
     budget = min(budget, total // 2)
+    # how far each kernel may ask ahead: the budget, or what the L2's capacity leaves beside its own bytes
+    ahead = [budget if capacity is None else min(budget, capacity - sum(pieces)) for pieces in sizes]
     asked = [piece for ask in asks for piece in ask]
     assert len(asked) == len(set(asked))  # nothing asked twice a cycle
     for i, ask in enumerate(asks):
-        assert not ask or i in asking
         for k, p in ask:
             assert k != i  # never the kernel's own weights: it reads them itself
-            assert (starts[(k, p)] - ends[i]) % total < budget  # within the budget after the kernel starting
-    # everything that starts within the budget after an asking kernel's end is asked by one of them
-    want = {piece for piece, start in starts.items() for i in asking if (start - ends[i]) % total < budget}
+            assert (starts[(k, p)] - ends[i]) % total < ahead[i]  # within what it may ask ahead
+    # everything that starts within what a kernel may ask ahead after its end is asked by one of them
+    want = {piece for piece, start in starts.items() for i, end in enumerate(ends) if (start - end) % total < ahead[i]}
     assert set(asked) == want
 
 
@@ -63,6 +62,9 @@ def test_a_small_cycle_asks_as_worked_out_by_hand():
     assert l2_ahead.plan(sizes, 1, capacity=3) == [[(2, 0)], [], [], [(4, 0)], [(0, 0)]]
     # of 2: the attention (no weights of its own) asks what the 2-byte kernel before it could not
     assert l2_ahead.plan(sizes, 1, capacity=2) == [[], [(2, 0)], [], [], [(0, 0)]]
+    # of 5 with 4 ahead: each kernel asks for at most 5 less its own bytes (3 for the 2-byte ones, 2 for the 3-byte
+    # one, whose window [13, 15) the attention's [10, 14) already covered up to (4, 0), which starts at 15)
+    assert l2_ahead.plan(sizes, 4, capacity=5) == [[(2, 2)], [(3, 0)], [], [(4, 0), (0, 0), (0, 1)], [(2, 0), (2, 1)]]
 
 
 def test_pieces_are_views_of_the_weights_in_order():

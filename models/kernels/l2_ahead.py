@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 ENV = "SMALLCHAT_L2_AHEAD_MB"
 PIECE = 1 << 20  # bytes of one asked range: the budget's granularity
-# The share of the L2 a kernel's own weights and what it asks for may fill (plan); the rest is the KV cache's, the
-# activations', and slack for the L2's replacement, which is not a strict LRU.
+# The share of the L2 a kernel's own weights and what it asks for may fill (plan); the rest is for the KV cache, the
+# activations, and slack for the L2's replacement, which is not a strict LRU.
 CAPACITY = 0.75
 
 SOURCE = r"""
@@ -151,9 +151,9 @@ def plan(sizes: list[list[int]], budget: int, capacity: int | None = None) -> li
     `budget`, counting on into the next cycle, and after kernel i's own: a kernel never asks for what it is about
     to read itself. Each piece is asked once a cycle; the budget is at most half a cycle.
 
-    A kernel whose own bytes and the budget exceed `capacity` (bytes of the L2 to count on) asks for nothing:
-    what it asked for would be pushed out of the L2 by its own weights streaming through before it is read (a 7B's
-    gate/up is 59 MB). The kernels after it ask instead."""
+    With `capacity` (bytes of the L2 to count on), a kernel asks for at most `capacity` less its own bytes: more
+    would be pushed out of the L2 by its own weights streaming through before it is read. So a 7B's gate/up (59 MB)
+    asks for nothing, and its down (29 MB) for 8 MB of the next q/k/v; the kernels after them ask for the rest."""
     flat = [(k, p) for k, pieces in enumerate(sizes) for p in range(len(pieces))]
     lengths = [sizes[k][p] for k, p in flat]
     total = sum(lengths)
@@ -166,11 +166,12 @@ def plan(sizes: list[list[int]], budget: int, capacity: int | None = None) -> li
     frontier = 0  # the next piece (of the three cycles) not yet asked for
     for cycle in range(2):
         for i, end in enumerate(ends):
-            if capacity is not None and sum(sizes[i]) + budget > capacity:
+            ahead = budget if capacity is None else min(budget, capacity - sum(sizes[i]))
+            if ahead <= 0:
                 continue
             end += cycle * total
             frontier = max(frontier, bisect.bisect_left(starts, end))  # not kernel i's own pieces
-            while frontier < len(starts) and starts[frontier] < end + budget:
+            while frontier < len(starts) and starts[frontier] < end + ahead:
                 if cycle == 1:
                     asks[i].append(flat[frontier % len(flat)])
                 frontier += 1
