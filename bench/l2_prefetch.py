@@ -40,25 +40,23 @@ MODES = {"bulk": (True, False, True), "bulk-uncapped": (True, False, False), "lo
 
 
 def chain_weights(problem: dict) -> list[list[torch.Tensor]]:
-    """Per kernel of the chain, in order (q/k/v, attention, o, gate/up, down a layer), the tensors it reads as
-    l2_ahead.L2Ahead takes them: scales, offsets, words (none for the attention: it reads the cache)."""
-    kernels = []
-    for layer in range(problem["layers"]):
-        for slot, (w, s, o, _k, _n) in enumerate(problem["chain"]):
-            if slot == 1:
-                kernels.append([])
-            kernels.append([s[layer], o[layer], w[layer]])
-    return kernels
+    """Per GEMV of the chain, in order (q/k/v, o, gate/up, down a layer), the tensors it reads as l2_ahead.L2Ahead
+    takes them: scales, offsets, words. The attention is not among them, as in the app's cycle."""
+    return [[s[layer], o[layer], w[layer]] for layer in range(problem["layers"]) for w, s, o, _k, _n in problem["chain"]]
 
 
 def prefetching_step(problem: dict, keys: torch.Tensor, values: torch.Tensor, tiles: list[int], ahead=None):
     """bench/pdl_chain.py's chain of the layers' kernels; with `ahead` (an l2_ahead.L2Ahead over chain_weights), each
-    GEMV first forks its stream and asks the L2 for the weights after it (the attention asks nothing, as in the app,
-    where only the GEMV ops ask)."""
+    GEMV first forks the side stream and asks the L2 for the weights after it. The attention asks nothing, as in the
+    app, where only the GEMV ops ask."""
     if ahead is None:
         return chain_step(problem, keys, values, tiles)
-    gemvs = [bool(tensors) for tensors in chain_weights(problem)]
-    return chain_step(problem, keys, values, tiles, lambda i: ahead.ask(i) if gemvs[i] else None, ahead.join)
+    per_layer = len(problem["chain"]) + 1  # chain_step's kernels a layer: the GEMVs and the attention after the first
+    # the chain's kernel index -> the GEMV's in the cycle, None for the attention
+    gemv_of = [None if i % per_layer == 1 else i // per_layer * (per_layer - 1) + i % per_layer - (i % per_layer > 1)
+               for i in range(problem["layers"] * per_layer)]
+    return chain_step(problem, keys, values, tiles,
+                      lambda i: ahead.ask(gemv_of[i]) if gemv_of[i] is not None else None, ahead.join)
 
 
 def main() -> None:
