@@ -235,3 +235,19 @@ def test_one_compiled_layer_serves_every_layer_with_its_own_tables(cpu_int4_mode
             gemv.l2_ahead = None
         torch._dynamo.reset()
     assert len(inputs) == 1 and len(inputs[0]) == 4  # one graph for the 4 layers; q/k/v, o, gate/up, down's tables
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_tile_chooser_times_each_tile_with_the_asks_the_step_makes(tiny_llama, monkeypatch):
+    from models.folded_norms import decode_gemvs, mark_epilogues
+    from models.kernels import gemv_tiles
+
+    monkeypatch.setenv(l2_ahead.ENV, "1")
+    model = _gpu_int4_model(tiny_llama)
+    mark_epilogues(model)
+    group = [g for g in decode_gemvs(model) if g is not model.lm_head][::4]  # each layer's q/k/v
+    candidates = gemv_tiles.candidate_tiles(group[0].out_features, group[0].qweight.device)
+    timings = gemv_tiles.time_tiles(group, candidates)
+    assert set(timings) <= set(candidates) and len(timings) >= 1 and all(us > 0 for us in timings.values())
+    assert gemv_tiles._signature(group[0].qweight.device)["l2_ahead"] == 1 << 20
