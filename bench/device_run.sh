@@ -233,10 +233,9 @@ run_mode() {
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_l2_ahead.py tests/test_int4_folded_norms.py "tests/test_decode_attention.py::test_after_the_precompile_the_first_decode_steps_compile_no_attention_kernel" \
         2>&1 | tee "$OUT/l2_tests.txt" | tail -15 ;;
-    l2-ab)  # the 1.8B and the 7B decoding with the GEMVs asking the L2 ahead (16 MB; 8 and 24 for the 1.8B) and
-            # without (~8 minutes)
-      python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-l2ahead16 1.8b:fast-int4-l2ahead8 \
-        1.8b:fast-int4-l2ahead24 7b:fast-int4 7b:fast-int4-l2ahead16 --out "$OUT/decode_l2_ab.jsonl" \
+    l2-ab)  # the 1.8B and the 7B decoding with the GEMVs asking the L2 16 or 24 MB ahead, and without (~8 minutes)
+      python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-l2ahead16 1.8b:fast-int4-l2ahead24 \
+        7b:fast-int4 7b:fast-int4-l2ahead16 7b:fast-int4-l2ahead24 --out "$OUT/decode_l2_ab.jsonl" \
         --md "$OUT/decode_l2_ab.md" 2>&1 | tail -30 ;;
     cluster-ab)  # the 1.8B and the 7B decoding with the cluster attention and with the Triton one (~5 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-triton-attention 7b:fast-int4 \
