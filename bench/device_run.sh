@@ -228,10 +228,11 @@ run_mode() {
     l2-prefetch)  # a layer's kernel chain with a second stream asking the L2 for the weights ahead of them, per
                   # budget and way of asking (bench/l2_prefetch.py) (~3 minutes)
       timeout 400 python3 bench/l2_prefetch.py --out "$OUT/l2_prefetch.jsonl" 2>&1 | tee "$OUT/l2_prefetch.txt" ;;
-    l2-tests)  # the L2-ahead GPU tests, the folded step's, and the precompile's (with the cluster attention's jobs,
-               # untimed since session 34) (~3 minutes)
+    l2-tests)  # the L2-ahead GPU tests, the folded step's, the one-kernel argmax's, and the precompile's (with the
+               # cluster attention's jobs, untested on a GPU since session 34) (~3 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_l2_ahead.py tests/test_int4_folded_norms.py "tests/test_decode_attention.py::test_after_the_precompile_the_first_decode_steps_compile_no_attention_kernel" \
+        tests/test_l2_ahead.py tests/test_int4_folded_norms.py tests/test_argmax.py \
+        "tests/test_decode_attention.py::test_after_the_precompile_the_first_decode_steps_compile_no_attention_kernel" \
         2>&1 | tee "$OUT/l2_tests.txt" | tail -15 ;;
     l2-ab)  # the 1.8B and the 7B decoding with the GEMVs asking the L2 16 or 24 MB ahead, and without (~8 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-l2ahead16 1.8b:fast-int4-l2ahead24 \

@@ -3,8 +3,8 @@
 The app samples by default (temperature 0.7, top-p 0.9); decode_speed's step figures are greedy. Per
 vocabulary (InternLM2's 92,544, Qwen2.5's 151,936), models/token_sampling.next_token and `plain` (the
 form it replaced: torch's argmax, and sort + softmax + cumsum) are captured in CUDA graphs and replayed
-(microseconds a token), and their kernels are listed (torch.profiler); for greedy also two_step_argmax,
-a candidate.
+(microseconds a token), and their kernels are listed (torch.profiler); for greedy also the candidates
+two_step_argmax and kernel_argmax (models/kernels/argmax.py: one kernel, checked against torch's answer here).
 
     python bench/sample_speed.py
 """
@@ -48,16 +48,32 @@ def two_step_argmax(logits: torch.Tensor, greedy: bool = True, temperature=None,
     return row * 128 + column.gather(0, row)  # gather, not column[row]: indexing by a tensor syncs (no capture)
 
 
+def kernel_argmax(state: torch.Tensor):
+    """Greedy only: models/kernels/argmax.py's one-kernel argmax, with its two words of state."""
+    from models.kernels.argmax import argmax
+
+    return lambda logits, greedy=True, temperature=None, top_p=None: argmax(logits, state)
+
+
 def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     print(json.dumps({"gpu": torch.cuda.get_device_name()}), flush=True)
     temperature = torch.full((1,), 0.7, device="cuda")
     top_p = torch.full((1,), 0.9, device="cuda")
+    from models.kernels.argmax import new_state
+
+    state = new_state(torch.device("cuda", torch.cuda.current_device()))
     for name, vocab in VOCABS.items():
         logits = torch.randn(1, vocab, device="cuda") * 4
+        logits[0, vocab // 3] = logits[0, 2 * vocab // 3] = logits.max() + 1  # a tie: the first must win
+        want = int(logits.argmax())
+        for form in (two_step_argmax, kernel_argmax(state)):
+            assert int(form(logits)) == want, (name, form)
         for greedy in (True, False):
-            forms = [("plain", plain), ("next_token", next_token)] + ([("two_step_argmax", two_step_argmax)] if greedy else [])
+            forms = [("plain", plain), ("next_token", next_token)]
+            if greedy:
+                forms += [("two_step_argmax", two_step_argmax), ("kernel_argmax", kernel_argmax(state))]
             for name_of_form, form in forms:
                 us = graph_ms(lambda: form(logits, greedy, temperature, top_p), 200) * 1e3
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
