@@ -65,8 +65,8 @@ PATHS = {"naive-fp16": ("none", False), "stream-fp16": ("none", True), "naive-nf
          "fast-int4-triton-gemv": ("int4", False),  # the GEMV tiles chosen among Triton's only, not int4_mma's too
          # the decode attention as the Triton kernel on Hopper too, not the cluster kernel (attention_cluster.py)
          "fast-int4-triton-attention": ("int4", False),
-         # the GEMVs ask the L2 for the weights after them, 8 / 16 / 24 MB ahead (models/kernels/l2_ahead.py)
-         **{f"fast-int4-l2ahead{mb}": ("int4", False) for mb in (8, 16, 24)}}
+         # the next token by torch's argmax, not the one-kernel argmax (models/kernels/argmax.py)
+         "fast-int4-torch-argmax": ("int4", False)}
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -195,10 +195,12 @@ def measure(folder: str, path: str, budget_gib: float, prompt: int, new_tokens: 
         for module in (memory, memory_split, fast_decode, generation):
             module.PREFILL_CHUNK = 512
         fast_decode.PREFILL_BUCKETS = tuple(b for b in fast_decode.PREFILL_BUCKETS if b <= 512)
-    if path.startswith("fast-int4-l2ahead"):
-        from models.kernels import l2_ahead
+    if path == "fast-int4-torch-argmax":
+        from models import token_sampling
 
-        os.environ[l2_ahead.ENV] = path.removeprefix("fast-int4-l2ahead")
+        plain_next_token = token_sampling.next_token
+        fast_decode.next_token = lambda logits, greedy, temperature, top_p, state=None: plain_next_token(
+            logits, greedy, temperature, top_p)
     if path == "fast-int4-triton-attention":
         from models.kernels import decode_attention
 

@@ -40,8 +40,8 @@
 #     mma-ab   the 7B and 1.8B decoding with and without its tiles;  mma-profile  ncu of its tiles and Triton's
 #     cluster  the cluster decode attention against the Triton one: GPU tests, per layer;  cluster-ab  end to end;
 #              cluster-tiles  its block shapes;  fused  the q/k/v GEMV + attention as one kernel (a probe), per layer
-#     l2-prefetch  a layer's kernels with the weights ahead asked of the L2 by a second stream (l2_ahead.py);
-#              l2-tests  its GPU tests;  l2-ab  the 1.8B and 7B decoding with and without it
+#     l2-prefetch  a layer's kernels with the weights ahead asked of the L2 by a second stream (a probe, dropped)
+#     argmax-tests  the one-kernel argmax's and the fast decoder's GPU tests;  argmax-ab  end to end, against torch's
 #     pdl-chain  a layer's kernels with early launches, Triton's GEMV tiles against the tensor-core GEMV's
 #     mma-tests  the GPU tests of the GEMVs, their tiles and epilogues, and the fast decoder
 #     tests    the GPU tests (tests/test_gpu.py and the fast-path / kernel tests on CUDA)
@@ -228,16 +228,15 @@ run_mode() {
     l2-prefetch)  # a layer's kernel chain with a second stream asking the L2 for the weights ahead of them, per
                   # budget and way of asking (bench/l2_prefetch.py) (~3 minutes)
       timeout 400 python3 bench/l2_prefetch.py --out "$OUT/l2_prefetch.jsonl" 2>&1 | tee "$OUT/l2_prefetch.txt" ;;
-    l2-tests)  # the L2-ahead GPU tests, the folded step's, the one-kernel argmax's, and the precompile's (with the
-               # cluster attention's jobs, untested on a GPU since session 34) (~3 minutes)
+    argmax-tests)  # the one-kernel argmax's GPU test, the fast decoder's, and the precompile's (the cluster
+                   # attention's jobs in threads: a failed context, fixed in session 35) (~4 minutes)
       PYTHONPATH="/tmp/site-pytest:$PYTHONPATH" timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_l2_ahead.py tests/test_int4_folded_norms.py tests/test_argmax.py \
+        tests/test_argmax.py tests/test_fast_decode.py \
         "tests/test_decode_attention.py::test_after_the_precompile_the_first_decode_steps_compile_no_attention_kernel" \
-        2>&1 | tee "$OUT/l2_tests.txt" | tail -15 ;;
-    l2-ab)  # the 1.8B and the 7B decoding with the GEMVs asking the L2 16 or 24 MB ahead, and without (~8 minutes)
-      python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-l2ahead16 1.8b:fast-int4-l2ahead24 \
-        7b:fast-int4 7b:fast-int4-l2ahead16 7b:fast-int4-l2ahead24 --out "$OUT/decode_l2_ab.jsonl" \
-        --md "$OUT/decode_l2_ab.md" 2>&1 | tail -30 ;;
+        2>&1 | tee "$OUT/argmax_tests.txt" | tail -15 ;;
+    argmax-ab)  # the 1.8B and the 7B decoding with the one-kernel argmax and with torch's (~5 minutes)
+      python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-torch-argmax 7b:fast-int4 \
+        7b:fast-int4-torch-argmax --out "$OUT/decode_argmax_ab.jsonl" --md "$OUT/decode_argmax_ab.md" 2>&1 | tail -30 ;;
     cluster-ab)  # the 1.8B and the 7B decoding with the cluster attention and with the Triton one (~5 minutes)
       python3 bench/decode_speed.py --configs 1.8b:fast-int4 1.8b:fast-int4-triton-attention 7b:fast-int4 \
         7b:fast-int4-triton-attention --out "$OUT/decode_cluster_ab.jsonl" --md "$OUT/decode_cluster_ab.md" 2>&1 \

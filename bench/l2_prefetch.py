@@ -1,4 +1,5 @@
-"""Do a layer's GEMVs run faster when a second stream asks the L2 for their weights ahead of them?
+"""Do a layer's GEMVs run faster when a second stream asks the L2 for their weights ahead of them? No: on an H100
+every budget and way of asking below was slower (bench/results/l2_prefetch_h100_s35.txt; BENCHMARKS.md, session 35).
 
 Session 34's profile put most of what the decode step loses to the roofline in the GEMVs' fixed cost: each of a
 layer's five dependent kernels (q/k/v GEMV, attention, o, gate/up, down) drains, launches and then waits a DRAM
@@ -6,7 +7,7 @@ latency for its first weights, and the small ones (the 1.8B's q/k/v and o: 6.7 M
 of the copy rate. Meanwhile the DRAM idles: during the attention (~7-9 µs a layer, 2.5 MB) and in every kernel's
 ramp and tail. Here a second stream in the same CUDA graph asks the L2 (50 MB on the H100 and H200) for the weights
 of the kernels ahead, up to `budget` bytes past the end of the kernel running, so that those kernels find them in
-the L2 (models/kernels/l2_ahead.py, as the app's step would). Ways of asking: `cp.async.bulk.prefetch.L2` (Hopper's
+the L2 (bench/l2_ahead.py, as the app's step would). Ways of asking: `cp.async.bulk.prefetch.L2` (Hopper's
 bulk copy engine, one instruction for 16 KB) with or without the plan's capacity rule, at the L2's evict-last
 priority (no capacity rule: what survives a 7B's 59 MB gate/up), and plain loads
 with a 256-byte L2 fetch (`ld.global.L2::256B`, what Ampere and Ada would run). The chain is
@@ -30,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.pdl_chain import chain_step, slot_us  # noqa: E402
 from bench.persistent_layer import HEAD_DIM, SHAPES, layer_linears, make_problem  # noqa: E402
-from models.kernels import int4_triton, l2_ahead  # noqa: E402
+from bench import l2_ahead  # noqa: E402
+from models.kernels import int4_triton  # noqa: E402
 from models.kernels.int4 import packed_bytes  # noqa: E402
 
 # (bulk, evict_last, capped: a kernel asks for at most 3/4 of the L2 less its own weights, l2_ahead.plan);

@@ -52,6 +52,7 @@ from .generation import SamplingSettings, _device_peak, stream_generate
 from .kv_cache import common_prefix_length
 from .layer_step import LayerLoop, supports_layer_loop
 from .memory import PREFILL_CHUNK
+from .kernels.argmax import new_state as new_argmax_state
 from .token_sampling import next_token
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class FastDecoder(BackgroundCompile):
             self.out = torch.zeros(self.max_context, dtype=torch.long, device=dev)  # ids decoded this answer
             self.temperature = torch.ones(1, device=dev)
             self.top_p = torch.ones(1, device=dev)
+            self.argmax_state = new_argmax_state(dev)  # the one-kernel argmax's two words (kernels/argmax.py)
             self.host = torch.zeros(self.max_context, dtype=torch.long, pin_memory=on_gpu)
             self._scratch_token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # the compile's first run
             self._scratch_pos = torch.full((1,), self.max_context, dtype=torch.long, device=dev)
@@ -228,7 +230,7 @@ class FastDecoder(BackgroundCompile):
 
     def _sample(self, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
         """Next token id [1], on the device: argmax, or temperature + top-p sampling."""
-        return next_token(logits, greedy, self.temperature, self.top_p)
+        return next_token(logits, greedy, self.temperature, self.top_p, self.argmax_state)
 
     def _decode_step(self, greedy: bool) -> None:
         """One token: forward, sample, and advance every buffer, all on the device."""

@@ -87,35 +87,6 @@ def run_layer_folded(layer, h: torch.Tensor, normed: torch.Tensor, sums: torch.T
     return residual_norm(mlp.down_proj, activated, h, next_weight)
 
 
-def decode_gemvs(model) -> list[Int4Linear]:
-    """The int4 GEMVs of a folded one-token step in the order it runs them: each layer's q/k/v, o, gate/up and down,
-    then lm_head where it is int4."""
-    gemvs = [linear for layer in model.model.layers for linear in (
-        layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    return gemvs + ([model.lm_head] if isinstance(model.lm_head, Int4Linear) else [])
-
-
-def ask_l2_ahead(model, device: torch.device):
-    """Make the folded step's GEMVs ask the L2 for the weights after them as each starts (kernels/l2_ahead.py),
-    where SMALLCHAT_L2_AHEAD_MB gives a budget on `device`: the L2Ahead whose stream the step joins, else None.
-    Once a model: every step of it (the uncompiled one, the compiled one) asks on the same stream."""
-    from .kernels import l2_ahead
-
-    if hasattr(model, "smallchat_l2_ahead"):
-        return model.smallchat_l2_ahead
-    budget = l2_ahead.budget_bytes(device)
-    if budget and not l2_ahead.builds(device):
-        budget = 0
-    gemvs = decode_gemvs(model)
-    ahead = l2_ahead.L2Ahead([[g.scales, g.offsets, g.qweight] for g in gemvs], budget, device) if budget else None
-    if ahead is not None and ahead.tables[0] is None:
-        ahead = None
-    for gemv, table in zip(gemvs, ahead.tables if ahead is not None else []):
-        gemv.l2_ahead = table
-    model.smallchat_l2_ahead = ahead
-    return ahead
-
-
 def final_logits(model, normed: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """Logits [1, V] (fp32) from the last layer's output, the model's final norm folded into lm_head."""
     norm, head = model.model.norm, model.lm_head

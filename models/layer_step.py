@@ -78,16 +78,13 @@ class LayerLoop:
     RMSNorms folded into the int4 GEMVs (folded_norms.run_layer_folded), else as run_layer."""
 
     def __init__(self, model, cache, fold_norms: bool | None = None):
-        # folded_norms builds on this module
-        from .folded_norms import ask_l2_ahead, folds_norms, mark_epilogues, run_layer_folded
+        from .folded_norms import folds_norms, mark_epilogues, run_layer_folded  # it builds on this module
 
         self.model = model
         self.cache_layers = list(cache.layers)
         self.folded = folds_norms(model) if fold_norms is None else fold_norms
         if self.folded:
             mark_epilogues(model)
-        # the GEMVs ask the L2 for the weights after them on a second stream (kernels/l2_ahead.py), where asked to
-        self.l2_ahead = ask_l2_ahead(model, model.get_input_embeddings().weight.device) if self.folded else None
         self.layer_fn: Callable = run_layer_folded if self.folded else run_layer  # what a compile compiles
         base = model.model
         # the norm each layer's output goes into: the next layer's input norm, the final norm after the last
@@ -121,10 +118,7 @@ class LayerLoop:
 
             for layer, cache, norm in zip(base.layers, caches, self.next_norms):
                 state = layer_fn(layer, *state, mask, position_ids, cache, cos, sin, norm.weight)
-            logits = final_logits(self.model, *state[1:])
-            if self.l2_ahead is not None:
-                self.l2_ahead.join()
-            return logits
+            return final_logits(self.model, *state[1:])
         for layer, cache in zip(base.layers, caches):
             state = layer_fn(layer, *state, mask, position_ids, cache, cos, sin)
         residual, delta = state

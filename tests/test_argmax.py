@@ -63,3 +63,21 @@ def test_without_the_kernel_torch_answers():
 
     x = torch.tensor([[0.5, 3.0, 3.0, -1.0]])
     assert argmax.argmax(x, argmax.new_state(torch.device("cpu"))).tolist() == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_decoders_tokens_are_the_same_with_the_kernel_greedy_and_sampled():
+    from models.kernels import argmax
+    from models.token_sampling import next_token
+
+    state = argmax.new_state(torch.device("cuda", torch.cuda.current_device()))
+    temperature, top_p = torch.full((1,), 0.7, device="cuda"), torch.full((1,), 0.9, device="cuda")
+    for vocab in (92544, 151936):
+        logits = torch.randn(1, vocab, device="cuda") * 4
+        assert torch.equal(next_token(logits, True, temperature, top_p, state), next_token(logits, True, temperature, top_p))
+        for seed in range(5):  # the same seed draws the same token
+            torch.manual_seed(seed)
+            drawn = next_token(logits, False, temperature, top_p, state)
+            torch.manual_seed(seed)
+            assert torch.equal(drawn, next_token(logits, False, temperature, top_p))

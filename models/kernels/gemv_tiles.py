@@ -44,13 +44,12 @@ MMA_MARGIN = 0.03
 
 def _signature(device: torch.device) -> dict:
     """What the stored choices are only valid for: this Triton, this list of tiles, and how the GEMVs are
-    launched on `device` (pdl.py: an early launch overlaps the GEMVs timed back to back; l2_ahead.py: the
-    weights asked of the L2 ahead of them)."""
-    from . import int4_mma, int4_triton, l2_ahead, pdl
+    launched on `device` (pdl.py: an early launch overlaps the GEMVs timed back to back)."""
+    from . import int4_mma, int4_triton, pdl
 
     return {"triton": int4_triton.triton.__version__, "tiles": [str(c) for c in int4_triton._GEMV_CONFIGS],
             "mma_tiles": [list(t) for t in int4_mma.TILES] if int4_mma.offered(device) else [],
-            "pdl": pdl.level(device), "l2_ahead": l2_ahead.budget_bytes(device)}
+            "pdl": pdl.level(device)}
 
 
 def shape_key(out_features: int, in_features: int, epilogue: int = 0) -> str:
@@ -110,19 +109,12 @@ def fastest(timings: dict[int, float]) -> int:
 
 def time_tiles(layers: list[Int4Linear], tiles: list[int], dtype: torch.dtype = torch.bfloat16) -> dict[int, float]:
     """Microseconds per GEMV of each tile, over `layers` (one shape and epilogue) back to back in a CUDA graph, for
-    activations of `dtype` (the kernels precompile compiled for the model). Where the decode step asks the L2 for
-    its weights ahead (l2_ahead.py), each GEMV asks for the next ones' here too: a tile is then timed on weights
-    found in the L2, as the step runs it."""
-    from . import int4_triton, l2_ahead
+    activations of `dtype` (the kernels precompile compiled for the model)."""
+    from . import int4_triton
     from .int4_folded import epilogue_call
 
     first = layers[0]
-    device = first.qweight.device
-    x = torch.randn(1, first.in_features, dtype=dtype, device=device)
-    budget = l2_ahead.budget_bytes(device) if first.qweight.is_cuda else 0
-    ahead = None
-    if budget and l2_ahead.builds(device):
-        ahead = l2_ahead.L2Ahead([[m.scales, m.offsets, m.qweight] for m in layers], budget, device)
+    x = torch.randn(1, first.in_features, dtype=dtype, device=first.qweight.device)
     timings = {}
     for tile in tiles:
         config = int4_triton.tile_config(tile)
@@ -135,12 +127,8 @@ def time_tiles(layers: list[Int4Linear], tiles: list[int], dtype: torch.dtype = 
         calls = [epilogue_call(m, x, config) for m in layers]
 
         def run(calls=calls):
-            for index, call in enumerate(calls):
-                if ahead is not None:
-                    ahead.ask(index)
+            for call in calls:
                 call()
-            if ahead is not None:
-                ahead.join()
 
         side = torch.cuda.Stream()  # the first run (a compile, if precompile missed it) off the capture stream
         side.wait_stream(torch.cuda.current_stream())

@@ -134,9 +134,6 @@ class Int4Linear(torch.nn.Module):
         # The epilogue (int4_epilogue.py) the decode step runs this layer with, when it folds the norms
         # (folded_norms.py marks it): the tile is timed with it.
         self.epilogue = 0
-        # The weights to ask the L2 for as this GEMV starts, in a decode step that asks ahead (l2_ahead.py, set by
-        # folded_norms.ask_l2_ahead); None: it asks for nothing.
-        self.l2_ahead: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Int4Linear":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import l2_ahead
 from .int4 import Int4Linear, _triton_ready, dequantize_reference
 
 
@@ -56,19 +55,14 @@ def gate_and_up(fused_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 @torch.library.custom_op("smallchat::int4_linear_scaled", mutates_args=())
 def int4_linear_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                        in_features: int, partials: torch.Tensor, counters: torch.Tensor, tile: int,
-                       sums: torch.Tensor, eps: float, silu_mul: bool = False,
-                       ahead: torch.Tensor | None = None) -> torch.Tensor:
+                       sums: torch.Tensor, eps: float, silu_mul: bool = False) -> torch.Tensor:
     """[1, N] = (x [1, K] @ W.T) * rsqrt(sum(sums) / K + eps): the GEMV after an RMSNorm whose input times
     its weight is x (int4_linear_residual_norm wrote both). `silu_mul`: W is a fused gate/up whose rows
-    alternate gate, up (fused_projections.py), and the result is SiLU(gate) * up, [1, N / 2]. `ahead`: the
-    weights to ask the L2 for as this GEMV starts (l2_ahead.py)."""
+    alternate gate, up (fused_projections.py), and the result is SiLU(gate) * up, [1, N / 2]."""
     rows = x.reshape(1, in_features)
     n = qweight.shape[1]
     if _triton_ready(x):
         from . import int4_epilogue, int4_triton
-
-        if ahead is not None:
-            l2_ahead.ask_on(ahead)
 
         y = torch.empty(1, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
         epilogue = int4_epilogue.SCALED_SILU_MUL if silu_mul else int4_epilogue.SCALED
@@ -85,25 +79,20 @@ def int4_linear_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 
 @int4_linear_scaled.register_fake
-def _(x, qweight, scales, offsets, in_features, partials, counters, tile, sums, eps, silu_mul=False, ahead=None):
+def _(x, qweight, scales, offsets, in_features, partials, counters, tile, sums, eps, silu_mul=False):
     return x.new_empty(1, qweight.shape[1] // 2 if silu_mul else qweight.shape[1])
 
 
 @torch.library.custom_op("smallchat::int4_linear_residual_norm", mutates_args=())
 def int4_linear_residual_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                               in_features: int, partials: torch.Tensor, counters: torch.Tensor, tile: int,
-                              residual: torch.Tensor, gamma: torch.Tensor,
-                              ahead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              residual: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h, h * gamma, sums of h^2 [C] fp32) for h = residual [1, N] + x [1, K] @ W.T, in the residual's dtype:
-    the GEMV before an RMSNorm with weight `gamma`, and that norm's input for int4_linear_scaled. `ahead`: as
-    int4_linear_scaled's."""
+    the GEMV before an RMSNorm with weight `gamma`, and that norm's input for int4_linear_scaled."""
     rows = x.reshape(1, in_features)
     n = qweight.shape[1]
     if _triton_ready(x):
         from . import int4_epilogue, int4_triton
-
-        if ahead is not None:
-            l2_ahead.ask_on(ahead)
 
         normed = torch.empty(1, n, dtype=residual.dtype, device=x.device)
         h = torch.empty_like(normed)
@@ -119,7 +108,7 @@ def int4_linear_residual_norm(x: torch.Tensor, qweight: torch.Tensor, scales: to
 
 
 @int4_linear_residual_norm.register_fake
-def _(x, qweight, scales, offsets, in_features, partials, counters, tile, residual, gamma, ahead=None):
+def _(x, qweight, scales, offsets, in_features, partials, counters, tile, residual, gamma):
     n = qweight.shape[1]
     h = residual.new_empty(1, n)
     return h, residual.new_empty(1, n), x.new_empty(sums_count(x, n, tile), dtype=torch.float32)
@@ -129,15 +118,14 @@ def scaled(linear: Int4Linear, x: torch.Tensor, sums: torch.Tensor, eps: float, 
     """`linear` (without its bias) on x = h * gamma, scaled as the RMSNorm of h with `sums` (its h^2 sums);
     `silu_mul`: then SiLU(gate) * up of a fused gate/up projection."""
     return torch.ops.smallchat.int4_linear_scaled(x, linear.qweight, linear.scales, linear.offsets, linear.in_features,
-                                                  *linear.split_workspace(), linear.tile, sums, eps, silu_mul,
-                                                  linear.l2_ahead)
+                                                  *linear.split_workspace(), linear.tile, sums, eps, silu_mul)
 
 
 def residual_norm(linear: Int4Linear, x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor):
     """(h, h * gamma, sums of h^2) for h = residual + `linear`(x) (a linear without bias)."""
     return torch.ops.smallchat.int4_linear_residual_norm(x, linear.qweight, linear.scales, linear.offsets,
                                                          linear.in_features, *linear.split_workspace(), linear.tile,
-                                                         residual, gamma, linear.l2_ahead)
+                                                         residual, gamma)
 
 
 def epilogue_call(linear: Int4Linear, x: torch.Tensor, config: dict):

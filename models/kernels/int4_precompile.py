@@ -62,7 +62,7 @@ def precompile(shapes, dtype: torch.dtype = torch.bfloat16, attention: tuple[int
                workers: int | None = None) -> list[Future]:
     """Start compiling, in threads, every GEMV tile and the dequantize for these (N, K) shapes, and the q/k/v
     decode attention for `attention` (int4.attention_layout) if given (Triton's, and on Hopper the cluster
-    kernel's), and the L2-ahead kernel where the step asks ahead (l2_ahead.py); their futures.
+    kernel's); their futures.
 
     Nothing to do without CUDA (on the CPU the kernels run in Triton's interpreter, which does not compile)."""
     if not int4_triton.available() or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
@@ -70,17 +70,14 @@ def precompile(shapes, dtype: torch.dtype = torch.bfloat16, attention: tuple[int
     from .triton_threads import serialize_source_parsing
 
     serialize_source_parsing()  # the compiles below run in threads at once
-    device = torch.device("cuda", torch.cuda.current_device())
-    level = pdl.level(device)
-    from . import l2_ahead
-
-    jobs = compile_jobs(shapes, dtype, level) + l2_ahead.compile_jobs(device)
+    level = pdl.level(torch.device("cuda", torch.cuda.current_device()))
+    jobs = compile_jobs(shapes, dtype, level)
     if attention is not None:
         from . import attention_cluster
         from .decode_attention import qkv_compile_jobs
 
         jobs += qkv_compile_jobs(*attention, dtype, level)
-        jobs += attention_cluster.compile_jobs(*attention, dtype, level, device)
+        jobs += attention_cluster.compile_jobs(*attention, dtype, level, torch.device("cuda", torch.cuda.current_device()))
     pool = ThreadPoolExecutor(max_workers=workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 1)),
                               thread_name_prefix="int4-precompile")
     futures = [pool.submit(job) for job in jobs]

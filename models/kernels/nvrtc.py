@@ -85,13 +85,33 @@ def compile_cubin(source: str, name: str, capability: tuple[int, int], options: 
         lib.nvrtcDestroyProgram(ctypes.byref(program))
 
 
+def _make_primary_context_current(driver: ctypes.CDLL, device: torch.device) -> None:
+    """Make `device`'s primary context (torch's) current on this thread for the driver API calls that follow.
+
+    A thread of its own (int4_precompile's) has no current context until a runtime call binds one, and neither
+    torch.cuda.device nor torch.cuda.current_stream makes such a call when the device is already the thread's
+    default: cuModuleLoadData there failed with CUDA error 201 (invalid context) on an H100 (session 35)."""
+    context = ctypes.c_void_p()
+    _check(driver.cuCtxGetCurrent(ctypes.byref(context)), "cuCtxGetCurrent")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if context.value:
+        current = ctypes.c_int()
+        _check(driver.cuCtxGetDevice(ctypes.byref(current)), "cuCtxGetDevice")
+        if current.value == index:
+            return
+    handle = ctypes.c_int()
+    _check(driver.cuDeviceGet(ctypes.byref(handle), index), "cuDeviceGet")
+    _check(driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle), "cuDevicePrimaryCtxRetain")
+    _check(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+
+
 class Kernel:
     """A compiled kernel of a loaded module, launched on torch's current stream."""
 
     def __init__(self, cubin: bytes, name: str, device: torch.device):
         self._driver = _driver()
         with torch.cuda.device(device):
-            torch.cuda.current_stream(device)  # makes torch's (primary) context current on this thread
+            _make_primary_context_current(self._driver, device)
             self._module = ctypes.c_void_p()
             _check(self._driver.cuModuleLoadData(ctypes.byref(self._module), cubin), "cuModuleLoadData")
             self._function = ctypes.c_void_p()

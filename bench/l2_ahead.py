@@ -1,20 +1,20 @@
-"""Asking the L2 for the decode step's next weights on a second stream, while the kernels before them run.
+"""A probe: the decode step's next GEMV weights asked of the L2 on a second stream, while the kernels before run.
 
-Why: what the one-token step loses to the roofline is mostly its GEMVs' fixed cost (BENCHMARKS.md, session 34).
+Timed and dropped (BENCHMARKS.md, session 35; bench/results/l2_prefetch_h100_s35.txt): on an H100 every budget
+and way of asking made a layer's kernel chain slower, the 1.8B's by 3-22 % and the 7B's by 0-23 %, more with
+more asked. Kept, with bench/l2_prefetch.py, as the record of what was tried.
+
+Why it was tried: what the one-token step loses to the roofline is mostly its GEMVs' fixed cost (session 34).
 Each of a layer's five dependent kernels drains, launches, then waits a DRAM latency for its first weights; the
-small GEMVs (the 1.8B's q/k/v and o: 6.7 MB, 11.5 µs a layer on an H100) read at 14-24 % of the copy rate, and
-during the attention (7-9 µs a layer for 2.5 MB) the DRAM is mostly idle. A GEMV whose weights are already in the
-L2 (50 MB on the H100 and H200) waits an L2 latency instead.
+small GEMVs read at 14-24 % of the copy rate, and during the attention the DRAM is mostly idle. A 1.8B layer's
+weights (31.5 MB) fit the 50 MB L2 of an H100 or H200.
 
-How: a step's GEMVs are a fixed cycle (a layer's q/k/v, o, gate/up, down; then lm_head). As each starts, a second
-stream, forked from the step's stream at that point (so it starts when the kernel before has ended), asks the L2
-for the weights of the GEMVs after it (scales, offsets, then words, in the order they are read), up to `budget`
+How: a step's GEMVs are a fixed cycle (a layer's q/k/v, o, gate/up, down). As each starts, a second stream,
+forked from the step's stream at that point (so it starts when the kernel before has ended), asks the L2 for
+the weights of the GEMVs after it (scales, offsets, then words, in the order they are read), up to `budget`
 bytes past the end of the one starting (`plan`). Nothing comes back to a register and nothing is written, so the
-step's results are the same bits. On Hopper one instruction asks for 16 KB (`cp.async.bulk.prefetch.L2`, the copy
+results are the same bits. On Hopper one instruction asks for 16 KB (`cp.async.bulk.prefetch.L2`, the copy
 engine); on Ampere and Ada a 16-byte load fetches each 256 bytes into the L2 (`ld.global.L2::256B`).
-
-Off unless SMALLCHAT_L2_AHEAD_MB gives a budget, until measured end to end (`bench/device_run.sh l2-ab`); at most
-half the GPU's L2, so a consumer card's 2-32 MB L2 gets a budget to match.
 """
 
 from __future__ import annotations
@@ -22,17 +22,12 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
-import logging
-import os
 import threading
 
 import torch
 
-from . import nvrtc
+from models.kernels import nvrtc
 
-log = logging.getLogger(__name__)
-
-ENV = "SMALLCHAT_L2_AHEAD_MB"
 PIECE = 1 << 20  # bytes of one asked range: the budget's granularity
 # The share of the L2 a kernel's own weights and what it asks for may fill (plan); the rest is for the KV cache, the
 # activations, and slack for the L2's replacement, which is not a strict LRU.
@@ -109,42 +104,6 @@ def _kernel(bulk: bool, device: torch.device) -> nvrtc.Kernel:
     return nvrtc.load_kernel(source_for(bulk), "l2_ahead", device)
 
 
-@functools.lru_cache(maxsize=None)
-def builds(device: torch.device) -> bool:
-    """Whether the kernel compiles and loads on `device` (NVRTC found, compile and load succeed): if not, that is
-    logged once and the step does not ask ahead, rather than failing."""
-    try:
-        _kernel(bulk_for(torch.cuda.get_device_capability(device)), device)
-        return True
-    except (OSError, RuntimeError) as error:
-        log.warning("the L2 cannot be asked ahead here (%s): the decode step runs without it", error)
-        return False
-
-
-def compile_jobs(device: torch.device) -> list:
-    """The call that compiles (or reads from the cubin cache) the kernel a step asks with on `device`, for
-    int4_precompile's threads; none where the step does not ask the L2 ahead."""
-    if budget_bytes(device) == 0:
-        return []
-    return [lambda: _kernel(bulk_for(torch.cuda.get_device_capability(device)), device)]
-
-
-def budget_bytes(device: torch.device) -> int:
-    """The bytes a step asks for ahead on `device`: SMALLCHAT_L2_AHEAD_MB, at most half the L2; 0 (off) by default,
-    on a CPU, below sm_80, or where the variable is not a number."""
-    text = os.environ.get(ENV, "0")
-    try:
-        mb = float(text)
-    except ValueError:
-        log.warning("%s=%r is not a number of MB: the L2 is not asked ahead", ENV, text)
-        return 0
-    if mb <= 0 or device.type != "cuda" or torch.version.cuda is None:
-        return 0
-    if torch.cuda.get_device_capability(device) < (8, 0):
-        return 0
-    return int(min(mb * 2**20, torch.cuda.get_device_properties(device).L2_cache_size // 2))
-
-
 def plan(sizes: list[list[int]], budget: int, capacity: int | None = None) -> list[list[tuple[int, int]]]:
     """What a cycle of kernels asks for as each starts, in a step that repeats: for kernel i, the (kernel, piece)
     indices of the pieces (sizes[k][p] bytes, in the order read) that start before the end of kernel i plus
@@ -192,7 +151,7 @@ class L2Ahead:
 
     Args:
         kernels: per GEMV of the cycle, in order, the tensors it reads (scales, offsets, words).
-        budget: bytes asked for past the end of the GEMV starting (budget_bytes).
+        budget: bytes asked for past the end of the GEMV starting.
         device: their CUDA device.
         evict_last: ask at the L2's evict-last priority (for the bench: what survives a large GEMV between).
         bulk: ask with bulk prefetches (True) or loads (False); by default bulk_for the device (for the bench).
@@ -242,7 +201,7 @@ def _side_stream(device: torch.device, thread: int) -> torch.cuda.Stream:
 
 def ask_on(table: torch.Tensor, bulk: bool | None = None) -> None:
     """Fork the side stream from the current one here, and ask the L2 for `table`'s ranges on it (what a decode GEMV
-    op does first: int4_folded.py), with bulk prefetches or loads (bulk_for by default)."""
+    would do first), with bulk prefetches or loads (bulk_for by default)."""
     device = nvrtc.device_of(table)
     side = side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
