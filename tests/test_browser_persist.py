@@ -71,8 +71,16 @@ def upload(page, path: Path) -> None:
     chooser.value.set_files(str(path))
 
 
-def wait_for_status(page, text: str, timeout: int = 180_000) -> None:
-    page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(text)})", timeout=timeout)
+def wait_for_status(page, text: str, timeout: int = 180_000, log_path: Path | None = None) -> None:
+    """Wait until the status line says `text`; if it never does, fail with what it says instead and the app's log
+    (a rare timeout under load in CI left nothing to go on)."""
+    try:
+        page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(text)})",
+                               timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - playwright's TimeoutError: said with what the page shows
+        shown = page.inner_text("#status")
+        log = Path(log_path).read_text()[-3000:] if log_path is not None and Path(log_path).exists() else ""
+        raise AssertionError(f"the status never said {text!r}; it says {shown!r}\n{log}") from error
 
 
 def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(browser, tmp_path):
@@ -126,7 +134,7 @@ def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(bro
         restored = chat_text(page)
         assert "What is the capital of France?" in restored and metrics_line in restored  # the first turn as it was
         assert STORY in restored  # the message being answered when the server died
-        wait_for_status(page, "Loaded smollm2-135m-instruct (none")  # the model choice, loaded again
+        wait_for_status(page, "Loaded smollm2-135m-instruct (none", log_path=tmp_path / "app.log")  # loaded again
         assert page.input_value("#quant input") == "none"
         page.click("#settings")
         assert page.input_value("#settings textarea") == "You are a terse assistant."
