@@ -6,9 +6,11 @@ Version 1 measured slower than the two kernels it would replace, so the app does
 each warp a K split of up to three 32-row tiles, two groups of words in flight at a time: six to eight dependent DRAM
 round trips where the GEMV kernel's hundreds of blocks have one or two.
 
-Version 2 (this file; built after session 34's device time, not yet timed): 16 warps a block, and every word, scale
-and offset of a block's share asked for before x is staged (up to 24 16-byte words a lane): one DRAM latency for the
-projection. `device_run.sh fused` times it against the two kernels, with its GPU tests.
+Version 2 (this file): 16 warps a block, and every word, scale and offset of a block's share asked for before x is
+staged (up to 24 16-byte words a lane): one DRAM latency for the projection. Timed in session 35 (H100,
+bench/results/qkv_attention_h100_s35.txt), it is still slower: the 1.8B's layer 17.5 against 14.4 us at a 1,024
+window (version 1: 16.3), the 7B's 24.9 against 18.5 (version 1: 27.6). More words in flight helped the 7B and not
+the 1.8B; 64 blocks still read the projection where the GEMV spreads it over hundreds.
 
 Why: a layer of the one-token step was five kernels (q/k/v GEMV, attention, o, gate/up, down), and what keeps decode
 under the bandwidth roofline is each kernel's fixed cost: its launch, its first DRAM latency, its split-K tail
