@@ -29,11 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.pdl_chain import chain_step, slot_us  # noqa: E402
-from bench.persistent_layer import HEAD_DIM, SHAPES, layer_linears, make_problem  # noqa: E402
 from bench import l2_ahead  # noqa: E402
-from models.kernels import int4_triton  # noqa: E402
-from models.kernels.int4 import packed_bytes  # noqa: E402
+from bench.pdl_chain import chain_step, layer_bytes, run_and_time, tiles_alone  # noqa: E402
+from bench.persistent_layer import SHAPES, make_problem  # noqa: E402
 
 # (bulk, evict_last, capped: a kernel asks for at most 3/4 of the L2 less its own weights, l2_ahead.plan);
 # evict-last last: lines it leaves at that priority could hold the L2 for a mode after it
@@ -71,25 +69,17 @@ def main() -> None:
     p.add_argument("--modes", nargs="*", default=list(MODES))
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    from bench.int4_kernels import copy_rate, graph_ms
-    from models.kernels import int4_mma
+    from bench.int4_kernels import copy_rate
 
     device = torch.device("cuda", torch.cuda.current_device())
     gpu, copy = torch.cuda.get_device_name(), copy_rate()
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     print(f"# {gpu}: copy {copy:.0f} GB/s, L2 {l2 / 2**20:.0f} MiB; torch {torch.__version__}", flush=True)
-    triton_tiles = list(range(len(int4_triton._GEMV_CONFIGS)))
     rows = []
     for shape in a.shapes:
         problem = make_problem(SHAPES[shape], a.layers, a.cache, a.position, "cuda")
-        kv_bytes = 2 * problem["dims"][2] * (a.position + 1) * HEAD_DIM * 2
-        layer_bytes = sum(packed_bytes(n, k) for k, n in layer_linears(shape)) + kv_bytes
-        tiles = []
-        for slot, (*_, k, n) in enumerate(problem["chain"]):
-            mma = [len(triton_tiles) + i for i, t in enumerate(int4_mma.TILES) if int4_mma.tile_fits(t, n, device)]
-            times = {t: slot_us(problem, slot, t) for t in triton_tiles + mma}
-            tiles.append(min(times, key=times.get))
-            print(f"{shape} slot {slot} ({n} x {k}): best tile {tiles[-1]} {times[tiles[-1]]:.2f} µs", flush=True)
+        read = layer_bytes(problem, shape)
+        tiles = [min(times, key=times.get) for times in tiles_alone(problem, shape, device)]  # Triton's or int4_mma's
         weights = chain_weights(problem)
         variants = [(None, 0.0)] + [(mode, mb) for mode in a.modes for mb in a.budgets_mb]
         base = None
@@ -98,14 +88,10 @@ def main() -> None:
             bulk, evict_last, capped = MODES.get(mode, (None, None, None))
             ahead = None if mode is None else l2_ahead.L2Ahead(weights, int(mb * 2**20), device, evict_last, bulk,
                                                                -1 if capped else None)
-            step = prefetching_step(problem, keys, values, tiles, ahead)
-            out = step().clone()
-            torch.cuda.synchronize()
-            same = None if base is None else bool(torch.equal(out, base))
+            out, same, us = run_and_time(prefetching_step(problem, keys, values, tiles, ahead), base, a.layers, 3)
             base = out if base is None else base
-            us = min(graph_ms(step) for _ in range(3)) * 1e3 / a.layers
             rows.append({"gpu": gpu, "shape": shape, "tiles": tiles, "mode": mode or "none", "budget_mb": mb,
-                         "us_per_layer": round(us, 2), "of_copy": round(layer_bytes / us / 1e3 / copy, 3),
+                         "us_per_layer": round(us, 2), "of_copy": round(read / us / 1e3 / copy, 3),
                          "same_as_none": same})
             print(json.dumps(rows[-1]), flush=True)
         problem = None

@@ -84,6 +84,39 @@ def slot_us(problem: dict, slot: int, tile: int) -> float:
     return graph_ms(run) * 1e3 / problem["layers"]
 
 
+def tiles_alone(problem: dict, shape: str, device: torch.device) -> list[dict[int, float]]:
+    """Per slot of the chain, µs a call of each tile that runs it (Triton's, then int4_mma's), each timed alone at
+    level 0 (printed as they come)."""
+    from models.kernels import int4_mma
+
+    triton_tiles = list(range(len(int4_triton._GEMV_CONFIGS)))
+    alone = []
+    for slot, (*_, k, n) in enumerate(problem["chain"]):
+        mma = [len(triton_tiles) + i for i, t in enumerate(int4_mma.TILES) if int4_mma.tile_fits(t, n, device)]
+        alone.append({t: slot_us(problem, slot, t) for t in triton_tiles + mma})
+        best = min(alone[-1], key=alone[-1].get)
+        print(f"{shape} slot {slot} ({n} x {k}): " + ", ".join(f"{t}: {us:.2f}" for t, us in alone[-1].items())
+              + f" -> {best}", flush=True)
+    return alone
+
+
+def layer_bytes(problem: dict, shape: str) -> int:
+    """Bytes a layer of the chain reads: its four GEMVs' packed weights and the cache up to the position."""
+    kv_bytes = 2 * problem["dims"][2] * (problem["position"] + 1) * HEAD_DIM * 2
+    return sum(packed_bytes(n, k) for k, n in layer_linears(shape)) + kv_bytes
+
+
+def run_and_time(step, base: torch.Tensor | None, layers: int, repeats: int = 1) -> tuple[torch.Tensor, bool | None, float]:
+    """(the step's output, whether it equals `base` bit for bit (None without one), µs a layer: the least of
+    `repeats` graph timings)."""
+    from bench.int4_kernels import graph_ms
+
+    out = step().clone()
+    torch.cuda.synchronize()
+    same = None if base is None else bool(torch.equal(out, base))
+    return out, same, min(graph_ms(step) for _ in range(repeats)) * 1e3 / layers
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=["1.8b", "7b"])
@@ -92,8 +125,7 @@ def main() -> None:
     p.add_argument("--cache", type=int, default=4160)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    from bench.int4_kernels import copy_rate, graph_ms
-    from models.kernels import int4_mma
+    from bench.int4_kernels import copy_rate
 
     device = torch.device("cuda", torch.cuda.current_device())
     gpu, copy = torch.cuda.get_device_name(), copy_rate()
@@ -102,15 +134,8 @@ def main() -> None:
     rows = []
     for shape in a.shapes:
         problem = make_problem(SHAPES[shape], a.layers, a.cache, a.position, "cuda")
-        kv_bytes = 2 * problem["dims"][2] * (a.position + 1) * HEAD_DIM * 2
-        layer_bytes = sum(packed_bytes(n, k) for k, n in layer_linears(shape)) + kv_bytes
-        alone = []
-        for slot, (*_, k, n) in enumerate(problem["chain"]):
-            mma = [len(triton_tiles) + i for i, t in enumerate(int4_mma.TILES) if int4_mma.tile_fits(t, n, device)]
-            alone.append({t: slot_us(problem, slot, t) for t in triton_tiles + mma})
-            best = min(alone[-1], key=alone[-1].get)
-            print(f"{shape} slot {slot} ({n} x {k}): " + ", ".join(f"{t}: {us:.2f}" for t, us in alone[-1].items())
-                  + f" -> {best}", flush=True)
+        read = layer_bytes(problem, shape)
+        alone = tiles_alone(problem, shape, device)
         picks = {"triton": [min(triton_tiles, key=times.get) for times in alone],
                  "mma": [min((t for t in times if t >= len(triton_tiles)), key=times.get, default=None)
                          for times in alone],
@@ -125,14 +150,10 @@ def main() -> None:
                     print(f"level {level} does not run here", flush=True)
                     continue
                 keys, values = problem["keys"].clone(), problem["values"].clone()
-                step = chain_step(problem, keys, values, tiles)
-                out = step().clone()
-                torch.cuda.synchronize()
-                same = None if base is None else bool(torch.equal(out, base))
+                out, same, us = run_and_time(chain_step(problem, keys, values, tiles), base, a.layers)
                 base = out if base is None else base
-                us = graph_ms(step) * 1e3 / a.layers
                 rows.append({"gpu": gpu, "shape": shape, "tiles": kind, "tile_indices": tiles, "pdl": level,
-                             "us_per_layer": round(us, 2), "of_copy": round(layer_bytes / us / 1e3 / copy, 3),
+                             "us_per_layer": round(us, 2), "of_copy": round(read / us / 1e3 / copy, 3),
                              "same_as_level_0": same, "alone_sum_us": round(sum(alone[s][t] for s, t in
                                                                                  enumerate(tiles)), 2)})
                 print(json.dumps(rows[-1]), flush=True)
