@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from .cache_folders import move_into_place
 from .internlm2_tokenizer import build_tokenizer
 from .internlm2_weights import (
     WEIGHT_SUFFIXES, checkpoint_shape, convert_tensor, expected_shapes, iter_tensors, read_config, rope_parameters, weight_files,
@@ -171,30 +172,13 @@ def convert_internlm2(src: str | Path, dst: str | Path, progress: ProgressFn | N
         marker = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "source": str(src), "files": sizes}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))  # written last: its presence means complete
         _fsync(tmp / MARKER)
-        _move_into_place(tmp, dst, fingerprint)
+        move_into_place(tmp, dst, lambda folder: _is_complete(folder, fingerprint))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if progress:
         progress(1.0, "InternLM2 checkpoint converted")
     return dst
-
-
-def _move_into_place(tmp: Path, dst: Path, fingerprint: str) -> None:
-    """Rename `tmp` to `dst`; an old `dst` is moved aside first (a rename over a non-empty folder fails)."""
-    if dst.exists():
-        if _is_complete(dst, fingerprint):  # another process finished the same conversion first
-            shutil.rmtree(tmp)
-            return
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        dst.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        tmp.rename(dst)
-    except OSError:
-        if not _is_complete(dst, fingerprint):
-            raise
-        shutil.rmtree(tmp)  # lost a race with another process converting the same source
 
 
 def _pid_alive(pid: int) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .cache_folders import move_into_place
 from .catalog import CatalogEntry, ModelRef, ModelShape
 from .messages import UserFacingError, first_line
 
@@ -142,9 +143,7 @@ def unpack_gguf(gguf: Path, cache_root: Path, progress: ProgressFn | None = None
             tokenizer.save_pretrained(tmp)
             files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
             (tmp / COMPLETE_MARKER).write_text(json.dumps({"fingerprint": fingerprint, "files": files}))
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+            move_into_place(tmp, dst, lambda folder: _is_complete(folder, fingerprint))
         except (OSError, SafetensorError) as e:  # disk full or read-only midway: the half-written copy is removed below
             raise cache_write_error(e, cache_root) from None
     finally:
