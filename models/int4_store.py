@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .cache_folders import move_into_place
 from .cache_report import folder_bytes
 from .kernels.int4 import GROUP, Int4Linear, share_workspace
 
@@ -101,8 +102,9 @@ def write(snap: tuple[dict[str, torch.Tensor], dict], cache_dir: Path, key: str)
     try:
         save_file(tensors, partial / WEIGHTS, metadata={"format": str(FORMAT)})
         (partial / MANIFEST).write_text(json.dumps(manifest))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        # Another app process storing the same checkpoint may have finished first; its entry is the same
+        # weights and may be loading now, so it is kept.
+        move_into_place(partial, final, lambda folder: (folder / MANIFEST).is_file())
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     prune(cache_dir, KEEP_ENTRIES)

@@ -125,6 +125,27 @@ def test_a_write_cut_short_leaves_no_entry(tmp_path, monkeypatch):
     assert not stale.exists() and _restore(model, tmp_path) is not None
 
 
+def test_an_entry_another_process_stored_first_is_kept(tmp_path, monkeypatch):
+    # Two app processes sharing a cache can store the same checkpoint at once. The second to finish must
+    # not delete the first one's entry, which may be loading: it keeps it and drops its own copy.
+    import safetensors.torch
+
+    model = _quantized("llama", False)
+    real_save_file, first = safetensors.torch.save_file, {}
+
+    def other_process_finishes_first(*args, **kwargs):
+        if not first:
+            first["started"] = True  # the other process's own write goes straight through
+            first["folder"] = int4_store.save(model, tmp_path, "k")
+            first["inode"] = first["folder"].stat().st_ino
+        real_save_file(*args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save_file", other_process_finishes_first)
+    folder = int4_store.save(model, tmp_path, "k")
+    assert folder == first["folder"] and folder.stat().st_ino == first["inode"]
+    assert [p.name for p in int4_store.store_root(tmp_path).iterdir()] == ["k"]  # our copy is gone
+    assert torch.equal(_logits(_restore(model, tmp_path)), _logits(model))
+
+
 def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
     # A key never matches again once the checkpoint or torch changes: without a bound the store grows forever.
     monkeypatch.setattr(int4_store, "KEEP_ENTRIES", 3)
