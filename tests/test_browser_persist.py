@@ -71,16 +71,17 @@ def upload(page, path: Path) -> None:
     chooser.value.set_files(str(path))
 
 
-def wait_for_status(page, text: str, timeout: int = 180_000, log_path: Path | None = None) -> None:
-    """Wait until the status line says `text`; if it never does, fail with what it says instead and the app's log
-    (a rare timeout under load in CI left nothing to go on)."""
+def wait_for_status(page, *texts: str, timeout: int = 180_000, log_path: Path | None = None) -> None:
+    """Wait until the status line says one of `texts`; if it never does, fail with what it says instead and the
+    app's log (a rare timeout under load in CI left nothing to go on)."""
+    said = " || ".join(f"status.includes({json.dumps(text)})" for text in texts)
     try:
-        page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(text)})",
-                               timeout=timeout)
+        page.wait_for_function(f"(() => {{ const status = document.querySelector('#status').innerText; "
+                               f"return {said}; }})()", timeout=timeout)
     except Exception as error:  # noqa: BLE001 - playwright's TimeoutError: said with what the page shows
         shown = page.inner_text("#status")
         log = Path(log_path).read_text()[-3000:] if log_path is not None and Path(log_path).exists() else ""
-        raise AssertionError(f"the status never said {text!r}; it says {shown!r}\n{log}") from error
+        raise AssertionError(f"the status never said any of {texts!r}; it says {shown!r}\n{log}") from error
 
 
 def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(browser, tmp_path):
@@ -119,10 +120,15 @@ def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(bro
         page.wait_for_function("document.querySelector('#chatbot').innerText.includes('TTFT')", timeout=60_000)
         assert "What is the capital of France?" in chat_text(page)
 
+        stored = "localStorage.getItem('smallchat-chat-v1')"  # encrypted: compared, not read
+        stored_before_story = page.evaluate(stored)
+        console = []
+        page.on("console", lambda message: console.append(message.text[:300]))
         page.fill("#message textarea", STORY)
         page.press("#message textarea", "Enter")
         page.wait_for_function("document.querySelector('#chatbot').innerText.split(/\\s+/).length > "
                                f"{len(first_turn.split()) + len(STORY.split()) + 10}", timeout=120_000)  # the answer streams
+        saved_story = page.evaluate(stored) != stored_before_story  # said if the restore below lacks the story
         server.kill()  # mid-answer, no goodbye
         server.wait(timeout=30)
 
@@ -133,8 +139,15 @@ def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(bro
                                timeout=60_000)
         restored = chat_text(page)
         assert "What is the capital of France?" in restored and metrics_line in restored  # the first turn as it was
-        assert STORY in restored  # the message being answered when the server died
-        wait_for_status(page, "Loaded smollm2-135m-instruct (none", log_path=tmp_path / "app.log")  # loaded again
+        # The message being answered when the server died. It failed once in CI (first turn restored, not this
+        # one) and never in 10 runs here, under load or not: if it fails again, say what the browser had kept.
+        assert STORY in restored, (f"the browser's saved chat {'had' if saved_story else 'had not'} changed since "
+                                   f"the story was sent; console: {console[-20:]}\n"
+                                   + (tmp_path / "app.log").read_text()[-3000:])
+        # Loaded again, by this reload or by the page's own: after a restart Gradio's page reloads itself once it
+        # reaches the server, and whichever of the two loads comes second finds the model in memory.
+        wait_for_status(page, "Loaded smollm2-135m-instruct (none", "smollm2-135m-instruct (none) is already in memory",
+                        log_path=tmp_path / "app.log")
         assert page.input_value("#quant input") == "none"
         page.click("#settings")
         assert page.input_value("#settings textarea") == "You are a terse assistant."
