@@ -1,8 +1,8 @@
 """Publish a finished cache folder under its final name, safe against other processes doing the same.
 
-Unpacking a GGUF file and converting an InternLM2 checkpoint both write into a temporary folder and
-rename it into place. Two processes can do this at once (two app instances, or the test suite's two
-workers on a fresh cache). The one that finishes second must not delete the first one's folder: the
+Unpacking a GGUF file, converting an InternLM2 checkpoint and storing int4 weights all write into a
+temporary folder and rename it into place. Two processes can do this at once (two app instances, or the
+test suite's two workers on a fresh cache). The one that finishes second must not delete the first one's folder: the
 first may already be reading it.
 """
 
