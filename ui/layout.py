@@ -287,5 +287,10 @@ def launch_kwargs(demo: gr.Blocks, app_kwargs: dict | None = None) -> dict:
     from starlette.middleware import Middleware
 
     # Uploads (prompt-set files) are small text: Gradio refuses bigger ones before they reach the disk.
+    # No run history: Gradio 6 would keep every public call (each answer, with the whole chat as input and as
+    # output) in the browser's localStorage in plain text, up to 100 of them. That undoes the encryption of the
+    # saved chat (ui/persist.py), rewrites the list every 500 ms while an answer streams, and can fill the
+    # origin's quota, after which the saved chat's own write fails. False also deletes runs kept earlier.
     return {"css": PANEL_CSS, "i18n": gradio_i18n(), "ssr_mode": False, "max_file_size": MAX_UPLOAD_BYTES,
+            "run_history": False,
             "app_kwargs": {"middleware": [Middleware(PublicApiOnly)], **(app_kwargs or {})}}
