@@ -321,6 +321,27 @@ def test_launch_options_say_how_the_app_is_served_and_never_print_the_password(m
     assert options["auth"] == ("bob", "pw") and options["share"] is True and "gradio.live" in notice
 
 
+def test_the_app_tells_gradios_servers_nothing(catalog, monkeypatch):
+    # Gradio's default is to send telemetry (the app's blocks, events and whether it uses a password) to
+    # api.gradio.app at start-up and launch, and to ask PyPI for its newest version. A local chat app tells no one.
+    from gradio import analytics
+
+    from models.engine import Engine
+    from net import free_port
+    from ui.layout import build_demo, launch_kwargs
+
+    calls = []
+    monkeypatch.setattr(analytics, "_do_analytics_request", lambda topic, data: calls.append(topic))
+    monkeypatch.setattr(analytics, "version_check", lambda: calls.append("version check"))
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)  # Gradio's own default: on
+    demo = build_demo(Engine(catalog))
+    assert demo.analytics_enabled is False
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **launch_kwargs(demo))
+    demo.close()
+    assert calls == []
+
+
 def test_a_message_over_the_size_limit_is_refused_naming_the_limit(handlers):
     from ui.handlers import ChatSession
 

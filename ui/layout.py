@@ -86,7 +86,8 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
     if engine.device == "cuda" and gpu_budget is None:
         gpu_budget = round((engine.default_gpu_budget_bytes() or 0) / GiB, 1)
 
-    with gr.Blocks(title="Small LLM Lab") as demo:
+    # No telemetry: by default Gradio reports the app's structure to api.gradio.app and asks PyPI for updates.
+    with gr.Blocks(title="Small LLM Lab", analytics_enabled=False) as demo:
         session = gr.State(ChatSession())
         # Fires when the tab is closed or reloaded (an input-only State's delete_callback never does).
         demo.unload(handlers.tab_closed)
