@@ -167,6 +167,9 @@ def test_chat_settings_and_model_come_back_after_a_server_restart_mid_answer(bro
 
 def test_export_json_and_markdown_then_import_back_and_a_bad_file_keeps_the_chat(browser, app_url, tmp_path):
     context = browser.new_context(locale="en-US", viewport={"width": 1400, "height": 1000})
+    elsewhere = []  # requests the page makes to anywhere but the app: fonts, analytics, CDNs
+    context.on("request", lambda request: None if request.url.startswith((app_url, "data:", "blob:"))
+               else elsewhere.append(request.url))
     try:
         page = open_page(context, app_url)
         page.fill("#message textarea", "What is the capital of France? <b>bold</b>")
@@ -181,6 +184,7 @@ def test_export_json_and_markdown_then_import_back_and_a_bad_file_keeps_the_chat
         # would store every answer's whole chat in localStorage.
         kept = page.evaluate("[localStorage, sessionStorage].flatMap(s => Object.keys(s).map(k => [k, s.getItem(k)]))")
         assert kept and not [key for key, value in kept if "capital of France" in value or "run-history" in key]
+        assert elsewhere == []  # the page works offline and tells no third party anything
 
         page.click("#export-md")
         page.wait_for_selector("#export-file a[download]", timeout=30_000)
