@@ -5,6 +5,7 @@ process keeps whatever mode it started in."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,8 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A kernel check run twice: in Triton's interpreter on the CPU (CI), and compiled on a CUDA GPU (marked gpu).
+IN_THE_INTERPRETER_AND_ON_THE_GPU = pytest.mark.parametrize("device, interpret", [
+    pytest.param("cpu", True, id="interpreter",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")),
+    pytest.param("cuda", False, id="gpu",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+])
 
 
 def run_check(script: str, cases, device: str, interpret: bool, old_interpreter_skips: bool = False) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernel_check import run_check
+from tests.kernel_check import IN_THE_INTERPRETER_AND_ON_THE_GPU, run_check
 
 _CHECK = r"""
 import json, sys, torch
@@ -47,15 +47,9 @@ def _check(device: str, interpret: bool) -> None:
         assert row["state"] == [-(1 << 63), 0], row  # the key and the count are reset for the next call
 
 
-def test_the_kernel_gives_torchs_argmax_in_the_interpreter():
-    pytest.importorskip("triton")
-    _check("cpu", interpret=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_kernel_gives_torchs_argmax_on_the_gpu():
-    _check("cuda", interpret=False)
+@IN_THE_INTERPRETER_AND_ON_THE_GPU
+def test_the_kernel_gives_torchs_argmax(device, interpret):
+    _check(device, interpret)
 
 
 def test_without_the_kernel_torch_answers():

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from tests.kernel_check import run_check
+from tests.kernel_check import IN_THE_INTERPRETER_AND_ON_THE_GPU, run_check
 
 # (N, K, RMS of x): a hidden size of 64 ... 1000, ragged N and K among them; x as large as a residual
 # stream's outliers (2e5: the packed-fp16 loop's sums would overflow fp16 if x were not scaled as loaded)
@@ -102,15 +102,9 @@ def _check_epilogues(device: str, interpret: bool) -> None:
             assert e["scaled"] < 1e-2 and e["h_vs_reference"] < 2 ** -6, (where, e)
 
 
-def test_the_folded_norm_epilogues_equal_plain_pytorch_in_the_interpreter():
-    pytest.importorskip("triton")
-    _check_epilogues("cpu", interpret=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_folded_norm_epilogues_equal_plain_pytorch_on_the_gpu():
-    _check_epilogues("cuda", interpret=False)
+@IN_THE_INTERPRETER_AND_ON_THE_GPU
+def test_the_folded_norm_epilogues_equal_plain_pytorch(device, interpret):
+    _check_epilogues(device, interpret)
 
 
 def test_the_ops_cpu_form_is_the_norm_around_the_linear():
