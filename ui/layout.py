@@ -108,8 +108,9 @@ def build_demo(engine: Engine, defaults: UiDefaults | None = None, options: Load
                         with gr.Row():
                             msg = gr.Textbox(label=i18n("message"), placeholder=i18n("message_placeholder"),
                                              scale=5, elem_id="message", autofocus=True)
-                            send = gr.Button(i18n("send"), variant="primary", scale=1, elem_id="send")
-                            stop = gr.Button(i18n("stop"), variant="stop", scale=1, elem_id="stop")
+                            # Gradio's default min_width (160 px) left the message box a third of the row.
+                            send = gr.Button(i18n("send"), variant="primary", scale=1, min_width=80, elem_id="send")
+                            stop = gr.Button(i18n("stop"), variant="stop", scale=1, min_width=80, elem_id="stop")
                         with gr.Row():
                             regenerate = gr.Button(i18n("regenerate"), size="sm", elem_id="regenerate")
                             undo = gr.Button(i18n("undo"), size="sm", elem_id="undo")
