@@ -70,14 +70,15 @@ def precompile(shapes, dtype: torch.dtype = torch.bfloat16, attention: tuple[int
     from .triton_threads import serialize_source_parsing
 
     serialize_source_parsing()  # the compiles below run in threads at once
-    level = pdl.level(torch.device("cuda", torch.cuda.current_device()))
+    device = torch.device("cuda", torch.cuda.current_device())
+    level = pdl.level(device)
     jobs = compile_jobs(shapes, dtype, level)
     if attention is not None:
         from . import attention_cluster
         from .decode_attention import qkv_compile_jobs
 
         jobs += qkv_compile_jobs(*attention, dtype, level)
-        jobs += attention_cluster.compile_jobs(*attention, dtype, level, torch.device("cuda", torch.cuda.current_device()))
+        jobs += attention_cluster.compile_jobs(*attention, dtype, level, device)
     pool = ThreadPoolExecutor(max_workers=workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 1)),
                               thread_name_prefix="int4-precompile")
     futures = [pool.submit(job) for job in jobs]
